@@ -1,0 +1,237 @@
+"""Where diagnostic text comes from, and how it becomes padded token batches.
+
+Sources: a local file (plain text, or JSON Lines with a text field), a ``datasets`` dataset,
+or the built-in corpus: the docstrings of Python's standard library, real English text that
+is on every machine with Python, so everything works offline.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import sysconfig
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+DEFAULT_DATASET = ("wikitext", "wikitext-2-raw-v1", "test")
+STDLIB = "stdlib"
+
+
+@dataclass
+class TextSource:
+    """Documents plus a one-line description of where they came from (for meta.json)."""
+
+    name: str
+    texts: list[str]
+
+    @property
+    def characters(self) -> int:
+        return sum(len(t) for t in self.texts)
+
+
+def from_file(path: str | Path, field: str = "text") -> TextSource:
+    """Plain text (one document), or JSON Lines / JSON with ``field`` in each record."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"no such text file: {path}")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text") from exc
+    if not raw.strip():
+        raise UserError(f"text file {path} is empty")
+    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        texts = []
+        lines = [raw] if path.suffix.lower() == ".json" else raw.splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            records = record if isinstance(record, list) else [record]
+            for rec in records:
+                if not isinstance(rec, dict) or field not in rec:
+                    raise UserError(f"{path}:{number}: record has no {field!r} field (use --text-field)")
+                texts.append(str(rec[field]))
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            raise UserError(f"text file {path} holds no non-empty {field!r} values")
+        return TextSource(f"file:{path}", texts)
+    return TextSource(f"file:{path}", [raw])
+
+
+def from_dataset(name: str, config: str | None = None, split: str = "test", field: str = "text") -> TextSource:
+    """Text of a ``datasets`` dataset (needs the hub, or its local cache)."""
+    if name == STDLIB:
+        return stdlib_corpus(split)
+    try:
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # datasets raises many kinds; all mean "cannot get it"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(
+            f"cannot load dataset {name}{'/' + config if config else ''} [{split}]: {first} "
+            "(offline? use --text-file PATH or --dataset stdlib)"
+        ) from exc
+    if field not in ds.column_names:
+        raise UserError(f"dataset {name} has no {field!r} column (columns: {', '.join(ds.column_names)})")
+    texts = [t for t in ds[field] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise UserError(f"dataset {name} [{split}] holds no text")
+    return TextSource(f"dataset:{name}{'/' + config if config else ''}[{split}]", texts)
+
+
+def resolve_text(
+    text_file: str | Path | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str | None = None,
+    field: str = "text",
+) -> TextSource:
+    """The text a command runs on: a file, a named dataset, else wikitext-2, else stdlib.
+
+    Falling back to the built-in corpus is announced (a warning) and recorded in the source's
+    name, so no result silently comes from other text than asked.
+    """
+    if text_file is not None:
+        return from_file(text_file, field)
+    if dataset is not None:
+        return from_dataset(dataset, dataset_config, split or "test", field)
+    name, config, default_split = DEFAULT_DATASET
+    try:
+        return from_dataset(name, config, split or default_split, field)
+    except UserError:
+        warnings.warn(
+            "wikitext-2 is not reachable (offline?); using the built-in stdlib-docstring corpus. "
+            "Pass --text-file or --dataset to choose the text.",
+            stacklevel=2,
+        )
+        return stdlib_corpus("test")
+
+
+# --- the built-in corpus -------------------------------------------------------------------
+
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
+              "turtledemo", "ensurepip", "__pycache__", "encodings", "__phello__"}
+
+
+@lru_cache(maxsize=1)
+def _stdlib_documents() -> tuple[tuple[str, str], ...]:
+    """``(relative path, docstrings)`` per stdlib module, read with ``ast`` (nothing imported)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if _SKIP_DIRS & set(rel.parts[:-1]) or rel.name.startswith("test_"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        parts = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node, clean=False)
+                if doc and len(doc) >= 40:
+                    parts.append(inspect.cleandoc(doc))
+        if parts:
+            docs.append((rel.as_posix(), "\n\n".join(parts)))
+    return tuple(docs)
+
+
+def stdlib_corpus(split: str = "train") -> TextSource:
+    """Docstrings of the standard library; ``test`` is a fixed tenth of its modules.
+
+    The split is by a hash of each module's path, so it is the same on every run.
+    """
+    if split not in ("train", "test", "all"):
+        raise UserError(f"the stdlib corpus has splits train, test and all, not {split!r}")
+    docs = _stdlib_documents()
+    if not docs:
+        raise UserError("found no standard-library sources to read docstrings from")
+    picked = [
+        text for rel, text in docs
+        if split == "all" or (zlib.crc32(rel.encode()) % 10 == 0) == (split == "test")
+    ]
+    return TextSource(f"stdlib-docstrings[{split}]", picked)
+
+
+# --- tokens --------------------------------------------------------------------------------
+
+def token_windows(
+    tokenizer: Any, texts: Iterable[str], *, seq_len: int, max_tokens: int | None
+) -> list[torch.Tensor]:
+    """Pack the texts (joined by blank lines) into windows of at most ``seq_len`` tokens.
+
+    Each window gets the tokenizer's own special tokens (Llama's BOS, BERT's [CLS]/[SEP]),
+    counted inside ``seq_len``; the total stops at ``max_tokens``. The last window may be
+    shorter: batches pad it and masks exclude the padding from every statistic.
+    """
+    specials = tokenizer.num_special_tokens_to_add(pair=False)
+    body = seq_len - specials
+    if body < 1:
+        raise UserError(f"--seq-len {seq_len} leaves no room for text after {specials} special tokens")
+    if max_tokens is None:
+        needed = None
+    else:
+        full, rest = divmod(max_tokens, seq_len)
+        needed = full * body + max(0, rest - specials)
+    stream: list[int] = []
+    chunk: list[str] = []
+    chars = 0
+    goal = 16 * body if needed is None else max(4 * needed, 1024)
+    for text in texts:
+        chunk.append(text)
+        chars += len(text)
+        if chars >= goal:
+            stream.extend(_encode(tokenizer, chunk, continued=bool(stream)))
+            chunk, chars = [], 0
+            if needed is not None and len(stream) >= needed:
+                break
+    if chunk:
+        stream.extend(_encode(tokenizer, chunk, continued=bool(stream)))
+    if needed is not None:
+        stream = stream[:needed]
+    windows = [
+        torch.tensor(tokenizer.build_inputs_with_special_tokens(stream[i:i + body]), dtype=torch.long)
+        for i in range(0, len(stream), body)
+    ]
+    if not windows:
+        raise UserError("the text produced no tokens")
+    return windows
+
+
+def _encode(tokenizer: Any, docs: list[str], continued: bool) -> list[int]:
+    text = ("\n\n" if continued else "") + "\n\n".join(docs)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def batches(
+    windows: Sequence[torch.Tensor], batch_size: int, pad_id: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded ``(input_ids, attention_mask)`` batches of the windows, in order."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    for start in range(0, len(windows), batch_size):
+        group = windows[start:start + batch_size]
+        width = max(len(w) for w in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, w in enumerate(group):
+            ids[row, : len(w)] = w
+            mask[row, : len(w)] = 1
+        yield ids, mask

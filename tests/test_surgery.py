@@ -1,0 +1,178 @@
+"""Removing a layer by hook must give bitwise the model really built without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lnsdiag.errors import UserError
+from lnsdiag.surgery import (
+    build_without_layers,
+    find_layers,
+    norm_placement,
+    parse_layer_spec,
+    removed_layers,
+)
+
+from .families import CAUSAL, FAMILIES, padded_batch, tiny_model
+
+POSITIONS = {"first": 0, "middle": 2, "last": 3}
+
+
+def _logits(model, ids, mask, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).logits
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+    return request.param, tiny_model(request.param)
+
+
+@pytest.mark.parametrize("where", list(POSITIONS))
+def test_removal_matches_rebuilt_model(family_model, where):
+    family, model = family_model
+    layer = POSITIONS[where]
+    ids, mask = padded_batch()
+    before = _logits(model, ids, mask)
+    reference = build_without_layers(model, [layer])
+    assert len(find_layers(reference)) == 3
+    expected = _logits(reference, ids, mask)
+    with removed_layers(model, [layer], mode="skip"):
+        skipped = _logits(model, ids, mask, **({} if family == "bert" else {"use_cache": False}))
+    assert torch.equal(skipped, expected), f"{family}: skip-removal of layer {layer} differs"
+    if family != "bert":
+        # Default call (a cache is created): auto mode passes through and stays exact.
+        with removed_layers(model, [layer]):
+            auto = _logits(model, ids, mask)
+        assert torch.equal(auto, expected)
+    assert not torch.equal(expected, before), "removing a layer should change the logits"
+    assert torch.equal(_logits(model, ids, mask), before), "model not restored"
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_cached_generation_matches_rebuilt_model(family, where):
+    model = tiny_model(family)
+    layer = POSITIONS[where]
+    ids, mask = padded_batch(lengths=(9, 6), side="left")
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=True,
+        output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+    )
+    reference = build_without_layers(model, [layer])
+    with torch.no_grad():
+        expected = reference.generate(ids, **kwargs)
+        with removed_layers(model, [layer]):
+            got = model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_several_layers_and_nesting():
+    model = tiny_model("llama")
+    ids, mask = padded_batch()
+    expected = _logits(build_without_layers(model, [1, 3]), ids, mask)
+    with removed_layers(model, [1]), removed_layers(model, 3):
+        assert torch.equal(_logits(model, ids, mask, use_cache=False), expected)
+    with removed_layers(model, [1, 3]):
+        assert torch.equal(_logits(model, ids, mask, use_cache=False), expected)
+        with pytest.raises(RuntimeError, match="already removed"), removed_layers(model, [1]):
+            pass
+        # The failed nested call restored nothing of the outer one.
+        assert torch.equal(_logits(model, ids, mask, use_cache=False), expected)
+
+
+def test_restored_after_exception():
+    model = tiny_model("qwen2")
+    ids, mask = padded_batch()
+    before = _logits(model, ids, mask)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(KeyError), removed_layers(model, [0, 2]):
+        raise KeyError("boom")
+    stack = find_layers(model)
+    assert all("forward" not in layer.__dict__ for layer in stack.layers)
+    assert torch.equal(_logits(model, ids, mask), before)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_keeps_existing_forward_override():
+    """accelerate's device_map puts its own forward on modules: it must survive a removal."""
+    model = tiny_model("llama")
+    layer = find_layers(model).layers[1]
+    calls = []
+    original = layer.forward
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    layer.forward = wrapped
+    ids, mask = padded_batch()
+    with removed_layers(model, [1], mode="passthrough"):
+        _logits(model, ids, mask)
+    assert calls == [1]
+    assert layer.__dict__["forward"] is wrapped
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "gemma3"])
+def test_rebuilt_model_round_trips_through_disk(family, tmp_path):
+    """The reduced config is a real one: save and reload gives the same logits."""
+    import transformers as tf
+
+    model = tiny_model(family)
+    reduced = build_without_layers(model, [0])
+    reduced.save_pretrained(tmp_path)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids, mask = padded_batch()
+    assert torch.equal(_logits(reloaded, ids, mask), _logits(reduced, ids, mask))
+
+
+@pytest.mark.parametrize(
+    "family,expected",
+    [("llama", "pre-LN"), ("gpt2", "pre-LN"), ("opt", "pre-LN"), ("qwen3", "pre-LN"),
+     ("gemma2", "sandwich"), ("gemma3", "sandwich"), ("bert", "post-LN")],
+)
+def test_norm_placement(family, expected):
+    assert norm_placement(tiny_model(family)) == expected
+
+
+def test_norm_placement_post_ln_opt():
+    assert norm_placement(tiny_model("opt", do_layer_norm_before=False)) == "post-LN"
+
+
+def test_unknown_architecture_names_override():
+    class Weird(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+
+    with pytest.raises(UserError, match="--layers-path"):
+        find_layers(Weird())
+    with pytest.raises(UserError, match="not a list of blocks"):
+        find_layers(Weird(), "blocks")
+    with pytest.raises(UserError, match="no such attribute"):
+        find_layers(Weird(), "nothing.here")
+
+
+def test_layers_path_override():
+    model = tiny_model("llama")
+    assert find_layers(model, "model.layers").layers is model.model.layers
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [("all", [0, 1, 2, 3, 4, 5, 6, 7]), ("0-3", [0, 1, 2, 3]), ("0,4,7", [0, 4, 7]),
+     ("5-", [5, 6, 7]), ("-1", [7]), ("1-2,6", [1, 2, 6]), ("3,3", [3])],
+)
+def test_parse_layer_spec(spec, expected):
+    assert parse_layer_spec(spec, 8) == expected
+
+
+@pytest.mark.parametrize("spec,match", [("8", "out of range"), ("0-9", "out of range"),
+                                         ("a-b", "malformed"), ("4-2", "backwards"), (",", "no layer")])
+def test_parse_layer_spec_errors(spec, match):
+    with pytest.raises(UserError, match=match):
+        parse_layer_spec(spec, 8)
