@@ -110,7 +110,10 @@ class _PairAccumulator:
         for start, previous in self.window:
             cos = (previous * unit).sum(dim=-1).clamp(-1.0, 1.0)
             n = index - start
-            self.angle[start, n - 1] += torch.arccos(cos).sum(dtype=torch.float64) / math.pi
+            # arccos is ill-conditioned near cos = 1 (exactly where near-identity layers are);
+            # 2·atan2(|u−v|, |u+v|) is the same angle, accurate for small angles too.
+            angle = 2.0 * torch.atan2((previous - unit).norm(dim=-1), (previous + unit).norm(dim=-1))
+            self.angle[start, n - 1] += angle.sum(dtype=torch.float64) / math.pi
             self.cosine[start, n - 1] += cos.sum(dtype=torch.float64)
         self.window.append((index, unit))
 
@@ -160,3 +163,50 @@ def angular_distances(
     ]
     blocks = pd.DataFrame(rows, columns=["start_layer", "block_size", "angular_distance", "block_influence"])
     return AngularResult(layers, blocks, acc.count, tokens, threshold)
+
+
+def default_seq_len(model: torch.nn.Module, wanted: int | None = None, cap: int = 2048) -> int:
+    """``wanted``, else the model's context length capped at ``cap`` (2048, as in the paper)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or cap
+    if wanted is None:
+        return min(cap, int(limit))
+    if wanted < 2:
+        raise UserError(f"--seq-len must be at least 2, not {wanted}")
+    if wanted > limit:
+        raise UserError(f"--seq-len {wanted} exceeds the model's context length ({limit})")
+    return wanted
+
+
+def angular_on_text(
+    loaded: Any,
+    texts: Iterable[str],
+    *,
+    seq_len: int | None = None,
+    max_tokens: int | None = 65_536,
+    batch_size: int = 4,
+    tokens: TokenMode = "all",
+    max_block: int | None = None,
+    threshold: float = 0.2,
+    stack: LayerStack | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> AngularResult:
+    """Tokenise ``texts`` for a :class:`~lnsdiag.models.LoadedModel` and measure angular distances.
+
+    ``progress(done, total)`` is called after each batch, counted in windows.
+    """
+    from .text import batches, token_windows
+
+    seq_len = default_seq_len(loaded.model, seq_len)
+    windows = token_windows(loaded.tokenizer, texts, seq_len=seq_len, max_tokens=max_tokens)
+    done = 0
+
+    def tick(_n: int) -> None:
+        nonlocal done
+        done = min(len(windows), done + batch_size)
+        if progress is not None:
+            progress(done, len(windows))
+
+    return angular_distances(
+        loaded.model, batches(windows, batch_size, loaded.tokenizer.pad_token_id or 0),
+        tokens=tokens, max_block=max_block, threshold=threshold, stack=stack, progress=tick,
+    )

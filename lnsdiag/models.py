@@ -122,6 +122,50 @@ def resolve_model(name: str) -> tuple[str, bool]:
     return name, False
 
 
+_HUB_STATE: dict[str, bool] = {}
+
+
+def hub_offline() -> bool:
+    """Whether to work from the local cache only: HF_HUB_OFFLINE is set, or the hub is unreachable.
+
+    An unreachable hub is found with one quick connection attempt (2 s), then the offline
+    switches of huggingface_hub, transformers and datasets are set, so nothing waits through
+    the libraries' retries (~25 s) before falling back to cached files.
+    """
+    if "offline" in _HUB_STATE:
+        return _HUB_STATE["offline"]
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not flag:
+        import socket
+        from urllib.parse import urlparse
+
+        endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        try:
+            socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout=2).close()
+        except OSError:
+            flag = True
+            go_offline()
+    _HUB_STATE["offline"] = flag
+    return flag
+
+
+def go_offline() -> None:
+    """Set every library's offline switch (env vars, and constants already imported)."""
+    import sys
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    if "huggingface_hub" in sys.modules:
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        import datasets.config
+
+        datasets.config.HF_HUB_OFFLINE = True
+    _HUB_STATE["offline"] = True
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """``auto`` is the first GPU when there is one, else the CPU."""
     if device in ("auto", "", None):

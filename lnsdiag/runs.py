@@ -22,6 +22,17 @@ from .errors import UserError
 DEFAULT_ROOT = Path("results")
 
 
+def cache_dir() -> Path:
+    """Where lnsdiag keeps what it can rebuild (the demo models, the stdlib corpus).
+
+    ``LNSDIAG_CACHE`` wins, then ``$XDG_CACHE_HOME/lnsdiag``, then ``~/.cache/lnsdiag``.
+    """
+    if os.environ.get("LNSDIAG_CACHE"):
+        return Path(os.environ["LNSDIAG_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "lnsdiag"
+
+
 def output_dir(out: str | Path | None, slug: str, command: str) -> Path:
     """The folder a command writes to, created and checked for writability."""
     path = Path(out) if out else DEFAULT_ROOT / slug / command

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import sys
 import sysconfig
 import warnings
 import zlib
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .runs import atomic_write, cache_dir
 
 DEFAULT_DATASET = ("wikitext", "wikitext-2-raw-v1", "test")
 STDLIB = "stdlib"
@@ -111,8 +113,12 @@ def resolve_text(
         return from_file(text_file, field)
     if dataset is not None:
         return from_dataset(dataset, dataset_config, split or "test", field)
+    from .models import hub_offline
+
     name, config, default_split = DEFAULT_DATASET
     try:
+        if hub_offline() and not _dataset_cached(name):
+            raise UserError("offline")
         return from_dataset(name, config, split or default_split, field)
     except UserError:
         warnings.warn(
@@ -123,6 +129,19 @@ def resolve_text(
         return stdlib_corpus("test")
 
 
+def _dataset_cached(name: str) -> bool:
+    """Whether ``datasets`` has any local copy of ``name`` (so offline mode can still load it)."""
+    try:
+        import datasets.config
+
+        root = Path(datasets.config.HF_DATASETS_CACHE)
+        hub = Path(datasets.config.HF_CACHE_HOME) / "hub"
+    except (ImportError, AttributeError):
+        return False
+    slug = name.replace("/", "___")
+    return any(root.glob(f"*{slug}*")) or (hub / f"datasets--{name.replace('/', '--')}").exists()
+
+
 # --- the built-in corpus -------------------------------------------------------------------
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
@@ -131,8 +150,19 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib
 
 @lru_cache(maxsize=1)
 def _stdlib_documents() -> tuple[tuple[str, str], ...]:
-    """``(relative path, docstrings)`` per stdlib module, read with ``ast`` (nothing imported)."""
+    """``(relative path, text)`` per stdlib module: its docstrings, read with ``ast``.
+
+    Nothing is imported (no side effects). ``pydoc_data/topics.py`` adds the language
+    reference's prose. Parsing takes ~10 s, so the result is cached on disk per Python.
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
+    cache = cache_dir() / f"stdlib-docstrings-{sys.version_info[0]}.{sys.version_info[1]}.json"
+    try:
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+        if cached.get("root") == str(root):
+            return tuple((rel, text) for rel, text in cached["docs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     docs = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
@@ -140,9 +170,12 @@ def _stdlib_documents() -> tuple[tuple[str, str], ...]:
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue
         parts = []
+        if rel.as_posix() == "pydoc_data/topics.py":
+            parts = [n.value.strip() for n in ast.walk(tree)
+                     if isinstance(n, ast.Constant) and isinstance(n.value, str) and len(n.value) >= 200]
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node, clean=False)
@@ -150,6 +183,11 @@ def _stdlib_documents() -> tuple[tuple[str, str], ...]:
                     parts.append(inspect.cleandoc(doc))
         if parts:
             docs.append((rel.as_posix(), "\n\n".join(parts)))
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, json.dumps({"root": str(root), "docs": docs}))
+    except OSError:
+        pass  # a read-only home only costs the parse next time
     return tuple(docs)
 
 
@@ -181,7 +219,8 @@ def token_windows(
     counted inside ``seq_len``; the total stops at ``max_tokens``. The last window may be
     shorter: batches pad it and masks exclude the padding from every statistic.
     """
-    specials = tokenizer.num_special_tokens_to_add(pair=False)
+    prefix, suffix = special_tokens_around(tokenizer)
+    specials = len(prefix) + len(suffix)
     body = seq_len - specials
     if body < 1:
         raise UserError(f"--seq-len {seq_len} leaves no room for text after {specials} special tokens")
@@ -207,12 +246,23 @@ def token_windows(
     if needed is not None:
         stream = stream[:needed]
     windows = [
-        torch.tensor(tokenizer.build_inputs_with_special_tokens(stream[i:i + body]), dtype=torch.long)
+        torch.tensor(prefix + stream[i:i + body] + suffix, dtype=torch.long)
         for i in range(0, len(stream), body)
     ]
     if not windows:
         raise UserError("the text produced no tokens")
     return windows
+
+
+def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after a text (BOS; [CLS] ... [SEP]; none)."""
+    probe = "Hello world"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return list(full[:start]), list(full[start + len(bare):])
+    return [], []
 
 
 def _encode(tokenizer: Any, docs: list[str], continued: bool) -> list[int]:

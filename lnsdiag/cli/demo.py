@@ -1,0 +1,59 @@
+"""`lnsdiag demo`: the offline, embedded default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import ui
+from ..models import load_model
+from ..runs import Timer, output_dir
+from .angular import run_angular
+from .common import (
+    Debug,
+    Device,
+    app,
+    command,
+)
+
+
+@app.command("demo")
+@command
+def demo_cmd(
+    steps: Annotated[int | None, typer.Option(help="Training steps \\[default: 400].", show_default=False)] = None,
+    layers: Annotated[int | None, typer.Option(help="Layers of the demo model \\[default: 12].",
+                                               show_default=False)] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Retrain even if a cached model exists.")] = False,
+    device: Device = "auto",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("results/demo"),
+    debug: Debug = False,
+) -> None:
+    """Offline demo: train a small Llama on the stdlib's docstrings, then diagnose it."""
+    from ..demo import DemoSpec, ensure_demo_model
+    from ..models import pick_device
+    from ..text import stdlib_corpus
+
+    spec = DemoSpec().with_(steps=steps, layers=layers)
+    folder = output_dir(out, "demo", "")
+    timer = Timer()
+    dev = pick_device(device)
+    with ui.make_progress() as progress, timer("train"):
+        task = progress.add_task(f"training {spec.name}", total=spec.steps)
+        path, record = ensure_demo_model(
+            spec, fresh=fresh, device=dev,
+            on_phase=lambda msg: progress.update(task, description=msg),
+            on_step=lambda step, loss: progress.update(task, completed=step,
+                                                       description=f"training (loss {loss:.2f})"),
+        )
+        progress.update(task, completed=spec.steps)
+    train = record["train"]
+    ui.console.print(f"[bold]{spec.name}[/]: {spec.layers} layers, trained {train['steps']} steps on "
+                     f"{record['corpus_tokens']:,} tokens of stdlib docstrings in {train['seconds']:.0f} s "
+                     f"(final train loss {train['final_train_loss']:.2f}); cached at {path}")
+    loaded = load_model(str(path), device=str(dev))
+    loaded.name = spec.name
+    run_angular(loaded, stdlib_corpus("test"), output_dir(folder / "angular", "demo", "angular"), timer=timer,
+                max_tokens=32_768, seq_len=spec.seq_len, batch_size=16, tokens="all", max_block=None,
+                threshold=0.2, title=f"Angular distance per layer — {spec.name} (held-out docstrings)")

@@ -1,0 +1,13 @@
+"""Turn results (plain DataFrames) into what people read: rich tables, CSV, JSON, plots.
+
+One module per result kind; ``common`` holds the shared style. Plots are written as PNG
+(for a glance) and PDF (vector, for a paper).
+"""
+
+from .angular import angular_summary, angular_table, plot_angular, plot_angular_heatmap, write_angular
+from .common import bar, files_table, frame_to_latex, pyplot, save_figure
+
+__all__ = [
+    "angular_summary", "angular_table", "bar", "files_table", "frame_to_latex", "plot_angular",
+    "plot_angular_heatmap", "pyplot", "save_figure", "write_angular",
+]
