@@ -219,7 +219,8 @@ def removed_layers(
     if mode not in ("auto", "skip", "passthrough"):
         raise ValueError(f"mode must be auto, skip or passthrough, not {mode!r}")
     stack = stack or find_layers(model)
-    indices = parse_layer_spec([layers] if isinstance(layers, int) else list(layers), len(stack))
+    wanted = [layers] if isinstance(layers, int) else list(layers)
+    indices = parse_layer_spec(wanted, len(stack)) if wanted else []  # nothing removed: the baseline
     patched: list[tuple[nn.Module, bool, Any]] = []
     try:
         for i in indices:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console()
+# Piped output (logs, CI) gets a wide page instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 160)))
 err_console = Console(stderr=True)
 
 _NOISY_LOGGERS = ("transformers", "lm_eval", "lm-eval", "datasets", "accelerate", "evaluate", "huggingface_hub",

@@ -57,23 +57,43 @@ def files_table(files: list[Path]) -> Table:
     return table
 
 
-def frame_to_latex(frame: pd.DataFrame, caption: str = "", label: str = "") -> str:
-    """A booktabs table a paper can ``\\input`` (no pandas/jinja2 styler needed)."""
-    def esc(value: Any) -> str:
-        text = f"{value:.4g}" if isinstance(value, float) else str(value)
-        for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
-            text = text.replace(a, b)
-        return text
+class LatexRaw(str):
+    """A table cell that is already LaTeX (not escaped); keep frames holding it ``dtype=object``."""
 
+
+_LATEX_SPECIAL = (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                  ("$", r"\$"), ("{", r"\{"), ("}", r"\}"), ("Δ", r"$\Delta$"), ("±", r"$\pm$"),
+                  ("×", r"$\times$"), ("≤", r"$\le$"), ("→", r"$\to$"))
+
+
+def latex_escape(value: Any) -> str:
+    if isinstance(value, LatexRaw):
+        return str(value)
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    out = []
+    for ch in text:
+        for plain, latex in _LATEX_SPECIAL:
+            if ch == plain:
+                out.append(latex)
+                break
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def frame_to_latex(frame: pd.DataFrame, caption: str = "", label: str = "") -> str:
+    """A booktabs table a paper can ``\\input``. ``caption`` is raw LaTeX; cells are escaped
+    unless they are :class:`LatexRaw`."""
     cols = list(frame.columns)
     lines = [r"\begin{table}[t]", r"\centering", r"\small"]
     if caption:
-        lines.append(rf"\caption{{{esc(caption)}}}")
+        lines.append(rf"\caption{{{caption}}}")
     if label:
         lines.append(rf"\label{{{label}}}")
     lines += [r"\begin{tabular}{" + "r" * len(cols) + "}", r"\toprule",
-              " & ".join(esc(c) for c in cols) + r" \\", r"\midrule"]
+              " & ".join(latex_escape(c) for c in cols) + r" \\", r"\midrule"]
     for row in frame.itertuples(index=False):
-        lines.append(" & ".join("" if v is None or v != v else esc(v) for v in row) + r" \\")
+        cells = ["" if v is None or (isinstance(v, float) and v != v) else latex_escape(v) for v in row]
+        lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(lines)

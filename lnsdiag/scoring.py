@@ -1,0 +1,364 @@
+"""Score a model as it is right now: lm-eval tasks, and a built-in perplexity.
+
+The lm-eval side loads tasks once (a ``TaskSet``) and wraps the model once (``make_lm``);
+each call of :func:`evaluate_tasks` scores whatever layers are currently removed. Metrics and
+their stderr are lm-eval's own aggregation, returned as tidy :class:`MetricRow` rows.
+
+Pitfalls handled here (lm-eval 0.4.x): ``simple_evaluate`` ignores ``batch_size`` for a model
+object and re-indexes all 14k tasks per call, so we call ``evaluate`` with a prebuilt task
+dict; few-shot samplers are reseeded before every call (they advance otherwise); requests
+and response caches are never used (their keys ignore the model's state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import io
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .surgery import no_cache_kwargs
+
+#: Metrics shown first when a task has several (the paper reports accuracy).
+MAIN_METRICS = ("acc", "acc_norm", "exact_match", "em", "f1", "mcc", "ppl", "word_perplexity", "perplexity",
+                "bits_per_byte", "byte_perplexity")
+LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ppl", "nll"}
+PPL_TASK = "ppl"
+DEFAULT_BOOTSTRAP = 100_000  # lm-eval's own default; mean metrics use a closed form anyway
+
+
+@dataclass
+class MetricRow:
+    """One number of one task for one model variant."""
+
+    task: str
+    metric: str
+    value: float
+    stderr: float
+    higher_is_better: bool
+    samples: int | None = None
+    group: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- lm-eval: tasks ---------------------------------------------------------------------------
+
+def quiet_lm_eval() -> None:
+    """Stop lm-eval's loggers and tqdm bars from writing between our progress bars."""
+    import tqdm as tqdm_module
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+    def silent_tqdm(*args: Any, **kwargs: Any) -> Any:
+        kwargs["disable"] = True
+        return tqdm_module.tqdm(*args, **kwargs)
+
+    import lm_eval.api.model
+    import lm_eval.api.task
+    import lm_eval.models.huggingface
+
+    for module in (lm_eval.api.task, lm_eval.api.model, lm_eval.models.huggingface):
+        if hasattr(module, "tqdm"):
+            module.tqdm = silent_tqdm
+
+
+def parse_limit(limit: str | float | int | None) -> int | float | None:
+    """``--limit``: a count of documents per task (``100``) or a fraction (``0.1``)."""
+    if limit is None or (isinstance(limit, str) and not limit.strip()):
+        return None
+    try:
+        value = float(limit)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"--limit {limit!r} must be a count (100) or a fraction (0.1)") from exc
+    if value <= 0:
+        raise UserError(f"--limit must be positive, not {limit}")
+    if value < 1:
+        return value
+    if value != int(value):
+        raise UserError(f"--limit {limit}: a count must be a whole number (fractions are below 1)")
+    return int(value)
+
+
+@dataclass
+class TaskSet:
+    """lm-eval tasks loaded once and evaluated many times."""
+
+    names: list[str]
+    task_dict: dict[str, Any]
+    num_fewshot: int | None
+    include_path: str | None
+
+    @property
+    def leaf_tasks(self) -> dict[str, Any]:
+        return self.task_dict["tasks"]
+
+    def output_types(self) -> dict[str, str]:
+        return {name: task.OUTPUT_TYPE for name, task in self.leaf_tasks.items()}
+
+    def reseed(self, seed: int) -> None:
+        for task in self.leaf_tasks.values():
+            task.set_fewshot_seed(seed=seed)
+
+    def describe(self) -> dict[str, Any]:
+        return {"tasks": self.names, "leaf_tasks": sorted(self.leaf_tasks), "num_fewshot": self.num_fewshot,
+                "include_path": self.include_path,
+                "versions": {n: t.VERSION for n, t in self.leaf_tasks.items()}}
+
+
+def _check_include_path(include_path: str | Path | None) -> str | None:
+    if include_path is None:
+        return None
+    path = Path(include_path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--include-path {include_path}: no such directory")
+    if not any(path.rglob("*.yaml")) and not any(path.rglob("*.yml")):
+        raise UserError(f"--include-path {include_path} holds no task YAML files")
+    return str(path.resolve())
+
+
+def load_tasks(names: Sequence[str], include_path: str | Path | None = None,
+               num_fewshot: int | None = None) -> TaskSet:
+    """Resolve task/group names (with local YAMLs first) and build the task objects once.
+
+    Indexing lm-eval's ~14k built-in tasks takes ~15 s, so a run whose tasks all come from
+    ``include_path`` never does it.
+    """
+    from lm_eval.tasks import TaskManager
+
+    quiet_lm_eval()
+    names = [n.strip() for n in names if n and n.strip()]
+    if not names:
+        raise UserError("--tasks is empty")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be 0 or more, not {num_fewshot}")
+    include = _check_include_path(include_path)
+    manager = TaskManager(include_path=include, include_defaults=False) if include else None
+    if manager is None or any(n not in manager.all_tasks for n in names):
+        manager = TaskManager(include_path=include)
+    known = set(manager.all_tasks)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else " (lm-eval's task list: lm-eval ls tasks)"
+            raise UserError(f"unknown task {name!r}{hint}")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            task_dict = manager.load(list(names))
+    except Exception as exc:  # a task whose dataset cannot be fetched, a broken YAML...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+        raise UserError(f"cannot load tasks {', '.join(names)}: {first}") from exc
+    for task in task_dict["tasks"].values():
+        configured = task.get_config("num_fewshot")
+        if num_fewshot is not None and configured != 0:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif configured is None:
+            task.set_config(key="num_fewshot", value=0)
+    return TaskSet(list(names), task_dict, num_fewshot, include)
+
+
+# --- lm-eval: the model -----------------------------------------------------------------------
+
+def make_lm(loaded: Any, batch_size: int | str = 8, max_length: int | None = None) -> Any:
+    """Wrap the loaded model for lm-eval, once per run (not once per variant).
+
+    Log-softmax runs in float32 whatever the model dtype (lm-eval's default would keep bf16
+    and sum bf16 log-probs); a scoring pass builds no KV cache, so removed layers cost nothing.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    quiet_lm_eval()
+
+    class LnsdiagHFLM(HFLM):
+        def _model_call(self, inps: torch.Tensor, attn_mask: Any = None, labels: Any = None) -> torch.Tensor:
+            if attn_mask is not None or labels is not None:
+                return super()._model_call(inps, attn_mask, labels)
+            with torch.no_grad():
+                return self.model(inps, **no_cache_kwargs(self.model)).logits
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return LnsdiagHFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size,
+                           max_length=max_length, softmax_dtype=torch.float32, logits_cache=True)
+
+
+def evaluate_tasks(lm: Any, tasks: TaskSet, *, limit: int | float | None = None, seed: int = 1234,
+                   bootstrap_iters: int = DEFAULT_BOOTSTRAP) -> dict[str, Any]:
+    """Run lm-eval's ``evaluate`` on the model as it is now; returns lm-eval's results dict."""
+    from lm_eval.evaluator import evaluate
+
+    tasks.reseed(seed)
+    with contextlib.redirect_stdout(io.StringIO()):  # the bootstrap prints
+        results = evaluate(lm=lm, task_dict=tasks.task_dict, limit=limit, bootstrap_iters=bootstrap_iters,
+                           log_samples=False)
+    if results is None:  # non-zero ranks in distributed runs
+        raise RuntimeError("lm-eval returned no results")
+    return results
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python/numpy/torch as lm-eval's ``simple_evaluate`` does (0, seed, seed)."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def tidy_metrics(results: dict[str, Any]) -> list[MetricRow]:
+    """lm-eval's nested results as rows: every task and group, every metric, with its stderr."""
+    rows = []
+    higher = results.get("higher_is_better", {})
+    groups = set(results.get("groups", {})) | set(results.get("group_subtasks", {}))
+    samples = results.get("n-samples", {})
+    for task, entry in results["results"].items():
+        for key, value in entry.items():
+            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            metric, _, filt = key.partition(",")
+            name = metric if filt in ("none", "") else f"{metric}[{filt}]"
+            stderr = _number(entry.get(f"{metric}_stderr,{filt}"))
+            hib = higher.get(task, {}).get(metric, metric not in LOWER_IS_BETTER)
+            count = samples.get(task, {}).get("effective") if isinstance(samples.get(task), dict) else None
+            if count is None and isinstance(entry.get("sample_len"), int):
+                count = entry["sample_len"]
+            rows.append(MetricRow(task, name, float(value), stderr, bool(hib), count, task in groups))
+    return rows
+
+
+def main_metric(metrics: Sequence[str]) -> str:
+    """The metric a table shows for a task: accuracy first, as the paper does."""
+    for preferred in MAIN_METRICS:
+        if preferred in metrics:
+            return preferred
+    return sorted(metrics)[0]
+
+
+# --- built-in perplexity ----------------------------------------------------------------------
+
+@dataclass
+class Perplexity:
+    """Token-level negative log-likelihood of a text, per window (for an honest stderr)."""
+
+    window_nll: list[float]
+    window_tokens: list[int]
+    window_bytes: list[int]
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.window_tokens)
+
+    @property
+    def mean_nll(self) -> float:
+        return sum(self.window_nll) / self.tokens
+
+    def _ratio_stderr(self, denominators: list[int]) -> float:
+        """Stderr of Σnll/Σd across windows (ratio estimator; windows are the sampling unit)."""
+        n = len(self.window_nll)
+        if n < 2:
+            return math.nan
+        total = sum(denominators)
+        ratio = sum(self.window_nll) / total
+        resid = sum((a - ratio * d) ** 2 for a, d in zip(self.window_nll, denominators, strict=True))
+        return math.sqrt(resid / (n * (n - 1))) / (total / n)
+
+    def rows(self, task: str = PPL_TASK) -> list[MetricRow]:
+        se_nll = self._ratio_stderr(self.window_tokens)
+        ppl = math.exp(self.mean_nll)
+        bpb = sum(self.window_nll) / sum(self.window_bytes) / math.log(2)
+        se_bpb = self._ratio_stderr(self.window_bytes) / math.log(2)
+        n = len(self.window_nll)
+        return [
+            MetricRow(task, "ppl", ppl, ppl * se_nll, False, n),  # delta method
+            MetricRow(task, "bits_per_byte", bpb, se_bpb, False, n),
+            MetricRow(task, "nll", self.mean_nll, se_nll, False, n),
+        ]
+
+
+def window_bytes(tokenizer: Any, windows: Sequence[torch.Tensor], skip_first: int) -> list[int]:
+    """UTF-8 bytes of the text each window predicts (its tokens after the first ``skip_first``)."""
+    return [len(tokenizer.decode(w[skip_first:].tolist(), skip_special_tokens=True).encode("utf-8")) or 1
+            for w in windows]
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL in float32 (log-softmax upcast: bf16 log-probs lose ~2 digits)."""
+    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+
+
+def perplexity(model: torch.nn.Module, windows: Sequence[torch.Tensor], tokenizer: Any, *, batch_size: int = 8,
+               progress: Callable[[int], None] | None = None) -> Perplexity:
+    """Perplexity of ``windows`` (from ``text.token_windows``) under ``model`` as it is now.
+
+    Each window's first token (BOS, or the first text token) is context only; every later
+    token is predicted from the window's start. Windows do not overlap.
+    """
+    from .text import batches, special_tokens_around
+
+    prefix, _ = special_tokens_around(tokenizer)
+    skip = max(1, len(prefix))
+    device = model.get_input_embeddings().weight.device
+    nll: list[float] = []
+    counts: list[int] = []
+    for ids, mask in batches(windows, batch_size, tokenizer.pad_token_id or 0):
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, **no_cache_kwargs(model)).logits
+        per_token = token_nll(logits[:, skip - 1:-1], ids[:, skip:])
+        valid = mask[:, skip:].bool()
+        nll.extend((per_token * valid).sum(dim=1, dtype=torch.float64).tolist())
+        counts.extend(valid.sum(dim=1).tolist())
+        if progress is not None:
+            progress(ids.shape[0])
+    return Perplexity(nll, counts, window_bytes(tokenizer, windows, skip))
+
+
+# --- one scorer for a whole run ---------------------------------------------------------------
+
+@dataclass
+class Scorer:
+    """Everything that scores one variant: tasks (lm-eval) and/or a perplexity text."""
+
+    loaded: Any
+    tasks: TaskSet | None = None
+    lm: Any = None
+    ppl_windows: list[torch.Tensor] | None = None
+    limit: int | float | None = None
+    seed: int = 1234
+    bootstrap_iters: int = DEFAULT_BOOTSTRAP
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.tasks is None and not self.ppl_windows:
+            raise UserError("nothing to score: give --tasks and/or --ppl-text / --ppl-dataset")
+        if self.tasks is not None and self.lm is None:
+            self.lm = make_lm(self.loaded, self.batch_size)
+
+    def score(self) -> list[MetricRow]:
+        """Score the model in its current state (call inside ``removed_layers`` for a variant)."""
+        rows: list[MetricRow] = []
+        if self.tasks is not None:
+            seed_everything(self.seed)
+            rows += tidy_metrics(evaluate_tasks(self.lm, self.tasks, limit=self.limit, seed=self.seed,
+                                                bootstrap_iters=self.bootstrap_iters))
+        if self.ppl_windows:
+            rows += perplexity(self.loaded.model, self.ppl_windows, self.loaded.tokenizer,
+                               batch_size=self.batch_size).rows()
+        return rows
