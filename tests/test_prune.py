@@ -1,0 +1,252 @@
+"""`prune`: per-variant metrics equal lm-eval on a really rebuilt model; outputs; resume; errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lnsdiag.cli import app
+from lnsdiag.models import LoadedModel
+from lnsdiag.scoring import MetricRow, Scorer, load_tasks, parse_limit, perplexity
+from lnsdiag.surgery import build_without_layers, find_layers
+from lnsdiag.sweep import ResultStore, VariantResult, prune_frame, run_naive
+from lnsdiag.text import token_windows
+
+from .conftest import SAMPLE_TEXT
+from .families import tiny_model
+from .lmeval_tasks import write_tasks
+from .test_cli_basic import assert_one_line_error
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    return write_tasks(tmp_path_factory.mktemp("tasks"), docs=10)
+
+
+def _same(a: list[MetricRow], b: list[MetricRow]) -> None:
+    assert [(r.task, r.metric) for r in a] == [(r.task, r.metric) for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x.value == y.value, (x, y)
+        assert (math.isnan(x.stderr) and math.isnan(y.stderr)) or x.stderr == y.stderr, (x, y)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen2_moe"])
+def test_each_variant_equals_lm_eval_on_rebuilt_model(family, tokenizer, tasks_dir, tmp_path):
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    loaded = LoadedModel.wrap(model, tokenizer, name=family)
+    taskset = load_tasks(["tiny_mc", "tiny_ppl"], tasks_dir, num_fewshot=1)
+    windows = token_windows(tokenizer, [SAMPLE_TEXT * 4], seq_len=48, max_tokens=300)
+    scorer = Scorer(loaded, taskset, ppl_windows=windows, batch_size=3, limit=8)
+    store = ResultStore(tmp_path, {"model": family})
+    stack = find_layers(model)
+    run_naive(scorer, [None, 0, 2, 3], stack, store)
+    done = store.done()
+    for layer in (0, 2, 3):
+        reference = LoadedModel.wrap(build_without_layers(model, [layer]), tokenizer)
+        expected = Scorer(reference, taskset, ppl_windows=windows, batch_size=3, limit=8).score()
+        _same(done[layer].rows, expected)
+        assert any(r.value != b.value for r, b in zip(done[layer].rows, done[None].rows, strict=True))
+    # The model is intact: scoring it again gives the baseline.
+    _same(Scorer(loaded, taskset, ppl_windows=windows, batch_size=3, limit=8).score(), done[None].rows)
+    assert all("forward" not in layer.__dict__ for layer in stack.layers)
+
+
+def test_builtin_perplexity_matches_brute_force(tokenizer):
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    windows = token_windows(tokenizer, [SAMPLE_TEXT * 3], seq_len=40, max_tokens=200)
+    result = perplexity(model, windows, tokenizer, batch_size=2)
+    total, count = 0.0, 0
+    for w in windows:
+        with torch.no_grad():
+            logits = model(w[None]).logits[0, :-1].double()
+        nll = torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum")
+        total, count = total + float(nll), count + len(w) - 1
+    assert result.tokens == count
+    assert result.mean_nll == pytest.approx(total / count, rel=1e-6)
+    rows = {r.metric: r for r in result.rows()}
+    assert rows["ppl"].value == pytest.approx(math.exp(total / count), rel=1e-6)
+    assert rows["ppl"].stderr > 0 and rows["bits_per_byte"].stderr > 0
+    assert not rows["ppl"].higher_is_better
+
+
+def _row(task, metric, value, stderr, hib=True):
+    return MetricRow(task, metric, value, stderr, hib)
+
+
+def test_dead_weight_rule_and_retention():
+    results = {
+        None: VariantResult(None, [_row("t", "acc", 0.60, 0.02), _row("p", "ppl", 10.0, math.nan, False)], 1.0),
+        0: VariantResult(0, [_row("t", "acc", 0.50, 0.02), _row("p", "ppl", 20.0, math.nan, False)], 1.0),
+        1: VariantResult(1, [_row("t", "acc", 0.57, 0.02), _row("p", "ppl", 10.005, math.nan, False)], 1.0),
+    }
+    frame = prune_frame(results, tolerance=0.01)
+    acc = frame[frame.metric == "acc"].set_index("variant")
+    assert acc.loc["layer_000", "delta"] == pytest.approx(-0.10)
+    assert not acc.loc["layer_000", "dead"]  # 0.10 > 2 × 0.02
+    assert acc.loc["layer_001", "dead"]  # 0.03 ≤ 0.04
+    assert acc.loc["layer_000", "retention"] == pytest.approx(100 * 0.5 / 0.6)
+    ppl = frame[frame.metric == "ppl"].set_index("variant")
+    assert ppl.loc["layer_000", "retention"] == pytest.approx(50.0)  # lower is better: base/value
+    assert not ppl.loc["layer_000", "dead"] and ppl.loc["layer_001", "dead"]  # tolerance alone
+    assert pd.isna(acc.loc["baseline", "dead"]) and pd.isna(acc.loc["baseline", "removed_layer"])
+
+
+@pytest.mark.parametrize("text,expected", [("3", 3), ("0.25", 0.25), ("100", 100), (None, None)])
+def test_parse_limit(text, expected):
+    assert parse_limit(text) == expected
+
+
+@pytest.mark.parametrize("text", ["1.5", "-2", "0", "many"])
+def test_parse_limit_errors(text):
+    from lnsdiag.errors import UserError
+
+    with pytest.raises(UserError, match="--limit"):
+        parse_limit(text)
+
+
+def test_cli_prune_outputs(tiny_llama_dir, tasks_dir, text_file, tmp_path):
+    out = tmp_path / "p"
+    res = invoke("prune", tiny_llama_dir, "--tasks", "tiny_mc,tiny_ppl", "--include-path", tasks_dir,
+                 "--ppl-text", text_file, "--ppl-max-tokens", 400, "--seq-len", 64, "--out", out,
+                 "--batch-size", 4, "--limit", 6, "--num-fewshot", 1)
+    assert res.exit_code == 0, res.output
+    assert "removed layers are dead weight on tiny_mc (acc)" in res.output
+    assert "2 × stderr" in res.output
+    tidy = pd.read_csv(out / "prune.csv")
+    needed = {"removed_layer", "task", "metric", "value", "stderr", "baseline", "delta", "retention", "dead",
+              "angular_distance"}
+    assert needed <= set(tidy.columns)
+    assert set(tidy["task"]) == {"tiny_mc", "tiny_ppl", "ppl"}
+    assert tidy["removed_layer"].isna().sum() == tidy[tidy.removed_layer.isna()].shape[0] > 0
+    assert sorted(tidy["removed_layer"].dropna().unique()) == [0, 1, 2, 3]
+    assert tidy.loc[tidy.removed_layer.notna(), "angular_distance"].notna().all()
+    wide = pd.read_csv(out / "prune_wide.csv")
+    assert len(wide) == 5 and "tiny_mc/acc" in wide.columns and "ppl/ppl_delta" in wide.columns
+    tex = (out / "prune.tex").read_text()
+    assert "\\toprule" in tex and "\\bottomrule" in tex and "tiny\\_mc" in tex
+    for name in ("prune.png", "prune.pdf"):
+        assert (out / name).stat().st_size > 1000
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["settings"]["tasks"] == ["tiny_mc", "tiny_ppl"] and meta["settings"]["limit"] == 6
+    assert meta["tasks"]["num_fewshot"] == 1 and meta["settings"]["seed"] == 1234
+    assert meta["versions"]["lm-eval"] and meta["versions"]["torch"] and meta["versions"]["transformers"]
+    assert set(meta["timings"]["variants"]) == {"baseline", "0", "1", "2", "3"}
+    assert meta["variants_done"] == 5
+
+
+def test_cli_resume_adds_layers_and_refuses_other_settings(tiny_llama_dir, tasks_dir, tmp_path):
+    out = tmp_path / "p"
+    base = ["prune", tiny_llama_dir, "--tasks", "tiny_mc", "--include-path", tasks_dir, "--out", out,
+            "--no-angular", "--limit", 4]
+    assert invoke(*base, "--layers", "1").exit_code == 0
+    first = json.loads((out / "variants" / "layer_001.json").read_text())
+    res = invoke(*base, "--layers", "1,3")
+    assert res.exit_code == 0 and "resuming" in res.output
+    assert json.loads((out / "variants" / "layer_001.json").read_text()) == first  # not rescored
+    assert sorted(pd.read_csv(out / "prune.csv")["removed_layer"].dropna().unique()) == [1, 3]
+    res = invoke("prune", tiny_llama_dir, "--tasks", "tiny_mc", "--include-path", tasks_dir, "--out", out,
+                 "--no-angular", "--limit", 5)
+    assert_one_line_error(res, "other settings")
+    assert "--fresh" in res.output
+    res = invoke("prune", tiny_llama_dir, "--tasks", "tiny_mc", "--include-path", tasks_dir, "--out", out,
+                 "--no-angular", "--limit", 5, "--layers", "0", "--fresh")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (out / "variants").iterdir()) == ["baseline.json", "layer_000.json"]
+
+
+@pytest.fixture(scope="module")
+def deep_llama_dir(tmp_path_factory, tokenizer):
+    """8 layers, so a sweep lasts long enough to be interrupted."""
+    import transformers as tf
+
+    torch.manual_seed(1)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("deep-llama")
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _prune_process(model_dir, tasks_dir, out):
+    cmd = [sys.executable, "-m", "lnsdiag", "prune", str(model_dir), "--tasks", "tiny_mc,tiny_ppl",
+           "--include-path", str(tasks_dir), "--out", str(out), "--no-angular", "--batch-size", "2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+
+
+def _wait_for_variants(out: Path, count: int, proc, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(list((out / "variants").glob("*.json"))) >= count:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"sweep ended early:\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("sweep made no progress")
+
+
+@pytest.mark.slow
+def test_interrupted_sweeps_resume_to_the_same_csv(deep_llama_dir, tasks_dir, tmp_path):
+    """kill -9 loses at most the variant in progress; Ctrl-C stops cleanly; both resume exactly."""
+    reference = tmp_path / "whole"
+    proc = _prune_process(deep_llama_dir, tasks_dir, reference)
+    assert proc.wait(timeout=600) == 0, proc.stdout.read()
+
+    killed = tmp_path / "killed"
+    proc = _prune_process(deep_llama_dir, tasks_dir, killed)
+    _wait_for_variants(killed, 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = len(list((killed / "variants").glob("*.json")))
+    assert 2 <= saved < 9
+    assert not list((killed / "variants").glob(".*tmp"))  # no half-written files left visible
+
+    interrupted = tmp_path / "interrupted"
+    proc = _prune_process(deep_llama_dir, tasks_dir, interrupted)
+    _wait_for_variants(interrupted, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert "interrupted" in output and "Traceback" not in output
+
+    for folder in (killed, interrupted):
+        proc = _prune_process(deep_llama_dir, tasks_dir, folder)
+        output = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, output
+        assert "resuming" in output
+        assert (folder / "prune.csv").read_text() == (reference / "prune.csv").read_text()
+
+
+def test_bad_inputs(tiny_llama_dir, tasks_dir, text_file, tmp_path):
+    base = ["prune", tiny_llama_dir, "--include-path", tasks_dir, "--out", tmp_path / "o", "--no-angular"]
+    assert_one_line_error(invoke(*base, "--tasks", "tiny_mcc"), "did you mean tiny_mc")
+    assert_one_line_error(invoke(*base, "--tasks", "tiny_mc", "--layers", "7"), "out of range")
+    assert_one_line_error(invoke(*base, "--tasks", "tiny_mc", "--layers", "x-2"), "malformed")
+    assert_one_line_error(invoke(*base, "--ppl-text", tmp_path / "nope.txt"), "no such text file")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_one_line_error(invoke(*base, "--ppl-text", empty), "is empty")
+    bare = tmp_path / "no-yaml"
+    bare.mkdir()
+    assert_one_line_error(invoke("prune", tiny_llama_dir, "--tasks", "tiny_mc", "--include-path", bare,
+                                 "--out", tmp_path / "o2"), "holds no task YAML")
+    assert_one_line_error(invoke(*base, "--tasks", "tiny_mc", "--limit", "1.5"), "--limit")
