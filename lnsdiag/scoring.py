@@ -279,6 +279,23 @@ class Perplexity:
         resid = sum((a - ratio * d) ** 2 for a, d in zip(self.window_nll, denominators, strict=True))
         return math.sqrt(resid / (n * (n - 1))) / (total / n)
 
+    def paired_delta_stderr(self, base: Perplexity) -> dict[str, float]:
+        """Stderr of (self − base) for ppl, bits_per_byte and nll, paired window by window.
+
+        Both were scored on the same windows, so window difficulty cancels: this is the noise
+        of the *difference*, far smaller than either metric's own stderr.
+        """
+        if self.window_tokens != base.window_tokens or len(self.window_nll) < 2:
+            return {}
+        diff = Perplexity([a - b for a, b in zip(self.window_nll, base.window_nll, strict=True)],
+                          self.window_tokens, self.window_bytes)
+        se_nll = diff._ratio_stderr(self.window_tokens)
+        return {"nll": se_nll, "ppl": math.exp(self.mean_nll) * se_nll,
+                "bits_per_byte": diff._ratio_stderr(self.window_bytes) / math.log(2)}
+
+    def as_json(self) -> dict[str, list]:
+        return {"window_nll": self.window_nll, "window_tokens": self.window_tokens, "window_bytes": self.window_bytes}
+
     def rows(self, task: str = PPL_TASK) -> list[MetricRow]:
         se_nll = self._ratio_stderr(self.window_tokens)
         ppl = math.exp(self.mean_nll)
@@ -351,14 +368,23 @@ class Scorer:
         if self.tasks is not None and self.lm is None:
             self.lm = make_lm(self.loaded, self.batch_size)
 
-    def score(self) -> list[MetricRow]:
+    def score(self) -> Scores:
         """Score the model in its current state (call inside ``removed_layers`` for a variant)."""
         rows: list[MetricRow] = []
+        ppl = None
         if self.tasks is not None:
             seed_everything(self.seed)
             rows += tidy_metrics(evaluate_tasks(self.lm, self.tasks, limit=self.limit, seed=self.seed,
                                                 bootstrap_iters=self.bootstrap_iters))
         if self.ppl_windows:
-            rows += perplexity(self.loaded.model, self.ppl_windows, self.loaded.tokenizer,
-                               batch_size=self.batch_size).rows()
-        return rows
+            ppl = perplexity(self.loaded.model, self.ppl_windows, self.loaded.tokenizer, batch_size=self.batch_size)
+            rows += ppl.rows()
+        return Scores(rows, ppl)
+
+
+@dataclass
+class Scores:
+    """A variant's metric rows, plus the per-window perplexity data for paired comparisons."""
+
+    rows: list[MetricRow]
+    ppl: Perplexity | None = None

@@ -21,7 +21,7 @@ import pandas as pd
 
 from .errors import UserError
 from .runs import read_json, write_json
-from .scoring import MetricRow, Scorer, main_metric
+from .scoring import PPL_TASK, MetricRow, Perplexity, Scorer, Scores, main_metric
 from .surgery import LayerStack, removed_layers
 
 #: Settings that change the numbers; a stored run is only resumed when all of them agree.
@@ -42,16 +42,23 @@ class VariantResult:
     seconds: float
     engine: str = "naive"
     finished: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    ppl: Perplexity | None = None
+
+    @classmethod
+    def of(cls, layer: int | None, scores: Scores, seconds: float, engine: str) -> VariantResult:
+        return cls(layer, scores.rows, seconds, engine, ppl=scores.ppl)
 
     def to_json(self) -> dict[str, Any]:
         return {"removed_layer": self.removed_layer, "seconds": round(self.seconds, 3), "engine": self.engine,
-                "finished": self.finished, "metrics": [r.as_dict() for r in self.rows]}
+                "finished": self.finished, "metrics": [r.as_dict() for r in self.rows],
+                "ppl_windows": self.ppl.as_json() if self.ppl else None}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VariantResult:
         rows = [MetricRow(**{**r, "stderr": math.nan if r["stderr"] is None else r["stderr"]})
                 for r in data["metrics"]]
-        return cls(data["removed_layer"], rows, data["seconds"], data.get("engine", "naive"), data["finished"])
+        ppl = Perplexity(**data["ppl_windows"]) if data.get("ppl_windows") else None
+        return cls(data["removed_layer"], rows, data["seconds"], data.get("engine", "naive"), data["finished"], ppl)
 
 
 class ResultStore:
@@ -115,8 +122,8 @@ def run_naive(
             on_start(layer)
         start = time.perf_counter()
         with removed_layers(scorer.loaded.model, [] if layer is None else [layer], stack=stack):
-            rows = scorer.score()
-        result = VariantResult(layer, rows, time.perf_counter() - start, "naive")
+            scores = scorer.score()
+        result = VariantResult.of(layer, scores, time.perf_counter() - start, "naive")
         store.save(result)
         if on_done is not None:
             on_done(result)
@@ -133,30 +140,40 @@ def retention(value: float, base: float, higher_is_better: bool) -> float:
 
 def prune_frame(results: dict[int | None, VariantResult], *, tolerance: float = 0.01,
                 angular: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per (variant, task, metric) with baseline, Δ, retention and the dead-weight mark.
+    """One row per (variant, task, metric) with baseline, Δ, its noise, retention and dead mark.
 
-    A removed layer is *dead weight* on a metric when |Δ| ≤ max(tolerance, 2 × stderr), the
-    stderr being the one reported for the variant's metric (lm-eval's, or the built-in
-    perplexity's); a metric without stderr uses the tolerance alone.
+    A removed layer is *dead weight* on a metric when |Δ| ≤ max(tolerance, 2 × delta_stderr).
+    ``delta_stderr`` is the stderr lm-eval reports for the variant's metric; for the built-in
+    perplexity it is the paired stderr of the difference over the same windows. A metric
+    without any stderr (lm-eval's perplexities) uses the tolerance alone.
     """
     if None not in results:
         raise ValueError("the baseline (nothing removed) has not been scored")
-    base = {(r.task, r.metric): r for r in results[None].rows}
+    baseline = results[None]
+    base = {(r.task, r.metric): r for r in baseline.rows}
     angle = {} if angular is None else dict(zip(angular["layer"], angular["angular_distance"], strict=True))
     records = []
     for layer in [None, *sorted(k for k in results if k is not None)]:
-        for row in results[layer].rows:
+        variant = results[layer]
+        paired = (variant.ppl.paired_delta_stderr(baseline.ppl)
+                  if layer is not None and variant.ppl is not None and baseline.ppl is not None else {})
+        for row in variant.rows:
             ref = base.get((row.task, row.metric))
             if ref is None:
                 continue
             delta = row.value - ref.value
-            noise = 0.0 if math.isnan(row.stderr) else 2.0 * row.stderr
+            delta_se = paired.get(row.metric, row.stderr) if row.task == PPL_TASK else row.stderr
+            if layer is None:
+                delta_se = math.nan
+            noise = 0.0 if math.isnan(delta_se) else 2.0 * delta_se
+            dead = None if layer is None else bool(abs(delta) <= max(tolerance, noise))
+            better = delta > 0 if row.higher_is_better else delta < 0
             records.append({
                 "variant": variant_name(layer), "removed_layer": layer, "task": row.task, "metric": row.metric,
-                "value": row.value,
-                "stderr": row.stderr, "baseline": ref.value, "baseline_stderr": ref.stderr, "delta": delta,
+                "value": row.value, "stderr": row.stderr, "baseline": ref.value, "baseline_stderr": ref.stderr,
+                "delta": delta, "delta_stderr": delta_se,
                 "retention": retention(row.value, ref.value, row.higher_is_better),
-                "dead": None if layer is None else bool(abs(delta) <= max(tolerance, noise)),
+                "dead": dead, "effect": None if layer is None else "none" if dead else "helps" if better else "hurts",
                 "higher_is_better": row.higher_is_better, "group": row.group, "samples": row.samples,
                 "angular_distance": angle.get(layer, math.nan) if layer is not None else math.nan,
             })
@@ -187,6 +204,7 @@ def wide_frame(frame: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     sel = frame[frame["task"].isin(tasks)]
     for (task, metric), part in sel.groupby(["task", "metric"], sort=False):
         part = part.set_index("variant")
-        for column, suffix in (("value", ""), ("stderr", "_stderr"), ("delta", "_delta"), ("dead", "_dead")):
+        for column, suffix in (("value", ""), ("stderr", "_stderr"), ("delta", "_delta"),
+                               ("delta_stderr", "_delta_stderr"), ("dead", "_dead")):
             wide[f"{task}/{metric}{suffix}"] = wide["variant"].map(part[column])
     return wide

@@ -60,11 +60,11 @@ def test_each_variant_equals_lm_eval_on_rebuilt_model(family, tokenizer, tasks_d
     done = store.done()
     for layer in (0, 2, 3):
         reference = LoadedModel.wrap(build_without_layers(model, [layer]), tokenizer)
-        expected = Scorer(reference, taskset, ppl_windows=windows, batch_size=3, limit=8).score()
+        expected = Scorer(reference, taskset, ppl_windows=windows, batch_size=3, limit=8).score().rows
         _same(done[layer].rows, expected)
         assert any(r.value != b.value for r, b in zip(done[layer].rows, done[None].rows, strict=True))
     # The model is intact: scoring it again gives the baseline.
-    _same(Scorer(loaded, taskset, ppl_windows=windows, batch_size=3, limit=8).score(), done[None].rows)
+    _same(Scorer(loaded, taskset, ppl_windows=windows, batch_size=3, limit=8).score().rows, done[None].rows)
     assert all("forward" not in layer.__dict__ for layer in stack.layers)
 
 
@@ -130,8 +130,8 @@ def test_cli_prune_outputs(tiny_llama_dir, tasks_dir, text_file, tmp_path):
     assert "removed layers are dead weight on tiny_mc (acc)" in res.output
     assert "2 × stderr" in res.output
     tidy = pd.read_csv(out / "prune.csv")
-    needed = {"removed_layer", "task", "metric", "value", "stderr", "baseline", "delta", "retention", "dead",
-              "angular_distance"}
+    needed = {"removed_layer", "task", "metric", "value", "stderr", "baseline", "delta", "delta_stderr",
+              "retention", "dead", "angular_distance"}
     assert needed <= set(tidy.columns)
     assert set(tidy["task"]) == {"tiny_mc", "tiny_ppl", "ppl"}
     assert tidy["removed_layer"].isna().sum() == tidy[tidy.removed_layer.isna()].shape[0] > 0
@@ -250,3 +250,26 @@ def test_bad_inputs(tiny_llama_dir, tasks_dir, text_file, tmp_path):
     assert_one_line_error(invoke("prune", tiny_llama_dir, "--tasks", "tiny_mc", "--include-path", bare,
                                  "--out", tmp_path / "o2"), "holds no task YAML")
     assert_one_line_error(invoke(*base, "--tasks", "tiny_mc", "--limit", "1.5"), "--limit")
+
+
+def test_builtin_perplexity_delta_uses_paired_noise():
+    """Same windows for both: window difficulty cancels, so Δ's noise is far below each ppl's stderr."""
+    from lnsdiag.scoring import Perplexity
+
+    tokens = [50] * 6
+    base = Perplexity([100.0, 150.0, 200.0, 120.0, 180.0, 90.0], tokens, [200] * 6)
+    shift = [0.4, 0.6, 0.5, 0.45, 0.55, 0.5]
+    variant = Perplexity([b + d for b, d in zip(base.window_nll, shift, strict=True)], tokens, [200] * 6)
+    se = variant.paired_delta_stderr(base)
+    mean_shift = sum(shift) / 300
+    resid = sum((d - mean_shift * 50) ** 2 for d in shift)
+    assert se["nll"] == pytest.approx(math.sqrt(resid / 30) / 50)
+    own = {r.metric: r.stderr for r in variant.rows()}
+    assert se["ppl"] < own["ppl"] / 20
+    results = {None: VariantResult(None, base.rows(), 1.0, ppl=base), 3: VariantResult(3, variant.rows(), 1.0,
+                                                                                         ppl=variant)}
+    frame = prune_frame(results, tolerance=0.0).set_index(["variant", "metric"])
+    row = frame.loc[("layer_003", "nll")]
+    assert row["delta_stderr"] == pytest.approx(se["nll"])
+    assert not row["dead"]  # unpaired, 2 × stderr would have called this noise
+    assert abs(row["delta"]) <= 2 * row["stderr"]

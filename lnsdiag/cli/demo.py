@@ -17,6 +17,7 @@ from .common import (
     app,
     command,
 )
+from .prune import run_prune
 
 
 @app.command("demo")
@@ -54,6 +55,11 @@ def demo_cmd(
                      f"(final train loss {train['final_train_loss']:.2f}); cached at {path}")
     loaded = load_model(str(path), device=str(dev))
     loaded.name = spec.name
-    run_angular(loaded, stdlib_corpus("test"), output_dir(folder / "angular", "demo", "angular"), timer=timer,
-                max_tokens=32_768, seq_len=spec.seq_len, batch_size=16, tokens="all", max_block=None,
-                threshold=0.2, title=f"Angular distance per layer — {spec.name} (held-out docstrings)")
+    heldout = stdlib_corpus("test")
+    angular = run_angular(loaded, heldout, output_dir(folder / "angular", "demo", "angular"), timer=timer,
+                          max_tokens=32_768, seq_len=spec.seq_len, batch_size=16, tokens="all", max_block=None,
+                          threshold=0.2, title=f"Angular distance per layer — {spec.name} (held-out docstrings)")
+    ui.console.print()
+    run_prune(loaded, output_dir(folder / "prune", "demo", "prune"), ppl_source=heldout, timer=timer,
+              ppl_max_tokens=32_768, seq_len=spec.seq_len, batch_size=16, angular_frame=angular.layers,
+              fresh=True, title=f"Removing one layer of {spec.name}: perplexity on held-out docstrings")

@@ -104,7 +104,8 @@ def run_prune(loaded: LoadedModel, folder: Path, *, taskset: Any = None, ppl_sou
               timer: Timer | None = None, layers: str = "all", layers_path: str | None = None,
               limit: int | float | None = None, seed: int = 1234, bootstrap_iters: int = 100_000,
               ppl_max_tokens: int = 65_536, seq_len: int | None = None, angular: bool = True,
-              angular_source: Any = None, tolerance: float = 0.01, batch_size: int = 8, fresh: bool = False,
+              angular_source: Any = None, angular_frame: Any = None, tolerance: float = 0.01, batch_size: int = 8,
+              fresh: bool = False,
               title: str = "") -> Any:
     """Sweep, show and write one model's layer-removal results (shared by `prune` and `demo`)."""
     from ..metrics import angular_on_text, default_seq_len
@@ -137,8 +138,7 @@ def run_prune(loaded: LoadedModel, folder: Path, *, taskset: Any = None, ppl_sou
     elif done and not todo:
         ui.note(f"all {len(selected) + 1} variants are already in {folder} (use --fresh to redo them)")
 
-    angular_frame = None
-    if angular:
+    if angular and angular_frame is None:
         angular_frame = _angular_for_prune(loaded, folder, stack, angular_source or ppl_source, windows, settings,
                                            timer, batch_size, angular_on_text)
     scorer = Scorer(loaded, taskset, ppl_windows=windows, limit=limit, seed=seed,

@@ -35,8 +35,8 @@ def _signed(value: float, scale: float) -> str:
 
 
 def rule_text(tolerance: float) -> str:
-    return (f"dead weight: |Δ| ≤ max({tolerance:g}, 2 × stderr of the variant's metric); "
-            "stderr as lm-eval reports it (none for some perplexity metrics: tolerance alone)")
+    return (f"dead weight: |Δ| ≤ max({tolerance:g}, 2 × stderr), stderr as lm-eval reports it "
+            "(built-in ppl: paired stderr of Δ; none for lm-eval perplexities)")
 
 
 def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer removal") -> Table:
@@ -46,7 +46,7 @@ def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer remov
     table.add_column("removed", justify="right")
     for task, metric in heads:
         table.add_column(f"{task}\n{metric} ±stderr", justify="right")
-        table.add_column("Δ", justify="right")
+        table.add_column("Δ ±stderr", justify="right")
         table.add_column("kept\n%", justify="right")
     has_angle = frame["angular_distance"].notna().any()
     if has_angle:
@@ -56,7 +56,7 @@ def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer remov
         layer = part["removed_layer"].iloc[0]
         cells = ["none (baseline)" if pd.isna(layer) else str(int(layer))]
         all_dead = not pd.isna(layer)
-        dead_count = 0
+        dead_count = helps = 0
         for task, metric in heads:
             row = part[(part["task"] == task) & (part["metric"] == metric)]
             if row.empty:
@@ -67,26 +67,36 @@ def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer remov
             dead = bool(r["dead"]) if not pd.isna(r["dead"]) else False
             all_dead &= dead
             dead_count += dead
-            color = "" if pd.isna(layer) else ("green" if dead else "red")
-            delta = _signed(r["delta"], r["baseline"]) if not pd.isna(layer) else ""
+            helps += r["effect"] == "helps"
+            color = "" if pd.isna(layer) else ("green" if dead else "cyan" if r["effect"] == "helps" else "red")
+            delta = "" if pd.isna(layer) else _signed(r["delta"], r["baseline"]) + (
+                "" if pd.isna(r["delta_stderr"]) else f" ±{r['delta_stderr']:.{_digits(r['baseline'])}f}")
             cells += [_fmt(r["value"], r["stderr"], r["baseline"]), f"[{color}]{delta}[/{color}]" if color else delta,
                       "" if pd.isna(layer) else f"{r['retention']:.1f}"]
         if has_angle:
             cells.append(_fmt(part["angular_distance"].iloc[0]))
-        cells.append("[green]dead weight[/green]" if all_dead else
-                     f"[yellow]dead on {dead_count}/{len(heads)}[/yellow]" if dead_count else "")
+        mark = ("[green]dead weight[/green]" if all_dead else
+                f"[yellow]dead on {dead_count}/{len(heads)}[/yellow]" if dead_count else "")
+        if helps:
+            mark += (" " if mark else "") + "[cyan]removal helps[/cyan]"
+        cells.append(mark)
         table.add_row(*cells, end_section=pd.isna(layer))
     return table
 
 
 def prune_summary(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
-    """'14 of 32 layers are dead weight on mmlu (acc): 17, 18, ...' per task."""
+    """'14 of 32 removed layers are dead weight on mmlu (acc): 17, 18, ...' per task."""
     lines = []
     layers = frame["removed_layer"].dropna().unique()
     for task, metric in headline_metrics(frame, tasks):
         dead = dead_layers(frame, task, metric)
         where = ", ".join(map(str, dead)) if dead else "none"
-        lines.append(f"{len(dead)} of {len(layers)} removed layers are dead weight on {task} ({metric}): {where}")
+        line = f"{len(dead)} of {len(layers)} removed layers are dead weight on {task} ({metric}): {where}"
+        part = frame[(frame["task"] == task) & (frame["metric"] == metric)]
+        helps = [int(x) for x in part.loc[part["effect"] == "helps", "removed_layer"]]
+        if helps:
+            line += f"; removing {', '.join(map(str, helps))} significantly improves it"
+        lines.append(line)
     return lines
 
 
@@ -98,7 +108,7 @@ def plot_prune(frame: pd.DataFrame, tasks: list[str], stem: Path, title: str = "
     for ax, (task, metric) in zip(axes[:, 0], heads, strict=True):
         part = frame[(frame["task"] == task) & (frame["metric"] == metric) & frame["removed_layer"].notna()]
         x = part["removed_layer"].astype(int).to_numpy()
-        err = 2 * part["stderr"].fillna(0).to_numpy()
+        err = 2 * part["delta_stderr"].fillna(0).to_numpy()
         for layer in part.loc[part["dead"].fillna(False).astype(bool), "removed_layer"].astype(int):
             ax.axvspan(layer - 0.5, layer + 0.5, color="tab:green", alpha=0.12, lw=0)
         ax.axhline(0, color="black", lw=0.8, label="baseline (no layer removed)")
