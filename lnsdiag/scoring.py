@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import io
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .engine import TokenRequest
 from .errors import UserError
 from .surgery import no_cache_kwargs
 
@@ -89,6 +91,10 @@ def parse_limit(limit: str | float | int | None) -> int | float | None:
     return int(value)
 
 
+#: Output types the fast engine serves (everything that is a log-likelihood).
+LOGLIK_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling")
+
+
 @dataclass
 class TaskSet:
     """lm-eval tasks loaded once and evaluated many times."""
@@ -97,6 +103,40 @@ class TaskSet:
     task_dict: dict[str, Any]
     num_fewshot: int | None
     include_path: str | None
+    manager: Any = field(default=None, repr=False)
+
+    def leaves_of(self, name: str) -> list[str] | None:
+        """Leaf tasks under a requested name (None for a tag, whose members are not recorded)."""
+        if name in self.leaf_tasks:
+            return [name]
+        if name not in self.task_dict.get("group_map", {}):
+            return None
+        out: list[str] = []
+        for child in self.task_dict["group_map"][name]:
+            child_name = child if isinstance(child, str) else getattr(child, "group_name", str(child))
+            out += self.leaves_of(child_name) or []
+        return out
+
+    def split_by_output(self) -> tuple[list[str], list[str]]:
+        """Requested names whose tasks are all log-likelihoods, and the others (generation)."""
+        types = self.output_types()
+        if all(t in LOGLIK_TYPES for t in types.values()):
+            return list(self.names), []
+        fast, slow = [], []
+        for name in self.names:
+            leaves = self.leaves_of(name)
+            ok = leaves is not None and all(types.get(leaf) in LOGLIK_TYPES for leaf in leaves)
+            (fast if ok else slow).append(name)
+        return fast, slow
+
+    def subset(self, names: list[str]) -> TaskSet:
+        """The same tasks, configured the same way, for some of the requested names."""
+        if names == self.names:
+            return self
+        with contextlib.redirect_stdout(io.StringIO()):
+            task_dict = self.manager.load(list(names))
+        _configure_fewshot(task_dict, self.num_fewshot)
+        return TaskSet(list(names), task_dict, self.num_fewshot, self.include_path, self.manager)
 
     @property
     def leaf_tasks(self) -> dict[str, Any]:
@@ -157,16 +197,117 @@ def load_tasks(names: Sequence[str], include_path: str | Path | None = None,
     except Exception as exc:  # a task whose dataset cannot be fetched, a broken YAML...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
         raise UserError(f"cannot load tasks {', '.join(names)}: {first}") from exc
+    _configure_fewshot(task_dict, num_fewshot)
+    return TaskSet(list(names), task_dict, num_fewshot, include, manager)
+
+
+def _configure_fewshot(task_dict: dict[str, Any], num_fewshot: int | None) -> None:
+    """As lm-eval's simple_evaluate: override, except where a task's config pins 0 shots."""
     for task in task_dict["tasks"].values():
         configured = task.get_config("num_fewshot")
         if num_fewshot is not None and configured != 0:
             task.set_config(key="num_fewshot", value=num_fewshot)
         elif configured is None:
             task.set_config(key="num_fewshot", value=0)
-    return TaskSet(list(names), task_dict, num_fewshot, include)
 
 
 # --- lm-eval: the model -----------------------------------------------------------------------
+
+def _request_key(instance: Any) -> tuple:
+    """Identifies a request within one evaluate() call: (type, task, doc, choice index)."""
+    return (instance.request_type, instance.task_name, instance.doc_id, instance.idx)
+
+
+@dataclass
+class RequestLog:
+    """The token-level requests lm-eval made, by request key, in the order it made them."""
+
+    single: list[tuple[tuple, TokenRequest]] = field(default_factory=list)
+    rolling: list[tuple[tuple, list[TokenRequest]]] = field(default_factory=list)
+    args: dict[tuple, tuple] = field(default_factory=dict)  # the text of each request, to check replays
+
+    def token_requests(self) -> list[TokenRequest]:
+        return [r for _, r in self.single] + [w for _, windows in self.rolling for w in windows]
+
+    def tables(self, loglik: Sequence[float], greedy: Sequence[bool]) -> tuple[dict, dict]:
+        """Per-key answers for a replay: (log-likelihood, is_greedy) and rolling totals."""
+        single = {key: ((float(loglik[n]), bool(greedy[n])), self.args[key]) for n, (key, _) in enumerate(self.single)}
+        rolling, n = {}, len(self.single)
+        for key, windows in self.rolling:
+            total = sum(float(x) for x in loglik[n:n + len(windows)])  # HFLM's order and float sum
+            rolling[key] = (total, self.args[key])
+            n += len(windows)
+        return single, rolling
+
+
+@functools.cache
+def _lm_classes() -> tuple[type, type, type]:
+    """lm-eval model classes, built on first use (importing lm-eval takes seconds)."""
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.model import LM
+    from lm_eval.models.huggingface import HFLM
+
+    class LnsdiagHFLM(HFLM):
+        """HFLM whose scoring passes build no KV cache (removed layers then cost nothing)."""
+
+        def _model_call(self, inps: torch.Tensor, attn_mask: Any = None, labels: Any = None) -> torch.Tensor:
+            if attn_mask is not None or labels is not None:
+                return super()._model_call(inps, attn_mask, labels)
+            with torch.no_grad():
+                return self.model(inps, **no_cache_kwargs(self.model)).logits
+
+    class RequestCollector(LnsdiagHFLM):
+        """Records lm-eval's tokenised requests (its own encoding and windowing) without scoring."""
+
+        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
+            self._pending = requests
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, override_bs: Any = None) -> list:
+            for instance, (_, context, continuation) in zip(self._pending, requests, strict=True):
+                key = _request_key(instance)
+                self.log.single.append((key, TokenRequest(tuple(context), tuple(continuation))))
+                self.log.args[key] = instance.args
+            return [(0.0, False)] * len(requests)
+
+        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list:
+            for instance in requests:
+                windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(instance.args[0]), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1))
+                key = _request_key(instance)
+                self.log.rolling.append((key, [TokenRequest(tuple(c), tuple(t)) for c, t in windows]))
+                self.log.args[key] = instance.args
+            return [0.0] * len(requests)
+
+        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list:
+            raise RuntimeError("generation tasks are scored by the naive engine")
+
+    class ReplayLM(LM):
+        """Hands stored per-request answers to lm-eval, which aggregates metrics and stderr."""
+
+        def __init__(self, single: dict, rolling: dict) -> None:
+            super().__init__()
+            self.single, self.rolling = single, rolling
+
+        @staticmethod
+        def _answer(table: dict, request: Any) -> Any:
+            answer, args = table[_request_key(request)]
+            if args != request.args:  # few-shot sampling or data differ from the collected run
+                raise RuntimeError(f"replayed request {_request_key(request)} does not match the scored one")
+            return answer
+
+        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
+            return [self._answer(self.single, r) for r in requests]
+
+        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list:
+            return [self._answer(self.rolling, r) for r in requests]
+
+        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list:
+            raise RuntimeError("generation tasks are scored by the naive engine")
+
+    return LnsdiagHFLM, RequestCollector, ReplayLM
+
 
 def make_lm(loaded: Any, batch_size: int | str = 8, max_length: int | None = None) -> Any:
     """Wrap the loaded model for lm-eval, once per run (not once per variant).
@@ -174,20 +315,31 @@ def make_lm(loaded: Any, batch_size: int | str = 8, max_length: int | None = Non
     Log-softmax runs in float32 whatever the model dtype (lm-eval's default would keep bf16
     and sum bf16 log-probs); a scoring pass builds no KV cache, so removed layers cost nothing.
     """
-    from lm_eval.models.huggingface import HFLM
-
     quiet_lm_eval()
-
-    class LnsdiagHFLM(HFLM):
-        def _model_call(self, inps: torch.Tensor, attn_mask: Any = None, labels: Any = None) -> torch.Tensor:
-            if attn_mask is not None or labels is not None:
-                return super()._model_call(inps, attn_mask, labels)
-            with torch.no_grad():
-                return self.model(inps, **no_cache_kwargs(self.model)).logits
-
+    hflm, _, _ = _lm_classes()
     with contextlib.redirect_stdout(io.StringIO()):
-        return LnsdiagHFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size,
-                           max_length=max_length, softmax_dtype=torch.float32, logits_cache=True)
+        return hflm(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size,
+                    max_length=max_length, softmax_dtype=torch.float32, logits_cache=True)
+
+
+def collect_requests(lm: Any, tasks: TaskSet, *, limit: int | float | None = None, seed: int = 1234) -> RequestLog:
+    """Every token-level request the tasks make, built and tokenised once by lm-eval itself."""
+    _, collector_cls, _ = _lm_classes()
+    collector = collector_cls.__new__(collector_cls)
+    collector.__dict__.update(lm.__dict__)  # share model, tokenizer and settings; no second init
+    collector.log = RequestLog()
+    seed_everything(seed)
+    evaluate_tasks(collector, tasks, limit=limit, seed=seed, bootstrap_iters=0)
+    return collector.log
+
+
+def replay_metrics(tasks: TaskSet, single: dict, rolling: dict, *, limit: int | float | None = None,
+                   seed: int = 1234, bootstrap_iters: int = DEFAULT_BOOTSTRAP) -> list[MetricRow]:
+    """lm-eval's metrics and stderr for stored per-request answers (no model runs)."""
+    _, _, replay_cls = _lm_classes()
+    seed_everything(seed)
+    return tidy_metrics(evaluate_tasks(replay_cls(single, rolling), tasks, limit=limit, seed=seed,
+                                       bootstrap_iters=bootstrap_iters))
 
 
 def evaluate_tasks(lm: Any, tasks: TaskSet, *, limit: int | float | None = None, seed: int = 1234,

@@ -227,16 +227,53 @@ def removed_layers(
             module = stack.layers[i]
             if getattr(module.__dict__.get("forward"), "__lnsdiag_removed__", False):
                 raise RuntimeError(f"layer {i} is already removed (nested removal of the same layer)")
-            had_own = "forward" in module.__dict__
-            patched.append((module, had_own, module.__dict__.get("forward")))
-            module.forward = _removed_forward(module, mode)
+            patched.append(_override_forward(module, _removed_forward(module, mode)))
         yield stack
     finally:
-        for module, had_own, previous in reversed(patched):
-            if had_own:
-                module.forward = previous
-            else:
-                module.__dict__.pop("forward", None)
+        _restore_forwards(patched)
+
+
+def _override_forward(module: nn.Module, forward: Any) -> tuple[nn.Module, bool, Any]:
+    """Install ``forward`` on this module instance; return what restores it."""
+    saved = (module, "forward" in module.__dict__, module.__dict__.get("forward"))
+    module.forward = forward
+    return saved
+
+
+def _restore_forwards(patched: list[tuple[nn.Module, bool, Any]]) -> None:
+    for module, had_own, previous in reversed(patched):
+        if had_own:
+            module.forward = previous
+        else:
+            module.__dict__.pop("forward", None)
+
+
+@contextmanager
+def resumed_at(model: nn.Module, index: int, state: torch.Tensor, *, stack: LayerStack | None = None
+               ) -> Iterator[LayerStack]:
+    """Run the model as if block ``index`` had output ``state``: blocks before it are skipped.
+
+    The fast sweep keeps x_i (block i's input) from the baseline pass; resuming at i with
+    ``state = x_i`` is the model without block i, computed from block i+1 on only. Masks,
+    position embeddings, final norm and head are the model's own, as in any forward.
+    """
+    stack = stack or find_layers(model)
+    module = stack.layers[index]
+    cls = type(module)
+    real = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if cls not in _RETURNS_TUPLE:  # learn the block's output form once per class
+            _RETURNS_TUPLE[cls] = isinstance(real(*args, **kwargs), tuple)
+        return (state,) if _RETURNS_TUPLE[cls] else state
+
+    forward.__lnsdiag_removed__ = True  # type: ignore[attr-defined]
+    with removed_layers(model, range(index), mode="skip", stack=stack):
+        patched = [_override_forward(module, forward)]
+        try:
+            yield stack
+        finally:
+            _restore_forwards(patched)
 
 
 # --- the reference: a model really built without the layers ------------------------------

@@ -129,6 +129,91 @@ def run_naive(
             on_done(result)
 
 
+def run_fast(
+    scorer: Scorer,
+    todo: list[int | None],
+    stack: LayerStack,
+    store: ResultStore,
+    *,
+    batch_tokens: int | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    on_done: Callable[[VariantResult], None] | None = None,
+) -> dict[str, Any]:
+    """All variants from one engine pass, then lm-eval's aggregation per variant (a replay).
+
+    Tasks that generate text cannot be served from log-likelihoods: they run the naive way,
+    inside the same loop. Returns what was done (for meta.json).
+    """
+    from .engine import Checkpoint, SweepEngine, TokenRequest, fingerprint
+    from .scoring import (
+        RequestLog,
+        collect_requests,
+        evaluate_tasks,
+        replay_metrics,
+        seed_everything,
+        tidy_metrics,
+        window_bytes,
+    )
+    from .text import special_tokens_around
+
+    note = on_phase or (lambda _m: None)
+    model, tokenizer = scorer.loaded.model, scorer.loaded.tokenizer
+    fast_tasks = slow_tasks = None
+    if scorer.tasks is not None:
+        fast_names, slow_names = scorer.tasks.split_by_output()
+        fast_tasks = scorer.tasks.subset(fast_names) if fast_names else None
+        slow_tasks = scorer.tasks.subset(slow_names) if slow_names else None
+    log = RequestLog()
+    if fast_tasks is not None:
+        note("building lm-eval requests (once)")
+        log = collect_requests(scorer.lm, fast_tasks, limit=scorer.limit, seed=scorer.seed)
+    requests = log.token_requests()
+    n_task = len(requests)
+    windows = scorer.ppl_windows or []
+    skip = max(1, len(special_tokens_around(tokenizer)[0]))
+    requests += [TokenRequest(tuple(w[:skip].tolist()), tuple(w[skip:].tolist())) for w in windows]
+    max_length = scorer.lm.max_length if scorer.lm is not None else max(len(w) for w in windows)
+    max_length = max([max_length, *(len(w) - 1 for w in windows)])
+    engine = SweepEngine(model, stack, todo, batch_tokens=batch_tokens, pad_id=0)
+    checkpoint = Checkpoint(store.folder / "engine-partial.npz",
+                            fingerprint(requests, todo, max_length, {"settings": store.settings}))
+    note(f"scoring {len(requests):,} requests for {len(todo)} variants in one pass")
+    start = time.perf_counter()
+    result = engine.run(requests, max_length, progress=on_progress, checkpoint=checkpoint) if requests else None
+    engine_seconds = time.perf_counter() - start
+    share = engine_seconds / max(1, len(todo))
+    for variant in todo:
+        start = time.perf_counter()
+        note("aggregating metrics" if variant is None else f"aggregating metrics without layer {variant}")
+        rows: list[MetricRow] = []
+        ppl = None
+        if result is not None:
+            loglik, greedy = result.of(variant)
+        if fast_tasks is not None:
+            single, rolling = log.tables(loglik[:n_task], greedy[:n_task])
+            rows += replay_metrics(fast_tasks, single, rolling, limit=scorer.limit, seed=scorer.seed,
+                                   bootstrap_iters=scorer.bootstrap_iters)
+        if slow_tasks is not None:
+            seed_everything(scorer.seed)
+            with removed_layers(model, [] if variant is None else [variant], stack=stack):
+                rows += tidy_metrics(evaluate_tasks(scorer.lm, slow_tasks, limit=scorer.limit, seed=scorer.seed,
+                                                    bootstrap_iters=scorer.bootstrap_iters))
+        if windows:
+            ppl = Perplexity([-float(x) for x in loglik[n_task:]], [len(w) - skip for w in windows],
+                             window_bytes(tokenizer, windows, skip))
+            rows += ppl.rows()
+        saved = VariantResult(variant, rows, share + time.perf_counter() - start, "fast", ppl=ppl)
+        store.save(saved)
+        if on_done is not None:
+            on_done(saved)
+    checkpoint.path.unlink(missing_ok=True)
+    return {"engine_seconds": round(engine_seconds, 3), "requests": len(requests), "task_requests": n_task,
+            "model_rows": engine.stats.get("rows"), "batch_tokens": engine.stats.get("budget"),
+            "fast_tasks": fast_tasks.names if fast_tasks else [], "naive_tasks": slow_tasks.names if slow_tasks else [],
+            "layer_passes_per_row": engine.layer_passes()}
+
+
 # --- the tidy table ---------------------------------------------------------------------------
 
 def retention(value: float, base: float, higher_is_better: bool) -> float:
@@ -136,6 +221,17 @@ def retention(value: float, base: float, higher_is_better: bool) -> float:
     if higher_is_better:
         return 100.0 * value / base if base else math.nan
     return 100.0 * base / value if value else math.nan
+
+
+def _effect(layer: int | None, dead: bool | None, better: bool, no_noise: bool) -> str | None:
+    """none (dead weight); helps / hurts beyond 2 stderr; better / worse when no stderr exists."""
+    if layer is None:
+        return None
+    if dead:
+        return "none"
+    if no_noise:
+        return "better" if better else "worse"
+    return "helps" if better else "hurts"
 
 
 def prune_frame(results: dict[int | None, VariantResult], *, tolerance: float = 0.01,
@@ -173,7 +269,7 @@ def prune_frame(results: dict[int | None, VariantResult], *, tolerance: float = 
                 "value": row.value, "stderr": row.stderr, "baseline": ref.value, "baseline_stderr": ref.stderr,
                 "delta": delta, "delta_stderr": delta_se,
                 "retention": retention(row.value, ref.value, row.higher_is_better),
-                "dead": dead, "effect": None if layer is None else "none" if dead else "helps" if better else "hurts",
+                "dead": dead, "effect": _effect(layer, dead, better, math.isnan(delta_se)),
                 "higher_is_better": row.higher_is_better, "group": row.group, "samples": row.samples,
                 "angular_distance": angle.get(layer, math.nan) if layer is not None else math.nan,
             })

@@ -67,6 +67,11 @@ def prune_cmd(
     tolerance: Annotated[float, typer.Option(help="Dead weight if |Δ| ≤ max(tolerance, 2 × stderr).")] = 0.01,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch size for lm-eval and perplexity.")] = 8,
     fresh: Annotated[bool, typer.Option("--fresh", help="Discard stored results in --out and start over.")] = False,
+    engine: Annotated[str, typer.Option(help="fast: all variants from one pass over the requests; naive: one "
+                                        "lm-eval run per variant (the reference).")] = "fast",
+    batch_tokens: Annotated[int | None, typer.Option("--batch-tokens", help="Fast engine: tokens per batch "
+                                                     "\\[default: from free GPU memory; 8192 on CPU].",
+                                                     show_default=False)] = None,
     out: Out = None, debug: Debug = False,
 ) -> None:
     """Remove each layer in turn, score every variant, and show which layers are dead weight."""
@@ -81,6 +86,10 @@ def prune_cmd(
     task_names = [t for t in (tasks.split(",") if tasks else ([] if wants_ppl else ["mmlu"])) if t.strip()]
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    if engine not in ("fast", "naive"):
+        raise UserError(f"--engine must be fast or naive, not {engine!r}")
+    if batch_tokens is not None and batch_tokens < 1:
+        raise UserError(f"--batch-tokens must be positive, not {batch_tokens}")
     timer = Timer()
     taskset = None
     if task_names:
@@ -97,7 +106,7 @@ def prune_cmd(
     run_prune(loaded, folder, taskset=taskset, ppl_source=ppl_source, timer=timer, layers=layers,
               layers_path=layers_path, limit=limit_value, seed=seed, bootstrap_iters=bootstrap_iters,
               ppl_max_tokens=ppl_max_tokens, seq_len=seq_len, angular=not no_angular, tolerance=tolerance,
-              batch_size=batch_size, fresh=fresh)
+              batch_size=batch_size, fresh=fresh, engine=engine, batch_tokens=batch_tokens)
 
 
 def run_prune(loaded: LoadedModel, folder: Path, *, taskset: Any = None, ppl_source: Any = None,
@@ -105,15 +114,17 @@ def run_prune(loaded: LoadedModel, folder: Path, *, taskset: Any = None, ppl_sou
               limit: int | float | None = None, seed: int = 1234, bootstrap_iters: int = 100_000,
               ppl_max_tokens: int = 65_536, seq_len: int | None = None, angular: bool = True,
               angular_source: Any = None, angular_frame: Any = None, tolerance: float = 0.01, batch_size: int = 8,
-              fresh: bool = False,
+              fresh: bool = False, engine: str = "fast", batch_tokens: int | None = None,
               title: str = "") -> Any:
     """Sweep, show and write one model's layer-removal results (shared by `prune` and `demo`)."""
     from ..metrics import angular_on_text, default_seq_len
     from ..scoring import PPL_TASK, Scorer
     from ..surgery import find_layers, norm_placement, parse_layer_spec
-    from ..sweep import ResultStore, plan_variants, prune_frame, run_naive
+    from ..sweep import ResultStore, plan_variants, prune_frame, run_fast, run_naive
     from ..text import token_windows
 
+    if engine not in ("fast", "naive"):
+        raise UserError(f"--engine must be fast or naive, not {engine!r}")
     timer = timer or Timer()
     stack = find_layers(loaded.model, layers_path)
     selected = parse_layer_spec(layers, len(stack))
@@ -149,17 +160,22 @@ def run_prune(loaded: LoadedModel, folder: Path, *, taskset: Any = None, ppl_sou
                    "num_layers": len(stack), "layers": selected, "tolerance": tolerance,
                    "dead_rule": report.rule_text(tolerance), "norm_placement": norm_placement(loaded.model, stack)}
 
+    engine_info: dict[str, Any] = {"engine": engine}
+
+    def current_frame() -> Any:
+        frame = prune_frame(store.done(), tolerance=tolerance, angular=angular_frame)
+        return frame[frame["removed_layer"].isna() | frame["removed_layer"].isin(selected)].reset_index(drop=True)
+
     def write(plots: bool) -> list[Path]:
         results = store.done()
         if None not in results:
             return []
-        frame = prune_frame(results, tolerance=tolerance, angular=angular_frame)
         timings = {**timer.seconds, "variants": {str(k if k is not None else "baseline"): v.seconds
                                                  for k, v in sorted(results.items(), key=lambda kv: -1
                                                                     if kv[0] is None else kv[0])}}
-        meta = run_record("prune", model=loaded.describe(), **meta_fields, engine="naive",
+        meta = run_record("prune", model=loaded.describe(), **meta_fields, **engine_info,
                           variants_done=len(results), timings=timings)
-        return report.write_prune(frame, shown, folder, meta, plots=plots, title=title)
+        return report.write_prune(current_frame(), shown, folder, meta, plots=plots, title=title)
 
     with ui.make_progress() as progress:
         bar = progress.add_task("variants", total=len(todo))
@@ -173,18 +189,27 @@ def run_prune(loaded: LoadedModel, folder: Path, *, taskset: Any = None, ppl_sou
 
         try:
             with timer("sweep"):
-                run_naive(scorer, todo, stack, store, on_start=on_start, on_done=on_done)
+                if engine == "naive" or not todo:
+                    run_naive(scorer, todo, stack, store, on_start=on_start, on_done=on_done)
+                else:
+                    passes = progress.add_task("one pass, all variants", total=None)
+                    progress.update(bar, description="aggregating")
+                    engine_info["engine_stats"] = run_fast(
+                        scorer, todo, stack, store, batch_tokens=batch_tokens, on_done=on_done,
+                        on_phase=lambda msg: progress.update(passes, description=msg),
+                        on_progress=lambda done_, total: progress.update(passes, completed=done_, total=total))
         except KeyboardInterrupt:
             progress.stop()
             saved = len(store.done())
             ui.err_console.print(f"[yellow]interrupted[/]: {saved} of {len(selected) + 1} variants are saved in "
                                  f"{folder}; rerun the same command to resume.")
             raise typer.Exit(130) from None
-    results = store.done()
-    frame = prune_frame(results, tolerance=tolerance, angular=angular_frame)
-    frame = frame[frame["removed_layer"].isna() | frame["removed_layer"].isin(selected)]
+    frame = current_frame()
+    if engine_info.get("engine_stats", {}).get("naive_tasks"):
+        ui.note(f"generation tasks ({', '.join(engine_info['engine_stats']['naive_tasks'])}) were scored by the "
+                "naive engine: they need the model to generate, not just log-likelihoods")
     ui.console.print(report.prune_table(frame, shown, title or f"Layer removal — {loaded.name}"))
-    for line in report.prune_summary(frame, shown):
+    for line in report.prune_summary(frame, shown, tolerance):
         ui.console.print(line)
     ui.console.print(f"[dim]{report.rule_text(tolerance)}[/dim]")
     print_files(write(plots=True))

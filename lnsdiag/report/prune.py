@@ -84,15 +84,16 @@ def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer remov
     return table
 
 
-def prune_summary(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
+def prune_summary(frame: pd.DataFrame, tasks: list[str], tolerance: float = 0.01) -> list[str]:
     """'14 of 32 removed layers are dead weight on mmlu (acc): 17, 18, ...' per task."""
     lines = []
     layers = frame["removed_layer"].dropna().unique()
     for task, metric in headline_metrics(frame, tasks):
         dead = dead_layers(frame, task, metric)
         where = ", ".join(map(str, dead)) if dead else "none"
-        line = f"{len(dead)} of {len(layers)} removed layers are dead weight on {task} ({metric}): {where}"
         part = frame[(frame["task"] == task) & (frame["metric"] == metric)]
+        noise = "" if part["delta_stderr"].notna().any() else f", no stderr: |Δ| ≤ {tolerance:g} alone"
+        line = f"{len(dead)} of {len(layers)} removed layers are dead weight on {task} ({metric}{noise}): {where}"
         helps = [int(x) for x in part.loc[part["effect"] == "helps", "removed_layer"]]
         if helps:
             line += f"; removing {', '.join(map(str, helps))} significantly improves it"

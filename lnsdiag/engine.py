@@ -1,0 +1,350 @@
+"""The fast sweep engine: every variant's log-likelihoods from one pass over the requests.
+
+Per batch, the full model runs once while the inputs x_i of the blocks to remove are kept;
+variant i then resumes from x_i at block i+1 (``surgery.resumed_at``), so a sweep over all
+L blocks costs L + L(L−1)/2 block passes instead of ≈ L². Every pass is the model's own
+forward (masks, rotary embeddings, final norm and head included), so every family works.
+
+Three more savings, all exact:
+* requests whose model input is identical (the choices of a one-token multiple-choice
+  question) share one row, as lm-eval's ``logits_cache`` does;
+* the LM head runs only at the positions a request scores (a forward pre-hook gathers them),
+  not at every position over the whole vocabulary;
+* rows are sorted by length and packed by a token budget sized from free GPU memory; a batch
+  that still runs out of memory is split and retried.
+
+Log-probabilities are taken in float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .runs import atomic_write
+from .surgery import LayerStack, no_cache_kwargs, resumed_at
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """Score ``continuation`` after ``context`` (token ids), as lm-eval's loglikelihood does."""
+
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+
+@dataclass
+class _Row:
+    """One model input shared by the requests whose input it is."""
+
+    ids: tuple[int, ...]
+    positions: set[int] = field(default_factory=set)
+    members: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list)  # (request, start, targets)
+
+
+def plan_rows(requests: Sequence[TokenRequest], max_length: int) -> list[_Row]:
+    """Group requests by model input and order rows longest first (lm-eval's order).
+
+    The input is ``(context + continuation)[-(max_length+1):][:-1]`` and a request scores its
+    continuation at the last ``len(continuation)`` positions, exactly as HFLM does.
+    """
+    by_input: dict[tuple[int, ...], _Row] = {}
+    for n, req in enumerate(requests):
+        if not req.continuation:
+            raise ValueError(f"request {n} has an empty continuation")
+        whole = (req.context + req.continuation)[-(max_length + 1):]
+        ids = whole[:-1]
+        start = len(ids) - len(req.continuation)
+        if start < 0:
+            raise ValueError(f"request {n}: continuation longer than the model's context ({max_length})")
+        row = by_input.get(ids)
+        if row is None:
+            row = by_input[ids] = _Row(ids)
+        row.members.append((n, start, req.continuation))
+        row.positions.update(range(start, len(ids)))
+    return sorted(by_input.values(), key=lambda r: (-len(r.ids), r.ids))
+
+
+def _batches(rows: list[_Row], budget: int, max_rows: int = 512) -> list[list[int]]:
+    """Consecutive row indices whose padded size (rows × longest) stays within ``budget`` tokens."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for i, row in enumerate(rows):
+        w = max(width, len(row.ids))
+        if current and (w * (len(current) + 1) > budget or len(current) >= max_rows):
+            out.append(current)
+            current, w = [], len(row.ids)
+        current.append(i)
+        width = w
+    if current:
+        out.append(current)
+    return out
+
+
+@contextmanager
+def head_at(model: torch.nn.Module, index: torch.Tensor) -> Iterator[None]:
+    """Make the LM head see only the hidden states at ``index`` ([batch, k] positions).
+
+    Whatever the model does after its head (Gemma's logit soft-capping...) still applies; the
+    logits come back as [batch, k, vocab].
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head)")
+
+    def gather(_module: Any, args: tuple) -> tuple:
+        hidden = args[0]
+        idx = index.to(hidden.device)
+        picked = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        return (picked, *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass
+class EngineResult:
+    """``loglik[v, n]`` and ``greedy[v, n]`` for variant v (see ``variants``) and request n."""
+
+    variants: list[int | None]
+    loglik: np.ndarray
+    greedy: np.ndarray
+
+    def of(self, variant: int | None) -> tuple[np.ndarray, np.ndarray]:
+        v = self.variants.index(variant)
+        return self.loglik[v], self.greedy[v]
+
+
+class Checkpoint:
+    """Partial engine results on disk, so an interrupted sweep resumes mid-pass."""
+
+    def __init__(self, path: Path, fingerprint: str, every_seconds: float = 60.0) -> None:
+        self.path, self.fingerprint, self.every = Path(path), fingerprint, every_seconds
+        self._last = time.monotonic()
+
+    def load(self, shape: tuple[int, int], rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                if str(data["fingerprint"]) != self.fingerprint or data["loglik"].shape != shape:
+                    return None
+                if data["done"].shape != (rows,):
+                    return None
+                return data["loglik"].copy(), data["greedy"].copy(), data["done"].copy()
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def save(self, loglik: np.ndarray, greedy: np.ndarray, done: np.ndarray, force: bool = False) -> None:
+        if not force and time.monotonic() - self._last < self.every:
+            return
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, fingerprint=np.array(self.fingerprint), loglik=loglik, greedy=greedy, done=done)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, buf.getvalue())
+        self._last = time.monotonic()
+
+
+def fingerprint(requests: Sequence[TokenRequest], variants: Sequence[int | None], max_length: int,
+                extra: dict[str, Any] | None = None) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"variants": list(variants), "max_length": max_length, **(extra or {})},
+                             sort_keys=True, default=str).encode())
+    for req in requests:
+        digest.update(np.asarray(req.context, dtype=np.int64).tobytes())
+        digest.update(b"|")
+        digest.update(np.asarray(req.continuation, dtype=np.int64).tobytes())
+        digest.update(b";")
+    return digest.hexdigest()[:32]
+
+
+def default_budget(model: torch.nn.Module, stack: LayerStack, kept_states: int, scores_all_positions: bool) -> int:
+    """Tokens per batch that fit the free memory of the model's device (CPU: 8192).
+
+    Per token: the kept block inputs, a forward's working set, and (for rolling perplexity)
+    logits over the vocabulary in the model dtype plus float32 log-probs.
+    """
+    device = model.get_input_embeddings().weight.device
+    if device.type != "cuda":
+        return 8192
+    free, _ = torch.cuda.mem_get_info(device)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = int(getattr(config, "hidden_size", 4096))
+    inter = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
+    vocab = int(getattr(config, "vocab_size", 32000))
+    elem = next(model.parameters()).element_size()
+    per_token = kept_states * hidden * elem + (12 * hidden + 3 * inter) * elem
+    if scores_all_positions:
+        per_token += vocab * (elem + 8)
+    return int(max(512, min(131_072, 0.7 * free / per_token)))
+
+
+class SweepEngine:
+    """Log-likelihoods of the full model and of each one-block-removed variant, in one pass."""
+
+    def __init__(self, model: torch.nn.Module, stack: LayerStack, variants: Sequence[int | None], *,
+                 batch_tokens: int | None = None, pad_id: int = 0) -> None:
+        self.model, self.stack = model, stack
+        self.variants = list(variants)
+        self.layers = sorted(v for v in self.variants if v is not None)
+        self.batch_tokens = batch_tokens
+        self.pad_id = pad_id
+        self.device = model.get_input_embeddings().weight.device
+        self.stats: dict[str, int] = {}
+
+    def layer_passes(self, rows: int = 1) -> int:
+        """Block passes per row: the baseline (or up to the deepest kept input) plus each resume."""
+        L = len(self.stack)
+        base = L if None in self.variants or not self.layers else self.layers[-1]
+        return rows * (base + sum(L - i - 1 for i in self.layers))
+
+    def run(self, requests: Sequence[TokenRequest], max_length: int, *,
+            progress: Callable[[int, int], None] | None = None, checkpoint: Checkpoint | None = None) -> EngineResult:
+        rows = plan_rows(requests, max_length)
+        n_var, n_req = len(self.variants), len(requests)
+        loglik = np.zeros((n_var, n_req), dtype=np.float64)
+        greedy = np.zeros((n_var, n_req), dtype=bool)
+        done = np.zeros(len(rows), dtype=bool)
+        if checkpoint is not None and (state := checkpoint.load((n_var, n_req), len(rows))) is not None:
+            loglik, greedy, done = state
+        wide = any(len(r.positions) > 1 for r in rows)
+        budget = self.batch_tokens or default_budget(self.model, self.stack, len(self.layers), wide)
+        total = sum(len(r.ids) for r in rows)
+        self.stats = {"requests": n_req, "rows": len(rows), "budget": budget, "tokens": total}
+        finished = sum(len(r.ids) for r, d in zip(rows, done, strict=True) if d)
+        if progress is not None:
+            progress(finished, total)
+        pending = [i for i, d in enumerate(done) if not d]
+        for batch in _batches([rows[i] for i in pending], budget):
+            indices = [pending[b] for b in batch]
+            self._run_rows([rows[i] for i in indices], loglik, greedy)
+            done[indices] = True
+            finished += sum(len(rows[i].ids) for i in indices)
+            if checkpoint is not None:
+                checkpoint.save(loglik, greedy, done)
+            if progress is not None:
+                progress(finished, total)
+        if checkpoint is not None:
+            checkpoint.save(loglik, greedy, done, force=True)
+        return EngineResult(self.variants, loglik, greedy)
+
+    # --- one batch ------------------------------------------------------------------------
+
+    def _run_rows(self, rows: list[_Row], loglik: np.ndarray, greedy: np.ndarray) -> None:
+        try:
+            self._batch(rows, loglik, greedy)
+        except torch.OutOfMemoryError:
+            if len(rows) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(rows) // 2
+            self._run_rows(rows[:half], loglik, greedy)
+            self._run_rows(rows[half:], loglik, greedy)
+
+    def _batch(self, rows: list[_Row], loglik: np.ndarray, greedy: np.ndarray) -> None:
+        width = max(len(r.ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        slots = max(len(r.positions) for r in rows)
+        gather = torch.zeros((len(rows), slots), dtype=torch.long)
+        row_idx, slot_idx, targets, member = [], [], [], []
+        requests: list[int] = []
+        for b, row in enumerate(rows):
+            ids[b, : len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
+            positions = sorted(row.positions)
+            gather[b, : len(positions)] = torch.tensor(positions, dtype=torch.long)
+            gather[b, len(positions):] = positions[-1]
+            slot_of = {p: k for k, p in enumerate(positions)}
+            for n, start, cont in row.members:
+                m = len(requests)
+                requests.append(n)
+                for j, tok in enumerate(cont):
+                    row_idx.append(b)
+                    slot_idx.append(slot_of[start + j])
+                    targets.append(tok)
+                    member.append(m)
+        dev = self.device
+        index = _Index(torch.tensor(row_idx, device=dev), torch.tensor(slot_idx, device=dev),
+                       torch.tensor(targets, device=dev), torch.tensor(member, device=dev), len(requests),
+                       np.asarray(requests))
+        ids, gather = ids.to(dev), gather.to(dev)
+        kwargs = no_cache_kwargs(self.model)
+        kept: dict[int, torch.Tensor] = {}
+        stop_after = None if None in self.variants or not self.layers else self.layers[-1]
+        hooks = [self.stack.layers[i].register_forward_pre_hook(_keeper(i, kept, stop_after), with_kwargs=True)
+                 for i in self.layers]
+        try:
+            with torch.no_grad(), head_at(self.model, gather):
+                if stop_after is None:
+                    logits = self.model(input_ids=ids, **kwargs).logits
+                    self._score(logits, index, self.variants.index(None), loglik, greedy)
+                    del logits
+                else:  # the baseline is already scored: run only as deep as the last kept input
+                    with suppress(_Captured):
+                        self.model(input_ids=ids, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        for layer in self.layers:
+            state = kept.pop(layer)
+            with torch.no_grad(), resumed_at(self.model, layer, state, stack=self.stack), \
+                    head_at(self.model, gather):
+                logits = self.model(input_ids=ids, **kwargs).logits
+            self._score(logits, index, self.variants.index(layer), loglik, greedy)
+            del logits, state
+
+    @staticmethod
+    def _score(logits: torch.Tensor, index: _Index, v: int, loglik: np.ndarray, greedy: np.ndarray) -> None:
+        """Sum float32 log-probs of each request's targets; greedy if every target is the argmax."""
+        rows, slots, vocab = logits.shape
+        sums = torch.zeros(index.members, dtype=torch.float64, device=logits.device)
+        misses = torch.zeros(index.members, dtype=torch.int32, device=logits.device)
+        step = max(1, (1 << 27) // max(1, slots * vocab))  # ≤ 512 MiB of float32 at a time
+        for r0 in range(0, rows, step):
+            sel = (index.row >= r0) & (index.row < r0 + step)
+            if not bool(sel.any()):
+                continue
+            logp = torch.log_softmax(logits[r0:r0 + step].float(), dim=-1)
+            r, k, t, m = index.row[sel] - r0, index.slot[sel], index.target[sel], index.member[sel]
+            sums.index_add_(0, m, logp[r, k, t].double())
+            misses.index_add_(0, m, (logp[r, k].argmax(dim=-1) != t).int())
+            del logp
+        loglik[v, index.requests] = sums.cpu().numpy()
+        greedy[v, index.requests] = (misses == 0).cpu().numpy()
+
+
+class _Captured(Exception):
+    """Stops a capture-only pass once the deepest needed block input is kept."""
+
+
+def _keeper(layer: int, kept: dict[int, torch.Tensor], stop_after: int | None) -> Callable[..., None]:
+    def hook(_module: Any, args: tuple, kwargs: dict) -> None:
+        kept[layer] = args[0] if args else kwargs["hidden_states"]
+        if layer == stop_after:
+            raise _Captured
+
+    return hook
+
+
+@dataclass
+class _Index:
+    """Flattened (row, slot, target token, request) of every scored position in a batch."""
+
+    row: torch.Tensor
+    slot: torch.Tensor
+    target: torch.Tensor
+    member: torch.Tensor
+    members: int
+    requests: np.ndarray

@@ -1,0 +1,222 @@
+"""The fast engine gives lm-eval's numbers: per request within 1e-4 of HFLM, metrics equal."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lnsdiag.cli import app
+from lnsdiag.engine import Checkpoint, SweepEngine, TokenRequest, head_at, plan_rows
+from lnsdiag.models import LoadedModel
+from lnsdiag.scoring import Scorer, collect_requests, load_tasks
+from lnsdiag.surgery import find_layers, removed_layers
+from lnsdiag.sweep import ResultStore, run_fast, run_naive
+from lnsdiag.text import token_windows
+
+from .conftest import SAMPLE_TEXT
+from .families import tiny_model
+from .lmeval_tasks import write_tasks
+
+VARIANTS = [None, 0, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    folder = write_tasks(tmp_path_factory.mktemp("tasks"), docs=10)
+    (folder / "gen.jsonl").write_text("".join(f'{{"q": "residual {i}", "a": "stream"}}\n' for i in range(4)))
+    (folder / "tiny_gen.yaml").write_text(f"""task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / "gen.jsonl"}
+output_type: generate_until
+test_split: test
+doc_to_text: "Q: {{{{q}}}}\\nA:"
+doc_to_target: "{{{{a}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 4
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+""")
+    return folder
+
+
+def _hflm_answers(lm, requests):
+    """lm-eval's own HFLM computation of each token request, on the model as it is now."""
+    return lm._loglikelihood_tokens([(None, list(r.context), list(r.continuation)) for r in requests],
+                                    disable_tqdm=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "mixtral"])
+@pytest.mark.parametrize("limit,fewshot", [(None, 0), (5, 2)])
+def test_fast_equals_naive(family, limit, fewshot, tokenizer, tasks_dir, tmp_path):
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    loaded = LoadedModel.wrap(model, tokenizer, name=family)
+    taskset = load_tasks(["tiny_mc", "tiny_ppl"], tasks_dir, num_fewshot=fewshot)
+    windows = token_windows(tokenizer, [SAMPLE_TEXT * 3], seq_len=40, max_tokens=240)
+    stack = find_layers(model)
+
+    # 1. per request: engine vs HFLM._loglikelihood_tokens on the hooked model
+    scorer = Scorer(loaded, taskset, ppl_windows=windows, limit=limit, batch_size=3)
+    log = collect_requests(scorer.lm, taskset, limit=limit)
+    requests = log.token_requests()
+    assert len(log.single) > 0 and len(log.rolling) > 0
+    result = SweepEngine(model, stack, VARIANTS, batch_tokens=96).run(requests, scorer.lm.max_length)
+    for variant in VARIANTS:
+        with removed_layers(model, [] if variant is None else [variant], stack=stack):
+            expected = _hflm_answers(scorer.lm, requests)
+        loglik, greedy = result.of(variant)
+        reference = np.array([e[0] for e in expected])
+        # 1e-4, plus the float32 rounding of HFLM's own sum over a long rolling window (one ulp
+        # of a sum near -1460 is 1.2e-4); the engine accumulates in float64.
+        assert (np.abs(loglik - reference) <= 1e-4 + 2e-7 * np.abs(reference)).all()
+        assert list(greedy) == [e[1] for e in expected]
+
+    # 2. metrics: the fast sweep equals the naive one (lm-eval per variant)
+    fast, naive = ResultStore(tmp_path / "fast", {}), ResultStore(tmp_path / "naive", {})
+    run_fast(scorer, VARIANTS, stack, fast, batch_tokens=128)
+    run_naive(scorer, VARIANTS, stack, naive)
+    for variant in VARIANTS:
+        got = {(r.task, r.metric): r for r in fast.done()[variant].rows}
+        want = {(r.task, r.metric): r for r in naive.done()[variant].rows}
+        assert got.keys() == want.keys()
+        for key, w in want.items():
+            g = got[key]
+            if key[1] in ("acc", "acc_norm"):
+                assert g.value == w.value and g.stderr == w.stderr, key
+            else:
+                assert g.value == pytest.approx(w.value, rel=1e-5), key
+                assert (math.isnan(g.stderr) and math.isnan(w.stderr)) or g.stderr == pytest.approx(w.stderr, rel=1e-3)
+
+
+def test_one_token_choices_share_a_row_and_truncation_matches_hflm():
+    ctx = tuple(range(3, 13))
+    requests = [TokenRequest(ctx, (20 + k,)) for k in range(4)] + [TokenRequest(ctx, (30, 31))]
+    rows = plan_rows(requests, max_length=64)
+    assert len(rows) == 2  # four one-token choices share the context's row; the two-token one has its own
+    shared = next(r for r in rows if len(r.members) == 4)
+    assert shared.positions == {9}
+    long = TokenRequest(tuple(range(3, 80)), (5, 6))
+    (row,) = plan_rows([long], max_length=16)
+    whole = (long.context + long.continuation)[-17:]
+    assert row.ids == whole[:-1] and row.members[0][1] == 14
+    with pytest.raises(ValueError, match="longer than"):
+        plan_rows([TokenRequest((1,), tuple(range(3, 40)))], max_length=16)
+
+
+def test_head_sees_only_the_asked_positions():
+    model = tiny_model("gemma2")  # soft-capped logits: post-processing must still apply
+    ids = torch.randint(3, 90, (2, 9))
+    index = torch.tensor([[1, 4], [8, 8]])
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        with head_at(model, index):
+            part = model(ids, use_cache=False).logits
+    assert part.shape == (2, 2, full.shape[-1])
+    assert torch.allclose(part[0, 1], full[0, 4], atol=1e-5) and torch.allclose(part[1, 0], full[1, 8], atol=1e-5)
+
+
+def _requests(n=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ctx = torch.randint(3, 90, (int(torch.randint(2, 24, (1,), generator=g)),), generator=g)
+        cont = torch.randint(3, 90, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g)
+        out.append(TokenRequest(tuple(ctx.tolist()), tuple(cont.tolist())))
+    return out
+
+
+def test_checkpoint_resumes_an_interrupted_pass(tmp_path):
+    model = tiny_model("qwen2")
+    stack = find_layers(model)
+    requests = _requests()
+    whole = SweepEngine(model, stack, VARIANTS, batch_tokens=64).run(requests, 32)
+    checkpoint = Checkpoint(tmp_path / "partial.npz", "fp", every_seconds=0)
+    calls = []
+
+    def stop_after_two_batches(done, total):
+        calls.append(done)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        SweepEngine(model, stack, VARIANTS, batch_tokens=64).run(requests, 32, progress=stop_after_two_batches,
+                                                                  checkpoint=checkpoint)
+    with np.load(tmp_path / "partial.npz") as saved:
+        assert 0 < saved["done"].sum() < len(saved["done"])
+    seen = []
+    resumed = SweepEngine(model, stack, VARIANTS, batch_tokens=64).run(
+        requests, 32, progress=lambda d, t: seen.append(d), checkpoint=checkpoint)
+    assert seen[0] > 0  # started where it stopped
+    assert np.array_equal(resumed.loglik, whole.loglik) and np.array_equal(resumed.greedy, whole.greedy)
+    other = Checkpoint(tmp_path / "partial.npz", "another-run", every_seconds=0)
+    assert other.load(whole.loglik.shape, 10 ** 6) is None
+
+
+def test_out_of_memory_splits_the_batch(monkeypatch):
+    model = tiny_model("llama")
+    stack = find_layers(model)
+    requests = _requests(12)
+    expected = SweepEngine(model, stack, VARIANTS, batch_tokens=4096).run(requests, 32)
+    engine = SweepEngine(model, stack, VARIANTS, batch_tokens=4096)
+    real = engine._batch
+    tried, ran = [], []
+
+    def fussy(rows, loglik, greedy):
+        tried.append(len(rows))
+        if len(rows) > 3:
+            raise torch.OutOfMemoryError("pretend")
+        ran.append(len(rows))
+        return real(rows, loglik, greedy)
+
+    monkeypatch.setattr(engine, "_batch", fussy)
+    got = engine.run(requests, 32)
+    assert tried[0] == 12 and max(ran) <= 3 and sum(ran) == 12
+    assert np.allclose(got.loglik, expected.loglik, atol=1e-5)
+
+
+def test_resume_without_baseline_stops_early():
+    model = tiny_model("llama")
+    stack = find_layers(model)
+    requests = _requests(8)
+    full = SweepEngine(model, stack, [None, 1, 2], batch_tokens=256).run(requests, 32)
+    part = SweepEngine(model, stack, [1], batch_tokens=256)
+    assert part.layer_passes() == 1 + 2  # up to block 1's input, then blocks 2..3
+    got = part.run(requests, 32)
+    assert np.allclose(got.of(1)[0], full.of(1)[0], atol=1e-6)
+
+
+def test_generation_tasks_fall_back_to_naive(tiny_llama_dir, tasks_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "p"
+    res = runner.invoke(app, ["prune", str(tiny_llama_dir), "--tasks", "tiny_mc,tiny_gen", "--include-path",
+                              str(tasks_dir), "--out", str(out), "--no-angular", "--layers", "0,3"],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "generation tasks (tiny_gen) were scored by the naive engine" in res.output
+    naive = tmp_path / "n"
+    res = runner.invoke(app, ["prune", str(tiny_llama_dir), "--tasks", "tiny_mc,tiny_gen", "--include-path",
+                              str(tasks_dir), "--out", str(naive), "--no-angular", "--layers", "0,3", "--engine",
+                              "naive"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    a = pd.read_csv(out / "prune.csv").sort_values(["variant", "task", "metric"]).reset_index(drop=True)
+    b = pd.read_csv(naive / "prune.csv").sort_values(["variant", "task", "metric"]).reset_index(drop=True)
+    assert set(a["task"]) == {"tiny_mc", "tiny_gen"}
+    assert a[["variant", "task", "metric"]].equals(b[["variant", "task", "metric"]])
+    assert np.allclose(a["value"], b["value"])
+    import json
+
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["engine"] == "fast" and meta["engine_stats"]["naive_tasks"] == ["tiny_gen"]
