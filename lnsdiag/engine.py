@@ -44,34 +44,105 @@ class TokenRequest:
 
 @dataclass
 class _Row:
-    """One model input shared by the requests whose input it is."""
+    """One model input and the requests it answers.
+
+    A plain row is one request's input (shared by requests with identical inputs). A packed
+    row holds a context once and each continuation after it as a segment that sees the
+    context and itself only, with positions restarting after the context (``pos``), so each
+    request's logits are those of its own unpacked input.
+    """
 
     ids: tuple[int, ...]
     positions: set[int] = field(default_factory=set)
-    members: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list)  # (request, start, targets)
+    members: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # (req, pos, targets)
+    segments: list[tuple[int, int]] = field(default_factory=list)  # packed: (first position, length)
+
+    @property
+    def packed(self) -> bool:
+        return bool(self.segments)
+
+    @property
+    def context_length(self) -> int:
+        return self.segments[0][0] if self.segments else len(self.ids)
+
+    def position_ids(self) -> list[int]:
+        c = self.context_length
+        out = list(range(c))
+        for _, length in self.segments:
+            out += range(c, c + length)
+        return out
 
 
-def plan_rows(requests: Sequence[TokenRequest], max_length: int) -> list[_Row]:
-    """Group requests by model input and order rows longest first (lm-eval's order).
+def _plain_input(req: TokenRequest, n: int, max_length: int) -> tuple[tuple[int, ...], int]:
+    if not req.continuation:
+        raise ValueError(f"request {n} has an empty continuation")
+    ids = (req.context + req.continuation)[-(max_length + 1):][:-1]
+    start = len(ids) - len(req.continuation)
+    if start < 0:
+        raise ValueError(f"request {n}: continuation longer than the model's context ({max_length})")
+    return ids, start
 
-    The input is ``(context + continuation)[-(max_length+1):][:-1]`` and a request scores its
-    continuation at the last ``len(continuation)`` positions, exactly as HFLM does.
+
+def plan_rows(requests: Sequence[TokenRequest], max_length: int, pack: bool = False,
+              window: int | None = None) -> list[_Row]:
+    """Group requests into model rows and order them longest first (lm-eval's order).
+
+    A request's input is ``(context + continuation)[-(max_length+1):][:-1]`` and it scores its
+    continuation at the last ``len(continuation)`` positions, exactly as HFLM does. Identical
+    inputs share a row (one-token choices of a question). With ``pack``, requests that share
+    an untruncated context share one packed row (multi-token choices of a question); with a
+    sliding ``window``, only requests that fit in it are packed (a packed row's custom mask
+    replaces the model's window mask).
     """
+    span = max_length + 1 if window is None else min(max_length + 1, window)
     by_input: dict[tuple[int, ...], _Row] = {}
+    by_context: dict[tuple[int, ...], list[int]] = {}
     for n, req in enumerate(requests):
-        if not req.continuation:
-            raise ValueError(f"request {n} has an empty continuation")
-        whole = (req.context + req.continuation)[-(max_length + 1):]
-        ids = whole[:-1]
-        start = len(ids) - len(req.continuation)
-        if start < 0:
-            raise ValueError(f"request {n}: continuation longer than the model's context ({max_length})")
+        ids, start = _plain_input(req, n, max_length)
+        if pack and len(req.context) + len(req.continuation) <= span and req.context:
+            by_context.setdefault(req.context, []).append(n)
+            continue
         row = by_input.get(ids)
         if row is None:
             row = by_input[ids] = _Row(ids)
-        row.members.append((n, start, req.continuation))
+        row.members.append((n, tuple(range(start, start + len(req.continuation))), req.continuation))
         row.positions.update(range(start, len(ids)))
-    return sorted(by_input.values(), key=lambda r: (-len(r.ids), r.ids))
+    rows = list(by_input.values())
+    for context, members in by_context.items():
+        rows += _packed_rows(context, [(n, requests[n].continuation) for n in members], max_length)
+    return sorted(rows, key=lambda r: (-len(r.ids), r.ids))
+
+
+def _packed_rows(context: tuple[int, ...], members: list[tuple[int, tuple[int, ...]]], max_length: int) -> list[_Row]:
+    """Context once, then one segment per distinct ``continuation[:-1]``; split if too long."""
+    c = len(context)
+    segments: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}
+    for n, cont in members:
+        segments.setdefault(cont[:-1], []).append((n, cont))
+    if len(segments) < 2:  # nothing to share beyond what identical inputs already share
+        (seg, group), = segments.items()
+        row = _Row(context + seg)
+        for n, cont in group:
+            row.members.append((n, tuple(range(c - 1, c - 1 + len(cont))), cont))
+        row.positions.update(range(c - 1, len(row.ids)))
+        return [row]
+    rows: list[_Row] = []
+    row = _Row(context)
+    for seg, group in sorted(segments.items(), key=lambda kv: (len(kv[0]), kv[0])):
+        if row.segments and len(row.ids) + len(seg) > max(max_length, c + len(seg)):
+            rows.append(row)
+            row = _Row(context)
+        first = len(row.ids)
+        if seg:
+            row.segments.append((first, len(seg)))
+            row.ids = row.ids + seg
+        for n, cont in group:
+            # target 0 is predicted at the context's last token, target j at the segment's (j-1)-th
+            positions = (c - 1, *range(first, first + len(cont) - 1))
+            row.members.append((n, positions, cont))
+            row.positions.update(positions)
+    rows.append(row)
+    return rows
 
 
 def _batches(rows: list[_Row], budget: int, max_rows: int = 512) -> list[list[int]]:
@@ -196,14 +267,15 @@ class SweepEngine:
     """Log-likelihoods of the full model and of each one-block-removed variant, in one pass."""
 
     def __init__(self, model: torch.nn.Module, stack: LayerStack, variants: Sequence[int | None], *,
-                 batch_tokens: int | None = None, pad_id: int = 0) -> None:
+                 batch_tokens: int | None = None, pad_id: int = 0, pack: bool = True) -> None:
         self.model, self.stack = model, stack
         self.variants = list(variants)
         self.layers = sorted(v for v in self.variants if v is not None)
         self.batch_tokens = batch_tokens
         self.pad_id = pad_id
         self.device = model.get_input_embeddings().weight.device
-        self.stats: dict[str, int] = {}
+        self.pack = pack
+        self.stats: dict[str, Any] = {}
 
     def layer_passes(self, rows: int = 1) -> int:
         """Block passes per row: the baseline (or up to the deepest kept input) plus each resume."""
@@ -213,7 +285,7 @@ class SweepEngine:
 
     def run(self, requests: Sequence[TokenRequest], max_length: int, *,
             progress: Callable[[int, int], None] | None = None, checkpoint: Checkpoint | None = None) -> EngineResult:
-        rows = plan_rows(requests, max_length)
+        rows, packing = self._plan(requests, max_length)
         n_var, n_req = len(self.variants), len(requests)
         loglik = np.zeros((n_var, n_req), dtype=np.float64)
         greedy = np.zeros((n_var, n_req), dtype=bool)
@@ -223,7 +295,9 @@ class SweepEngine:
         wide = any(len(r.positions) > 1 for r in rows)
         budget = self.batch_tokens or default_budget(self.model, self.stack, len(self.layers), wide)
         total = sum(len(r.ids) for r in rows)
-        self.stats = {"requests": n_req, "rows": len(rows), "budget": budget, "tokens": total}
+        self.stats = {"requests": n_req, "rows": len(rows), "packed_rows": sum(r.packed for r in rows),
+                      "budget": budget, "tokens": total, "unshared_tokens": _unshared_tokens(requests, max_length),
+                      "packing": packing}
         finished = sum(len(r.ids) for r, d in zip(rows, done, strict=True) if d)
         if progress is not None:
             progress(finished, total)
@@ -240,6 +314,35 @@ class SweepEngine:
         if checkpoint is not None:
             checkpoint.save(loglik, greedy, done, force=True)
         return EngineResult(self.variants, loglik, greedy)
+
+    def _plan(self, requests: Sequence[TokenRequest], max_length: int) -> tuple[list[_Row], str]:
+        """Rows for the requests; packed where the model supports it and a check proves it exact."""
+        if not self.pack:
+            return plan_rows(requests, max_length), "off"
+        impl = getattr(self.model.config, "_attn_implementation", "sdpa")
+        if impl not in ("sdpa", "eager"):
+            return plan_rows(requests, max_length), f"off: {impl} attention takes no custom masks"
+        rows = plan_rows(requests, max_length, pack=True, window=_sliding_window(self.model))
+        packed = [r for r in rows if r.packed]
+        if not packed:
+            return rows, "nothing to pack"
+        probe = max(packed, key=lambda r: (len(r.segments), -len(r.ids)))  # most segments, then shortest
+        members = [n for n, _, _ in probe.members]
+        got = np.zeros((1, len(requests)))
+        flags = np.zeros((1, len(requests)), dtype=bool)
+        checker = SweepEngine(self.model, self.stack, [None], pack=False)
+        checker._batch([probe], got, flags)
+        plain = [plan_rows([requests[n]], max_length)[0] for n in members]
+        single = np.zeros((1, len(requests)))
+        for n, row in zip(members, plain, strict=True):
+            row.members = [(n, *row.members[0][1:])]
+            checker._batch([row], single, flags)
+        # float32: exact packing agrees to ~1e-6; half precision: kernel rounding, not wrong masks
+        tol = 2e-5 if next(self.model.parameters()).dtype == torch.float32 else 0.25
+        worst = float(np.abs(got[0, members] - single[0, members]).max())
+        if worst > tol:
+            return plan_rows(requests, max_length), f"off: packed rows differed by {worst:.3g} from unpacked ones"
+        return rows, f"on (checked: max |Δ| {worst:.2g} on {len(members)} requests)"
 
     # --- one batch ------------------------------------------------------------------------
 
@@ -267,12 +370,12 @@ class SweepEngine:
             gather[b, : len(positions)] = torch.tensor(positions, dtype=torch.long)
             gather[b, len(positions):] = positions[-1]
             slot_of = {p: k for k, p in enumerate(positions)}
-            for n, start, cont in row.members:
+            for n, at, cont in row.members:
                 m = len(requests)
                 requests.append(n)
-                for j, tok in enumerate(cont):
+                for pos, tok in zip(at, cont, strict=True):
                     row_idx.append(b)
-                    slot_idx.append(slot_of[start + j])
+                    slot_idx.append(slot_of[pos])
                     targets.append(tok)
                     member.append(m)
         dev = self.device
@@ -280,7 +383,9 @@ class SweepEngine:
                        torch.tensor(targets, device=dev), torch.tensor(member, device=dev), len(requests),
                        np.asarray(requests))
         ids, gather = ids.to(dev), gather.to(dev)
-        kwargs = no_cache_kwargs(self.model)
+        kwargs: dict[str, Any] = dict(no_cache_kwargs(self.model))
+        if any(r.packed for r in rows):
+            kwargs.update(_packed_inputs(rows, width, self.model, dev))
         kept: dict[int, torch.Tensor] = {}
         stop_after = None if None in self.variants or not self.layers else self.layers[-1]
         hooks = [self.stack.layers[i].register_forward_pre_hook(_keeper(i, kept, stop_after), with_kwargs=True)
@@ -323,6 +428,42 @@ class SweepEngine:
             del logp
         loglik[v, index.requests] = sums.cpu().numpy()
         greedy[v, index.requests] = (misses == 0).cpu().numpy()
+
+
+def _sliding_window(model: torch.nn.Module) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    window = getattr(config, "sliding_window", None)
+    return int(window) if isinstance(window, int) and window > 0 else None
+
+
+def _unshared_tokens(requests: Sequence[TokenRequest], max_length: int) -> int:
+    """Tokens HFLM would feed for these requests (one row per request), for the stats."""
+    return sum(min(len(r.context) + len(r.continuation), max_length + 1) - 1 for r in requests)
+
+
+def _packed_inputs(rows: list[_Row], width: int, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    """A 4D attention mask and position ids for a batch holding packed rows.
+
+    Plain rows get the ordinary causal mask. Padding positions see token 0 only (a fully
+    masked row would give NaNs); no real token ever sees padding.
+    """
+    allow = torch.zeros((len(rows), width, width), dtype=torch.bool)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        n, c = len(row.ids), row.context_length
+        allow[b, :c, :c] = torch.ones(c, c, dtype=torch.bool).tril()
+        for first, length in row.segments:
+            allow[b, first:first + length, :c] = True
+            allow[b, first:first + length, first:first + length] = torch.ones(length, length, dtype=torch.bool).tril()
+        allow[b, n:, 0] = True
+        pos[b, :n] = torch.tensor(row.position_ids(), dtype=torch.long)
+    mask = allow.unsqueeze(1).to(device)
+    if getattr(model.config, "_attn_implementation", "sdpa") == "eager":
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    return {"attention_mask": mask, "position_ids": pos.to(device)}
 
 
 class _Captured(Exception):

@@ -209,7 +209,9 @@ def run_fast(
             on_done(saved)
     checkpoint.path.unlink(missing_ok=True)
     return {"engine_seconds": round(engine_seconds, 3), "requests": len(requests), "task_requests": n_task,
-            "model_rows": engine.stats.get("rows"), "batch_tokens": engine.stats.get("budget"),
+            "model_rows": engine.stats.get("rows"), "packed_rows": engine.stats.get("packed_rows"),
+            "tokens": engine.stats.get("tokens"), "tokens_without_sharing": engine.stats.get("unshared_tokens"),
+            "packing": engine.stats.get("packing"), "batch_tokens": engine.stats.get("budget"),
             "fast_tasks": fast_tasks.names if fast_tasks else [], "naive_tasks": slow_tasks.names if slow_tasks else [],
             "layer_passes_per_row": engine.layer_passes()}
 

@@ -220,3 +220,59 @@ def test_generation_tasks_fall_back_to_naive(tiny_llama_dir, tasks_dir, tmp_path
 
     meta = json.loads((out / "meta.json").read_text())
     assert meta["engine"] == "fast" and meta["engine_stats"]["naive_tasks"] == ["tiny_gen"]
+
+
+def _mc_requests(questions=5, seed=3):
+    """Multiple-choice-shaped requests: a shared context, four multi-token choices."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(questions):
+        ctx = tuple(torch.randint(3, 90, (int(torch.randint(8, 30, (1,), generator=g)),), generator=g).tolist())
+        for _ in range(4):
+            cont = torch.randint(3, 90, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g)
+            out.append(TokenRequest(ctx, tuple(cont.tolist())))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "deepseek_v3", "qwen3"])
+def test_packed_contexts_reproduce_unpacked_rows(family):
+    model = tiny_model(family)
+    stack = find_layers(model)
+    requests = _mc_requests()
+    packed = SweepEngine(model, stack, VARIANTS, batch_tokens=160)
+    got = packed.run(requests, 64)
+    assert packed.stats["packing"].startswith("on") and packed.stats["packed_rows"] == 5
+    assert packed.stats["tokens"] < packed.stats["unshared_tokens"] / 2
+    plain = SweepEngine(model, stack, VARIANTS, batch_tokens=160, pack=False)
+    want = plain.run(requests, 64)
+    assert plain.stats["packed_rows"] == 0
+    assert np.abs(got.loglik - want.loglik).max() < 1e-4
+    assert np.array_equal(got.greedy, want.greedy)
+
+
+def test_packing_is_switched_off_when_it_would_not_be_exact(monkeypatch):
+    import lnsdiag.engine as engine_module
+
+    real = engine_module._packed_inputs
+
+    def wrong_positions(rows, width, model, device):
+        inputs = real(rows, width, model, device)
+        inputs["position_ids"] = torch.arange(width, device=device).expand(len(rows), -1)  # no restart
+        return inputs
+
+    monkeypatch.setattr(engine_module, "_packed_inputs", wrong_positions)
+    model = tiny_model("llama")
+    stack = find_layers(model)
+    requests = _mc_requests()
+    engine = SweepEngine(model, stack, [None, 1], batch_tokens=160)
+    got = engine.run(requests, 64)
+    assert engine.stats["packing"].startswith("off: packed rows differed")
+    want = SweepEngine(model, stack, [None, 1], batch_tokens=160, pack=False).run(requests, 64)
+    assert np.abs(got.loglik - want.loglik).max() < 1e-5
+
+
+def test_no_packing_beyond_a_sliding_window():
+    model = tiny_model("mistral")  # window of 5 tokens: a packed mask would hide the window
+    engine = SweepEngine(model, find_layers(model), [None], batch_tokens=160)
+    engine.run(_mc_requests(), 64)
+    assert engine.stats["packed_rows"] == 0

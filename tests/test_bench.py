@@ -1,0 +1,24 @@
+"""The GPU benchmark script must not rot: its tiny CPU mode runs the same code end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_sweep_bench_tiny(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sweep_bench.py"), "--tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads((tmp_path / "sweep_bench.json").read_text())
+    assert record["agreement"]["acc_equal"]
+    assert record["agreement"]["max_abs_delta_loglik"] < 1e-2
+    assert record["fast"]["requests"] > 0 and record["naive"]["full_sweep_seconds_extrapolated"] > 0
+    assert "speed-up" in (tmp_path / "sweep_bench.md").read_text()
