@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -199,31 +200,50 @@ class EngineResult:
         return self.loglik[v], self.greedy[v]
 
 
-class Checkpoint:
-    """Partial engine results on disk, so an interrupted sweep resumes mid-pass."""
+@dataclass
+class _Progress:
+    """What a checkpoint holds: results so far, which rows are done, and the batch budget
+    (kept so a resumed pass cuts the same batches and gives bitwise the same numbers)."""
 
-    def __init__(self, path: Path, fingerprint: str, every_seconds: float = 60.0) -> None:
+    loglik: np.ndarray
+    greedy: np.ndarray
+    done: np.ndarray
+    budget: int
+
+
+class Checkpoint:
+    """Partial engine results on disk, so an interrupted sweep resumes mid-pass.
+
+    Saved atomically at most every ``every_seconds`` (``LNSDIAG_CHECKPOINT_SECONDS``, default
+    60): a killed run loses at most that much work.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, every_seconds: float | None = None) -> None:
+        if every_seconds is None:
+            every_seconds = float(os.environ.get("LNSDIAG_CHECKPOINT_SECONDS", 60))
         self.path, self.fingerprint, self.every = Path(path), fingerprint, every_seconds
         self._last = time.monotonic()
 
-    def load(self, shape: tuple[int, int], rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def load(self, shape: tuple[int, int], rows: int) -> _Progress | None:
         try:
             with np.load(self.path, allow_pickle=False) as data:
                 if str(data["fingerprint"]) != self.fingerprint or data["loglik"].shape != shape:
                     return None
                 if data["done"].shape != (rows,):
                     return None
-                return data["loglik"].copy(), data["greedy"].copy(), data["done"].copy()
+                return _Progress(data["loglik"].copy(), data["greedy"].copy(), data["done"].copy(),
+                                 int(data["budget"]))
         except (OSError, KeyError, ValueError):
             return None
 
-    def save(self, loglik: np.ndarray, greedy: np.ndarray, done: np.ndarray, force: bool = False) -> None:
+    def save(self, state: _Progress, force: bool = False) -> None:
         if not force and time.monotonic() - self._last < self.every:
             return
         import io
 
         buf = io.BytesIO()
-        np.savez(buf, fingerprint=np.array(self.fingerprint), loglik=loglik, greedy=greedy, done=done)
+        np.savez(buf, fingerprint=np.array(self.fingerprint), loglik=state.loglik, greedy=state.greedy,
+                 done=state.done, budget=np.array(state.budget))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, buf.getvalue())
         self._last = time.monotonic()
@@ -287,33 +307,32 @@ class SweepEngine:
             progress: Callable[[int, int], None] | None = None, checkpoint: Checkpoint | None = None) -> EngineResult:
         rows, packing = self._plan(requests, max_length)
         n_var, n_req = len(self.variants), len(requests)
-        loglik = np.zeros((n_var, n_req), dtype=np.float64)
-        greedy = np.zeros((n_var, n_req), dtype=bool)
-        done = np.zeros(len(rows), dtype=bool)
-        if checkpoint is not None and (state := checkpoint.load((n_var, n_req), len(rows))) is not None:
-            loglik, greedy, done = state
         wide = any(len(r.positions) > 1 for r in rows)
-        budget = self.batch_tokens or default_budget(self.model, self.stack, len(self.layers), wide)
+        state = checkpoint.load((n_var, n_req), len(rows)) if checkpoint is not None else None
+        if state is None:
+            budget = self.batch_tokens or default_budget(self.model, self.stack, len(self.layers), wide)
+            state = _Progress(np.zeros((n_var, n_req)), np.zeros((n_var, n_req), dtype=bool),
+                              np.zeros(len(rows), dtype=bool), budget)
         total = sum(len(r.ids) for r in rows)
         self.stats = {"requests": n_req, "rows": len(rows), "packed_rows": sum(r.packed for r in rows),
-                      "budget": budget, "tokens": total, "unshared_tokens": _unshared_tokens(requests, max_length),
-                      "packing": packing}
-        finished = sum(len(r.ids) for r, d in zip(rows, done, strict=True) if d)
+                      "budget": state.budget, "tokens": total, "packing": packing,
+                      "unshared_tokens": _unshared_tokens(requests, max_length)}
+        finished = sum(len(r.ids) for r, d in zip(rows, state.done, strict=True) if d)
         if progress is not None:
             progress(finished, total)
-        pending = [i for i, d in enumerate(done) if not d]
-        for batch in _batches([rows[i] for i in pending], budget):
-            indices = [pending[b] for b in batch]
-            self._run_rows([rows[i] for i in indices], loglik, greedy)
-            done[indices] = True
-            finished += sum(len(rows[i].ids) for i in indices)
+        for batch in _batches(rows, state.budget):  # the same cut on every run of the same plan
+            if state.done[batch].all():
+                continue
+            self._run_rows([rows[i] for i in batch], state.loglik, state.greedy)
+            state.done[batch] = True
+            finished += sum(len(rows[i].ids) for i in batch)
             if checkpoint is not None:
-                checkpoint.save(loglik, greedy, done)
+                checkpoint.save(state)
             if progress is not None:
                 progress(finished, total)
         if checkpoint is not None:
-            checkpoint.save(loglik, greedy, done, force=True)
-        return EngineResult(self.variants, loglik, greedy)
+            checkpoint.save(state, force=True)
+        return EngineResult(self.variants, state.loglik, state.greedy)
 
     def _plan(self, requests: Sequence[TokenRequest], max_length: int) -> tuple[list[_Row], str]:
         """Rows for the requests; packed where the model supports it and a check proves it exact."""

@@ -153,9 +153,10 @@ def test_checkpoint_resumes_an_interrupted_pass(tmp_path):
         SweepEngine(model, stack, VARIANTS, batch_tokens=64).run(requests, 32, progress=stop_after_two_batches,
                                                                   checkpoint=checkpoint)
     with np.load(tmp_path / "partial.npz") as saved:
-        assert 0 < saved["done"].sum() < len(saved["done"])
+        assert 0 < saved["done"].sum() < len(saved["done"]) and int(saved["budget"]) == 64
     seen = []
-    resumed = SweepEngine(model, stack, VARIANTS, batch_tokens=64).run(
+    # asked for another budget: the stored one wins, so the batches and the bits are the same
+    resumed = SweepEngine(model, stack, VARIANTS, batch_tokens=999).run(
         requests, 32, progress=lambda d, t: seen.append(d), checkpoint=checkpoint)
     assert seen[0] > 0  # started where it stopped
     assert np.array_equal(resumed.loglik, whole.loglik) and np.array_equal(resumed.greedy, whole.greedy)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -177,7 +178,7 @@ def deep_llama_dir(tmp_path_factory, tokenizer):
     import transformers as tf
 
     torch.manual_seed(1)
-    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192, num_hidden_layers=8,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     path = tmp_path_factory.mktemp("deep-llama")
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -185,55 +186,71 @@ def deep_llama_dir(tmp_path_factory, tokenizer):
     return path
 
 
-def _prune_process(model_dir, tasks_dir, out):
+def _prune_process(model_dir, tasks_dir, out, engine):
     cmd = [sys.executable, "-m", "lnsdiag", "prune", str(model_dir), "--tasks", "tiny_mc,tiny_ppl",
-           "--include-path", str(tasks_dir), "--out", str(out), "--no-angular", "--batch-size", "2"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+           "--include-path", str(tasks_dir), "--out", str(out), "--no-angular", "--batch-size", "2",
+           "--engine", engine, "--batch-tokens", "48"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "LNSDIAG_CHECKPOINT_SECONDS": "0"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
 
 
-def _wait_for_variants(out: Path, count: int, proc, timeout: float = 120.0) -> None:
+def _progress_files(out: Path, engine: str) -> int:
+    """Finished variants (naive), or 1 + a saved partial pass (fast)."""
+    if engine == "naive":
+        return len(list((out / "variants").glob("*.json")))
+    partial = out / "engine-partial.npz"
+    return 2 if partial.is_file() else 0
+
+
+def _wait_for_progress(out: Path, engine: str, count: int, proc, timeout: float = 180.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if len(list((out / "variants").glob("*.json"))) >= count:
+        if _progress_files(out, engine) >= count:
             return
         if proc.poll() is not None:
-            pytest.fail(f"sweep ended early:\n{proc.stdout.read()}")
-        time.sleep(0.05)
+            pytest.fail(f"sweep ended before it could be interrupted:\n{proc.stdout.read()}")
+        time.sleep(0.02)
     proc.kill()
     pytest.fail("sweep made no progress")
 
 
 @pytest.mark.slow
-def test_interrupted_sweeps_resume_to_the_same_csv(deep_llama_dir, tasks_dir, tmp_path):
-    """kill -9 loses at most the variant in progress; Ctrl-C stops cleanly; both resume exactly."""
+@pytest.mark.parametrize("engine", ["naive", "fast"])
+def test_interrupted_sweeps_resume_to_the_same_csv(engine, deep_llama_dir, tasks_dir, tmp_path):
+    """kill -9 loses at most the work in progress; Ctrl-C stops cleanly; both resume exactly."""
     reference = tmp_path / "whole"
-    proc = _prune_process(deep_llama_dir, tasks_dir, reference)
+    proc = _prune_process(deep_llama_dir, tasks_dir, reference, engine)
     assert proc.wait(timeout=600) == 0, proc.stdout.read()
 
     killed = tmp_path / "killed"
-    proc = _prune_process(deep_llama_dir, tasks_dir, killed)
-    _wait_for_variants(killed, 2, proc)
+    proc = _prune_process(deep_llama_dir, tasks_dir, killed, engine)
+    _wait_for_progress(killed, engine, 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    saved = len(list((killed / "variants").glob("*.json")))
-    assert 2 <= saved < 9
-    assert not list((killed / "variants").glob(".*tmp"))  # no half-written files left visible
+    if engine == "naive":
+        assert 2 <= len(list((killed / "variants").glob("*.json"))) < 9
+    else:
+        with np.load(killed / "engine-partial.npz") as saved:
+            assert 0 < saved["done"].sum() < len(saved["done"])
+    for path in (killed / "variants").glob("*.json"):  # whatever is visible is whole
+        json.loads(path.read_text())
 
     interrupted = tmp_path / "interrupted"
-    proc = _prune_process(deep_llama_dir, tasks_dir, interrupted)
-    _wait_for_variants(interrupted, 3, proc)
+    proc = _prune_process(deep_llama_dir, tasks_dir, interrupted, engine)
+    _wait_for_progress(interrupted, engine, 2, proc)
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output
     assert "interrupted" in output and "Traceback" not in output
 
     for folder in (killed, interrupted):
-        proc = _prune_process(deep_llama_dir, tasks_dir, folder)
+        proc = _prune_process(deep_llama_dir, tasks_dir, folder, engine)
         output = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, output
-        assert "resuming" in output
+        if engine == "naive":
+            assert "resuming" in output
         assert (folder / "prune.csv").read_text() == (reference / "prune.csv").read_text()
+        assert not (folder / "engine-partial.npz").exists()
 
 
 def test_bad_inputs(tiny_llama_dir, tasks_dir, text_file, tmp_path):
