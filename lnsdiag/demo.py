@@ -19,12 +19,18 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
 from .runs import cache_dir, write_json
-from .text import special_tokens_around, stdlib_corpus
+from .text import TextSource, special_tokens_around, stdlib_corpus
 from .training import TrainLog, train_causal_lm
 
 #: Bump when the demo's recipe changes, so stale cached models are not reused.
 RECIPE_VERSION = 1
+
+#: Where a demo model normalises: the paper's baseline, its fix, and the original Transformer.
+NORMS: tuple[str, ...] = ("pre-ln", "lns", "post-ln")
+#: New spec fields, left out of the cache key at these defaults so existing keys stay valid.
+_KEY_DEFAULTS = {"norm": "pre-ln", "init": "default"}
 
 
 @dataclass(frozen=True)
@@ -41,14 +47,19 @@ class DemoSpec:
     steps: int = 400
     lr: float = 3e-3
     seed: int = 0
+    norm: str = "pre-ln"  # pre-ln, lns (LayerNorm Scaling) or post-ln
+    init: str = "default"  # default or scaled (depth-scaled output projections; see lns.initialize)
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "recipe": RECIPE_VERSION}, sort_keys=True)
+        fields = {k: v for k, v in asdict(self).items() if _KEY_DEFAULTS.get(k, object()) != v}
+        blob = json.dumps({**fields, "recipe": RECIPE_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
     def name(self) -> str:
-        return f"demo-llama-{self.layers}L-{self.hidden}d"
+        suffix = "" if self.norm == "pre-ln" else f"-{self.norm}"
+        suffix += "" if self.init == "default" else f"-{self.init}-init"
+        return f"demo-llama-{self.layers}L-{self.hidden}d{suffix}"
 
     def with_(self, **changes: Any) -> DemoSpec:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -92,8 +103,32 @@ def corpus_stream(tokenizer: Any, split: str = "train") -> torch.Tensor:
     return torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def demo_dir(spec: DemoSpec) -> Path:
-    return cache_dir() / "demo" / f"{spec.name}-{spec.key()}"
+def text_digest(text: TextSource) -> str:
+    """A short hash of a training text, so models trained on other text get other folders."""
+    digest = hashlib.sha256()
+    for doc in text.texts:
+        digest.update(doc.encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()[:12]
+
+
+def demo_dir(spec: DemoSpec, text: TextSource | None = None) -> Path:
+    key = spec.key() if text is None else hashlib.sha256(f"{spec.key()}:{text_digest(text)}".encode()).hexdigest()[:12]
+    return cache_dir() / "demo" / f"{spec.name}-{key}"
+
+
+def prepare_model(model: Any, spec: DemoSpec) -> Any:
+    """Give a freshly built model the spec's init and norm placement (before training)."""
+    from . import lns, postln
+
+    if spec.norm not in NORMS:
+        raise UserError(f"unknown norm {spec.norm!r} (use {', '.join(NORMS)})")
+    lns.initialize(model, spec.init)
+    if spec.norm == "lns":
+        lns.apply_lns(model)
+    elif spec.norm == "post-ln":
+        postln.apply_post_ln(model)
+    return model
 
 
 def ensure_demo_model(
@@ -103,33 +138,48 @@ def ensure_demo_model(
     device: str | torch.device = "cpu",
     on_step: Callable[[int, float], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    text: TextSource | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Return the cached demo model's directory, training it first if needed.
+
+    ``text`` trains on other text than the stdlib docstrings (tokenizer and model). The
+    spec's ``norm`` and ``init`` are applied to the freshly built model, so twins that differ
+    only there start from the same weights and see the same batches.
 
     Training writes to a temporary folder that is renamed when complete, so an
     interrupted run never leaves a half-trained model in the cache.
     """
-    target = demo_dir(spec)
+    target = demo_dir(spec, text)
     record_path = target / "train_log.json"
     if target.is_dir() and record_path.is_file() and not fresh:
         return target, json.loads(record_path.read_text(encoding="utf-8"))
     note = on_phase or (lambda _msg: None)
-    note("training a tokenizer on the stdlib docstrings")
+    texts = text.texts if text is not None else stdlib_corpus("train").texts
+    corpus = text.name if text is not None else "stdlib-docstrings[train]"
+    note(f"training a tokenizer on {'the stdlib docstrings' if text is None else corpus}")
     torch.manual_seed(spec.seed)
-    tokenizer = train_tokenizer(stdlib_corpus("train").texts, spec.vocab)
-    stream = corpus_stream(tokenizer, "train")
+    tokenizer = train_tokenizer(texts, spec.vocab)
+    if text is None:
+        stream = corpus_stream(tokenizer, "train")
+    else:
+        stream = torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    prefix, _ = special_tokens_around(tokenizer)
+    if len(stream) <= spec.seq_len - len(prefix):
+        raise UserError(f"the training text has {len(stream)} tokens, too few for --seq-len {spec.seq_len}: "
+                        "give more text or a shorter sequence length")
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_config(demo_config(spec, tokenizer), dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_config(demo_config(spec, tokenizer), dtype=torch.float32)
+    prepare_model(model, spec)
+    model.to(device)
     note(f"training {spec.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
          f"{spec.steps} steps)")
-    prefix, _ = special_tokens_around(tokenizer)
     log: TrainLog = train_causal_lm(
         model, stream, steps=spec.steps, batch_size=spec.batch_size, seq_len=spec.seq_len,
         lr=spec.lr, seed=spec.seed, prefix=prefix, on_step=on_step,
     )
-    record = {"spec": asdict(spec), "recipe": RECIPE_VERSION, "corpus": "stdlib-docstrings[train]",
+    record = {"spec": asdict(spec), "recipe": RECIPE_VERSION, "corpus": corpus,
               "corpus_tokens": len(stream), "train": log.as_dict()}
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))

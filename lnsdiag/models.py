@@ -278,6 +278,9 @@ def load_model(
     except OSError as exc:
         raise UserError(f"cannot load the weights of {where}: {_short(exc)}") from exc
     model.eval()
+    from .lns import restore_lns
+
+    restore_lns(model)  # a checkpoint that records LayerNorm Scaling (or Post-LN) runs as trained
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)

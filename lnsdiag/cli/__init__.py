@@ -6,7 +6,7 @@ command family; importing them registers their commands on ``app``.
 
 from __future__ import annotations
 
-from . import angular, demo, inspect, prune  # noqa: F401  (registers commands)
+from . import angular, demo, depth, inspect, prune  # noqa: F401  (registers commands)
 from .common import app
 
 

@@ -13,3 +13,12 @@ __all__ = [
     "plot_angular_heatmap", "plot_prune", "prune_summary", "prune_table", "pyplot", "rule_text", "save_figure",
     "write_angular", "write_prune",
 ]
+
+from .compare import compare_tables, latex_tables, plot_compare, write_compare
+from .reproduce import plot_reproduce, reproduce_layers_table, reproduce_table, write_reproduce
+from .variance import plot_variance, variance_summary, variance_table, write_variance
+
+__all__ += [
+    "compare_tables", "latex_tables", "plot_compare", "plot_reproduce", "plot_variance", "reproduce_layers_table",
+    "reproduce_table", "variance_summary", "variance_table", "write_compare", "write_reproduce", "write_variance",
+]

@@ -1,0 +1,147 @@
+"""How large the residual stream gets with depth, and how much each layer still changes it.
+
+Step (1) and (2) of the paper's argument: in a Pre-LN model the variance of the residual
+stream x_l grows with depth, so a deep block's update f(x_l) is small next to x_l and the
+block is close to the identity. Per layer l (0-based) on a text:
+
+* ``variance``: the variance of the entries of x_l, the stream entering block l, pooled
+  over every selected token and hidden dimension (population variance);
+* ``rms``: sqrt(mean(x_l²)) over the same entries (the scale a norm divides by);
+* ``update_ratio``: ‖x_{l+1} − x_l‖ / ‖x_l‖ per token, averaged over tokens: the size of
+  the block's update relative to its input.
+
+One more row, ``layer = L``, holds the last block's output before the final norm (its
+``update_ratio`` is empty). States come from :func:`lnsdiag.metrics.stream_states`, so
+padding is excluded and memory stays bounded however long the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .errors import UserError
+from .metrics import TokenMode, default_seq_len, stream_states
+from .surgery import LayerStack, find_layers
+
+
+@dataclass
+class VarianceResult:
+    """Per-layer residual-stream statistics of one model on one text."""
+
+    layers: pd.DataFrame  # layer, variance, rms, update_ratio (row L: final output, no ratio)
+    tokens: int
+    token_mode: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers) - 1
+
+    @property
+    def growth(self) -> float:
+        """Variance of the last block's output over that of the embeddings (x_L / x_0)."""
+        var = self.layers["variance"]
+        return float(var.iloc[-1] / var.iloc[0]) if var.iloc[0] > 0 else float("inf")
+
+    def mean_update_ratio(self, start: float = 0.5, stop: float = 1.0) -> float:
+        """Mean update ratio of the layers in a depth range (fractions of L; default deep half)."""
+        L = self.num_layers
+        lo = min(int(start * L), L - 1)
+        hi = max(lo + 1, round(stop * L))
+        return float(self.layers["update_ratio"].iloc[lo:hi].mean())
+
+
+class _Moments:
+    """Running count/mean/M2 per state (Chan's pairwise update, float64) and update ratios."""
+
+    def __init__(self, states: int) -> None:
+        self.n = [0] * states
+        self.mean = [0.0] * states
+        self.m2 = [0.0] * states
+        self.ratio = [0.0] * (states - 1)
+        self.tokens = 0
+        self._previous: torch.Tensor | None = None
+
+    def __call__(self, index: int, state: torch.Tensor) -> None:
+        x = state.detach().to(torch.float64)
+        if index == 0:
+            self.tokens += x.shape[0]
+        n_b = x.numel()
+        if n_b:
+            mean_b = float(x.mean())
+            m2_b = float(((x - mean_b) ** 2).sum())
+            n_a, mean_a = self.n[index], self.mean[index]
+            total = n_a + n_b
+            delta = mean_b - mean_a
+            self.mean[index] = mean_a + delta * n_b / total
+            self.m2[index] += m2_b + delta * delta * n_a * n_b / total
+            self.n[index] = total
+        if index > 0 and self._previous is not None and n_b:
+            prev = self._previous
+            ratio = (x - prev).norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-30)
+            self.ratio[index - 1] += float(ratio.sum())
+        self._previous = x
+
+    def frame(self) -> pd.DataFrame:
+        L = len(self.n) - 1
+        variance = [m2 / n if n else float("nan") for m2, n in zip(self.m2, self.n, strict=True)]
+        rms = [(v + mu * mu) ** 0.5 for v, mu in zip(variance, self.mean, strict=True)]
+        ratio = [r / self.tokens for r in self.ratio] + [float("nan")]
+        return pd.DataFrame({"layer": range(L + 1), "variance": variance, "rms": rms, "update_ratio": ratio})
+
+
+def residual_variance(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    tokens: TokenMode = "all",
+    stack: LayerStack | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> VarianceResult:
+    """Variance, RMS and update ratio of x_0..x_L over the batches' non-padding tokens."""
+    if tokens not in ("all", "last"):
+        raise UserError(f"--tokens must be all or last, not {tokens!r}")
+    stack = stack or find_layers(model)
+    acc = _Moments(len(stack) + 1)
+    for ids, mask in batches:
+        stream_states(model, stack, ids, mask, acc, tokens)
+        if progress is not None:
+            progress(int(mask.sum()) if tokens == "all" else int(mask.shape[0]))
+    if acc.tokens == 0:
+        raise UserError("no tokens to measure: the text is empty")
+    return VarianceResult(acc.frame(), acc.tokens, tokens)
+
+
+def variance_on_text(
+    loaded: Any,
+    texts: Iterable[str],
+    *,
+    seq_len: int | None = None,
+    max_tokens: int | None = 65_536,
+    batch_size: int = 4,
+    tokens: TokenMode = "all",
+    stack: LayerStack | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> VarianceResult:
+    """Tokenise ``texts`` for a :class:`~lnsdiag.models.LoadedModel` and measure the stream.
+
+    ``progress(done, total)`` is called after each batch, counted in windows.
+    """
+    from .text import batches, token_windows
+
+    seq_len = default_seq_len(loaded.model, seq_len)
+    windows = token_windows(loaded.tokenizer, texts, seq_len=seq_len, max_tokens=max_tokens)
+    done = 0
+
+    def tick(_n: int) -> None:
+        nonlocal done
+        done = min(len(windows), done + batch_size)
+        if progress is not None:
+            progress(done, len(windows))
+
+    return residual_variance(loaded.model, batches(windows, batch_size, loaded.tokenizer.pad_token_id or 0),
+                             tokens=tokens, stack=stack, progress=tick)

@@ -1,0 +1,246 @@
+"""LayerNorm Scaling and the Post-LN variant: hand-computed references, save/reload, removal, init."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from lnsdiag import lns, postln
+from lnsdiag.errors import UserError
+from lnsdiag.surgery import build_without_layers, find_layers, norm_placement, removed_layers
+
+from .families import padded_batch, tiny_model
+
+
+def _logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def _block_call(model, index, ids, mask):
+    """The input and keyword arguments block ``index`` receives in a real forward pass."""
+    block = find_layers(model).layers[index]
+    seen = {}
+
+    def grab(_m, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+        seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    _logits(model, ids, mask)
+    handle.remove()
+    return block, seen["x"], seen["kwargs"]
+
+
+def _rms(norm, x):
+    """RMSNorm by hand: weight · x / sqrt(mean(x²) + eps)."""
+    return norm.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+
+
+@pytest.mark.parametrize("index", [0, 2, 3])
+def test_block_matches_hand_computed_reference(index):
+    model = lns.apply_lns(tiny_model("llama"))
+    ids, mask = padded_batch()
+    block, x, kwargs = _block_call(model, index, ids, mask)
+    s = 1 / math.sqrt(index + 1)
+    with torch.no_grad():
+        out = block(x, **kwargs)
+        attn, _ = block.self_attn(hidden_states=s * _rms(block.input_layernorm, x), **kwargs)
+        h = x + attn
+        expected = h + block.mlp(s * _rms(block.post_attention_layernorm, h))
+        attn1, _ = block.self_attn(hidden_states=_rms(block.input_layernorm, x), **kwargs)
+        h1 = x + attn1
+        unscaled = h1 + block.mlp(_rms(block.post_attention_layernorm, h1))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    if index == 0:  # l = 1: scale 1
+        torch.testing.assert_close(out, unscaled, rtol=1e-5, atol=1e-6)
+    else:
+        assert not torch.allclose(out, unscaled, atol=1e-4)
+
+
+def test_whole_model_equals_folded_norm_weights():
+    """For RMSNorm, scaling the output equals scaling the weight: an independent reference."""
+    plain = tiny_model("llama")
+    model = lns.apply_lns(copy.deepcopy(plain))
+    folded = copy.deepcopy(plain)
+    with torch.no_grad():
+        for depth, block in enumerate(find_layers(folded).layers, start=1):
+            block.input_layernorm.weight.mul_(1 / math.sqrt(depth))
+            block.post_attention_layernorm.weight.mul_(1 / math.sqrt(depth))
+    ids, mask = padded_batch()
+    got = _logits(model, ids, mask)
+    torch.testing.assert_close(got, _logits(folded, ids, mask), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, _logits(plain, ids, mask), atol=1e-3)
+
+
+def test_no_parameters_added_and_only_block_norms_scaled():
+    plain = tiny_model("llama")
+    model = lns.apply_lns(copy.deepcopy(plain))
+    assert list(model.state_dict()) == list(plain.state_dict())
+    assert lns.layer_scales(model) == pytest.approx([1, 2 ** -0.5, 3 ** -0.5, 0.5])
+    assert model.config.lns == {"scale": "1/sqrt(l)", "norms": ["input_layernorm", "post_attention_layernorm"],
+                                "layers": [1, 2, 3, 4], "version": 1}
+    hooked = [name for name, m in model.named_modules() if any(isinstance(h, lns._Scale)
+                                                               for h in m._forward_hooks.values())]
+    assert hooked == [f"model.layers.{i}.{n}" for i in range(4) for n in ("input_layernorm",
+                                                                          "post_attention_layernorm")]
+    assert norm_placement(model) == "pre-LN+LNS"
+
+
+@pytest.mark.parametrize("family,norms", [
+    ("llama", ["input_layernorm", "post_attention_layernorm"]),
+    ("mistral", ["input_layernorm", "post_attention_layernorm"]),
+    ("qwen2", ["input_layernorm", "post_attention_layernorm"]),
+    ("qwen3", ["input_layernorm", "post_attention_layernorm"]),  # not q_norm / k_norm
+    ("gemma2", ["input_layernorm", "pre_feedforward_layernorm"]),  # sandwich: not the post-sublayer norms
+])
+def test_finds_the_two_pre_sublayer_norms(family, norms):
+    assert lns.find_pre_norms(tiny_model(family)) == norms
+
+
+def test_unsupported_models_get_one_clear_error():
+    with pytest.raises(UserError, match="not a pre-LN block"):
+        lns.apply_lns(tiny_model("bert"))
+    with pytest.raises(UserError, match="not a pre-LN block"):
+        lns.find_pre_norms(postln.apply_post_ln(tiny_model("llama")))
+    with pytest.raises(UserError, match="Post-LN"):
+        lns.apply_lns(postln.apply_post_ln(tiny_model("llama")))
+    with pytest.raises(UserError, match="no norm 'nope'"):
+        lns.apply_lns(tiny_model("llama"), norms=["nope"])
+
+
+def test_apply_twice_refused_and_remove_restores():
+    plain = tiny_model("qwen2")
+    ids, mask = padded_batch()
+    before = _logits(plain, ids, mask)
+    model = lns.apply_lns(copy.deepcopy(plain))
+    with pytest.raises(UserError, match="already has LayerNorm Scaling"):
+        lns.apply_lns(model)
+    lns.remove_lns(model)
+    assert not lns.is_lns(model) and not lns.has_lns_hooks(model)
+    assert torch.equal(_logits(model, ids, mask), before)
+
+
+def test_save_and_reload_gives_the_same_logits(tmp_path, tokenizer):
+    import transformers as tf
+
+    from lnsdiag.models import load_model
+
+    model = lns.apply_lns(tiny_model("llama", vocab_size=len(tokenizer)))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["lns"]["layers"] == [1, 2, 3, 4]
+    ids, mask = padded_batch()
+    expected = _logits(model, ids, mask)
+
+    plain = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not torch.allclose(_logits(plain, ids, mask), expected, atol=1e-4)  # hooks are not in the weights
+    assert lns.restore_lns(plain) is True
+    assert lns.restore_lns(plain) is True  # idempotent: not scaled twice
+    assert torch.equal(_logits(plain, ids, mask), expected)
+
+    loaded = load_model(str(tmp_path), device="cpu")
+    assert torch.equal(_logits(loaded.model, ids, mask), expected)
+    assert norm_placement(loaded.model) == "pre-LN+LNS"
+
+
+@pytest.mark.parametrize("layer", [0, 2, 3])
+def test_removal_matches_rebuilt_model_keeping_original_scales(layer):
+    model = lns.apply_lns(tiny_model("llama"))
+    ids, mask = padded_batch()
+    reference = lns.build_without_layers(model, [layer])
+    assert reference.config.lns["layers"] == [i + 1 for i in range(4) if i != layer]
+    with removed_layers(model, [layer], mode="skip"):
+        removed = _logits(model, ids, mask)
+    assert torch.equal(removed, _logits(reference, ids, mask))
+    if layer != 3:  # a plain rebuild renumbers the later blocks: other scales, other logits
+        renumbered = build_without_layers(model, [layer])
+        lns.apply_lns(lns.remove_lns(renumbered))
+        assert not torch.allclose(removed, _logits(renumbered, ids, mask), atol=1e-4)
+
+
+def test_scaled_init_draws_output_projections_smaller():
+    torch.manual_seed(0)
+    import transformers as tf
+
+    from .families import tiny_config
+
+    config = tiny_config("llama", hidden_size=64, intermediate_size=128)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lns.initialize(model, "default")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    lns.initialize(model, "scaled")
+    expected = config.initializer_range / math.sqrt(2 * 4)
+    for name, value in model.state_dict().items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            assert float(value.std()) == pytest.approx(expected, rel=0.1), name
+        else:
+            assert torch.equal(value, before[name]), name
+    with pytest.raises(UserError, match="unknown init"):
+        lns.initialize(model, "xavier")
+
+
+def test_trains_with_hf_trainer(tmp_path):
+    """Hooks are plain torch: HF Trainer trains and saves an LNS model like any other."""
+    import transformers as tf
+
+    model = lns.apply_lns(tiny_model("llama"))
+    ids = torch.randint(3, 97, (8, 12), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    before = model.model.layers[3].mlp.down_proj.weight.detach().clone()
+    args = tf.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                                learning_rate=1e-2, report_to=[], save_strategy="no", logging_strategy="no",
+                                use_cpu=True, disable_tqdm=True)
+    tf.Trainer(model=model, args=args, train_dataset=data).train()
+    assert not torch.equal(before, model.model.layers[3].mlp.down_proj.weight)
+    assert lns.has_lns_hooks(model)
+    model.eval()
+    model.save_pretrained(tmp_path / "saved")
+    again = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    lns.restore_lns(again)
+    batch, mask = padded_batch()
+    assert torch.equal(_logits(again, batch, mask), _logits(model, batch, mask))
+
+
+# --- Post-LN -------------------------------------------------------------------------------
+
+def test_post_ln_block_matches_hand_computed_reference():
+    model = postln.apply_post_ln(tiny_model("llama"))
+    ids, mask = padded_batch()
+    block, x, kwargs = _block_call(model, 2, ids, mask)
+    with torch.no_grad():
+        out = block(x, **kwargs)
+        attn, _ = block.self_attn(hidden_states=x, **kwargs)
+        h = _rms(block.input_layernorm, x + attn)
+        expected = _rms(block.post_attention_layernorm, h + block.mlp(h))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert norm_placement(model) == "post-LN"
+
+
+def test_post_ln_saves_reloads_and_removes_exactly(tmp_path, tokenizer):
+    from lnsdiag.models import load_model
+
+    plain = tiny_model("llama", vocab_size=len(tokenizer))
+    model = postln.apply_post_ln(copy.deepcopy(plain))
+    ids, mask = padded_batch()
+    expected = _logits(model, ids, mask)
+    assert not torch.allclose(expected, _logits(plain, ids, mask), atol=1e-3)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), device="cpu")
+    assert torch.equal(_logits(loaded.model, ids, mask), expected)
+    copied = copy.deepcopy(model)  # the block forward follows the copy, not the original
+    assert torch.equal(_logits(copied, ids, mask), expected)
+    with removed_layers(model, [1], mode="skip"):
+        removed = _logits(model, ids, mask)
+    assert torch.equal(removed, _logits(lns.build_without_layers(model, [1]), ids, mask))
+    assert torch.equal(_logits(model, ids, mask), expected)  # Post-LN forward back after removal
+    postln.remove_post_ln(model)
+    assert torch.equal(_logits(model, ids, mask), _logits(plain, ids, mask))
+    with pytest.raises(UserError, match="Post-LN is supported"):
+        postln.apply_post_ln(tiny_model("gemma2"))
