@@ -44,7 +44,7 @@ class DemoSpec:
     vocab: int = 4096
     seq_len: int = 128
     batch_size: int = 16
-    steps: int = 400
+    steps: int = 250
     lr: float = 3e-3
     seed: int = 0
     norm: str = "pre-ln"  # pre-ln, lns (LayerNorm Scaling) or post-ln

@@ -15,7 +15,7 @@ normal checkpoint. The scaling is recorded in ``model.config.lns``, for example:
 
 ``norms`` names the scaled norms inside each block; ``layers`` is the l of each block, in
 stack order. ``layers`` is explicit so that a model rebuilt without some blocks
-(:func:`build_without_layers`) keeps every remaining block's original scale: removing a
+(``surgery.build_without_layers``) keeps every remaining block's original scale: removing a
 block never changes what the others compute. A checkpoint saved with this entry is LNS;
 :func:`restore_lns` re-installs the hooks after ``from_pretrained`` (``lnsdiag`` does it in
 ``load_model``), and ``surgery.norm_placement`` reports it as ``pre-LN+LNS``.
@@ -27,9 +27,8 @@ updates; it trains LNS with the plain init. :func:`initialize` offers both.
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -207,7 +206,7 @@ def _install(stack: LayerStack, norms: Sequence[str], layers: Sequence[int]) -> 
     if len(layers) != len(stack):
         raise UserError(
             f"the LNS record lists {len(layers)} layer indices but the model has {len(stack)} blocks "
-            "(a model rebuilt without layers: use lnsdiag.lns.build_without_layers)"
+            "(rebuild with lnsdiag.surgery.build_without_layers, which keeps each block's l)"
         )
     _uninstall(stack)
     for block, layer in zip(stack.layers, layers, strict=True):
@@ -303,28 +302,6 @@ def layer_scales(model: nn.Module) -> list[float]:
 
 
 # --- the reference for layer removal -------------------------------------------------------
-
-def build_without_layers(model: nn.Module, layers: Iterable[int], stack: LayerStack | None = None) -> nn.Module:
-    """``surgery.build_without_layers`` that keeps the norm scheme: each remaining block of
-    an LNS model keeps its original scale 1/sqrt(l), a Post-LN model stays Post-LN.
-
-    So the rebuilt model computes exactly what the model does with those blocks removed
-    by ``surgery.removed_layers`` (a removed block's norms simply do not run).
-    """
-    from .surgery import build_without_layers as rebuild
-    from .surgery import parse_layer_spec
-
-    stack = stack or find_layers(model)
-    drop = set(parse_layer_spec(list(layers), len(stack)))
-    keep = [i for i in range(len(stack)) if i not in drop]
-    new_model = rebuild(model, sorted(drop), stack)
-    record = lns_config(model)
-    if record is not None:
-        old = [int(i) for i in (record.get("layers") or range(1, len(stack) + 1))]
-        new_model.config.lns = {**copy.deepcopy(record), "layers": [old[i] for i in keep]}
-    restore_lns(new_model)
-    return new_model
-
 
 # --- initialisation ------------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ Whatever comes out is reported as it is; nothing here is tuned to agree with the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,8 @@ import torch
 from .demo import NORMS, DemoSpec, ensure_demo_model
 from .errors import UserError
 from .metrics import AngularResult, angular_distances
-from .surgery import find_layers, no_cache_kwargs, norm_placement, removed_layers
+from .surgery import find_layers, norm_placement
+from .sweep import perplexity_sweep
 from .text import TextSource, batches, stdlib_corpus, token_windows
 from .variance import VarianceResult, residual_variance
 
@@ -79,78 +79,6 @@ def split_text(source: TextSource, held_out: float = 0.1) -> tuple[TextSource, T
         raise UserError(f"{source.name} is too short to split into training and held-out text")
     return (TextSource(f"{source.name}[train {1 - held_out:.0%}]", train),
             TextSource(f"{source.name}[held-out {held_out:.0%}]", test))
-
-
-# --- perplexity, plain --------------------------------------------------------------------
-
-def window_nll(model: torch.nn.Module, windows: Sequence[torch.Tensor], *, batch_size: int = 8, pad_id: int = 0,
-               skip: int = 1) -> tuple[float, int]:
-    """Summed token NLL and token count of ``windows`` under the model as it is now.
-
-    The first ``skip`` tokens of each window (BOS) are context only; padding never counts.
-    """
-    device = model.get_input_embeddings().weight.device
-    total, count = 0.0, 0
-    for ids, mask in batches(windows, batch_size, pad_id):
-        ids, mask = ids.to(device), mask.to(device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, **no_cache_kwargs(model)).logits
-        nll = torch.nn.functional.cross_entropy(logits[:, skip - 1:-1].float().transpose(1, 2), ids[:, skip:],
-                                                reduction="none")
-        valid = mask[:, skip:].bool()
-        total += float(nll[valid].sum(dtype=torch.float64))
-        count += int(valid.sum())
-    if count == 0:
-        raise UserError("no tokens to score: the held-out text is too short")
-    return total, count
-
-
-def _skip(loaded: Any) -> int:
-    from .text import special_tokens_around
-
-    prefix, _ = special_tokens_around(loaded.tokenizer)
-    return max(1, len(prefix))
-
-
-def perplexity_sweep(loaded: Any, windows: Sequence[torch.Tensor], layers: Sequence[int] | None = None, *,
-                     batch_size: int = 8, tolerance: float = 0.01,
-                     progress: Callable[[int | None], None] | None = None) -> pd.DataFrame:
-    """Held-out perplexity with nothing removed, then with each of ``layers`` removed alone.
-
-    Tidy like ``prune.csv`` (task ``ppl``, metric ``ppl``), so ``compare`` reads both:
-    ``retention`` is 100 × baseline / perplexity; ``dead`` marks a layer whose removal raises
-    perplexity by at most ``tolerance`` (relative). ``progress(layer)`` after each variant.
-    """
-    model = loaded.model
-    stack = find_layers(model)
-    chosen = list(range(len(stack))) if layers is None else list(layers)
-    pad, skip = loaded.tokenizer.pad_token_id or 0, _skip(loaded)
-    total, count = window_nll(model, windows, batch_size=batch_size, pad_id=pad, skip=skip)
-    base = math.exp(total / count)
-    rows = [{"variant": "baseline", "removed_layer": None, "value": base, "nll": total / count}]
-    if progress is not None:
-        progress(None)
-    for layer in chosen:
-        with removed_layers(model, [layer], mode="skip", stack=stack):
-            total, count = window_nll(model, windows, batch_size=batch_size, pad_id=pad, skip=skip)
-        rows.append({"variant": f"without-{layer}", "removed_layer": layer, "value": math.exp(total / count),
-                     "nll": total / count})
-        if progress is not None:
-            progress(layer)
-    frame = pd.DataFrame(rows)
-    frame.insert(2, "task", "ppl")
-    frame.insert(3, "metric", "ppl")
-    frame["stderr"] = math.nan
-    frame["baseline"] = base
-    frame["delta"] = frame["value"] - base
-    frame["retention"] = 100.0 * base / frame["value"]
-    frame["dead"] = [None if pd.isna(layer) else bool(value <= base * (1 + tolerance))
-                     for layer, value in zip(frame["removed_layer"], frame["value"], strict=True)]
-    frame["higher_is_better"] = False
-    frame["tokens"] = count
-    frame["removed_layer"] = frame["removed_layer"].astype("Int64")
-    frame["dead"] = frame["dead"].astype("boolean")
-    return frame
 
 
 # --- the experiment -----------------------------------------------------------------------
@@ -319,10 +247,8 @@ def reproduce(
         angular = angular_distances(loaded.model, batches(windows, batch_size, pad), threshold=threshold,
                                     max_block=None, stack=stack)
         variance = residual_variance(loaded.model, batches(windows, batch_size, pad), stack=stack)
-        sweep = perplexity_sweep(
-            loaded, windows, batch_size=batch_size,
-            progress=lambda layer, n=norm: note(f"perplexity of {LABELS[n]}"
-                                                + ("" if layer is None else f" without layer {layer}")))
+        note(f"perplexity of {LABELS[norm]}, and without each layer (one pass)")
+        sweep = perplexity_sweep(loaded, windows, angular=angular.layers)
         placement = norm_placement(loaded.model, stack)
         if placement != EXPECTED_PLACEMENT[norm]:
             notes.append(f"{LABELS[norm]} loaded as {placement}, not {EXPECTED_PLACEMENT[norm]}")

@@ -303,6 +303,11 @@ def _config_without(config: Any, keep: list[int], total: int) -> Any:
     # DeepSeek-V2/V3: the first k layers are dense.
     if isinstance(getattr(text, "first_k_dense_replace", None), int):
         text.first_k_dense_replace = sum(1 for i in keep if i < text.first_k_dense_replace)
+    # LayerNorm Scaling (lnsdiag.lns): the kept blocks keep their original l.
+    lns = getattr(new, "lns", None)
+    if isinstance(lns, dict):
+        scales = [int(i) for i in (lns.get("layers") or range(1, total + 1))]
+        new.lns = {**lns, "layers": [scales[i] for i in keep]}
     text.num_hidden_layers = len(keep)
     return new
 
@@ -311,7 +316,8 @@ def build_without_layers(model: nn.Module, layers: Iterable[int], stack: LayerSt
     """Build a new model of the same class whose config has the layers really removed.
 
     Remaining weights are copied (strictly: every tensor must find its place, so a config
-    that misdescribes a layer's kind fails loudly). The original is untouched.
+    that misdescribes a layer's kind fails loudly). A LayerNorm-Scaling or Post-LN model stays
+    one, each kept block with its original scale. The original is untouched.
     """
     stack = stack or find_layers(model)
     total = len(stack)
@@ -331,6 +337,9 @@ def build_without_layers(model: nn.Module, layers: Iterable[int], stack: LayerSt
             key = f"{prefix}{new_index[int(idx)]}.{rest}"
         state[key] = value
     new_model.load_state_dict(state, strict=True)
+    from .lns import restore_lns
+
+    restore_lns(new_model)  # LNS hooks / Post-LN forwards, as the reduced config records them
     if getattr(model, "generation_config", None) is not None:
         new_model.generation_config = copy.deepcopy(model.generation_config)
     return new_model.eval()

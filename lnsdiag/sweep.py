@@ -129,6 +129,46 @@ def run_naive(
             on_done(result)
 
 
+def window_requests(windows: list[Any], tokenizer: Any) -> tuple[list[Any], int]:
+    """Perplexity windows as engine requests: the prefix (BOS) is context, the rest is scored."""
+    from .engine import TokenRequest
+    from .text import special_tokens_around
+
+    skip = max(1, len(special_tokens_around(tokenizer)[0]))
+    return [TokenRequest(tuple(w[:skip].tolist()), tuple(w[skip:].tolist())) for w in windows], skip
+
+
+def perplexity_sweep(loaded: Any, windows: list[Any], layers: Iterable[int] | None = None, *,
+                     batch_tokens: int | None = None, tolerance: float = 0.01, angular: pd.DataFrame | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
+    """Built-in perplexity of the full model and of each one-layer-removed variant, in one pass.
+
+    The same numbers, paired stderr and dead-weight rule as ``lnsdiag prune --ppl-text``,
+    without a result folder: the rows of :func:`prune_frame` for the ``ppl`` metric, plus the
+    number of scored ``tokens``.
+    """
+    from .engine import SweepEngine
+    from .scoring import window_bytes
+    from .surgery import find_layers
+
+    stack = find_layers(loaded.model)
+    chosen = list(range(len(stack))) if layers is None else sorted(set(layers))
+    variants: list[int | None] = [None, *chosen]
+    requests, skip = window_requests(windows, loaded.tokenizer)
+    engine = SweepEngine(loaded.model, stack, variants, batch_tokens=batch_tokens)
+    result = engine.run(requests, max(len(w) for w in windows), progress=progress)
+    counts = [len(w) - skip for w in windows]
+    sizes = window_bytes(loaded.tokenizer, windows, skip)
+    results = {}
+    for variant in variants:
+        ppl = Perplexity([-float(x) for x in result.of(variant)[0]], counts, sizes)
+        results[variant] = VariantResult(variant, ppl.rows(), 0.0, "fast", ppl=ppl)
+    frame = prune_frame(results, tolerance=tolerance, angular=angular)
+    frame = frame[frame["metric"] == "ppl"].reset_index(drop=True)
+    frame["tokens"] = sum(counts)
+    return frame
+
+
 def run_fast(
     scorer: Scorer,
     todo: list[int | None],
@@ -145,7 +185,7 @@ def run_fast(
     Tasks that generate text cannot be served from log-likelihoods: they run the naive way,
     inside the same loop. Returns what was done (for meta.json).
     """
-    from .engine import Checkpoint, SweepEngine, TokenRequest, fingerprint
+    from .engine import Checkpoint, SweepEngine, fingerprint
     from .scoring import (
         RequestLog,
         collect_requests,
@@ -155,8 +195,6 @@ def run_fast(
         tidy_metrics,
         window_bytes,
     )
-    from .text import special_tokens_around
-
     note = on_phase or (lambda _m: None)
     model, tokenizer = scorer.loaded.model, scorer.loaded.tokenizer
     fast_tasks = slow_tasks = None
@@ -171,8 +209,8 @@ def run_fast(
     requests = log.token_requests()
     n_task = len(requests)
     windows = scorer.ppl_windows or []
-    skip = max(1, len(special_tokens_around(tokenizer)[0]))
-    requests += [TokenRequest(tuple(w[:skip].tolist()), tuple(w[skip:].tolist())) for w in windows]
+    ppl_requests, skip = window_requests(windows, tokenizer)
+    requests += ppl_requests
     max_length = scorer.lm.max_length if scorer.lm is not None else max(len(w) for w in windows)
     max_length = max([max_length, *(len(w) - 1 for w in windows)])
     engine = SweepEngine(model, stack, todo, batch_tokens=batch_tokens, pad_id=0)

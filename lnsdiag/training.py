@@ -96,9 +96,10 @@ def train_causal_lm(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         optim.zero_grad(set_to_none=True)
-        log.losses.append(float(loss))
+        value = float(loss.detach())
+        log.losses.append(value)
         if on_step is not None:
-            on_step(step + 1, float(loss))
+            on_step(step + 1, value)
     model.eval()
     log.seconds = time.perf_counter() - start
     return log

@@ -109,7 +109,7 @@ def test_one_token_choices_share_a_row_and_truncation_matches_hflm():
     long = TokenRequest(tuple(range(3, 80)), (5, 6))
     (row,) = plan_rows([long], max_length=16)
     whole = (long.context + long.continuation)[-17:]
-    assert row.ids == whole[:-1] and row.members[0][1] == 14
+    assert row.ids == whole[:-1] and row.members[0][1] == (14, 15)
     with pytest.raises(ValueError, match="longer than"):
         plan_rows([TokenRequest((1,), tuple(range(3, 40)))], max_length=16)
 

@@ -152,12 +152,12 @@ def test_save_and_reload_gives_the_same_logits(tmp_path, tokenizer):
 def test_removal_matches_rebuilt_model_keeping_original_scales(layer):
     model = lns.apply_lns(tiny_model("llama"))
     ids, mask = padded_batch()
-    reference = lns.build_without_layers(model, [layer])
+    reference = build_without_layers(model, [layer])
     assert reference.config.lns["layers"] == [i + 1 for i in range(4) if i != layer]
     with removed_layers(model, [layer], mode="skip"):
         removed = _logits(model, ids, mask)
     assert torch.equal(removed, _logits(reference, ids, mask))
-    if layer != 3:  # a plain rebuild renumbers the later blocks: other scales, other logits
+    if layer != 3:  # LNS applied afresh renumbers the later blocks: other scales, other logits
         renumbered = build_without_layers(model, [layer])
         lns.apply_lns(lns.remove_lns(renumbered))
         assert not torch.allclose(removed, _logits(renumbered, ids, mask), atol=1e-4)
@@ -238,7 +238,7 @@ def test_post_ln_saves_reloads_and_removes_exactly(tmp_path, tokenizer):
     assert torch.equal(_logits(copied, ids, mask), expected)
     with removed_layers(model, [1], mode="skip"):
         removed = _logits(model, ids, mask)
-    assert torch.equal(removed, _logits(lns.build_without_layers(model, [1]), ids, mask))
+    assert torch.equal(removed, _logits(build_without_layers(model, [1]), ids, mask))
     assert torch.equal(_logits(model, ids, mask), expected)  # Post-LN forward back after removal
     postln.remove_post_ln(model)
     assert torch.equal(_logits(model, ids, mask), _logits(plain, ids, mask))

@@ -134,7 +134,7 @@ def test_perplexity_matches_the_model_loss_and_rebuilt_models():
     loaded, tok = _loaded()
     windows = token_windows(tok, [SAMPLE_TEXT * 4], seq_len=24, max_tokens=24 * 4 + 10)
     assert len(windows) > 1 and len(windows[-1]) < 24  # a padded last window
-    sweep = reproduce.perplexity_sweep(loaded, windows, [0, 2], batch_size=2)
+    sweep = reproduce.perplexity_sweep(loaded, windows, [0, 2], batch_tokens=48)
     # by hand: HF's own loss on each window (mean over its predicted tokens), token-weighted
     def nll(model):
         total = count = 0

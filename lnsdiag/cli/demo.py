@@ -23,15 +23,17 @@ from .prune import run_prune
 @app.command("demo")
 @command
 def demo_cmd(
-    steps: Annotated[int | None, typer.Option(help="Training steps \\[default: 400].", show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps \\[default: 250].", show_default=False)] = None,
     layers: Annotated[int | None, typer.Option(help="Layers of the demo model \\[default: 12].",
                                                show_default=False)] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Retrain even if a cached model exists.")] = False,
+    twin: Annotated[bool, typer.Option("--twin/--no-twin", help="Also train the LayerNorm-Scaling twin (same seed, "
+                                       "data and steps) and show Pre-LN vs LNS side by side.")] = True,
     device: Device = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("results/demo"),
     debug: Debug = False,
 ) -> None:
-    """Offline demo: train a small Llama on the stdlib's docstrings, then diagnose it."""
+    """Offline demo: train a small Llama on the stdlib's docstrings, diagnose it, and compare it with its LNS twin."""
     from ..demo import DemoSpec, ensure_demo_model
     from ..models import pick_device
     from ..text import stdlib_corpus
@@ -63,3 +65,10 @@ def demo_cmd(
     run_prune(loaded, output_dir(folder / "prune", "demo", "prune"), ppl_source=heldout, timer=timer,
               ppl_max_tokens=32_768, seq_len=spec.seq_len, batch_size=16, angular_frame=angular.layers,
               fresh=True, title=f"Removing one layer of {spec.name}: perplexity on held-out docstrings")
+    if twin:
+        from .depth import run_reproduce
+
+        ui.console.print()
+        run_reproduce(spec, ["pre-ln", "lns"], output_dir(folder / "twins", "demo", "twins"), eval_tokens=32_768,
+                      batch_size=16, device=dev, fresh=["lns"] if fresh else False,
+                      title=f"{spec.name}: Pre-LN vs LNS (same seed, data and steps; held-out docstrings)")

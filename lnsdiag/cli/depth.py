@@ -121,7 +121,7 @@ def reproduce_cmd(
                                                 show_default=False)] = None,
     train_batch_size: Annotated[int | None, typer.Option("--train-batch-size", help="Sequences per training step "
                                                          "\\[preset].", show_default=False)] = None,
-    steps: Annotated[int | None, _opt("Training steps \\[preset: 400 for demo].")] = None,
+    steps: Annotated[int | None, _opt("Training steps \\[preset: 250 for demo].")] = None,
     lr: Annotated[float | None, _opt("Peak learning rate \\[preset].")] = None,
     seed: Annotated[int | None, _opt("Seed for weights and batches (shared by the twins) \\[0].")] = None,
     init: Annotated[str, typer.Option(help="default, or scaled (output projections std/sqrt(2L); the paper "
