@@ -431,7 +431,8 @@ class SweepEngine:
 
     @staticmethod
     def _score(logits: torch.Tensor, index: _Index, v: int, loglik: np.ndarray, greedy: np.ndarray) -> None:
-        """Sum float32 log-probs of each request's targets; greedy if every target is the argmax."""
+        """Sum each request's float32 log-probs (logit − logsumexp: the full log-softmax is never
+        written out); greedy if every target is the argmax."""
         rows, slots, vocab = logits.shape
         sums = torch.zeros(index.members, dtype=torch.float64, device=logits.device)
         misses = torch.zeros(index.members, dtype=torch.int32, device=logits.device)
@@ -440,11 +441,12 @@ class SweepEngine:
             sel = (index.row >= r0) & (index.row < r0 + step)
             if not bool(sel.any()):
                 continue
-            logp = torch.log_softmax(logits[r0:r0 + step].float(), dim=-1)
+            chunk = logits[r0:r0 + step].float()
+            norm = torch.logsumexp(chunk, dim=-1)
             r, k, t, m = index.row[sel] - r0, index.slot[sel], index.target[sel], index.member[sel]
-            sums.index_add_(0, m, logp[r, k, t].double())
-            misses.index_add_(0, m, (logp[r, k].argmax(dim=-1) != t).int())
-            del logp
+            sums.index_add_(0, m, (chunk[r, k, t] - norm[r, k]).double())
+            misses.index_add_(0, m, (chunk[r, k].argmax(dim=-1) != t).int())
+            del chunk, norm
         loglik[v, index.requests] = sums.cpu().numpy()
         greedy[v, index.requests] = (misses == 0).cpu().numpy()
 
