@@ -84,6 +84,10 @@ def _plain_input(req: TokenRequest, n: int, max_length: int) -> tuple[tuple[int,
     return ids, start
 
 
+#: Contexts shorter than this are not worth a custom attention mask (a rolling window's BOS).
+MIN_SHARED_CONTEXT = 4
+
+
 def plan_rows(requests: Sequence[TokenRequest], max_length: int, pack: bool = False,
               window: int | None = None) -> list[_Row]:
     """Group requests into model rows and order them longest first (lm-eval's order).
@@ -100,7 +104,7 @@ def plan_rows(requests: Sequence[TokenRequest], max_length: int, pack: bool = Fa
     by_context: dict[tuple[int, ...], list[int]] = {}
     for n, req in enumerate(requests):
         ids, start = _plain_input(req, n, max_length)
-        if pack and len(req.context) + len(req.continuation) <= span and req.context:
+        if pack and len(req.context) + len(req.continuation) <= span and len(req.context) >= MIN_SHARED_CONTEXT:
             by_context.setdefault(req.context, []).append(n)
             continue
         row = by_input.get(ids)
@@ -143,6 +147,9 @@ def _packed_rows(context: tuple[int, ...], members: list[tuple[int, tuple[int, .
             row.members.append((n, positions, cont))
             row.positions.update(positions)
     rows.append(row)
+    for r in rows:
+        if len(r.segments) == 1:  # a context and one segment right after it: the plain input
+            r.segments = []
     return rows
 
 

@@ -277,3 +277,13 @@ def test_no_packing_beyond_a_sliding_window():
     engine = SweepEngine(model, find_layers(model), [None], batch_tokens=160)
     engine.run(_mc_requests(), 64)
     assert engine.stats["packed_rows"] == 0
+
+
+def test_rolling_windows_stay_plain_rows():
+    """Windows share only a BOS: nothing worth a custom mask, so no packing."""
+    windows = [TokenRequest((1,), tuple(range(3, 3 + n))) for n in (30, 30, 12, 5)]
+    rows = plan_rows(windows, max_length=64, pack=True)
+    assert len(rows) == 4 and not any(r.packed for r in rows)
+    mc = _mc_requests(questions=1)
+    (row,) = plan_rows(mc, max_length=64, pack=True)
+    assert row.packed and len(row.segments) >= 2
