@@ -281,7 +281,7 @@ def test_no_packing_beyond_a_sliding_window():
 
 def test_rolling_windows_stay_plain_rows():
     """Windows share only a BOS: nothing worth a custom mask, so no packing."""
-    windows = [TokenRequest((1,), tuple(range(3, 3 + n))) for n in (30, 30, 12, 5)]
+    windows = [TokenRequest((1,), tuple(range(k, k + n))) for k, n in ((3, 30), (40, 30), (80, 12), (90, 5))]
     rows = plan_rows(windows, max_length=64, pack=True)
     assert len(rows) == 4 and not any(r.packed for r in rows)
     mc = _mc_requests(questions=1)
