@@ -194,6 +194,22 @@ def angular_on_text(
 
     ``progress(done, total)`` is called after each batch, counted in windows.
     """
+    text, tick = text_batches(loaded, texts, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
+                              progress=progress)
+    return angular_distances(loaded.model, text, tokens=tokens, max_block=max_block, threshold=threshold,
+                             stack=stack, progress=tick)
+
+
+def text_batches(
+    loaded: Any,
+    texts: Iterable[str],
+    *,
+    seq_len: int | None,
+    max_tokens: int | None,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], ProgressFn]:
+    """The text as padded batches of windows, and a per-batch tick reporting ``(done, total)`` windows."""
     from .text import batches, token_windows
 
     seq_len = default_seq_len(loaded.model, seq_len)
@@ -206,7 +222,4 @@ def angular_on_text(
         if progress is not None:
             progress(done, len(windows))
 
-    return angular_distances(
-        loaded.model, batches(windows, batch_size, loaded.tokenizer.pad_token_id or 0),
-        tokens=tokens, max_block=max_block, threshold=threshold, stack=stack, progress=tick,
-    )
+    return batches(windows, batch_size, loaded.tokenizer.pad_token_id or 0), tick

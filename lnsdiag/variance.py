@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from .errors import UserError
-from .metrics import TokenMode, default_seq_len, stream_states
+from .metrics import TokenMode, stream_states, text_batches
 from .surgery import LayerStack, find_layers
 
 
@@ -131,17 +131,6 @@ def variance_on_text(
 
     ``progress(done, total)`` is called after each batch, counted in windows.
     """
-    from .text import batches, token_windows
-
-    seq_len = default_seq_len(loaded.model, seq_len)
-    windows = token_windows(loaded.tokenizer, texts, seq_len=seq_len, max_tokens=max_tokens)
-    done = 0
-
-    def tick(_n: int) -> None:
-        nonlocal done
-        done = min(len(windows), done + batch_size)
-        if progress is not None:
-            progress(done, len(windows))
-
-    return residual_variance(loaded.model, batches(windows, batch_size, loaded.tokenizer.pad_token_id or 0),
-                             tokens=tokens, stack=stack, progress=tick)
+    text, tick = text_batches(loaded, texts, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
+                              progress=progress)
+    return residual_variance(loaded.model, text, tokens=tokens, stack=stack, progress=tick)
