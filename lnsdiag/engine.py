@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -75,8 +76,6 @@ class _Row:
 
 
 def _plain_input(req: TokenRequest, n: int, max_length: int) -> tuple[tuple[int, ...], int]:
-    if not req.continuation:
-        raise ValueError(f"request {n} has an empty continuation")
     ids = (req.context + req.continuation)[-(max_length + 1):][:-1]
     start = len(ids) - len(req.continuation)
     if start < 0:
@@ -103,6 +102,8 @@ def plan_rows(requests: Sequence[TokenRequest], max_length: int, pack: bool = Fa
     by_input: dict[tuple[int, ...], _Row] = {}
     by_context: dict[tuple[int, ...], list[int]] = {}
     for n, req in enumerate(requests):
+        if not req.continuation:  # nothing to score: the engine answers (0.0, True), as HFLM does
+            continue
         ids, start = _plain_input(req, n, max_length)
         if pack and len(req.context) + len(req.continuation) <= span and len(req.context) >= MIN_SHARED_CONTEXT:
             by_context.setdefault(req.context, []).append(n)
@@ -218,11 +219,16 @@ class _Progress:
     budget: int
 
 
+def _variant_codes(variants: Sequence[int | None]) -> np.ndarray:
+    return np.array([-1 if v is None else v for v in variants], dtype=np.int64)
+
+
 class Checkpoint:
     """Partial engine results on disk, so an interrupted sweep resumes mid-pass.
 
     Saved atomically at most every ``every_seconds`` (``LNSDIAG_CHECKPOINT_SECONDS``, default
-    60): a killed run loses at most that much work.
+    60) and when the pass is interrupted: a killed run loses at most that much work. It is
+    only used again for the same requests (``fingerprint``), variants and row plan.
     """
 
     def __init__(self, path: Path, fingerprint: str, every_seconds: float | None = None) -> None:
@@ -230,18 +236,32 @@ class Checkpoint:
             every_seconds = float(os.environ.get("LNSDIAG_CHECKPOINT_SECONDS", 60))
         self.path, self.fingerprint, self.every = Path(path), fingerprint, every_seconds
         self._last = time.monotonic()
+        self.variants: list[int | None] = []
+        self.plan = ""
 
-    def load(self, shape: tuple[int, int], rows: int) -> _Progress | None:
+    def stored_variants(self) -> list[int | None] | None:
+        """The variants of a matching checkpoint on disk (to finish that pass), if any."""
+        data = self._read()
+        if data is None:
+            return None
+        return [None if int(v) < 0 else int(v) for v in data["variants"]]
+
+    def _read(self) -> dict[str, np.ndarray] | None:
         try:
             with np.load(self.path, allow_pickle=False) as data:
-                if str(data["fingerprint"]) != self.fingerprint or data["loglik"].shape != shape:
+                if str(data["fingerprint"]) != self.fingerprint:
                     return None
-                if data["done"].shape != (rows,):
-                    return None
-                return _Progress(data["loglik"].copy(), data["greedy"].copy(), data["done"].copy(),
-                                 int(data["budget"]))
-        except (OSError, KeyError, ValueError):
+                return {key: data[key].copy() for key in data.files}
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+            return None  # missing, foreign or damaged: start the pass over
+
+    def load(self, shape: tuple[int, int], rows: int) -> _Progress | None:
+        data = self._read()
+        if data is None or data["loglik"].shape != shape or data["done"].shape != (rows,):
             return None
+        if not np.array_equal(data["variants"], _variant_codes(self.variants)) or str(data["plan"]) != self.plan:
+            return None
+        return _Progress(data["loglik"], data["greedy"], data["done"], int(data["budget"]))
 
     def save(self, state: _Progress, force: bool = False) -> None:
         if not force and time.monotonic() - self._last < self.every:
@@ -250,17 +270,26 @@ class Checkpoint:
 
         buf = io.BytesIO()
         np.savez(buf, fingerprint=np.array(self.fingerprint), loglik=state.loglik, greedy=state.greedy,
-                 done=state.done, budget=np.array(state.budget))
+                 done=state.done, budget=np.array(state.budget), variants=_variant_codes(self.variants),
+                 plan=np.array(self.plan))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, buf.getvalue())
         self._last = time.monotonic()
 
 
-def fingerprint(requests: Sequence[TokenRequest], variants: Sequence[int | None], max_length: int,
-                extra: dict[str, Any] | None = None) -> str:
+def plan_digest(rows: Sequence[_Row]) -> str:
+    """Identifies a row plan (inputs, packing, members), so a checkpoint's ``done`` matches it."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"variants": list(variants), "max_length": max_length, **(extra or {})},
-                             sort_keys=True, default=str).encode())
+    for row in rows:
+        digest.update(np.asarray(row.ids, dtype=np.int64).tobytes())
+        digest.update(repr((row.segments, [(n, p) for n, p, _ in row.members])).encode())
+    return digest.hexdigest()[:32]
+
+
+def fingerprint(requests: Sequence[TokenRequest], max_length: int, extra: dict[str, Any] | None = None) -> str:
+    """Identifies what a pass scores: the token requests, the context length, the settings."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"max_length": max_length, **(extra or {})}, sort_keys=True, default=str).encode())
     for req in requests:
         digest.update(np.asarray(req.context, dtype=np.int64).tobytes())
         digest.update(b"|")
@@ -269,11 +298,12 @@ def fingerprint(requests: Sequence[TokenRequest], variants: Sequence[int | None]
     return digest.hexdigest()[:32]
 
 
-def default_budget(model: torch.nn.Module, stack: LayerStack, kept_states: int, scores_all_positions: bool) -> int:
+def default_budget(model: torch.nn.Module, stack: LayerStack, kept_states: int, rows: Sequence[_Row]) -> int:
     """Tokens per batch that fit the free memory of the model's device (CPU: 8192).
 
-    Per token: the kept block inputs, a forward's working set, and (for rolling perplexity)
-    logits over the vocabulary in the model dtype plus float32 log-probs.
+    Per token: the kept block inputs (copies), a forward's working set, the logits of the
+    scored positions (model dtype plus float32 for the log-sum-exp), and for packed rows the
+    row's share of its boolean attention mask.
     """
     device = model.get_input_embeddings().weight.device
     if device.type != "cuda":
@@ -284,10 +314,30 @@ def default_budget(model: torch.nn.Module, stack: LayerStack, kept_states: int, 
     inter = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
     vocab = int(getattr(config, "vocab_size", 32000))
     elem = next(model.parameters()).element_size()
-    per_token = kept_states * hidden * elem + (12 * hidden + 3 * inter) * elem
-    if scores_all_positions:
-        per_token += vocab * (elem + 8)
-    return int(max(512, min(131_072, 0.7 * free / per_token)))
+    tokens = max(1, sum(len(r.ids) for r in rows))
+    scored = sum(len(r.positions) for r in rows) / tokens
+    widest = max((len(r.ids) for r in rows if r.packed), default=0)
+    per_token = (kept_states + 1) * hidden * elem + (12 * hidden + 3 * inter) * elem
+    per_token += scored * vocab * (elem + 8) + widest
+    return int(max(512, min(131_072, 0.6 * free / per_token)))
+
+
+def _cannot_pack(model: torch.nn.Module) -> str:
+    """Why packed rows (custom 4D mask + position ids) cannot be used on this model, if so."""
+    import inspect
+
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl not in ("sdpa", "eager"):
+        return f"{impl} attention takes no custom masks"
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "alibi", False) or getattr(config, "model_type", "") in ("bloom", "mpt"):
+        return "ALiBi positions ignore position ids"
+    try:
+        if "position_ids" not in inspect.signature(model.forward).parameters:
+            return "the model's forward takes no position ids"
+    except (TypeError, ValueError):
+        return "the model's forward cannot be inspected"
+    return ""
 
 
 class SweepEngine:
@@ -314,12 +364,16 @@ class SweepEngine:
             progress: Callable[[int, int], None] | None = None, checkpoint: Checkpoint | None = None) -> EngineResult:
         rows, packing = self._plan(requests, max_length)
         n_var, n_req = len(self.variants), len(requests)
-        wide = any(len(r.positions) > 1 for r in rows)
-        state = checkpoint.load((n_var, n_req), len(rows)) if checkpoint is not None else None
+        state = None
+        if checkpoint is not None:
+            checkpoint.variants, checkpoint.plan = self.variants, plan_digest(rows)
+            state = checkpoint.load((n_var, n_req), len(rows))
         if state is None:
-            budget = self.batch_tokens or default_budget(self.model, self.stack, len(self.layers), wide)
+            budget = self.batch_tokens or default_budget(self.model, self.stack, len(self.layers), rows)
             state = _Progress(np.zeros((n_var, n_req)), np.zeros((n_var, n_req), dtype=bool),
                               np.zeros(len(rows), dtype=bool), budget)
+            empty = [n for n, r in enumerate(requests) if not r.continuation]
+            state.greedy[:, empty] = True  # an empty continuation: log-likelihood 0, trivially greedy
         total = sum(len(r.ids) for r in rows)
         self.stats = {"requests": n_req, "rows": len(rows), "packed_rows": sum(r.packed for r in rows),
                       "budget": state.budget, "tokens": total, "packing": packing,
@@ -327,61 +381,84 @@ class SweepEngine:
         finished = sum(len(r.ids) for r, d in zip(rows, state.done, strict=True) if d)
         if progress is not None:
             progress(finished, total)
-        for batch in _batches(rows, state.budget):  # the same cut on every run of the same plan
-            if state.done[batch].all():
-                continue
-            self._run_rows([rows[i] for i in batch], state.loglik, state.greedy)
-            state.done[batch] = True
-            finished += sum(len(rows[i].ids) for i in batch)
+        try:
+            for batch in _batches(rows, state.budget):  # the same cut on every run of the same plan
+                if state.done[batch].all():
+                    continue
+                self._run_rows([rows[i] for i in batch], state.loglik, state.greedy)
+                state.done[batch] = True
+                finished += sum(len(rows[i].ids) for i in batch)
+                if checkpoint is not None:
+                    checkpoint.save(state)
+                if progress is not None:
+                    progress(finished, total)
+        finally:  # finished or interrupted (Ctrl-C): what is done is kept
             if checkpoint is not None:
-                checkpoint.save(state)
-            if progress is not None:
-                progress(finished, total)
-        if checkpoint is not None:
-            checkpoint.save(state, force=True)
+                checkpoint.save(state, force=True)
         return EngineResult(self.variants, state.loglik, state.greedy)
 
     def _plan(self, requests: Sequence[TokenRequest], max_length: int) -> tuple[list[_Row], str]:
         """Rows for the requests; packed where the model supports it and a check proves it exact."""
+        plain = plan_rows(requests, max_length)
         if not self.pack:
-            return plan_rows(requests, max_length), "off"
-        impl = getattr(self.model.config, "_attn_implementation", "sdpa")
-        if impl not in ("sdpa", "eager"):
-            return plan_rows(requests, max_length), f"off: {impl} attention takes no custom masks"
+            return plain, "off"
+        reason = _cannot_pack(self.model)
+        if reason:
+            return plain, f"off: {reason}"
         rows = plan_rows(requests, max_length, pack=True, window=_sliding_window(self.model))
         packed = [r for r in rows if r.packed]
         if not packed:
-            return rows, "nothing to pack"
-        probe = max(packed, key=lambda r: (len(r.segments), -len(r.ids)))  # most segments, then shortest
-        members = [n for n, _, _ in probe.members]
-        got = np.zeros((1, len(requests)))
-        flags = np.zeros((1, len(requests)), dtype=bool)
-        checker = SweepEngine(self.model, self.stack, [None], pack=False)
-        checker._batch([probe], got, flags)
-        plain = [plan_rows([requests[n]], max_length)[0] for n in members]
-        single = np.zeros((1, len(requests)))
-        for n, row in zip(members, plain, strict=True):
-            row.members = [(n, *row.members[0][1:])]
-            checker._batch([row], single, flags)
-        # float32: exact packing agrees to ~1e-6; half precision: kernel rounding, not wrong masks
-        tol = 2e-5 if next(self.model.parameters()).dtype == torch.float32 else 0.25
-        worst = float(np.abs(got[0, members] - single[0, members]).max())
+            return plain, "nothing to pack"
+        probes = {id(r): r for r in (max(packed, key=lambda r: (len(r.segments), -len(r.ids))),  # most segments
+                                     max(packed, key=lambda r: len(r.ids)))}.values()  # and the longest
+        try:
+            worst, noise, count = self._check_packing(list(probes), requests, max_length)
+        except Exception as exc:  # a model whose forward rejects custom masks or position ids
+            return plain, f"off: packed rows failed ({type(exc).__name__})"
+        # float32: exact packing agrees to ~1e-6. Half precision: allow a few times the rounding
+        # noise measured between two unpacked computations of the same requests.
+        fp32 = next(self.model.parameters()).dtype == torch.float32
+        tol = 2e-5 if fp32 else max(0.02, 4 * noise)
         if worst > tol:
-            return plan_rows(requests, max_length), f"off: packed rows differed by {worst:.3g} from unpacked ones"
-        return rows, f"on (checked: max |Δ| {worst:.2g} on {len(members)} requests)"
+            return plain, f"off: packed rows differed by {worst:.3g} from unpacked ones (tolerance {tol:.2g})"
+        return rows, f"on (checked on {count} requests: max |Δ| {worst:.2g}, tolerance {tol:.2g})"
+
+    def _check_packing(self, probes: list[_Row], requests: Sequence[TokenRequest], max_length: int
+                       ) -> tuple[float, float, int]:
+        """Max |Δ log-likelihood| packed vs unpacked, and unpacked alone vs unpacked batched."""
+        members = sorted({n for row in probes for n, _, _ in row.members})
+        checker = SweepEngine(self.model, self.stack, [None], pack=False)
+        flags = np.zeros((1, len(requests)), dtype=bool)
+        packed, alone, together = (np.zeros((1, len(requests))) for _ in range(3))
+        for row in probes:
+            checker._batch([row], packed, flags)
+        for n in members:
+            (row,) = plan_rows([requests[n]], max_length)
+            row.members = [(n, *row.members[0][1:])]
+            checker._batch([row], alone, flags)
+        batched = plan_rows([requests[n] for n in members], max_length)
+        for row in batched:
+            row.members = [(members[i], *rest) for i, *rest in row.members]
+        checker._batch(batched, together, flags)
+        worst = float(np.abs(packed[0, members] - alone[0, members]).max())
+        noise = float(np.abs(together[0, members] - alone[0, members]).max())
+        return worst, noise, len(members)
 
     # --- one batch ------------------------------------------------------------------------
 
     def _run_rows(self, rows: list[_Row], loglik: np.ndarray, greedy: np.ndarray) -> None:
         try:
             self._batch(rows, loglik, greedy)
+            return
         except torch.OutOfMemoryError:
             if len(rows) == 1:
                 raise
+        # Retry outside the handler: the failed batch's tensors (held by its traceback) are freed.
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
-            half = len(rows) // 2
-            self._run_rows(rows[:half], loglik, greedy)
-            self._run_rows(rows[half:], loglik, greedy)
+        half = len(rows) // 2
+        self._run_rows(rows[:half], loglik, greedy)
+        self._run_rows(rows[half:], loglik, greedy)
 
     def _batch(self, rows: list[_Row], loglik: np.ndarray, greedy: np.ndarray) -> None:
         width = max(len(r.ids) for r in rows)
@@ -419,7 +496,7 @@ class SweepEngine:
         try:
             with torch.no_grad(), head_at(self.model, gather):
                 if stop_after is None:
-                    logits = self.model(input_ids=ids, **kwargs).logits
+                    logits = _checked(self.model(input_ids=ids, **kwargs).logits, gather)
                     self._score(logits, index, self.variants.index(None), loglik, greedy)
                     del logits
                 else:  # the baseline is already scored: run only as deep as the last kept input
@@ -432,7 +509,7 @@ class SweepEngine:
             state = kept.pop(layer)
             with torch.no_grad(), resumed_at(self.model, layer, state, stack=self.stack), \
                     head_at(self.model, gather):
-                logits = self.model(input_ids=ids, **kwargs).logits
+                logits = _checked(self.model(input_ids=ids, **kwargs).logits, gather)
             self._score(logits, index, self.variants.index(layer), loglik, greedy)
             del logits, state
 
@@ -494,13 +571,25 @@ def _packed_inputs(rows: list[_Row], width: int, model: torch.nn.Module, device:
     return {"attention_mask": mask, "position_ids": pos.to(device)}
 
 
+def _checked(logits: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """The head must have seen only the gathered positions (a model that computes its logits
+    without calling its output-embedding module would silently misalign them)."""
+    if tuple(logits.shape[:2]) != tuple(gather.shape):
+        raise RuntimeError(
+            f"the LM head returned logits of shape {tuple(logits.shape)}, not one per gathered position "
+            f"{tuple(gather.shape)}: this model computes logits without its output-embedding module; "
+            "use --engine naive")
+    return logits
+
+
 class _Captured(Exception):
     """Stops a capture-only pass once the deepest needed block input is kept."""
 
 
 def _keeper(layer: int, kept: dict[int, torch.Tensor], stop_after: int | None) -> Callable[..., None]:
     def hook(_module: Any, args: tuple, kwargs: dict) -> None:
-        kept[layer] = args[0] if args else kwargs["hidden_states"]
+        # a copy: a block that updates its input in place would otherwise change what is kept
+        kept[layer] = (args[0] if args else kwargs["hidden_states"]).clone()
         if layer == stop_after:
             raise _Captured
 

@@ -71,6 +71,22 @@ class LoadedModel:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def weights_identity(self) -> str | None:
+        """What pins the weights: the hub commit, or name/size/mtime of a local directory's
+        weight files (a checkpoint retrained in place is a different model), else None."""
+        commit = getattr(self.model.config, "_commit_hash", None)
+        path = Path(self.source)
+        if path.is_dir():
+            import hashlib
+
+            digest = hashlib.sha256()
+            for f in sorted(path.glob("*")):
+                if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json") and f.is_file():
+                    stat = f.stat()
+                    digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+            return "local:" + digest.hexdigest()[:16]
+        return f"commit:{commit}" if commit else None
+
     def describe(self) -> dict[str, Any]:
         """How this model was produced, for the JSON record of a run."""
         cfg = self.model.config

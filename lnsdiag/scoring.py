@@ -435,15 +435,28 @@ class Perplexity:
         """Stderr of (self − base) for ppl, bits_per_byte and nll, paired window by window.
 
         Both were scored on the same windows, so window difficulty cancels: this is the noise
-        of the *difference*, far smaller than either metric's own stderr.
+        of the *difference*, far smaller than either metric's own stderr. Each window's
+        linearised contribution (delta method on the ratio estimators) is resampled.
         """
-        if self.window_tokens != base.window_tokens or len(self.window_nll) < 2:
+        n = len(self.window_nll)
+        if self.window_tokens != base.window_tokens or n < 2:
             return {}
-        diff = Perplexity([a - b for a, b in zip(self.window_nll, base.window_nll, strict=True)],
-                          self.window_tokens, self.window_bytes)
-        se_nll = diff._ratio_stderr(self.window_tokens)
-        return {"nll": se_nll, "ppl": math.exp(self.mean_nll) * se_nll,
-                "bits_per_byte": diff._ratio_stderr(self.window_bytes) / math.log(2)}
+
+        def stderr(residuals: list[float], denominators: list[int]) -> float:
+            return math.sqrt(sum(r * r for r in residuals) / (n * (n - 1))) / (sum(denominators) / n)
+
+        tokens, sizes = self.window_tokens, self.window_bytes
+        m_v, m_b = self.mean_nll, base.mean_nll
+        d_nll = m_v - m_b
+        d_byte = (sum(self.window_nll) - sum(base.window_nll)) / sum(sizes)
+        diffs = [a - b for a, b in zip(self.window_nll, base.window_nll, strict=True)]
+        e_v, e_b = math.exp(m_v), math.exp(m_b)
+        return {
+            "nll": stderr([d - d_nll * t for d, t in zip(diffs, tokens, strict=True)], tokens),
+            "ppl": stderr([e_v * (a - m_v * t) - e_b * (b - m_b * t)
+                           for a, b, t in zip(self.window_nll, base.window_nll, tokens, strict=True)], tokens),
+            "bits_per_byte": stderr([d - d_byte * z for d, z in zip(diffs, sizes, strict=True)], sizes) / math.log(2),
+        }
 
     def as_json(self) -> dict[str, list]:
         return {"window_nll": self.window_nll, "window_tokens": self.window_tokens, "window_bytes": self.window_bytes}

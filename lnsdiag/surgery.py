@@ -169,17 +169,21 @@ def parse_layer_spec(spec: str | Sequence[int] | None, num_layers: int) -> list[
 _RETURNS_TUPLE: dict[type, bool] = {}
 
 
+#: Keyword names under which blocks receive their KV cache (transformers 4.x and 5.x).
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
 def _carries_cache(args: tuple, kwargs: dict) -> bool:
-    try:
-        from transformers.cache_utils import Cache
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        Cache = ()
-    for value in (*args[1:], *kwargs.values()):
-        if value is None:
-            continue
-        if (Cache and isinstance(value, Cache)) or (isinstance(value, tuple) and value and torch.is_tensor(value[0])):
-            return True
-    return False
+    """Whether a block call carries a KV cache it should write (so a removed block must run).
+
+    Only a ``Cache`` object anywhere, or a non-empty legacy cache under a cache keyword, counts:
+    other tuples of tensors (rotary ``position_embeddings``) are not caches.
+    """
+    from transformers.cache_utils import Cache
+
+    if any(isinstance(value, Cache) for value in (*args[1:], *kwargs.values())):
+        return True
+    return any(kwargs.get(name) is not None and not isinstance(kwargs.get(name), bool) for name in _CACHE_KWARGS)
 
 
 def _removed_forward(module: nn.Module, mode: RemovalMode):

@@ -25,8 +25,16 @@ from .scoring import PPL_TASK, MetricRow, Perplexity, Scorer, Scores, main_metri
 from .surgery import LayerStack, removed_layers
 
 #: Settings that change the numbers; a stored run is only resumed when all of them agree.
-FINGERPRINT_KEYS = ("model", "revision", "dtype", "tasks", "include_path", "num_fewshot", "limit", "seed",
-                    "bootstrap_iters", "ppl_text", "ppl_max_tokens", "seq_len", "layers_path", "max_length")
+FINGERPRINT_KEYS = ("model", "revision", "weights", "dtype", "tasks", "task_versions", "include_path", "num_fewshot",
+                    "limit", "seed", "bootstrap_iters", "ppl_text", "ppl_max_tokens", "seq_len", "layers_path",
+                    "max_length")
+
+
+#: The fast engine's partial results while a pass runs.
+CHECKPOINT_NAME = "engine-partial.npz"
+#: Outputs of a previous run that ``--fresh`` removes with it.
+FRESH_FILES = ("angular.csv", "angular_settings.json", "prune.csv", "prune_wide.csv", "prune.tex", "prune.png",
+               "prune.pdf", "meta.json")
 
 
 def variant_name(layer: int | None) -> str:
@@ -69,9 +77,10 @@ class ResultStore:
         self.variants = self.folder / "variants"
         self.settings = settings
         settings_path = self.folder / "settings.json"
-        if fresh:
+        if fresh:  # everything a previous run left: stored variants, partial pass, cached angles, outputs
             shutil.rmtree(self.variants, ignore_errors=True)
-            settings_path.unlink(missing_ok=True)
+            for name in ("settings.json", CHECKPOINT_NAME, *FRESH_FILES):
+                (self.folder / name).unlink(missing_ok=True)
         if settings_path.is_file():
             self._check_compatible(read_json(settings_path))
         self.variants.mkdir(parents=True, exist_ok=True)
@@ -211,16 +220,21 @@ def run_fast(
     windows = scorer.ppl_windows or []
     ppl_requests, skip = window_requests(windows, tokenizer)
     requests += ppl_requests
-    max_length = scorer.lm.max_length if scorer.lm is not None else max(len(w) for w in windows)
-    max_length = max([max_length, *(len(w) - 1 for w in windows)])
-    engine = SweepEngine(model, stack, todo, batch_tokens=batch_tokens, pad_id=0)
-    checkpoint = Checkpoint(store.folder / "engine-partial.npz",
-                            fingerprint(requests, todo, max_length, {"settings": store.settings}))
-    note(f"scoring {len(requests):,} requests for {len(todo)} variants in one pass")
+    longest = max((len(w) for w in windows), default=0)
+    max_length = scorer.lm.max_length if scorer.lm is not None else longest - 1
+    if longest - 1 > max_length:
+        raise UserError(f"perplexity windows of {longest} tokens exceed lm-eval's context length ({max_length}); "
+                        "lower --seq-len")
+    checkpoint = Checkpoint(store.folder / CHECKPOINT_NAME,
+                            fingerprint(requests, max_length, {"settings": store.settings}))
+    stored = checkpoint.stored_variants()
+    variants = stored if stored is not None and set(todo) <= set(stored) else list(todo)  # finish that pass
+    engine = SweepEngine(model, stack, variants, batch_tokens=batch_tokens, pad_id=0)
+    note(f"scoring {len(requests):,} requests for {len(variants)} variants in one pass")
     start = time.perf_counter()
     result = engine.run(requests, max_length, progress=on_progress, checkpoint=checkpoint) if requests else None
     engine_seconds = time.perf_counter() - start
-    share = engine_seconds / max(1, len(todo))
+    share = engine_seconds / max(1, len(variants))
     for variant in todo:
         start = time.perf_counter()
         note("aggregating metrics" if variant is None else f"aggregating metrics without layer {variant}")
@@ -246,7 +260,8 @@ def run_fast(
         if on_done is not None:
             on_done(saved)
     checkpoint.path.unlink(missing_ok=True)
-    return {"engine_seconds": round(engine_seconds, 3), "requests": len(requests), "task_requests": n_task,
+    return {"variants_in_pass": len(variants), "engine_seconds": round(engine_seconds, 3),
+            "requests": len(requests), "task_requests": n_task,
             "model_rows": engine.stats.get("rows"), "packed_rows": engine.stats.get("packed_rows"),
             "tokens": engine.stats.get("tokens"), "tokens_without_sharing": engine.stats.get("unshared_tokens"),
             "packing": engine.stats.get("packing"), "batch_tokens": engine.stats.get("budget"),

@@ -287,3 +287,96 @@ def test_rolling_windows_stay_plain_rows():
     mc = _mc_requests(questions=1)
     (row,) = plan_rows(mc, max_length=64, pack=True)
     assert row.packed and len(row.segments) >= 2
+
+
+def _in_place_blocks(model):
+    """Make every block write its output into its input tensor (some models do)."""
+    for block in find_layers(model).layers:
+        real = block.forward
+
+        def forward(hidden_states, *args, _real=real, **kwargs):
+            out = _real(hidden_states.clone(), *args, **kwargs)
+            hidden_states.copy_(out)
+            return hidden_states
+
+        block.forward = forward
+    return model
+
+
+def test_blocks_that_update_their_input_in_place():
+    model = _in_place_blocks(tiny_model("llama"))
+    stack = find_layers(model)
+    requests = _requests(10)
+    got = SweepEngine(model, stack, VARIANTS, batch_tokens=128).run(requests, 32)
+    for variant in VARIANTS:
+        with removed_layers(model, [] if variant is None else [variant], stack=stack):
+            want = SweepEngine(model, stack, [None], batch_tokens=128).run(requests, 32)
+        assert np.abs(got.of(variant)[0] - want.of(None)[0]).max() < 1e-5, variant
+
+
+def test_a_damaged_or_foreign_checkpoint_is_ignored(tmp_path):
+    path = tmp_path / "partial.npz"
+    path.write_bytes(b"not a zip file")
+    assert Checkpoint(path, "fp").load((1, 1), 1) is None
+    model = tiny_model("llama")
+    engine = SweepEngine(model, find_layers(model), [None, 1], batch_tokens=64)
+    engine.run(_requests(6), 32, checkpoint=Checkpoint(path, "fp"))
+    assert Checkpoint(path, "fp").stored_variants() == [None, 1]
+    assert Checkpoint(path, "other").stored_variants() is None
+
+
+def test_an_interrupted_aggregation_keeps_the_engine_pass(tokenizer, tasks_dir, tmp_path):
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    loaded = LoadedModel.wrap(model, tokenizer)
+    scorer = Scorer(loaded, load_tasks(["tiny_mc"], tasks_dir), batch_size=4)
+    stack = find_layers(model)
+    store = ResultStore(tmp_path, {"model": "x"})
+    saved = []
+
+    def crash_after_two(result):
+        saved.append(result.removed_layer)
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_fast(scorer, VARIANTS, stack, store, batch_tokens=64, on_done=crash_after_two)
+    assert (tmp_path / "engine-partial.npz").is_file() and len(store.done()) == 2
+    seen = []
+    left = [v for v in VARIANTS if v not in store.done()]
+    stats = run_fast(scorer, left, stack, store, batch_tokens=64, on_progress=lambda d, t: seen.append((d, t)))
+    assert stats["variants_in_pass"] == len(VARIANTS)  # the stored pass, not a new one
+    assert seen[0][0] == seen[0][1]  # nothing left to compute
+    assert len(store.done()) == len(VARIANTS) and not (tmp_path / "engine-partial.npz").exists()
+
+
+def test_packing_falls_back_when_the_model_rejects_it(monkeypatch):
+    import lnsdiag.engine as engine_module
+
+    def broken(*args, **kwargs):
+        raise ValueError("too many values to unpack")
+
+    monkeypatch.setattr(engine_module, "_packed_inputs", broken)
+    model = tiny_model("llama")
+    engine = SweepEngine(model, find_layers(model), [None], batch_tokens=160)
+    engine.run(_mc_requests(), 64)
+    assert engine.stats["packing"] == "off: packed rows failed (ValueError)"
+    model.config.alibi = True
+    assert engine_module._cannot_pack(model) == "ALiBi positions ignore position ids"
+
+
+def test_a_head_that_is_bypassed_is_caught(monkeypatch):
+    import contextlib
+
+    import lnsdiag.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "head_at", lambda model, index: contextlib.nullcontext())
+    model = tiny_model("llama")
+    with pytest.raises(RuntimeError, match="use --engine naive"):
+        SweepEngine(model, find_layers(model), [None], batch_tokens=64).run(_requests(4), 32)
+
+
+def test_empty_continuations_score_zero_and_greedy():
+    model = tiny_model("llama")
+    requests = [TokenRequest((5, 6, 7), ()), *_requests(3)]
+    result = SweepEngine(model, find_layers(model), [None, 2], batch_tokens=64).run(requests, 32)
+    assert result.loglik[:, 0].tolist() == [0.0, 0.0] and result.greedy[:, 0].all()

@@ -290,3 +290,54 @@ def test_builtin_perplexity_delta_uses_paired_noise():
     assert row["delta_stderr"] == pytest.approx(se["nll"])
     assert not row["dead"]  # unpaired, 2 × stderr would have called this noise
     assert abs(row["delta"]) <= 2 * row["stderr"]
+
+
+def test_fresh_clears_everything_a_previous_run_left(tmp_path):
+    store = ResultStore(tmp_path, {"model": "a"})
+    store.save(VariantResult(None, [_row("t", "acc", 0.5, 0.01)], 1.0))
+    for name in ("engine-partial.npz", "angular.csv", "angular_settings.json", "prune.csv", "meta.json"):
+        (tmp_path / name).write_text("old")
+    ResultStore(tmp_path, {"model": "b"}, fresh=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["settings.json", "variants"]
+
+
+def test_a_checkpoint_retrained_in_place_is_not_resumed(tiny_llama_dir, tasks_dir, tmp_path):
+    import shutil
+
+    import transformers as tf
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    base = ["prune", model_dir, "--tasks", "tiny_mc", "--include-path", tasks_dir, "--out", tmp_path / "o",
+            "--no-angular", "--limit", 4, "--layers", "1"]
+    assert invoke(*base).exit_code == 0
+    torch.manual_seed(5)
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(model_dir)
+    assert_one_line_error(invoke(*base), "weights")
+
+
+def test_paired_ppl_delta_stderr_agrees_with_the_jackknife():
+    import random
+
+    from lnsdiag.scoring import Perplexity
+
+    rng = random.Random(0)
+    tokens = [rng.randint(80, 120) for _ in range(60)]
+    base_nll = [t * rng.uniform(4.5, 6.5) for t in tokens]
+    var_nll = [b + t * rng.uniform(0.05, 0.4) for b, t in zip(base_nll, tokens, strict=True)]
+    base, variant = Perplexity(base_nll, tokens, [4 * t for t in tokens]), Perplexity(var_nll, tokens,
+                                                                                     [4 * t for t in tokens])
+
+    def delta(keep):
+        pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
+        return math.exp(sum(pick(var_nll)) / sum(pick(tokens))) - math.exp(sum(pick(base_nll)) / sum(pick(tokens)))
+
+    n = len(tokens)
+    leave_one_out = [delta([j for j in range(n) if j != i]) for i in range(n)]
+    mean = sum(leave_one_out) / n
+    jackknife = math.sqrt((n - 1) / n * sum((x - mean) ** 2 for x in leave_one_out))
+    assert variant.paired_delta_stderr(base)["ppl"] == pytest.approx(jackknife, rel=0.1)

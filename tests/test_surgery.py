@@ -176,3 +176,28 @@ def test_parse_layer_spec(spec, expected):
 def test_parse_layer_spec_errors(spec, match):
     with pytest.raises(UserError, match=match):
         parse_layer_spec(spec, 8)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "phi3"])
+def test_auto_mode_runs_no_removed_block_without_a_cache(family):
+    """Rotary (cos, sin) tuples are not a KV cache: scoring passes must not pay for removed blocks."""
+    model = tiny_model(family)
+    stack = find_layers(model)
+    ids, mask = padded_batch()
+    _logits(model, ids, mask, use_cache=False)  # the block output form is learnt once per class
+    calls = []
+    hook = stack.layers[2].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with removed_layers(model, [2]):  # auto
+            calls.clear()
+            _logits(model, ids, mask, use_cache=False)
+            assert calls == [1]  # the module is called (hooks fire) ...
+        inner = []
+        attn = next(m for n, m in stack.layers[2].named_modules() if n.endswith(("self_attn", "attn", "attention")))
+        handle = attn.register_forward_pre_hook(lambda *a: inner.append(1))
+        with removed_layers(model, [2]):
+            _logits(model, ids, mask, use_cache=False)
+        handle.remove()
+        assert inner == []  # ... but its attention never runs
+    finally:
+        hook.remove()

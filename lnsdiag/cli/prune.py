@@ -130,7 +130,9 @@ def run_prune(loaded: LoadedModel, folder: Path, *, taskset: Any = None, ppl_sou
     selected = parse_layer_spec(layers, len(stack))
     windows = None
     settings: dict[str, Any] = {
-        "model": loaded.source, "revision": loaded.revision, "dtype": str(loaded.dtype).replace("torch.", ""),
+        "model": loaded.source, "revision": loaded.revision, "weights": loaded.weights_identity(),
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "task_versions": taskset.describe()["versions"] if taskset else None,
         "tasks": taskset.names if taskset else [], "include_path": taskset.include_path if taskset else None,
         "num_fewshot": taskset.num_fewshot if taskset else None, "limit": limit, "seed": seed,
         "bootstrap_iters": bootstrap_iters, "layers_path": stack.path, "ppl_text": None, "ppl_max_tokens": None,
@@ -141,6 +143,9 @@ def run_prune(loaded: LoadedModel, folder: Path, *, taskset: Any = None, ppl_sou
         windows = token_windows(loaded.tokenizer, ppl_source.texts, seq_len=seq, max_tokens=ppl_max_tokens)
         digest = hashlib.sha256(b"".join(w.numpy().tobytes() for w in windows)).hexdigest()[:16]
         settings.update(ppl_text=f"{ppl_source.name}#{digest}", ppl_max_tokens=ppl_max_tokens, seq_len=seq)
+    scorer = Scorer(loaded, taskset, ppl_windows=windows, limit=limit, seed=seed,
+                    bootstrap_iters=bootstrap_iters, batch_size=batch_size)
+    settings["max_length"] = scorer.lm.max_length if scorer.lm is not None else None
     store = ResultStore(folder, settings, fresh=fresh)
     done = store.done()
     todo = plan_variants(selected, done)
@@ -152,8 +157,6 @@ def run_prune(loaded: LoadedModel, folder: Path, *, taskset: Any = None, ppl_sou
     if angular and angular_frame is None:
         angular_frame = _angular_for_prune(loaded, folder, stack, angular_source or ppl_source, windows, settings,
                                            timer, batch_size, angular_on_text)
-    scorer = Scorer(loaded, taskset, ppl_windows=windows, limit=limit, seed=seed,
-                    bootstrap_iters=bootstrap_iters, batch_size=batch_size)
     shown = (taskset.names if taskset else []) + ([PPL_TASK] if windows else [])
     meta_fields = {"settings": settings, "tasks": taskset.describe() if taskset else None,
                    "ppl_text": ppl_source.name if ppl_source else None, "layer_stack": stack.path,
@@ -173,7 +176,8 @@ def run_prune(loaded: LoadedModel, folder: Path, *, taskset: Any = None, ppl_sou
         timings = {**timer.seconds, "variants": {str(k if k is not None else "baseline"): v.seconds
                                                  for k, v in sorted(results.items(), key=lambda kv: -1
                                                                     if kv[0] is None else kv[0])}}
-        meta = run_record("prune", model=loaded.describe(), **meta_fields, **engine_info,
+        engines = sorted({v.engine for k, v in results.items() if k is None or k in selected})
+        meta = run_record("prune", model=loaded.describe(), **meta_fields, **engine_info, variant_engines=engines,
                           variants_done=len(results), timings=timings)
         return report.write_prune(current_frame(), shown, folder, meta, plots=plots, title=title)
 
@@ -200,7 +204,7 @@ def run_prune(loaded: LoadedModel, folder: Path, *, taskset: Any = None, ppl_sou
                         on_progress=lambda done_, total: progress.update(passes, completed=done_, total=total))
         except KeyboardInterrupt:
             progress.stop()
-            saved = len(store.done())
+            saved = sum(1 for k in store.done() if k is None or k in selected)
             ui.err_console.print(f"[yellow]interrupted[/]: {saved} of {len(selected) + 1} variants are saved in "
                                  f"{folder}; rerun the same command to resume.")
             raise typer.Exit(130) from None
