@@ -492,10 +492,9 @@ def perplexity(model: torch.nn.Module, windows: Sequence[torch.Tensor], tokenize
     Each window's first token (BOS, or the first text token) is context only; every later
     token is predicted from the window's start. Windows do not overlap.
     """
-    from .text import batches, special_tokens_around
+    from .text import batches, context_tokens
 
-    prefix, _ = special_tokens_around(tokenizer)
-    skip = max(1, len(prefix))
+    skip = context_tokens(tokenizer)
     device = model.get_input_embeddings().weight.device
     nll: list[float] = []
     counts: list[int] = []

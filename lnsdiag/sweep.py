@@ -141,9 +141,9 @@ def run_naive(
 def window_requests(windows: list[Any], tokenizer: Any) -> tuple[list[Any], int]:
     """Perplexity windows as engine requests: the prefix (BOS) is context, the rest is scored."""
     from .engine import TokenRequest
-    from .text import special_tokens_around
+    from .text import context_tokens
 
-    skip = max(1, len(special_tokens_around(tokenizer)[0]))
+    skip = context_tokens(tokenizer)
     return [TokenRequest(tuple(w[:skip].tolist()), tuple(w[skip:].tolist())) for w in windows], skip
 
 
@@ -235,6 +235,8 @@ def run_fast(
     result = engine.run(requests, max_length, progress=on_progress, checkpoint=checkpoint) if requests else None
     engine_seconds = time.perf_counter() - start
     share = engine_seconds / max(1, len(variants))
+    counts = [len(w) - skip for w in windows]  # the same windows for every variant: decode them once
+    sizes = window_bytes(tokenizer, windows, skip)
     for variant in todo:
         start = time.perf_counter()
         note("aggregating metrics" if variant is None else f"aggregating metrics without layer {variant}")
@@ -252,8 +254,7 @@ def run_fast(
                 rows += tidy_metrics(evaluate_tasks(scorer.lm, slow_tasks, limit=scorer.limit, seed=scorer.seed,
                                                     bootstrap_iters=scorer.bootstrap_iters))
         if windows:
-            ppl = Perplexity([-float(x) for x in loglik[n_task:]], [len(w) - skip for w in windows],
-                             window_bytes(tokenizer, windows, skip))
+            ppl = Perplexity([-float(x) for x in loglik[n_task:]], counts, sizes)
             rows += ppl.rows()
         saved = VariantResult(variant, rows, share + time.perf_counter() - start, "fast", ppl=ppl)
         store.save(saved)

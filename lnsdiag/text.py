@@ -265,6 +265,12 @@ def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
     return [], []
 
 
+def context_tokens(tokenizer: Any) -> int:
+    """Leading tokens of a window that are context only when scoring it: the tokenizer's
+    prefix (BOS), or the first text token when there is none."""
+    return max(1, len(special_tokens_around(tokenizer)[0]))
+
+
 def _encode(tokenizer: Any, docs: list[str], continued: bool) -> list[int]:
     text = ("\n\n" if continued else "") + "\n\n".join(docs)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -29,6 +29,7 @@ from .common import (
     load,
     model_name,
     print_files,
+    text_source,
 )
 
 Tasks = Annotated[str | None, typer.Option(
@@ -117,7 +118,7 @@ def run_prune(loaded: LoadedModel, folder: Path, *, taskset: Any = None, ppl_sou
               fresh: bool = False, engine: str = "fast", batch_tokens: int | None = None,
               title: str = "") -> Any:
     """Sweep, show and write one model's layer-removal results (shared by `prune` and `demo`)."""
-    from ..metrics import angular_on_text, default_seq_len
+    from ..metrics import default_seq_len
     from ..scoring import PPL_TASK, Scorer
     from ..surgery import find_layers, norm_placement, parse_layer_spec
     from ..sweep import ResultStore, plan_variants, prune_frame, run_fast, run_naive
@@ -155,8 +156,8 @@ def run_prune(loaded: LoadedModel, folder: Path, *, taskset: Any = None, ppl_sou
         ui.note(f"all {len(selected) + 1} variants are already in {folder} (use --fresh to redo them)")
 
     if angular and angular_frame is None:
-        angular_frame = _angular_for_prune(loaded, folder, stack, angular_source or ppl_source, windows, settings,
-                                           timer, batch_size, angular_on_text)
+        angular_frame = _angular_for_prune(loaded, folder, stack, angular_source or ppl_source, settings, timer,
+                                           batch_size)
     shown = (taskset.names if taskset else []) + ([PPL_TASK] if windows else [])
     meta_fields = {"settings": settings, "tasks": taskset.describe() if taskset else None,
                    "ppl_text": ppl_source.name if ppl_source else None, "layer_stack": stack.path,
@@ -220,19 +221,18 @@ def run_prune(loaded: LoadedModel, folder: Path, *, taskset: Any = None, ppl_sou
     return frame
 
 
-def _angular_for_prune(loaded: LoadedModel, folder: Path, stack: Any, source: Any, windows: Any,
-                       settings: dict[str, Any], timer: Timer, batch_size: int, angular_on_text: Any) -> Any:
+def _angular_for_prune(loaded: LoadedModel, folder: Path, stack: Any, source: Any, settings: dict[str, Any],
+                       timer: Timer, batch_size: int) -> Any:
     """Angular distances for the table's last column; reused from a previous run of the same sweep."""
     import pandas as pd
 
+    from ..metrics import angular_on_text
     from ..runs import write_csv, write_json
 
     path, stamp = folder / "angular.csv", folder / "angular_settings.json"
     if path.is_file() and stamp.is_file() and read_json(stamp) == settings:
         return pd.read_csv(path)
     if source is None:
-        from .common import text_source
-
         source = text_source(None, None, None, None, "text")
     with ui.make_progress(transient=True) as progress, timer("angular"):
         task = progress.add_task("angular distances", total=None)
