@@ -33,9 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lnsdiag.demo import train_tokenizer
 from lnsdiag.engine import SweepEngine, plan_rows
 from lnsdiag.models import LoadedModel
-from lnsdiag.scoring import Scorer, collect_requests, load_tasks
-from lnsdiag.surgery import find_layers, removed_layers
-from lnsdiag.sweep import ResultStore, run_fast, run_naive
+from lnsdiag.lmeval import LmEvalScorer, collect_requests, load_tasks
+from lnsdiag.store import ResultStore
+from lnsdiag.structure import find_layers
+from lnsdiag.surgery import removed_layers
+from lnsdiag.sweep import run_fast, run_naive
 from lnsdiag.text import stdlib_corpus
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -206,7 +208,7 @@ def main() -> None:
     tasks_dir = args.out / "tasks"
     write_tasks(tasks_dir, tokenizer, args.mc_docs, args.ppl_docs, args.ppl_tokens)
     taskset = load_tasks(["bench_mc", "bench_ppl"], tasks_dir)
-    scorer = Scorer(loaded, taskset, batch_size=args.naive_batch, bootstrap_iters=1000)
+    scorer = LmEvalScorer(loaded, taskset, batch_size=args.naive_batch, bootstrap_iters=1000)
     naive_layers = [int(x) for x in args.naive_layers.split(",")]
     all_variants = [None, *range(L)]
 
@@ -217,7 +219,7 @@ def main() -> None:
     for variant in [None, *naive_layers]:
         sync()
         start = time.perf_counter()
-        run_naive(scorer, [variant], stack, naive_store)
+        run_naive(model, [scorer], [variant], stack=stack, store=naive_store)
         sync()
         per_variant.append(time.perf_counter() - start)
     record["naive"] = {"variants_timed": [None, *naive_layers], "seconds_each": per_variant,
@@ -231,7 +233,7 @@ def main() -> None:
     fast_store = ResultStore(args.out / "fast", {})
     sync()
     start = time.perf_counter()
-    stats = run_fast(scorer, all_variants, stack, fast_store, batch_tokens=args.batch_tokens)
+    stats = run_fast(model, [scorer], all_variants, stack=stack, store=fast_store, batch_tokens=args.batch_tokens).stats
     sync()
     fast_seconds = time.perf_counter() - start
     record["fast"] = {"full_sweep_seconds": fast_seconds, **stats,

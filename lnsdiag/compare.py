@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
+from .runs import Timer, run_record
 
 #: File, and the per-layer metrics compare takes from it.
 SOURCES: dict[str, tuple[str, ...]] = {
@@ -238,3 +239,48 @@ def compare_folders(folders: Sequence[str | Path], labels: Sequence[str] | None 
         else:
             runs.append(load_run(path, labels[i] if labels else None))
     return compare_runs(runs, bins)
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What ``lnsdiag compare`` puts side by side: result folders, a label per folder (or none:
+    the models' names), and the number of depth slices (None: the smallest layer count)."""
+
+    folders: tuple[Path, ...]
+    labels: tuple[str, ...] | None = None
+    bins: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.folders:
+            raise UserError("no result folders given: lnsdiag compare FOLDER [FOLDER ...]")
+        object.__setattr__(self, "folders", tuple(Path(f) for f in self.folders))
+        object.__setattr__(self, "labels", tuple(self.labels) if self.labels else None)
+
+
+@dataclass(frozen=True)
+class CompareRun:
+    """A ``compare`` run: the aligned runs, and the JSON record of how it was made (``meta.json``)."""
+
+    comparison: Comparison
+    meta: dict[str, Any]
+
+    @property
+    def slug(self) -> str:
+        """A folder name naming the runs compared (``A-vs-B``)."""
+        from .models import model_slug
+
+        return "-vs-".join(model_slug(r.label) for r in self.comparison.runs)[:120] or "runs"
+
+
+def run(config: CompareConfig, *, timer: Timer | None = None) -> CompareRun:
+    """Read and align the folders' results, and record how (``lnsdiag compare``)."""
+    timer = timer or Timer()
+    with timer("load"):
+        comparison = compare_folders(config.folders, config.labels, config.bins)
+    meta = run_record(
+        "compare", model=None, bins=comparison.bins,
+        runs=[{"label": r.label, "folder": str(r.folder), "num_layers": r.num_layers, "metrics": r.metrics,
+               "model": r.meta.get("model")} for r in comparison.runs],
+        timings={**timer.seconds, "total": timer.total()},
+    )
+    return CompareRun(comparison, meta)

@@ -20,9 +20,11 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .progress import SILENT, Progress
 from .runs import cache_dir, write_json
-from .text import TextSource, special_tokens_around, stdlib_corpus
+from .text import TextSource, stdlib_corpus
 from .training import TrainLog, train_causal_lm
+from .windows import special_tokens_around
 
 #: Bump when the demo's recipe changes, so stale cached models are not reused.
 RECIPE_VERSION = 1
@@ -136,8 +138,7 @@ def ensure_demo_model(
     *,
     fresh: bool = False,
     device: str | torch.device = "cpu",
-    on_step: Callable[[int, float], None] | None = None,
-    on_phase: Callable[[str], None] | None = None,
+    progress: Progress = SILENT,
     text: TextSource | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Return the cached demo model's directory, training it first if needed.
@@ -147,16 +148,16 @@ def ensure_demo_model(
     only there start from the same weights and see the same batches.
 
     Training writes to a temporary folder that is renamed when complete, so an
-    interrupted run never leaves a half-trained model in the cache.
+    interrupted run never leaves a half-trained model in the cache. ``progress`` sees a
+    phase for the tokenizer, then ``training <name>`` with one unit per step.
     """
     target = demo_dir(spec, text)
     record_path = target / "train_log.json"
     if target.is_dir() and record_path.is_file() and not fresh:
         return target, json.loads(record_path.read_text(encoding="utf-8"))
-    note = on_phase or (lambda _msg: None)
     texts = text.texts if text is not None else stdlib_corpus("train").texts
     corpus = text.name if text is not None else "stdlib-docstrings[train]"
-    note(f"training a tokenizer on {'the stdlib docstrings' if text is None else corpus}")
+    progress.phase(f"training a tokenizer on {'the stdlib docstrings' if text is None else corpus}")
     torch.manual_seed(spec.seed)
     tokenizer = train_tokenizer(texts, spec.vocab)
     if text is None:
@@ -173,11 +174,10 @@ def ensure_demo_model(
     model = AutoModelForCausalLM.from_config(demo_config(spec, tokenizer), dtype=torch.float32)
     prepare_model(model, spec)
     model.to(device)
-    note(f"training {spec.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-         f"{spec.steps} steps)")
+    progress.phase(f"training {spec.name}", total=spec.steps)
     log: TrainLog = train_causal_lm(
         model, stream, steps=spec.steps, batch_size=spec.batch_size, seq_len=spec.seq_len,
-        lr=spec.lr, seed=spec.seed, prefix=prefix, on_step=on_step,
+        lr=spec.lr, seed=spec.seed, prefix=prefix, progress=progress,
     )
     record = {"spec": asdict(spec), "recipe": RECIPE_VERSION, "corpus": corpus,
               "corpus_tokens": len(stream), "train": log.as_dict()}
@@ -193,3 +193,79 @@ def ensure_demo_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target, record
+
+
+# --- the demo run: the same library calls the commands make --------------------------------
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What ``lnsdiag demo`` can be told."""
+
+    steps: int | None = None
+    layers: int | None = None
+    fresh: bool = False
+    twin: bool = True
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise UserError(f"--steps must be at least 1, not {self.steps}")
+        if self.layers is not None and self.layers < 2:
+            raise UserError(f"--layers must be at least 2, not {self.layers}")
+
+    @property
+    def spec(self) -> DemoSpec:
+        return DemoSpec().with_(steps=self.steps, layers=self.layers)
+
+
+@dataclass
+class DemoRun:
+    """Everything the demo produced, part by part."""
+
+    spec: DemoSpec
+    model_path: Path
+    record: dict[str, Any]
+    angular: Any = None
+    prune: Any = None
+    twins: Any = None
+
+
+#: Held-out tokens every demo measurement uses.
+DEMO_TOKENS = 32_768
+
+
+def run(config: DemoConfig, out: str | Path, *, progress: Progress = SILENT,
+        on_part: Callable[[str, DemoRun], None] | None = None) -> DemoRun:
+    """Train (or reuse) the demo model, then angular distances, the removal sweep and the twins.
+
+    Each part is the library call its command makes, written under ``out/<part>``;
+    ``on_part(name, run)`` sees the run after each part (``model``, ``angular``, ``prune``, ``twins``).
+    """
+    from . import angular, prune, reproduce
+    from .models import load_model, pick_device
+
+    spec = config.spec
+    folder = Path(out)
+    device = pick_device(config.device)
+    show = on_part or (lambda _name, _run: None)
+    path, record = ensure_demo_model(spec, fresh=config.fresh, device=device, progress=progress)
+    result = DemoRun(spec, path, record)
+    show("model", result)
+    loaded = load_model(str(path), device=str(device))
+    loaded.name = spec.name
+    heldout = stdlib_corpus("test")
+    result.angular = angular.run(loaded, heldout, angular.AngularConfig(
+        max_tokens=DEMO_TOKENS, seq_len=spec.seq_len, batch_size=16, tokens="all", max_block=None, threshold=0.2),
+        progress=progress)
+    show("angular", result)
+    result.prune = prune.run(loaded, prune.PruneConfig(ppl_dataset="stdlib", ppl_max_tokens=DEMO_TOKENS,
+                                                       seq_len=spec.seq_len, batch_size=16, fresh=True),
+                             folder / "prune", inputs=prune.PruneInputs(ppl_text=heldout),
+                             angular_frame=result.angular.result.layers, progress=progress)
+    show("prune", result)
+    if config.twin:
+        twins = reproduce.ReproduceConfig(spec=spec, norms=("pre-ln", "lns"), eval_tokens=DEMO_TOKENS, batch_size=16)
+        result.twins = reproduce.run(twins, device=device, fresh=["lns"] if config.fresh else False,
+                                     progress=progress)
+        show("twins", result)
+    return result

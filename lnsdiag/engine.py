@@ -32,16 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .progress import SILENT, Progress
 from .runs import atomic_write
-from .surgery import LayerStack, no_cache_kwargs, resumed_at
-
-
-@dataclass(frozen=True)
-class TokenRequest:
-    """Score ``continuation`` after ``context`` (token ids), as lm-eval's loglikelihood does."""
-
-    context: tuple[int, ...]
-    continuation: tuple[int, ...]
+from .scoring import TokenRequest
+from .structure import LayerStack, no_cache_kwargs, text_config
+from .surgery import resumed_at
 
 
 @dataclass
@@ -309,7 +304,7 @@ def default_budget(model: torch.nn.Module, stack: LayerStack, kept_states: int, 
     if device.type != "cuda":
         return 8192
     free, _ = torch.cuda.mem_get_info(device)
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     hidden = int(getattr(config, "hidden_size", 4096))
     inter = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
     vocab = int(getattr(config, "vocab_size", 32000))
@@ -329,7 +324,7 @@ def _cannot_pack(model: torch.nn.Module) -> str:
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     if impl not in ("sdpa", "eager"):
         return f"{impl} attention takes no custom masks"
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     if getattr(config, "alibi", False) or getattr(config, "model_type", "") in ("bloom", "mpt"):
         return "ALiBi positions ignore position ids"
     try:
@@ -338,6 +333,10 @@ def _cannot_pack(model: torch.nn.Module) -> str:
     except (TypeError, ValueError):
         return "the model's forward cannot be inspected"
     return ""
+
+
+#: The progress phase of an engine pass (counted in tokens).
+PASS_PHASE = "one pass, all variants"
 
 
 class SweepEngine:
@@ -360,8 +359,9 @@ class SweepEngine:
         base = L if None in self.variants or not self.layers else self.layers[-1]
         return rows * (base + sum(L - i - 1 for i in self.layers))
 
-    def run(self, requests: Sequence[TokenRequest], max_length: int, *,
-            progress: Callable[[int, int], None] | None = None, checkpoint: Checkpoint | None = None) -> EngineResult:
+    def run(self, requests: Sequence[TokenRequest], max_length: int, *, progress: Progress = SILENT,
+            checkpoint: Checkpoint | None = None) -> EngineResult:
+        """Every variant's log-likelihood and greedy flag for every request; progress counts tokens."""
         rows, packing = self._plan(requests, max_length)
         n_var, n_req = len(self.variants), len(requests)
         state = None
@@ -378,20 +378,17 @@ class SweepEngine:
         self.stats = {"requests": n_req, "rows": len(rows), "packed_rows": sum(r.packed for r in rows),
                       "budget": state.budget, "tokens": total, "packing": packing,
                       "unshared_tokens": _unshared_tokens(requests, max_length)}
-        finished = sum(len(r.ids) for r, d in zip(rows, state.done, strict=True) if d)
-        if progress is not None:
-            progress(finished, total)
+        progress.phase(PASS_PHASE, total=total)
+        progress.advance(sum(len(r.ids) for r, d in zip(rows, state.done, strict=True) if d))
         try:
             for batch in _batches(rows, state.budget):  # the same cut on every run of the same plan
                 if state.done[batch].all():
                     continue
                 self._run_rows([rows[i] for i in batch], state.loglik, state.greedy)
                 state.done[batch] = True
-                finished += sum(len(rows[i].ids) for i in batch)
                 if checkpoint is not None:
                     checkpoint.save(state)
-                if progress is not None:
-                    progress(finished, total)
+                progress.advance(sum(len(rows[i].ids) for i in batch))
         finally:  # finished or interrupted (Ctrl-C): what is done is kept
             if checkpoint is not None:
                 checkpoint.save(state, force=True)
@@ -427,19 +424,18 @@ class SweepEngine:
                        ) -> tuple[float, float, int]:
         """Max |Δ log-likelihood| packed vs unpacked, and unpacked alone vs unpacked batched."""
         members = sorted({n for row in probes for n, _, _ in row.members})
-        checker = SweepEngine(self.model, self.stack, [None], pack=False)
         flags = np.zeros((1, len(requests)), dtype=bool)
         packed, alone, together = (np.zeros((1, len(requests))) for _ in range(3))
         for row in probes:
-            checker._batch([row], packed, flags)
+            self._batch([row], packed, flags, baseline_only=True)
         for n in members:
             (row,) = plan_rows([requests[n]], max_length)
             row.members = [(n, *row.members[0][1:])]
-            checker._batch([row], alone, flags)
+            self._batch([row], alone, flags, baseline_only=True)
         batched = plan_rows([requests[n] for n in members], max_length)
         for row in batched:
             row.members = [(members[i], *rest) for i, *rest in row.members]
-        checker._batch(batched, together, flags)
+        self._batch(batched, together, flags, baseline_only=True)
         worst = float(np.abs(packed[0, members] - alone[0, members]).max())
         noise = float(np.abs(together[0, members] - alone[0, members]).max())
         return worst, noise, len(members)
@@ -460,7 +456,11 @@ class SweepEngine:
         self._run_rows(rows[:half], loglik, greedy)
         self._run_rows(rows[half:], loglik, greedy)
 
-    def _batch(self, rows: list[_Row], loglik: np.ndarray, greedy: np.ndarray) -> None:
+    def _batch(self, rows: list[_Row], loglik: np.ndarray, greedy: np.ndarray, baseline_only: bool = False) -> None:
+        """Score ``rows`` for every variant into ``loglik``/``greedy`` (rows: variants). With
+        ``baseline_only``, only the full model, into row 0 (the packing check's reference)."""
+        variants = [None] if baseline_only else self.variants
+        layers = [] if baseline_only else self.layers
         width = max(len(r.ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         slots = max(len(r.positions) for r in rows)
@@ -490,14 +490,14 @@ class SweepEngine:
         if any(r.packed for r in rows):
             kwargs.update(_packed_inputs(rows, width, self.model, dev))
         kept: dict[int, torch.Tensor] = {}
-        stop_after = None if None in self.variants or not self.layers else self.layers[-1]
+        stop_after = None if None in variants or not layers else layers[-1]
         hooks = [self.stack.layers[i].register_forward_pre_hook(_keeper(i, kept, stop_after), with_kwargs=True)
-                 for i in self.layers]
+                 for i in layers]
         try:
             with torch.no_grad(), head_at(self.model, gather):
                 if stop_after is None:
                     logits = _checked(self.model(input_ids=ids, **kwargs).logits, gather)
-                    self._score(logits, index, self.variants.index(None), loglik, greedy)
+                    self._score(logits, index, variants.index(None), loglik, greedy)
                     del logits
                 else:  # the baseline is already scored: run only as deep as the last kept input
                     with suppress(_Captured):
@@ -505,12 +505,12 @@ class SweepEngine:
         finally:
             for h in hooks:
                 h.remove()
-        for layer in self.layers:
+        for layer in layers:
             state = kept.pop(layer)
             with torch.no_grad(), resumed_at(self.model, layer, state, stack=self.stack), \
                     head_at(self.model, gather):
                 logits = _checked(self.model(input_ids=ids, **kwargs).logits, gather)
-            self._score(logits, index, self.variants.index(layer), loglik, greedy)
+            self._score(logits, index, variants.index(layer), loglik, greedy)
             del logits, state
 
     @staticmethod
@@ -536,7 +536,7 @@ class SweepEngine:
 
 
 def _sliding_window(model: torch.nn.Module) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     if getattr(config, "use_sliding_window", True) is False:
         return None
     window = getattr(config, "sliding_window", None)

@@ -9,3 +9,7 @@ class UserError(Exception):
     The command line prints its message as one line on stderr and exits non-zero; a
     notebook sees an ordinary exception with the same message.
     """
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during long work, with what was saved (the command line prints it, exit 130)."""

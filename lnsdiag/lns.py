@@ -15,10 +15,10 @@ normal checkpoint. The scaling is recorded in ``model.config.lns``, for example:
 
 ``norms`` names the scaled norms inside each block; ``layers`` is the l of each block, in
 stack order. ``layers`` is explicit so that a model rebuilt without some blocks
-(``surgery.build_without_layers``) keeps every remaining block's original scale: removing a
+(``rebuild.build_without_layers``) keeps every remaining block's original scale: removing a
 block never changes what the others compute. A checkpoint saved with this entry is LNS;
 :func:`restore_lns` re-installs the hooks after ``from_pretrained`` (``lnsdiag`` does it in
-``load_model``), and ``surgery.norm_placement`` reports it as ``pre-LN+LNS``.
+``load_model``), and ``structure.norm_placement`` reports it as ``pre-LN+LNS``.
 
 Initialisation: the paper notes that *scaled initialisation* (output projections drawn with
 std / sqrt(2·L), GPT-2/Megatron style) conflicts with LNS, which already shrinks deep
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .surgery import LayerStack, find_layers
+from .structure import LayerStack, block_input, block_norms, find_layers, first_tensor, probe
 
 LNS_VERSION = 1
 SCALE_RULE = "1/sqrt(l)"
@@ -74,21 +74,6 @@ def scale_for(layer: int) -> float:
 
 # --- finding the two pre-sublayer norms ----------------------------------------------------
 
-def _is_norm(module: nn.Module) -> bool:
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.lower().endswith("rmsnorm"):
-        return True
-    name = type(module).__name__.lower()
-    return "norm" in name and not any("norm" in type(c).__name__.lower() for c in module.children())
-
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    if torch.is_tensor(value):
-        return value
-    if isinstance(value, (tuple, list)) and value and torch.is_tensor(value[0]):
-        return value[0]
-    return None
-
-
 def _near(a: torch.Tensor, b: torch.Tensor, tolerance: float) -> bool:
     """‖a − b‖ ≤ tolerance, for tensors holding the same entries in any shape."""
     if a.numel() != b.numel():
@@ -109,7 +94,7 @@ def find_pre_norms(model: nn.Module, stack: LayerStack | None = None) -> list[st
     """
     stack = stack or find_layers(model)
     block = stack.layers[len(stack) // 2]
-    norms = {name: mod for name, mod in block.named_modules() if name and _is_norm(mod)}
+    norms = dict(block_norms(block))
     if not norms:
         raise UserError(f"{type(block).__name__} has no norm modules: LayerNorm Scaling needs pre-LN blocks")
     seen: dict[str, Any] = {}
@@ -117,10 +102,10 @@ def find_pre_norms(model: nn.Module, stack: LayerStack | None = None) -> list[st
     child_outputs: list[tuple[str, torch.Tensor]] = []
 
     def block_in(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen.setdefault("x", args[0] if args else kwargs["hidden_states"])
+        seen.setdefault("x", block_input(args, kwargs))
 
     def block_out(_m: nn.Module, _a: tuple, out: Any) -> None:
-        seen.setdefault("out", _first_tensor(out))
+        seen.setdefault("out", first_tensor(out))
 
     def norm_in(name: str):
         def hook(_m: nn.Module, args: tuple) -> None:
@@ -130,7 +115,7 @@ def find_pre_norms(model: nn.Module, stack: LayerStack | None = None) -> list[st
 
     def child_out(name: str):
         def hook(_m: nn.Module, _a: tuple, out: Any) -> None:
-            tensor = _first_tensor(out)
+            tensor = first_tensor(out)
             if tensor is not None:
                 child_outputs.append((name, tensor.detach()))
         return hook
@@ -138,23 +123,14 @@ def find_pre_norms(model: nn.Module, stack: LayerStack | None = None) -> list[st
     hooks = [block.register_forward_pre_hook(block_in, with_kwargs=True), block.register_forward_hook(block_out)]
     hooks += [mod.register_forward_pre_hook(norm_in(name)) for name, mod in norms.items()]
     hooks += [mod.register_forward_hook(child_out(name)) for name, mod in block.named_children()]
-    training = model.training
     try:
-        from .surgery import no_cache_kwargs
-
-        device = next(model.parameters()).device
-        vocab = getattr(model.config, "vocab_size", 100) or 100
-        ids = (torch.arange(1, 9, device=device) * 7 % max(vocab - 1, 1)).unsqueeze(0) + 1
-        model.eval()  # dropout would hide the residual adds
-        with torch.no_grad():
-            model(input_ids=ids, **no_cache_kwargs(model))
+        probe(model)  # in eval mode: dropout would hide the residual adds
     except Exception as exc:
         raise UserError(
             f"cannot watch a block of {type(model).__name__} run to find its norms ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); name them with norms=[...]"
         ) from exc
     finally:
-        model.train(training)
         for h in hooks:
             h.remove()
     x, out = seen.get("x"), seen.get("out")
@@ -206,7 +182,7 @@ def _install(stack: LayerStack, norms: Sequence[str], layers: Sequence[int]) -> 
     if len(layers) != len(stack):
         raise UserError(
             f"the LNS record lists {len(layers)} layer indices but the model has {len(stack)} blocks "
-            "(rebuild with lnsdiag.surgery.build_without_layers, which keeps each block's l)"
+            "(rebuild with lnsdiag.rebuild.build_without_layers, which keeps each block's l)"
         )
     _uninstall(stack)
     for block, layer in zip(stack.layers, layers, strict=True):
@@ -269,18 +245,14 @@ def remove_lns(model: nn.Module, stack: LayerStack | None = None) -> nn.Module:
 
 
 def restore_lns(model: nn.Module, stack: LayerStack | None = None) -> bool:
-    """Re-install the norm scheme a loaded checkpoint's config records; True if it had one.
+    """Re-install the LNS hooks a loaded checkpoint's config records; True if it records LNS.
 
     Call after a plain ``AutoModelForCausalLM.from_pretrained`` of an LNS checkpoint
-    (``lnsdiag.models.load_model`` does). Also restores the Post-LN forward of a Post-LN
-    twin (:mod:`lnsdiag.postln`). Idempotent.
+    (``lnsdiag.models.load_model`` does, through ``restore_norms``). Idempotent.
     """
-    from .postln import restore_post_ln
-
-    restored = restore_post_ln(model, stack)
     record = lns_config(model)
     if record is None:
-        return restored
+        return False
     if record.get("scale", SCALE_RULE) != SCALE_RULE or int(record.get("version", 1)) > LNS_VERSION:
         raise UserError(f"this checkpoint's LNS record {record} is of a newer lnsdiag; upgrade lnsdiag")
     stack = stack or find_layers(model)
@@ -300,8 +272,6 @@ def layer_scales(model: nn.Module) -> list[float]:
         return [1.0] * len(stack)
     return [scale_for(int(i)) for i in record.get("layers") or range(1, len(stack) + 1)]
 
-
-# --- the reference for layer removal -------------------------------------------------------
 
 # --- initialisation ------------------------------------------------------------------------
 

@@ -224,6 +224,16 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
+def restore_norms(model: Any) -> bool:
+    """Re-install the norm scheme a checkpoint's config records (LayerNorm Scaling or Post-LN);
+    True if it records one. Needed after a plain ``from_pretrained``; ``load_model`` does it."""
+    from .lns import restore_lns
+    from .postln import restore_post_ln
+
+    post = restore_post_ln(model)
+    return restore_lns(model) or post
+
+
 def _short(exc: BaseException) -> str:
     """The first meaningful line of an exception, for a one-line error."""
     text = str(exc).strip() or type(exc).__name__
@@ -294,9 +304,7 @@ def load_model(
     except OSError as exc:
         raise UserError(f"cannot load the weights of {where}: {_short(exc)}") from exc
     model.eval()
-    from .lns import restore_lns
-
-    restore_lns(model)  # a checkpoint that records LayerNorm Scaling (or Post-LN) runs as trained
+    restore_norms(model)  # a checkpoint that records LayerNorm Scaling (or Post-LN) runs as trained
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
@@ -316,3 +324,36 @@ def load_model(
         device_map=device_map,
         trust_remote_code=trust_remote_code,
     )
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to get a model: what every model command takes (``--revision``, ``--dtype``, ...).
+
+    Checked when built (a malformed id or missing directory fails before any output or slow
+    work); :meth:`load` loads it.
+    """
+
+    name: str
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    layers_path: str | None = None
+
+    def __post_init__(self) -> None:
+        resolve_model(self.name)
+        pick_dtype(self.dtype)
+
+    @property
+    def is_local(self) -> bool:
+        return resolve_model(self.name)[1]
+
+    @property
+    def slug(self) -> str:
+        return model_slug(self.name)
+
+    def load(self) -> LoadedModel:
+        return load_model(self.name, revision=self.revision, dtype=self.dtype, device=self.device,
+                          device_map=self.device_map, trust_remote_code=self.trust_remote_code)

@@ -10,8 +10,9 @@ initial values) by giving each block an instance ``forward`` that runs its modul
 Post-LN order: ``input_layernorm`` becomes the norm after attention,
 ``post_attention_layernorm`` the norm after the MLP. The model's final norm is kept (it
 re-normalises an already normalised stream; harmless, and the checkpoint stays a plain
-Llama). ``config.post_ln`` records it; :func:`lnsdiag.lns.restore_lns` re-installs it on
-load. Only blocks whose forward is Llama's (Llama, Mistral, Qwen2, Qwen3) are supported.
+Llama). ``config.post_ln`` records it; :func:`restore_post_ln` re-installs it on
+load (``lnsdiag.models.load_model`` does). Only blocks whose forward is Llama's (Llama,
+Mistral, Qwen2, Qwen3) are supported.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from .errors import UserError
-from .surgery import LayerStack, find_layers
+from .structure import LayerStack, find_layers
 
 POST_LN_VERSION = 1
 NORMS = ("input_layernorm", "post_attention_layernorm")

@@ -13,21 +13,25 @@ Whatever comes out is reported as it is; nothing here is tuned to agree with the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
+from .angular import AngularConfig, AngularResult, angular_on_windows
 from .demo import NORMS, DemoSpec, ensure_demo_model
 from .errors import UserError
-from .metrics import AngularResult, angular_distances
-from .surgery import find_layers, norm_placement
+from .lns import INITS
+from .progress import SILENT, Progress
+from .runs import Timer, run_record
+from .structure import find_layers, norm_placement
 from .sweep import perplexity_sweep
-from .text import TextSource, batches, stdlib_corpus, token_windows
-from .variance import VarianceResult, residual_variance
+from .text import TextSource, stdlib_corpus
+from .variance import VarianceResult, variance_on_windows
+from .windows import TokenWindows
 
 #: Sizes: ``demo`` runs in minutes on a CPU; ``llama-130m`` is the paper's smallest model
 #: (12 layers, hidden 768, 12 heads, MLP 2048, sequence 256), for a GPU.
@@ -38,7 +42,7 @@ PRESETS: dict[str, DemoSpec] = {
 }
 #: What the paper's label for each norm is.
 LABELS = {"pre-ln": "Pre-LN", "lns": "LNS", "post-ln": "Post-LN"}
-#: What ``surgery.norm_placement`` must report for each twin once loaded back.
+#: What ``structure.norm_placement`` must report for each twin once loaded back.
 EXPECTED_PLACEMENT = {"pre-ln": "pre-LN", "lns": "pre-LN+LNS", "post-ln": "post-LN"}
 #: Layers in the deepest half are "deep" for the headline numbers.
 DEEP_FROM = 0.5
@@ -189,66 +193,103 @@ def eval_text_for(text: TextSource | None, eval_text: TextSource | None,
     return split_text(text, held_out)
 
 
-def reproduce(
-    spec: DemoSpec,
-    norms: Sequence[str] = ("pre-ln", "lns"),
-    *,
-    text: TextSource | None = None,
-    eval_text: TextSource | None = None,
-    held_out: float = 0.1,
-    eval_tokens: int = 16_384,
-    batch_size: int = 8,
-    threshold: float = 0.2,
-    device: str | torch.device = "cpu",
-    fresh: bool | Collection[str] = False,
-    on_train_step: Callable[[str, int, float], None] | None = None,
-    on_phase: Callable[[str], None] | None = None,
-) -> ReproduceResult:
-    """Train (or reuse cached) twins that differ only in the norm, then measure each.
+def check_spec(spec: DemoSpec) -> DemoSpec:
+    """``spec`` if every size is usable and its ``init`` known (where ``--init`` is checked), else a UserError."""
+    for name in ("layers", "hidden", "heads", "intermediate", "vocab", "seq_len", "batch_size", "steps"):
+        if getattr(spec, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(spec, name)}")
+    if spec.hidden % spec.heads:
+        raise UserError(f"--hidden {spec.hidden} must be a multiple of --heads {spec.heads}")
+    if spec.seq_len < 8:
+        raise UserError(f"--seq-len must be at least 8, not {spec.seq_len}")
+    if spec.vocab < 260:
+        raise UserError(f"--vocab must be at least 260 (256 bytes + special tokens), not {spec.vocab}")
+    if not spec.lr > 0:
+        raise UserError(f"--lr must be positive, not {spec.lr}")
+    if spec.init not in INITS:
+        raise UserError(f"--init must be {' or '.join(INITS)}, not {spec.init!r}")
+    return spec
 
-    ``text`` is the training text (default: the stdlib docstrings, evaluated on the held-out
-    tenth of modules); a user's text is split into train and held-out parts unless
-    ``eval_text`` is given. ``fresh`` retrains cached models: all (True) or the norms named.
-    Progress: ``on_train_step(norm, step, loss)`` and ``on_phase(msg)``.
+
+def spec_from(preset: str = "demo", **changes: Any) -> DemoSpec:
+    """A preset's spec with the given fields changed (None leaves a field as it is), checked."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown --preset {preset!r} (use {', '.join(PRESETS)})")
+    return check_spec(PRESETS[preset].with_(**changes))
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """What ``lnsdiag reproduce`` trains and measures, checked when built.
+
+    ``spec`` is the shared recipe (its ``norm`` is set per twin); ``norms`` the twins, as a
+    list or ``"pre-ln,lns"``; ``eval_tokens`` the held-out tokens every twin is measured on;
+    ``held_out`` the fraction of a user's training text kept back when no held-out text is given.
     """
+
+    spec: DemoSpec = PRESETS["demo"]
+    norms: Sequence[str] = ("pre-ln", "lns")  # a tuple once built
+    eval_tokens: int = 16_384
+    batch_size: int = 8
+    threshold: float = 0.2
+    held_out: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "norms", tuple(parse_norms(self.norms)))
+        check_spec(self.spec)
+        if self.eval_tokens < self.spec.seq_len:
+            raise UserError(f"--eval-tokens {self.eval_tokens} is less than one sequence ({self.spec.seq_len} tokens)")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, not {self.batch_size}")
+
+    def measuring(self) -> AngularConfig:
+        """How each twin's held-out windows are measured: every block size, every token."""
+        return AngularConfig(seq_len=self.spec.seq_len, max_tokens=self.eval_tokens, batch_size=self.batch_size,
+                             max_block=None, threshold=self.threshold)
+
+
+class _Labelled(Progress):
+    """Passes progress on with the twin's label before each phase name ("LNS: residual variance")."""
+
+    def __init__(self, label: str, inner: Progress) -> None:
+        self.label, self.inner = label, inner
+
+    def phase(self, name: str, total: float | None = None) -> None:
+        self.inner.phase(f"{self.label}: {name}", total)
+
+    def advance(self, amount: float = 1, *, detail: str | None = None) -> None:
+        self.inner.advance(amount, detail=detail)
+
+
+def _measure_twins(config: ReproduceConfig, *, text: TextSource | None, eval_text: TextSource | None,
+                   device: str | torch.device, fresh: bool | Collection[str], progress: Progress) -> ReproduceResult:
     from .models import load_model
 
-    norms = parse_norms(norms)
-    if spec.steps < 1:
-        raise UserError(f"--steps must be at least 1, not {spec.steps}")
-    if eval_tokens < spec.seq_len:
-        raise UserError(f"--eval-tokens {eval_tokens} is less than one sequence ({spec.seq_len} tokens)")
-    note = on_phase or (lambda _msg: None)
-    train_text, held = eval_text_for(text, eval_text, held_out)
+    spec, measuring = config.spec, config.measuring()
+    train_text, held = eval_text_for(text, eval_text, config.held_out)
     runs: list[TwinRun] = []
     vocabularies: list[dict[str, int]] = []
-    reference_windows: list[torch.Tensor] | None = None
+    reference: TokenWindows | None = None
     notes: list[str] = []
-    for norm in norms:
+    for norm in config.norms:
         twin = spec.with_(norm=norm)
         retrain = fresh is True or (not isinstance(fresh, bool) and norm in fresh)
-        path, record = ensure_demo_model(
-            twin, fresh=retrain, device=device, text=train_text, on_phase=note,
-            on_step=None if on_train_step is None else (lambda step, loss, n=norm: on_train_step(n, step, loss)),
-        )
+        path, record = ensure_demo_model(twin, fresh=retrain, device=device, text=train_text, progress=progress)
         loaded = load_model(str(path), device=str(device), dtype="float32")
         loaded.name = twin.name
         vocabularies.append(loaded.tokenizer.get_vocab())
-        windows = token_windows(loaded.tokenizer, held.texts, seq_len=spec.seq_len, max_tokens=eval_tokens)
-        if reference_windows is None:
-            reference_windows = windows
-        elif len(windows) != len(reference_windows) or any(
-                not torch.equal(a, b) for a, b in zip(windows, reference_windows, strict=False)):
-            notes.append(f"{LABELS[norm]} was evaluated on other tokens than {LABELS[norms[0]]} "
+        windows = TokenWindows.of(loaded.tokenizer, held.texts, seq_len=spec.seq_len, max_tokens=config.eval_tokens,
+                                  name=held.name)
+        if reference is None:
+            reference = windows
+        elif windows.digest != reference.digest:
+            notes.append(f"{LABELS[norm]} was evaluated on other tokens than {LABELS[config.norms[0]]} "
                          "(its tokenizer differs)")
-        note(f"measuring {LABELS[norm]}: angular distances and residual variance")
+        labelled = _Labelled(LABELS[norm], progress)
         stack = find_layers(loaded.model)
-        pad = loaded.tokenizer.pad_token_id or 0
-        angular = angular_distances(loaded.model, batches(windows, batch_size, pad), threshold=threshold,
-                                    max_block=None, stack=stack)
-        variance = residual_variance(loaded.model, batches(windows, batch_size, pad), stack=stack)
-        note(f"perplexity of {LABELS[norm]}, and without each layer (one pass)")
-        sweep = perplexity_sweep(loaded, windows, angular=angular.layers)
+        angular = angular_on_windows(loaded.model, windows, measuring, stack=stack, progress=labelled)
+        variance = variance_on_windows(loaded.model, windows, measuring, stack=stack, progress=labelled)
+        sweep = perplexity_sweep(loaded, windows, angular=angular.layers, progress=labelled)
         placement = norm_placement(loaded.model, stack)
         if placement != EXPECTED_PLACEMENT[norm]:
             notes.append(f"{LABELS[norm]} loaded as {placement}, not {EXPECTED_PLACEMENT[norm]}")
@@ -266,20 +307,54 @@ def reproduce(
                            eval_text=held.name, eval_tokens=tokens, runs=runs, same_tokenizer=same, notes=notes)
 
 
-def spec_from(preset: str = "demo", **changes: Any) -> DemoSpec:
-    """A preset's spec with the given fields changed (None leaves a field as it is)."""
-    if preset not in PRESETS:
-        raise UserError(f"unknown --preset {preset!r} (use {', '.join(PRESETS)})")
-    spec = PRESETS[preset].with_(**changes)
-    for name in ("layers", "hidden", "heads", "intermediate", "vocab", "seq_len", "batch_size", "steps"):
-        if getattr(spec, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(spec, name)}")
-    if spec.hidden % spec.heads:
-        raise UserError(f"--hidden {spec.hidden} must be a multiple of --heads {spec.heads}")
-    if spec.seq_len < 8:
-        raise UserError(f"--seq-len must be at least 8, not {spec.seq_len}")
-    if spec.vocab < 260:
-        raise UserError(f"--vocab must be at least 260 (256 bytes + special tokens), not {spec.vocab}")
-    if not spec.lr > 0:
-        raise UserError(f"--lr must be positive, not {spec.lr}")
-    return spec
+def reproduce(
+    spec: DemoSpec,
+    norms: str | Sequence[str] = ("pre-ln", "lns"),
+    *,
+    text: TextSource | None = None,
+    eval_text: TextSource | None = None,
+    held_out: float = 0.1,
+    eval_tokens: int = 16_384,
+    batch_size: int = 8,
+    threshold: float = 0.2,
+    device: str | torch.device = "cpu",
+    fresh: bool | Collection[str] = False,
+    progress: Progress = SILENT,
+) -> ReproduceResult:
+    """Train (or reuse cached) twins that differ only in the norm, then measure each.
+
+    ``text`` is the training text (default: the stdlib docstrings, evaluated on the held-out
+    tenth of modules); a user's text is split into train and held-out parts unless
+    ``eval_text`` is given. ``fresh`` retrains cached models: all (True) or the norms named.
+    """
+    config = ReproduceConfig(spec=spec, norms=norms, eval_tokens=eval_tokens,
+                             batch_size=batch_size, threshold=threshold, held_out=held_out)
+    return _measure_twins(config, text=text, eval_text=eval_text, device=device, fresh=fresh, progress=progress)
+
+
+@dataclass(frozen=True)
+class ReproduceRun:
+    """A ``reproduce`` run: the result, and the JSON record of how it was made (``meta.json``)."""
+
+    result: ReproduceResult
+    meta: dict[str, Any]
+
+
+def run(config: ReproduceConfig, *, text: TextSource | None = None, eval_text: TextSource | None = None,
+        device: str | torch.device = "cpu", fresh: bool | Collection[str] = False,
+        progress: Progress = SILENT) -> ReproduceRun:
+    """Train (or reuse) the twins, measure them and record how (``lnsdiag reproduce`` and the demo)."""
+    timer = Timer()
+    with timer("train and measure"):
+        result = _measure_twins(config, text=text, eval_text=eval_text, device=device, fresh=fresh,
+                                progress=progress)
+    meta = run_record(
+        "reproduce", model=None, spec=asdict(config.spec), norms=list(config.norms), train_text=result.train_text,
+        eval_text=result.eval_text, eval_tokens=result.eval_tokens, same_tokenizer=result.same_tokenizer,
+        settings={"batch_size": config.batch_size, "threshold": config.threshold, "device": str(device)},
+        models=[{"norm": r.norm, "name": r.name, "path": str(r.path), "placement": r.placement,
+                 "train": r.record.get("train")} for r in result.runs],
+        summary=result.summary().to_dict(orient="records"), headline=result.headline(),
+        timings={**timer.seconds, "total": timer.total()},
+    )
+    return ReproduceRun(result, meta)

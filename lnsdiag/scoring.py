@@ -1,40 +1,36 @@
-"""Score a model as it is right now: lm-eval tasks, and a built-in perplexity.
+"""What scoring a model variant means, whatever scores it: the rows it yields and the small
+interface both sweep engines call.
 
-The lm-eval side loads tasks once (a ``TaskSet``) and wraps the model once (``make_lm``);
-each call of :func:`evaluate_tasks` scores whatever layers are currently removed. Metrics and
-their stderr are lm-eval's own aggregation, returned as tidy :class:`MetricRow` rows.
-
-Pitfalls handled here (lm-eval 0.4.x): ``simple_evaluate`` ignores ``batch_size`` for a model
-object and re-indexes all 14k tasks per call, so we call ``evaluate`` with a prebuilt task
-dict; few-shot samplers are reseeded before every call (they advance otherwise); requests
-and response caches are never used (their keys ignore the model's state).
+Two scorers implement :class:`Scorer`: lm-eval tasks (:mod:`lnsdiag.lmeval`) and the built-in
+perplexity (:mod:`lnsdiag.perplexity`). The naive engine calls ``score()`` once per variant
+with the variant's layers removed; the fast engine scores every scorer's ``requests()`` for
+all variants in one pass and hands each variant's answers to ``aggregate()``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import functools
-import io
-import logging
-import math
-from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
-from .engine import TokenRequest
-from .errors import UserError
-from .surgery import no_cache_kwargs
+if TYPE_CHECKING:
+    from .perplexity import Perplexity
 
 #: Metrics shown first when a task has several (the paper reports accuracy).
 MAIN_METRICS = ("acc", "acc_norm", "exact_match", "em", "f1", "mcc", "ppl", "word_perplexity", "perplexity",
                 "bits_per_byte", "byte_perplexity")
 LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ppl", "nll"}
-PPL_TASK = "ppl"
-DEFAULT_BOOTSTRAP = 100_000  # lm-eval's own default; mean metrics use a closed form anyway
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """Score ``continuation`` after ``context`` (token ids), as lm-eval's loglikelihood does."""
+
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
 
 
 @dataclass
@@ -53,346 +49,52 @@ class MetricRow:
         return asdict(self)
 
 
-# --- lm-eval: tasks ---------------------------------------------------------------------------
-
-def quiet_lm_eval() -> None:
-    """Stop lm-eval's loggers and tqdm bars from writing between our progress bars."""
-    import tqdm as tqdm_module
-
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-
-    def silent_tqdm(*args: Any, **kwargs: Any) -> Any:
-        kwargs["disable"] = True
-        return tqdm_module.tqdm(*args, **kwargs)
-
-    import lm_eval.api.model
-    import lm_eval.api.task
-    import lm_eval.models.huggingface
-
-    for module in (lm_eval.api.task, lm_eval.api.model, lm_eval.models.huggingface):
-        if hasattr(module, "tqdm"):
-            module.tqdm = silent_tqdm
-
-
-def parse_limit(limit: str | float | int | None) -> int | float | None:
-    """``--limit``: a count of documents per task (``100``) or a fraction (``0.1``)."""
-    if limit is None or (isinstance(limit, str) and not limit.strip()):
-        return None
-    try:
-        value = float(limit)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"--limit {limit!r} must be a count (100) or a fraction (0.1)") from exc
-    if value <= 0:
-        raise UserError(f"--limit must be positive, not {limit}")
-    if value < 1:
-        return value
-    if value != int(value):
-        raise UserError(f"--limit {limit}: a count must be a whole number (fractions are below 1)")
-    return int(value)
-
-
-#: Output types the fast engine serves (everything that is a log-likelihood).
-LOGLIK_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling")
-
-
 @dataclass
-class TaskSet:
-    """lm-eval tasks loaded once and evaluated many times."""
+class Scores:
+    """A variant's metric rows, plus the per-window perplexity data for paired comparisons."""
 
-    names: list[str]
-    task_dict: dict[str, Any]
-    num_fewshot: int | None
-    include_path: str | None
-    manager: Any = field(default=None, repr=False)
+    rows: list[MetricRow] = field(default_factory=list)
+    ppl: Perplexity | None = None
 
-    def leaves_of(self, name: str) -> list[str] | None:
-        """Leaf tasks under a requested name (None for a tag, whose members are not recorded)."""
-        if name in self.leaf_tasks:
-            return [name]
-        if name not in self.task_dict.get("group_map", {}):
-            return None
-        out: list[str] = []
-        for child in self.task_dict["group_map"][name]:
-            child_name = child if isinstance(child, str) else getattr(child, "group_name", str(child))
-            out += self.leaves_of(child_name) or []
-        return out
-
-    def split_by_output(self) -> tuple[list[str], list[str]]:
-        """Requested names whose tasks are all log-likelihoods, and the others (generation)."""
-        types = self.output_types()
-        if all(t in LOGLIK_TYPES for t in types.values()):
-            return list(self.names), []
-        fast, slow = [], []
-        for name in self.names:
-            leaves = self.leaves_of(name)
-            ok = leaves is not None and all(types.get(leaf) in LOGLIK_TYPES for leaf in leaves)
-            (fast if ok else slow).append(name)
-        return fast, slow
-
-    def subset(self, names: list[str]) -> TaskSet:
-        """The same tasks, configured the same way, for some of the requested names."""
-        if names == self.names:
-            return self
-        with contextlib.redirect_stdout(io.StringIO()):
-            task_dict = self.manager.load(list(names))
-        _configure_fewshot(task_dict, self.num_fewshot)
-        return TaskSet(list(names), task_dict, self.num_fewshot, self.include_path, self.manager)
-
-    @property
-    def leaf_tasks(self) -> dict[str, Any]:
-        return self.task_dict["tasks"]
-
-    def output_types(self) -> dict[str, str]:
-        return {name: task.OUTPUT_TYPE for name, task in self.leaf_tasks.items()}
-
-    def reseed(self, seed: int) -> None:
-        for task in self.leaf_tasks.values():
-            task.set_fewshot_seed(seed=seed)
-
-    def describe(self) -> dict[str, Any]:
-        return {"tasks": self.names, "leaf_tasks": sorted(self.leaf_tasks), "num_fewshot": self.num_fewshot,
-                "include_path": self.include_path,
-                "versions": {n: t.VERSION for n, t in self.leaf_tasks.items()}}
+    def __add__(self, other: Scores) -> Scores:
+        return Scores(self.rows + other.rows, self.ppl if other.ppl is None else other.ppl)
 
 
-def _check_include_path(include_path: str | Path | None) -> str | None:
-    if include_path is None:
-        return None
-    path = Path(include_path).expanduser()
-    if not path.is_dir():
-        raise UserError(f"--include-path {include_path}: no such directory")
-    if not any(path.rglob("*.yaml")) and not any(path.rglob("*.yml")):
-        raise UserError(f"--include-path {include_path} holds no task YAML files")
-    return str(path.resolve())
+class Scorer(ABC):
+    """Scores a model variant. The contract both engines rely on:
 
-
-def load_tasks(names: Sequence[str], include_path: str | Path | None = None,
-               num_fewshot: int | None = None) -> TaskSet:
-    """Resolve task/group names (with local YAMLs first) and build the task objects once.
-
-    Indexing lm-eval's ~14k built-in tasks takes ~15 s, so a run whose tasks all come from
-    ``include_path`` never does it.
+    * :meth:`score` scores the model as it is right now: the naive engine calls it inside
+      ``removed_layers``. Every metric and stderr comes from here or from :meth:`aggregate`.
+    * :meth:`requests` lists the token-level log-likelihood requests the metrics depend on,
+      built once, in a fixed order. The fast engine answers them for every variant.
+    * :meth:`aggregate` turns one variant's answers to :meth:`requests` (same order) into
+      the same :class:`Scores` that :meth:`score` gives for that variant.
+    * :meth:`score_rest` scores what log-likelihoods cannot serve (text generation) on the
+      model as it is now, inside ``removed_layers``; empty when there is nothing.
+    * :meth:`settings` are what changes the numbers, for a result store's fingerprint.
     """
-    from lm_eval.tasks import TaskManager
 
-    quiet_lm_eval()
-    names = [n.strip() for n in names if n and n.strip()]
-    if not names:
-        raise UserError("--tasks is empty")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise UserError(f"--num-fewshot must be 0 or more, not {num_fewshot}")
-    include = _check_include_path(include_path)
-    manager = TaskManager(include_path=include, include_defaults=False) if include else None
-    if manager is None or any(n not in manager.all_tasks for n in names):
-        manager = TaskManager(include_path=include)
-    known = set(manager.all_tasks)
-    for name in names:
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else " (lm-eval's task list: lm-eval ls tasks)"
-            raise UserError(f"unknown task {name!r}{hint}")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            task_dict = manager.load(list(names))
-    except Exception as exc:  # a task whose dataset cannot be fetched, a broken YAML...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
-        raise UserError(f"cannot load tasks {', '.join(names)}: {first}") from exc
-    _configure_fewshot(task_dict, num_fewshot)
-    return TaskSet(list(names), task_dict, num_fewshot, include, manager)
+    #: Names of the tasks this scorer reports, in the order a table shows them.
+    tasks: list[str]
 
+    @abstractmethod
+    def score(self) -> Scores: ...
 
-def _configure_fewshot(task_dict: dict[str, Any], num_fewshot: int | None) -> None:
-    """As lm-eval's simple_evaluate: override, except where a task's config pins 0 shots."""
-    for task in task_dict["tasks"].values():
-        configured = task.get_config("num_fewshot")
-        if num_fewshot is not None and configured != 0:
-            task.set_config(key="num_fewshot", value=num_fewshot)
-        elif configured is None:
-            task.set_config(key="num_fewshot", value=0)
+    @abstractmethod
+    def requests(self) -> list[TokenRequest]: ...
 
+    @abstractmethod
+    def aggregate(self, loglik: np.ndarray, greedy: np.ndarray) -> Scores: ...
 
-# --- lm-eval: the model -----------------------------------------------------------------------
+    def score_rest(self) -> Scores:
+        return Scores()
 
-def _request_key(instance: Any) -> tuple:
-    """Identifies a request within one evaluate() call: (type, task, doc, choice index)."""
-    return (instance.request_type, instance.task_name, instance.doc_id, instance.idx)
+    def needs_model_per_variant(self) -> bool:
+        """Whether :meth:`score_rest` has work (the fast engine then removes layers for it)."""
+        return False
 
-
-@dataclass
-class RequestLog:
-    """The token-level requests lm-eval made, by request key, in the order it made them."""
-
-    single: list[tuple[tuple, TokenRequest]] = field(default_factory=list)
-    rolling: list[tuple[tuple, list[TokenRequest]]] = field(default_factory=list)
-    args: dict[tuple, tuple] = field(default_factory=dict)  # the text of each request, to check replays
-
-    def token_requests(self) -> list[TokenRequest]:
-        return [r for _, r in self.single] + [w for _, windows in self.rolling for w in windows]
-
-    def tables(self, loglik: Sequence[float], greedy: Sequence[bool]) -> tuple[dict, dict]:
-        """Per-key answers for a replay: (log-likelihood, is_greedy) and rolling totals."""
-        single = {key: ((float(loglik[n]), bool(greedy[n])), self.args[key]) for n, (key, _) in enumerate(self.single)}
-        rolling, n = {}, len(self.single)
-        for key, windows in self.rolling:
-            total = sum(float(x) for x in loglik[n:n + len(windows)])  # HFLM's order and float sum
-            rolling[key] = (total, self.args[key])
-            n += len(windows)
-        return single, rolling
-
-
-@functools.cache
-def _lm_classes() -> tuple[type, type, type]:
-    """lm-eval model classes, built on first use (importing lm-eval takes seconds)."""
-    from lm_eval import utils as lm_utils
-    from lm_eval.api.model import LM
-    from lm_eval.models.huggingface import HFLM
-
-    class LnsdiagHFLM(HFLM):
-        """HFLM whose scoring passes build no KV cache (removed layers then cost nothing)."""
-
-        def _model_call(self, inps: torch.Tensor, attn_mask: Any = None, labels: Any = None) -> torch.Tensor:
-            if attn_mask is not None or labels is not None:
-                return super()._model_call(inps, attn_mask, labels)
-            with torch.no_grad():
-                return self.model(inps, **no_cache_kwargs(self.model)).logits
-
-    class RequestCollector(LnsdiagHFLM):
-        """Records lm-eval's tokenised requests (its own encoding and windowing) without scoring."""
-
-        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
-            self._pending = requests
-            return super().loglikelihood(requests, disable_tqdm=True)
-
-        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, override_bs: Any = None) -> list:
-            for instance, (_, context, continuation) in zip(self._pending, requests, strict=True):
-                key = _request_key(instance)
-                self.log.single.append((key, TokenRequest(tuple(context), tuple(continuation))))
-                self.log.args[key] = instance.args
-            return [(0.0, False)] * len(requests)
-
-        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list:
-            for instance in requests:
-                windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(instance.args[0]), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1))
-                key = _request_key(instance)
-                self.log.rolling.append((key, [TokenRequest(tuple(c), tuple(t)) for c, t in windows]))
-                self.log.args[key] = instance.args
-            return [0.0] * len(requests)
-
-        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list:
-            raise RuntimeError("generation tasks are scored by the naive engine")
-
-    class ReplayLM(LM):
-        """Hands stored per-request answers to lm-eval, which aggregates metrics and stderr."""
-
-        def __init__(self, single: dict, rolling: dict) -> None:
-            super().__init__()
-            self.single, self.rolling = single, rolling
-
-        @staticmethod
-        def _answer(table: dict, request: Any) -> Any:
-            answer, args = table[_request_key(request)]
-            if args != request.args:  # few-shot sampling or data differ from the collected run
-                raise RuntimeError(f"replayed request {_request_key(request)} does not match the scored one")
-            return answer
-
-        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
-            return [self._answer(self.single, r) for r in requests]
-
-        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list:
-            return [self._answer(self.rolling, r) for r in requests]
-
-        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list:
-            raise RuntimeError("generation tasks are scored by the naive engine")
-
-    return LnsdiagHFLM, RequestCollector, ReplayLM
-
-
-def make_lm(loaded: Any, batch_size: int | str = 8, max_length: int | None = None) -> Any:
-    """Wrap the loaded model for lm-eval, once per run (not once per variant).
-
-    Log-softmax runs in float32 whatever the model dtype (lm-eval's default would keep bf16
-    and sum bf16 log-probs); a scoring pass builds no KV cache, so removed layers cost nothing.
-    """
-    quiet_lm_eval()
-    hflm, _, _ = _lm_classes()
-    with contextlib.redirect_stdout(io.StringIO()):
-        return hflm(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size,
-                    max_length=max_length, softmax_dtype=torch.float32, logits_cache=True)
-
-
-def collect_requests(lm: Any, tasks: TaskSet, *, limit: int | float | None = None, seed: int = 1234) -> RequestLog:
-    """Every token-level request the tasks make, built and tokenised once by lm-eval itself."""
-    _, collector_cls, _ = _lm_classes()
-    collector = collector_cls.__new__(collector_cls)
-    collector.__dict__.update(lm.__dict__)  # share model, tokenizer and settings; no second init
-    collector.log = RequestLog()
-    seed_everything(seed)
-    evaluate_tasks(collector, tasks, limit=limit, seed=seed, bootstrap_iters=0)
-    return collector.log
-
-
-def replay_metrics(tasks: TaskSet, single: dict, rolling: dict, *, limit: int | float | None = None,
-                   seed: int = 1234, bootstrap_iters: int = DEFAULT_BOOTSTRAP) -> list[MetricRow]:
-    """lm-eval's metrics and stderr for stored per-request answers (no model runs)."""
-    _, _, replay_cls = _lm_classes()
-    seed_everything(seed)
-    return tidy_metrics(evaluate_tasks(replay_cls(single, rolling), tasks, limit=limit, seed=seed,
-                                       bootstrap_iters=bootstrap_iters))
-
-
-def evaluate_tasks(lm: Any, tasks: TaskSet, *, limit: int | float | None = None, seed: int = 1234,
-                   bootstrap_iters: int = DEFAULT_BOOTSTRAP) -> dict[str, Any]:
-    """Run lm-eval's ``evaluate`` on the model as it is now; returns lm-eval's results dict."""
-    from lm_eval.evaluator import evaluate
-
-    tasks.reseed(seed)
-    with contextlib.redirect_stdout(io.StringIO()):  # the bootstrap prints
-        results = evaluate(lm=lm, task_dict=tasks.task_dict, limit=limit, bootstrap_iters=bootstrap_iters,
-                           log_samples=False)
-    if results is None:  # non-zero ranks in distributed runs
-        raise RuntimeError("lm-eval returned no results")
-    return results
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python/numpy/torch as lm-eval's ``simple_evaluate`` does (0, seed, seed)."""
-    import random
-
-    import numpy as np
-
-    random.seed(0)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _number(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def tidy_metrics(results: dict[str, Any]) -> list[MetricRow]:
-    """lm-eval's nested results as rows: every task and group, every metric, with its stderr."""
-    rows = []
-    higher = results.get("higher_is_better", {})
-    groups = set(results.get("groups", {})) | set(results.get("group_subtasks", {}))
-    samples = results.get("n-samples", {})
-    for task, entry in results["results"].items():
-        for key, value in entry.items():
-            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            metric, _, filt = key.partition(",")
-            name = metric if filt in ("none", "") else f"{metric}[{filt}]"
-            stderr = _number(entry.get(f"{metric}_stderr,{filt}"))
-            hib = higher.get(task, {}).get(metric, metric not in LOWER_IS_BETTER)
-            count = samples.get(task, {}).get("effective") if isinstance(samples.get(task), dict) else None
-            if count is None and isinstance(entry.get("sample_len"), int):
-                count = entry["sample_len"]
-            rows.append(MetricRow(task, name, float(value), stderr, bool(hib), count, task in groups))
-    return rows
+    @abstractmethod
+    def settings(self) -> dict[str, Any]: ...
 
 
 def main_metric(metrics: Sequence[str]) -> str:
@@ -401,154 +103,3 @@ def main_metric(metrics: Sequence[str]) -> str:
         if preferred in metrics:
             return preferred
     return sorted(metrics)[0]
-
-
-# --- built-in perplexity ----------------------------------------------------------------------
-
-@dataclass
-class Perplexity:
-    """Token-level negative log-likelihood of a text, per window (for an honest stderr)."""
-
-    window_nll: list[float]
-    window_tokens: list[int]
-    window_bytes: list[int]
-
-    @property
-    def tokens(self) -> int:
-        return sum(self.window_tokens)
-
-    @property
-    def mean_nll(self) -> float:
-        return sum(self.window_nll) / self.tokens
-
-    def _ratio_stderr(self, denominators: list[int]) -> float:
-        """Stderr of Σnll/Σd across windows (ratio estimator; windows are the sampling unit)."""
-        n = len(self.window_nll)
-        if n < 2:
-            return math.nan
-        total = sum(denominators)
-        ratio = sum(self.window_nll) / total
-        resid = sum((a - ratio * d) ** 2 for a, d in zip(self.window_nll, denominators, strict=True))
-        return math.sqrt(resid / (n * (n - 1))) / (total / n)
-
-    def paired_delta_stderr(self, base: Perplexity) -> dict[str, float]:
-        """Stderr of (self − base) for ppl, bits_per_byte and nll, paired window by window.
-
-        Both were scored on the same windows, so window difficulty cancels: this is the noise
-        of the *difference*, far smaller than either metric's own stderr. Each window's
-        linearised contribution (delta method on the ratio estimators) is resampled.
-        """
-        n = len(self.window_nll)
-        if self.window_tokens != base.window_tokens or n < 2:
-            return {}
-
-        def stderr(residuals: list[float], denominators: list[int]) -> float:
-            return math.sqrt(sum(r * r for r in residuals) / (n * (n - 1))) / (sum(denominators) / n)
-
-        tokens, sizes = self.window_tokens, self.window_bytes
-        m_v, m_b = self.mean_nll, base.mean_nll
-        d_nll = m_v - m_b
-        d_byte = (sum(self.window_nll) - sum(base.window_nll)) / sum(sizes)
-        diffs = [a - b for a, b in zip(self.window_nll, base.window_nll, strict=True)]
-        e_v, e_b = math.exp(m_v), math.exp(m_b)
-        return {
-            "nll": stderr([d - d_nll * t for d, t in zip(diffs, tokens, strict=True)], tokens),
-            "ppl": stderr([e_v * (a - m_v * t) - e_b * (b - m_b * t)
-                           for a, b, t in zip(self.window_nll, base.window_nll, tokens, strict=True)], tokens),
-            "bits_per_byte": stderr([d - d_byte * z for d, z in zip(diffs, sizes, strict=True)], sizes) / math.log(2),
-        }
-
-    def as_json(self) -> dict[str, list]:
-        return {"window_nll": self.window_nll, "window_tokens": self.window_tokens, "window_bytes": self.window_bytes}
-
-    def rows(self, task: str = PPL_TASK) -> list[MetricRow]:
-        se_nll = self._ratio_stderr(self.window_tokens)
-        ppl = math.exp(self.mean_nll)
-        bpb = sum(self.window_nll) / sum(self.window_bytes) / math.log(2)
-        se_bpb = self._ratio_stderr(self.window_bytes) / math.log(2)
-        n = len(self.window_nll)
-        return [
-            MetricRow(task, "ppl", ppl, ppl * se_nll, False, n),  # delta method
-            MetricRow(task, "bits_per_byte", bpb, se_bpb, False, n),
-            MetricRow(task, "nll", self.mean_nll, se_nll, False, n),
-        ]
-
-
-def window_bytes(tokenizer: Any, windows: Sequence[torch.Tensor], skip_first: int) -> list[int]:
-    """UTF-8 bytes of the text each window predicts (its tokens after the first ``skip_first``)."""
-    return [len(tokenizer.decode(w[skip_first:].tolist(), skip_special_tokens=True).encode("utf-8")) or 1
-            for w in windows]
-
-
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-position NLL in float32 (log-softmax upcast: bf16 log-probs lose ~2 digits)."""
-    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
-
-
-def perplexity(model: torch.nn.Module, windows: Sequence[torch.Tensor], tokenizer: Any, *, batch_size: int = 8,
-               progress: Callable[[int], None] | None = None) -> Perplexity:
-    """Perplexity of ``windows`` (from ``text.token_windows``) under ``model`` as it is now.
-
-    Each window's first token (BOS, or the first text token) is context only; every later
-    token is predicted from the window's start. Windows do not overlap.
-    """
-    from .text import batches, context_tokens
-
-    skip = context_tokens(tokenizer)
-    device = model.get_input_embeddings().weight.device
-    nll: list[float] = []
-    counts: list[int] = []
-    for ids, mask in batches(windows, batch_size, tokenizer.pad_token_id or 0):
-        ids, mask = ids.to(device), mask.to(device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, **no_cache_kwargs(model)).logits
-        per_token = token_nll(logits[:, skip - 1:-1], ids[:, skip:])
-        valid = mask[:, skip:].bool()
-        nll.extend((per_token * valid).sum(dim=1, dtype=torch.float64).tolist())
-        counts.extend(valid.sum(dim=1).tolist())
-        if progress is not None:
-            progress(ids.shape[0])
-    return Perplexity(nll, counts, window_bytes(tokenizer, windows, skip))
-
-
-# --- one scorer for a whole run ---------------------------------------------------------------
-
-@dataclass
-class Scorer:
-    """Everything that scores one variant: tasks (lm-eval) and/or a perplexity text."""
-
-    loaded: Any
-    tasks: TaskSet | None = None
-    lm: Any = None
-    ppl_windows: list[torch.Tensor] | None = None
-    limit: int | float | None = None
-    seed: int = 1234
-    bootstrap_iters: int = DEFAULT_BOOTSTRAP
-    batch_size: int = 8
-
-    def __post_init__(self) -> None:
-        if self.tasks is None and not self.ppl_windows:
-            raise UserError("nothing to score: give --tasks and/or --ppl-text / --ppl-dataset")
-        if self.tasks is not None and self.lm is None:
-            self.lm = make_lm(self.loaded, self.batch_size)
-
-    def score(self) -> Scores:
-        """Score the model in its current state (call inside ``removed_layers`` for a variant)."""
-        rows: list[MetricRow] = []
-        ppl = None
-        if self.tasks is not None:
-            seed_everything(self.seed)
-            rows += tidy_metrics(evaluate_tasks(self.lm, self.tasks, limit=self.limit, seed=self.seed,
-                                                bootstrap_iters=self.bootstrap_iters))
-        if self.ppl_windows:
-            ppl = perplexity(self.loaded.model, self.ppl_windows, self.loaded.tokenizer, batch_size=self.batch_size)
-            rows += ppl.rows()
-        return Scores(rows, ppl)
-
-
-@dataclass
-class Scores:
-    """A variant's metric rows, plus the per-window perplexity data for paired comparisons."""
-
-    rows: list[MetricRow]
-    ppl: Perplexity | None = None

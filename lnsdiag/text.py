@@ -1,4 +1,4 @@
-"""Where diagnostic text comes from, and how it becomes padded token batches.
+"""Where diagnostic text comes from (its token windows are :mod:`lnsdiag.windows`).
 
 Sources: a local file (plain text, or JSON Lines with a text field), a ``datasets`` dataset,
 or the built-in corpus: the docstrings of Python's standard library, real English text that
@@ -14,13 +14,9 @@ import sys
 import sysconfig
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from .errors import UserError
 from .runs import atomic_write, cache_dir
@@ -206,88 +202,3 @@ def stdlib_corpus(split: str = "train") -> TextSource:
         if split == "all" or (zlib.crc32(rel.encode()) % 10 == 0) == (split == "test")
     ]
     return TextSource(f"stdlib-docstrings[{split}]", picked)
-
-
-# --- tokens --------------------------------------------------------------------------------
-
-def token_windows(
-    tokenizer: Any, texts: Iterable[str], *, seq_len: int, max_tokens: int | None
-) -> list[torch.Tensor]:
-    """Pack the texts (joined by blank lines) into windows of at most ``seq_len`` tokens.
-
-    Each window gets the tokenizer's own special tokens (Llama's BOS, BERT's [CLS]/[SEP]),
-    counted inside ``seq_len``; the total stops at ``max_tokens``. The last window may be
-    shorter: batches pad it and masks exclude the padding from every statistic.
-    """
-    prefix, suffix = special_tokens_around(tokenizer)
-    specials = len(prefix) + len(suffix)
-    body = seq_len - specials
-    if body < 1:
-        raise UserError(f"--seq-len {seq_len} leaves no room for text after {specials} special tokens")
-    if max_tokens is None:
-        needed = None
-    else:
-        full, rest = divmod(max_tokens, seq_len)
-        needed = full * body + max(0, rest - specials)
-    stream: list[int] = []
-    chunk: list[str] = []
-    chars = 0
-    goal = 16 * body if needed is None else max(4 * needed, 1024)
-    for text in texts:
-        chunk.append(text)
-        chars += len(text)
-        if chars >= goal:
-            stream.extend(_encode(tokenizer, chunk, continued=bool(stream)))
-            chunk, chars = [], 0
-            if needed is not None and len(stream) >= needed:
-                break
-    if chunk:
-        stream.extend(_encode(tokenizer, chunk, continued=bool(stream)))
-    if needed is not None:
-        stream = stream[:needed]
-    windows = [
-        torch.tensor(prefix + stream[i:i + body] + suffix, dtype=torch.long)
-        for i in range(0, len(stream), body)
-    ]
-    if not windows:
-        raise UserError("the text produced no tokens")
-    return windows
-
-
-def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The ids a tokenizer puts before and after a text (BOS; [CLS] ... [SEP]; none)."""
-    probe = "Hello world"
-    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(bare) + 1):
-        if full[start:start + len(bare)] == bare:
-            return list(full[:start]), list(full[start + len(bare):])
-    return [], []
-
-
-def context_tokens(tokenizer: Any) -> int:
-    """Leading tokens of a window that are context only when scoring it: the tokenizer's
-    prefix (BOS), or the first text token when there is none."""
-    return max(1, len(special_tokens_around(tokenizer)[0]))
-
-
-def _encode(tokenizer: Any, docs: list[str], continued: bool) -> list[int]:
-    text = ("\n\n" if continued else "") + "\n\n".join(docs)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def batches(
-    windows: Sequence[torch.Tensor], batch_size: int, pad_id: int = 0
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Right-padded ``(input_ids, attention_mask)`` batches of the windows, in order."""
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    for start in range(0, len(windows), batch_size):
-        group = windows[start:start + batch_size]
-        width = max(len(w) for w in group)
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for row, w in enumerate(group):
-            ids[row, : len(w)] = w
-            mask[row, : len(w)] = 1
-        yield ids, mask

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .surgery import no_cache_kwargs
+from .progress import SILENT, Progress
+from .structure import no_cache_kwargs
 
 
 @dataclass
@@ -67,12 +67,14 @@ def train_causal_lm(
     weight_decay: float = 0.1,
     seed: int = 0,
     prefix: list[int] | None = None,
-    on_step: Callable[[int, float], None] | None = None,
+    progress: Progress = SILENT,
 ) -> TrainLog:
     """Train ``model`` in place with AdamW on random windows of ``stream``.
 
     Same seed, same stream, same model shape: same batches in the same order, so two
-    models that differ only in their norms see exactly the same data.
+    models that differ only in their norms see exactly the same data. Each step advances
+    ``progress``'s current phase by one, with the step's loss as detail (the caller names
+    the phase: it knows what is being trained).
     """
     prefix = prefix or []
     device = next(model.parameters()).device
@@ -98,8 +100,7 @@ def train_causal_lm(
         optim.zero_grad(set_to_none=True)
         value = float(loss.detach())
         log.losses.append(value)
-        if on_step is not None:
-            on_step(step + 1, value)
+        progress.advance(1, detail=f"loss {value:.2f}")
     model.eval()
     log.seconds = time.perf_counter() - start
     return log

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     SpinnerColumn,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.progress import Progress as RichBars
+
+from .progress import Progress
 
 # Piped output (logs, CI) gets a wide page instead of rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 160)))
@@ -63,9 +67,9 @@ def note(message: str) -> None:
     err_console.print(f"[yellow]note:[/] {message}", highlight=False, soft_wrap=True)
 
 
-def make_progress(transient: bool = False) -> Progress:
+def make_progress(transient: bool = False) -> RichBars:
     """A progress bar with count, percentage, elapsed time and ETA (on stderr)."""
-    return Progress(
+    return RichBars(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -77,6 +81,92 @@ def make_progress(transient: bool = False) -> Progress:
         console=err_console,
         transient=transient,
     )
+
+
+class RichProgress(Progress):
+    """:class:`~lnsdiag.progress.Progress` as rich bars on stderr: one bar per phase, with ETA.
+
+    A finished phase stays on screen, completed; ``transient`` clears every bar at the end.
+    """
+
+    def __init__(self, transient: bool = False) -> None:
+        self.bars = make_progress(transient)
+        self._task: Any = None
+        self._name = ""
+        self._signal = _SignalAfter.from_env()
+
+    def __enter__(self) -> RichProgress:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._finish()
+        self.bars.stop()
+
+    def _finish(self) -> None:
+        if self._task is not None:
+            task = self.bars.tasks[self._task]
+            done = task.total if task.total is not None else max(task.completed, 1)
+            self.bars.update(self._task, total=done, completed=done, description=self._name)
+
+    def phase(self, name: str, total: float | None = None) -> None:
+        if name == self._name and self._task is not None:
+            self.bars.update(self._task, total=total)
+            return
+        self._finish()
+        self._name = name
+        self._task = self.bars.add_task(name, total=total)
+
+    def advance(self, amount: float = 1, *, detail: str | None = None) -> None:
+        if self._task is None:
+            self.phase("working")
+        self.bars.advance(self._task, amount)
+        if detail is not None:
+            self.bars.update(self._task, description=f"{self._name} ({detail})")
+        if self._signal is not None and amount:
+            self._signal.step(self._name)
+
+    def note(self, message: str) -> None:
+        self.bars.console.print(f"[yellow]note:[/] {message}", highlight=False, soft_wrap=True)
+
+    def stop(self) -> None:
+        """Stop drawing (before printing a message that must not be overdrawn)."""
+        self.bars.stop()
+
+    @contextmanager
+    def interlude(self) -> Iterator[None]:
+        """Pause the bars to print something (a table); later phases get fresh bars below it."""
+        self._finish()
+        self.bars.stop()
+        try:
+            yield
+        finally:
+            self.bars = make_progress(self.bars.live.transient)
+            self._task, self._name = None, ""
+            self.bars.start()
+
+
+class _SignalAfter:
+    """Test hook: ``LNSDIAG_TEST_SIGNAL="PHASE:N:SIGNAL"`` makes the process send itself SIGNAL
+    (KILL, INT...) after the N-th non-empty advance of PHASE, so tests interrupt long work at a
+    point given by its own progress, never by a timer."""
+
+    def __init__(self, phase: str, count: int, signum: int) -> None:
+        self.phase, self.count, self.signum, self.seen = phase, count, signum, 0
+
+    @classmethod
+    def from_env(cls) -> _SignalAfter | None:
+        spec = os.environ.get("LNSDIAG_TEST_SIGNAL")
+        if not spec:
+            return None
+        phase, count, name = spec.rsplit(":", 2)
+        return cls(phase, int(count), int(getattr(signal, f"SIG{name.upper()}")))
+
+    def step(self, phase: str) -> None:
+        if phase == self.phase:
+            self.seen += 1
+            if self.seen == self.count:
+                os.kill(os.getpid(), self.signum)
 
 
 @contextmanager

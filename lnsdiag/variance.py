@@ -11,22 +11,26 @@ block is close to the identity. Per layer l (0-based) on a text:
   the block's update relative to its input.
 
 One more row, ``layer = L``, holds the last block's output before the final norm (its
-``update_ratio`` is empty). States come from :func:`lnsdiag.metrics.stream_states`, so
+``update_ratio`` is empty). States come from :func:`lnsdiag.stream.stream_states`, so
 padding is excluded and memory stays bounded however long the text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pandas as pd
 import torch
 
 from .errors import UserError
-from .metrics import TokenMode, stream_states, text_batches
-from .surgery import LayerStack, find_layers
+from .progress import SILENT, Progress
+from .runs import Timer, run_record
+from .stream import StreamConfig, TokenMode, check_tokens, stream_states, tracked_batches
+from .structure import LayerStack, find_layers, norm_placement
+from .text import TextSource
+from .windows import TokenWindows
 
 
 @dataclass
@@ -100,20 +104,29 @@ def residual_variance(
     *,
     tokens: TokenMode = "all",
     stack: LayerStack | None = None,
-    progress: Callable[[int], None] | None = None,
 ) -> VarianceResult:
     """Variance, RMS and update ratio of x_0..x_L over the batches' non-padding tokens."""
-    if tokens not in ("all", "last"):
-        raise UserError(f"--tokens must be all or last, not {tokens!r}")
+    check_tokens(tokens)
     stack = stack or find_layers(model)
     acc = _Moments(len(stack) + 1)
     for ids, mask in batches:
         stream_states(model, stack, ids, mask, acc, tokens)
-        if progress is not None:
-            progress(int(mask.sum()) if tokens == "all" else int(mask.shape[0]))
     if acc.tokens == 0:
         raise UserError("no tokens to measure: the text is empty")
     return VarianceResult(acc.frame(), acc.tokens, tokens)
+
+
+@dataclass(frozen=True)
+class VarianceConfig(StreamConfig):
+    """What ``lnsdiag variance`` measures: only the text settings (window length, how many
+    tokens, batch size, which tokens)."""
+
+
+def variance_on_windows(model: torch.nn.Module, windows: TokenWindows, config: StreamConfig, *,
+                        stack: LayerStack | None = None, progress: Progress = SILENT) -> VarianceResult:
+    """Residual-stream statistics over a text's token windows, reporting windows done to ``progress``."""
+    batches = tracked_batches(windows, config.batch_size, progress, "residual variance")
+    return residual_variance(model, batches, tokens=config.tokens, stack=stack)
 
 
 def variance_on_text(
@@ -125,12 +138,43 @@ def variance_on_text(
     batch_size: int = 4,
     tokens: TokenMode = "all",
     stack: LayerStack | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress = SILENT,
 ) -> VarianceResult:
-    """Tokenise ``texts`` for a :class:`~lnsdiag.models.LoadedModel` and measure the stream.
+    """Tokenise ``texts`` for a :class:`~lnsdiag.models.LoadedModel` and measure the stream."""
+    config = VarianceConfig(seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, tokens=tokens)
+    return variance_on_windows(loaded.model, config.windows(loaded, texts), config, stack=stack, progress=progress)
 
-    ``progress(done, total)`` is called after each batch, counted in windows.
-    """
-    text, tick = text_batches(loaded, texts, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
-                              progress=progress)
-    return residual_variance(loaded.model, text, tokens=tokens, stack=stack, progress=tick)
+
+@dataclass(frozen=True)
+class VarianceRun:
+    """A ``variance`` run: the result, and the JSON record of how it was made (``meta.json``)."""
+
+    result: VarianceResult
+    meta: dict[str, Any]
+
+    @property
+    def model_name(self) -> str:
+        return str((self.meta.get("model") or {}).get("name", "model"))
+
+    @property
+    def placement(self) -> str:
+        """Where the model normalises (``pre-LN``, ``pre-LN+LNS``, ...): variance growth depends on it."""
+        return str(self.meta.get("norm_placement", ""))
+
+
+def run(loaded: Any, text: TextSource, config: VarianceConfig, *, layers_path: str | None = None,
+        progress: Progress = SILENT, timer: Timer | None = None) -> VarianceRun:
+    """Measure one model's residual stream on ``text`` and record how (``lnsdiag variance``)."""
+    timer = timer or Timer()
+    stack = find_layers(loaded.model, layers_path)
+    config = config.for_model(loaded.model)
+    placement = norm_placement(loaded.model, stack)
+    with timer("measure"):
+        result = variance_on_windows(loaded.model, config.windows(loaded, text.texts, text.name), config,
+                                     stack=stack, progress=progress)
+    meta = run_record(
+        "variance", model=loaded.describe(), text=text.name, tokens_used=result.tokens, layer_stack=stack.path,
+        num_layers=len(stack), norm_placement=placement, settings=asdict(config),
+        timings={**timer.seconds, "total": timer.total()},
+    )
+    return VarianceRun(result, meta)

@@ -59,3 +59,30 @@ def text_file(tmp_path):
     path = tmp_path / "sample.txt"
     path.write_text(SAMPLE_TEXT * 20, encoding="utf-8")
     return path
+
+
+class ProgressLog:
+    """A :class:`lnsdiag.progress.Progress` that records what it is told, and can stop the work
+    (Ctrl-C) at its ``stop_at``-th ``advance``: interruptions driven by the work's own progress."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.events: list[tuple] = []
+        self.stop_at = stop_at
+        self.advances = 0
+
+    def phase(self, name: str, total: float | None = None) -> None:
+        self.events.append(("phase", name, total))
+
+    def advance(self, amount: float = 1, *, detail: str | None = None) -> None:
+        self.events.append(("advance", amount))
+        self.advances += 1
+        if self.stop_at is not None and self.advances == self.stop_at:
+            raise KeyboardInterrupt
+
+    def note(self, message: str) -> None:
+        self.events.append(("note", message))
+
+    def after(self, phase: str) -> list[tuple]:
+        """The events after the (last) start of ``phase``."""
+        starts = [i for i, e in enumerate(self.events) if e[:2] == ("phase", phase)]
+        return self.events[starts[-1]:] if starts else []

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from lnsdiag.compare import compare_folders, load_run, resample
+from lnsdiag.compare import CompareConfig, compare_folders, load_run, resample, run
 from lnsdiag.errors import UserError
 
 from .test_cli_basic import assert_one_line_error, invoke
@@ -86,6 +86,15 @@ def test_same_label_twice_is_disambiguated(runs):
     a, _ = runs
     comparison = compare_folders([a, a])
     assert [r.label for r in comparison.runs] == ["org/A", "org/A (2)"]
+
+
+def test_run_records_the_runs(runs):
+    a, b = runs
+    result = run(CompareConfig((a, b), ("x", "y")))
+    assert result.slug == "x-vs-y" and result.comparison.bins == 4
+    assert [r["label"] for r in result.meta["runs"]] == ["x", "y"] and "load" in result.meta["timings"]
+    with pytest.raises(UserError, match="no result folders given"):
+        CompareConfig(())
 
 
 def test_cli_writes_table_plots_and_latex(runs, tmp_path):

@@ -10,14 +10,18 @@ import torch
 from typer.testing import CliRunner
 
 from lnsdiag.cli import app
-from lnsdiag.engine import Checkpoint, SweepEngine, TokenRequest, head_at, plan_rows
+from lnsdiag.engine import PASS_PHASE, Checkpoint, SweepEngine, head_at, plan_rows
+from lnsdiag.lmeval import LmEvalScorer, collect_requests, load_tasks
 from lnsdiag.models import LoadedModel
-from lnsdiag.scoring import Scorer, collect_requests, load_tasks
-from lnsdiag.surgery import find_layers, removed_layers
-from lnsdiag.sweep import ResultStore, run_fast, run_naive
-from lnsdiag.text import token_windows
+from lnsdiag.perplexity import PerplexityScorer
+from lnsdiag.scoring import TokenRequest
+from lnsdiag.store import ResultStore
+from lnsdiag.structure import find_layers
+from lnsdiag.surgery import removed_layers
+from lnsdiag.sweep import run_fast, run_naive
+from lnsdiag.windows import TokenWindows
 
-from .conftest import SAMPLE_TEXT
+from .conftest import SAMPLE_TEXT, ProgressLog
 from .families import tiny_model
 from .lmeval_tasks import write_tasks
 
@@ -63,11 +67,12 @@ def test_fast_equals_naive(family, limit, fewshot, tokenizer, tasks_dir, tmp_pat
     model = tiny_model(family, vocab_size=len(tokenizer))
     loaded = LoadedModel.wrap(model, tokenizer, name=family)
     taskset = load_tasks(["tiny_mc", "tiny_ppl"], tasks_dir, num_fewshot=fewshot)
-    windows = token_windows(tokenizer, [SAMPLE_TEXT * 3], seq_len=40, max_tokens=240)
+    windows = TokenWindows.of(tokenizer, [SAMPLE_TEXT * 3], seq_len=40, max_tokens=240)
     stack = find_layers(model)
 
     # 1. per request: engine vs HFLM._loglikelihood_tokens on the hooked model
-    scorer = Scorer(loaded, taskset, ppl_windows=windows, limit=limit, batch_size=3)
+    scorer = LmEvalScorer(loaded, taskset, limit=limit, batch_size=3)
+    scorers = [scorer, PerplexityScorer(model, windows, batch_size=3)]
     log = collect_requests(scorer.lm, taskset, limit=limit)
     requests = log.token_requests()
     assert len(log.single) > 0 and len(log.rolling) > 0
@@ -84,8 +89,8 @@ def test_fast_equals_naive(family, limit, fewshot, tokenizer, tasks_dir, tmp_pat
 
     # 2. metrics: the fast sweep equals the naive one (lm-eval per variant)
     fast, naive = ResultStore(tmp_path / "fast", {}), ResultStore(tmp_path / "naive", {})
-    run_fast(scorer, VARIANTS, stack, fast, batch_tokens=128)
-    run_naive(scorer, VARIANTS, stack, naive)
+    run_fast(model, scorers, VARIANTS, stack=stack, store=fast, batch_tokens=128)
+    run_naive(model, scorers, VARIANTS, stack=stack, store=naive)
     for variant in VARIANTS:
         got = {(r.task, r.metric): r for r in fast.done()[variant].rows}
         want = {(r.task, r.metric): r for r in naive.done()[variant].rows}
@@ -142,23 +147,18 @@ def test_checkpoint_resumes_an_interrupted_pass(tmp_path):
     requests = _requests()
     whole = SweepEngine(model, stack, VARIANTS, batch_tokens=64).run(requests, 32)
     checkpoint = Checkpoint(tmp_path / "partial.npz", "fp", every_seconds=0)
-    calls = []
-
-    def stop_after_two_batches(done, total):
-        calls.append(done)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
+    stop_after_two_batches = ProgressLog(stop_at=3)  # the resumed count, then two batches
 
     with pytest.raises(KeyboardInterrupt):
         SweepEngine(model, stack, VARIANTS, batch_tokens=64).run(requests, 32, progress=stop_after_two_batches,
                                                                   checkpoint=checkpoint)
     with np.load(tmp_path / "partial.npz") as saved:
         assert 0 < saved["done"].sum() < len(saved["done"]) and int(saved["budget"]) == 64
-    seen = []
+    seen = ProgressLog()
     # asked for another budget: the stored one wins, so the batches and the bits are the same
     resumed = SweepEngine(model, stack, VARIANTS, batch_tokens=999).run(
-        requests, 32, progress=lambda d, t: seen.append(d), checkpoint=checkpoint)
-    assert seen[0] > 0  # started where it stopped
+        requests, 32, progress=seen, checkpoint=checkpoint)
+    assert seen.after(PASS_PHASE)[1][1] > 0  # started where it stopped
     assert np.array_equal(resumed.loglik, whole.loglik) and np.array_equal(resumed.greedy, whole.greedy)
     other = Checkpoint(tmp_path / "partial.npz", "another-run", every_seconds=0)
     assert other.load(whole.loglik.shape, 10 ** 6) is None
@@ -173,7 +173,9 @@ def test_out_of_memory_splits_the_batch(monkeypatch):
     real = engine._batch
     tried, ran = [], []
 
-    def fussy(rows, loglik, greedy):
+    def fussy(rows, loglik, greedy, baseline_only=False):
+        if baseline_only:  # the packing check's reference, not a batch of the pass
+            return real(rows, loglik, greedy, baseline_only)
         tried.append(len(rows))
         if len(rows) > 3:
             raise torch.OutOfMemoryError("pretend")
@@ -328,7 +330,7 @@ def test_a_damaged_or_foreign_checkpoint_is_ignored(tmp_path):
 def test_an_interrupted_aggregation_keeps_the_engine_pass(tokenizer, tasks_dir, tmp_path):
     model = tiny_model("llama", vocab_size=len(tokenizer))
     loaded = LoadedModel.wrap(model, tokenizer)
-    scorer = Scorer(loaded, load_tasks(["tiny_mc"], tasks_dir), batch_size=4)
+    scorers = [LmEvalScorer(loaded, load_tasks(["tiny_mc"], tasks_dir), batch_size=4)]
     stack = find_layers(model)
     store = ResultStore(tmp_path, {"model": "x"})
     saved = []
@@ -339,13 +341,14 @@ def test_an_interrupted_aggregation_keeps_the_engine_pass(tokenizer, tasks_dir, 
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_fast(scorer, VARIANTS, stack, store, batch_tokens=64, on_done=crash_after_two)
+        run_fast(model, scorers, VARIANTS, stack=stack, store=store, batch_tokens=64, on_saved=crash_after_two)
     assert (tmp_path / "engine-partial.npz").is_file() and len(store.done()) == 2
-    seen = []
+    seen = ProgressLog()
     left = [v for v in VARIANTS if v not in store.done()]
-    stats = run_fast(scorer, left, stack, store, batch_tokens=64, on_progress=lambda d, t: seen.append((d, t)))
+    stats = run_fast(model, scorers, left, stack=stack, store=store, batch_tokens=64, progress=seen).stats
     assert stats["variants_in_pass"] == len(VARIANTS)  # the stored pass, not a new one
-    assert seen[0][0] == seen[0][1]  # nothing left to compute
+    (_, _, total), (_, first) = seen.after(PASS_PHASE)[:2]
+    assert first == total  # nothing left to compute
     assert len(store.done()) == len(VARIANTS) and not (tmp_path / "engine-partial.npz").exists()
 
 

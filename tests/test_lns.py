@@ -11,7 +11,9 @@ import torch
 
 from lnsdiag import lns, postln
 from lnsdiag.errors import UserError
-from lnsdiag.surgery import build_without_layers, find_layers, norm_placement, removed_layers
+from lnsdiag.rebuild import build_without_layers
+from lnsdiag.structure import find_layers, norm_placement
+from lnsdiag.surgery import removed_layers
 
 from .families import padded_batch, tiny_model
 

@@ -8,8 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,11 +16,18 @@ import torch
 from typer.testing import CliRunner
 
 from lnsdiag.cli import app
+from lnsdiag.engine import PASS_PHASE
+from lnsdiag.lmeval import LmEvalScorer, load_tasks, parse_limit
 from lnsdiag.models import LoadedModel
-from lnsdiag.scoring import MetricRow, Scorer, load_tasks, parse_limit, perplexity
-from lnsdiag.surgery import build_without_layers, find_layers
-from lnsdiag.sweep import ResultStore, VariantResult, prune_frame, run_naive
-from lnsdiag.text import token_windows
+from lnsdiag.perplexity import Perplexity, PerplexityScorer, perplexity
+from lnsdiag.prune import OUTPUTS
+from lnsdiag.rebuild import build_without_layers
+from lnsdiag.scoring import MetricRow, Scores
+from lnsdiag.store import ResultStore, VariantResult
+from lnsdiag.structure import find_layers
+from lnsdiag.sweep import run_naive
+from lnsdiag.verdict import prune_frame
+from lnsdiag.windows import TokenWindows
 
 from .conftest import SAMPLE_TEXT
 from .families import tiny_model
@@ -53,28 +58,33 @@ def test_each_variant_equals_lm_eval_on_rebuilt_model(family, tokenizer, tasks_d
     model = tiny_model(family, vocab_size=len(tokenizer))
     loaded = LoadedModel.wrap(model, tokenizer, name=family)
     taskset = load_tasks(["tiny_mc", "tiny_ppl"], tasks_dir, num_fewshot=1)
-    windows = token_windows(tokenizer, [SAMPLE_TEXT * 4], seq_len=48, max_tokens=300)
-    scorer = Scorer(loaded, taskset, ppl_windows=windows, batch_size=3, limit=8)
+    windows = TokenWindows.of(tokenizer, [SAMPLE_TEXT * 4], seq_len=48, max_tokens=300)
+
+    def scorers(of: LoadedModel) -> list:
+        return [LmEvalScorer(of, taskset, batch_size=3, limit=8), PerplexityScorer(of.model, windows, batch_size=3)]
+
+    def score(of: LoadedModel) -> list[MetricRow]:
+        return sum((s.score() for s in scorers(of)), Scores()).rows
+
     store = ResultStore(tmp_path, {"model": family})
     stack = find_layers(model)
-    run_naive(scorer, [None, 0, 2, 3], stack, store)
+    run_naive(model, scorers(loaded), [None, 0, 2, 3], stack=stack, store=store)
     done = store.done()
     for layer in (0, 2, 3):
         reference = LoadedModel.wrap(build_without_layers(model, [layer]), tokenizer)
-        expected = Scorer(reference, taskset, ppl_windows=windows, batch_size=3, limit=8).score().rows
-        _same(done[layer].rows, expected)
+        _same(done[layer].rows, score(reference))
         assert any(r.value != b.value for r, b in zip(done[layer].rows, done[None].rows, strict=True))
     # The model is intact: scoring it again gives the baseline.
-    _same(Scorer(loaded, taskset, ppl_windows=windows, batch_size=3, limit=8).score().rows, done[None].rows)
+    _same(score(loaded), done[None].rows)
     assert all("forward" not in layer.__dict__ for layer in stack.layers)
 
 
 def test_builtin_perplexity_matches_brute_force(tokenizer):
     model = tiny_model("llama", vocab_size=len(tokenizer))
-    windows = token_windows(tokenizer, [SAMPLE_TEXT * 3], seq_len=40, max_tokens=200)
-    result = perplexity(model, windows, tokenizer, batch_size=2)
+    windows = TokenWindows.of(tokenizer, [SAMPLE_TEXT * 3], seq_len=40, max_tokens=200)
+    result = perplexity(model, windows, batch_size=2)
     total, count = 0.0, 0
-    for w in windows:
+    for w in windows.windows:
         with torch.no_grad():
             logits = model(w[None]).logits[0, :-1].double()
         nll = torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum")
@@ -186,32 +196,16 @@ def deep_llama_dir(tmp_path_factory, tokenizer):
     return path
 
 
-def _prune_process(model_dir, tasks_dir, out, engine):
+def _prune_process(model_dir, tasks_dir, out, engine, stop: str | None = None):
+    """The sweep in a subprocess; ``stop`` ("KILL", "INT") makes it signal itself after two units of
+    progress (two saved variants; two checkpointed batches), via the progress bar's test hook."""
     cmd = [sys.executable, "-m", "lnsdiag", "prune", str(model_dir), "--tasks", "tiny_mc,tiny_ppl",
            "--include-path", str(tasks_dir), "--out", str(out), "--no-angular", "--batch-size", "2",
            "--engine", engine, "--batch-tokens", "48"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "LNSDIAG_CHECKPOINT_SECONDS": "0"}
+    if stop:
+        env["LNSDIAG_TEST_SIGNAL"] = f"{'variants' if engine == 'naive' else PASS_PHASE}:2:{stop}"
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-
-
-def _progress_files(out: Path, engine: str) -> int:
-    """Finished variants (naive), or 1 + a saved partial pass (fast)."""
-    if engine == "naive":
-        return len(list((out / "variants").glob("*.json")))
-    partial = out / "engine-partial.npz"
-    return 2 if partial.is_file() else 0
-
-
-def _wait_for_progress(out: Path, engine: str, count: int, proc, timeout: float = 180.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if _progress_files(out, engine) >= count:
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"sweep ended before it could be interrupted:\n{proc.stdout.read()}")
-        time.sleep(0.02)
-    proc.kill()
-    pytest.fail("sweep made no progress")
 
 
 @pytest.mark.slow
@@ -223,10 +217,9 @@ def test_interrupted_sweeps_resume_to_the_same_csv(engine, deep_llama_dir, tasks
     assert proc.wait(timeout=600) == 0, proc.stdout.read()
 
     killed = tmp_path / "killed"
-    proc = _prune_process(deep_llama_dir, tasks_dir, killed, engine)
-    _wait_for_progress(killed, engine, 2, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = _prune_process(deep_llama_dir, tasks_dir, killed, engine, stop="KILL")
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == -signal.SIGKILL, output
     if engine == "naive":
         assert 2 <= len(list((killed / "variants").glob("*.json"))) < 9
     else:
@@ -236,10 +229,8 @@ def test_interrupted_sweeps_resume_to_the_same_csv(engine, deep_llama_dir, tasks
         json.loads(path.read_text())
 
     interrupted = tmp_path / "interrupted"
-    proc = _prune_process(deep_llama_dir, tasks_dir, interrupted, engine)
-    _wait_for_progress(interrupted, engine, 2, proc)
-    proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=120)[0]
+    proc = _prune_process(deep_llama_dir, tasks_dir, interrupted, engine, stop="INT")
+    output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 130, output
     assert "interrupted" in output and "Traceback" not in output
 
@@ -271,8 +262,6 @@ def test_bad_inputs(tiny_llama_dir, tasks_dir, text_file, tmp_path):
 
 def test_builtin_perplexity_delta_uses_paired_noise():
     """Same windows for both: window difficulty cancels, so Δ's noise is far below each ppl's stderr."""
-    from lnsdiag.scoring import Perplexity
-
     tokens = [50] * 6
     base = Perplexity([100.0, 150.0, 200.0, 120.0, 180.0, 90.0], tokens, [200] * 6)
     shift = [0.4, 0.6, 0.5, 0.45, 0.55, 0.5]
@@ -297,7 +286,7 @@ def test_fresh_clears_everything_a_previous_run_left(tmp_path):
     store.save(VariantResult(None, [_row("t", "acc", 0.5, 0.01)], 1.0))
     for name in ("engine-partial.npz", "angular.csv", "angular_settings.json", "prune.csv", "meta.json"):
         (tmp_path / name).write_text("old")
-    ResultStore(tmp_path, {"model": "b"}, fresh=True)
+    ResultStore(tmp_path, {"model": "b"}, fresh=True, outputs=OUTPUTS)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["settings.json", "variants"]
 
 
@@ -322,8 +311,6 @@ def test_a_checkpoint_retrained_in_place_is_not_resumed(tiny_llama_dir, tasks_di
 
 def test_paired_ppl_delta_stderr_agrees_with_the_jackknife():
     import random
-
-    from lnsdiag.scoring import Perplexity
 
     rng = random.Random(0)
     tokens = [rng.randint(80, 120) for _ in range(60)]

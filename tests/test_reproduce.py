@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 from dataclasses import asdict
@@ -11,16 +12,21 @@ import pandas as pd
 import pytest
 import torch
 
-from lnsdiag import demo, reproduce
+from lnsdiag import demo
 from lnsdiag.demo import DemoSpec
 from lnsdiag.errors import UserError
 from lnsdiag.models import LoadedModel
-from lnsdiag.surgery import build_without_layers
-from lnsdiag.text import TextSource, token_windows
+from lnsdiag.rebuild import build_without_layers
+from lnsdiag.sweep import perplexity_sweep
+from lnsdiag.text import TextSource
+from lnsdiag.windows import TokenWindows
 
 from .conftest import SAMPLE_TEXT
 from .families import tiny_model
 from .test_cli_basic import assert_one_line_error, invoke
+
+# the module: ``from lnsdiag import reproduce`` may give the function lnsdiag exports under that name
+reproduce = importlib.import_module("lnsdiag.reproduce")
 
 TINY = dict(layers=3, hidden=32, heads=4, intermediate=64, vocab=300, seq_len=32, batch_size=4, steps=4, lr=3e-3)
 CLI_TINY = ["--layers", 3, "--hidden", 32, "--heads", 4, "--intermediate", 64, "--vocab", 300, "--seq-len", 32,
@@ -132,13 +138,13 @@ def _loaded(family="llama"):
 
 def test_perplexity_matches_the_model_loss_and_rebuilt_models():
     loaded, tok = _loaded()
-    windows = token_windows(tok, [SAMPLE_TEXT * 4], seq_len=24, max_tokens=24 * 4 + 10)
-    assert len(windows) > 1 and len(windows[-1]) < 24  # a padded last window
-    sweep = reproduce.perplexity_sweep(loaded, windows, [0, 2], batch_tokens=48)
+    windows = TokenWindows.of(tok, [SAMPLE_TEXT * 4], seq_len=24, max_tokens=24 * 4 + 10)
+    assert len(windows) > 1 and len(windows.windows[-1]) < 24  # a padded last window
+    sweep = perplexity_sweep(loaded, windows, [0, 2], batch_tokens=48)
     # by hand: HF's own loss on each window (mean over its predicted tokens), token-weighted
     def nll(model):
         total = count = 0
-        for w in windows:
+        for w in windows.windows:
             with torch.no_grad():
                 loss = model(input_ids=w[None], labels=w[None], use_cache=False).loss
             total += float(loss) * (len(w) - 1)
@@ -172,6 +178,22 @@ def test_spec_and_norm_validation():
         reproduce.spec_from("demo", hidden=30, heads=4)
     with pytest.raises(UserError, match="unknown --preset"):
         reproduce.spec_from("gpt-5")
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"norms": "pre-ln,foo"}, "unknown norm 'foo'"),
+    ({"spec": DemoSpec(init="xavier")}, "--init must be default or scaled"),
+    ({"spec": DemoSpec(steps=0)}, "--steps must be at least 1"),
+    ({"eval_tokens": 8}, "less than one sequence"),
+    ({"batch_size": 0}, "--batch-size must be at least 1"),
+])
+def test_config_rejects_bad_settings(changes, fragment):
+    with pytest.raises(UserError, match=fragment):
+        reproduce.ReproduceConfig(**changes)
+
+
+def test_config_normalises_norms():
+    assert reproduce.ReproduceConfig(norms="LNS, pre").norms == ("lns", "pre-ln")
 
 
 def test_cli_reproduce_writes_everything(corpus_file, tmp_path, twins):

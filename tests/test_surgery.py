@@ -7,13 +7,9 @@ import torch
 from torch import nn
 
 from lnsdiag.errors import UserError
-from lnsdiag.surgery import (
-    build_without_layers,
-    find_layers,
-    norm_placement,
-    parse_layer_spec,
-    removed_layers,
-)
+from lnsdiag.rebuild import build_without_layers
+from lnsdiag.structure import find_layers, norm_placement, parse_layer_spec
+from lnsdiag.surgery import removed_layers
 
 from .families import CAUSAL, FAMILIES, padded_batch, tiny_model
 

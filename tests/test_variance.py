@@ -10,9 +10,10 @@ import torch
 
 from lnsdiag import lns
 from lnsdiag.errors import UserError
-from lnsdiag.surgery import find_layers
-from lnsdiag.variance import residual_variance
+from lnsdiag.structure import find_layers
+from lnsdiag.variance import VarianceConfig, residual_variance
 
+from .conftest import SAMPLE_TEXT
 from .families import padded_batch, tiny_model
 from .test_cli_basic import assert_one_line_error, invoke
 
@@ -87,6 +88,30 @@ def test_bad_arguments():
         residual_variance(model, [(ids, mask)], tokens="first")
     with pytest.raises(UserError, match="no tokens"):
         residual_variance(model, [])
+
+
+@pytest.mark.parametrize("settings,fragment", [
+    ({"tokens": "first"}, "--tokens must be all or last"),
+    ({"seq_len": 0}, "--seq-len must be at least 2"),
+    ({"max_tokens": -1}, "--max-tokens must be at least 1"),
+    ({"batch_size": 0}, "--batch-size must be at least 1"),
+])
+def test_config_rejects_bad_settings(settings, fragment):
+    with pytest.raises(UserError, match=fragment):
+        VarianceConfig(**settings)
+
+
+def test_run_measures_and_records(tokenizer):
+    from lnsdiag import variance
+    from lnsdiag.models import LoadedModel
+    from lnsdiag.text import TextSource
+
+    loaded = LoadedModel.wrap(lns.apply_lns(tiny_model("llama", vocab_size=len(tokenizer))), tokenizer, "tiny-lns")
+    config = VarianceConfig(seq_len=64, max_tokens=256, batch_size=3, tokens="last")
+    run = variance.run(loaded, TextSource("sample", [SAMPLE_TEXT * 5]), config)
+    assert run.result.tokens == 4 and run.placement == "pre-LN+LNS" and run.model_name == "tiny-lns"
+    assert run.meta["command"] == "variance" and run.meta["tokens_used"] == 4
+    assert run.meta["settings"] == {"seq_len": 64, "max_tokens": 256, "batch_size": 3, "tokens": "last"}
 
 
 def test_cli_writes_everything(tiny_llama_dir, text_file, tmp_path):

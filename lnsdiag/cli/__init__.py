@@ -1,13 +1,21 @@
-"""The ``lnsdiag`` command line: parse options, call the library, hand results to report.
+"""The ``lnsdiag`` command line: parse options, make one library call, show the result.
 
-Every command is a thin wrapper over functions a notebook can call. One module per
-command family; importing them registers their commands on ``app``.
+Every command is a thin wrapper over a library runner a notebook can call too. One module
+per command (``show`` holds the presenters they share); importing a module registers its
+commands on ``app``.
 """
 
 from __future__ import annotations
 
-from . import angular, demo, depth, inspect, prune  # noqa: F401  (registers commands)
+import importlib
+
 from .common import app
+
+#: Command modules, in the order ``lnsdiag --help`` lists their commands.
+COMMANDS = ("angular", "prune", "demo", "variance", "reproduce", "compare", "inspect")
+
+for _module in COMMANDS:
+    importlib.import_module(f"{__name__}.{_module}")
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -12,8 +14,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from .. import report, ui
-from ..errors import UserError
-from ..models import LoadedModel, hub_offline, load_model, resolve_model
+from ..errors import Interrupted, UserError
+from ..models import LoadedModel, ModelOptions, hub_offline
 
 app = typer.Typer(
     name="lnsdiag",
@@ -79,8 +81,9 @@ def command(fn: F) -> F:
                 raise
             ui.err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            ui.err_console.print("[yellow]interrupted[/]: finished results are saved; rerun to resume.")
+        except KeyboardInterrupt as exc:
+            said = str(exc) if isinstance(exc, Interrupted) else "finished results are saved; rerun to resume."
+            ui.err_console.print(f"[yellow]interrupted[/]: {said}", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -101,24 +104,56 @@ def _root(debug: Debug = False) -> None:
     _STATE["debug"] = debug
 
 
-def model_name(model: str | None, model_opt: str | None) -> str:
+#: The shared model options, in the order --help lists them.
+_MODEL_PARAMS = (
+    ("model", ModelArg, None), ("model_opt", ModelOpt, None), ("revision", Revision, None), ("dtype", Dtype, "auto"),
+    ("device", Device, "auto"), ("device_map", DeviceMap, None), ("trust_remote_code", TrustRemote, False),
+    ("layers_path", LayersPath, None),
+)
+
+
+def model_options(fn: F) -> F:
+    """Give a command the shared model options; they reach it as one ``model: ModelOptions``.
+
+    Typer reads a command's parameters from its signature, so the wrapper's signature is the
+    model options followed by the command's own parameters (``model`` removed).
+    """
+    own = [p for p in inspect.signature(fn).parameters.values() if p.name != "model"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=default)
+              for name, ann, default in _MODEL_PARAMS]
+    hints = typing.get_type_hints(fn, include_extras=True)
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for name, _, _ in _MODEL_PARAMS}
+        name = values.pop("model")
+        opt = values.pop("model_opt")
+        return fn(model=model_choice(name, opt, **values), **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [*shared, *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+                    for p in own)])
+    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
+    del wrapper.__wrapped__  # Typer must read the new signature, not fn's
+    return wrapper  # type: ignore[return-value]
+
+
+def model_choice(model: str | None, model_opt: str | None, **options: Any) -> ModelOptions:
+    """MODEL or --model (not two different ones), checked before any output is created."""
     if model and model_opt and model != model_opt:
         raise UserError(f"two models given ({model!r} and --model {model_opt!r}); pass one")
     name = model or model_opt
     if not name:
         raise UserError("no model given: lnsdiag COMMAND MODEL (a hub id, local directory or alias)")
-    resolve_model(name)  # a malformed id or missing directory fails here, before any slow work
-    return name
+    return ModelOptions(name, **options)
 
 
-def load(name: str, revision: str | None, dtype: str, device: str, device_map: str | None,
-          trust_remote_code: bool) -> LoadedModel:
-    _, is_local = resolve_model(name)
-    if not is_local:
+def load(options: ModelOptions) -> LoadedModel:
+    """Load with a spinner, saying once when the hub is unreachable."""
+    if not options.is_local:
         offline_note()
-    with ui.status(f"loading {name}"):
-        return load_model(name, revision=revision, dtype=dtype, device=device, device_map=device_map,
-                          trust_remote_code=trust_remote_code)
+    with ui.status(f"loading {options.name}"):
+        return options.load()
 
 
 def offline_note() -> None:

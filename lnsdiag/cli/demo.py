@@ -8,16 +8,9 @@ from typing import Annotated
 import typer
 
 from .. import ui
-from ..models import load_model
-from ..runs import Timer, output_dir
-from .angular import run_angular
-from .common import (
-    Debug,
-    Device,
-    app,
-    command,
-)
-from .prune import run_prune
+from ..runs import output_dir
+from .common import Debug, Device, app, command
+from .show import show_angular, show_prune, show_reproduce
 
 
 @app.command("demo")
@@ -34,41 +27,32 @@ def demo_cmd(
     debug: Debug = False,
 ) -> None:
     """Offline demo: train a small Llama on the stdlib's docstrings, diagnose it, and compare it with its LNS twin."""
-    from ..demo import DemoSpec, ensure_demo_model
+    from ..demo import DemoConfig, DemoRun, run
     from ..models import pick_device
-    from ..text import stdlib_corpus
 
-    spec = DemoSpec().with_(steps=steps, layers=layers)
+    config = DemoConfig(steps=steps, layers=layers, fresh=fresh, twin=twin, device=device)
+    pick_device(device)
     folder = output_dir(out, "demo", "")
-    timer = Timer()
-    dev = pick_device(device)
-    with ui.make_progress() as progress, timer("train"):
-        task = progress.add_task(f"training {spec.name}", total=spec.steps)
-        path, record = ensure_demo_model(
-            spec, fresh=fresh, device=dev,
-            on_phase=lambda msg: progress.update(task, description=msg),
-            on_step=lambda step, loss: progress.update(task, completed=step,
-                                                       description=f"training (loss {loss:.2f})"),
-        )
-        progress.update(task, completed=spec.steps)
-    train = record["train"]
-    ui.console.print(f"[bold]{spec.name}[/]: {spec.layers} layers, trained {train['steps']} steps on "
-                     f"{record['corpus_tokens']:,} tokens of stdlib docstrings in {train['seconds']:.0f} s "
-                     f"(final train loss {train['final_train_loss']:.2f}); cached at {path}")
-    loaded = load_model(str(path), device=str(dev))
-    loaded.name = spec.name
-    heldout = stdlib_corpus("test")
-    angular = run_angular(loaded, heldout, output_dir(folder / "angular", "demo", "angular"), timer=timer,
-                          max_tokens=32_768, seq_len=spec.seq_len, batch_size=16, tokens="all", max_block=None,
-                          threshold=0.2, title=f"Angular distance per layer — {spec.name} (held-out docstrings)")
-    ui.console.print()
-    run_prune(loaded, output_dir(folder / "prune", "demo", "prune"), ppl_source=heldout, timer=timer,
-              ppl_max_tokens=32_768, seq_len=spec.seq_len, batch_size=16, angular_frame=angular.layers,
-              fresh=True, title=f"Removing one layer of {spec.name}: perplexity on held-out docstrings")
-    if twin:
-        from .depth import run_reproduce
+    name = config.spec.name
 
-        ui.console.print()
-        run_reproduce(spec, ["pre-ln", "lns"], output_dir(folder / "twins", "demo", "twins"), eval_tokens=32_768,
-                      batch_size=16, device=dev, fresh=["lns"] if fresh else False,
-                      title=f"{spec.name}: Pre-LN vs LNS (same seed, data and steps; held-out docstrings)")
+    def show(part: str, result: DemoRun) -> None:
+        with progress.interlude():
+            if part == "model":
+                train = result.record["train"]
+                ui.console.print(f"[bold]{name}[/]: {result.spec.layers} layers, trained {train['steps']} steps on "
+                                 f"{result.record['corpus_tokens']:,} tokens of stdlib docstrings in "
+                                 f"{train['seconds']:.0f} s (final train loss {train['final_train_loss']:.2f}); "
+                                 f"cached at {result.model_path}")
+            elif part == "angular":
+                show_angular(result.angular, output_dir(folder / "angular", "demo", "angular"),
+                             f"Angular distance per layer — {name} (held-out docstrings)")
+                ui.console.print()
+            elif part == "prune":
+                show_prune(result.prune, f"Removing one layer of {name}: perplexity on held-out docstrings")
+            elif part == "twins":
+                ui.console.print()
+                show_reproduce(result.twins, output_dir(folder / "twins", "demo", "twins"),
+                               f"{name}: Pre-LN vs LNS (same seed, data and steps; held-out docstrings)")
+
+    with ui.RichProgress() as progress:
+        run(config, folder, progress=progress, on_part=show)

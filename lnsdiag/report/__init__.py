@@ -6,11 +6,11 @@ One module per result kind; ``common`` holds the shared style. Plots are written
 
 from .angular import angular_summary, angular_table, plot_angular, plot_angular_heatmap, write_angular
 from .common import bar, files_table, frame_to_latex, pyplot, save_figure
-from .prune import plot_prune, prune_summary, prune_table, rule_text, write_prune
+from .prune import plot_prune, prune_summary, prune_table, write_prune
 
 __all__ = [
     "angular_summary", "angular_table", "bar", "files_table", "frame_to_latex", "plot_angular",
-    "plot_angular_heatmap", "plot_prune", "prune_summary", "prune_table", "pyplot", "rule_text", "save_figure",
+    "plot_angular_heatmap", "plot_prune", "prune_summary", "prune_table", "pyplot", "save_figure",
     "write_angular", "write_prune",
 ]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ..metrics import AngularResult
+from ..angular import AngularResult
 from ..runs import write_csv, write_json
 from .common import bar, pyplot, save_figure
 

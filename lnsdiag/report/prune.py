@@ -10,7 +10,7 @@ import pandas as pd
 from rich.table import Table
 
 from ..runs import atomic_write, write_csv, write_json
-from ..sweep import dead_layers, headline_metrics, wide_frame
+from ..verdict import dead_layers, headline_metrics
 from .common import LatexRaw, frame_to_latex, latex_escape, pyplot, save_figure
 
 
@@ -32,11 +32,6 @@ def _fmt(value: float, stderr: float | None = None, scale: float | None = None) 
 
 def _signed(value: float, scale: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:+.{_digits(scale)}f}"
-
-
-def rule_text(tolerance: float) -> str:
-    return (f"dead weight: |Δ| ≤ max({tolerance:g}, 2 × stderr), stderr as lm-eval reports it "
-            "(built-in ppl: paired stderr of Δ; none for lm-eval perplexities)")
 
 
 def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer removal") -> Table:
@@ -160,3 +155,15 @@ def write_prune(frame: pd.DataFrame, tasks: list[str], out: Path, meta: dict[str
         files += plot_prune(frame, tasks, out / "prune", title)
     files.append(write_json(out / "meta.json", meta))
     return files
+
+
+def wide_frame(frame: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """One row per variant, ``task/metric`` value, stderr, Δ and dead columns, for spreadsheets."""
+    wide = frame.drop_duplicates("variant")[["variant", "removed_layer", "angular_distance"]].reset_index(drop=True)
+    sel = frame[frame["task"].isin(tasks)]
+    for (task, metric), part in sel.groupby(["task", "metric"], sort=False):
+        part = part.set_index("variant")
+        for column, suffix in (("value", ""), ("stderr", "_stderr"), ("delta", "_delta"),
+                               ("delta_stderr", "_delta_stderr"), ("dead", "_dead")):
+            wide[f"{task}/{metric}{suffix}"] = wide["variant"].map(part[column])
+    return wide

@@ -1,16 +1,24 @@
-"""Angular distances checked against a brute-force computation from full hidden states."""
+"""Angular distances checked against a brute-force computation from full hidden states; its config and runner."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from lnsdiag import angular
+from lnsdiag.angular import AngularConfig, angular_distances
 from lnsdiag.errors import UserError
-from lnsdiag.metrics import angular_distances
-from lnsdiag.surgery import find_layers
+from lnsdiag.models import LoadedModel
+from lnsdiag.progress import Progress
+from lnsdiag.structure import find_layers
+from lnsdiag.text import TextSource
 
+from .conftest import SAMPLE_TEXT
 from .families import padded_batch, tiny_model
 
 
@@ -103,3 +111,64 @@ def test_bad_arguments():
         angular_distances(model, [(ids, mask)], tokens="first")
     with pytest.raises(UserError, match="no tokens"):
         angular_distances(model, [])
+
+
+@pytest.mark.parametrize("settings,fragment", [
+    ({"tokens": "middle"}, "--tokens must be all or last"),
+    ({"max_block": 0}, "--max-block must be at least 1"),
+    ({"seq_len": 1}, "--seq-len must be at least 2"),
+    ({"max_tokens": 0}, "--max-tokens must be at least 1"),
+    ({"batch_size": 0}, "--batch-size must be at least 1"),
+    ({"threshold": float("nan")}, "--threshold must be a number"),
+])
+def test_config_rejects_bad_settings(settings, fragment):
+    with pytest.raises(UserError, match=fragment):
+        AngularConfig(**settings)
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        AngularConfig().tokens = "last"  # type: ignore[misc]
+
+
+class Recorder(Progress):
+    """Remembers every phase and how much was done in each."""
+
+    def __init__(self):
+        self.phases: list[tuple[str, float | None]] = []
+        self.done: dict[str, float] = {}
+
+    def phase(self, name, total=None):
+        self.phases.append((name, total))
+        self.done.setdefault(name, 0)
+
+    def advance(self, amount=1, *, detail=None):
+        self.done[self.phases[-1][0]] += amount
+
+
+def test_run_measures_and_records(tokenizer):
+    """The library runner alone: measures, reports progress in windows, and builds meta.json's record."""
+    loaded = LoadedModel.wrap(tiny_model("llama", vocab_size=len(tokenizer)), tokenizer, "tiny")
+    progress = Recorder()
+    config = AngularConfig(max_tokens=300, batch_size=2, max_block=2)
+    run = angular.run(loaded, TextSource("sample", [SAMPLE_TEXT * 5]), config, progress=progress)
+    assert run.result.tokens == 300 and run.model_name == "tiny"
+    meta = run.meta
+    assert meta["command"] == "angular" and meta["text"] == "sample" and meta["tokens_used"] == 300
+    assert meta["num_layers"] == 4 and meta["norm_placement"] == "pre-LN" and meta["layer_stack"] == "model.layers"
+    assert meta["settings"] == {"seq_len": 256, "max_tokens": 300, "batch_size": 2, "tokens": "all", "max_block": 2,
+                                "threshold": 0.2}  # seq_len: the model's context length
+    assert "measure" in meta["timings"]
+    assert progress.phases == [("angular distances", 2)] and progress.done == {"angular distances": 2}
+    with pytest.raises(UserError, match="--max-block 9"):
+        angular.run(loaded, TextSource("sample", [SAMPLE_TEXT]), AngularConfig(max_block=9))
+    with pytest.raises(UserError, match="context length"):
+        angular.run(loaded, TextSource("sample", [SAMPLE_TEXT]), AngularConfig(seq_len=1000))
+
+
+def test_runners_import_no_command_line_or_report():
+    """Modules that compute stand alone: no typer, no lnsdiag.cli, no lnsdiag.report."""
+    code = ("import sys, lnsdiag.angular, lnsdiag.variance, lnsdiag.reproduce, lnsdiag.compare, lnsdiag.stream; "
+            "print(sorted(m for m in ('typer', 'lnsdiag.cli', 'lnsdiag.report') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,190 @@
+"""Which layers barely turn the residual stream: angular distance between x_l and x_{l+n}.
+
+A block whose output points where its input did is close to the identity, and removing it
+changes little (Gromov et al.; ShortGPT's Block Influence is 1 − mean cosine). States come
+from :func:`lnsdiag.stream.stream_states`, so padding is excluded and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .progress import SILENT, Progress
+from .runs import Timer, run_record
+from .stream import StreamConfig, TokenMode, check_tokens, stream_states, tracked_batches
+from .structure import LayerStack, find_layers, norm_placement
+from .text import TextSource
+from .windows import TokenWindows
+
+
+@dataclass
+class AngularResult:
+    """Per-layer and per-block angular distances of one model on one text."""
+
+    layers: pd.DataFrame  # layer, angular_distance, block_influence, cosine, near_identity
+    blocks: pd.DataFrame  # start_layer, block_size, angular_distance, block_influence
+    tokens: int
+    token_mode: str
+    threshold: float
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def near_identity(self) -> list[int]:
+        return [int(i) for i in self.layers.loc[self.layers["near_identity"], "layer"]]
+
+
+class _PairAccumulator:
+    """Running sums of angle and cosine between x_l and x_{l+n}, n = 1..max_block."""
+
+    def __init__(self, num_layers: int, max_block: int) -> None:
+        self.L, self.N = num_layers, max_block
+        self.window: deque[tuple[int, torch.Tensor]] = deque(maxlen=max_block)
+        self.angle: torch.Tensor | None = None
+        self.cosine: torch.Tensor | None = None
+        self.count = 0
+
+    def __call__(self, index: int, state: torch.Tensor) -> None:
+        if self.angle is None:
+            self.angle = torch.zeros(self.L, self.N, dtype=torch.float64, device=state.device)
+            self.cosine = torch.zeros_like(self.angle)
+        unit = F.normalize(state.to(self.angle.device, torch.float32), dim=-1)
+        if index == 0:
+            self.window.clear()
+            self.count += unit.shape[0]
+        for start, previous in self.window:
+            cos = (previous * unit).sum(dim=-1).clamp(-1.0, 1.0)
+            n = index - start
+            # arccos is ill-conditioned near cos = 1 (exactly where near-identity layers are);
+            # 2·atan2(|u−v|, |u+v|) is the same angle, accurate for small angles too.
+            angle = 2.0 * torch.atan2((previous - unit).norm(dim=-1), (previous + unit).norm(dim=-1))
+            self.angle[start, n - 1] += angle.sum(dtype=torch.float64) / math.pi
+            self.cosine[start, n - 1] += cos.sum(dtype=torch.float64)
+        self.window.append((index, unit))
+
+
+def angular_distances(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    tokens: TokenMode = "all",
+    max_block: int | None = 1,
+    threshold: float = 0.2,
+    stack: LayerStack | None = None,
+) -> AngularResult:
+    """Angular distance arccos(cos(x_l, x_{l+n}))/π for every block l and n = 1..max_block.
+
+    The per-layer table (n = 1) also has Block Influence, 1 − mean cosine (ShortGPT), and a
+    ``near_identity`` flag for distances below ``threshold``. ``max_block=None`` means all.
+    """
+    check_tokens(tokens)
+    stack = stack or find_layers(model)
+    L = len(stack)
+    max_block = L if max_block is None else max_block
+    if not 1 <= max_block <= L:
+        raise UserError(f"--max-block {max_block} must be between 1 and the layer count ({L})")
+    acc = _PairAccumulator(L, max_block)
+    for ids, mask in batches:
+        stream_states(model, stack, ids, mask, acc, tokens)
+    if acc.count == 0 or acc.angle is None:
+        raise UserError("no tokens to measure: the text is empty")
+    angle = (acc.angle / acc.count).cpu()
+    cosine = (acc.cosine / acc.count).cpu()
+    layers = pd.DataFrame({
+        "layer": range(L),
+        "angular_distance": angle[:, 0].tolist(),
+        "block_influence": (1.0 - cosine[:, 0]).tolist(),
+        "cosine": cosine[:, 0].tolist(),
+    })
+    layers["near_identity"] = layers["angular_distance"] < threshold
+    rows = [
+        {"start_layer": s, "block_size": n, "angular_distance": float(angle[s, n - 1]),
+         "block_influence": float(1.0 - cosine[s, n - 1])}
+        for n in range(1, max_block + 1) for s in range(L - n + 1)
+    ]
+    blocks = pd.DataFrame(rows, columns=["start_layer", "block_size", "angular_distance", "block_influence"])
+    return AngularResult(layers, blocks, acc.count, tokens, threshold)
+
+
+@dataclass(frozen=True)
+class AngularConfig(StreamConfig):
+    """What ``lnsdiag angular`` measures: the text settings, plus the largest block size n
+    (None: all layers; checked against the layer count once the model is known) and the
+    near-identity threshold."""
+
+    max_block: int | None = None
+    threshold: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_block is not None and self.max_block < 1:
+            raise UserError(f"--max-block must be at least 1, not {self.max_block}")
+        if not math.isfinite(self.threshold):
+            raise UserError(f"--threshold must be a number, not {self.threshold}")
+
+
+def angular_on_windows(model: torch.nn.Module, windows: TokenWindows, config: AngularConfig, *,
+                       stack: LayerStack | None = None, progress: Progress = SILENT) -> AngularResult:
+    """Angular distances over a text's token windows, reporting windows done to ``progress``."""
+    batches = tracked_batches(windows, config.batch_size, progress, "angular distances")
+    return angular_distances(model, batches, tokens=config.tokens, max_block=config.max_block,
+                             threshold=config.threshold, stack=stack)
+
+
+def angular_on_text(
+    loaded: Any,
+    texts: Iterable[str],
+    *,
+    seq_len: int | None = None,
+    max_tokens: int | None = 65_536,
+    batch_size: int = 4,
+    tokens: TokenMode = "all",
+    max_block: int | None = None,
+    threshold: float = 0.2,
+    stack: LayerStack | None = None,
+    progress: Progress = SILENT,
+) -> AngularResult:
+    """Tokenise ``texts`` for a :class:`~lnsdiag.models.LoadedModel` and measure angular distances."""
+    config = AngularConfig(seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, tokens=tokens,
+                           max_block=max_block, threshold=threshold)
+    return angular_on_windows(loaded.model, config.windows(loaded, texts), config, stack=stack, progress=progress)
+
+
+@dataclass(frozen=True)
+class AngularRun:
+    """An ``angular`` run: the result, and the JSON record of how it was made (``meta.json``)."""
+
+    result: AngularResult
+    meta: dict[str, Any]
+
+    @property
+    def model_name(self) -> str:
+        return str((self.meta.get("model") or {}).get("name", "model"))
+
+
+def run(loaded: Any, text: TextSource, config: AngularConfig, *, layers_path: str | None = None,
+        progress: Progress = SILENT, timer: Timer | None = None) -> AngularRun:
+    """Measure one model's angular distances on ``text`` and record how (``lnsdiag angular``)."""
+    timer = timer or Timer()
+    stack = find_layers(loaded.model, layers_path)
+    config = config.for_model(loaded.model)
+    with timer("measure"):
+        result = angular_on_windows(loaded.model, config.windows(loaded, text.texts, text.name), config,
+                                    stack=stack, progress=progress)
+    meta = run_record(
+        "angular", model=loaded.describe(), text=text.name, tokens_used=result.tokens,
+        layer_stack=stack.path, num_layers=len(stack), norm_placement=norm_placement(loaded.model, stack),
+        settings={**asdict(config), "max_block": int(result.blocks["block_size"].max())},
+        timings={**timer.seconds, "total": timer.total()},
+    )
+    return AngularRun(result, meta)

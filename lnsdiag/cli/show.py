@@ -1,0 +1,61 @@
+"""How each result reaches the user: its table and summary on the terminal, its files written and listed.
+
+One presenter per result, shared by its command and by ``demo`` (which shows several), so
+no command module has to import another.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import report, ui
+from ..angular import AngularRun
+from ..compare import CompareRun
+from ..prune import PruneRun
+from ..reproduce import ReproduceRun
+from ..variance import VarianceRun
+from .common import print_files
+
+
+def show_angular(run: AngularRun, folder: Path, title: str = "") -> None:
+    """Per-layer angular distances and which layers are near-identity; angular.csv, plots, meta.json."""
+    result = run.result
+    ui.console.print(report.angular_table(result, title or f"Angular distance per layer — {run.model_name}"))
+    ui.console.print(report.angular_summary(result))
+    print_files(report.write_angular(result, folder, run.meta, title))
+
+
+def show_variance(run: VarianceRun, folder: Path, title: str = "") -> None:
+    """Residual-stream variance and update ratio per layer; variance.csv, plot, meta.json."""
+    result = run.result
+    ui.console.print(report.variance_table(result, title or f"Residual stream per layer — {run.model_name}",
+                                           run.placement))
+    ui.console.print(report.variance_summary(result))
+    print_files(report.write_variance(result, folder, run.meta, title))
+
+
+def show_reproduce(run: ReproduceRun, folder: Path, title: str = "") -> None:
+    """The twins side by side, per layer, and what came out in words; summary, per-model folders, plots."""
+    result = run.result
+    ui.console.print(report.reproduce_table(result, title))
+    ui.console.print(report.reproduce_layers_table(result))
+    for line in result.headline():
+        ui.console.print(line, highlight=False)
+    print_files(report.write_reproduce(result, folder, run.meta))
+
+
+def show_compare(run: CompareRun, folder: Path) -> None:
+    """One table per metric, runs aligned by relative depth; compare.csv, LaTeX, overlay plots."""
+    for table in report.compare_tables(run.comparison):
+        ui.console.print(table)
+    print_files(report.write_compare(run.comparison, folder, run.meta))
+
+
+def show_prune(run: PruneRun, title: str = "") -> None:
+    """The sweep's table, dead-weight summary and rule; prune.csv, the wide CSV, LaTeX, plots, meta.json."""
+    name = run.meta["model"]["name"]
+    ui.console.print(report.prune_table(run.frame, run.tasks, title or f"Layer removal — {name}"))
+    for line in report.prune_summary(run.frame, run.tasks, run.tolerance):
+        ui.console.print(line)
+    ui.console.print(f"[dim]{run.meta['dead_rule']}[/dim]")
+    print_files(report.write_prune(run.frame, run.tasks, run.folder, run.meta, plots=True, title=title))

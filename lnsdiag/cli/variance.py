@@ -1,0 +1,53 @@
+"""`lnsdiag variance`: how the residual stream grows with depth (why deep Pre-LN layers die)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .. import ui, variance
+from ..models import ModelOptions
+from ..runs import Timer, output_dir
+from .common import (
+    Dataset,
+    DatasetConfig,
+    Debug,
+    MaxTokens,
+    Out,
+    SeqLen,
+    Split,
+    TextField,
+    TextFile,
+    app,
+    command,
+    load,
+    model_options,
+    text_source,
+)
+from .show import show_variance
+
+
+@app.command("variance")
+@command
+@model_options
+def variance_cmd(
+    model: ModelOptions,
+    text_file: TextFile = None, text_field: TextField = "text", dataset: Dataset = None,
+    dataset_config: DatasetConfig = None, split: Split = None, max_tokens: MaxTokens = 65_536,
+    seq_len: SeqLen = None,
+    tokens: Annotated[str, typer.Option(help="all: every non-padding token; last: each sequence's last "
+                                             "token.")] = "all",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per forward pass.")] = 4,
+    out: Out = None, debug: Debug = False,
+) -> None:
+    """Residual-stream variance per layer and how much each layer changes its input (Pre-LN growth)."""
+    config = variance.VarianceConfig(seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, tokens=tokens)
+    text = text_source(text_file, dataset, dataset_config, split, text_field)
+    folder = output_dir(out, model.slug, "variance")
+    timer = Timer()
+    with timer("load"):
+        loaded = load(model)
+    with ui.RichProgress() as progress:
+        result = variance.run(loaded, text, config, layers_path=model.layers_path, progress=progress, timer=timer)
+    show_variance(result, folder)

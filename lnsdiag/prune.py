@@ -1,0 +1,241 @@
+"""`prune` as a library call: remove each layer in turn, score every variant, say which are dead.
+
+:class:`PruneConfig` holds every choice (validated when built, so a mistake fails before any
+output exists); :func:`run` does the resumable sweep into a folder and returns the tidy
+table and the JSON record as plain data, for the command line or a notebook to show::
+
+    from lnsdiag import load_model, prune
+    run = prune.run(load_model("meta-llama/Llama-2-7b-hf"), prune.PruneConfig(tasks=("arc_easy",)), "out/")
+    run.frame  # one row per (variant, task, metric)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .errors import Interrupted, UserError
+from .lmeval import DEFAULT_BOOTSTRAP, LmEvalScorer, TaskSet, load_tasks, parse_limit
+from .models import LoadedModel
+from .perplexity import PerplexityScorer
+from .progress import SILENT, Progress
+from .runs import Timer, read_json, run_record, write_csv, write_json
+from .scoring import Scorer
+from .store import ResultStore, VariantResult, plan_variants
+from .structure import find_layers, norm_placement, parse_layer_spec
+from .sweep import SweepOutcome, run_fast, run_naive
+from .text import TextSource, from_dataset, from_file, resolve_text
+from .verdict import prune_frame, rule_text
+from .windows import TokenWindows
+
+ENGINES = ("fast", "naive")
+#: Files a run writes into its folder (``fresh`` removes them with the stored variants).
+OUTPUTS = ("angular.csv", "angular_settings.json", "prune.csv", "prune_wide.csv", "prune.tex", "prune.png",
+           "prune.pdf", "meta.json")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything ``lnsdiag prune`` can be told, checked when built.
+
+    ``tasks`` defaults to MMLU unless only a perplexity text is given; ``limit`` is a count of
+    documents per task or a fraction (strings as typed on the command line are parsed).
+    """
+
+    tasks: tuple[str, ...] | None = None
+    include_path: str | None = None
+    num_fewshot: int | None = None
+    limit: int | float | str | None = None
+    seed: int = 1234
+    bootstrap_iters: int = DEFAULT_BOOTSTRAP
+    ppl_text: str | None = None
+    ppl_dataset: str | None = None
+    ppl_dataset_config: str | None = None
+    ppl_split: str | None = None
+    ppl_field: str = "text"
+    ppl_max_tokens: int = 65_536
+    seq_len: int | None = None
+    layers: str = "all"
+    angular: bool = True
+    tolerance: float = 0.01
+    batch_size: int = 8
+    engine: str = "fast"
+    batch_tokens: int | None = None
+    fresh: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ppl_text is not None and self.ppl_dataset is not None:
+            raise UserError("give --ppl-text or --ppl-dataset, not both")
+        names = self.tasks if self.tasks is not None else (() if self.wants_ppl else ("mmlu",))
+        if isinstance(names, str):
+            names = tuple(names.split(","))
+        object.__setattr__(self, "tasks", tuple(t.strip() for t in names if t.strip()))
+        object.__setattr__(self, "limit", parse_limit(self.limit))
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise UserError(f"--num-fewshot must be 0 or more, not {self.num_fewshot}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.engine not in ENGINES:
+            raise UserError(f"--engine must be fast or naive, not {self.engine!r}")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise UserError(f"--batch-tokens must be positive, not {self.batch_tokens}")
+        if self.ppl_max_tokens < 1:
+            raise UserError(f"--ppl-max-tokens must be positive, not {self.ppl_max_tokens}")
+        if not self.tasks and not self.wants_ppl:
+            raise UserError("nothing to score: give --tasks and/or --ppl-text / --ppl-dataset")
+
+    @property
+    def wants_ppl(self) -> bool:
+        return self.ppl_text is not None or self.ppl_dataset is not None
+
+    def load_inputs(self) -> PruneInputs:
+        """The tasks and the perplexity text, loaded (and checked) before any model is."""
+        tasks = load_tasks(list(self.tasks), self.include_path, self.num_fewshot) if self.tasks else None
+        text = None
+        if self.ppl_text is not None:
+            text = from_file(self.ppl_text, self.ppl_field)
+        elif self.ppl_dataset is not None:
+            text = from_dataset(self.ppl_dataset, self.ppl_dataset_config, self.ppl_split or "test", self.ppl_field)
+        return PruneInputs(tasks, text)
+
+
+@dataclass
+class PruneInputs:
+    """What a sweep scores on: lm-eval tasks and/or a perplexity text."""
+
+    tasks: TaskSet | None = None
+    ppl_text: TextSource | None = None
+
+
+@dataclass
+class PruneRun:
+    """A sweep's results: the tidy table, the tasks a table shows, and the JSON record."""
+
+    frame: pd.DataFrame
+    tasks: list[str]
+    meta: dict[str, Any]
+    folder: Path
+    tolerance: float
+    complete: bool = True
+    engine_stats: dict[str, Any] = field(default_factory=dict)
+
+
+def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: PruneInputs | None = None,
+        layers_path: str | None = None, progress: Progress = SILENT, timer: Timer | None = None,
+        angular_text: TextSource | None = None, angular_frame: pd.DataFrame | None = None,
+        on_update: Callable[[PruneRun], None] | None = None) -> PruneRun:
+    """Sweep ``loaded`` into the folder ``out`` (resuming what is there) and return the results.
+
+    ``on_update`` sees the results so far after every finished variant (the command line
+    rewrites its CSVs). Ctrl-C raises :class:`~lnsdiag.errors.Interrupted` saying what is saved.
+    """
+    from .stream import default_seq_len
+
+    timer = timer or Timer()
+    folder = Path(out)
+    inputs = inputs or config.load_inputs()
+    model = loaded.model
+    stack = find_layers(model, layers_path)
+    selected = parse_layer_spec(config.layers, len(stack))
+    settings: dict[str, Any] = {
+        "model": loaded.source, "revision": loaded.revision, "weights": loaded.weights_identity(),
+        "dtype": str(loaded.dtype).replace("torch.", ""), "task_versions": None, "tasks": [], "include_path": None,
+        "num_fewshot": None, "limit": config.limit, "seed": config.seed, "bootstrap_iters": config.bootstrap_iters,
+        "layers_path": stack.path, "ppl_text": None, "ppl_max_tokens": None, "seq_len": None,
+        "softmax_dtype": "float32", "max_length": None,
+    }
+    scorers: list[Scorer] = []
+    if inputs.tasks is not None:
+        scorers.append(LmEvalScorer(loaded, inputs.tasks, limit=config.limit, seed=config.seed,
+                                    bootstrap_iters=config.bootstrap_iters, batch_size=config.batch_size))
+    if inputs.ppl_text is not None:
+        seq = default_seq_len(model, config.seq_len)
+        windows = TokenWindows.of(loaded.tokenizer, inputs.ppl_text.texts, seq_len=seq,
+                                  max_tokens=config.ppl_max_tokens, name=inputs.ppl_text.name)
+        scorers.append(PerplexityScorer(model, windows, batch_size=config.batch_size))
+        settings.update(ppl_max_tokens=config.ppl_max_tokens, seq_len=seq)
+    if not scorers:
+        raise UserError("nothing to score: give --tasks and/or --ppl-text / --ppl-dataset")
+    for scorer in scorers:
+        settings.update(scorer.settings())
+    store = ResultStore(folder, settings, fresh=config.fresh, outputs=OUTPUTS)
+    done = store.done()
+    todo = plan_variants(selected, done)
+    if done and todo:
+        progress.note(f"resuming: {len(done)} variant(s) already in {folder}, {len(todo)} to go")
+    elif done and not todo:
+        progress.note(f"all {len(selected) + 1} variants are already in {folder} (use --fresh to redo them)")
+
+    if config.angular and angular_frame is None:
+        angular_frame = _angular_column(loaded, folder, stack, angular_text or inputs.ppl_text, settings, config,
+                                        progress, timer)
+    shown = [t for scorer in scorers for t in scorer.tasks]
+    meta_fields = {"settings": settings, "tasks": inputs.tasks.describe() if inputs.tasks else None,
+                   "ppl_text": inputs.ppl_text.name if inputs.ppl_text else None, "layer_stack": stack.path,
+                   "num_layers": len(stack), "layers": selected, "tolerance": config.tolerance,
+                   "dead_rule": rule_text(config.tolerance), "norm_placement": norm_placement(model, stack)}
+    engine_info: dict[str, Any] = {"engine": config.engine}
+
+    def current(complete: bool) -> PruneRun:
+        results = store.done()
+        frame = prune_frame(results, tolerance=config.tolerance, angular=angular_frame)
+        frame = frame[frame["removed_layer"].isna() | frame["removed_layer"].isin(selected)].reset_index(drop=True)
+        timings = {**timer.seconds, "variants": {("baseline" if k is None else str(k)): v.seconds
+                                                 for k, v in sorted(results.items(), key=lambda kv: -1
+                                                                    if kv[0] is None else kv[0])}}
+        engines = sorted({v.engine for k, v in results.items() if k is None or k in selected})
+        meta = run_record("prune", model=loaded.describe(), **meta_fields, **engine_info, variant_engines=engines,
+                          variants_done=len(results), timings=timings)
+        return PruneRun(frame, shown, meta, folder, config.tolerance, complete, engine_info.get("engine_stats", {}))
+
+    def saved(_result: VariantResult) -> None:
+        if on_update is not None and None in store.done():
+            on_update(current(complete=False))
+
+    try:
+        with timer("sweep"):
+            engine = run_naive if config.engine == "naive" or not todo else run_fast
+            extra = {"batch_tokens": config.batch_tokens} if engine is run_fast else {}
+            outcome: SweepOutcome = engine(model, scorers, todo, stack=stack, store=store, progress=progress,
+                                           on_saved=saved, **extra)
+    except KeyboardInterrupt as exc:
+        kept = sum(1 for k in store.done() if k is None or k in selected)
+        raise Interrupted(f"{kept} of {len(selected) + 1} variants are saved in {folder}; rerun the same command "
+                          "to resume.") from exc
+    if engine is run_fast:
+        engine_info["engine_stats"] = outcome.stats
+        if outcome.stats.get("naive_tasks"):
+            progress.note(f"generation tasks ({', '.join(outcome.stats['naive_tasks'])}) were scored by the naive "
+                          "engine: they need the model to generate, not just log-likelihoods")
+    return current(complete=True)
+
+
+def _angular_column(loaded: LoadedModel, folder: Path, stack: Any, text: TextSource | None, settings: dict[str, Any],
+                    config: PruneConfig, progress: Progress, timer: Timer) -> pd.DataFrame:
+    """Angular distances for the table's last column; reused from a previous run of the same sweep."""
+    from .angular import angular_on_text
+
+    path, stamp = folder / "angular.csv", folder / "angular_settings.json"
+    if path.is_file() and stamp.is_file() and read_json(stamp) == settings:
+        return pd.read_csv(path)
+    if text is None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            text = resolve_text()
+        for w in caught:
+            if issubclass(w.category, UserWarning):
+                progress.note(str(w.message))
+    with timer("angular"):
+        progress.phase("angular distances")
+        result = angular_on_text(loaded, text.texts, stack=stack, max_block=1, batch_size=config.batch_size,
+                                 seq_len=settings.get("seq_len"), max_tokens=settings.get("ppl_max_tokens") or 65_536,
+                                 progress=progress)
+    write_csv(path, result.layers)
+    write_json(stamp, settings)
+    return result.layers
+

@@ -1,0 +1,137 @@
+"""The one measuring loop: the residual stream at every depth, batch by batch.
+
+x_i is the input of block i (0-based) and x_{i+1} its output; x_L is the last block's output
+*before* the final norm (``output_hidden_states`` would give the post-norm state there).
+Statistics run over non-padding tokens (``tokens="all"``) or each sequence's last real
+token (``tokens="last"``, as in Gromov et al. and ShortGPT), accumulated batch by batch so
+memory stays bounded whatever the length of the text. Angular distances and residual
+variance are both accumulators fed by :func:`stream_states`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Literal, TypeVar
+
+import torch
+
+from .errors import UserError
+from .progress import SILENT, Progress
+from .structure import LayerStack, no_cache_kwargs
+from .windows import TokenWindows
+
+TokenMode = Literal["all", "last"]
+TOKEN_MODES: tuple[str, ...] = ("all", "last")
+_Config = TypeVar("_Config", bound="StreamConfig")
+
+
+def check_tokens(tokens: str) -> TokenMode:
+    """``tokens`` if it names a token selection (``all`` or ``last``), else a UserError."""
+    if tokens not in TOKEN_MODES:
+        raise UserError(f"--tokens must be all or last, not {tokens!r}")
+    return tokens  # type: ignore[return-value]
+
+
+def default_seq_len(model: torch.nn.Module, wanted: int | None = None, cap: int = 2048) -> int:
+    """``wanted``, else the model's context length capped at ``cap`` (2048, as in the paper)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or cap
+    if wanted is None:
+        return min(cap, int(limit))
+    check_seq_len(wanted)
+    if wanted > limit:
+        raise UserError(f"--seq-len {wanted} exceeds the model's context length ({limit})")
+    return wanted
+
+
+def check_seq_len(seq_len: int) -> None:
+    """A window needs a token of context and one to measure or predict."""
+    if seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2, not {seq_len}")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How a text goes through the model: window length, how much of it, batch size, which tokens.
+
+    Checked when built, so a command fails on a bad option before it creates any output.
+    ``seq_len=None`` is the model's context length (capped at 2048), checked against the
+    model when it is known; ``max_tokens=None`` takes the whole text.
+    """
+
+    seq_len: int | None = None
+    max_tokens: int | None = 65_536
+    batch_size: int = 4
+    tokens: TokenMode = "all"
+
+    def __post_init__(self) -> None:
+        check_tokens(self.tokens)
+        if self.seq_len is not None:
+            check_seq_len(self.seq_len)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise UserError(f"--max-tokens must be at least 1, not {self.max_tokens}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, not {self.batch_size}")
+
+    def for_model(self: _Config, model: torch.nn.Module) -> _Config:
+        """This config with ``seq_len`` resolved (and checked) for ``model``."""
+        return replace(self, seq_len=default_seq_len(model, self.seq_len))
+
+    def windows(self, loaded: Any, texts: Iterable[str], name: str = "text") -> TokenWindows:
+        """The text as token windows for a :class:`~lnsdiag.models.LoadedModel`."""
+        seq_len = default_seq_len(loaded.model, self.seq_len)
+        return TokenWindows.of(loaded.tokenizer, texts, seq_len=seq_len, max_tokens=self.max_tokens, name=name)
+
+
+class _StopForward(Exception):
+    """Raised after the last block: the final norm and LM head are not needed."""
+
+
+def _pick(hidden: torch.Tensor, mask: torch.Tensor, tokens: TokenMode) -> torch.Tensor:
+    mask = mask.to(hidden.device)
+    if tokens == "all":
+        return hidden[mask.bool()]
+    last = mask.long().sum(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def stream_states(
+    model: torch.nn.Module,
+    stack: LayerStack,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    on_state: Callable[[int, torch.Tensor], None],
+    tokens: TokenMode = "all",
+) -> None:
+    """Run one batch and hand x_0..x_L (selected tokens, shape ``[n, hidden]``) to ``on_state``."""
+    last = len(stack) - 1
+
+    def before(index: int):
+        def hook(_m: Any, args: tuple, kwargs: dict) -> None:
+            on_state(index, _pick(args[0] if args else kwargs["hidden_states"], mask, tokens))
+        return hook
+
+    def after_last(_m: Any, _a: tuple, out: Any) -> None:
+        on_state(last + 1, _pick(out[0] if isinstance(out, tuple) else out, mask, tokens))
+        raise _StopForward
+
+    hooks = [layer.register_forward_pre_hook(before(i), with_kwargs=True) for i, layer in enumerate(stack.layers)]
+    hooks.append(stack.layers[last].register_forward_hook(after_last))
+    device = model.get_input_embeddings().weight.device
+    try:
+        with torch.no_grad():
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), **no_cache_kwargs(model))
+    except _StopForward:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def tracked_batches(windows: TokenWindows, batch_size: int, progress: Progress = SILENT,
+                    phase: str = "measuring") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The windows as padded batches; each batch, once consumed, counts as its windows done."""
+    progress.phase(phase, total=len(windows))
+    for ids, mask in windows.batches(batch_size):
+        yield ids, mask
+        progress.advance(ids.shape[0])
