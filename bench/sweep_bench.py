@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lnsdiag.demo import train_tokenizer
 from lnsdiag.engine import SweepEngine, plan_rows
-from lnsdiag.models import LoadedModel
 from lnsdiag.lmeval import LmEvalScorer, collect_requests, load_tasks
+from lnsdiag.models import LoadedModel
 from lnsdiag.store import ResultStore
 from lnsdiag.structure import find_layers
 from lnsdiag.surgery import removed_layers

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -19,11 +19,14 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .progress import SILENT, Progress
-from .runs import Timer, run_record
-from .stream import StreamConfig, TokenMode, check_tokens, stream_states, tracked_batches
-from .structure import LayerStack, find_layers, norm_placement
+from .runs import Timer
+from .stream import MeasureRun, StreamConfig, TokenMode, check_tokens, measure_text, stream_states, tracked_batches
+from .structure import LayerStack, find_layers
 from .text import TextSource
 from .windows import TokenWindows
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 @dataclass
@@ -142,7 +145,7 @@ def angular_on_windows(model: torch.nn.Module, windows: TokenWindows, config: An
 
 
 def angular_on_text(
-    loaded: Any,
+    loaded: LoadedModel,
     texts: Iterable[str],
     *,
     seq_len: int | None = None,
@@ -160,31 +163,14 @@ def angular_on_text(
     return angular_on_windows(loaded.model, config.windows(loaded, texts), config, stack=stack, progress=progress)
 
 
-@dataclass(frozen=True)
-class AngularRun:
-    """An ``angular`` run: the result, and the JSON record of how it was made (``meta.json``)."""
-
-    result: AngularResult
-    meta: dict[str, Any]
-
-    @property
-    def model_name(self) -> str:
-        return str((self.meta.get("model") or {}).get("name", "model"))
+class AngularRun(MeasureRun):
+    """An ``angular`` run: the :class:`AngularResult` and its ``meta.json`` record."""
 
 
-def run(loaded: Any, text: TextSource, config: AngularConfig, *, layers_path: str | None = None,
+def run(loaded: LoadedModel, text: TextSource, config: AngularConfig, *, layers_path: str | None = None,
         progress: Progress = SILENT, timer: Timer | None = None) -> AngularRun:
     """Measure one model's angular distances on ``text`` and record how (``lnsdiag angular``)."""
-    timer = timer or Timer()
-    stack = find_layers(loaded.model, layers_path)
-    config = config.for_model(loaded.model)
-    with timer("measure"):
-        result = angular_on_windows(loaded.model, config.windows(loaded, text.texts, text.name), config,
-                                    stack=stack, progress=progress)
-    meta = run_record(
-        "angular", model=loaded.describe(), text=text.name, tokens_used=result.tokens,
-        layer_stack=stack.path, num_layers=len(stack), norm_placement=norm_placement(loaded.model, stack),
-        settings={**asdict(config), "max_block": int(result.blocks["block_size"].max())},
-        timings={**timer.seconds, "total": timer.total()},
-    )
+    result, meta = measure_text("angular", loaded, text, config, angular_on_windows, layers_path=layers_path,
+                                progress=progress, timer=timer,
+                                settings=lambda r: {"max_block": int(r.blocks["block_size"].max())})
     return AngularRun(result, meta)

@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ import torch
 from .errors import UserError
 from .scoring import LOWER_IS_BETTER, MetricRow, Scorer, Scores, TokenRequest
 from .structure import no_cache_kwargs
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 DEFAULT_BOOTSTRAP = 100_000  # lm-eval's own default; mean metrics use a closed form anyway
 
@@ -300,7 +303,7 @@ def _lm_classes() -> tuple[type, type]:
     return LnsdiagHFLM, ReplayLM
 
 
-def make_lm(loaded: Any, batch_size: int | str = 8, max_length: int | None = None) -> Any:
+def make_lm(loaded: LoadedModel, batch_size: int | str = 8, max_length: int | None = None) -> Any:
     """Wrap the loaded model for lm-eval, once per run (not once per variant).
 
     Log-softmax runs in float32 whatever the model dtype (lm-eval's default would keep bf16
@@ -391,7 +394,7 @@ class LmEvalScorer(Scorer):
     generation tasks are left to :meth:`score_rest`, on the model as it is.
     """
 
-    def __init__(self, loaded: Any, tasks: TaskSet, *, limit: int | float | None = None, seed: int = 1234,
+    def __init__(self, loaded: LoadedModel, tasks: TaskSet, *, limit: int | float | None = None, seed: int = 1234,
                  bootstrap_iters: int = DEFAULT_BOOTSTRAP, batch_size: int = 8) -> None:
         self.taskset, self.limit, self.seed, self.bootstrap_iters = tasks, limit, seed, bootstrap_iters
         self.tasks = list(tasks.names)

@@ -275,6 +275,13 @@ def layer_scales(model: nn.Module) -> list[float]:
 
 # --- initialisation ------------------------------------------------------------------------
 
+def check_init(init: str) -> str:
+    """``init`` if it names an initialisation (``default`` or ``scaled``), else a UserError."""
+    if init not in INITS:
+        raise UserError(f"unknown init {init!r}: --init must be {' or '.join(INITS)}")
+    return init
+
+
 def initialize(model: nn.Module, init: str = "default", *, stack: LayerStack | None = None) -> nn.Module:
     """Initialise a freshly built model for training (in place, from torch's global RNG).
 
@@ -283,8 +290,7 @@ def initialize(model: nn.Module, init: str = "default", *, stack: LayerStack | N
     (o_proj, down_proj, ...) with std initializer_range / sqrt(2·L), the depth-scaled init of
     GPT-2 and Megatron, which the paper reports conflicts with LNS (both shrink deep updates).
     """
-    if init not in INITS:
-        raise UserError(f"unknown init {init!r} (use {' or '.join(INITS)})")
+    check_init(init)
     if init == "default":
         return model
     stack = stack or find_layers(model)

@@ -24,7 +24,7 @@ import torch
 from .angular import AngularConfig, AngularResult, angular_on_windows
 from .demo import NORMS, DemoSpec, ensure_demo_model
 from .errors import UserError
-from .lns import INITS
+from .lns import check_init
 from .progress import SILENT, Progress
 from .runs import Timer, run_record
 from .structure import find_layers, norm_placement
@@ -206,8 +206,7 @@ def check_spec(spec: DemoSpec) -> DemoSpec:
         raise UserError(f"--vocab must be at least 260 (256 bytes + special tokens), not {spec.vocab}")
     if not spec.lr > 0:
         raise UserError(f"--lr must be positive, not {spec.lr}")
-    if spec.init not in INITS:
-        raise UserError(f"--init must be {' or '.join(INITS)}, not {spec.init!r}")
+    check_init(spec.init)
     return spec
 
 

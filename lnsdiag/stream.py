@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
@@ -20,6 +20,11 @@ from .errors import UserError
 from .progress import SILENT, Progress
 from .structure import LayerStack, no_cache_kwargs
 from .windows import TokenWindows
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+    from .runs import Timer
+    from .text import TextSource
 
 TokenMode = Literal["all", "last"]
 TOKEN_MODES: tuple[str, ...] = ("all", "last")
@@ -77,7 +82,7 @@ class StreamConfig:
         """This config with ``seq_len`` resolved (and checked) for ``model``."""
         return replace(self, seq_len=default_seq_len(model, self.seq_len))
 
-    def windows(self, loaded: Any, texts: Iterable[str], name: str = "text") -> TokenWindows:
+    def windows(self, loaded: LoadedModel, texts: Iterable[str], name: str = "text") -> TokenWindows:
         """The text as token windows for a :class:`~lnsdiag.models.LoadedModel`."""
         seq_len = default_seq_len(loaded.model, self.seq_len)
         return TokenWindows.of(loaded.tokenizer, texts, seq_len=seq_len, max_tokens=self.max_tokens, name=name)
@@ -135,3 +140,49 @@ def tracked_batches(windows: TokenWindows, batch_size: int, progress: Progress =
     for ids, mask in windows.batches(batch_size):
         yield ids, mask
         progress.advance(ids.shape[0])
+
+
+@dataclass(frozen=True)
+class MeasureRun:
+    """A measurement run (``angular``, ``variance``): its result and the JSON record of how it
+    was made (``meta.json``)."""
+
+    result: Any
+    meta: dict[str, Any]
+
+    @property
+    def model_name(self) -> str:
+        return str((self.meta.get("model") or {}).get("name", "model"))
+
+    @property
+    def placement(self) -> str:
+        """Where the model normalises (``pre-LN``, ``pre-LN+LNS``, ...)."""
+        return str(self.meta.get("norm_placement", ""))
+
+
+def measure_text(command: str, loaded: LoadedModel, text: TextSource, config: StreamConfig,
+                 measure: Callable[..., Any], *, layers_path: str | None = None, progress: Progress = SILENT,
+                 timer: Timer | None = None, settings: Callable[[Any], dict[str, Any]] | None = None
+                 ) -> tuple[Any, dict[str, Any]]:
+    """Run ``measure(model, windows, config, stack=, progress=)`` over ``text`` and build the run's
+    record: what ``angular.run`` and ``variance.run`` share. ``settings(result)`` adds to the
+    recorded config."""
+    from dataclasses import asdict
+
+    from .runs import Timer, run_record
+    from .structure import find_layers, norm_placement
+
+    timer = timer or Timer()
+    stack = find_layers(loaded.model, layers_path)
+    config = config.for_model(loaded.model)
+    placement = norm_placement(loaded.model, stack)
+    with timer("measure"):
+        result = measure(loaded.model, config.windows(loaded, text.texts, text.name), config, stack=stack,
+                         progress=progress)
+    meta = run_record(
+        command, model=loaded.describe(), text=text.name, tokens_used=result.tokens, layer_stack=stack.path,
+        num_layers=len(stack), norm_placement=placement,
+        settings={**asdict(config), **(settings(result) if settings else {})},
+        timings={**timer.seconds, "total": timer.total()},
+    )
+    return result, meta

@@ -273,3 +273,10 @@ def norm_placement(model: nn.Module, stack: LayerStack | None = None) -> str:
     if getattr(model.config, "lns", None):
         kind += "+LNS"
     return kind
+
+
+def describe(model: nn.Module, layers_path: str | None = None) -> dict[str, Any]:
+    """What ``lnsdiag inspect`` shows: the stack, its block class, a block's sub-layers, norm placement."""
+    stack = find_layers(model, layers_path)
+    return {"layer_stack": stack.path, "num_layers": len(stack), "block": type(stack.layers[0]).__name__,
+            "sublayers": sublayers(stack.layers[0]), "norm_placement": norm_placement(model, stack)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -26,6 +26,10 @@ from .scoring import Scorer, Scores
 from .store import ResultStore, VariantResult
 from .structure import LayerStack, find_layers
 from .surgery import removed_layers
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+    from .windows import TokenWindows
 
 #: Progress phase of the per-variant work.
 VARIANTS_PHASE = "variants"
@@ -153,7 +157,7 @@ def _max_length(scorers: Sequence[Scorer]) -> int:
     return max_length
 
 
-def perplexity_sweep(loaded: Any, windows: Any, layers: Sequence[int] | None = None, *,
+def perplexity_sweep(loaded: LoadedModel, windows: TokenWindows, layers: Sequence[int] | None = None, *,
                      batch_tokens: int | None = None, tolerance: float = 0.01, angular: pd.DataFrame | None = None,
                      progress: Progress = SILENT) -> pd.DataFrame:
     """Built-in perplexity of the full model and of each one-layer-removed variant, in one pass.

@@ -125,6 +125,20 @@ def resolve_text(
         return stdlib_corpus("test")
 
 
+@dataclass(frozen=True)
+class TextOptions:
+    """Which text a measuring command runs on (``--text-file``, ``--dataset``, ...); see :func:`resolve_text`."""
+
+    text_file: str | Path | None = None
+    text_field: str = "text"
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str | None = None
+
+    def resolve(self) -> TextSource:
+        return resolve_text(self.text_file, self.dataset, self.dataset_config, self.split, self.text_field)
+
+
 def _dataset_cached(name: str) -> bool:
     """Whether ``datasets`` has any local copy of ``name`` (so offline mode can still load it)."""
     try:

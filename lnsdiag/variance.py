@@ -18,19 +18,22 @@ padding is excluded and memory stays bounded however long the text.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 
 from .errors import UserError
 from .progress import SILENT, Progress
-from .runs import Timer, run_record
-from .stream import StreamConfig, TokenMode, check_tokens, stream_states, tracked_batches
-from .structure import LayerStack, find_layers, norm_placement
+from .runs import Timer
+from .stream import MeasureRun, StreamConfig, TokenMode, check_tokens, measure_text, stream_states, tracked_batches
+from .structure import LayerStack, find_layers
 from .text import TextSource
 from .windows import TokenWindows
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 @dataclass
@@ -130,7 +133,7 @@ def variance_on_windows(model: torch.nn.Module, windows: TokenWindows, config: S
 
 
 def variance_on_text(
-    loaded: Any,
+    loaded: LoadedModel,
     texts: Iterable[str],
     *,
     seq_len: int | None = None,
@@ -145,36 +148,13 @@ def variance_on_text(
     return variance_on_windows(loaded.model, config.windows(loaded, texts), config, stack=stack, progress=progress)
 
 
-@dataclass(frozen=True)
-class VarianceRun:
-    """A ``variance`` run: the result, and the JSON record of how it was made (``meta.json``)."""
-
-    result: VarianceResult
-    meta: dict[str, Any]
-
-    @property
-    def model_name(self) -> str:
-        return str((self.meta.get("model") or {}).get("name", "model"))
-
-    @property
-    def placement(self) -> str:
-        """Where the model normalises (``pre-LN``, ``pre-LN+LNS``, ...): variance growth depends on it."""
-        return str(self.meta.get("norm_placement", ""))
+class VarianceRun(MeasureRun):
+    """A ``variance`` run: the :class:`VarianceResult` and its ``meta.json`` record."""
 
 
-def run(loaded: Any, text: TextSource, config: VarianceConfig, *, layers_path: str | None = None,
+def run(loaded: LoadedModel, text: TextSource, config: VarianceConfig, *, layers_path: str | None = None,
         progress: Progress = SILENT, timer: Timer | None = None) -> VarianceRun:
     """Measure one model's residual stream on ``text`` and record how (``lnsdiag variance``)."""
-    timer = timer or Timer()
-    stack = find_layers(loaded.model, layers_path)
-    config = config.for_model(loaded.model)
-    placement = norm_placement(loaded.model, stack)
-    with timer("measure"):
-        result = variance_on_windows(loaded.model, config.windows(loaded, text.texts, text.name), config,
-                                     stack=stack, progress=progress)
-    meta = run_record(
-        "variance", model=loaded.describe(), text=text.name, tokens_used=result.tokens, layer_stack=stack.path,
-        num_layers=len(stack), norm_placement=placement, settings=asdict(config),
-        timings={**timer.seconds, "total": timer.total()},
-    )
+    result, meta = measure_text("variance", loaded, text, config, variance_on_windows, layers_path=layers_path,
+                                progress=progress, timer=timer)
     return VarianceRun(result, meta)

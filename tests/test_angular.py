@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -164,11 +162,3 @@ def test_run_measures_and_records(tokenizer):
         angular.run(loaded, TextSource("sample", [SAMPLE_TEXT]), AngularConfig(max_block=9))
     with pytest.raises(UserError, match="context length"):
         angular.run(loaded, TextSource("sample", [SAMPLE_TEXT]), AngularConfig(seq_len=1000))
-
-
-def test_runners_import_no_command_line_or_report():
-    """Modules that compute stand alone: no typer, no lnsdiag.cli, no lnsdiag.report."""
-    code = ("import sys, lnsdiag.angular, lnsdiag.variance, lnsdiag.reproduce, lnsdiag.compare, lnsdiag.stream; "
-            "print(sorted(m for m in ('typer', 'lnsdiag.cli', 'lnsdiag.report') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"

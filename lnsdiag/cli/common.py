@@ -16,6 +16,7 @@ import typer
 from .. import report, ui
 from ..errors import Interrupted, UserError
 from ..models import LoadedModel, ModelOptions, hub_offline
+from ..text import TextOptions, TextSource
 
 app = typer.Typer(
     name="lnsdiag",
@@ -104,38 +105,46 @@ def _root(debug: Debug = False) -> None:
     _STATE["debug"] = debug
 
 
-#: The shared model options, in the order --help lists them.
+#: The shared model options, in the order --help lists them: (parameter, Typer annotation, default).
 _MODEL_PARAMS = (
     ("model", ModelArg, None), ("model_opt", ModelOpt, None), ("revision", Revision, None), ("dtype", Dtype, "auto"),
     ("device", Device, "auto"), ("device_map", DeviceMap, None), ("trust_remote_code", TrustRemote, False),
     ("layers_path", LayersPath, None),
 )
+#: The shared text options of the measuring commands.
+_TEXT_PARAMS = (
+    ("text_file", TextFile, None), ("text_field", TextField, "text"), ("dataset", Dataset, None),
+    ("dataset_config", DatasetConfig, None), ("split", Split, None),
+)
 
 
-def model_options(fn: F) -> F:
-    """Give a command the shared model options; they reach it as one ``model: ModelOptions``.
+def _shared_options(params: tuple, key: str, build: Callable[..., Any]) -> Callable[[F], F]:
+    """A decorator giving a command the options ``params``, which reach it as one object
+    ``key = build(**values)``.
 
     Typer reads a command's parameters from its signature, so the wrapper's signature is the
-    model options followed by the command's own parameters (``model`` removed).
+    shared options followed by the command's own parameters (``key`` removed).
     """
-    own = [p for p in inspect.signature(fn).parameters.values() if p.name != "model"]
-    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=default)
-              for name, ann, default in _MODEL_PARAMS]
-    hints = typing.get_type_hints(fn, include_extras=True)
 
-    @functools.wraps(fn)
-    def wrapper(**kwargs: Any) -> Any:
-        values = {name: kwargs.pop(name) for name, _, _ in _MODEL_PARAMS}
-        name = values.pop("model")
-        opt = values.pop("model_opt")
-        return fn(model=model_choice(name, opt, **values), **kwargs)
+    def decorate(fn: F) -> F:
+        own = [p for p in inspect.signature(fn).parameters.values() if p.name != key]
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=default)
+                  for name, ann, default in params]
+        hints = typing.get_type_hints(fn, include_extras=True)
 
-    wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [*shared, *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
-                    for p in own)])
-    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
-    del wrapper.__wrapped__  # Typer must read the new signature, not fn's
-    return wrapper  # type: ignore[return-value]
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name, _, _ in params}
+            return fn(**{key: build(**values)}, **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [*shared, *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+                        for p in own)])
+        wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
+        del wrapper.__wrapped__  # Typer must read the new signature, not fn's
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def model_choice(model: str | None, model_opt: str | None, **options: Any) -> ModelOptions:
@@ -146,6 +155,12 @@ def model_choice(model: str | None, model_opt: str | None, **options: Any) -> Mo
     if not name:
         raise UserError("no model given: lnsdiag COMMAND MODEL (a hub id, local directory or alias)")
     return ModelOptions(name, **options)
+
+
+#: Model options (MODEL, --revision, --dtype, ...) as one ``model: ModelOptions`` parameter.
+model_options = _shared_options(_MODEL_PARAMS, "model", model_choice)
+#: Text options (--text-file, --dataset, ...) as one ``text: TextOptions`` parameter.
+text_options = _shared_options(_TEXT_PARAMS, "text", TextOptions)
 
 
 def load(options: ModelOptions) -> LoadedModel:
@@ -163,13 +178,11 @@ def offline_note() -> None:
         ui.note("huggingface.co is unreachable: working offline from the local cache (HF_HOME)")
 
 
-def text_source(text_file: Path | None, dataset: str | None, dataset_config: str | None, split: str | None,
-                 field: str):
-    from ..text import resolve_text
-
+def text_source(options: TextOptions) -> TextSource:
+    """The chosen text, saying so when it falls back to the built-in corpus (offline)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        source = resolve_text(text_file, dataset, dataset_config, split, field)
+        source = options.resolve()
     for w in caught:
         if issubclass(w.category, UserWarning):
             ui.note(str(w.message))

@@ -6,7 +6,7 @@ from rich.table import Table
 
 from .. import ui
 from ..models import ALIASES, ModelOptions
-from ..structure import find_layers, norm_placement, sublayers
+from ..structure import describe
 from .common import Debug, app, command, load, model_options
 
 
@@ -29,15 +29,14 @@ def models_cmd() -> None:
 def inspect_cmd(model: ModelOptions, debug: Debug = False) -> None:
     """Show a model's layer stack, depth, size and norm placement (pre-LN, post-LN, sandwich)."""
     loaded = load(model)
-    stack = find_layers(loaded.model, model.layers_path)
+    shape = describe(loaded.model, model.layers_path)
     table = Table(show_header=False, box=None)
     info = loaded.describe()
     for key in ("source", "architecture", "model_type", "dtype", "device"):
         table.add_row(key, str(info[key]))
     table.add_row("parameters", f"{info['parameters'] / 1e6:,.1f}M")
-    table.add_row("layer stack", f"{stack.path} ({len(stack)} × {type(stack.layers[0]).__name__})")
-    roles = sublayers(stack.layers[0])
-    if roles:
-        table.add_row("sublayers", ", ".join(f"{role}: {name}" for role, name in roles.items()))
-    table.add_row("norm placement", norm_placement(loaded.model, stack))
+    table.add_row("layer stack", f"{shape['layer_stack']} ({shape['num_layers']} × {shape['block']})")
+    if shape["sublayers"]:
+        table.add_row("sublayers", ", ".join(f"{role}: {name}" for role, name in shape["sublayers"].items()))
+    table.add_row("norm placement", shape["norm_placement"])
     ui.console.print(table)

@@ -9,32 +9,17 @@ import typer
 from .. import ui, variance
 from ..models import ModelOptions
 from ..runs import Timer, output_dir
-from .common import (
-    Dataset,
-    DatasetConfig,
-    Debug,
-    MaxTokens,
-    Out,
-    SeqLen,
-    Split,
-    TextField,
-    TextFile,
-    app,
-    command,
-    load,
-    model_options,
-    text_source,
-)
+from ..text import TextOptions
+from .common import Debug, MaxTokens, Out, SeqLen, app, command, load, model_options, text_options, text_source
 from .show import show_variance
 
 
 @app.command("variance")
 @command
 @model_options
+@text_options
 def variance_cmd(
-    model: ModelOptions,
-    text_file: TextFile = None, text_field: TextField = "text", dataset: Dataset = None,
-    dataset_config: DatasetConfig = None, split: Split = None, max_tokens: MaxTokens = 65_536,
+    model: ModelOptions, text: TextOptions, max_tokens: MaxTokens = 65_536,
     seq_len: SeqLen = None,
     tokens: Annotated[str, typer.Option(help="all: every non-padding token; last: each sequence's last "
                                              "token.")] = "all",
@@ -43,11 +28,11 @@ def variance_cmd(
 ) -> None:
     """Residual-stream variance per layer and how much each layer changes its input (Pre-LN growth)."""
     config = variance.VarianceConfig(seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, tokens=tokens)
-    text = text_source(text_file, dataset, dataset_config, split, text_field)
+    source = text_source(text)
     folder = output_dir(out, model.slug, "variance")
     timer = Timer()
     with timer("load"):
         loaded = load(model)
     with ui.RichProgress() as progress:
-        result = variance.run(loaded, text, config, layers_path=model.layers_path, progress=progress, timer=timer)
+        result = variance.run(loaded, source, config, layers_path=model.layers_path, progress=progress, timer=timer)
     show_variance(result, folder)
