@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lnsdiag.demo import train_tokenizer
+from lnsdiag.demo_model import train_tokenizer
 from lnsdiag.engine import SweepEngine, plan_rows
 from lnsdiag.lmeval import LmEvalScorer, collect_requests, load_tasks
 from lnsdiag.models import LoadedModel

@@ -47,7 +47,7 @@ _EXPORTS: dict[str, str] = {
     "PruneConfig": "prune", "PruneRun": "prune",
     # LayerNorm Scaling and the twins
     "apply_lns": "lns", "remove_lns": "lns", "restore_lns": "lns", "apply_post_ln": "postln",
-    "DemoSpec": "demo", "ensure_demo_model": "demo",
+    "DemoSpec": "demo_model", "ensure_demo_model": "demo_model", "DemoConfig": "demo",
     "compare_folders": "compare", "load_run": "compare",
     # progress and errors
     "Progress": "progress", "UserError": "errors",

@@ -35,7 +35,7 @@ import torch
 from .progress import SILENT, Progress
 from .runs import atomic_write
 from .scoring import TokenRequest
-from .structure import LayerStack, no_cache_kwargs, text_config
+from .structure import LayerStack, block_input, no_cache_kwargs, text_config
 from .surgery import resumed_at
 
 
@@ -589,7 +589,7 @@ class _Captured(Exception):
 def _keeper(layer: int, kept: dict[int, torch.Tensor], stop_after: int | None) -> Callable[..., None]:
     def hook(_module: Any, args: tuple, kwargs: dict) -> None:
         # a copy: a block that updates its input in place would otherwise change what is kept
-        kept[layer] = (args[0] if args else kwargs["hidden_states"]).clone()
+        kept[layer] = block_input(args, kwargs).clone()
         if layer == stop_after:
             raise _Captured
 

@@ -133,6 +133,13 @@ class TaskSet:
                 "versions": {n: t.VERSION for n, t in self.leaf_tasks.items()}}
 
 
+def check_num_fewshot(num_fewshot: int | None) -> int | None:
+    """``--num-fewshot``: None (each task's own) or a count of 0 or more."""
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be 0 or more, not {num_fewshot}")
+    return num_fewshot
+
+
 def _check_include_path(include_path: str | Path | None) -> str | None:
     if include_path is None:
         return None
@@ -157,8 +164,7 @@ def load_tasks(names: Sequence[str], include_path: str | Path | None = None,
     names = [n.strip() for n in names if n and n.strip()]
     if not names:
         raise UserError("--tasks is empty")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise UserError(f"--num-fewshot must be 0 or more, not {num_fewshot}")
+    check_num_fewshot(num_fewshot)
     include = _check_include_path(include_path)
     manager = TaskManager(include_path=include, include_defaults=False) if include else None
     if manager is None or any(n not in manager.all_tasks for n in names):
@@ -406,17 +412,11 @@ class LmEvalScorer(Scorer):
         fast, slow = self.taskset.split_by_output()
         return (self.taskset.subset(fast) if fast else None), (self.taskset.subset(slow) if slow else None)
 
-    @property
-    def loglik_tasks(self) -> list[str]:
-        """Requested names the fast engine serves (all but generation tasks)."""
-        return self._split[0].names if self._split[0] else []
+    def lm_eval_tasks(self) -> tuple[list[str], list[str]]:
+        fast, slow = self._split
+        return (fast.names if fast else []), (slow.names if slow else [])
 
-    @property
-    def generation_tasks(self) -> list[str]:
-        return self._split[1].names if self._split[1] else []
-
-    @property
-    def max_length(self) -> int:
+    def context_limit(self) -> int:
         return int(self.lm.max_length)
 
     def _evaluate(self, tasks: TaskSet) -> Scores:
@@ -456,4 +456,4 @@ class LmEvalScorer(Scorer):
         return {"tasks": self.taskset.names, "task_versions": self.taskset.describe()["versions"],
                 "include_path": self.taskset.include_path, "num_fewshot": self.taskset.num_fewshot,
                 "limit": self.limit, "seed": self.seed, "bootstrap_iters": self.bootstrap_iters,
-                "max_length": self.max_length}
+                "max_length": self.context_limit()}

@@ -134,5 +134,8 @@ class PerplexityScorer(Scorer):
         ppl = Perplexity([-float(x) for x in loglik], self.windows.scored_tokens, self.windows.scored_bytes)
         return Scores(ppl.rows(), ppl)
 
+    def context_needed(self) -> int:
+        return self.windows.longest - 1  # a window is scored whole: its last token is never an input
+
     def settings(self) -> dict[str, Any]:
         return {"ppl_text": f"{self.windows.name}#{self.windows.digest}"}

@@ -27,5 +27,22 @@ class Progress:
         """Tell the user something worth knowing about the run."""
 
 
+class Labelled(Progress):
+    """Passes progress on with a label before each phase name ("LNS: residual variance"), so
+    the parts of a run that repeat the same phases (the twins) can be told apart."""
+
+    def __init__(self, label: str, inner: Progress) -> None:
+        self.label, self.inner = label, inner
+
+    def phase(self, name: str, total: float | None = None) -> None:
+        self.inner.phase(f"{self.label}: {name}", total)
+
+    def advance(self, amount: float = 1, *, detail: str | None = None) -> None:
+        self.inner.advance(amount, detail=detail)
+
+    def note(self, message: str) -> None:
+        self.inner.note(f"{self.label}: {message}")
+
+
 #: Progress nobody watches.
 SILENT = Progress()

@@ -11,16 +11,15 @@ table and the JSON record as plain data, for the command line or a notebook to s
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from .errors import Interrupted, UserError
-from .lmeval import DEFAULT_BOOTSTRAP, LmEvalScorer, TaskSet, load_tasks, parse_limit
+from .lmeval import DEFAULT_BOOTSTRAP, LmEvalScorer, TaskSet, check_num_fewshot, load_tasks, parse_limit
 from .models import LoadedModel
 from .perplexity import PerplexityScorer
 from .progress import SILENT, Progress
@@ -31,9 +30,14 @@ from .structure import find_layers, norm_placement, parse_layer_spec
 from .sweep import SweepOutcome, run_fast, run_naive
 from .text import TextSource, from_dataset, from_file, resolve_text
 from .verdict import prune_frame, rule_text
-from .windows import TokenWindows
+from .windows import TokenWindows, check_batch_size
 
 ENGINES = ("fast", "naive")
+#: What changes a sweep's numbers, in ``settings.json``'s order: the result store's fingerprint.
+SETTINGS = ("model", "revision", "weights", "dtype", "task_versions", "tasks", "include_path", "num_fewshot", "limit",
+            "seed", "bootstrap_iters", "layers_path", "ppl_text", "ppl_max_tokens", "seq_len", "softmax_dtype",
+            "max_length")
+NOTHING_TO_SCORE = "nothing to score: give --tasks and/or --ppl-text / --ppl-dataset"
 #: Files a run writes into its folder (``fresh`` removes them with the stored variants).
 OUTPUTS = ("angular.csv", "angular_settings.json", "prune.csv", "prune_wide.csv", "prune.tex", "prune.png",
            "prune.pdf", "meta.json")
@@ -76,10 +80,8 @@ class PruneConfig:
             names = tuple(names.split(","))
         object.__setattr__(self, "tasks", tuple(t.strip() for t in names if t.strip()))
         object.__setattr__(self, "limit", parse_limit(self.limit))
-        if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise UserError(f"--num-fewshot must be 0 or more, not {self.num_fewshot}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, not {self.batch_size}")
+        check_num_fewshot(self.num_fewshot)
+        check_batch_size(self.batch_size)
         if self.engine not in ENGINES:
             raise UserError(f"--engine must be fast or naive, not {self.engine!r}")
         if self.batch_tokens is not None and self.batch_tokens < 1:
@@ -87,21 +89,28 @@ class PruneConfig:
         if self.ppl_max_tokens < 1:
             raise UserError(f"--ppl-max-tokens must be positive, not {self.ppl_max_tokens}")
         if not self.tasks and not self.wants_ppl:
-            raise UserError("nothing to score: give --tasks and/or --ppl-text / --ppl-dataset")
+            raise UserError(NOTHING_TO_SCORE)
 
     @property
     def wants_ppl(self) -> bool:
         return self.ppl_text is not None or self.ppl_dataset is not None
 
-    def load_inputs(self) -> PruneInputs:
-        """The tasks and the perplexity text, loaded (and checked) before any model is."""
-        tasks = load_tasks(list(self.tasks), self.include_path, self.num_fewshot) if self.tasks else None
-        text = None
+    def load_tasks(self) -> TaskSet | None:
+        """The lm-eval tasks, loaded and checked (a command does it before loading the model,
+        so a typo in a task name fails in seconds)."""
+        return load_tasks(list(self.tasks), self.include_path, self.num_fewshot) if self.tasks else None
+
+    def load_text(self) -> TextSource | None:
+        """The perplexity text, if one is asked for."""
         if self.ppl_text is not None:
-            text = from_file(self.ppl_text, self.ppl_field)
-        elif self.ppl_dataset is not None:
-            text = from_dataset(self.ppl_dataset, self.ppl_dataset_config, self.ppl_split or "test", self.ppl_field)
-        return PruneInputs(tasks, text)
+            return from_file(self.ppl_text, self.ppl_field)
+        if self.ppl_dataset is not None:
+            return from_dataset(self.ppl_dataset, self.ppl_dataset_config, self.ppl_split or "test", self.ppl_field)
+        return None
+
+    def load_inputs(self) -> PruneInputs:
+        """Tasks and perplexity text together (:meth:`load_tasks`, :meth:`load_text`)."""
+        return PruneInputs(self.load_tasks(), self.load_text())
 
 
 @dataclass
@@ -110,6 +119,10 @@ class PruneInputs:
 
     tasks: TaskSet | None = None
     ppl_text: TextSource | None = None
+
+    def __post_init__(self) -> None:
+        if self.tasks is None and self.ppl_text is None:
+            raise UserError(NOTHING_TO_SCORE)
 
 
 @dataclass
@@ -121,8 +134,6 @@ class PruneRun:
     meta: dict[str, Any]
     folder: Path
     tolerance: float
-    complete: bool = True
-    engine_stats: dict[str, Any] = field(default_factory=dict)
 
 
 def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: PruneInputs | None = None,
@@ -142,14 +153,12 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
     model = loaded.model
     stack = find_layers(model, layers_path)
     selected = parse_layer_spec(config.layers, len(stack))
-    settings: dict[str, Any] = {
-        "model": loaded.source, "revision": loaded.revision, "weights": loaded.weights_identity(),
-        "dtype": str(loaded.dtype).replace("torch.", ""), "task_versions": None, "tasks": [], "include_path": None,
-        "num_fewshot": None, "limit": config.limit, "seed": config.seed, "bootstrap_iters": config.bootstrap_iters,
-        "layers_path": stack.path, "ppl_text": None, "ppl_max_tokens": None, "seq_len": None,
-        "softmax_dtype": "float32", "max_length": None,
-    }
+    settings: dict[str, Any] = dict.fromkeys(SETTINGS)
+    settings.update(model=loaded.source, revision=loaded.revision, weights=loaded.weights_identity(),
+                    dtype=str(loaded.dtype).replace("torch.", ""), tasks=[], limit=config.limit, seed=config.seed,
+                    bootstrap_iters=config.bootstrap_iters, layers_path=stack.path, softmax_dtype="float32")
     scorers: list[Scorer] = []
+    windows = None
     if inputs.tasks is not None:
         scorers.append(LmEvalScorer(loaded, inputs.tasks, limit=config.limit, seed=config.seed,
                                     bootstrap_iters=config.bootstrap_iters, batch_size=config.batch_size))
@@ -159,10 +168,10 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
                                   max_tokens=config.ppl_max_tokens, name=inputs.ppl_text.name)
         scorers.append(PerplexityScorer(model, windows, batch_size=config.batch_size))
         settings.update(ppl_max_tokens=config.ppl_max_tokens, seq_len=seq)
-    if not scorers:
-        raise UserError("nothing to score: give --tasks and/or --ppl-text / --ppl-dataset")
     for scorer in scorers:
         settings.update(scorer.settings())
+    if set(settings) != set(SETTINGS):
+        raise RuntimeError(f"settings outside prune.SETTINGS: {sorted(set(settings) - set(SETTINGS))}")
     store = ResultStore(folder, settings, fresh=config.fresh, outputs=OUTPUTS)
     done = store.done()
     todo = plan_variants(selected, done)
@@ -172,8 +181,8 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
         progress.note(f"all {len(selected) + 1} variants are already in {folder} (use --fresh to redo them)")
 
     if config.angular and angular_frame is None:
-        angular_frame = _angular_column(loaded, folder, stack, angular_text or inputs.ppl_text, settings, config,
-                                        progress, timer)
+        angular_frame = _angular_column(loaded, folder, stack, angular_text, windows, settings, config, progress,
+                                        timer)
     shown = [t for scorer in scorers for t in scorer.tasks]
     meta_fields = {"settings": settings, "tasks": inputs.tasks.describe() if inputs.tasks else None,
                    "ppl_text": inputs.ppl_text.name if inputs.ppl_text else None, "layer_stack": stack.path,
@@ -181,7 +190,7 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
                    "dead_rule": rule_text(config.tolerance), "norm_placement": norm_placement(model, stack)}
     engine_info: dict[str, Any] = {"engine": config.engine}
 
-    def current(complete: bool) -> PruneRun:
+    def current() -> PruneRun:
         results = store.done()
         frame = prune_frame(results, tolerance=config.tolerance, angular=angular_frame)
         frame = frame[frame["removed_layer"].isna() | frame["removed_layer"].isin(selected)].reset_index(drop=True)
@@ -191,11 +200,11 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
         engines = sorted({v.engine for k, v in results.items() if k is None or k in selected})
         meta = run_record("prune", model=loaded.describe(), **meta_fields, **engine_info, variant_engines=engines,
                           variants_done=len(results), timings=timings)
-        return PruneRun(frame, shown, meta, folder, config.tolerance, complete, engine_info.get("engine_stats", {}))
+        return PruneRun(frame, shown, meta, folder, config.tolerance)
 
     def saved(_result: VariantResult) -> None:
         if on_update is not None and None in store.done():
-            on_update(current(complete=False))
+            on_update(current())
 
     try:
         with timer("sweep"):
@@ -212,30 +221,28 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
         if outcome.stats.get("naive_tasks"):
             progress.note(f"generation tasks ({', '.join(outcome.stats['naive_tasks'])}) were scored by the naive "
                           "engine: they need the model to generate, not just log-likelihoods")
-    return current(complete=True)
+    return current()
 
 
-def _angular_column(loaded: LoadedModel, folder: Path, stack: Any, text: TextSource | None, settings: dict[str, Any],
-                    config: PruneConfig, progress: Progress, timer: Timer) -> pd.DataFrame:
-    """Angular distances for the table's last column; reused from a previous run of the same sweep."""
-    from .angular import angular_on_text
+def _angular_column(loaded: LoadedModel, folder: Path, stack: Any, text: TextSource | None,
+                    windows: TokenWindows | None, settings: dict[str, Any], config: PruneConfig, progress: Progress,
+                    timer: Timer) -> pd.DataFrame:
+    """Angular distances for the table's last column, on ``text`` if given, else on the perplexity
+    windows, else on the default text; reused from a previous run of the same sweep."""
+    from .angular import AngularConfig, angular_on_windows
+    from .stream import default_seq_len
 
     path, stamp = folder / "angular.csv", folder / "angular_settings.json"
     if path.is_file() and stamp.is_file() and read_json(stamp) == settings:
         return pd.read_csv(path)
-    if text is None:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            text = resolve_text()
-        for w in caught:
-            if issubclass(w.category, UserWarning):
-                progress.note(str(w.message))
+    if text is not None or windows is None:
+        text = text or resolve_text(note=progress.note)
+        seq_len = default_seq_len(loaded.model, settings["seq_len"])
+        windows = TokenWindows.of(loaded.tokenizer, text.texts, seq_len=seq_len,
+                                  max_tokens=settings["ppl_max_tokens"] or 65_536, name=text.name)
     with timer("angular"):
-        progress.phase("angular distances")
-        result = angular_on_text(loaded, text.texts, stack=stack, max_block=1, batch_size=config.batch_size,
-                                 seq_len=settings.get("seq_len"), max_tokens=settings.get("ppl_max_tokens") or 65_536,
-                                 progress=progress)
+        result = angular_on_windows(loaded.model, windows, AngularConfig(max_block=1, batch_size=config.batch_size),
+                                    stack=stack, progress=progress)
     write_csv(path, result.layers)
     write_json(stamp, settings)
     return result.layers
-

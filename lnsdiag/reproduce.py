@@ -3,7 +3,7 @@
 Twins share everything but the norm: the tokenizer (trained on the same text), the initial
 weights (same seed; LNS adds no parameters and Post-LN only reorders a block), the batches
 (same seed, same token stream) and the number of steps. Each is trained and cached by
-:func:`lnsdiag.demo.ensure_demo_model`, loaded back through the same ``load_model`` a user's
+:func:`lnsdiag.demo_model.ensure_demo_model`, loaded back through the same ``load_model`` a user's
 checkpoint goes through (so an LNS checkpoint must come back as LNS), and measured on
 held-out text: angular distance per layer, residual-stream variance, perplexity, and the
 perplexity after removing each layer in turn.
@@ -22,10 +22,10 @@ import pandas as pd
 import torch
 
 from .angular import AngularConfig, AngularResult, angular_on_windows
-from .demo import NORMS, DemoSpec, ensure_demo_model
+from .demo_model import NORMS, DemoSpec, ensure_demo_model
 from .errors import UserError
 from .lns import check_init
-from .progress import SILENT, Progress
+from .progress import SILENT, Labelled, Progress
 from .runs import Timer, run_record
 from .structure import find_layers, norm_placement
 from .sweep import perplexity_sweep
@@ -247,19 +247,6 @@ class ReproduceConfig:
                              max_block=None, threshold=self.threshold)
 
 
-class _Labelled(Progress):
-    """Passes progress on with the twin's label before each phase name ("LNS: residual variance")."""
-
-    def __init__(self, label: str, inner: Progress) -> None:
-        self.label, self.inner = label, inner
-
-    def phase(self, name: str, total: float | None = None) -> None:
-        self.inner.phase(f"{self.label}: {name}", total)
-
-    def advance(self, amount: float = 1, *, detail: str | None = None) -> None:
-        self.inner.advance(amount, detail=detail)
-
-
 def _measure_twins(config: ReproduceConfig, *, text: TextSource | None, eval_text: TextSource | None,
                    device: str | torch.device, fresh: bool | Collection[str], progress: Progress) -> ReproduceResult:
     from .models import load_model
@@ -284,7 +271,7 @@ def _measure_twins(config: ReproduceConfig, *, text: TextSource | None, eval_tex
         elif windows.digest != reference.digest:
             notes.append(f"{LABELS[norm]} was evaluated on other tokens than {LABELS[config.norms[0]]} "
                          "(its tokenizer differs)")
-        labelled = _Labelled(LABELS[norm], progress)
+        labelled = Labelled(LABELS[norm], progress)
         stack = find_layers(loaded.model)
         angular = angular_on_windows(loaded.model, windows, measuring, stack=stack, progress=labelled)
         variance = variance_on_windows(loaded.model, windows, measuring, stack=stack, progress=labelled)

@@ -72,6 +72,10 @@ class Scorer(ABC):
     * :meth:`score_rest` scores what log-likelihoods cannot serve (text generation) on the
       model as it is now, inside ``removed_layers``; empty when there is nothing.
     * :meth:`settings` are what changes the numbers, for a result store's fingerprint.
+    * :meth:`context_limit` / :meth:`context_needed`: the context length its requests are cut
+      to (lm-eval's), and the one they need whole (a perplexity window); the engine checks both.
+    * :meth:`lm_eval_tasks`: for the run's record, the lm-eval tasks served from log-likelihoods
+      and those scored on the model (generation).
     """
 
     #: Names of the tasks this scorer reports, in the order a table shows them.
@@ -92,6 +96,18 @@ class Scorer(ABC):
     def needs_model_per_variant(self) -> bool:
         """Whether :meth:`score_rest` has work (the fast engine then removes layers for it)."""
         return False
+
+    def context_limit(self) -> int | None:
+        """The context length this scorer cuts its requests to, if it imposes one."""
+        return None
+
+    def context_needed(self) -> int:
+        """The context length its requests need uncut (0: none)."""
+        return 0
+
+    def lm_eval_tasks(self) -> tuple[list[str], list[str]]:
+        """lm-eval task names served from log-likelihoods, and those scored on the model."""
+        return [], []
 
     @abstractmethod
     def settings(self) -> dict[str, Any]: ...

@@ -18,8 +18,8 @@ import torch
 
 from .errors import UserError
 from .progress import SILENT, Progress
-from .structure import LayerStack, no_cache_kwargs
-from .windows import TokenWindows
+from .structure import LayerStack, block_input, first_tensor, no_cache_kwargs
+from .windows import TokenWindows, check_batch_size
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -75,8 +75,7 @@ class StreamConfig:
             check_seq_len(self.seq_len)
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UserError(f"--max-tokens must be at least 1, not {self.max_tokens}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, not {self.batch_size}")
+        check_batch_size(self.batch_size)
 
     def for_model(self: _Config, model: torch.nn.Module) -> _Config:
         """This config with ``seq_len`` resolved (and checked) for ``model``."""
@@ -113,11 +112,11 @@ def stream_states(
 
     def before(index: int):
         def hook(_m: Any, args: tuple, kwargs: dict) -> None:
-            on_state(index, _pick(args[0] if args else kwargs["hidden_states"], mask, tokens))
+            on_state(index, _pick(block_input(args, kwargs), mask, tokens))
         return hook
 
     def after_last(_m: Any, _a: tuple, out: Any) -> None:
-        on_state(last + 1, _pick(out[0] if isinstance(out, tuple) else out, mask, tokens))
+        on_state(last + 1, _pick(first_tensor(out), mask, tokens))
         raise _StopForward
 
     hooks = [layer.register_forward_pre_hook(before(i), with_kwargs=True) for i, layer in enumerate(stack.layers)]

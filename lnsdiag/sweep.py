@@ -1,7 +1,8 @@
 """The two sweep engines: every variant (the full model, and each one-layer removal) scored by
 a list of :class:`~lnsdiag.scoring.Scorer`.
 
-Both take the same arguments and give the same results (tested): ``run_naive`` scores each
+Both take the same arguments (the fast one also a token budget) and give the same results
+(tested): ``run_naive`` scores each
 variant with its layer removed, one full evaluation per variant (the reference, any task);
 ``run_fast`` answers every scorer's requests for all variants in one pass of
 :class:`~lnsdiag.engine.SweepEngine` and lets each scorer aggregate its variants' answers.
@@ -19,7 +20,6 @@ import pandas as pd
 import torch
 
 from .errors import UserError
-from .lmeval import LmEvalScorer
 from .perplexity import PerplexityScorer
 from .progress import SILENT, Progress
 from .scoring import Scorer, Scores
@@ -65,7 +65,7 @@ def run_naive(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[
               stack: LayerStack, store: ResultStore | None = None, progress: Progress = SILENT,
               on_saved: Callable[[VariantResult], None] | None = None) -> SweepOutcome:
     """One full scoring pass per variant (the reference engine; works for every task type)."""
-    outcome = SweepOutcome(stats={"engine": "naive"})
+    outcome = SweepOutcome()
     progress.phase(VARIANTS_PHASE, total=len(todo))
     for variant in todo:
         progress.advance(0, detail=_variant_label(variant))
@@ -127,34 +127,30 @@ def run_fast(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[i
         checkpoint.path.unlink(missing_ok=True)
     stats = engine.stats
     outcome.stats = {
-        "engine": "fast", "variants_in_pass": len(variants), "engine_seconds": round(engine_seconds, 3),
+        "variants_in_pass": len(variants), "engine_seconds": round(engine_seconds, 3),
         "requests": len(requests),
-        "task_requests": sum(s.stop - s.start for sc, s in zip(scorers, spans, strict=True) if _tasks(sc)),
+        "task_requests": sum(s.stop - s.start for sc, s in zip(scorers, spans, strict=True) if any(sc.lm_eval_tasks())),
         "model_rows": stats.get("rows"), "packed_rows": stats.get("packed_rows"), "tokens": stats.get("tokens"),
         "tokens_without_sharing": stats.get("unshared_tokens"), "packing": stats.get("packing"),
         "batch_tokens": stats.get("budget"),
-        "fast_tasks": [t for s in scorers if _tasks(s) for t in s.loglik_tasks],
-        "naive_tasks": [t for s in scorers if _tasks(s) for t in s.generation_tasks],
+        "fast_tasks": [t for s in scorers for t in s.lm_eval_tasks()[0]],
+        "naive_tasks": [t for s in scorers for t in s.lm_eval_tasks()[1]],
         "layer_passes_per_row": engine.layer_passes(),
     }
     return outcome
 
 
-def _tasks(scorer: Scorer) -> bool:
-    return isinstance(scorer, LmEvalScorer)
-
-
 def _max_length(scorers: Sequence[Scorer]) -> int:
-    """The context length requests are cut to: lm-eval's, and perplexity windows must fit it."""
-    lm_lengths = [s.max_length for s in scorers if isinstance(s, LmEvalScorer)]
-    longest = max((s.windows.longest for s in scorers if isinstance(s, PerplexityScorer)), default=0)
-    if not lm_lengths:
-        return longest - 1
-    max_length = min(lm_lengths)
-    if longest - 1 > max_length:
-        raise UserError(f"perplexity windows of {longest} tokens exceed lm-eval's context length ({max_length}); "
+    """The context length requests are cut to (the scorers' limit), which every request that
+    must stay whole (a perplexity window) has to fit."""
+    limits = [limit for s in scorers if (limit := s.context_limit()) is not None]
+    needed = max(s.context_needed() for s in scorers)
+    if not limits:
+        return needed
+    if needed > min(limits):
+        raise UserError(f"perplexity windows of {needed + 1} tokens exceed lm-eval's context length ({min(limits)}); "
                         "lower --seq-len")
-    return max_length
+    return min(limits)
 
 
 def perplexity_sweep(loaded: LoadedModel, windows: TokenWindows, layers: Sequence[int] | None = None, *,

@@ -14,6 +14,7 @@ import sys
 import sysconfig
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -99,11 +100,13 @@ def resolve_text(
     dataset_config: str | None = None,
     split: str | None = None,
     field: str = "text",
+    *,
+    note: Callable[[str], None] | None = None,
 ) -> TextSource:
     """The text a command runs on: a file, a named dataset, else wikitext-2, else stdlib.
 
-    Falling back to the built-in corpus is announced (a warning) and recorded in the source's
-    name, so no result silently comes from other text than asked.
+    Falling back to the built-in corpus is announced (to ``note``, else as a warning) and
+    recorded in the source's name, so no result silently comes from other text than asked.
     """
     if text_file is not None:
         return from_file(text_file, field)
@@ -117,11 +120,12 @@ def resolve_text(
             raise UserError("offline")
         return from_dataset(name, config, split or default_split, field)
     except UserError:
-        warnings.warn(
-            "wikitext-2 is not reachable (offline?); using the built-in stdlib-docstring corpus. "
-            "Pass --text-file or --dataset to choose the text.",
-            stacklevel=2,
-        )
+        message = ("wikitext-2 is not reachable (offline?); using the built-in stdlib-docstring corpus. "
+                   "Pass --text-file or --dataset to choose the text.")
+        if note is not None:
+            note(message)
+        else:
+            warnings.warn(message, stacklevel=2)
         return stdlib_corpus("test")
 
 
@@ -135,8 +139,8 @@ class TextOptions:
     dataset_config: str | None = None
     split: str | None = None
 
-    def resolve(self) -> TextSource:
-        return resolve_text(self.text_file, self.dataset, self.dataset_config, self.split, self.text_field)
+    def resolve(self, note: Callable[[str], None] | None = None) -> TextSource:
+        return resolve_text(self.text_file, self.dataset, self.dataset_config, self.split, self.text_field, note=note)
 
 
 def _dataset_cached(name: str) -> bool:

@@ -99,8 +99,9 @@ class RichProgress(Progress):
         self.bars.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._finish()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:  # interrupted or failed work keeps its bars where they stopped
+            self._finish()
         self.bars.stop()
 
     def _finish(self) -> None:
@@ -129,10 +130,6 @@ class RichProgress(Progress):
     def note(self, message: str) -> None:
         self.bars.console.print(f"[yellow]note:[/] {message}", highlight=False, soft_wrap=True)
 
-    def stop(self) -> None:
-        """Stop drawing (before printing a message that must not be overdrawn)."""
-        self.bars.stop()
-
     @contextmanager
     def interlude(self) -> Iterator[None]:
         """Pause the bars to print something (a table); later phases get fresh bars below it."""
@@ -159,8 +156,11 @@ class _SignalAfter:
         spec = os.environ.get("LNSDIAG_TEST_SIGNAL")
         if not spec:
             return None
-        phase, count, name = spec.rsplit(":", 2)
-        return cls(phase, int(count), int(getattr(signal, f"SIG{name.upper()}")))
+        try:
+            phase, count, name = spec.rsplit(":", 2)
+            return cls(phase, int(count), int(getattr(signal, f"SIG{name.upper()}")))
+        except (ValueError, AttributeError) as exc:
+            raise ValueError(f"LNSDIAG_TEST_SIGNAL={spec!r}: expected PHASE:COUNT:SIGNAL, e.g. variants:2:INT") from exc
 
     def step(self, phase: str) -> None:
         if phase == self.phase:

@@ -84,12 +84,18 @@ def _encode(tokenizer: Any, docs: list[str], continued: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def check_batch_size(batch_size: int) -> int:
+    """``--batch-size``: sequences per forward pass, at least 1."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    return batch_size
+
+
 def batches(
     windows: Sequence[torch.Tensor], batch_size: int, pad_id: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded ``(input_ids, attention_mask)`` batches of the windows, in order."""
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    check_batch_size(batch_size)
     for start in range(0, len(windows), batch_size):
         group = windows[start:start + batch_size]
         width = max(len(w) for w in group)

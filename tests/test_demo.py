@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lnsdiag.cli import app
-from lnsdiag.demo import DemoSpec, demo_dir
+from lnsdiag.demo_model import DemoSpec, demo_dir
 
 
 @pytest.mark.slow

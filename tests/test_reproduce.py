@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 from dataclasses import asdict
@@ -12,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lnsdiag import demo
-from lnsdiag.demo import DemoSpec
+from lnsdiag import demo_model, reproduce
+from lnsdiag.demo_model import DemoSpec
 from lnsdiag.errors import UserError
 from lnsdiag.models import LoadedModel
 from lnsdiag.rebuild import build_without_layers
@@ -24,9 +23,6 @@ from lnsdiag.windows import TokenWindows
 from .conftest import SAMPLE_TEXT
 from .families import tiny_model
 from .test_cli_basic import assert_one_line_error, invoke
-
-# the module: ``from lnsdiag import reproduce`` may give the function lnsdiag exports under that name
-reproduce = importlib.import_module("lnsdiag.reproduce")
 
 TINY = dict(layers=3, hidden=32, heads=4, intermediate=64, vocab=300, seq_len=32, batch_size=4, steps=4, lr=3e-3)
 CLI_TINY = ["--layers", 3, "--hidden", 32, "--heads", 4, "--intermediate", 64, "--vocab", 300, "--seq-len", 32,
@@ -48,7 +44,7 @@ def twins(corpus_file, tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setenv("LNSDIAG_CACHE", str(tmp_path_factory.getbasetemp() / "lnsdiag-cache"))
     seen: dict[str, dict] = {}
-    real = demo.train_causal_lm
+    real = demo_model.train_causal_lm
 
     def spy(model, stream, **kwargs):
         norm = "lns" if getattr(model.config, "lns", None) else "pre-ln"
@@ -56,12 +52,12 @@ def twins(corpus_file, tmp_path_factory):
                       "kwargs": kwargs}
         return real(model, stream, **kwargs)
 
-    demo.train_causal_lm = spy
+    demo_model.train_causal_lm = spy
     try:
         result = reproduce.reproduce(DemoSpec(**TINY), ["pre-ln", "lns"], text=_source(corpus_file),
                                      eval_tokens=256, batch_size=4)
     finally:
-        demo.train_causal_lm = real
+        demo_model.train_causal_lm = real
         patch.undo()
     return result, seen
 
@@ -112,7 +108,7 @@ def test_cached_twins_are_reused(twins, corpus_file, monkeypatch):
     def boom(*_a, **_k):
         raise AssertionError("retrained a cached model")
 
-    monkeypatch.setattr(demo, "train_causal_lm", boom)
+    monkeypatch.setattr(demo_model, "train_causal_lm", boom)
     again = reproduce.reproduce(DemoSpec(**TINY), ["pre-ln", "lns"], text=_source(corpus_file), eval_tokens=256,
                                 batch_size=4)
     assert [r.perplexity for r in again.runs] == [r.perplexity for r in result.runs]
@@ -122,14 +118,14 @@ def test_cached_twins_are_reused(twins, corpus_file, monkeypatch):
 def test_default_demo_cache_key_is_unchanged():
     """Adding norm/init to DemoSpec must not invalidate existing demo caches."""
     old_fields = {k: v for k, v in asdict(DemoSpec()).items() if k not in ("norm", "init")}
-    blob = json.dumps({**old_fields, "recipe": demo.RECIPE_VERSION}, sort_keys=True)
+    blob = json.dumps({**old_fields, "recipe": demo_model.RECIPE_VERSION}, sort_keys=True)
     assert DemoSpec().key() == hashlib.sha256(blob.encode()).hexdigest()[:12]
     assert DemoSpec(norm="lns").key() != DemoSpec().key() != DemoSpec(init="scaled").key()
     assert DemoSpec(norm="lns").name.endswith("-lns")
 
 
 def _loaded(family="llama"):
-    from lnsdiag.demo import train_tokenizer
+    from lnsdiag.demo_model import train_tokenizer
 
     tok = train_tokenizer([SAMPLE_TEXT * 3], vocab_size=300)
     model = tiny_model(family, vocab_size=len(tok))

@@ -180,13 +180,7 @@ def offline_note() -> None:
 
 def text_source(options: TextOptions) -> TextSource:
     """The chosen text, saying so when it falls back to the built-in corpus (offline)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        source = options.resolve()
-    for w in caught:
-        if issubclass(w.category, UserWarning):
-            ui.note(str(w.message))
-    return source
+    return options.resolve(note=ui.note)
 
 
 def print_files(files: list[Path]) -> None:

@@ -28,10 +28,8 @@ def demo_cmd(
 ) -> None:
     """Offline demo: train a small Llama on the stdlib's docstrings, diagnose it, and compare it with its LNS twin."""
     from ..demo import DemoConfig, DemoRun, run
-    from ..models import pick_device
 
     config = DemoConfig(steps=steps, layers=layers, fresh=fresh, twin=twin, device=device)
-    pick_device(device)
     folder = output_dir(out, "demo", "")
     name = config.spec.name
 

@@ -56,7 +56,7 @@ def prune_cmd(
     out: Out = None, debug: Debug = False,
 ) -> None:
     """Remove each layer in turn, score every variant, and show which layers are dead weight."""
-    from ..prune import PruneConfig, run
+    from ..prune import PruneConfig, PruneInputs, run
 
     config = PruneConfig(
         tasks=tuple(tasks.split(",")) if tasks else None, include_path=str(include_path) if include_path else None,
@@ -67,12 +67,11 @@ def prune_cmd(
         fresh=fresh)
     folder = output_dir(out, model.slug, "prune")
     timer = Timer()
-    with timer("tasks"):
-        if config.tasks:
-            with ui.status(f"loading tasks {', '.join(config.tasks)}"):
-                inputs = config.load_inputs()
-        else:
-            inputs = config.load_inputs()
+    tasks = None
+    if config.tasks:
+        with ui.status(f"loading tasks {', '.join(config.tasks)}"), timer("tasks"):
+            tasks = config.load_tasks()
+    inputs = PruneInputs(tasks, config.load_text())
     with timer("load"):
         loaded = load(model)
     with ui.RichProgress() as progress:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from .. import reproduce, ui
-from ..demo import DemoSpec
+from ..demo_model import DemoSpec
 from ..models import model_slug, pick_device
 from ..runs import output_dir
 from ..text import from_file
