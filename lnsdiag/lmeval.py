@@ -331,23 +331,42 @@ def collect_requests(lm: Any, tasks: TaskSet, *, limit: int | float | None = Non
 
 
 def replay_metrics(tasks: TaskSet, single: dict, rolling: dict, *, limit: int | float | None = None,
-                   seed: int = 1234, bootstrap_iters: int = DEFAULT_BOOTSTRAP) -> list[MetricRow]:
-    """lm-eval's metrics and stderr for stored per-request answers (no model runs)."""
+                   seed: int = 1234, bootstrap_iters: int = DEFAULT_BOOTSTRAP, log_samples: bool = False
+                   ) -> dict[str, Any]:
+    """lm-eval's results dict for stored per-request answers (no model runs)."""
     _, replay_cls = _lm_classes()
     seed_everything(seed)
-    return tidy_metrics(evaluate_tasks(replay_cls(single, rolling), tasks, limit=limit, seed=seed,
-                                       bootstrap_iters=bootstrap_iters))
+    return evaluate_tasks(replay_cls(single, rolling), tasks, limit=limit, seed=seed,
+                          bootstrap_iters=bootstrap_iters, log_samples=log_samples)
+
+
+def scores_of(results: dict[str, Any], tasks: TaskSet) -> Scores:
+    """Tidy rows, and (when lm-eval logged samples) each document's metric items and, for
+    multiple-choice tasks, its number of choices."""
+    documents: dict[tuple[str, str], dict[Any, Any]] = {}
+    choices: dict[str, dict[Any, int]] = {}
+    for task, examples in (results.get("samples") or {}).items():
+        multiple_choice = getattr(tasks.leaf_tasks.get(task), "OUTPUT_TYPE", "") == "multiple_choice"
+        for example in examples:
+            filt = example.get("filter", "none")
+            for metric in example["metrics"]:
+                name = metric if filt in ("none", "") else f"{metric}[{filt}]"
+                documents.setdefault((task, name), {})[example["doc_id"]] = example[metric]
+            if multiple_choice:
+                choices.setdefault(task, {})[example["doc_id"]] = len(example["arguments"])
+    return Scores(tidy_metrics(results), documents=documents, choices=choices)
 
 
 def evaluate_tasks(lm: Any, tasks: TaskSet, *, limit: int | float | None = None, seed: int = 1234,
-                   bootstrap_iters: int = DEFAULT_BOOTSTRAP) -> dict[str, Any]:
-    """Run lm-eval's ``evaluate`` on the model as it is now; returns lm-eval's results dict."""
+                   bootstrap_iters: int = DEFAULT_BOOTSTRAP, log_samples: bool = False) -> dict[str, Any]:
+    """Run lm-eval's ``evaluate`` on the model as it is now; returns lm-eval's results dict
+    (with ``samples``, each document's metric items, when ``log_samples``)."""
     from lm_eval.evaluator import evaluate
 
     tasks.reseed(seed)
     with contextlib.redirect_stdout(io.StringIO()):  # the bootstrap prints
         results = evaluate(lm=lm, task_dict=tasks.task_dict, limit=limit, bootstrap_iters=bootstrap_iters,
-                           log_samples=False)
+                           log_samples=log_samples)
     if results is None:  # non-zero ranks in distributed runs
         raise RuntimeError("lm-eval returned no results")
     return results
@@ -401,8 +420,9 @@ class LmEvalScorer(Scorer):
     """
 
     def __init__(self, loaded: LoadedModel, tasks: TaskSet, *, limit: int | float | None = None, seed: int = 1234,
-                 bootstrap_iters: int = DEFAULT_BOOTSTRAP, batch_size: int = 8) -> None:
+                 bootstrap_iters: int = DEFAULT_BOOTSTRAP, batch_size: int = 8, documents: bool = True) -> None:
         self.taskset, self.limit, self.seed, self.bootstrap_iters = tasks, limit, seed, bootstrap_iters
+        self.documents = documents  # keep each document's metric items (for paired comparisons)
         self.tasks = list(tasks.names)
         self.lm = make_lm(loaded, batch_size)
         self._log: RequestLog | None = None
@@ -421,8 +441,8 @@ class LmEvalScorer(Scorer):
 
     def _evaluate(self, tasks: TaskSet) -> Scores:
         seed_everything(self.seed)
-        return Scores(tidy_metrics(evaluate_tasks(self.lm, tasks, limit=self.limit, seed=self.seed,
-                                                  bootstrap_iters=self.bootstrap_iters)))
+        return scores_of(evaluate_tasks(self.lm, tasks, limit=self.limit, seed=self.seed,
+                                        bootstrap_iters=self.bootstrap_iters, log_samples=self.documents), tasks)
 
     def score(self) -> Scores:
         return self._evaluate(self.taskset)
@@ -442,8 +462,8 @@ class LmEvalScorer(Scorer):
         if self._log is None:
             self.requests()
         single, rolling = self._log.tables(loglik, greedy)
-        return Scores(replay_metrics(fast, single, rolling, limit=self.limit, seed=self.seed,
-                                     bootstrap_iters=self.bootstrap_iters))
+        return scores_of(replay_metrics(fast, single, rolling, limit=self.limit, seed=self.seed,
+                                        bootstrap_iters=self.bootstrap_iters, log_samples=self.documents), fast)
 
     def score_rest(self) -> Scores:
         slow = self._split[1]

@@ -71,6 +71,7 @@ class PruneConfig:
     engine: str = "fast"
     batch_tokens: int | None = None
     fresh: bool = False
+    samples: bool = True
 
     def __post_init__(self) -> None:
         if self.ppl_text is not None and self.ppl_dataset is not None:
@@ -172,7 +173,7 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
         settings.update(scorer.settings())
     if set(settings) != set(SETTINGS):
         raise RuntimeError(f"settings outside prune.SETTINGS: {sorted(set(settings) - set(SETTINGS))}")
-    store = ResultStore(folder, settings, fresh=config.fresh, outputs=OUTPUTS)
+    store = ResultStore(folder, settings, fresh=config.fresh, outputs=OUTPUTS, samples=config.samples)
     done = store.done()
     todo = plan_variants(selected, done)
     if done and todo:

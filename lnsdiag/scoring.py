@@ -49,15 +49,26 @@ class MetricRow:
         return asdict(self)
 
 
+#: Per-document items of each (task, metric): ``{(task, metric): {doc_id: item}}``. An item is
+#: what lm-eval's ``process_results`` gives for one document (1.0 / 0.0 for accuracy, a
+#: ``(loglikelihood, words)`` pair for word perplexity, ...), so the metric's own aggregation
+#: can be applied to any subset of documents, and two variants compared document by document.
+Documents = dict[tuple[str, str], dict[Any, Any]]
+
+
 @dataclass
 class Scores:
-    """A variant's metric rows, plus the per-window perplexity data for paired comparisons."""
+    """A variant's metric rows, plus what paired comparisons need: per-document items (lm-eval
+    tasks), the number of choices of each multiple-choice document, per-window perplexity data."""
 
     rows: list[MetricRow] = field(default_factory=list)
     ppl: Perplexity | None = None
+    documents: Documents = field(default_factory=dict)
+    choices: dict[str, dict[Any, int]] = field(default_factory=dict)
 
     def __add__(self, other: Scores) -> Scores:
-        return Scores(self.rows + other.rows, self.ppl if other.ppl is None else other.ppl)
+        return Scores(self.rows + other.rows, self.ppl if other.ppl is None else other.ppl,
+                      {**self.documents, **other.documents}, {**self.choices, **other.choices})
 
 
 class Scorer(ABC):

@@ -8,6 +8,7 @@ with other settings is refused, not mixed.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import shutil
@@ -17,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from .errors import UserError
 from .perplexity import Perplexity
-from .runs import read_json, write_json
-from .scoring import MetricRow, Scores
+from .runs import atomic_write, read_json, write_json
+from .scoring import Documents, MetricRow, Scores
 
 #: The fast engine's partial results while a pass runs.
 CHECKPOINT_NAME = "engine-partial.npz"
@@ -40,22 +43,58 @@ class VariantResult:
     engine: str = "naive"
     finished: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     ppl: Perplexity | None = None
+    documents: Documents = field(default_factory=dict)
+    choices: dict[str, dict[Any, int]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, layer: int | None, scores: Scores, seconds: float, engine: str) -> VariantResult:
-        return cls(layer, scores.rows, seconds, engine, ppl=scores.ppl)
+        return cls(layer, scores.rows, seconds, engine, ppl=scores.ppl, documents=scores.documents,
+                   choices=scores.choices)
 
     def to_json(self) -> dict[str, Any]:
         return {"removed_layer": self.removed_layer, "seconds": round(self.seconds, 3), "engine": self.engine,
                 "finished": self.finished, "metrics": [r.as_dict() for r in self.rows],
-                "ppl_windows": self.ppl.as_json() if self.ppl else None}
+                "ppl_windows": self.ppl.as_json() if self.ppl else None,
+                "documents": [{"task": task, "metric": metric, "ids": list(items), "items": list(items.values())}
+                              for (task, metric), items in self.documents.items()],
+                "choices": {task: {"ids": list(per), "n": list(per.values())} for task, per in self.choices.items()}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VariantResult:
         rows = [MetricRow(**{**r, "stderr": math.nan if r["stderr"] is None else r["stderr"]})
                 for r in data["metrics"]]
         ppl = Perplexity(**data["ppl_windows"]) if data.get("ppl_windows") else None
-        return cls(data["removed_layer"], rows, data["seconds"], data.get("engine", "naive"), data["finished"], ppl)
+        documents = {(d["task"], d["metric"]): dict(zip(d["ids"], map(_item, d["items"]), strict=True))
+                     for d in data.get("documents", [])}
+        choices = {task: dict(zip(c["ids"], c["n"], strict=True)) for task, c in data.get("choices", {}).items()}
+        return cls(data["removed_layer"], rows, data["seconds"], data.get("engine", "naive"), data["finished"], ppl,
+                   documents, choices)
+
+    def sample_rows(self) -> list[dict[str, Any]]:
+        """One row per (task, metric, document): the per-document scores, for anyone to re-analyse.
+
+        ``value`` is the document's score when it is a number; ``item`` the JSON of an item that
+        is not (lm-eval's ``(loglikelihood, words)`` for perplexities); built-in perplexity
+        windows are task ``ppl``, metric ``window_nll`` with ``[tokens, bytes]`` as item.
+        """
+        rows = []
+        for (task, metric), items in self.documents.items():
+            per_choice = self.choices.get(task, {})
+            for doc, item in items.items():
+                scalar = isinstance(item, (int, float)) and not isinstance(item, bool)
+                rows.append({"task": task, "metric": metric, "doc_id": doc, "value": float(item) if scalar else None,
+                             "item": "" if scalar else json.dumps(item), "choices": per_choice.get(doc)})
+        if self.ppl is not None:
+            for i, (nll, tokens, size) in enumerate(zip(self.ppl.window_nll, self.ppl.window_tokens,
+                                                        self.ppl.window_bytes, strict=True)):
+                rows.append({"task": "ppl", "metric": "window_nll", "doc_id": i, "value": nll,
+                             "item": json.dumps([tokens, size]), "choices": None})
+        return rows
+
+
+def _item(value: Any) -> Any:
+    """A per-document item as lm-eval made it (JSON turns its tuples into lists)."""
+    return tuple(_item(v) for v in value) if isinstance(value, list) else value
 
 
 class ResultStore:
@@ -67,14 +106,16 @@ class ResultStore:
     """
 
     def __init__(self, folder: Path, settings: dict[str, Any], *, fresh: bool = False,
-                 outputs: Sequence[str] = ()) -> None:
+                 outputs: Sequence[str] = (), samples: bool = True) -> None:
         self.folder = Path(folder)
         self.variants = self.folder / "variants"
+        self.samples = self.folder / "samples" if samples else None
         self.settings = settings
         self.checkpoint = self.folder / CHECKPOINT_NAME
         settings_path = self.folder / "settings.json"
         if fresh:  # everything a previous run left: stored variants, partial pass, cached angles, outputs
             shutil.rmtree(self.variants, ignore_errors=True)
+            shutil.rmtree(self.folder / "samples", ignore_errors=True)
             for name in ("settings.json", CHECKPOINT_NAME, *outputs):
                 (self.folder / name).unlink(missing_ok=True)
         if settings_path.is_file():
@@ -104,7 +145,16 @@ class ResultStore:
         return out
 
     def save(self, result: VariantResult) -> Path:
-        return write_json(self.variants / f"{variant_name(result.removed_layer)}.json", result.to_json())
+        """Store a finished variant (and export its per-document scores, unless turned off)."""
+        name = variant_name(result.removed_layer)
+        if self.samples is not None:
+            rows = result.sample_rows()
+            if rows:
+                self.samples.mkdir(exist_ok=True)
+                frame = pd.DataFrame(rows, columns=["task", "metric", "doc_id", "value", "item", "choices"])
+                text = frame.to_csv(index=False, float_format="%.10g", lineterminator="\n")
+                atomic_write(self.samples / f"{name}.csv.gz", gzip.compress(text.encode("utf-8"), mtime=0))
+        return write_json(self.variants / f"{name}.json", result.to_json())
 
 
 def plan_variants(layers: Iterable[int], done: dict[int | None, VariantResult]) -> list[int | None]:

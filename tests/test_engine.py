@@ -102,6 +102,18 @@ def test_fast_equals_naive(family, limit, fewshot, tokenizer, tasks_dir, tmp_pat
             else:
                 assert g.value == pytest.approx(w.value, rel=1e-5), key
                 assert (math.isnan(g.stderr) and math.isnan(w.stderr)) or g.stderr == pytest.approx(w.stderr, rel=1e-3)
+        # 3. per-document scores (what paired statistics use): the same documents, items and choices
+        got_docs, want_docs = fast.done()[variant], naive.done()[variant]
+        assert got_docs.choices == want_docs.choices and got_docs.choices["tiny_mc"]
+        assert got_docs.documents.keys() == want_docs.documents.keys()
+        for key, items in want_docs.documents.items():
+            assert items.keys() == got_docs.documents[key].keys(), key
+            for doc, item in items.items():
+                other = got_docs.documents[key][doc]
+                if key[1] in ("acc", "acc_norm"):
+                    assert other == item, (key, doc)
+                else:  # (loglikelihood, words or bytes)
+                    assert other[1] == item[1] and other[0] == pytest.approx(item[0], rel=1e-5, abs=1e-4), (key, doc)
 
 
 def test_one_token_choices_share_a_row_and_truncation_matches_hflm():

@@ -160,6 +160,21 @@ def test_cli_prune_outputs(tiny_llama_dir, tasks_dir, text_file, tmp_path):
     assert meta["versions"]["lm-eval"] and meta["versions"]["torch"] and meta["versions"]["transformers"]
     assert set(meta["timings"]["variants"]) == {"baseline", "0", "1", "2", "3"}
     assert meta["variants_done"] == 5
+    # per-document scores, one file per variant: every document of every metric, and the ppl windows
+    samples = pd.read_csv(out / "samples" / "layer_002.csv.gz")
+    assert sorted(p.name for p in (out / "samples").iterdir()) == sorted(
+        f"{v}.csv.gz" for v in ("baseline", "layer_000", "layer_001", "layer_002", "layer_003"))
+    acc = samples[(samples.task == "tiny_mc") & (samples.metric == "acc")]
+    assert len(acc) == 6 and set(acc["value"]) <= {0.0, 1.0} and (acc["choices"] == 4).all()
+    variant = tidy[(tidy.variant == "layer_002") & (tidy.task == "tiny_mc") & (tidy.metric == "acc")]
+    assert acc["value"].mean() == pytest.approx(float(variant["value"].iloc[0]))
+    words = samples[(samples.task == "tiny_ppl") & (samples.metric == "word_perplexity")]
+    assert len(words) > 0 and all(len(json.loads(item)) == 2 for item in words["item"])
+    assert (samples.metric == "window_nll").sum() == len(samples[samples.task == "ppl"]) > 0
+    res = invoke("prune", tiny_llama_dir, "--tasks", "tiny_mc", "--include-path", tasks_dir, "--out", tmp_path / "q",
+                 "--limit", 4, "--layers", "1", "--no-angular", "--no-samples")
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "q" / "samples").exists()
 
 
 def test_cli_resume_adds_layers_and_refuses_other_settings(tiny_llama_dir, tasks_dir, tmp_path):

@@ -48,6 +48,8 @@ def prune_cmd(
     tolerance: Annotated[float, typer.Option(help="Dead weight if |Δ| ≤ max(tolerance, 2 × stderr).")] = 0.01,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch size for lm-eval and perplexity.")] = 8,
     fresh: Annotated[bool, typer.Option("--fresh", help="Discard stored results in --out and start over.")] = False,
+    no_samples: Annotated[bool, typer.Option("--no-samples", help="Do not export per-document scores "
+                                             "(samples/<variant>.csv.gz).")] = False,
     engine: Annotated[str, typer.Option(help="fast: all variants from one pass over the requests; naive: one "
                                         "lm-eval run per variant (the reference).")] = "fast",
     batch_tokens: Annotated[int | None, typer.Option("--batch-tokens", help="Fast engine: tokens per batch "
@@ -64,7 +66,7 @@ def prune_cmd(
         ppl_text=str(ppl_text) if ppl_text else None, ppl_dataset=ppl_dataset, ppl_dataset_config=ppl_dataset_config,
         ppl_split=ppl_split, ppl_field=ppl_field, ppl_max_tokens=ppl_max_tokens, seq_len=seq_len, layers=layers,
         angular=not no_angular, tolerance=tolerance, batch_size=batch_size, engine=engine, batch_tokens=batch_tokens,
-        fresh=fresh)
+        fresh=fresh, samples=not no_samples)
     folder = output_dir(out, model.slug, "prune")
     timer = Timer()
     tasks = None
