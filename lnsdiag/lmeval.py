@@ -340,21 +340,45 @@ def replay_metrics(tasks: TaskSet, single: dict, rolling: dict, *, limit: int | 
                           bootstrap_iters=bootstrap_iters, log_samples=log_samples)
 
 
+def aggregation_name(function: Any) -> str:
+    """lm-eval's registry name of an aggregation function (``mean``, ``weighted_perplexity``...)."""
+    from lm_eval.api.registry import AGGREGATION_REGISTRY
+
+    return next((name for name, fn in AGGREGATION_REGISTRY.items() if fn is function),
+                getattr(function, "__name__", str(function)))
+
+
+def aggregation_function(name: str) -> Any:
+    """The aggregation function lm-eval registers under ``name``, or None for a task's own."""
+    from lm_eval.api.registry import AGGREGATION_REGISTRY
+
+    return AGGREGATION_REGISTRY.get(name)
+
+
 def scores_of(results: dict[str, Any], tasks: TaskSet) -> Scores:
-    """Tidy rows, and (when lm-eval logged samples) each document's metric items and, for
-    multiple-choice tasks, its number of choices."""
+    """Tidy rows, and (when lm-eval logged samples) what paired comparisons need: each document's
+    metric items, each metric's aggregation (by lm-eval's registry name), each group's leaf
+    tasks, and each multiple-choice document's number of choices."""
     documents: dict[tuple[str, str], dict[Any, Any]] = {}
+    aggregations: dict[tuple[str, str], str] = {}
     choices: dict[str, dict[Any, int]] = {}
     for task, examples in (results.get("samples") or {}).items():
-        multiple_choice = getattr(tasks.leaf_tasks.get(task), "OUTPUT_TYPE", "") == "multiple_choice"
+        task_obj = tasks.leaf_tasks.get(task)
+        functions = task_obj.aggregation() if task_obj is not None else {}
+        multiple_choice = getattr(task_obj, "OUTPUT_TYPE", "") == "multiple_choice"
         for example in examples:
             filt = example.get("filter", "none")
             for metric in example["metrics"]:
                 name = metric if filt in ("none", "") else f"{metric}[{filt}]"
                 documents.setdefault((task, name), {})[example["doc_id"]] = example[metric]
+                if metric in functions:
+                    aggregations[(task, name)] = aggregation_name(functions[metric])
             if multiple_choice:
                 choices.setdefault(task, {})[example["doc_id"]] = len(example["arguments"])
-    return Scores(tidy_metrics(results), documents=documents, choices=choices)
+    groups = {group: tasks.leaves_of(group) or [] for group in results.get("group_subtasks", {})
+              if group not in tasks.leaf_tasks}
+    return Scores(tidy_metrics(results), documents=documents, choices=choices, aggregations=aggregations,
+                  groups=groups)
 
 
 def evaluate_tasks(lm: Any, tasks: TaskSet, *, limit: int | float | None = None, seed: int = 1234,

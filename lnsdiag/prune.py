@@ -29,7 +29,7 @@ from .store import ResultStore, VariantResult, plan_variants
 from .structure import find_layers, norm_placement, parse_layer_spec
 from .sweep import SweepOutcome, run_fast, run_naive
 from .text import TextSource, from_dataset, from_file, resolve_text
-from .verdict import prune_frame, rule_text
+from .verdict import BOOTSTRAP_CAP, Margins, prune_frame, rule_text
 from .windows import TokenWindows, check_batch_size
 
 ENGINES = ("fast", "naive")
@@ -37,6 +37,9 @@ ENGINES = ("fast", "naive")
 SETTINGS = ("model", "revision", "weights", "dtype", "task_versions", "tasks", "include_path", "num_fewshot", "limit",
             "seed", "bootstrap_iters", "layers_path", "ppl_text", "ppl_max_tokens", "seq_len", "softmax_dtype",
             "max_length")
+#: How the L comparisons of one metric are adjusted, for meta.json.
+MULTIPLICITY = ("hurts/helps: Holm-adjusted p-values over the removed layers of each (task, metric); dead: "
+                "two one-sided tests at alpha 0.05 per layer, not adjusted (each layer's equivalence is its own claim)")
 NOTHING_TO_SCORE = "nothing to score: give --tasks and/or --ppl-text / --ppl-dataset"
 #: Files a run writes into its folder (``fresh`` removes them with the stored variants).
 OUTPUTS = ("angular.csv", "angular_settings.json", "prune.csv", "prune_wide.csv", "prune.tex", "prune.png",
@@ -66,7 +69,7 @@ class PruneConfig:
     seq_len: int | None = None
     layers: str = "all"
     angular: bool = True
-    tolerance: float = 0.01
+    margin: str | None = None
     batch_size: int = 8
     engine: str = "fast"
     batch_tokens: int | None = None
@@ -91,6 +94,11 @@ class PruneConfig:
             raise UserError(f"--ppl-max-tokens must be positive, not {self.ppl_max_tokens}")
         if not self.tasks and not self.wants_ppl:
             raise UserError(NOTHING_TO_SCORE)
+        Margins.parse(self.margin)  # a malformed --margin fails here, before any output
+
+    @property
+    def margins(self) -> Margins:
+        return Margins.parse(self.margin)
 
     @property
     def wants_ppl(self) -> bool:
@@ -134,7 +142,7 @@ class PruneRun:
     tasks: list[str]
     meta: dict[str, Any]
     folder: Path
-    tolerance: float
+    margins: Margins
 
 
 def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: PruneInputs | None = None,
@@ -187,13 +195,18 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
     shown = [t for scorer in scorers for t in scorer.tasks]
     meta_fields = {"settings": settings, "tasks": inputs.tasks.describe() if inputs.tasks else None,
                    "ppl_text": inputs.ppl_text.name if inputs.ppl_text else None, "layer_stack": stack.path,
-                   "num_layers": len(stack), "layers": selected, "tolerance": config.tolerance,
-                   "dead_rule": rule_text(config.tolerance), "norm_placement": norm_placement(model, stack)}
+                   "num_layers": len(stack), "layers": selected, "margins": config.margins.as_json(),
+                   "dead_rule": rule_text(config.margins), "multiplicity": MULTIPLICITY,
+                   "bootstrap": {"resamples": min(config.bootstrap_iters, BOOTSTRAP_CAP), "seed": config.seed},
+                   "norm_placement": norm_placement(model, stack)}
     engine_info: dict[str, Any] = {"engine": config.engine}
+
+    comparisons: dict[tuple, Any] = {}
 
     def current() -> PruneRun:
         results = store.done()
-        frame = prune_frame(results, tolerance=config.tolerance, angular=angular_frame)
+        frame = prune_frame(results, margins=config.margins, angular=angular_frame,
+                            bootstrap_iters=config.bootstrap_iters, seed=config.seed, cache=comparisons)
         frame = frame[frame["removed_layer"].isna() | frame["removed_layer"].isin(selected)].reset_index(drop=True)
         timings = {**timer.seconds, "variants": {("baseline" if k is None else str(k)): v.seconds
                                                  for k, v in sorted(results.items(), key=lambda kv: -1
@@ -201,7 +214,7 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
         engines = sorted({v.engine for k, v in results.items() if k is None or k in selected})
         meta = run_record("prune", model=loaded.describe(), **meta_fields, **engine_info, variant_engines=engines,
                           variants_done=len(results), timings=timings)
-        return PruneRun(frame, shown, meta, folder, config.tolerance)
+        return PruneRun(frame, shown, meta, folder, config.margins)
 
     def saved(_result: VariantResult) -> None:
         if on_update is not None and None in store.done():

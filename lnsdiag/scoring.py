@@ -65,10 +65,13 @@ class Scores:
     ppl: Perplexity | None = None
     documents: Documents = field(default_factory=dict)
     choices: dict[str, dict[Any, int]] = field(default_factory=dict)
+    aggregations: dict[tuple[str, str], str] = field(default_factory=dict)  # lm-eval registry names
+    groups: dict[str, list[str]] = field(default_factory=dict)  # group -> its leaf tasks
 
     def __add__(self, other: Scores) -> Scores:
         return Scores(self.rows + other.rows, self.ppl if other.ppl is None else other.ppl,
-                      {**self.documents, **other.documents}, {**self.choices, **other.choices})
+                      {**self.documents, **other.documents}, {**self.choices, **other.choices},
+                      {**self.aggregations, **other.aggregations}, {**self.groups, **other.groups})
 
 
 class Scorer(ABC):

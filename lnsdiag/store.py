@@ -45,19 +45,23 @@ class VariantResult:
     ppl: Perplexity | None = None
     documents: Documents = field(default_factory=dict)
     choices: dict[str, dict[Any, int]] = field(default_factory=dict)
+    aggregations: dict[tuple[str, str], str] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, layer: int | None, scores: Scores, seconds: float, engine: str) -> VariantResult:
         return cls(layer, scores.rows, seconds, engine, ppl=scores.ppl, documents=scores.documents,
-                   choices=scores.choices)
+                   choices=scores.choices, aggregations=scores.aggregations, groups=scores.groups)
 
     def to_json(self) -> dict[str, Any]:
         return {"removed_layer": self.removed_layer, "seconds": round(self.seconds, 3), "engine": self.engine,
                 "finished": self.finished, "metrics": [r.as_dict() for r in self.rows],
                 "ppl_windows": self.ppl.as_json() if self.ppl else None,
-                "documents": [{"task": task, "metric": metric, "ids": list(items), "items": list(items.values())}
+                "documents": [{"task": task, "metric": metric, "aggregation": self.aggregations.get((task, metric)),
+                               "ids": list(items), "items": list(items.values())}
                               for (task, metric), items in self.documents.items()],
-                "choices": {task: {"ids": list(per), "n": list(per.values())} for task, per in self.choices.items()}}
+                "choices": {task: {"ids": list(per), "n": list(per.values())} for task, per in self.choices.items()},
+                "groups": self.groups}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VariantResult:
@@ -67,8 +71,10 @@ class VariantResult:
         documents = {(d["task"], d["metric"]): dict(zip(d["ids"], map(_item, d["items"]), strict=True))
                      for d in data.get("documents", [])}
         choices = {task: dict(zip(c["ids"], c["n"], strict=True)) for task, c in data.get("choices", {}).items()}
+        aggregations = {(d["task"], d["metric"]): d["aggregation"] for d in data.get("documents", [])
+                        if d.get("aggregation")}
         return cls(data["removed_layer"], rows, data["seconds"], data.get("engine", "naive"), data["finished"], ppl,
-                   documents, choices)
+                   documents, choices, aggregations, data.get("groups", {}))
 
     def sample_rows(self) -> list[dict[str, Any]]:
         """One row per (task, metric, document): the per-document scores, for anyone to re-analyse.

@@ -29,6 +29,7 @@ from .surgery import removed_layers
 
 if TYPE_CHECKING:
     from .models import LoadedModel
+    from .verdict import Margins
     from .windows import TokenWindows
 
 #: Progress phase of the per-variant work.
@@ -154,11 +155,12 @@ def _max_length(scorers: Sequence[Scorer]) -> int:
 
 
 def perplexity_sweep(loaded: LoadedModel, windows: TokenWindows, layers: Sequence[int] | None = None, *,
-                     batch_tokens: int | None = None, tolerance: float = 0.01, angular: pd.DataFrame | None = None,
+                     batch_tokens: int | None = None, margins: Margins | None = None,
+                     angular: pd.DataFrame | None = None,
                      progress: Progress = SILENT) -> pd.DataFrame:
     """Built-in perplexity of the full model and of each one-layer-removed variant, in one pass.
 
-    The same numbers, paired stderr and dead-weight rule as ``lnsdiag prune --ppl-text``,
+    The same numbers, paired stderr and verdicts as ``lnsdiag prune --ppl-text``,
     without a result folder: the rows of :func:`~lnsdiag.verdict.prune_frame` for the ``ppl``
     metric, plus the number of scored ``tokens``. ``windows`` is a
     :class:`~lnsdiag.windows.TokenWindows`.
@@ -169,7 +171,7 @@ def perplexity_sweep(loaded: LoadedModel, windows: TokenWindows, layers: Sequenc
     chosen = list(range(len(stack))) if layers is None else sorted(set(layers))
     outcome = run_fast(loaded.model, [PerplexityScorer(loaded.model, windows)], [None, *chosen], stack=stack,
                        batch_tokens=batch_tokens, progress=progress)
-    frame = prune_frame(outcome.results, tolerance=tolerance, angular=angular)
+    frame = prune_frame(outcome.results, margins=margins, angular=angular)
     frame = frame[frame["metric"] == "ppl"].reset_index(drop=True)
     frame["tokens"] = sum(windows.scored_tokens)
     return frame

@@ -1,78 +1,350 @@
-"""From stored variant scores to the tidy table: Δ vs the baseline, its noise, retention, and
-whether a removed layer is dead weight."""
+"""From stored variant scores to the tidy table: Δ vs the baseline with its *paired* noise, its
+intervals, and a verdict per (removed layer, task, metric) — dead, hurts, helps or inconclusive.
+
+The baseline and every variant answered the same documents, so the noise of a difference is
+the spread of per-document differences (:mod:`lnsdiag.stats`), never the two models' own
+stderrs. A layer is called dead only when equivalence is *shown*: the 90% interval of Δ lies
+inside ±margin (two one-sided tests at α = 0.05). "Not significantly different" is
+``inconclusive``, with the documents a decision would need.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from . import stats
+from .errors import UserError
 from .perplexity import PPL_TASK
-from .scoring import main_metric
+from .scoring import MetricRow, main_metric
 from .store import VariantResult, variant_name
 
+#: Metrics judged on the ratio variant/baseline (a relative margin), not on an absolute scale.
+PERPLEXITY_LIKE = frozenset({"ppl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "nll"})
+ALPHA = 0.05
+#: Resamples of the paired bootstrap: ``--bootstrap-iters``, at most this many (per layer and metric).
+BOOTSTRAP_CAP = 10_000
+#: lm-eval aggregations that are a ratio of sums over documents: transform(Σ −loglikelihood / Σ weight).
+_RATIO_AGGREGATIONS = {"weighted_perplexity": np.exp, "bits_per_byte": lambda x: x / np.log(2)}
+#: The log of the same metrics, for their ratio variant/baseline (log of exp(x) is x).
+_LOG_RATIO_AGGREGATIONS = {"weighted_perplexity": lambda x: x, "bits_per_byte": np.log}
 
-def retention(value: float, base: float, higher_is_better: bool) -> float:
-    """Percent of the baseline kept; for lower-is-better metrics (perplexity) base/value."""
+
+def base_metric(metric: str) -> str:
+    """``acc`` for ``acc[strict-match]``: margins are given per metric, whatever the filter."""
+    return metric.split("[", 1)[0]
+
+
+@dataclass(frozen=True)
+class Margins:
+    """How close to the baseline counts as no effect: ``bounded`` absolute (accuracy-like metrics
+    in [0, 1]), ``relative`` on the ratio variant/baseline (perplexity-like), or per metric."""
+
+    bounded: float = 0.01
+    relative: float = 0.01
+    per_metric: tuple[tuple[str, float, bool], ...] = ()  # (metric, margin, relative?)
+
+    @classmethod
+    def parse(cls, text: str | None) -> Margins:
+        """``0.02`` (bounded metrics), ``2%`` (perplexity-like), ``acc=0.02,ppl=2%`` (per metric)."""
+        if text is None or not text.strip():
+            return cls()
+        bounded, relative, named = cls.bounded, cls.relative, []
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            name, _, raw = part.rpartition("=")
+            value, is_relative = _margin_value(raw.strip(), text)
+            if name.strip():
+                named.append((name.strip(), value, is_relative))
+            elif is_relative:
+                relative = value
+            else:
+                bounded = value
+        return cls(bounded, relative, tuple(named))
+
+    def of(self, metric: str, baseline: float) -> float:
+        """The absolute margin for ``metric`` around ``baseline``."""
+        for name, value, relative in self.per_metric:
+            if name in (metric, base_metric(metric)):
+                return value * abs(baseline) if relative else value
+        if base_metric(metric) in PERPLEXITY_LIKE:
+            return self.relative * abs(baseline)
+        return self.bounded
+
+    def describe(self) -> str:
+        text = f"±{self.bounded:g} for bounded metrics, ±{100 * self.relative:g}% for perplexity-like ones"
+        named = ", ".join(f"{n} ±{100 * v:g}%" if r else f"{n} ±{v:g}" for n, v, r in self.per_metric)
+        return text + (f"; {named}" if named else "")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"bounded": self.bounded, "relative": self.relative,
+                "per_metric": [{"metric": n, "margin": v, "relative": r} for n, v, r in self.per_metric]}
+
+
+def _margin_value(raw: str, text: str) -> tuple[float, bool]:
+    relative = raw.endswith("%")
+    try:
+        value = float(raw[:-1] if relative else raw)
+    except ValueError as exc:
+        raise UserError(f"--margin {text!r}: {raw!r} is not a number (use 0.02, 2% or acc=0.02,ppl=2%)") from exc
+    if not math.isfinite(value) or value <= 0 or (relative and value >= 100):
+        raise UserError(f"--margin {text!r}: {raw!r} must be positive (and a percentage below 100%)")
+    return (value / 100 if relative else value), relative
+
+
+def rule_text(margins: Margins) -> str:
+    """What was tested, in words: printed under the table and kept in meta.json."""
+    return (f"dead: the 90% interval of Δ (paired, same documents) lies within the margin ({margins.describe()}): "
+            f"two one-sided tests at α = {ALPHA:g} per layer. hurts / helps: Δ ≠ 0 at α = {ALPHA:g}, Holm-adjusted "
+            "over the removed layers of each metric. inconclusive: neither — the data cannot tell, which is not "
+            "'no effect'. Intervals: Tango's score interval for 0/1 scores, paired t for other means, paired "
+            "bootstrap stderr (lm-eval's aggregation, t on n − 1 df) for other metrics, delta method for the built-in "
+            "perplexity; perplexity-like metrics on the ratio variant/baseline.")
+
+
+@dataclass
+class Comparison:
+    """Δ = variant − baseline on the same documents: its paired stderr, intervals and p-value."""
+
+    se: float = math.nan
+    lo90: float = math.nan
+    hi90: float = math.nan
+    lo95: float = math.nan
+    hi95: float = math.nan
+    p: float = math.nan
+    paired: bool = False
+    n: int = 0
+    sd: float = math.nan  # spread of per-document differences (for the documents a decision needs)
+    counts: tuple[int, int, int] | None = None  # (lost, gained, n) of 0/1 scores
+
+
+def _aligned(base: dict[Any, Any], variant: dict[Any, Any]) -> tuple[list[Any], list[Any]] | None:
+    if not base or base.keys() != variant.keys():
+        return None
+    ids = sorted(base, key=str)
+    return [base[i] for i in ids], [variant[i] for i in ids]
+
+
+def _documents(result: VariantResult, row: MetricRow) -> tuple[dict[Any, Any], str | None] | None:
+    """A (task or group) metric's per-document items and aggregation; a group pools its leaves'
+    documents (lm-eval's size-weighted group mean is the pooled mean) when all are means."""
+    key = (row.task, row.metric)
+    if key in result.documents:
+        return result.documents[key], result.aggregations.get(key)
+    leaves = result.groups.get(row.task)
+    if not leaves:
+        return None
+    pooled: dict[Any, Any] = {}
+    for leaf in leaves:
+        items = result.documents.get((leaf, row.metric))
+        if items is None or result.aggregations.get((leaf, row.metric)) != "mean":
+            return None
+        pooled.update({(leaf, doc): item for doc, item in items.items()})
+    return pooled, "mean"
+
+
+def compare(baseline: VariantResult, variant: VariantResult, row: MetricRow, ref: MetricRow, *,
+            bootstrap_iters: int = BOOTSTRAP_CAP, seed: int = 1234) -> Comparison:
+    """The paired comparison of one metric; unpaired (both stderrs) only when no per-document
+    data exists (results stored before it was kept).
+
+    Perplexity-like metrics are compared on the log of the ratio variant/baseline — their margin
+    is relative — and the interval is mapped back to Δ at the baseline's level.
+    """
+    iters = max(1, min(bootstrap_iters, BOOTSTRAP_CAP))
+    on_ratio = base_metric(row.metric) in PERPLEXITY_LIKE and ref.value > 0 and row.value > 0
+    log_ratio = math.log(row.value / ref.value) if on_ratio else math.nan
+    if row.task == PPL_TASK and baseline.ppl is not None and variant.ppl is not None:
+        se = variant.ppl.paired_delta_stderr(baseline.ppl)
+        n = len(variant.ppl.window_nll)
+        if on_ratio:  # log(ppl_v/ppl_b) is the paired Δ of mean NLL; nll and bits/byte scale by their level
+            log_se = se.get("nll", math.nan) if row.metric == "ppl" else se.get(row.metric, math.nan) / ref.value
+            return _to_delta(_from_estimate(stats.PairedEstimate(log_ratio, log_se, n, log_se * math.sqrt(n))),
+                             ref.value)
+        d_se = se.get(row.metric, math.nan)
+        return _from_estimate(stats.PairedEstimate(row.value - ref.value, d_se, n, d_se * math.sqrt(n)))
+    base_docs, var_docs = _documents(baseline, ref), _documents(variant, row)
+    pair = _aligned(base_docs[0], var_docs[0]) if base_docs and var_docs else None
+    if pair is not None:
+        base_items, var_items = pair
+        aggregation = var_docs[1]
+        if aggregation == "mean" and not on_ratio:
+            b = np.asarray(base_items, dtype=float)
+            v = np.asarray(var_items, dtype=float)
+            if stats.is_binary(b) and stats.is_binary(v):
+                lost, gained, n = stats.discordant_counts(b, v)
+                lo90, hi90 = stats.tango_interval(lost, gained, n, 0.90)
+                lo95, hi95 = stats.tango_interval(lost, gained, n, 0.95)
+                estimate = stats.paired_mean(b, v)
+                return Comparison(estimate.se, lo90, hi90, lo95, hi95, stats.tango_pvalue(lost, gained, n), True, n,
+                                  estimate.sd, (lost, gained, n))
+            return _from_estimate(stats.paired_mean(b, v))
+        if aggregation in _RATIO_AGGREGATIONS:  # transform(Σ −ll / Σ weight): on the ratio, its log
+            b_num = -np.asarray([item[0] for item in base_items], dtype=float)
+            v_num = -np.asarray([item[0] for item in var_items], dtype=float)
+            b_den = np.asarray([item[1] for item in base_items], dtype=float)
+            v_den = np.asarray([item[1] for item in var_items], dtype=float)
+            transform = _LOG_RATIO_AGGREGATIONS[aggregation] if on_ratio else _RATIO_AGGREGATIONS[aggregation]
+            estimate = stats.paired_bootstrap_ratio(b_num, b_den, v_num, v_den, transform, iters, seed)
+            return _to_delta(_from_bootstrap(estimate), ref.value) if on_ratio else _from_bootstrap(estimate)
+        from .lmeval import aggregation_function
+
+        function = aggregation_function(aggregation) if aggregation else None
+        if function is not None:
+            if on_ratio:
+                estimate = stats.paired_bootstrap(base_items, var_items, lambda items: math.log(function(items)),
+                                                  iters, seed)
+                return _to_delta(_from_bootstrap(estimate), ref.value)
+            return _from_bootstrap(stats.paired_bootstrap(base_items, var_items, function, iters, seed))
+    se = math.sqrt(row.stderr ** 2 + ref.stderr ** 2)  # NaN when either is unknown: nothing is shown
+    return _from_estimate(stats.PairedEstimate(row.value - ref.value, se, 0, math.nan), paired=False)
+
+
+def _to_delta(c: Comparison, baseline: float) -> Comparison:
+    """A comparison made on log(variant/baseline), in Δ = variant − baseline units at the baseline's
+    level: bounds map exactly (b·(e^x − 1)); stderr and spread to first order (b·se)."""
+    def mapped(x: float) -> float:
+        return baseline * math.expm1(x) if math.isfinite(x) else math.nan
+
+    return Comparison(baseline * c.se, mapped(c.lo90), mapped(c.hi90), mapped(c.lo95), mapped(c.hi95), c.p, c.paired,
+                      c.n, baseline * c.sd)
+
+
+def _from_bootstrap(estimate: stats.BootstrapEstimate) -> Comparison:
+    """A paired bootstrap read as a stderr with Student t on n − 1 degrees of freedom (the SE
+    scaled by √(n/(n−1))), not as percentiles: percentile intervals are too narrow with few
+    documents, and the verdict must stay honest there."""
+    n = estimate.n
+    if n < 2:
+        return Comparison(paired=True, n=n)
+    se = estimate.se * math.sqrt(n / (n - 1))
+    return _from_estimate(stats.PairedEstimate(estimate.delta, se, n, se * math.sqrt(n)))
+
+
+def _from_estimate(estimate: Any, paired: bool = True) -> Comparison:
+    if not math.isfinite(estimate.se):
+        return Comparison(paired=paired, n=estimate.n)
+    if paired:
+        lo90, hi90 = stats.mean_interval(estimate, 0.90)
+        lo95, hi95 = stats.mean_interval(estimate, 0.95)
+        p = stats.mean_pvalue(estimate)
+    else:  # two independent stderrs: a normal interval
+        z90, z95 = NormalDist().inv_cdf(0.95), NormalDist().inv_cdf(0.975)
+        lo90, hi90 = estimate.delta - z90 * estimate.se, estimate.delta + z90 * estimate.se
+        lo95, hi95 = estimate.delta - z95 * estimate.se, estimate.delta + z95 * estimate.se
+        p = 2 * (1 - NormalDist().cdf(abs(estimate.delta) / estimate.se)) if estimate.se > 0 else math.nan
+    sd = getattr(estimate, "sd", math.nan)
+    if not math.isfinite(sd) and estimate.n:
+        sd = estimate.se * math.sqrt(estimate.n)
+    return Comparison(estimate.se, lo90, hi90, lo95, hi95, p, paired, estimate.n, sd)
+
+
+def _verdict(c: Comparison, delta: float, margin: float, p_holm: float, higher_is_better: bool) -> str:
+    if margin > 0 and -margin < c.lo90 <= c.hi90 < margin:
+        return "dead"
+    if math.isfinite(p_holm) and p_holm < ALPHA:
+        worse = delta < 0 if higher_is_better else delta > 0
+        return "hurts" if worse else "helps"
+    return "inconclusive"
+
+
+def _documents_needed(c: Comparison, delta: float, margin: float) -> int | None:
+    if margin <= 0:
+        return None
+    if c.counts is not None:
+        return stats.documents_needed_binary(*c.counts, margin)
+    if c.paired and math.isfinite(c.sd) and c.sd > 0:
+        return stats.documents_needed(c.sd, delta, margin)
+    return None
+
+
+def chance_level(result: VariantResult, task: str, metric: str) -> float | None:
+    """Accuracy by guessing: the mean of 1/choices over a multiple-choice task's (or group's) documents."""
+    if base_metric(metric) not in ("acc", "acc_norm"):
+        return None
+    leaves = result.groups.get(task) or [task]
+    inverse = [1.0 / n for leaf in leaves for n in result.choices.get(leaf, {}).values() if n]
+    return float(np.mean(inverse)) if inverse else None
+
+
+def retention(value: float, base: float, higher_is_better: bool, chance: float | None = None) -> float:
+    """Percent of the baseline kept: above chance for multiple-choice accuracy ((v − c)/(b − c)),
+    v/b for other higher-is-better metrics, b/v for perplexity-like ones."""
     if higher_is_better:
-        return 100.0 * value / base if base else math.nan
+        floor = chance or 0.0
+        return 100.0 * (value - floor) / (base - floor) if base != floor else math.nan
     return 100.0 * base / value if value else math.nan
 
 
-def _effect(layer: int | None, dead: bool | None, better: bool, no_noise: bool) -> str | None:
-    """none (dead weight); helps / hurts beyond 2 stderr; better / worse when no stderr exists."""
-    if layer is None:
-        return None
-    if dead:
-        return "none"
-    if no_noise:
-        return "better" if better else "worse"
-    return "helps" if better else "hurts"
+def prune_frame(results: dict[int | None, VariantResult], *, margins: Margins | None = None,
+                angular: pd.DataFrame | None = None, bootstrap_iters: int = BOOTSTRAP_CAP,
+                seed: int = 1234, cache: dict[tuple, Comparison] | None = None) -> pd.DataFrame:
+    """One row per (variant, task, metric): value, baseline, Δ with paired stderr and intervals,
+    the verdict (``dead`` = verdict is dead, kept as a boolean), retention, angular distance.
 
-
-def prune_frame(results: dict[int | None, VariantResult], *, tolerance: float = 0.01,
-                angular: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per (variant, task, metric) with baseline, Δ, its noise, retention and dead mark.
-
-    A removed layer is *dead weight* on a metric when |Δ| ≤ max(tolerance, 2 × delta_stderr).
-    ``delta_stderr`` is the stderr lm-eval reports for the variant's metric; for the built-in
-    perplexity it is the paired stderr of the difference over the same windows. A metric
-    without any stderr (lm-eval's perplexities) uses the tolerance alone.
-    """
+    ``cache`` keeps comparisons between calls on a growing set of results (a sweep rebuilds its
+    table after every variant; a bootstrap need not be redone for the variants already in it)."""
     if None not in results:
         raise ValueError("the baseline (nothing removed) has not been scored")
+    margins = margins or Margins()
     baseline = results[None]
     base = {(r.task, r.metric): r for r in baseline.rows}
     angle = {} if angular is None else dict(zip(angular["layer"], angular["angular_distance"], strict=True))
     records = []
     for layer in [None, *sorted(k for k in results if k is not None)]:
         variant = results[layer]
-        paired = (variant.ppl.paired_delta_stderr(baseline.ppl)
-                  if layer is not None and variant.ppl is not None and baseline.ppl is not None else {})
         for row in variant.rows:
             ref = base.get((row.task, row.metric))
             if ref is None:
                 continue
-            delta = row.value - ref.value
-            delta_se = paired.get(row.metric, row.stderr) if row.task == PPL_TASK else row.stderr
-            if layer is None:
-                delta_se = math.nan
-            noise = 0.0 if math.isnan(delta_se) else 2.0 * delta_se
-            dead = None if layer is None else bool(abs(delta) <= max(tolerance, noise))
-            better = delta > 0 if row.higher_is_better else delta < 0
+            c = Comparison()
+            if layer is not None:
+                key = (layer, variant.finished, baseline.finished, row.task, row.metric, bootstrap_iters, seed)
+                c = cache.get(key) if cache is not None else None
+                if c is None:
+                    c = compare(baseline, variant, row, ref, bootstrap_iters=bootstrap_iters, seed=seed)
+                    if cache is not None:
+                        cache[key] = c
+            chance = chance_level(baseline, row.task, row.metric)
             records.append({
                 "variant": variant_name(layer), "removed_layer": layer, "task": row.task, "metric": row.metric,
                 "value": row.value, "stderr": row.stderr, "baseline": ref.value, "baseline_stderr": ref.stderr,
-                "delta": delta, "delta_stderr": delta_se,
-                "retention": retention(row.value, ref.value, row.higher_is_better),
-                "dead": dead, "effect": _effect(layer, dead, better, math.isnan(delta_se)),
+                "delta": row.value - ref.value, "delta_stderr": c.se, "paired": c.paired if layer is not None else None,
+                "ci90_low": c.lo90, "ci90_high": c.hi90, "ci95_low": c.lo95, "ci95_high": c.hi95,
+                "margin": margins.of(row.metric, ref.value), "p_value": c.p, "_comparison": c,
+                "retention": retention(row.value, ref.value, row.higher_is_better, chance), "chance": chance,
                 "higher_is_better": row.higher_is_better, "group": row.group, "samples": row.samples,
                 "angular_distance": angle.get(layer, math.nan) if layer is not None else math.nan,
             })
     frame = pd.DataFrame.from_records(records)
+    frame["p_holm"] = math.nan
+    removed = frame["removed_layer"].notna()
+    for _, part in frame[removed].groupby(["task", "metric"], sort=False):
+        frame.loc[part.index, "p_holm"] = stats.holm(part["p_value"].to_numpy())
+    verdicts, needed = [], []
+    for _, r in frame.iterrows():
+        if pd.isna(r["removed_layer"]):
+            verdicts.append(None)
+            needed.append(None)
+            continue
+        v = _verdict(r["_comparison"], r["delta"], r["margin"], r["p_holm"], r["higher_is_better"])
+        verdicts.append(v)
+        needed.append(_documents_needed(r["_comparison"], r["delta"], r["margin"]) if v == "inconclusive" else None)
+    frame["verdict"] = verdicts
+    frame["dead"] = pd.array([None if v is None else v == "dead" for v in verdicts], dtype="boolean")
+    frame["documents_needed"] = pd.array(needed, dtype="Int64")
     frame["removed_layer"] = frame["removed_layer"].astype("Int64")
-    frame["dead"] = frame["dead"].astype("boolean")
-    return frame
+    columns = ["variant", "removed_layer", "task", "metric", "value", "stderr", "baseline", "baseline_stderr",
+               "delta", "delta_stderr", "paired", "ci90_low", "ci90_high", "ci95_low", "ci95_high", "margin",
+               "p_value", "p_holm", "verdict", "dead", "documents_needed", "retention", "chance", "higher_is_better",
+               "group", "samples", "angular_distance"]
+    return frame[columns]
 
 
 def headline_metrics(frame: pd.DataFrame, tasks: list[str]) -> list[tuple[str, str]]:
@@ -85,12 +357,7 @@ def headline_metrics(frame: pd.DataFrame, tasks: list[str]) -> list[tuple[str, s
     return out
 
 
-def dead_layers(frame: pd.DataFrame, task: str, metric: str) -> list[int]:
+def layers_with(frame: pd.DataFrame, task: str, metric: str, verdict: str) -> list[int]:
+    """The removed layers whose verdict on (task, metric) is ``verdict``."""
     sel = frame[(frame["task"] == task) & (frame["metric"] == metric) & frame["removed_layer"].notna()]
-    return [int(x) for x in sel.loc[sel["dead"].fillna(False).astype(bool), "removed_layer"]]
-
-
-def rule_text(tolerance: float) -> str:
-    """The dead-weight rule in words, printed under the table and kept in meta.json."""
-    return (f"dead weight: |Δ| ≤ max({tolerance:g}, 2 × stderr), stderr as lm-eval reports it "
-            "(built-in ppl: paired stderr of Δ; none for lm-eval perplexities)")
+    return [int(x) for x in sel.loc[sel["verdict"] == verdict, "removed_layer"]]

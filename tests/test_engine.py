@@ -102,7 +102,20 @@ def test_fast_equals_naive(family, limit, fewshot, tokenizer, tasks_dir, tmp_pat
             else:
                 assert g.value == pytest.approx(w.value, rel=1e-5), key
                 assert (math.isnan(g.stderr) and math.isnan(w.stderr)) or g.stderr == pytest.approx(w.stderr, rel=1e-3)
-        # 3. per-document scores (what paired statistics use): the same documents, items and choices
+    # 3. the verdicts: the same paired stderrs, intervals and verdicts from both engines
+    from lnsdiag.verdict import prune_frame
+
+    by_fast, by_naive = prune_frame(fast.done()), prune_frame(naive.done())
+    assert list(by_fast["verdict"]) == list(by_naive["verdict"])
+    scale = by_naive["baseline"].abs().to_numpy(float)  # a bound is a difference of near-equal metric values
+    for column in ("delta_stderr", "ci90_low", "ci90_high"):
+        got, want = by_fast[column].to_numpy(float), by_naive[column].to_numpy(float)
+        assert (np.isnan(got) == np.isnan(want)).all(), column
+        known = ~np.isnan(want)
+        assert (np.abs(got - want)[known] <= 1e-3 * np.abs(want[known]) + 1e-5 * scale[known]).all(), column
+    assert by_fast["paired"].dropna().all()
+    for variant in VARIANTS:
+        # 4. per-document scores (what paired statistics use): the same documents, items and choices
         got_docs, want_docs = fast.done()[variant], naive.done()[variant]
         assert got_docs.choices == want_docs.choices and got_docs.choices["tiny_mc"]
         assert got_docs.documents.keys() == want_docs.documents.keys()

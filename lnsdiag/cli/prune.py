@@ -45,7 +45,10 @@ def prune_cmd(
     layers: Annotated[str, typer.Option("--layers", "-l", help="Layers to remove, one at a time: 0-31, 0,4,8, "
                                         "28- or all.")] = "all",
     no_angular: Annotated[bool, typer.Option("--no-angular", help="Skip the angular distances.")] = False,
-    tolerance: Annotated[float, typer.Option(help="Dead weight if |Δ| ≤ max(tolerance, 2 × stderr).")] = 0.01,
+    margin: Annotated[str | None, typer.Option(
+        help="Margin of practical equivalence: a layer is dead only if the 90% interval of Δ lies within it. "
+        "0.02 (bounded metrics, absolute), 2% (perplexity-like, relative) or acc=0.02,ppl=2% \\[default: 0.01 "
+        "and 1%].", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch size for lm-eval and perplexity.")] = 8,
     fresh: Annotated[bool, typer.Option("--fresh", help="Discard stored results in --out and start over.")] = False,
     no_samples: Annotated[bool, typer.Option("--no-samples", help="Do not export per-document scores "
@@ -65,7 +68,7 @@ def prune_cmd(
         num_fewshot=num_fewshot, limit=limit, seed=seed, bootstrap_iters=bootstrap_iters,
         ppl_text=str(ppl_text) if ppl_text else None, ppl_dataset=ppl_dataset, ppl_dataset_config=ppl_dataset_config,
         ppl_split=ppl_split, ppl_field=ppl_field, ppl_max_tokens=ppl_max_tokens, seq_len=seq_len, layers=layers,
-        angular=not no_angular, tolerance=tolerance, batch_size=batch_size, engine=engine, batch_tokens=batch_tokens,
+        angular=not no_angular, margin=margin, batch_size=batch_size, engine=engine, batch_tokens=batch_tokens,
         fresh=fresh, samples=not no_samples)
     folder = output_dir(out, model.slug, "prune")
     timer = Timer()

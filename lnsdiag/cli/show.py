@@ -55,7 +55,7 @@ def show_prune(run: PruneRun, title: str = "") -> None:
     """The sweep's table, dead-weight summary and rule; prune.csv, the wide CSV, LaTeX, plots, meta.json."""
     name = run.meta["model"]["name"]
     ui.console.print(report.prune_table(run.frame, run.tasks, title or f"Layer removal — {name}"))
-    for line in report.prune_summary(run.frame, run.tasks, run.tolerance):
+    for line in report.prune_summary(run.frame, run.tasks):
         ui.console.print(line)
     ui.console.print(f"[dim]{run.meta['dead_rule']}[/dim]")
     print_files(report.write_prune(run.frame, run.tasks, run.folder, run.meta, plots=True, title=title))

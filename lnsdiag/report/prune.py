@@ -6,11 +6,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from rich.table import Table
 
 from ..runs import atomic_write, write_csv, write_json
-from ..verdict import dead_layers, headline_metrics
+from ..verdict import PERPLEXITY_LIKE, base_metric, headline_metrics, layers_with
 from .common import LatexRaw, frame_to_latex, latex_escape, pyplot, save_figure
 
 
@@ -34,85 +35,116 @@ def _signed(value: float, scale: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:+.{_digits(scale)}f}"
 
 
+#: How each verdict is shown.
+VERDICT_STYLE = {"dead": "green", "hurts": "red", "helps": "cyan", "inconclusive": "yellow"}
+
+
 def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer removal") -> Table:
-    """One row per variant: each task's main metric, Δ, retention, angular distance, dead mark."""
+    """One row per variant: each task's main metric, Δ ± paired stderr, verdict, retention, angle."""
     heads = headline_metrics(frame, tasks)
     table = Table(title=title, title_justify="left", header_style="bold")
     table.add_column("removed", justify="right")
     for task, metric in heads:
         table.add_column(f"{task}\n{metric} ±stderr", justify="right")
-        table.add_column("Δ ±stderr", justify="right")
+        table.add_column("Δ ±stderr\n(paired)", justify="right")
+        table.add_column("verdict")
         table.add_column("kept\n%", justify="right")
     has_angle = frame["angular_distance"].notna().any()
     if has_angle:
         table.add_column("angular", justify="right")
-    table.add_column("", no_wrap=True)
+    several = len(heads) > 1
+    if several:
+        table.add_column("all metrics", no_wrap=True)
     for _, part in frame.groupby("variant", sort=False):
         layer = part["removed_layer"].iloc[0]
         cells = ["none (baseline)" if pd.isna(layer) else str(int(layer))]
-        all_dead = not pd.isna(layer)
-        dead_count = helps = 0
+        verdicts = []
         for task, metric in heads:
             row = part[(part["task"] == task) & (part["metric"] == metric)]
             if row.empty:
-                cells += ["–", "–", "–"]
-                all_dead = False
+                cells += ["–", "–", "–", "–"]
                 continue
             r = row.iloc[0]
-            dead = bool(r["dead"]) if not pd.isna(r["dead"]) else False
-            all_dead &= dead
-            dead_count += dead
-            helps += r["effect"] == "helps"
-            color = "" if pd.isna(layer) else ("green" if dead else "cyan" if r["effect"] == "helps" else "red")
+            verdict = None if pd.isna(layer) else r["verdict"]
+            verdicts.append(verdict)
             delta = "" if pd.isna(layer) else _signed(r["delta"], r["baseline"]) + (
                 "" if pd.isna(r["delta_stderr"]) else f" ±{r['delta_stderr']:.{_digits(r['baseline'])}f}")
-            cells += [_fmt(r["value"], r["stderr"], r["baseline"]), f"[{color}]{delta}[/{color}]" if color else delta,
-                      "" if pd.isna(layer) else f"{r['retention']:.1f}"]
+            style = VERDICT_STYLE.get(verdict or "", "")
+            cells += [_fmt(r["value"], r["stderr"], r["baseline"]), delta,
+                      f"[{style}]{verdict}[/{style}]" if verdict else "",
+                      "" if pd.isna(layer) else _fmt(r["retention"], scale=100)]
         if has_angle:
             cells.append(_fmt(part["angular_distance"].iloc[0]))
-        mark = ("[green]dead weight[/green]" if all_dead else
-                f"[yellow]dead on {dead_count}/{len(heads)}[/yellow]" if dead_count else "")
-        if helps:
-            mark += (" " if mark else "") + "[cyan]removal helps[/cyan]"
-        cells.append(mark)
+        if several:
+            dead = sum(v == "dead" for v in verdicts)
+            cells.append("" if pd.isna(layer) else "[green]dead weight[/green]" if dead == len(heads)
+                         else f"dead on {dead}/{len(heads)}" if dead else "")
         table.add_row(*cells, end_section=pd.isna(layer))
     return table
 
 
-def prune_summary(frame: pd.DataFrame, tasks: list[str], tolerance: float = 0.01) -> list[str]:
-    """'14 of 32 removed layers are dead weight on mmlu (acc): 17, 18, ...' per task."""
+def prune_summary(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
+    """Per headline metric: how many removed layers are dead / hurt / help / inconclusive, and which."""
     lines = []
-    layers = frame["removed_layer"].dropna().unique()
     for task, metric in headline_metrics(frame, tasks):
-        dead = dead_layers(frame, task, metric)
-        where = ", ".join(map(str, dead)) if dead else "none"
-        part = frame[(frame["task"] == task) & (frame["metric"] == metric)]
-        noise = "" if part["delta_stderr"].notna().any() else f", no stderr: |Δ| ≤ {tolerance:g} alone"
-        line = f"{len(dead)} of {len(layers)} removed layers are dead weight on {task} ({metric}{noise}): {where}"
-        helps = [int(x) for x in part.loc[part["effect"] == "helps", "removed_layer"]]
-        if helps:
-            line += f"; removing {', '.join(map(str, helps))} significantly improves it"
+        part = frame[(frame["task"] == task) & (frame["metric"] == metric) & frame["removed_layer"].notna()]
+        counts = {v: layers_with(frame, task, metric, v) for v in VERDICT_STYLE}
+        line = (f"{task} ({metric}), {len(part)} removed layers: " +
+                ", ".join(f"{len(layers)} {name}" for name, layers in counts.items()))
+        if counts["dead"]:
+            line += f"; dead weight: {', '.join(map(str, counts['dead']))}"
+        if counts["helps"]:
+            line += f"; removing {', '.join(map(str, counts['helps']))} significantly improves it"
+        needed = part.loc[part["verdict"] == "inconclusive", "documents_needed"].dropna()
+        if len(needed):
+            line += (f"; inconclusive: the data cannot tell (≈{int(needed.median()):,} documents would decide, at "
+                     "the observed spread)")
         lines.append(line)
     return lines
 
 
 def plot_prune(frame: pd.DataFrame, tasks: list[str], stem: Path, title: str = "") -> list[Path]:
-    """ΔP per removed layer, one panel per task: ±2 stderr bars, baseline at 0, dead layers shaded."""
+    """Δ per removed layer, one panel per task, with the paired 90% interval the verdict uses (dead
+    when it lies inside the dotted margin); dead layers shaded green, inconclusive ones hatched.
+
+    Perplexity-like metrics are drawn as % of the baseline on a symmetric-log axis, linear within
+    the margin, so a removal that multiplies perplexity does not flatten every other layer;
+    bounded metrics (accuracy) in points.
+    """
     plt = pyplot()
     heads = headline_metrics(frame, tasks)
-    fig, axes = plt.subplots(len(heads), 1, figsize=(6.4, 2.4 * len(heads) + 0.4), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(heads), 1, figsize=(6.4, 2.4 * len(heads) + 0.6), sharex=True, squeeze=False,
+                             layout="constrained")
     for ax, (task, metric) in zip(axes[:, 0], heads, strict=True):
         part = frame[(frame["task"] == task) & (frame["metric"] == metric) & frame["removed_layer"].notna()]
         x = part["removed_layer"].astype(int).to_numpy()
-        err = 2 * part["delta_stderr"].fillna(0).to_numpy()
-        for layer in part.loc[part["dead"].fillna(False).astype(bool), "removed_layer"].astype(int):
-            ax.axvspan(layer - 0.5, layer + 0.5, color="tab:green", alpha=0.12, lw=0)
+        relative = base_metric(metric) in PERPLEXITY_LIKE
+        scale = 100.0 / part["baseline"].to_numpy(dtype=float) if relative else np.full(len(part), 100.0)
+        delta = part["delta"].to_numpy(dtype=float) * scale
+        low = delta - part["ci90_low"].to_numpy(dtype=float) * scale
+        high = part["ci90_high"].to_numpy(dtype=float) * scale - delta
+        known = np.isfinite(low) & np.isfinite(high)
+        for layer, verdict in zip(x, part["verdict"], strict=True):
+            if verdict == "dead":
+                ax.axvspan(layer - 0.5, layer + 0.5, color="tab:green", alpha=0.15, lw=0)
+            elif verdict == "inconclusive":
+                ax.axvspan(layer - 0.5, layer + 0.5, facecolor="none", edgecolor="0.6", hatch="///", lw=0)
         ax.axhline(0, color="black", lw=0.8, label="baseline (no layer removed)")
-        ax.errorbar(x, part["delta"], yerr=err if err.any() else None, marker="o", ms=3, lw=1.2, capsize=2,
-                    label=f"Δ{metric} (±2 stderr)")
-        ax.set_ylabel(f"Δ {metric}")
-        ax.set_title(f"{task}" + (" — shaded: dead weight" if part["dead"].fillna(False).any() else ""),
-                     fontsize=9, loc="left")
+        margin = float((part["margin"] * scale).iloc[0]) if len(part) else math.nan
+        if math.isfinite(margin) and margin > 0:
+            for sign in (-1, 1):
+                ax.axhline(sign * margin, color="tab:green", lw=0.8, ls=":",
+                           label="margin of equivalence" if sign > 0 else None)
+            if relative:
+                from matplotlib.ticker import FuncFormatter
+
+                ax.set_yscale("symlog", linthresh=margin)
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:+g}%" if v else "0"))
+        yerr = np.vstack([np.where(known, low, 0), np.where(known, high, 0)]) if known.any() else None
+        ax.errorbar(x, delta, yerr=yerr, marker="o", ms=3, lw=1.2, capsize=2,
+                    label="Δ with its paired 90% interval")
+        ax.set_ylabel(f"Δ{metric} (% of baseline)" if relative else f"Δ{metric} (points)")
+        ax.set_title(f"{task} — shaded: dead, hatched: inconclusive", fontsize=9, loc="left")
         if ax is axes[0, 0]:
             ax.legend(frameon=False, fontsize=7, loc="best")
     from matplotlib.ticker import MaxNLocator
@@ -137,12 +169,14 @@ def latex_table(frame: pd.DataFrame, tasks: list[str], caption: str = "") -> str
             r = r.iloc[0]
             row[f"{task} {metric}"] = r["value"]
             row[f"{task} Δ"] = "" if pd.isna(layer) else LatexRaw(
-                latex_escape(f"{r['delta']:+.4g}") + (r"$^\dagger$" if r["dead"] else ""))
+                latex_escape(f"{r['delta']:+.4g}") + (r"$^\dagger$" if r["verdict"] == "dead" else
+                                                      r"$^\ast$" if r["verdict"] == "hurts" else ""))
         if frame["angular_distance"].notna().any():
             row["angular dist."] = part["angular_distance"].iloc[0]
         rows.append(row)
     caption = caption or (r"One-layer removal: metric of each variant and $\Delta$ to the full model. "
-                          r"$^\dagger$: dead weight ($|\Delta| \le \max(\mathrm{tol}, 2\,\mathrm{stderr})$).")
+                          r"$^\dagger$: dead weight (the paired 90\% interval of $\Delta$ lies within the margin "
+                          r"of equivalence); $^\ast$: removal significantly hurts (Holm-adjusted, $\alpha = 0.05$).")
     return frame_to_latex(pd.DataFrame(rows, dtype=object), caption=caption, label="tab:layer-removal")
 
 
@@ -164,6 +198,6 @@ def wide_frame(frame: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     for (task, metric), part in sel.groupby(["task", "metric"], sort=False):
         part = part.set_index("variant")
         for column, suffix in (("value", ""), ("stderr", "_stderr"), ("delta", "_delta"),
-                               ("delta_stderr", "_delta_stderr"), ("dead", "_dead")):
+                               ("delta_stderr", "_delta_stderr"), ("verdict", "_verdict"), ("dead", "_dead")):
             wide[f"{task}/{metric}{suffix}"] = wide["variant"].map(part[column])
     return wide
