@@ -340,19 +340,34 @@ def replay_metrics(tasks: TaskSet, single: dict, rolling: dict, *, limit: int | 
                           bootstrap_iters=bootstrap_iters, log_samples=log_samples)
 
 
-def aggregation_name(function: Any) -> str:
-    """lm-eval's registry name of an aggregation function (``mean``, ``weighted_perplexity``...)."""
+def _registry() -> Any:
+    import lm_eval.api.metrics  # noqa: F401  (registers lm-eval's aggregations)
     from lm_eval.api.registry import AGGREGATION_REGISTRY
 
-    return next((name for name, fn in AGGREGATION_REGISTRY.items() if fn is function),
-                getattr(function, "__name__", str(function)))
+    return AGGREGATION_REGISTRY
+
+
+def aggregation_name(function: Any) -> str:
+    """lm-eval's registry name of an aggregation function (``mean``, ``weighted_perplexity``...);
+    ``custom:<name>`` for a task's own function (it cannot be looked up again by name)."""
+    registry = _registry()
+    for name in list(registry):
+        try:
+            if registry.get(name) is function:
+                return str(name)
+        except KeyError:
+            continue
+    return f"custom:{getattr(function, '__qualname__', getattr(function, '__name__', str(function)))}"
 
 
 def aggregation_function(name: str) -> Any:
-    """The aggregation function lm-eval registers under ``name``, or None for a task's own."""
-    from lm_eval.api.registry import AGGREGATION_REGISTRY
-
-    return AGGREGATION_REGISTRY.get(name)
+    """The aggregation function lm-eval registers under ``name``, or None (a task's own function)."""
+    if not name or name.startswith("custom:"):
+        return None
+    try:
+        return _registry().get(name)
+    except KeyError:
+        return None
 
 
 def scores_of(results: dict[str, Any], tasks: TaskSet) -> Scores:
@@ -373,8 +388,8 @@ def scores_of(results: dict[str, Any], tasks: TaskSet) -> Scores:
                 documents.setdefault((task, name), {})[example["doc_id"]] = example[metric]
                 if metric in functions:
                     aggregations[(task, name)] = aggregation_name(functions[metric])
-            if multiple_choice:
-                choices.setdefault(task, {})[example["doc_id"]] = len(example["arguments"])
+            if multiple_choice:  # distinct continuations: mutual-information tasks score each choice twice
+                choices.setdefault(task, {})[example["doc_id"]] = len({tuple(a)[-1] for a in example["arguments"]})
     groups = {group: tasks.leaves_of(group) or [] for group in results.get("group_subtasks", {})
               if group not in tasks.leaf_tasks}
     return Scores(tidy_metrics(results), documents=documents, choices=choices, aggregations=aggregations,

@@ -29,7 +29,7 @@ from .store import ResultStore, VariantResult, plan_variants
 from .structure import find_layers, norm_placement, parse_layer_spec
 from .sweep import SweepOutcome, run_fast, run_naive
 from .text import TextSource, from_dataset, from_file, resolve_text
-from .verdict import BOOTSTRAP_CAP, Margins, prune_frame, rule_text
+from .verdict import BOOTSTRAP_CAP, BOOTSTRAP_FLOOR, PYTHON_CAP, Margins, prune_frame, rule_text
 from .windows import TokenWindows, check_batch_size
 
 ENGINES = ("fast", "naive")
@@ -197,7 +197,8 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
                    "ppl_text": inputs.ppl_text.name if inputs.ppl_text else None, "layer_stack": stack.path,
                    "num_layers": len(stack), "layers": selected, "margins": config.margins.as_json(),
                    "dead_rule": rule_text(config.margins), "multiplicity": MULTIPLICITY,
-                   "bootstrap": {"resamples": min(config.bootstrap_iters, BOOTSTRAP_CAP), "seed": config.seed},
+                   "bootstrap": {"resamples": min(max(config.bootstrap_iters, BOOTSTRAP_FLOOR), BOOTSTRAP_CAP),
+                                 "python_aggregations_at_most": PYTHON_CAP, "seed": config.seed},
                    "norm_placement": norm_placement(model, stack)}
     engine_info: dict[str, Any] = {"engine": config.engine}
 
@@ -205,9 +206,9 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
 
     def current() -> PruneRun:
         results = store.done()
-        frame = prune_frame(results, margins=config.margins, angular=angular_frame,
+        asked = {k: v for k, v in results.items() if k is None or k in selected}  # Holm: over these layers only
+        frame = prune_frame(asked, margins=config.margins, angular=angular_frame,
                             bootstrap_iters=config.bootstrap_iters, seed=config.seed, cache=comparisons)
-        frame = frame[frame["removed_layer"].isna() | frame["removed_layer"].isin(selected)].reset_index(drop=True)
         timings = {**timer.seconds, "variants": {("baseline" if k is None else str(k)): v.seconds
                                                  for k, v in sorted(results.items(), key=lambda kv: -1
                                                                     if kv[0] is None else kv[0])}}

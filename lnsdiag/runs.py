@@ -64,7 +64,7 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    return atomic_write(path, json.dumps(obj, indent=2, default=jsonable) + "\n")
 
 
 def write_csv(path: str | Path, frame: Any) -> Path:
@@ -76,7 +76,7 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "item"):

@@ -496,6 +496,34 @@ def tango_pvalue(b: int, c: int, n: int) -> float:
     return float(min(1.0, 2.0 * (1.0 - _NORMAL.cdf(abs(t0)))))
 
 
+#: Below this many changed answers the normal approximation of McNemar's test is too optimistic.
+EXACT_BELOW = 25
+
+
+def mcnemar_exact_pvalue(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: conditional on b + c changed answers, each is a lost one
+    with probability 1/2 under Δ = 0; p = min(1, 2·P(X ≤ min(b, c))), X ~ Binomial(b + c, 1/2)."""
+    m = b + c
+    if m == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2.0 ** m
+    return float(min(1.0, 2.0 * tail))
+
+
+def paired_proportion_pvalue(b: int, c: int, n: int) -> float:
+    """p-value of Δ = 0 for 0/1 scores: exact McNemar when few answers changed, else Tango's."""
+    return mcnemar_exact_pvalue(b, c) if b + c < EXACT_BELOW else tango_pvalue(b, c, n)
+
+
+def no_change_halfwidth(n: int, level: float) -> float:
+    """Half-width of Tango's interval when nothing changed, z²/(n + z²): the least a sample of
+    n documents can rule out. Used as a floor when per-document differences are all zero, so a
+    handful of identical documents never proves equivalence."""
+    z = _z(level)
+    return z * z / (n + z * z) if n > 0 else math.inf
+
+
 def paired_proportion_interval(base01: Any, variant01: Any, level: float = 0.95) -> tuple[float, float]:
     """Tango's interval for mean(variant01) − mean(base01) from aligned 0/1 scores."""
     return tango_interval(*discordant_counts(base01, variant01), level=level)
@@ -611,7 +639,7 @@ def documents_needed(sd_d: float, delta: float, margin: float, alpha: float = 0.
     """
     if not 0 < alpha < 0.5 or not 0 < power < 1:
         raise ValueError("need 0 < alpha < 0.5 and 0 < power < 1")
-    if margin <= 0 or math.isnan(delta) or abs(delta) >= margin:
+    if not math.isfinite(margin) or margin <= 0 or math.isnan(delta) or abs(delta) >= margin:
         return None
     if math.isnan(sd_d):
         raise ValueError("the spread of the per-document differences is unknown (nan)")

@@ -22,7 +22,7 @@ import pandas as pd
 
 from .errors import UserError
 from .perplexity import Perplexity
-from .runs import atomic_write, read_json, write_json
+from .runs import atomic_write, jsonable, read_json, write_json
 from .scoring import Documents, MetricRow, Scores
 
 #: The fast engine's partial results while a pass runs.
@@ -89,7 +89,8 @@ class VariantResult:
             for doc, item in items.items():
                 scalar = isinstance(item, (int, float)) and not isinstance(item, bool)
                 rows.append({"task": task, "metric": metric, "doc_id": doc, "value": float(item) if scalar else None,
-                             "item": "" if scalar else json.dumps(item), "choices": per_choice.get(doc)})
+                             "item": "" if scalar else json.dumps(item, default=jsonable),
+                             "choices": per_choice.get(doc)})
         if self.ppl is not None:
             for i, (nll, tokens, size) in enumerate(zip(self.ppl.window_nll, self.ppl.window_tokens,
                                                         self.ppl.window_bytes, strict=True)):
@@ -126,6 +127,8 @@ class ResultStore:
                 (self.folder / name).unlink(missing_ok=True)
         if settings_path.is_file():
             self._check_compatible(read_json(settings_path))
+        if not samples:  # an earlier run's export would no longer match the variants
+            shutil.rmtree(self.folder / "samples", ignore_errors=True)
         self.variants.mkdir(parents=True, exist_ok=True)
         write_json(settings_path, settings)
 

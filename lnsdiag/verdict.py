@@ -11,6 +11,7 @@ inside ±margin (two one-sided tests at α = 0.05). "Not significantly different
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
@@ -25,10 +26,14 @@ from .scoring import MetricRow, main_metric
 from .store import VariantResult, variant_name
 
 #: Metrics judged on the ratio variant/baseline (a relative margin), not on an absolute scale.
-PERPLEXITY_LIKE = frozenset({"ppl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "nll"})
+PERPLEXITY_LIKE = frozenset({"ppl", "perplexity", "word_perplexity", "byte_perplexity"})
+#: Log-likelihood metrics: judged on their difference, with the margin the relative one gives the
+#: perplexity they are the log of (nats per token: log(1 + r); bits per byte: log(1 + r) / ln 2).
+LOG_LIKELIHOOD = {"nll": 1.0, "bits_per_byte": math.log(2)}
 ALPHA = 0.05
-#: Resamples of the paired bootstrap: ``--bootstrap-iters``, at most this many (per layer and metric).
-BOOTSTRAP_CAP = 10_000
+#: Resamples of the paired bootstrap: ``--bootstrap-iters`` within these bounds (per layer and metric);
+#: lm-eval's aggregations written in Python (f1, mcc, ...) at most ``PYTHON_CAP`` (each costs ms).
+BOOTSTRAP_FLOOR, BOOTSTRAP_CAP, PYTHON_CAP = 1_000, 10_000, 2_000
 #: lm-eval aggregations that are a ratio of sums over documents: transform(Σ −loglikelihood / Σ weight).
 _RATIO_AGGREGATIONS = {"weighted_perplexity": np.exp, "bits_per_byte": lambda x: x / np.log(2)}
 #: The log of the same metrics, for their ratio variant/baseline (log of exp(x) is x).
@@ -70,15 +75,19 @@ class Margins:
 
     def of(self, metric: str, baseline: float) -> float:
         """The absolute margin for ``metric`` around ``baseline``."""
-        for name, value, relative in self.per_metric:
-            if name in (metric, base_metric(metric)):
-                return value * abs(baseline) if relative else value
-        if base_metric(metric) in PERPLEXITY_LIKE:
-            return self.relative * abs(baseline)
-        return self.bounded
+        name = base_metric(metric)
+        value, relative = next(((v, r) for n, v, r in self.per_metric if n in (metric, name)),
+                               (self.relative, True) if name in PERPLEXITY_LIKE or name in LOG_LIKELIHOOD
+                               else (self.bounded, False))
+        if not relative:
+            return value
+        if name in LOG_LIKELIHOOD:
+            return math.log1p(value) / LOG_LIKELIHOOD[name]
+        return value * abs(baseline)
 
     def describe(self) -> str:
-        text = f"±{self.bounded:g} for bounded metrics, ±{100 * self.relative:g}% for perplexity-like ones"
+        text = (f"±{self.bounded:g} for bounded metrics, ±{100 * self.relative:g}% for perplexity-like ones (nll and "
+                "bits per byte: the same ratio of the perplexity they are the log of)")
         named = ", ".join(f"{n} ±{100 * v:g}%" if r else f"{n} ±{v:g}" for n, v, r in self.per_metric)
         return text + (f"; {named}" if named else "")
 
@@ -102,10 +111,13 @@ def rule_text(margins: Margins) -> str:
     """What was tested, in words: printed under the table and kept in meta.json."""
     return (f"dead: the 90% interval of Δ (paired, same documents) lies within the margin ({margins.describe()}): "
             f"two one-sided tests at α = {ALPHA:g} per layer. hurts / helps: Δ ≠ 0 at α = {ALPHA:g}, Holm-adjusted "
-            "over the removed layers of each metric. inconclusive: neither — the data cannot tell, which is not "
-            "'no effect'. Intervals: Tango's score interval for 0/1 scores, paired t for other means, paired "
-            "bootstrap stderr (lm-eval's aggregation, t on n − 1 df) for other metrics, delta method for the built-in "
-            "perplexity; perplexity-like metrics on the ratio variant/baseline.")
+            "over the removed layers of each metric (the 95% interval columns are not adjusted). inconclusive: "
+            "neither — the data cannot tell, which is not 'no effect'. Intervals: Tango's score interval for 0/1 "
+            "scores (exact McNemar test when fewer than 25 answers changed), paired t for other means, lm-eval groups "
+            "on their leaves' documents as lm-eval aggregates them, a paired bootstrap stderr (lm-eval's "
+            "aggregation, t on n − 1 df) for other metrics, the delta method for the built-in perplexity; "
+            "perplexity-like metrics on the ratio variant/baseline; no spread at all: the interval of 'nothing "
+            "changed' (±z²/(n+z²)). Rows with paired = false had no per-document scores (two stderrs instead).")
 
 
 @dataclass
@@ -131,92 +143,130 @@ def _aligned(base: dict[Any, Any], variant: dict[Any, Any]) -> tuple[list[Any], 
     return [base[i] for i in ids], [variant[i] for i in ids]
 
 
-def _documents(result: VariantResult, row: MetricRow) -> tuple[dict[Any, Any], str | None] | None:
-    """A (task or group) metric's per-document items and aggregation; a group pools its leaves'
-    documents (lm-eval's size-weighted group mean is the pooled mean) when all are means."""
-    key = (row.task, row.metric)
-    if key in result.documents:
-        return result.documents[key], result.aggregations.get(key)
-    leaves = result.groups.get(row.task)
-    if not leaves:
-        return None
-    pooled: dict[Any, Any] = {}
-    for leaf in leaves:
+def _leaf_parts(result: VariantResult, row: MetricRow) -> list[dict[Any, Any]] | None:
+    """A group's per-leaf document items for ``row.metric``, when every leaf's aggregation is a mean."""
+    parts = []
+    for leaf in result.groups.get(row.task) or []:
         items = result.documents.get((leaf, row.metric))
         if items is None or result.aggregations.get((leaf, row.metric)) != "mean":
             return None
-        pooled.update({(leaf, doc): item for doc, item in items.items()})
-    return pooled, "mean"
+        parts.append(items)
+    return parts or None
+
+
+def _group_weighting(parts: list[dict[Any, Any]], value: float) -> str | None:
+    """Which of lm-eval's group aggregations produced ``value`` from the leaves: ``pooled``
+    (size-weighted: the mean over all documents) or ``means`` (the mean of the leaf means)."""
+    items = [np.asarray(list(p.values()), dtype=float) for p in parts]
+    pooled = float(np.concatenate(items).mean())
+    means = float(np.mean([x.mean() for x in items]))
+    tolerance = 1e-9 * max(1.0, abs(value))
+    if abs(pooled - value) <= tolerance:
+        return "pooled"
+    return "means" if abs(means - value) <= tolerance else None
 
 
 def compare(baseline: VariantResult, variant: VariantResult, row: MetricRow, ref: MetricRow, *,
             bootstrap_iters: int = BOOTSTRAP_CAP, seed: int = 1234) -> Comparison:
     """The paired comparison of one metric; unpaired (both stderrs) only when no per-document
-    data exists (results stored before it was kept).
+    data exists (results stored before it was kept, a task's own aggregation function).
 
     Perplexity-like metrics are compared on the log of the ratio variant/baseline — their margin
     is relative — and the interval is mapped back to Δ at the baseline's level.
     """
-    iters = max(1, min(bootstrap_iters, BOOTSTRAP_CAP))
+    iters = min(max(bootstrap_iters, BOOTSTRAP_FLOOR), BOOTSTRAP_CAP)
     on_ratio = base_metric(row.metric) in PERPLEXITY_LIKE and ref.value > 0 and row.value > 0
     log_ratio = math.log(row.value / ref.value) if on_ratio else math.nan
     if row.task == PPL_TASK and baseline.ppl is not None and variant.ppl is not None:
         se = variant.ppl.paired_delta_stderr(baseline.ppl)
         n = len(variant.ppl.window_nll)
-        if on_ratio:  # log(ppl_v/ppl_b) is the paired Δ of mean NLL; nll and bits/byte scale by their level
-            log_se = se.get("nll", math.nan) if row.metric == "ppl" else se.get(row.metric, math.nan) / ref.value
-            return _to_delta(_from_estimate(stats.PairedEstimate(log_ratio, log_se, n, log_se * math.sqrt(n))),
-                             ref.value)
+        if on_ratio:  # log(ppl_v/ppl_b) is the paired Δ of mean NLL per token
+            log_se = se.get("nll", math.nan)
+            c = _from_estimate(stats.PairedEstimate(log_ratio, log_se, n, log_se * math.sqrt(n)))
+            return _to_delta(c, ref.value, row.value)
         d_se = se.get(row.metric, math.nan)
-        return _from_estimate(stats.PairedEstimate(row.value - ref.value, d_se, n, d_se * math.sqrt(n)))
-    base_docs, var_docs = _documents(baseline, ref), _documents(variant, row)
-    pair = _aligned(base_docs[0], var_docs[0]) if base_docs and var_docs else None
-    if pair is not None:
-        base_items, var_items = pair
-        aggregation = var_docs[1]
-        if aggregation == "mean" and not on_ratio:
-            b = np.asarray(base_items, dtype=float)
-            v = np.asarray(var_items, dtype=float)
-            if stats.is_binary(b) and stats.is_binary(v):
-                lost, gained, n = stats.discordant_counts(b, v)
-                lo90, hi90 = stats.tango_interval(lost, gained, n, 0.90)
-                lo95, hi95 = stats.tango_interval(lost, gained, n, 0.95)
-                estimate = stats.paired_mean(b, v)
-                return Comparison(estimate.se, lo90, hi90, lo95, hi95, stats.tango_pvalue(lost, gained, n), True, n,
-                                  estimate.sd, (lost, gained, n))
-            return _from_estimate(stats.paired_mean(b, v))
-        if aggregation in _RATIO_AGGREGATIONS:  # transform(Σ −ll / Σ weight): on the ratio, its log
-            b_num = -np.asarray([item[0] for item in base_items], dtype=float)
-            v_num = -np.asarray([item[0] for item in var_items], dtype=float)
-            b_den = np.asarray([item[1] for item in base_items], dtype=float)
-            v_den = np.asarray([item[1] for item in var_items], dtype=float)
-            transform = _LOG_RATIO_AGGREGATIONS[aggregation] if on_ratio else _RATIO_AGGREGATIONS[aggregation]
-            estimate = stats.paired_bootstrap_ratio(b_num, b_den, v_num, v_den, transform, iters, seed)
-            return _to_delta(_from_bootstrap(estimate), ref.value) if on_ratio else _from_bootstrap(estimate)
-        from .lmeval import aggregation_function
+        return _from_estimate(stats.PairedEstimate(row.value - ref.value, d_se, n, d_se * math.sqrt(n)),
+                              floor_scale=1.0 / LOG_LIKELIHOOD.get(base_metric(row.metric), 1.0))
+    key = (row.task, row.metric)
+    if key not in variant.documents and row.group:
+        return _group(baseline, variant, row, ref) or _unpaired(row, ref)
+    pair = _aligned(baseline.documents.get(key, {}), variant.documents.get(key, {}))
+    if pair is None:
+        return _unpaired(row, ref)
+    base_items, var_items = pair
+    aggregation = variant.aggregations.get(key)
+    if aggregation == "mean" and not on_ratio:
+        return _means(np.asarray(base_items, dtype=float), np.asarray(var_items, dtype=float))
+    if aggregation in _RATIO_AGGREGATIONS:  # transform(Σ −ll / Σ weight): on the ratio, its log
+        b_num = -np.asarray([item[0] for item in base_items], dtype=float)
+        v_num = -np.asarray([item[0] for item in var_items], dtype=float)
+        b_den = np.asarray([item[1] for item in base_items], dtype=float)
+        v_den = np.asarray([item[1] for item in var_items], dtype=float)
+        transform = _LOG_RATIO_AGGREGATIONS[aggregation] if on_ratio else _RATIO_AGGREGATIONS[aggregation]
+        estimate = stats.paired_bootstrap_ratio(b_num, b_den, v_num, v_den, transform, iters, seed)
+        c = _from_bootstrap(estimate, floor_scale=1.0 / LOG_LIKELIHOOD.get(base_metric(row.metric), 1.0))
+        return _to_delta(c, ref.value, row.value) if on_ratio else c
+    from .lmeval import aggregation_function
 
-        function = aggregation_function(aggregation) if aggregation else None
-        if function is not None:
-            if on_ratio:
-                estimate = stats.paired_bootstrap(base_items, var_items, lambda items: math.log(function(items)),
-                                                  iters, seed)
-                return _to_delta(_from_bootstrap(estimate), ref.value)
-            return _from_bootstrap(stats.paired_bootstrap(base_items, var_items, function, iters, seed))
-    se = math.sqrt(row.stderr ** 2 + ref.stderr ** 2)  # NaN when either is unknown: nothing is shown
+    function = aggregation_function(aggregation) if aggregation else None
+    if function is None:
+        return _unpaired(row, ref)
+    target = (lambda items: math.log(function(items))) if on_ratio else function
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns on resamples with a missing class
+        estimate = stats.paired_bootstrap(base_items, var_items, target, min(iters, PYTHON_CAP), seed)
+    c = _from_bootstrap(estimate)
+    return _to_delta(c, ref.value, row.value) if on_ratio else c
+
+
+def _means(b: np.ndarray, v: np.ndarray) -> Comparison:
+    """A per-document mean: Tango's interval and McNemar's test for 0/1 scores, else paired t."""
+    if stats.is_binary(b) and stats.is_binary(v):
+        lost, gained, n = stats.discordant_counts(b, v)
+        lo90, hi90 = stats.tango_interval(lost, gained, n, 0.90)
+        lo95, hi95 = stats.tango_interval(lost, gained, n, 0.95)
+        estimate = stats.paired_mean(b, v)
+        return Comparison(estimate.se, lo90, hi90, lo95, hi95, stats.paired_proportion_pvalue(lost, gained, n), True,
+                          n, estimate.sd, (lost, gained, n))
+    return _from_estimate(stats.paired_mean(b, v))
+
+
+def _group(baseline: VariantResult, variant: VariantResult, row: MetricRow, ref: MetricRow) -> Comparison | None:
+    """An lm-eval group on its leaves' documents, aggregated as lm-eval aggregated it: pooled
+    (size-weighted, MMLU) or as the mean of the leaf means; None if neither reproduces its value."""
+    base_parts, var_parts = _leaf_parts(baseline, ref), _leaf_parts(variant, row)
+    if not base_parts or not var_parts or len(base_parts) != len(var_parts):
+        return None
+    pairs = [_aligned(b, v) for b, v in zip(base_parts, var_parts, strict=True)]
+    if any(p is None for p in pairs):
+        return None
+    weighting = _group_weighting(base_parts, ref.value)
+    if weighting is None or _group_weighting(var_parts, row.value) != weighting:
+        return None
+    arrays = [(np.asarray(b, dtype=float), np.asarray(v, dtype=float)) for b, v in pairs]
+    if weighting == "pooled":
+        return _means(np.concatenate([b for b, _ in arrays]), np.concatenate([v for _, v in arrays]))
+    return _from_estimate(stats.pooled_group(arrays, weight_by_size=False))
+
+
+def _unpaired(row: MetricRow, ref: MetricRow) -> Comparison:
+    """No per-document data: both stderrs as if independent (NaN, and so no verdict, when unknown)."""
+    se = math.sqrt(row.stderr ** 2 + ref.stderr ** 2)
     return _from_estimate(stats.PairedEstimate(row.value - ref.value, se, 0, math.nan), paired=False)
 
 
-def _to_delta(c: Comparison, baseline: float) -> Comparison:
-    """A comparison made on log(variant/baseline), in Δ = variant − baseline units at the baseline's
-    level: bounds map exactly (b·(e^x − 1)); stderr and spread to first order (b·se)."""
+def _to_delta(c: Comparison, baseline: float, value: float) -> Comparison:
+    """A comparison made on log(variant/baseline), in Δ = variant − baseline units: bounds map
+    exactly (b·(e^x − 1)); the stderr by the delta method at the estimate (variant·se); the
+    per-document spread at the baseline's level, where the margin is."""
     def mapped(x: float) -> float:
         return baseline * math.expm1(x) if math.isfinite(x) else math.nan
 
-    return Comparison(baseline * c.se, mapped(c.lo90), mapped(c.hi90), mapped(c.lo95), mapped(c.hi95), c.p, c.paired,
+    return Comparison(value * c.se, mapped(c.lo90), mapped(c.hi90), mapped(c.lo95), mapped(c.hi95), c.p, c.paired,
                       c.n, baseline * c.sd)
 
 
-def _from_bootstrap(estimate: stats.BootstrapEstimate) -> Comparison:
+def _from_bootstrap(estimate: stats.BootstrapEstimate, floor_scale: float = 1.0) -> Comparison:
     """A paired bootstrap read as a stderr with Student t on n − 1 degrees of freedom (the SE
     scaled by √(n/(n−1))), not as percentiles: percentile intervals are too narrow with few
     documents, and the verdict must stay honest there."""
@@ -224,12 +274,24 @@ def _from_bootstrap(estimate: stats.BootstrapEstimate) -> Comparison:
     if n < 2:
         return Comparison(paired=True, n=n)
     se = estimate.se * math.sqrt(n / (n - 1))
-    return _from_estimate(stats.PairedEstimate(estimate.delta, se, n, se * math.sqrt(n)))
+    return _from_estimate(stats.PairedEstimate(estimate.delta, se, n, se * math.sqrt(n)), floor_scale=floor_scale)
 
 
-def _from_estimate(estimate: Any, paired: bool = True) -> Comparison:
+def _from_estimate(estimate: Any, paired: bool = True, floor_scale: float = 1.0) -> Comparison:
+    """Intervals and p-value of a paired estimate (Student t), or of two independent stderrs.
+
+    Per-document differences that are all zero give no spread to learn from: the interval is
+    then Tango's for "nothing changed" (±z²/(n + z²), times ``floor_scale``, the metric's unit
+    range), so a few identical documents never prove equivalence, while many can.
+    """
     if not math.isfinite(estimate.se):
         return Comparison(paired=paired, n=estimate.n)
+    if paired and estimate.se == 0 and estimate.n > 0:
+        h90 = floor_scale * stats.no_change_halfwidth(estimate.n, 0.90)
+        h95 = floor_scale * stats.no_change_halfwidth(estimate.n, 0.95)
+        d = estimate.delta
+        p = 1.0 if d == 0 else 2 * (1 - NormalDist().cdf(abs(d) / (h95 / NormalDist().inv_cdf(0.975))))
+        return Comparison(0.0, d - h90, d + h90, d - h95, d + h95, p, True, estimate.n, 0.0)
     if paired:
         lo90, hi90 = stats.mean_interval(estimate, 0.90)
         lo95, hi95 = stats.mean_interval(estimate, 0.95)
@@ -255,7 +317,7 @@ def _verdict(c: Comparison, delta: float, margin: float, p_holm: float, higher_i
 
 
 def _documents_needed(c: Comparison, delta: float, margin: float) -> int | None:
-    if margin <= 0:
+    if not math.isfinite(margin) or margin <= 0:
         return None
     if c.counts is not None:
         return stats.documents_needed_binary(*c.counts, margin)
@@ -274,11 +336,12 @@ def chance_level(result: VariantResult, task: str, metric: str) -> float | None:
 
 
 def retention(value: float, base: float, higher_is_better: bool, chance: float | None = None) -> float:
-    """Percent of the baseline kept: above chance for multiple-choice accuracy ((v − c)/(b − c)),
-    v/b for other higher-is-better metrics, b/v for perplexity-like ones."""
+    """Percent of the baseline kept: above chance for multiple-choice accuracy ((v − c)/(b − c);
+    undefined for a baseline within a point of chance), v/b for other higher-is-better metrics,
+    b/v for perplexity-like ones."""
     if higher_is_better:
         floor = chance or 0.0
-        return 100.0 * (value - floor) / (base - floor) if base != floor else math.nan
+        return 100.0 * (value - floor) / (base - floor) if base - floor > (0.01 if chance else 0) else math.nan
     return 100.0 * base / value if value else math.nan
 
 

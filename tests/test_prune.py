@@ -361,10 +361,13 @@ def test_builtin_perplexity_delta_uses_paired_noise():
     row = frame.loc[("layer_003", "nll")]
     assert row["delta_stderr"] == pytest.approx(se["nll"])
     assert abs(row["delta"]) <= 2 * row["stderr"]  # unpaired, this would look like noise
-    # paired, it is measured tightly: NLL +0.36% is within the 1% margin (dead); perplexity +1.005% is beyond it
-    assert row["verdict"] == "dead"
+    # paired, it is measured tightly: +0.01 nats per token is perplexity ×1.01005, just beyond the 1% margin,
+    # and NLL and perplexity (one measurement) get the same verdict; bits per byte is judged against 1% of the
+    # byte perplexity it is the log of (here 4 bytes a token: +0.25%, within it)
     ppl = frame.loc[("layer_003", "ppl")]
-    assert ppl["delta"] / ppl["baseline"] > 0.01 and ppl["verdict"] == "hurts"
+    assert ppl["delta"] / ppl["baseline"] > 0.01 and ppl["verdict"] == row["verdict"] == "hurts"
+    bpb = frame.loc[("layer_003", "bits_per_byte")]
+    assert bpb["margin"] == pytest.approx(math.log1p(0.01) / math.log(2)) and bpb["verdict"] == "dead"
 
 
 def test_fresh_clears_everything_a_previous_run_left(tmp_path):
@@ -428,3 +431,75 @@ def test_paired_ppl_delta_stderr_agrees_with_the_paired_bootstrap():
                      for x in (base_nll, var_nll))
     boot = stats.paired_bootstrap_ratio(base_nll, tokens, var_nll, tokens, np.exp, iters=20_000, seed=0)
     assert variant.paired_delta_stderr(base)["ppl"] == pytest.approx(boot.se, rel=0.05)
+
+
+def _continuous(layer, task, values, metric="f1_doc"):
+    n = len(values)
+    mean = float(np.mean(values))
+    return VariantResult(layer, [_row(task, metric, mean, float(np.std(values, ddof=1) / math.sqrt(n)))], 1.0,
+                         documents={(task, metric): dict(enumerate(map(float, values)))},
+                         aggregations={(task, metric): "mean"})
+
+
+def test_identical_documents_prove_equivalence_only_when_there_are_many():
+    """No spread at all is not proof: the interval is that of 'nothing changed' (±z²/(n+z²))."""
+    few = [0.5, 0.25, 0.75, 0.5, 1.0]
+    row = prune_frame({None: _continuous(None, "t", few), 0: _continuous(0, "t", few)}).iloc[-1]
+    assert row["verdict"] == "inconclusive" and row["ci90_low"] < -0.01
+    many = list(np.linspace(0, 1, 10_000))
+    row = prune_frame({None: _continuous(None, "t", many), 0: _continuous(0, "t", many)}).iloc[-1]
+    assert row["verdict"] == "dead"
+
+
+def test_few_changed_answers_use_the_exact_test():
+    """4 answers lost out of 100: McNemar's normal approximation says p = 0.046, the exact test 0.125."""
+    base = [1] * 60 + [0] * 40
+    variant = [0] * 4 + [1] * 56 + [0] * 40
+    row = prune_frame({None: _variant(None, "t", base), 5: _variant(5, "t", variant)}).iloc[-1]
+    assert row["p_value"] == pytest.approx(0.125) and row["verdict"] == "inconclusive"
+
+
+def test_unweighted_groups_are_judged_on_the_mean_of_their_leaf_means():
+    """A group whose value is the mean of leaf means: a small leaf's 50-point drop moves it by 25."""
+    def group(layer, small, big):
+        v = _merge(_variant(layer, "small", small), _variant(layer, "big", big))
+        value = (float(np.mean(small)) + float(np.mean(big))) / 2
+        v.rows.append(MetricRow("grp", "acc", value, 0.01, True, len(small) + len(big), group=True))
+        v.groups = {"grp": ["small", "big"]}
+        return v
+
+    big = [1] * 1400 + [0] * 600
+    base = group(None, [1] * 20, big)
+    dropped = group(1, [1] * 10 + [0] * 10, big)
+    row = prune_frame({None: base, 1: dropped}).query("task == 'grp' and variant == 'layer_001'").iloc[0]
+    assert row["delta"] == pytest.approx(-0.25) and row["verdict"] != "dead" and row["ci90_high"] < -0.01
+
+
+def test_log_likelihood_margins_follow_the_perplexity_ratio_and_bootstrap_iters_zero_works():
+    from lnsdiag.verdict import Margins
+
+    margins = Margins()
+    assert margins.of("nll", 2.8) == pytest.approx(math.log1p(0.01))
+    assert margins.of("bits_per_byte", 1.0) == pytest.approx(math.log1p(0.01) / math.log(2))
+    assert margins.of("word_perplexity", 30.0) == pytest.approx(0.3)
+    items = {i: (-float(100 + i), 20) for i in range(30)}
+    shifted = {i: (ll * 1.001, w) for i, (ll, w) in items.items()}
+    results = {}
+    for layer, docs in ((None, items), (2, shifted)):
+        lls = np.array([ll for ll, _ in docs.values()])
+        words = np.array([w for _, w in docs.values()], dtype=float)
+        value = math.exp(-lls.sum() / words.sum())
+        results[layer] = VariantResult(layer, [_row("t", "word_perplexity", value, math.nan, False)], 1.0,
+                                       documents={("t", "word_perplexity"): docs},
+                                       aggregations={("t", "word_perplexity"): "weighted_perplexity"})
+    row = prune_frame(results, bootstrap_iters=0).iloc[-1]  # lm-eval's "no stderr" must not break the paired one
+    assert row["paired"] and np.isfinite(row["ci90_low"])
+
+
+def test_samples_export_takes_numpy_items_and_retention_is_undefined_at_chance():
+    from lnsdiag.verdict import retention
+
+    result = VariantResult(None, [], 1.0, documents={("cola", "mcc"): {0: (1, np.int64(0)), 1: (0, np.int64(0))}})
+    rows = result.sample_rows()
+    assert [json.loads(r["item"]) for r in rows] == [[1, 0], [0, 0]]
+    assert math.isnan(retention(0.26, 0.255, True, chance=0.25)) and retention(0.5, 0.75, True, 0.25) == 50.0

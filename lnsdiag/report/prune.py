@@ -97,8 +97,8 @@ def prune_summary(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
             line += f"; removing {', '.join(map(str, counts['helps']))} significantly improves it"
         needed = part.loc[part["verdict"] == "inconclusive", "documents_needed"].dropna()
         if len(needed):
-            line += (f"; inconclusive: the data cannot tell (≈{int(needed.median()):,} documents would decide, at "
-                     "the observed spread)")
+            line += (f"; inconclusive: the data cannot tell (≈{int(needed.median()):,} documents would show "
+                     "equivalence with 80% power at the observed spread, if it holds)")
         lines.append(line)
     return lines
 
