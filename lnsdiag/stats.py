@@ -577,19 +577,27 @@ def delta_pvalue(base: Any, variant: Any) -> float:
 # 6. verdicts
 
 
-def verdict(lo90: float, hi90: float, lo95: float, hi95: float, margin: float, higher_is_better: bool) -> str:
+def verdict(lo90: float, hi90: float, lo95: float, hi95: float, margin: float, higher_is_better: bool, *,
+            p_adjusted: float | None = None, delta: float = math.nan, alpha: float = 0.05) -> str:
     """dead, hurts, helps or inconclusive from two intervals of Δ = variant − baseline.
 
     ``margin`` is absolute, in Δ's units (scale a relative margin with :func:`relative_to_absolute`).
     dead: the 90% interval lies strictly inside (−margin, +margin), i.e. both one-sided tests of
-    TOST reject at α = 0.05 (Schuirmann 1987). Otherwise hurts / helps when the 95% interval
-    excludes 0 on the worse / better side (worse means Δ < 0, or Δ > 0 for lower-is-better
-    metrics such as perplexity), else inconclusive. NaN bounds never prove anything.
+    TOST reject at α = 0.05 (Schuirmann 1987). Otherwise hurts / helps when Δ ≠ 0 is significant
+    on the worse / better side (worse means Δ < 0, or Δ > 0 for lower-is-better metrics such as
+    perplexity): by the 95% interval excluding 0, or, given ``p_adjusted`` (a multiplicity-adjusted
+    p-value, e.g. :func:`holm`), by ``p_adjusted < alpha`` with the side of the estimate ``delta``.
+    Else inconclusive. NaN bounds never prove anything.
     """
     if margin > 0 and -margin < lo90 <= hi90 < margin:
         return "dead"
-    worse_side = hi95 < 0 if higher_is_better else lo95 > 0
-    better_side = lo95 > 0 if higher_is_better else hi95 < 0
+    if p_adjusted is None:
+        worse_side = hi95 < 0 if higher_is_better else lo95 > 0
+        better_side = lo95 > 0 if higher_is_better else hi95 < 0
+    else:
+        significant = math.isfinite(p_adjusted) and p_adjusted < alpha
+        worse_side = significant and (delta < 0 if higher_is_better else delta > 0)
+        better_side = significant and not worse_side
     if worse_side:
         return "hurts"
     if better_side:

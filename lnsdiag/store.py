@@ -119,6 +119,7 @@ class ResultStore:
         self.samples = self.folder / "samples" if samples else None
         self.settings = settings
         self.checkpoint = self.folder / CHECKPOINT_NAME
+        self._parsed: dict[Path, tuple[tuple[int, int], VariantResult]] = {}
         settings_path = self.folder / "settings.json"
         if fresh:  # everything a previous run left: stored variants, partial pass, cached angles, outputs
             shutil.rmtree(self.variants, ignore_errors=True)
@@ -144,13 +145,20 @@ class ResultStore:
             )
 
     def done(self) -> dict[int | None, VariantResult]:
+        """Every finished variant on disk. A file is parsed again only when it changed (a sweep asks
+        after each variant, and each file carries its per-document scores)."""
         out: dict[int | None, VariantResult] = {}
         for path in sorted(self.variants.glob("*.json")):
-            try:
-                result = VariantResult.from_json(read_json(path))
-            except (ValueError, KeyError, TypeError):
-                continue  # a foreign or damaged file is rescored, never trusted
-            out[result.removed_layer] = result
+            stat = path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            cached = self._parsed.get(path)
+            if cached is None or cached[0] != stamp:
+                try:
+                    cached = (stamp, VariantResult.from_json(read_json(path)))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a foreign or damaged file is rescored, never trusted
+                self._parsed[path] = cached
+            out[cached[1].removed_layer] = cached[1]
         return out
 
     def save(self, result: VariantResult) -> Path:

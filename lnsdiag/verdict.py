@@ -307,13 +307,6 @@ def _from_estimate(estimate: Any, paired: bool = True, floor_scale: float = 1.0)
     return Comparison(estimate.se, lo90, hi90, lo95, hi95, p, paired, estimate.n, sd)
 
 
-def _verdict(c: Comparison, delta: float, margin: float, p_holm: float, higher_is_better: bool) -> str:
-    if margin > 0 and -margin < c.lo90 <= c.hi90 < margin:
-        return "dead"
-    if math.isfinite(p_holm) and p_holm < ALPHA:
-        worse = delta < 0 if higher_is_better else delta > 0
-        return "hurts" if worse else "helps"
-    return "inconclusive"
 
 
 def _documents_needed(c: Comparison, delta: float, margin: float) -> int | None:
@@ -396,7 +389,9 @@ def prune_frame(results: dict[int | None, VariantResult], *, margins: Margins | 
             verdicts.append(None)
             needed.append(None)
             continue
-        v = _verdict(r["_comparison"], r["delta"], r["margin"], r["p_holm"], r["higher_is_better"])
+        c = r["_comparison"]
+        v = stats.verdict(c.lo90, c.hi90, c.lo95, c.hi95, r["margin"], r["higher_is_better"], p_adjusted=r["p_holm"],
+                          delta=r["delta"], alpha=ALPHA)
         verdicts.append(v)
         needed.append(_documents_needed(r["_comparison"], r["delta"], r["margin"]) if v == "inconclusive" else None)
     frame["verdict"] = verdicts
