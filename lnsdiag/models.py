@@ -65,6 +65,8 @@ class LoadedModel:
 
     @property
     def slug(self) -> str:
+        if Path(self.source).is_dir():
+            return model_slug(self.source)
         return model_slug(ALIASES.get(self.name, self.name))
 
     @property
@@ -115,17 +117,23 @@ def model_slug(name: str) -> str:
 
 
 def resolve_model(name: str) -> tuple[str, bool]:
-    """Map what the user typed to ``(source, is_local)``; raise UserError if it cannot be one."""
+    """Map what the user typed to ``(source, is_local)``; raise UserError if it cannot be one.
+
+    As in ``from_pretrained``, an existing local directory wins over everything else, aliases
+    included (``./llama`` beats the ``llama`` alias; :func:`shadowed_alias` says so).
+    """
     if not name or not name.strip():
         raise UserError("no model given: pass a hub id, a local directory or an alias")
     name = name.strip()
-    if name.lower() in ALIASES:
-        return ALIASES[name.lower()], False
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{name} is a directory but holds no config.json: not a model")
+            alias = ALIASES.get(name.lower())
+            hint = f" (for the alias, pass the hub id {alias})" if alias else ""
+            raise UserError(f"{name} is a directory but holds no config.json: not a model{hint}")
         return str(path.resolve()), True
+    if name.lower() in ALIASES:
+        return ALIASES[name.lower()], False
     if path.exists():
         raise UserError(f"{name} is a file, not a model directory or hub id")
     if name.startswith(("/", ".", "~")) or name.endswith("/") or os.sep + os.sep in name:
@@ -136,6 +144,19 @@ def resolve_model(name: str) -> tuple[str, bool]:
             "(expected ORG/NAME, e.g. meta-llama/Llama-2-7b-hf, or an alias: lnsdiag models)"
         )
     return name, False
+
+
+def shadowed_alias(name: str) -> str | None:
+    """A line saying so when a local directory named like an alias (or hub id) is used instead."""
+    source, is_local = resolve_model(name)
+    if not is_local:
+        return None
+    alias = ALIASES.get(name.strip().lower())
+    if alias:
+        return f"using the local directory {source}, not the alias {name.strip()} ({alias})"
+    if _HUB_ID.match(name.strip()) and "/" in name.strip() and not name.strip().startswith("."):
+        return f"using the local directory {source}, not the hub model {name.strip()}"
+    return None
 
 
 _HUB_STATE: dict[str, bool] = {}
@@ -240,6 +261,17 @@ def _short(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
+def _unreadable_weights(exc: BaseException) -> bool:
+    """Whether loading failed because a weights file cannot be parsed (not because of our code)."""
+    import pickle
+
+    if type(exc).__module__.startswith("safetensors") or isinstance(exc, (pickle.UnpicklingError, EOFError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        key in text for key in ("PytorchStreamReader", "zip archive", "unexpected EOF", "invalid load key"))
+
+
 def _is_encoder_only(config: Any) -> bool:
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs):
@@ -303,12 +335,20 @@ def load_model(
         ) from exc
     except OSError as exc:
         raise UserError(f"cannot load the weights of {where}: {_short(exc)}") from exc
+    except Exception as exc:
+        if _unreadable_weights(exc):
+            raise UserError(f"the weights of {where} are unreadable (corrupt or truncated file? re-download or "
+                            f"re-save them): {type(exc).__name__}: {_short(exc)}") from exc
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise UserError(f"{where} does not fit in memory on {dev}: try --dtype bfloat16 or --device-map auto"
+                            ) from exc
+        raise
     model.eval()
     restore_norms(model)  # a checkpoint that records LayerNorm Scaling (or Post-LN) runs as trained
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # tokenizers' Rust errors are plain Exceptions; every one here is about the files
         raise UserError(f"cannot load the tokenizer of {where}: {_short(exc)}") from exc
     prepare_tokenizer(tokenizer)
 

@@ -1,7 +1,8 @@
 """The one progress interface long work reports to: phases, and units done within a phase.
 
 Library code takes a ``Progress`` and never knows who watches: the command line passes
-``ui.RichProgress`` (bars with ETA), a notebook passes nothing (:data:`SILENT`) or its own.
+``ui.progress_display()`` (bars with ETA, or plain lines in a log), a notebook passes
+nothing (:data:`SILENT`) or its own.
 """
 
 from __future__ import annotations

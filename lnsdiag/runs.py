@@ -33,9 +33,22 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "lnsdiag"
 
 
-def output_dir(out: str | Path | None, slug: str, command: str) -> Path:
-    """The folder a command writes to, created and checked for writability."""
+#: Output folders this process created, oldest first: removed again if a command fails before
+#: writing anything into them (a bad input must not leave an empty folder behind).
+_CREATED: list[Path] = []
+
+
+def output_dir(out: str | Path | None, slug: str, command: str, *, create: bool = True) -> Path:
+    """The folder a command writes to, checked for writability and created unless ``create=False``.
+
+    Commands call it once with ``create=False`` before any slow work (so an unwritable ``--out``
+    fails before a 7B model loads) and again when they are about to write.
+    """
     path = Path(out) if out else DEFAULT_ROOT / slug / command
+    if not create:
+        _check_writable(path)
+        return path
+    missing = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
@@ -43,7 +56,32 @@ def output_dir(out: str | Path | None, slug: str, command: str) -> Path:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise UserError(f"cannot write to {path}: {reason}") from exc
+    if missing:
+        _CREATED.append(missing[-1])
     return path
+
+
+def _check_writable(path: Path) -> None:
+    """Raise UserError unless ``path`` is, or could be created as, a writable folder."""
+    existing = next(p for p in (path, *path.parents, Path(".")) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot write to {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {path}: Permission denied")
+
+
+def discard_empty_outputs() -> None:
+    """Remove the output folders this process created and left empty (after a failed command)."""
+    while _CREATED:
+        top = _CREATED.pop()
+        if not top.is_dir():
+            continue
+        dirs = sorted((p for p in top.rglob("*")), key=lambda p: len(p.parts), reverse=True)
+        if any(not p.is_dir() for p in dirs):
+            continue
+        for d in dirs:
+            d.rmdir()
+        top.rmdir()
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:

@@ -92,10 +92,12 @@ class _StopForward(Exception):
 
 
 def _pick(hidden: torch.Tensor, mask: torch.Tensor, tokens: TokenMode) -> torch.Tensor:
-    mask = mask.to(hidden.device)
+    """The states of real tokens: all of them, or each row's last (left or right padding alike)."""
+    mask = mask.to(hidden.device).bool()
     if tokens == "all":
-        return hidden[mask.bool()]
-    last = mask.long().sum(dim=1) - 1
+        return hidden[mask]
+    positions = torch.arange(mask.shape[1], device=hidden.device).expand_as(mask)
+    last = torch.where(mask, positions, -1).amax(dim=1)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 

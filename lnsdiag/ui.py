@@ -6,8 +6,9 @@ import logging
 import os
 import signal
 import sys
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -143,6 +144,91 @@ class RichProgress(Progress):
             self.bars.start()
 
 
+class PlainProgress(Progress):
+    """Progress as plain lines on stderr, for logs and pipes (``| tee``, CI) where bars cannot
+    redraw: a line when a phase starts, every ``every`` seconds while it runs (done/total,
+    percent, elapsed, ETA) and when it ends. ``LNSDIAG_PROGRESS_EVERY`` sets ``every``."""
+
+    def __init__(self, every: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every = float(os.environ.get("LNSDIAG_PROGRESS_EVERY", 10)) if every is None else every
+        self.clock = clock
+        self._name = ""
+        self._total: float | None = None
+        self._done = 0.0
+        self._detail: str | None = None
+        self._started = self._said = 0.0
+        self._signal = _SignalAfter.from_env()
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self._finish()
+
+    def _line(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def _status(self) -> str:
+        elapsed = self.clock() - self._started
+        done = f"{self._done:g}" + (f"/{self._total:g}" if self._total is not None else "")
+        parts = [f"{self._name}{f' ({self._detail})' if self._detail else ''}: {done}"]
+        if self._total:
+            parts.append(f"{100 * min(self._done / self._total, 1):.0f}%")
+        parts.append(f"{_clock(elapsed)} elapsed")
+        if self._total and 0 < self._done < self._total:
+            parts.append(f"ETA {_clock(elapsed * (self._total - self._done) / self._done)}")
+        return ", ".join(parts)
+
+    def _finish(self) -> None:
+        if self._name:
+            if self._total is not None:
+                self._done = self._total
+            self._line(self._status() + " — done")
+            self._name = ""
+
+    def phase(self, name: str, total: float | None = None) -> None:
+        if name == self._name:
+            self._total = total
+            return
+        self._finish()
+        self._name, self._total, self._done, self._detail = name, total, 0.0, None
+        self._started = self._said = self.clock()
+        self._line(f"{name}: started" + (f" ({total:g} to do)" if total is not None else ""))
+
+    def advance(self, amount: float = 1, *, detail: str | None = None) -> None:
+        if not self._name:
+            self.phase("working")
+        self._done += amount
+        if detail is not None:
+            self._detail = detail
+        now = self.clock()
+        if now - self._said >= self.every:
+            self._said = now
+            self._line(self._status())
+        if self._signal is not None and amount:
+            self._signal.step(self._name)
+
+    def note(self, message: str) -> None:
+        self._line(f"note: {message}")
+
+    @contextmanager
+    def interlude(self) -> Iterator[None]:
+        """Finish the current phase's line before a table is printed."""
+        self._finish()
+        yield
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def progress_display(transient: bool = False) -> RichProgress | PlainProgress:
+    """Bars on a terminal, plain periodic lines otherwise (logs, pipes, CI)."""
+    return RichProgress(transient) if err_console.is_terminal else PlainProgress()
+
+
 class _SignalAfter:
     """Test hook: ``LNSDIAG_TEST_SIGNAL="PHASE:N:SIGNAL"`` makes the process send itself SIGNAL
     (KILL, INT...) after the N-th non-empty advance of PHASE, so tests interrupt long work at a
@@ -171,6 +257,10 @@ class _SignalAfter:
 
 @contextmanager
 def status(message: str) -> Iterator[None]:
-    """A spinner for work without a count (loading a model)."""
+    """A spinner for work without a count (loading a model); a plain line without a terminal."""
+    if not err_console.is_terminal:
+        print(f"{message} ...", file=sys.stderr, flush=True)
+        yield
+        return
     with err_console.status(message):
         yield

@@ -40,8 +40,8 @@ def _brute(states, mask, start, n, tokens="all"):
     if tokens == "all":
         sel = mask.bool()
         a, b = a[sel], b[sel]
-    else:
-        last = mask.sum(1) - 1
+    else:  # the last real token of each row, wherever the padding is
+        last = torch.tensor([int(row.nonzero().max()) for row in mask])
         rows = torch.arange(a.shape[0])
         a, b = a[rows, last], b[rows, last]
     cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).clamp(-1, 1)
@@ -49,10 +49,10 @@ def _brute(states, mask, start, n, tokens="all"):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "bert"])
-@pytest.mark.parametrize("tokens", ["all", "last"])
-def test_matches_brute_force(family, tokens):
+@pytest.mark.parametrize("tokens,side", [("all", "right"), ("last", "right"), ("last", "left")])
+def test_matches_brute_force(family, tokens, side):
     model = tiny_model(family)
-    ids, mask = padded_batch(lengths=(12, 5, 9))
+    ids, mask = padded_batch(lengths=(12, 5, 9), side=side)
     result = angular_distances(model, [(ids, mask)], tokens=tokens, max_block=None)
     states, _ = _all_states(model, ids, mask)
     L = len(states) - 1
@@ -66,6 +66,20 @@ def test_matches_brute_force(family, tokens):
         dist, _ = _brute(states, mask, row.start_layer, row.block_size, tokens)
         assert row.angular_distance == pytest.approx(dist, abs=1e-6)
     assert len(result.blocks) == L * (L + 1) // 2
+
+
+def test_last_token_of_left_padded_rows():
+    """Left padding (many Llama tokenizers' default): the last token is the row's last real one,
+    not ``mask.sum() - 1`` (which would land in the padding-free middle of the row)."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch(lengths=(12, 5, 9), side="left")
+    states, _ = _all_states(model, ids, mask)
+    got = angular_distances(model, [(ids, mask)], tokens="last").layers["angular_distance"]
+    rows = torch.arange(3)
+    for layer in range(len(states) - 1):
+        a, b = states[layer][rows, -1], states[layer + 1][rows, -1]  # left padding: the real last token is at -1
+        cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).clamp(-1, 1)
+        assert got.iloc[layer] == pytest.approx(float((torch.arccos(cos) / math.pi).mean()), abs=1e-6)
 
 
 def test_last_layer_is_measured_before_the_final_norm():

@@ -34,10 +34,11 @@ def angular_cmd(
     config = angular.AngularConfig(seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, tokens=tokens,
                                    max_block=max_block, threshold=threshold)
     source = text_source(text)
-    folder = output_dir(out, model.slug, "angular")
+    output_dir(out, model.slug, "angular", create=False)
     timer = Timer()
     with timer("load"):
         loaded = load(model)
-    with ui.RichProgress() as progress:
+    folder = output_dir(out, model.slug, "angular")
+    with ui.progress_display() as progress:
         result = angular.run(loaded, source, config, layers_path=model.layers_path, progress=progress, timer=timer)
     show_angular(result, folder)

@@ -15,7 +15,8 @@ import typer
 
 from .. import report, ui
 from ..errors import Interrupted, UserError
-from ..models import LoadedModel, ModelOptions, hub_offline
+from ..models import LoadedModel, ModelOptions, hub_offline, shadowed_alias
+from ..runs import discard_empty_outputs
 from ..text import TextOptions, TextSource
 
 app = typer.Typer(
@@ -77,26 +78,30 @@ def command(fn: F) -> F:
                 if not debug:
                     warnings.simplefilter("ignore")
                 return fn(*args, **kwargs)
-        except UserError as exc:
-            if debug:
-                raise
-            ui.err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt as exc:
-            said = str(exc) if isinstance(exc, Interrupted) else "finished results are saved; rerun to resume."
-            ui.err_console.print(f"[yellow]interrupted[/]: {said}", highlight=False, soft_wrap=True)
-            raise typer.Exit(130) from None
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as exc:
-            if debug:
-                raise
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            ui.err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {first} (rerun with --debug for the "
-                                 "traceback)", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+        except BaseException as exc:
+            discard_empty_outputs()  # a failed command leaves no empty --out folder behind
+            _exit_for(exc, debug)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _exit_for(exc: BaseException, debug: bool) -> typing.NoReturn:
+    """One line and an exit code for what a command raised: 2 user error, 130 interrupt, 1 bug."""
+    if isinstance(exc, (typer.Exit, typer.Abort, SystemExit)):
+        raise exc
+    if isinstance(exc, KeyboardInterrupt):
+        said = str(exc) if isinstance(exc, Interrupted) else "finished results are saved; rerun to resume."
+        ui.err_console.print(f"[yellow]interrupted[/]: {said}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    if debug or not isinstance(exc, Exception):
+        raise exc
+    if isinstance(exc, UserError):
+        ui.err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    ui.err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {first} (rerun with --debug for the "
+                         "traceback)", highlight=False, soft_wrap=True)
+    raise typer.Exit(1) from None
 
 
 @app.callback()
@@ -167,6 +172,8 @@ def load(options: ModelOptions) -> LoadedModel:
     """Load with a spinner, saying once when the hub is unreachable."""
     if not options.is_local:
         offline_note()
+    elif note := shadowed_alias(options.name):
+        ui.note(note)
     with ui.status(f"loading {options.name}"):
         return options.load()
 

@@ -70,7 +70,7 @@ def prune_cmd(
         ppl_split=ppl_split, ppl_field=ppl_field, ppl_max_tokens=ppl_max_tokens, seq_len=seq_len, layers=layers,
         angular=not no_angular, margin=margin, batch_size=batch_size, engine=engine, batch_tokens=batch_tokens,
         fresh=fresh, samples=not no_samples)
-    folder = output_dir(out, model.slug, "prune")
+    output_dir(out, model.slug, "prune", create=False)
     timer = Timer()
     tasks = None
     if config.tasks:
@@ -79,7 +79,8 @@ def prune_cmd(
     inputs = PruneInputs(tasks, config.load_text())
     with timer("load"):
         loaded = load(model)
-    with ui.RichProgress() as progress:
+    folder = output_dir(out, model.slug, "prune")
+    with ui.progress_display() as progress:
         result = run(loaded, config, folder, inputs=inputs, layers_path=model.layers_path, progress=progress,
                      timer=timer, on_update=lambda partial: report.write_prune(
                          partial.frame, partial.tasks, folder, partial.meta, plots=False))

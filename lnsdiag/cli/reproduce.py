@@ -67,10 +67,10 @@ def reproduce_cmd(
     dev = pick_device(device)
     text = from_file(text_file, text_field) if text_file is not None else None
     eval_text = from_file(eval_text_file, text_field) if eval_text_file is not None else None
-    folder = output_dir(out, "reproduce", _folder_name(spec, text_file))
-    with ui.RichProgress() as progress:
+    output_dir(out, "reproduce", _folder_name(spec, text_file), create=False)
+    with ui.progress_display() as progress:
         result = reproduce.run(config, text=text, eval_text=eval_text, device=dev, fresh=fresh, progress=progress)
-    show_reproduce(result, folder)
+    show_reproduce(result, output_dir(out, "reproduce", _folder_name(spec, text_file)))
 
 
 def _folder_name(spec: DemoSpec, text_file: Path | None) -> str:

@@ -29,10 +29,11 @@ def variance_cmd(
     """Residual-stream variance per layer and how much each layer changes its input (Pre-LN growth)."""
     config = variance.VarianceConfig(seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, tokens=tokens)
     source = text_source(text)
-    folder = output_dir(out, model.slug, "variance")
+    output_dir(out, model.slug, "variance", create=False)
     timer = Timer()
     with timer("load"):
         loaded = load(model)
-    with ui.RichProgress() as progress:
+    folder = output_dir(out, model.slug, "variance")
+    with ui.progress_display() as progress:
         result = variance.run(loaded, source, config, layers_path=model.layers_path, progress=progress, timer=timer)
     show_variance(result, folder)
