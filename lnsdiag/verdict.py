@@ -11,6 +11,7 @@ inside ±margin (two one-sided tests at α = 0.05). "Not significantly different
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -30,6 +31,9 @@ PERPLEXITY_LIKE = frozenset({"ppl", "perplexity", "word_perplexity", "byte_perpl
 #: Log-likelihood metrics: judged on their difference, with the margin the relative one gives the
 #: perplexity they are the log of (nats per token: log(1 + r); bits per byte: log(1 + r) / ln 2).
 LOG_LIKELIHOOD = {"nll": 1.0, "bits_per_byte": math.log(2)}
+#: lm-eval metrics reported on a 0–100 scale (sacrebleu's BLEU, chrF, TER; TruthfulQA's BLEU/ROUGE
+#: max and diff): the bounded margin applies in percentage points (0.01 → 1 point).
+_PERCENT_SCALE = re.compile(r"^(bleu|chrf|chrfpp|ter|(bleu|rouge\w*)_(max|diff))$")
 ALPHA = 0.05
 #: Resamples of the paired bootstrap: ``--bootstrap-iters`` within these bounds (per layer and metric);
 #: lm-eval's aggregations written in Python (f1, mcc, ...) at most ``PYTHON_CAP`` (each costs ms).
@@ -80,14 +84,18 @@ class Margins:
                                (self.relative, True) if name in PERPLEXITY_LIKE or name in LOG_LIKELIHOOD
                                else (self.bounded, False))
         if not relative:
-            return value
+            return value * 100 if _PERCENT_SCALE.match(name) and not self._named(metric) else value
         if name in LOG_LIKELIHOOD:
             return math.log1p(value) / LOG_LIKELIHOOD[name]
         return value * abs(baseline)
 
+    def _named(self, metric: str) -> bool:
+        return any(n in (metric, base_metric(metric)) for n, _, _ in self.per_metric)
+
     def describe(self) -> str:
-        text = (f"±{self.bounded:g} for bounded metrics, ±{100 * self.relative:g}% for perplexity-like ones (nll and "
-                "bits per byte: the same ratio of the perplexity they are the log of)")
+        text = (f"±{self.bounded:g} for bounded metrics (±{100 * self.bounded:g} points for 0–100 ones: bleu, chrf, "
+                f"ter, rouge), ±{100 * self.relative:g}% for perplexity-like ones (nll and bits per byte: the same "
+                "ratio of the perplexity they are the log of)")
         named = ", ".join(f"{n} ±{100 * v:g}%" if r else f"{n} ±{v:g}" for n, v, r in self.per_metric)
         return text + (f"; {named}" if named else "")
 
@@ -231,6 +239,14 @@ def _means(b: np.ndarray, v: np.ndarray) -> Comparison:
     return _from_estimate(stats.paired_mean(b, v))
 
 
+def _weighting_of(result: VariantResult, row: MetricRow) -> str:
+    """How lm-eval aggregated a group's metric (``pooled`` when unknown or not a group)."""
+    if row.task not in result.groups:
+        return "pooled"
+    parts = _leaf_parts(result, row)
+    return (_group_weighting(parts, row.value) if parts else None) or "pooled"
+
+
 def _group(baseline: VariantResult, variant: VariantResult, row: MetricRow, ref: MetricRow) -> Comparison | None:
     """An lm-eval group on its leaves' documents, aggregated as lm-eval aggregated it: pooled
     (size-weighted, MMLU) or as the mean of the leaf means; None if neither reproduces its value."""
@@ -319,13 +335,19 @@ def _documents_needed(c: Comparison, delta: float, margin: float) -> int | None:
     return None
 
 
-def chance_level(result: VariantResult, task: str, metric: str) -> float | None:
-    """Accuracy by guessing: the mean of 1/choices over a multiple-choice task's (or group's) documents."""
+def chance_level(result: VariantResult, task: str, metric: str, weighting: str = "pooled") -> float | None:
+    """Accuracy by guessing: the mean of 1/choices over a multiple-choice task's documents; for a
+    group aggregated as the mean of its leaves' means (``weighting="means"``), the mean of the
+    leaves' chance levels."""
     if base_metric(metric) not in ("acc", "acc_norm"):
         return None
     leaves = result.groups.get(task) or [task]
-    inverse = [1.0 / n for leaf in leaves for n in result.choices.get(leaf, {}).values() if n]
-    return float(np.mean(inverse)) if inverse else None
+    inverse = [[1.0 / n for n in result.choices.get(leaf, {}).values() if n] for leaf in leaves]
+    if weighting == "means":
+        per_leaf = [float(np.mean(x)) for x in inverse if x]
+        return float(np.mean(per_leaf)) if per_leaf and len(per_leaf) == len(leaves) else None
+    pooled = [x for leaf in inverse for x in leaf]
+    return float(np.mean(pooled)) if pooled else None
 
 
 def retention(value: float, base: float, higher_is_better: bool, chance: float | None = None) -> float:
@@ -367,7 +389,7 @@ def prune_frame(results: dict[int | None, VariantResult], *, margins: Margins | 
                     c = compare(baseline, variant, row, ref, bootstrap_iters=bootstrap_iters, seed=seed)
                     if cache is not None:
                         cache[key] = c
-            chance = chance_level(baseline, row.task, row.metric)
+            chance = chance_level(baseline, row.task, row.metric, _weighting_of(baseline, ref))
             records.append({
                 "variant": variant_name(layer), "removed_layer": layer, "task": row.task, "metric": row.metric,
                 "value": row.value, "stderr": row.stderr, "baseline": ref.value, "baseline_stderr": ref.stderr,
