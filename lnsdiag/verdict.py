@@ -36,7 +36,8 @@ LOG_LIKELIHOOD = {"nll": 1.0, "bits_per_byte": math.log(2)}
 _PERCENT_SCALE = re.compile(r"^(bleu|chrf|chrfpp|ter|(bleu|rouge\w*)_(max|diff))$")
 ALPHA = 0.05
 #: Resamples of the paired bootstrap: ``--bootstrap-iters`` within these bounds (per layer and metric);
-#: lm-eval's aggregations written in Python (f1, mcc, ...) at most ``PYTHON_CAP`` (each costs ms).
+#: lm-eval's aggregations written in Python at most ``PYTHON_CAP`` (each costs ms; binary f1 and mcc
+#: are computed from confusion counts instead, at full count).
 BOOTSTRAP_FLOOR, BOOTSTRAP_CAP, PYTHON_CAP = 1_000, 10_000, 2_000
 #: lm-eval aggregations that are a ratio of sums over documents: transform(Σ −loglikelihood / Σ weight).
 _RATIO_AGGREGATIONS = {"weighted_perplexity": np.exp, "bits_per_byte": lambda x: x / np.log(2)}
@@ -214,6 +215,10 @@ def compare(baseline: VariantResult, variant: VariantResult, row: MetricRow, ref
         estimate = stats.paired_bootstrap_ratio(b_num, b_den, v_num, v_den, transform, iters, seed)
         c = _from_bootstrap(estimate, floor_scale=1.0 / LOG_LIKELIHOOD.get(base_metric(row.metric), 1.0))
         return _to_delta(c, ref.value, row.value) if on_ratio else c
+    if aggregation in stats.CONFUSION_SCORES and not on_ratio:
+        b_pairs, v_pairs = stats.binary_pairs(base_items), stats.binary_pairs(var_items)
+        if b_pairs is not None and v_pairs is not None:
+            return _from_bootstrap(stats.paired_bootstrap_confusion(b_pairs, v_pairs, aggregation, iters, seed))
     from .lmeval import aggregation_function
 
     function = aggregation_function(aggregation) if aggregation else None

@@ -520,3 +520,26 @@ def test_chance_level_of_a_group_follows_its_weighting():
     for value, chance in ((0.6, 0.45), (0.75, 0.375)):
         frame = prune_frame({None: result(None, value), 1: result(1, value)})
         assert frame.set_index(["variant", "task"]).loc[("layer_001", "g"), "chance"] == pytest.approx(chance)
+
+
+@pytest.mark.parametrize("score", ["f1", "matthews_corrcoef"])
+def test_confusion_bootstrap_equals_sklearn_draw_for_draw(score):
+    """f1 and mcc from confusion counts: the same draws as running lm-eval's sklearn aggregation per resample."""
+    import warnings
+
+    from lm_eval.api.registry import get_aggregation
+
+    from lnsdiag.stats import binary_pairs, paired_bootstrap, paired_bootstrap_confusion
+
+    rng = np.random.default_rng(3)
+    gold = rng.integers(0, 2, 40)
+    base = [(int(g), int(g if rng.random() < 0.8 else 1 - g)) for g in gold]
+    variant = [(g, p if rng.random() < 0.85 else 1 - p) for g, p in base]
+    variant[:3] = [(0, 0)] * 3  # some resamples miss a class: sklearn's 0 when undefined
+    fast = paired_bootstrap_confusion(binary_pairs(base), binary_pairs(variant), score, iters=300, seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slow = paired_bootstrap(base, variant, get_aggregation(score), iters=300, seed=7)
+    assert fast.delta == pytest.approx(slow.delta, abs=1e-12)
+    np.testing.assert_allclose(fast.draws, slow.draws, atol=1e-12)
+    assert binary_pairs([(0, 2)]) is None and binary_pairs(["ab"]) is None
