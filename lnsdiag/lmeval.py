@@ -1,5 +1,7 @@
-"""The lm-eval bridge: tasks loaded once, the model wrapped once, requests collected once, and
-each variant's metrics aggregated by lm-eval itself.
+"""The lm-eval bridge: tasks loaded once, the model wrapped once, requests (lm-eval's task
+instances) built once, and each variant's metrics aggregated from its stored answers with the
+tasks' own ``process_results``, aggregations and group rules (:class:`BuiltRequests`): the
+numbers lm-eval's ``evaluate`` gives, without rebuilding every prompt per variant.
 
 Pitfalls handled here (lm-eval 0.4.x): ``simple_evaluate`` ignores ``batch_size`` for a model
 object and re-indexes all 14k tasks per call, so we call ``evaluate`` with a prebuilt task
@@ -15,7 +17,9 @@ import functools
 import io
 import logging
 import math
-from collections.abc import Iterator, Sequence
+import re
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -168,12 +172,22 @@ def load_tasks(names: Sequence[str], include_path: str | Path | None = None,
     include = _check_include_path(include_path)
     manager = TaskManager(include_path=include, include_defaults=False) if include else None
     if manager is None or any(n not in manager.all_tasks for n in names):
+        problems = yaml_problems(include) if include else []
+        for name in names:  # a local YAML that defines it but cannot be read: say so before the slow index
+            if manager is not None and name not in manager.all_tasks:
+                _raise_for_yaml(name, problems)
         manager = TaskManager(include_path=include)
+    else:
+        problems = []
     known = set(manager.all_tasks)
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else " (lm-eval's task list: lm-eval ls tasks)"
+            if problems:
+                path, why = problems[0]
+                hint += (f"; {len(problems)} task YAML file(s) in --include-path could not be read, "
+                         f"e.g. {path}: {why}")
             raise UserError(f"unknown task {name!r}{hint}")
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -183,6 +197,57 @@ def load_tasks(names: Sequence[str], include_path: str | Path | None = None,
         raise UserError(f"cannot load tasks {', '.join(names)}: {first}") from exc
     _configure_fewshot(task_dict, num_fewshot)
     return TaskSet(list(names), task_dict, num_fewshot, include, manager)
+
+
+def _one_line(exc: Exception) -> str:
+    """A YAML parser's (or loader's) message on one line: the problem and where it is."""
+    import yaml
+
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        context = f" ({exc.context})" if exc.context else ""
+        return f"{where}{exc.problem or exc.context}{context}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:240]
+
+
+def yaml_problems(include_path: str | Path) -> list[tuple[Path, str]]:
+    """Task YAMLs under ``include_path`` that lm-eval's indexer skips without a word (it then
+    reports their tasks as unknown): each file with the reason, on one line.
+
+    Read the way lm-eval's index reads them (its loader, ``include:`` resolved, functions not
+    imported), so a file listed here is exactly one lm-eval could not index.
+    """
+    try:
+        from lm_eval.tasks._index import TaskIndex
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError:  # another lm-eval layout: nothing to add to its own message
+        return []
+    problems = []
+    for path in TaskIndex._iter_yaml_files(Path(include_path)):
+        try:
+            TaskIndex.process_cfg(load_yaml(path, resolve_func=False, recursive=True), path, {})
+        except Exception as exc:  # whatever makes lm-eval skip the file
+            if "Unknown config shape" in str(exc):
+                why = "defines neither `task:` nor `group:`"
+            elif isinstance(exc, ValueError) and "Expected YAML dict" in str(exc):
+                why = "is not a YAML mapping"
+            else:
+                why = _one_line(exc)
+            problems.append((path, why))
+    return problems
+
+
+def _raise_for_yaml(name: str, problems: list[tuple[Path, str]]) -> None:
+    """The YAML error behind an unknown ``name``: a broken file named after it or naming it."""
+    for path, why in problems:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        if path.stem == name or re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", text):
+            raise UserError(f"task YAML {path}: {why}")
 
 
 def _configure_fewshot(task_dict: dict[str, Any], num_fewshot: int | None) -> None:
@@ -209,6 +274,10 @@ class RequestLog:
     single: list[tuple[tuple, TokenRequest]] = field(default_factory=list)
     rolling: list[tuple[tuple, list[TokenRequest]]] = field(default_factory=list)
     args: dict[tuple, tuple] = field(default_factory=dict)  # the text of each request, to check replays
+    #: lm-eval's instances of the collecting pass, kept to aggregate variants from (None: the
+    #: direct path cannot serve these tasks; ``unsupported`` says why).
+    built: BuiltRequests | None = None
+    unsupported: str | None = None
 
     def token_requests(self) -> list[TokenRequest]:
         return [r for _, r in self.single] + [w for _, windows in self.rolling for w in windows]
@@ -323,17 +392,244 @@ def make_lm(loaded: LoadedModel, batch_size: int | str = 8, max_length: int | No
 
 
 def collect_requests(lm: Any, tasks: TaskSet, *, limit: int | float | None = None, seed: int = 1234) -> RequestLog:
-    """Every token-level request the tasks make, built and tokenised once by lm-eval itself."""
+    """Every token-level request the tasks make, built and tokenised once by lm-eval itself; the
+    task instances it built are kept (``log.built``) so variants aggregate without rebuilding them."""
     seed_everything(seed)
     with lm.recording() as log:
-        evaluate_tasks(lm, tasks, limit=limit, seed=seed, bootstrap_iters=0)
+        results = evaluate_tasks(lm, tasks, limit=limit, seed=seed, bootstrap_iters=0)
+    try:
+        log.built = BuiltRequests.capture(tasks, log, results, limit)
+    except DirectUnsupported as exc:
+        log.unsupported = str(exc)
     return log
+
+
+# --- lm-eval: aggregating a variant from stored answers, without rebuilding its requests -------
+
+class DirectUnsupported(Exception):
+    """The direct aggregation cannot serve these tasks (the message says why)."""
+
+
+@dataclass
+class _TaskRequests:
+    """One leaf task's instances from the collecting pass, and where each one's answer lies."""
+
+    name: str
+    task: Any
+    alias: Any
+    instances: list[Any]  # in build order: the order lm-eval's filters see them in
+    slots: list[int | tuple[int, int]]  # an index into the answers, or a rolling request's windows
+    docs: list[tuple[Any, Any, list[int]]]  # (doc_id, doc, its instances' positions by idx), lm-eval's doc order
+
+
+def _groups_bottom_up(groups: dict[str, Any]) -> list[Any]:
+    """lm-eval's group order for aggregation: from each root group, children before parents."""
+    from lm_eval.api.group import Group
+
+    nested = {child.name for group in groups.values() for child in group if isinstance(child, Group)}
+    order: list[Any] = []
+    seen: set[str] = set()
+
+    def visit(group: Any) -> None:
+        if group.name in seen:
+            return
+        for child in group:
+            if isinstance(child, Group):
+                visit(child)
+        seen.add(group.name)
+        order.append(group)
+
+    for name, group in groups.items():
+        if name not in nested:
+            visit(group)
+    return order
+
+
+@dataclass
+class BuiltRequests:
+    """lm-eval's task instances, built once per run, and the per-variant post-processing that
+    lm-eval's ``evaluate`` would do on them: each instance's responses from the stored answers,
+    the task's filters, the task's ``process_results`` per document, the task's aggregations and
+    stderrs (``stderr_for_metric``), then each group's own ``aggregate``.
+
+    Rebuilding the requests (prompts, few-shot sampling, instances) is what made one replay
+    through ``evaluate`` cost seconds; none of it depends on the variant.
+    """
+
+    tasks: list[_TaskRequests]
+    groups: list[Any]  # lm-eval Group objects, children before parents
+    template: dict[str, Any]  # the collecting pass's results: what does not depend on the answers
+
+    @classmethod
+    def capture(cls, tasks: TaskSet, log: RequestLog, results: dict[str, Any],
+                limit: int | float | None) -> BuiltRequests:
+        try:
+            from lm_eval.api.group import Group
+            from lm_eval.evaluator_utils import get_sample_size
+        except ImportError as exc:
+            raise DirectUnsupported(f"this lm-eval has no {exc.name}") from exc
+        if "tasks" not in tasks.task_dict:
+            raise DirectUnsupported("lm-eval's legacy nested task dict")
+        groups = tasks.task_dict.get("groups", {}) or {}
+        if not all(isinstance(g, Group) and callable(getattr(g, "aggregate", None)) for g in groups.values()):
+            raise DirectUnsupported("a group without lm-eval's Group.aggregate")
+        slots: dict[tuple, int | tuple[int, int]] = {key: n for n, (key, _) in enumerate(log.single)}
+        start = len(log.single)
+        for key, windows in log.rolling:
+            slots[key] = (start, start + len(windows))
+            start += len(windows)
+        built = []
+        for name, task in tasks.leaf_tasks.items():
+            instances = list(task.instances)
+            try:
+                where = [slots[_request_key(inst)] for inst in instances]
+            except KeyError as exc:
+                raise DirectUnsupported(f"{name}: a request the collecting pass did not record ({exc})") from exc
+            if not instances:
+                raise DirectUnsupported(f"{name}: no instances were built")
+            if any(log.args[_request_key(inst)] != inst.args for inst in instances):
+                raise DirectUnsupported(f"{name}: its instances are not the ones the collecting pass scored")
+            by_doc: dict[Any, list[int]] = {}
+            for position, inst in enumerate(instances):
+                by_doc.setdefault(inst.doc_id, []).append(position)
+            for positions in by_doc.values():
+                positions.sort(key=lambda i: instances[i].idx)
+            docs = [(doc_id, doc, by_doc.get(doc_id, []))
+                    for doc_id, doc in task.doc_iterator(rank=0, limit=get_sample_size(task, limit), world_size=1)]
+            alias = results["results"].get(name, {}).get("alias", name)
+            built.append(_TaskRequests(name, task, alias, instances, where, docs))
+        template = {k: v for k, v in results.items() if k not in ("results", "groups", "samples")}
+        return cls(built, _groups_bottom_up(groups), template)
+
+    def results(self, loglik: Sequence[float] | np.ndarray, greedy: Sequence[bool] | np.ndarray, *,
+                bootstrap_iters: int = DEFAULT_BOOTSTRAP, log_samples: bool = False) -> dict[str, Any]:
+        """lm-eval's results dict for one variant's answers (same order as ``token_requests``);
+        ``samples`` holds what :func:`scores_of` reads of lm-eval's logged samples."""
+        values = np.asarray(loglik, dtype=np.float64).tolist()
+        flags = np.asarray(greedy).tolist()
+        metrics: dict[str, dict[str, Any]] = {}
+        samples: dict[str, list[dict[str, Any]]] = {}
+        counts = dict(self.template.get("n-samples", {}))
+        with contextlib.redirect_stdout(io.StringIO()):  # the bootstrap prints
+            for t in self.tasks:
+                raw, logged = self._task_items(t, values, flags, log_samples)
+                entry, sample_len = _aggregate_task(t.task, raw, bootstrap_iters)
+                metrics[t.name] = {"name": t.name, "alias": t.alias, "sample_len": sample_len, **entry}
+                original = counts.get(t.name, {}).get("original")
+                counts[t.name] = {"original": original, "effective": sample_len}
+                if log_samples:
+                    samples[t.name] = logged
+        for group in self.groups:
+            metrics[group.name] = group.aggregate(metrics)
+        out = {**self.template, "results": {name: dict(entry) for name, entry in metrics.items()},
+               "n-samples": counts}
+        aggregated = {g.name: dict(metrics[g.name]) for g in self.groups if g.has_aggregation}
+        if aggregated:
+            out["groups"] = {name: aggregated[name] for name in metrics if name in aggregated}
+        if log_samples:
+            out["samples"] = samples
+        return out
+
+    @staticmethod
+    def _task_items(t: _TaskRequests, values: list[float], flags: list[bool], log_samples: bool
+                    ) -> tuple[dict[tuple[str, str], list[Any]], list[dict[str, Any]]]:
+        """Responses in, filters applied, ``process_results`` per document: lm-eval's per-sample
+        metric items ``{(metric, filter): [item per document]}`` and the logged samples."""
+        for inst, slot in zip(t.instances, t.slots, strict=True):
+            if isinstance(slot, tuple):
+                answer: Any = sum(values[slot[0]:slot[1]])  # as RequestLog.tables: HFLM's order and float sum
+            else:
+                answer = (values[slot], bool(flags[slot]))
+            inst.resps = [answer] * (inst.repeats if inst.repeats is not None else 1)
+            inst.filtered_resps = {}
+        for ensemble in getattr(t.task, "_filters", ()):
+            ensemble.apply(t.instances)
+        raw: dict[tuple[str, str], list[Any]] = {}
+        logged: list[dict[str, Any]] = []
+        for key in list(t.instances[0].filtered_resps):
+            for doc_id, doc, positions in t.docs:
+                requests = [t.instances[i] for i in positions]
+                items = t.task.process_results(doc, [r.filtered_resps[key] for r in requests])
+                if log_samples:
+                    logged.append({"doc_id": doc_id, "filter": key, "metrics": list(items),
+                                   "arguments": [r.args for r in requests], **items})
+                for metric, item in items.items():
+                    raw.setdefault((metric, key), []).append(item)
+        return raw, logged
+
+
+def _aggregate_task(task: Any, raw: dict[tuple[str, str], list[Any]], bootstrap_iters: int | None
+                    ) -> tuple[dict[str, Any], int]:
+    """A task's metrics and stderrs from its per-document items, as lm-eval's evaluator computes
+    them: the task's aggregation (``mean`` where it has none), ``stderr_for_metric`` (closed form
+    or lm-eval's seeded bootstrap, capped at 100 draws for bleu/chrf/ter), "N/A" where none."""
+    from lm_eval.api.metrics import mean, stderr_for_metric
+
+    entry: dict[str, Any] = {}
+    sample_len = 0
+    functions = task.aggregation()
+    for (metric, key), items in raw.items():
+        try:
+            function = functions[metric]
+        except KeyError:
+            function = mean
+        entry[f"{metric},{key}"] = function(items)
+        sample_len = max(sample_len, len(items))
+        stderr: Any = "N/A"
+        if isinstance(bootstrap_iters, int) and bootstrap_iters > 0:
+            iters = min(bootstrap_iters, 100) if metric in ("bleu", "chrf", "chrf++", "ter") else bootstrap_iters
+            stderr_fn = stderr_for_metric(metric=function, bootstrap_iters=iters)
+            if stderr_fn is not None and len(items) > 1:
+                stderr = stderr_fn(items)
+        entry[f"{metric}_stderr,{key}"] = stderr
+    return entry, sample_len
+
+
+def _same_item(a: Any, b: Any) -> bool:
+    """Exact equality of metric items (floats, NaN, tuples, numpy arrays)."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_item(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_item(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):
+        return repr(a) == repr(b)
+
+
+def results_difference(got: dict[str, Any], want: dict[str, Any]) -> str | None:
+    """Where two lm-eval results dicts disagree (metrics, stderrs, per-document items), or None."""
+    if list(got["results"]) != list(want["results"]):
+        return f"tasks/groups {list(got['results'])} vs {list(want['results'])}"
+    for name, entry in want["results"].items():
+        mine = got["results"][name]
+        if list(mine) != list(entry):
+            return f"{name}: keys {list(mine)} vs {list(entry)}"
+        for key, value in entry.items():
+            if not _same_item(mine[key], value):
+                return f"{name}: {key} is {mine[key]!r}, lm-eval gives {value!r}"
+    for name, examples in (want.get("samples") or {}).items():
+        mine_examples = (got.get("samples") or {}).get(name, [])
+        if len(mine_examples) != len(examples):
+            return f"{name}: {len(mine_examples)} documents vs {len(examples)}"
+        for a, b in zip(mine_examples, examples, strict=True):
+            fields = ("doc_id", "filter", "metrics", "arguments", *b["metrics"])
+            for key in fields:
+                if not _same_item(a.get(key), b.get(key)):
+                    return f"{name}: document {b['doc_id']}: {key} is {a.get(key)!r}, lm-eval gives {b.get(key)!r}"
+    return None
 
 
 def replay_metrics(tasks: TaskSet, single: dict, rolling: dict, *, limit: int | float | None = None,
                    seed: int = 1234, bootstrap_iters: int = DEFAULT_BOOTSTRAP, log_samples: bool = False
                    ) -> dict[str, Any]:
-    """lm-eval's results dict for stored per-request answers (no model runs)."""
+    """lm-eval's results dict for stored per-request answers, through lm-eval's own ``evaluate``
+    (no model runs, but every request is rebuilt: seconds per call). The reference the direct
+    aggregation is checked against, and its fallback."""
     _, replay_cls = _lm_classes()
     seed_everything(seed)
     return evaluate_tasks(replay_cls(single, rolling), tasks, limit=limit, seed=seed,
@@ -381,13 +677,14 @@ def scores_of(results: dict[str, Any], tasks: TaskSet) -> Scores:
         task_obj = tasks.leaf_tasks.get(task)
         functions = task_obj.aggregation() if task_obj is not None else {}
         multiple_choice = getattr(task_obj, "OUTPUT_TYPE", "") == "multiple_choice"
+        names = {metric: aggregation_name(function) for metric, function in functions.items()}
         for example in examples:
             filt = example.get("filter", "none")
             for metric in example["metrics"]:
                 name = metric if filt in ("none", "") else f"{metric}[{filt}]"
                 documents.setdefault((task, name), {})[example["doc_id"]] = example[metric]
-                if metric in functions:
-                    aggregations[(task, name)] = aggregation_name(functions[metric])
+                if metric in names:
+                    aggregations[(task, name)] = names[metric]
             if multiple_choice:  # distinct continuations: mutual-information tasks score each choice twice
                 choices.setdefault(task, {})[example["doc_id"]] = len({tuple(a)[-1] for a in example["arguments"]})
     groups = {group: tasks.leaves_of(group) or [] for group in results.get("group_subtasks", {})
@@ -422,6 +719,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def _number(value: Any) -> float:
     try:
         return float(value)
@@ -454,17 +755,30 @@ class LmEvalScorer(Scorer):
     """lm-eval tasks as a :class:`~lnsdiag.scoring.Scorer`: one HFLM and one task set per run.
 
     Tasks whose requests are all log-likelihoods are served to the fast engine through
-    :meth:`requests` / :meth:`aggregate` (lm-eval's own aggregation of stored answers);
-    generation tasks are left to :meth:`score_rest`, on the model as it is.
+    :meth:`requests` / :meth:`aggregate`: lm-eval builds their instances once, and each variant
+    is aggregated from its stored answers with the tasks' own ``process_results`` and
+    aggregations (:class:`BuiltRequests`), not by rebuilding everything in ``evaluate``.
+    The first variant is also replayed through ``evaluate`` (``check_direct``): should the two
+    differ (a task whose post-processing is unusual), or should the direct path not apply,
+    every variant is replayed through ``evaluate`` instead and ``note`` says so.
+    Generation tasks are left to :meth:`score_rest`, on the model as it is.
     """
 
     def __init__(self, loaded: LoadedModel, tasks: TaskSet, *, limit: int | float | None = None, seed: int = 1234,
-                 bootstrap_iters: int = DEFAULT_BOOTSTRAP, batch_size: int = 8, documents: bool = True) -> None:
+                 bootstrap_iters: int = DEFAULT_BOOTSTRAP, batch_size: int = 8, documents: bool = True,
+                 check_direct: bool = True, note: Callable[[str], None] | None = None) -> None:
         self.taskset, self.limit, self.seed, self.bootstrap_iters = tasks, limit, seed, bootstrap_iters
         self.documents = documents  # keep each document's metric items (for paired comparisons)
         self.tasks = list(tasks.names)
         self.lm = make_lm(loaded, batch_size)
+        self.check_direct = check_direct
+        self.note = note or _warn
+        #: How variants are aggregated: "direct" (instances built once) or "replay" (lm-eval's
+        #: evaluate per variant); ``fallback`` says why when it is "replay".
+        self.aggregation_path = "direct"
+        self.fallback: str | None = None
         self._log: RequestLog | None = None
+        self._checked = False
 
     @functools.cached_property
     def _split(self) -> tuple[TaskSet | None, TaskSet | None]:
@@ -492,7 +806,23 @@ class LmEvalScorer(Scorer):
             return []
         if self._log is None:
             self._log = collect_requests(self.lm, fast, limit=self.limit, seed=self.seed)
+            if self._log.built is None:
+                self._fall_back(self._log.unsupported or "no instances were kept")
         return self._log.token_requests()
+
+    def _fall_back(self, why: str) -> None:
+        self.aggregation_path, self.fallback = "replay", why
+        self.note(f"lm-eval metrics are aggregated through lm-eval's evaluate for every variant (slower): {why}")
+
+    def aggregation_stats(self) -> dict[str, Any]:
+        """For the run's record: how variants were aggregated, and why not directly if not."""
+        return {"lm_eval_aggregation": self.aggregation_path, "lm_eval_aggregation_fallback": self.fallback}
+
+    def _replay(self, fast: TaskSet, loglik: np.ndarray, greedy: np.ndarray, *, bootstrap_iters: int,
+                log_samples: bool) -> dict[str, Any]:
+        single, rolling = self._log.tables(loglik, greedy)
+        return replay_metrics(fast, single, rolling, limit=self.limit, seed=self.seed,
+                              bootstrap_iters=bootstrap_iters, log_samples=log_samples)
 
     def aggregate(self, loglik: np.ndarray, greedy: np.ndarray) -> Scores:
         fast = self._split[0]
@@ -500,9 +830,20 @@ class LmEvalScorer(Scorer):
             return Scores()
         if self._log is None:
             self.requests()
-        single, rolling = self._log.tables(loglik, greedy)
-        return scores_of(replay_metrics(fast, single, rolling, limit=self.limit, seed=self.seed,
-                                        bootstrap_iters=self.bootstrap_iters, log_samples=self.documents), fast)
+        built = self._log.built if self.aggregation_path == "direct" else None
+        if built is not None and self.check_direct and not self._checked:
+            self._checked = True
+            want = self._replay(fast, loglik, greedy, bootstrap_iters=0, log_samples=True)
+            difference = results_difference(built.results(loglik, greedy, bootstrap_iters=0, log_samples=True), want)
+            if difference is not None:
+                self._fall_back(f"the direct aggregation differs from lm-eval's ({difference})")
+                built = None
+        if built is not None:
+            results = built.results(loglik, greedy, bootstrap_iters=self.bootstrap_iters, log_samples=self.documents)
+        else:
+            results = self._replay(fast, loglik, greedy, bootstrap_iters=self.bootstrap_iters,
+                                   log_samples=self.documents)
+        return scores_of(results, fast)
 
     def score_rest(self) -> Scores:
         slow = self._split[1]

@@ -170,7 +170,8 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
     windows = None
     if inputs.tasks is not None:
         scorers.append(LmEvalScorer(loaded, inputs.tasks, limit=config.limit, seed=config.seed,
-                                    bootstrap_iters=config.bootstrap_iters, batch_size=config.batch_size))
+                                    bootstrap_iters=config.bootstrap_iters, batch_size=config.batch_size,
+                                    note=progress.note))
     if inputs.ppl_text is not None:
         seq = default_seq_len(model, config.seq_len)
         windows = TokenWindows.of(loaded.tokenizer, inputs.ppl_text.texts, seq_len=seq,
@@ -233,6 +234,9 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
                           "to resume.") from exc
     if engine is run_fast:
         engine_info["engine_stats"] = outcome.stats
+        for scorer in scorers:
+            if isinstance(scorer, LmEvalScorer):
+                engine_info["engine_stats"].update(scorer.aggregation_stats())
         if outcome.stats.get("naive_tasks"):
             progress.note(f"generation tasks ({', '.join(outcome.stats['naive_tasks'])}) were scored by the naive "
                           "engine: they need the model to generate, not just log-likelihoods")
