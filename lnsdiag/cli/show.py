@@ -1,7 +1,8 @@
 """How each result reaches the user: its table and summary on the terminal, its files written and listed.
 
 One presenter per result, shared by its command and by ``demo`` (which shows several), so
-no command module has to import another.
+no command module has to import another. Tables are :class:`report.Tables`: at most 100 columns
+wide whatever the console's width, split into several tables rather than squeezed.
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ from ..variance import VarianceRun
 from .common import print_files
 
 
+def _say(text: str, **kwargs: object) -> None:
+    """A sentence wrapped at the tables' width (a 160-column log line is as hard to read as a wide table)."""
+    ui.console.print(text, width=min(ui.console.width, report.TABLE_WIDTH), **kwargs)
+
+
 def show_angular(run: AngularRun, folder: Path, title: str = "") -> None:
     """Per-layer angular distances and which layers are near-identity; angular.csv, plots, meta.json."""
     result = run.result
     ui.console.print(report.angular_table(result, title or f"Angular distance per layer — {run.model_name}"))
-    ui.console.print(report.angular_summary(result))
+    _say(report.angular_summary(result))
     print_files(report.write_angular(result, folder, run.meta, title))
 
 
@@ -30,7 +36,7 @@ def show_variance(run: VarianceRun, folder: Path, title: str = "") -> None:
     result = run.result
     ui.console.print(report.variance_table(result, title or f"Residual stream per layer — {run.model_name}",
                                            run.placement))
-    ui.console.print(report.variance_summary(result))
+    _say(report.variance_summary(result))
     print_files(report.write_variance(result, folder, run.meta, title))
 
 
@@ -38,16 +44,16 @@ def show_reproduce(run: ReproduceRun, folder: Path, title: str = "") -> None:
     """The twins side by side, per layer, and what came out in words; summary, per-model folders, plots."""
     result = run.result
     ui.console.print(report.reproduce_table(result, title))
+    ui.console.print()
     ui.console.print(report.reproduce_layers_table(result))
     for line in result.headline():
-        ui.console.print(line, highlight=False)
+        _say(line, highlight=False)
     print_files(report.write_reproduce(result, folder, run.meta))
 
 
 def show_compare(run: CompareRun, folder: Path) -> None:
     """One table per metric, runs aligned by relative depth; compare.csv, LaTeX, overlay plots."""
-    for table in report.compare_tables(run.comparison):
-        ui.console.print(table)
+    ui.console.print(report.compare_tables(run.comparison))
     print_files(report.write_compare(run.comparison, folder, run.meta))
 
 
@@ -56,6 +62,6 @@ def show_prune(run: PruneRun, title: str = "") -> None:
     name = run.meta["model"]["name"]
     ui.console.print(report.prune_table(run.frame, run.tasks, title or f"Layer removal — {name}"))
     for line in report.prune_summary(run.frame, run.tasks):
-        ui.console.print(line)
-    ui.console.print(f"[dim]{run.meta['dead_rule']}[/dim]")
+        _say(line)
+    _say(f"[dim]{run.meta['dead_rule']}[/dim]")
     print_files(report.write_prune(run.frame, run.tasks, run.folder, run.meta, plots=True, title=title))

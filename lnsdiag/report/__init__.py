@@ -1,24 +1,46 @@
 """Turn results (plain DataFrames) into what people read: rich tables, CSV, JSON, plots.
 
-One module per result kind; ``common`` holds the shared style. Plots are written as PNG
-(for a glance) and PDF (vector, for a paper).
+One module per result kind; ``common`` holds the shared style: tables that split rather than wrap
+to fit 100 columns, figures sized for a paper's column (PNG for a glance, PDF with embedded
+TrueType fonts for the paper). Each ``*_figure`` returns the matplotlib figure; ``plot_*`` saves it.
 """
 
-from .angular import angular_summary, angular_table, plot_angular, plot_angular_heatmap, write_angular
-from .common import bar, files_table, frame_to_latex, pyplot, save_figure
-from .prune import plot_prune, prune_summary, prune_table, write_prune
+from .angular import (
+    angular_figure,
+    angular_heatmap_figure,
+    angular_summary,
+    angular_table,
+    plot_angular,
+    plot_angular_heatmap,
+    write_angular,
+)
+from .common import (
+    DOUBLE_COLUMN,
+    SINGLE_COLUMN,
+    STYLE,
+    TABLE_WIDTH,
+    Tables,
+    bar,
+    files_table,
+    frame_to_latex,
+    pyplot,
+    save_figure,
+)
+from .prune import plot_prune, prune_figure, prune_summary, prune_table, write_prune
 
 __all__ = [
+    "DOUBLE_COLUMN", "SINGLE_COLUMN", "STYLE", "TABLE_WIDTH", "Tables", "angular_figure", "angular_heatmap_figure",
     "angular_summary", "angular_table", "bar", "files_table", "frame_to_latex", "plot_angular",
-    "plot_angular_heatmap", "plot_prune", "prune_summary", "prune_table", "pyplot", "save_figure",
+    "plot_angular_heatmap", "plot_prune", "prune_figure", "prune_summary", "prune_table", "pyplot", "save_figure",
     "write_angular", "write_prune",
 ]
 
-from .compare import compare_tables, latex_tables, plot_compare, write_compare
-from .reproduce import plot_reproduce, reproduce_layers_table, reproduce_table, write_reproduce
-from .variance import plot_variance, variance_summary, variance_table, write_variance
+from .compare import compare_figure, compare_tables, latex_tables, plot_compare, write_compare
+from .reproduce import plot_reproduce, reproduce_figure, reproduce_layers_table, reproduce_table, write_reproduce
+from .variance import plot_variance, variance_figure, variance_summary, variance_table, write_variance
 
 __all__ += [
-    "compare_tables", "latex_tables", "plot_compare", "plot_reproduce", "plot_variance", "reproduce_layers_table",
-    "reproduce_table", "variance_summary", "variance_table", "write_compare", "write_reproduce", "write_variance",
+    "compare_figure", "compare_tables", "latex_tables", "plot_compare", "plot_reproduce", "plot_variance",
+    "reproduce_figure", "reproduce_layers_table", "reproduce_table", "variance_figure", "variance_summary",
+    "variance_table", "write_compare", "write_reproduce", "write_variance",
 ]

@@ -5,69 +5,107 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from ..angular import AngularResult
 from ..runs import write_csv, write_json
-from .common import bar, pyplot, save_figure
+from .common import (
+    PALETTE,
+    SINGLE_COLUMN,
+    TITLE_INSET,
+    Col,
+    Tables,
+    TableSpec,
+    bar,
+    figure,
+    layer_axis,
+    save_figure,
+    styled,
+    width_for,
+    wrap,
+)
+
+
+@styled
+def angular_figure(result: AngularResult, title: str = "") -> Any:
+    """Angular distance of each layer to the next; near-identity layers (below the dashed threshold) marked."""
+    df = result.layers
+    L = result.num_layers
+    width = width_for(L)
+    fig, axes = figure(width, 2.4 if width == SINGLE_COLUMN else 2.6)
+    ax = axes[0, 0]
+    ax.plot(df["layer"], df["angular_distance"], color=PALETTE["blue"], lw=1.0, zorder=2)
+    near = df["near_identity"].astype(bool)
+    ax.plot(df.loc[~near, "layer"], df.loc[~near, "angular_distance"], ls="none", marker="o", ms=3.5,
+            color=PALETTE["blue"], label=f"layer (d ≥ {result.threshold:g})", zorder=3)
+    ax.plot(df.loc[near, "layer"], df.loc[near, "angular_distance"], ls="none", marker="o", ms=3.5, mfc="white",
+            mec=PALETTE["vermillion"], mew=1.0, label=f"near-identity (d < {result.threshold:g})", zorder=3)
+    ax.axhline(result.threshold, color=PALETTE["vermillion"], ls="--", lw=0.8, label="threshold")
+    ax.set_xlabel("layer ℓ (0-based)")
+    ax.set_ylabel("angular distance $d(x_\\ell, x_{\\ell+1})$\n= arccos(cos) / π")
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(-0.6, L - 0.4)
+    layer_axis(ax.xaxis, L)
+    ax.set_title(wrap(title or f"Angular distance per layer ({result.token_mode} tokens, n={result.tokens:,})",
+                      width - TITLE_INSET))
+    ax.legend(loc="upper right")
+    return fig
 
 
 def plot_angular(result: AngularResult, stem: Path, title: str = "") -> list[Path]:
-    """Angular distance of each layer to the next, threshold dashed, near-identity marked."""
-    plt = pyplot()
-    df = result.layers
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot(df["layer"], df["angular_distance"], marker="o", ms=3, lw=1.4, label=r"$d(x_l, x_{l+1})$")
-    dead = df[df["near_identity"]]
-    ax.scatter(dead["layer"], dead["angular_distance"], color="tab:red", zorder=3, s=18,
-               label=f"near-identity (< {result.threshold:g})")
-    ax.axhline(result.threshold, color="tab:red", ls="--", lw=0.8)
-    ax.set_xlabel("layer l (0-based)")
-    ax.set_ylabel("angular distance  arccos(cos)/π")
-    ax.set_ylim(bottom=0)
-    ax.set_title(title or f"Angular distance per layer ({result.token_mode} tokens, n={result.tokens:,})")
-    ax.legend(frameon=False, fontsize=8)
-    return save_figure(fig, stem)
+    """:func:`angular_figure` as ``stem``.png (a glance) and .pdf (vector, for a paper)."""
+    return save_figure(angular_figure(result, title), stem)
 
 
-def plot_angular_heatmap(result: AngularResult, stem: Path, title: str = "") -> list[Path]:
-    """d(x_l, x_{l+n}) over start layer l and block size n (Gromov et al.; the paper's Fig. 2)."""
+@styled
+def angular_heatmap_figure(result: AngularResult, title: str = "") -> Any:
+    """d(x_ℓ, x_ℓ+n) over start layer ℓ and block size n (Gromov et al.'s Fig. 2), with the block each n
+    would drop (the smallest distance) marked."""
     import numpy as np
 
-    plt = pyplot()
     blocks = result.blocks
     L, N = result.num_layers, int(blocks["block_size"].max())
     grid = np.full((N, L), np.nan)
     for row in blocks.itertuples():
         grid[row.block_size - 1, row.start_layer] = row.angular_distance
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    width = width_for(L)
+    fig, axes = figure(width, 2.8 if width == SINGLE_COLUMN else 4.2)
+    ax = axes[0, 0]
     im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=0,
                    extent=(-0.5, L - 0.5, 0.5, N + 0.5), interpolation="nearest")
     ax.grid(False)
-    ax.set_xlabel("start layer l")
-    ax.set_ylabel("block size n")
-    ax.set_title(title or "Angular distance d(x_l, x_{l+n})")
-    fig.colorbar(im, ax=ax, label="arccos(cos)/π")
-    return save_figure(fig, stem)
+    best = [(int(np.nanargmin(grid[n])), n + 1) for n in range(N)  # (a row of ties has no least)
+            if np.isfinite(grid[n]).sum() > 1 and np.nanmin(grid[n]) < np.nanmax(grid[n])]
+    ax.plot([b[0] for b in best], [b[1] for b in best], ls="none", marker="o", ms=2.5 if N > 24 else 3.5,
+            mfc="white", mec="black", mew=0.5, label="least-changing block of each size n")
+    ax.set_xlabel("start layer ℓ")
+    ax.set_ylabel("block size n (layers)")
+    layer_axis(ax.xaxis, L)
+    layer_axis(ax.yaxis, N)
+    ax.set_title(wrap(title or "Angular distance of blocks of n layers", width - TITLE_INSET))
+    fig.colorbar(im, ax=ax, label="angular distance $d(x_\\ell, x_{\\ell+n})$", fraction=0.05, pad=0.02)
+    fig.legend(loc="outside lower center", handletextpad=0.3)
+    return fig
+
+
+def plot_angular_heatmap(result: AngularResult, stem: Path, title: str = "") -> list[Path]:
+    """:func:`angular_heatmap_figure` as ``stem``.png (a glance) and .pdf (vector, for a paper)."""
+    return save_figure(angular_heatmap_figure(result, title), stem)
 
 
 # --- angular -------------------------------------------------------------------------------
 
-def angular_table(result: AngularResult, title: str = "Angular distance per layer") -> Table:
-    table = Table(title=title, title_justify="left", header_style="bold")
-    table.add_column("layer", justify="right")
-    table.add_column("angular dist.", justify="right")
-    table.add_column("", no_wrap=True)
-    table.add_column("block infl.", justify="right")
-    table.add_column("", no_wrap=True)
-    top = float(result.layers["angular_distance"].max())
-    for row in result.layers.itertuples():
-        flag = "[red]near-identity[/red]" if row.near_identity else ""
+def angular_table(result: AngularResult, title: str = "Angular distance per layer") -> Tables:
+    """Each layer's distance to the next (with a bar), block influence, and the near-identity flag."""
+    df = result.layers
+    top = float(df["angular_distance"].max())
+    distance, flags = [], []
+    for row in df.itertuples():
         style = "red" if row.near_identity else "cyan"
-        table.add_row(str(row.layer), f"{row.angular_distance:.4f}",
-                      f"[{style}]{bar(row.angular_distance, top)}[/{style}]",
-                      f"{row.block_influence:.4f}", flag)
-    return table
+        distance.append(f"{row.angular_distance:.4f} [{style}]{bar(row.angular_distance, top, 16)}[/{style}]")
+        flags.append("[red]yes[/red]" if row.near_identity else "")
+    return Tables(TableSpec(title, [Col("layer", [str(v) for v in df["layer"]])], [
+        [Col("angular distance", distance, "left")],
+        [Col("block infl.", [f"{v:.4f}" for v in df["block_influence"]]),
+         Col(f"near-identity (< {result.threshold:g})", flags, "left")]]))
 
 
 def angular_summary(result: AngularResult) -> str:
@@ -78,6 +116,14 @@ def angular_summary(result: AngularResult) -> str:
             f"Averaged over {result.tokens:,} tokens ({result.token_mode}).")
 
 
+def _blocks_title(title: str) -> str:
+    """The heatmap's title from the per-layer one (a command gives one title for both)."""
+    per_layer = "Angular distance per layer"
+    if not title or title.startswith(per_layer):
+        return "Angular distance of blocks of n layers" + title.removeprefix(per_layer)
+    return f"{title}: blocks of n layers"
+
+
 def write_angular(result: AngularResult, out: Path, meta: dict[str, Any], title: str = "") -> list[Path]:
     """angular.csv, angular_blocks.csv, meta.json, angular.png/pdf, angular_heatmap.png/pdf."""
     files = [
@@ -85,6 +131,6 @@ def write_angular(result: AngularResult, out: Path, meta: dict[str, Any], title:
         write_csv(out / "angular_blocks.csv", result.blocks),
     ]
     files += plot_angular(result, out / "angular", title)
-    files += plot_angular_heatmap(result, out / "angular_heatmap", title)
+    files += plot_angular_heatmap(result, out / "angular_heatmap", _blocks_title(title))
     files.append(write_json(out / "meta.json", meta))
     return files

@@ -8,11 +8,26 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from rich.table import Table
 
 from ..runs import atomic_write, write_csv, write_json
-from ..verdict import PERPLEXITY_LIKE, base_metric, headline_metrics, layers_with
-from .common import LatexRaw, frame_to_latex, latex_escape, pyplot, save_figure
+from ..verdict import LOG_LIKELIHOOD, PERPLEXITY_LIKE, base_metric, headline_metrics, layers_with
+from .common import (
+    DOUBLE_COLUMN,
+    PALETTE,
+    Col,
+    LatexRaw,
+    Tables,
+    TableSpec,
+    figure,
+    frame_to_latex,
+    large_spread,
+    latex_escape,
+    layer_axis,
+    save_figure,
+    signed_formatter,
+    styled,
+    wrap,
+)
 
 
 def _digits(scale: float) -> int:
@@ -35,52 +50,65 @@ def _signed(value: float, scale: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:+.{_digits(scale)}f}"
 
 
-#: How each verdict is shown.
+#: How each verdict is shown on the terminal.
 VERDICT_STYLE = {"dead": "green", "hurts": "red", "helps": "cyan", "inconclusive": "yellow"}
 
 
-def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer removal") -> Table:
-    """One row per variant: each task's main metric, Δ ± paired stderr, verdict, retention, angle."""
+def _verdict(verdict: Any) -> str:
+    if not isinstance(verdict, str) or not verdict:
+        return ""
+    style = VERDICT_STYLE.get(verdict, "")
+    return f"[{style}]{verdict}[/{style}]" if style else verdict
+
+
+def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer removal") -> Tables:
+    """One table per task's main metric (value ± stderr, paired Δ ± stderr, verdict, retention, angle),
+    then, for several tasks, each layer's verdicts side by side: split, never squeezed, to fit the width."""
     heads = headline_metrics(frame, tasks)
-    table = Table(title=title, title_justify="left", header_style="bold")
-    table.add_column("removed", justify="right")
+    variants = list(frame.groupby("variant", sort=False))
+    layers = [part["removed_layer"].iloc[0] for _, part in variants]
+    removed = Col("removed", ["baseline" if pd.isna(layer) else str(int(layer)) for layer in layers])
+    sections = frozenset(i for i, layer in enumerate(layers) if pd.isna(layer))
+    angular = Col("ang. dist.", [_fmt(part["angular_distance"].iloc[0]) if pd.notna(layer) else ""
+                                 for (_, part), layer in zip(variants, layers, strict=True)])
+    specs = []
+    verdicts: dict[str, list[str | None]] = {}
     for task, metric in heads:
-        table.add_column(f"{task}\n{metric} ±stderr", justify="right")
-        table.add_column("Δ ±stderr\n(paired)", justify="right")
-        table.add_column("verdict")
-        table.add_column("kept\n%", justify="right")
-    has_angle = frame["angular_distance"].notna().any()
-    if has_angle:
-        table.add_column("angular", justify="right")
-    several = len(heads) > 1
-    if several:
-        table.add_column("all metrics", no_wrap=True)
-    for _, part in frame.groupby("variant", sort=False):
-        layer = part["removed_layer"].iloc[0]
-        cells = ["none (baseline)" if pd.isna(layer) else str(int(layer))]
-        verdicts = []
-        for task, metric in heads:
+        cells: list[tuple[str, str, str, str]] = []  # value, Δ, verdict, kept
+        for (_, part), layer in zip(variants, layers, strict=True):
             row = part[(part["task"] == task) & (part["metric"] == metric)]
-            if row.empty:
-                cells += ["–", "–", "–", "–"]
+            r = None if row.empty else row.iloc[0]
+            if r is None or pd.isna(layer):
+                cells.append(("–" if r is None else _fmt(r["value"], r["stderr"], r["baseline"]), "", "", ""))
+                if pd.notna(layer):
+                    verdicts.setdefault(task, []).append(None)
                 continue
-            r = row.iloc[0]
-            verdict = None if pd.isna(layer) else r["verdict"]
-            verdicts.append(verdict)
-            delta = "" if pd.isna(layer) else _signed(r["delta"], r["baseline"]) + (
-                "" if pd.isna(r["delta_stderr"]) else f" ±{r['delta_stderr']:.{_digits(r['baseline'])}f}")
-            style = VERDICT_STYLE.get(verdict or "", "")
-            cells += [_fmt(r["value"], r["stderr"], r["baseline"]), delta,
-                      f"[{style}]{verdict}[/{style}]" if verdict else "",
-                      "" if pd.isna(layer) else _fmt(r["retention"], scale=100)]
-        if has_angle:
-            cells.append(_fmt(part["angular_distance"].iloc[0]))
-        if several:
-            dead = sum(v == "dead" for v in verdicts)
-            cells.append("" if pd.isna(layer) else "[green]dead weight[/green]" if dead == len(heads)
-                         else f"dead on {dead}/{len(heads)}" if dead else "")
-        table.add_row(*cells, end_section=pd.isna(layer))
-    return table
+            se = "" if pd.isna(r["delta_stderr"]) else f" ±{r['delta_stderr']:.{_digits(r['baseline'])}f}"
+            cells.append((_fmt(r["value"], r["stderr"], r["baseline"]), _signed(r["delta"], r["baseline"]) + se,
+                          _verdict(r["verdict"]), _fmt(r["retention"], scale=100)))
+            verdicts.setdefault(task, []).append(r["verdict"] if isinstance(r["verdict"], str) else None)
+        value, delta, verdict, kept = (list(c) for c in zip(*cells, strict=True))
+        name = task if task == metric else f"{task} ({metric})"
+        specs.append(TableSpec(
+            f"{title} — {name}" if len(heads) > 1 or task != metric else title, [removed],
+            [[Col(f"{metric} ±stderr", value), Col("Δ ±stderr (paired)", delta), Col("verdict", verdict, "left")],
+             [Col("kept %", kept)], [angular]],
+            sections=sections))
+    if len(heads) > 1:
+        specs.append(_across_tasks(title, removed, layers, verdicts))
+    return Tables(*specs)
+
+
+def _across_tasks(title: str, removed: Col, layers: list[Any],
+                  verdicts: dict[str, list[str | None]]) -> TableSpec:
+    """Each layer's verdict on every task, and whether it is dead weight on all of them."""
+    key = Col("removed", [cell for cell, layer in zip(removed.cells, layers, strict=True) if pd.notna(layer)])
+    per_task = {task: values for task, values in verdicts.items() if len(values) == len(key.cells)}
+    dead = [sum(v[j] == "dead" for v in per_task.values()) for j in range(len(key.cells))]
+    n = len(per_task)
+    summary = Col("dead on", ["[green]all: dead weight[/green]" if d == n else f"{d} of {n}" for d in dead], "left")
+    groups = [[Col(task, [_verdict(v) for v in values], "left")] for task, values in per_task.items()]
+    return TableSpec(f"{title} — verdicts across tasks", [key, summary], groups)
 
 
 def prune_summary(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
@@ -103,57 +131,104 @@ def prune_summary(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
     return lines
 
 
-def plot_prune(frame: pd.DataFrame, tasks: list[str], stem: Path, title: str = "") -> list[Path]:
-    """Δ per removed layer, one panel per task, with the paired 90% interval the verdict uses (dead
-    when it lies inside the dotted margin); dead layers shaded green, inconclusive ones hatched.
+#: How each verdict is drawn: colour (Okabe-Ito), marker, filled, and its legend entry.
+VERDICT_MARK = {
+    "dead": (PALETTE["green"], "o", True, "dead: 90% interval within the margin"),
+    "hurts": (PALETTE["vermillion"], "v", True, "hurts: significantly worse (Holm)"),
+    "helps": (PALETTE["blue"], "^", True, "helps: significantly better (Holm)"),
+    "inconclusive": (PALETTE["grey"], "o", False, "inconclusive: neither"),
+}
+ERROR_BAR_LABEL = "error bars: paired 90% interval of Δ"
 
-    Perplexity-like metrics are drawn as % of the baseline on a symmetric-log axis, linear within
-    the margin, so a removal that multiplies perplexity does not flatten every other layer;
-    bounded metrics (accuracy) in points.
+
+def _units(metric: str, baseline: float) -> tuple[str, float]:
+    """How Δ is drawn: perplexity-like metrics as % of the baseline (a ratio is what they mean), metrics in
+    [0, 1] (accuracy) in points, anything else in its own units."""
+    if base_metric(metric) in PERPLEXITY_LIKE:
+        return "relative", 100.0 / baseline
+    if base_metric(metric) not in LOG_LIKELIHOOD and 0.0 <= baseline <= 1.0:
+        return "points", 100.0
+    return "units", 1.0
+
+
+def _removal_panel(ax: Any, part: pd.DataFrame, metric: str, num_layers: int) -> dict[str, int]:
+    """Δ per removed layer with its paired 90% interval, each layer's verdict as its marker, the margin of
+    equivalence shaded; symlog (linear within the margin) when one layer would flatten the rest."""
+    x = part["removed_layer"].astype(int).to_numpy()
+    baseline = float(part["baseline"].iloc[0])
+    kind, scale = _units(metric, baseline)
+    delta = part["delta"].to_numpy(dtype=float) * scale
+    low = part["ci90_low"].to_numpy(dtype=float) * scale
+    high = part["ci90_high"].to_numpy(dtype=float) * scale
+    known = np.isfinite(low) & np.isfinite(high)
+    margin = float(part["margin"].iloc[0]) * scale
+    margin = margin if math.isfinite(margin) and margin > 0 else math.nan
+    if math.isfinite(margin):
+        ax.axhspan(-margin, margin, color=PALETTE["green"], alpha=0.13, lw=0, zorder=0)
+    ax.axhline(0, color="black", lw=0.6, zorder=1)
+    ax.plot(x, delta, color="0.75", lw=0.6, zorder=1)
+    if known.any():
+        ax.errorbar(x[known], delta[known], yerr=np.vstack([delta[known] - low[known], high[known] - delta[known]]),
+                    fmt="none", ecolor="0.2", elinewidth=0.8, capsize=1.5, zorder=4)
+    verdicts = part["verdict"].fillna("").to_numpy(dtype=str)
+    counts = {}
+    for verdict, (color, marker, filled, _label) in VERDICT_MARK.items():
+        sel = verdicts == verdict
+        counts[verdict] = int(sel.sum())
+        if sel.any():
+            ax.plot(x[sel], delta[sel], ls="none", marker=marker, ms=4, mec=color, mew=0.9,
+                    mfc=color if filled else "white", zorder=3)
+    spread = np.concatenate([delta, low[known], high[known]])
+    floor = margin if math.isfinite(margin) else 0.0
+    unit = {"relative": "% of baseline", "points": "points", "units": metric}[kind]
+    label = f"Δ{metric} ({unit})"
+    if large_spread(spread, floor):
+        linthresh = floor or float(np.nanmedian(np.abs(delta))) or 1.0
+        ax.set_yscale("symlog", linthresh=linthresh, linscale=1.0)
+        label += f"\nsymlog, linear within ±{linthresh:.3g}{'%' if kind == 'relative' else ''}"
+    ax.yaxis.set_major_formatter(signed_formatter("%" if kind == "relative" else ""))
+    ax.set_ylabel(label)
+    ax.set_xlim(-0.6, num_layers - 0.4)
+    ax.margins(y=0.08)
+    layer_axis(ax.xaxis, num_layers)
+    ax.grid(True, axis="x", which="major", alpha=0.15)
+    return counts
+
+
+@styled
+def prune_figure(frame: pd.DataFrame, tasks: list[str], title: str = "") -> Any:
+    """Δ per removed layer, one panel per task, each layer marked with its verdict (dead / hurts / helps /
+    inconclusive), its paired 90% interval as the error bar and the margin of equivalence shaded.
+
+    Perplexity-like metrics are drawn as % of the baseline, accuracy in points; on a symmetric-log axis
+    (linear within the margin) when one removal dwarfs the others, so every layer stays readable.
     """
-    plt = pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     heads = headline_metrics(frame, tasks)
-    fig, axes = plt.subplots(len(heads), 1, figsize=(6.4, 2.4 * len(heads) + 0.6), sharex=True, squeeze=False,
-                             layout="constrained")
+    removed = frame["removed_layer"].dropna()
+    num_layers = int(removed.max()) + 1 if len(removed) else 1
+    fig, axes = figure(DOUBLE_COLUMN, 0.7 + 2.1 * len(heads), nrows=len(heads), sharex=True)
     for ax, (task, metric) in zip(axes[:, 0], heads, strict=True):
         part = frame[(frame["task"] == task) & (frame["metric"] == metric) & frame["removed_layer"].notna()]
-        x = part["removed_layer"].astype(int).to_numpy()
-        relative = base_metric(metric) in PERPLEXITY_LIKE
-        scale = 100.0 / part["baseline"].to_numpy(dtype=float) if relative else np.full(len(part), 100.0)
-        delta = part["delta"].to_numpy(dtype=float) * scale
-        low = delta - part["ci90_low"].to_numpy(dtype=float) * scale
-        high = part["ci90_high"].to_numpy(dtype=float) * scale - delta
-        known = np.isfinite(low) & np.isfinite(high)
-        for layer, verdict in zip(x, part["verdict"], strict=True):
-            if verdict == "dead":
-                ax.axvspan(layer - 0.5, layer + 0.5, color="tab:green", alpha=0.15, lw=0)
-            elif verdict == "inconclusive":
-                ax.axvspan(layer - 0.5, layer + 0.5, facecolor="none", edgecolor="0.6", hatch="///", lw=0)
-        ax.axhline(0, color="black", lw=0.8, label="baseline (no layer removed)")
-        margin = float((part["margin"] * scale).iloc[0]) if len(part) else math.nan
-        if math.isfinite(margin) and margin > 0:
-            for sign in (-1, 1):
-                ax.axhline(sign * margin, color="tab:green", lw=0.8, ls=":",
-                           label="margin of equivalence" if sign > 0 else None)
-            if relative:
-                from matplotlib.ticker import FuncFormatter
-
-                ax.set_yscale("symlog", linthresh=margin)
-                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:+g}%" if v else "0"))
-        yerr = np.vstack([np.where(known, low, 0), np.where(known, high, 0)]) if known.any() else None
-        ax.errorbar(x, delta, yerr=yerr, marker="o", ms=3, lw=1.2, capsize=2,
-                    label="Δ with its paired 90% interval")
-        ax.set_ylabel(f"Δ{metric} (% of baseline)" if relative else f"Δ{metric} (points)")
-        ax.set_title(f"{task} — shaded: dead, hatched: inconclusive", fontsize=9, loc="left")
-        if ax is axes[0, 0]:
-            ax.legend(frameon=False, fontsize=7, loc="best")
-    from matplotlib.ticker import MaxNLocator
-
-    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[-1, 0].set_xlabel("removed layer (0-based)")
+        counts = _removal_panel(ax, part, metric, num_layers) if len(part) else {}
+        name = task if task == metric else f"{task} ({metric})"
+        ax.set_title(f"{name}: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
+    axes[-1, 0].set_xlabel("removed layer ℓ (0-based)")
+    handles = [Line2D([], [], ls="none", marker=m, ms=4, mec=c, mfc=c if f else "white", label=lab)
+               for c, m, f, lab in VERDICT_MARK.values()]
+    handles += [Patch(color=PALETTE["green"], alpha=0.25, lw=0, label="margin of equivalence"),
+                Line2D([], [], ls="none", color="0.2", marker="|", ms=7, mew=0.8, label=ERROR_BAR_LABEL)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, columnspacing=1.2)
     if title:
-        fig.suptitle(title, fontsize=10)
-    return save_figure(fig, stem)
+        fig.suptitle(wrap(title, DOUBLE_COLUMN, 9))
+    return fig
+
+
+def plot_prune(frame: pd.DataFrame, tasks: list[str], stem: Path, title: str = "") -> list[Path]:
+    """:func:`prune_figure` as ``stem``.png (a glance) and .pdf (vector, for a paper)."""
+    return save_figure(prune_figure(frame, tasks, title), stem)
 
 
 def latex_table(frame: pd.DataFrame, tasks: list[str], caption: str = "") -> str:

@@ -2,92 +2,152 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
-from rich.table import Table
 
 from ..reproduce import ReproduceResult
 from ..runs import atomic_write, write_csv, write_json
-from .common import bar, frame_to_latex, pyplot, save_figure
+from .common import (
+    DOUBLE_COLUMN,
+    PALETTE,
+    Col,
+    Tables,
+    TableSpec,
+    bar,
+    figure,
+    frame_to_latex,
+    large_spread,
+    layer_axis,
+    save_figure,
+    signed_formatter,
+    styled,
+    wrap,
+)
+from .prune import ERROR_BAR_LABEL, _verdict
 
-_COLORS = {"pre-ln": "tab:blue", "lns": "tab:orange", "post-ln": "tab:green"}
+_COLORS = {"pre-ln": PALETTE["blue"], "lns": PALETTE["vermillion"], "post-ln": PALETTE["green"]}
+_MARKERS = {"pre-ln": "o", "lns": "s", "post-ln": "^"}
+_RICH = {"pre-ln": "blue", "lns": "red", "post-ln": "green"}
 
 
-def reproduce_table(result: ReproduceResult, title: str = "") -> Table:
-    """One row per model: what the paper compares."""
-    table = Table(title=title or "Pre-LN vs LayerNorm Scaling", title_justify="left", header_style="bold")
-    for name in ("model", "placement", "params", "train loss", "held-out ppl", "deep-half ang. dist.",
-                 "near-identity", "var. growth", "deep ‖f(x)‖/‖x‖", "deep removal Δppl", "dead layers"):
-        table.add_column(name, justify="left" if name in ("model", "placement") else "right")
+def reproduce_table(result: ReproduceResult, title: str = "") -> Tables:
+    """What the paper compares, one column per model (a row per quantity keeps it narrow for any count)."""
+    summary = result.summary()
     best = min(r.perplexity for r in result.runs)
-    for row in result.summary().itertuples():
-        ppl = f"{row.heldout_ppl:.2f}"
-        table.add_row(row.model, row.placement, f"{row.parameters / 1e6:.1f}M", f"{row.final_train_loss:.3f}",
-                      f"[bold]{ppl}[/bold]" if row.heldout_ppl == best else ppl, f"{row.deep_angular:.3f}",
-                      str(row.near_identity_layers), f"×{row.variance_growth:.3g}", f"{row.deep_update_ratio:.3f}",
-                      f"{row.deep_removal_ppl_increase_pct:+.1f}%", str(row.dead_layers))
-    return table
+
+    def ppl(value: float) -> str:
+        return f"[bold]{value:.2f}[/bold]" if value == best else f"{value:.2f}"
+
+    rows: list[tuple[str, Any]] = [
+        ("placement", lambda r: r.placement), ("parameters", lambda r: f"{r.parameters / 1e6:.1f}M"),
+        ("final train loss", lambda r: f"{r.final_train_loss:.3f}"),
+        ("held-out perplexity", lambda r: ppl(r.heldout_ppl)),
+        ("angular distance, deep half", lambda r: f"{r.deep_angular:.3f}"),
+        ("near-identity layers", lambda r: str(r.near_identity_layers)),
+        ("variance growth, x_L / x_0", lambda r: f"×{r.variance_growth:.3g}"),
+        ("‖f(x)‖/‖x‖, deep half", lambda r: f"{r.deep_update_ratio:.3f}"),
+        ("Δppl removing a deep layer", lambda r: f"{r.deep_removal_ppl_increase_pct:+.1f}%"),
+        ("dead layers", lambda r: str(r.dead_layers))]
+    models = list(summary.itertuples())
+    key = Col("quantity", [name for name, _ in rows], "left")
+    groups = [[Col(str(m.model), [cell(m) for _, cell in rows])] for m in models]
+    return Tables(TableSpec(title or "Pre-LN vs LayerNorm Scaling", [key], groups,
+                            caption="deep half: the last 50% of the layers; bold: lowest perplexity"))
 
 
-def reproduce_layers_table(result: ReproduceResult) -> Table:
-    """Each layer's angular distance and removal cost, the models side by side."""
+def reproduce_layers_table(result: ReproduceResult) -> Tables:
+    """Each layer's angular distance and removal cost (with its verdict), the models side by side."""
     frame = result.layers()
-    table = Table(title="Per layer (held-out text)", title_justify="left", header_style="bold")
-    table.add_column("layer", justify="right")
     top = max(float(frame[f"angular_{r.norm}"].max()) for r in result.runs)
+    width = 14 if len(result.runs) <= 2 else 8
+    angular, removal = [], []
     for run in result.runs:
-        table.add_column(f"ang. {run.label}", justify="right")
-        table.add_column("", no_wrap=True)
-    for run in result.runs:
-        table.add_column(f"Δppl {run.label}", justify="right")
-    for i, row in frame.iterrows():
-        cells = [str(int(row["layer"]))]
-        for run in result.runs:
-            value = float(row[f"angular_{run.norm}"])
-            color = _COLORS.get(run.norm, "tab:gray").removeprefix("tab:")
-            cells += [f"{value:.3f}", f"[{color}]{bar(value, top, 14)}[/{color}]"]
-        cells += [f"{float(frame.at[i, f'ppl_increase_pct_{run.norm}']):+.1f}%" for run in result.runs]
-        table.add_row(*cells)
-    return table
+        values = frame[f"angular_{run.norm}"].astype(float)
+        angular.append(Col(f"ang. dist. {run.label}", [
+            f"{v:.3f} [{_RICH.get(run.norm, 'white')}]{bar(v, top, width)}[/]" for v in values], "left"))
+        sweep = run.sweep[run.sweep["removed_layer"].notna()].set_index("removed_layer")
+        verdicts = frame["layer"].map(sweep["verdict"]) if "verdict" in sweep else pd.Series(None, index=frame.index)
+        removal.append(Col(f"Δppl {run.label}", [
+            f"{p:+.1f}%" + (f" {_verdict(v)}" if isinstance(v, str) else "")
+            for p, v in zip(frame[f"ppl_increase_pct_{run.norm}"], verdicts, strict=True)]))
+    return Tables(TableSpec("Per layer (held-out text)", [Col("layer", [str(int(v)) for v in frame["layer"]])],
+                            [angular, removal], caption="Δppl: perplexity change when that layer is removed"))
+
+
+@styled
+def reproduce_figure(result: ReproduceResult, title: str = "") -> Any:
+    """Four panels, models overlaid: training loss, variance (log), angular distance, removal cost (symlog,
+    with each layer's paired 90% interval; hollow markers: the removal is dead weight)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    fig, axes = figure(DOUBLE_COLUMN, 4.9, nrows=2, ncols=2)
+    (loss_ax, var_ax), (ang_ax, ppl_ax) = axes
+    frame = result.layers()
+    L = result.runs[0].num_layers
+    margins, spread = [], []
+    for k, run in enumerate(result.runs):
+        style = {"color": _COLORS.get(run.norm), "marker": _MARKERS.get(run.norm, "o"), "ms": 3}
+        curve = run.record.get("train", {}).get("loss_every_10_steps") or []
+        loss_ax.plot([10 * i + 1 for i in range(len(curve))], curve, color=style["color"], lw=1.0)
+        var = run.variance.layers
+        var_ax.plot(var["layer"], var["variance"], **style)
+        ang_ax.plot(frame["layer"], frame[f"angular_{run.norm}"], **style)
+        sweep = run.sweep[run.sweep["removed_layer"].notna()]
+        x = sweep["removed_layer"].to_numpy(dtype=float) + (k - (len(result.runs) - 1) / 2) * 0.18
+        scale = 100.0 / sweep["baseline"].to_numpy(dtype=float)
+        delta = sweep["delta"].to_numpy(dtype=float) * scale
+        low, high = (sweep[c].to_numpy(dtype=float) * scale for c in ("ci90_low", "ci90_high"))
+        known = np.isfinite(low) & np.isfinite(high)
+        ppl_ax.plot(x, delta, color=style["color"], lw=0.8)
+        if known.any():
+            ppl_ax.errorbar(x[known], delta[known], fmt="none", ecolor=style["color"], elinewidth=0.8, capsize=1.2,
+                            yerr=np.vstack([delta[known] - low[known], high[known] - delta[known]]))
+        dead = sweep["dead"].fillna(False).astype(bool).to_numpy()
+        for sel, face in ((~dead, style["color"]), (dead, "white")):
+            ppl_ax.plot(x[sel], delta[sel], ls="none", marker=style["marker"], ms=3.5, mec=style["color"], mfc=face,
+                        mew=0.9, zorder=3)
+        margins += list(sweep["margin"].to_numpy(dtype=float) * scale)
+        spread += list(delta) + list(low[known]) + list(high[known])
+    loss_ax.set(xlabel="training step", ylabel="training loss", title="Training loss")
+    var_ax.set_yscale("log")
+    var_ax.set(xlabel=f"layer ℓ ({L} = last block's output)", ylabel="variance of $x_\\ell$ (log)",
+               title="Residual stream variance")
+    ang_ax.set(xlabel="layer ℓ", ylabel="$d(x_\\ell, x_{\\ell+1})$", title="Angular distance to the next layer")
+    ang_ax.set_ylim(bottom=0)
+    margin = float(np.nanmedian(margins)) if margins else math.nan
+    if math.isfinite(margin) and margin > 0:
+        ppl_ax.axhspan(-margin, margin, color=PALETTE["green"], alpha=0.13, lw=0, zorder=0)
+    ppl_ax.axhline(0, color="black", lw=0.6)
+    ylabel = "Δ perplexity (% of the model's)"
+    if large_spread(spread, margin if math.isfinite(margin) else 0.0):
+        linthresh = margin if math.isfinite(margin) and margin > 0 else 1.0
+        ppl_ax.set_yscale("symlog", linthresh=linthresh, linscale=1.0)
+        ylabel += f"\nsymlog, linear within ±{linthresh:.3g}%"
+    ppl_ax.yaxis.set_major_formatter(signed_formatter())
+    ppl_ax.margins(y=0.08)
+    ppl_ax.set(xlabel="removed layer ℓ", ylabel=ylabel, title="Cost of removing one layer")
+    for ax, count in ((var_ax, L + 1), (ang_ax, L), (ppl_ax, L)):
+        layer_axis(ax.xaxis, count)
+    handles = [Line2D([], [], color=_COLORS.get(r.norm), marker=_MARKERS.get(r.norm, "o"), ms=3.5, label=r.label)
+               for r in result.runs]
+    handles += [Line2D([], [], ls="none", marker="o", ms=3.5, mec="0.3", mfc="white", label="hollow: removal is dead"),
+                Line2D([], [], ls="none", color="0.3", marker="|", ms=7, mew=0.8, label=ERROR_BAR_LABEL),
+                Patch(color=PALETTE["green"], alpha=0.25, lw=0, label="margin of equivalence")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles) if len(handles) <= 5 else 3)
+    spec = result.spec
+    fig.suptitle(wrap(title or f"{spec.layers} layers, hidden {spec.hidden}, {spec.steps} steps — held-out: "
+                      f"{result.eval_text}", DOUBLE_COLUMN, 9))
+    return fig
 
 
 def plot_reproduce(result: ReproduceResult, stem: Path, title: str = "") -> list[Path]:
-    """Four panels, models overlaid: training loss, variance (log), angular distance, removal cost."""
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6))
-    (loss_ax, var_ax), (ang_ax, ppl_ax) = axes
-    frame = result.layers()
-    for run in result.runs:
-        color = _COLORS.get(run.norm)
-        curve = run.record.get("train", {}).get("loss_every_10_steps") or []
-        loss_ax.plot([10 * i + 1 for i in range(len(curve))], curve, color=color, lw=1.2, label=run.label,
-                     marker="o" if len(curve) < 30 else None, ms=3)
-        var = run.variance.layers
-        var_ax.plot(var["layer"], var["variance"], marker="o", ms=3, color=color, label=run.label)
-        ang_ax.plot(frame["layer"], frame[f"angular_{run.norm}"], marker="o", ms=3, color=color, label=run.label)
-        ppl_ax.plot(frame["layer"], frame[f"ppl_increase_pct_{run.norm}"], marker="o", ms=3, color=color,
-                    label=run.label)
-    loss_ax.set(xlabel="step", ylabel="training loss", title="Training loss")
-    var_ax.set_yscale("log")
-    var_ax.set(xlabel="layer l (last = output before final norm)", ylabel="variance of $x_l$ (log)",
-               title="Residual stream variance")
-    ang_ax.set(xlabel="layer l", ylabel="arccos(cos)/π", title=r"Angular distance $d(x_l, x_{l+1})$")
-    ang_ax.set_ylim(bottom=0)
-    ppl_ax.axhline(0, color="black", lw=0.8)
-    ppl_ax.set(xlabel="removed layer", ylabel="perplexity increase (%)", title="Cost of removing one layer")
-    ppl_ax.set_yscale("symlog", linthresh=1.0)
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in axes.flat:
-        ax.legend(frameon=False, fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    spec = result.spec
-    fig.suptitle(title or f"{spec.layers} layers, hidden {spec.hidden}, {spec.steps} steps — held-out: "
-                 f"{result.eval_text}", fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, stem)
+    """:func:`reproduce_figure` as ``stem``.png (a glance) and .pdf (vector, for a paper)."""
+    return save_figure(reproduce_figure(result, title), stem)
 
 
 def _twin_meta(result: ReproduceResult, run: Any, meta: dict[str, Any]) -> dict[str, Any]:

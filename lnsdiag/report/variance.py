@@ -6,45 +6,58 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from ..runs import write_csv, write_json
 from ..variance import VarianceResult
-from .common import bar, pyplot, save_figure
+from .common import (
+    DOUBLE_COLUMN,
+    PALETTE,
+    SINGLE_COLUMN,
+    TITLE_INSET,
+    Col,
+    Tables,
+    TableSpec,
+    bar,
+    figure,
+    large_spread,
+    layer_axis,
+    save_figure,
+    styled,
+    width_for,
+    wrap,
+)
 
 
-def _log_bar(value: float, low: float, high: float) -> str:
+def _log_bar(value: float, low: float, high: float, width: int = 24) -> str:
     """A bar on a log scale between ``low`` and ``high`` (variance spans orders of magnitude)."""
     if not (value > 0 and low > 0):
         return ""
     span = math.log(high / low)
     if span <= 0:
-        return bar(1.0, 1.0)
-    return bar(math.log(value / low) + 0.05 * span, 1.05 * span)
+        return bar(1.0, 1.0, width)
+    return bar(math.log(value / low) + 0.05 * span, 1.05 * span, width)
 
 
 def variance_table(result: VarianceResult, title: str = "Residual stream per layer",
-                   placement: str | None = None) -> Table:
-    caption = f"norm placement: {placement}" if placement else None
-    table = Table(title=title, title_justify="left", header_style="bold", caption=caption, caption_justify="left")
-    table.add_column("layer", justify="right")
-    table.add_column("variance", justify="right")
-    table.add_column("(log scale)", no_wrap=True)
-    table.add_column("RMS", justify="right")
-    table.add_column("‖f(x)‖/‖x‖", justify="right")
-    table.add_column("", no_wrap=True)
+                   placement: str | None = None) -> Tables:
+    """Variance entering each layer and each layer's relative update, both with log-scale bars (the first
+    layer's update is often 100 times the others')."""
     df = result.layers
     positive = df.loc[df["variance"] > 0, "variance"]
     low, high = (float(positive.min()), float(positive.max())) if len(positive) else (0.0, 0.0)
-    top_ratio = float(df["update_ratio"].max()) if df["update_ratio"].notna().any() else 0.0
+    ratios = df["update_ratio"].dropna()
+    ratios = ratios[ratios > 0]
+    r_low, r_high = (float(ratios.min()), float(ratios.max())) if len(ratios) else (0.0, 0.0)
     last = result.num_layers
+    variance, ratio = [], []
     for row in df.itertuples():
-        name = "output" if row.layer == last else str(row.layer)
-        ratio = "" if math.isnan(row.update_ratio) else f"{row.update_ratio:.4f}"
-        ratio_bar = "" if math.isnan(row.update_ratio) else f"[green]{bar(row.update_ratio, top_ratio)}[/green]"
-        table.add_row(name, f"{row.variance:.4g}", f"[magenta]{_log_bar(row.variance, low, high)}[/magenta]",
-                      f"{row.rms:.4g}", ratio, ratio_bar)
-    return table
+        variance.append(f"{row.variance:<9.4g} [magenta]{_log_bar(row.variance, low, high, 16)}[/magenta]")
+        ratio.append("" if math.isnan(row.update_ratio) else
+                     f"{row.update_ratio:<9.4g} [green]{_log_bar(row.update_ratio, r_low, r_high, 16)}[/green]")
+    caption = f"norm placement: {placement}; bars on a log scale" if placement else "bars on a log scale"
+    layers = Col("layer", ["output" if v == last else str(v) for v in df["layer"]])
+    return Tables(TableSpec(title, [layers], [[Col("variance of x_l", variance, "left"),
+                                               Col("RMS", [f"{v:.4g}" for v in df["rms"]]),
+                                               Col("update ‖f(x)‖/‖x‖", ratio, "left")]], caption=caption))
 
 
 def variance_summary(result: VarianceResult) -> str:
@@ -55,26 +68,41 @@ def variance_summary(result: VarianceResult) -> str:
             f"Averaged over {result.tokens:,} tokens ({result.token_mode}).")
 
 
-def plot_variance(result: VarianceResult, stem: Path, title: str = "") -> list[Path]:
-    """Variance of the stream entering each layer on a log scale, update ratio below."""
-    plt = pyplot()
+@styled
+def variance_figure(result: VarianceResult, title: str = "") -> Any:
+    """Variance of the stream entering each layer (log scale; the paper's Fig. 9 shape), and each layer's
+    relative update below (log scale too when the first layer's dwarfs the rest)."""
     df = result.layers
     L = result.num_layers
-    fig, (top, low) = plt.subplots(2, 1, figsize=(6, 4.6), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
-    top.plot(df["layer"], df["variance"], marker="o", ms=3, lw=1.4, label="variance of $x_l$")
-    top.plot(df["layer"], df["rms"] ** 2, ls=":", lw=1, color="gray", label="mean square of $x_l$")
+    width = width_for(L)
+    fig, axes = figure(width, 3.6 if width == SINGLE_COLUMN else 4.0, nrows=2, sharex=True,
+                       gridspec_kw={"height_ratios": [3, 2]})
+    top, low = axes[:, 0]
+    top.plot(df["layer"], df["variance"], marker="o", color=PALETTE["blue"], label="variance of $x_\\ell$")
+    top.plot(df["layer"], df["rms"] ** 2, ls=":", lw=1, color=PALETTE["grey"], label="mean square of $x_\\ell$")
     top.set_yscale("log")
     top.set_ylabel("variance (log)")
-    top.legend(frameon=False, fontsize=8)
-    top.set_title(title or f"Residual stream variance per layer ({result.token_mode} tokens, n={result.tokens:,})")
-    low.plot(df["layer"].iloc[:L], df["update_ratio"].iloc[:L], marker="o", ms=3, lw=1.2, color="tab:green")
-    low.set_ylabel(r"$\|x_{l+1}-x_l\| / \|x_l\|$")
-    low.set_ylim(bottom=0)
-    low.set_xlabel(f"layer l (0-based; {L} = last block's output before the final norm)")
-    from matplotlib.ticker import MaxNLocator
+    top.legend(loc="lower right")
+    top.set_title(wrap(title or f"Residual stream per layer ({result.token_mode} tokens, n={result.tokens:,})",
+                       width - TITLE_INSET))
+    ratio = df["update_ratio"].iloc[:L]
+    low.plot(df["layer"].iloc[:L], ratio, marker="o", color=PALETTE["green"])
+    logscale = large_spread(ratio[ratio > 0], 0.0)
+    low.set_ylabel("relative update\n$\\|x_{\\ell+1}-x_\\ell\\| / \\|x_\\ell\\|$" + (" (log)" if logscale else ""))
+    if logscale:
+        low.set_yscale("log")
+    else:
+        low.set_ylim(bottom=0)
+    low.set_xlabel(f"layer ℓ (0-based; {L}: last block's output, before the final norm)"
+                   if width == DOUBLE_COLUMN else f"layer ℓ (0-based; {L}: last block's output)")
+    low.set_xlim(-0.6, L + 0.6)
+    layer_axis(low.xaxis, L + 1)
+    return fig
 
-    low.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return save_figure(fig, stem)
+
+def plot_variance(result: VarianceResult, stem: Path, title: str = "") -> list[Path]:
+    """:func:`variance_figure` as ``stem``.png (a glance) and .pdf (vector, for a paper)."""
+    return save_figure(variance_figure(result, title), stem)
 
 
 def write_variance(result: VarianceResult, out: Path, meta: dict[str, Any], title: str = "") -> list[Path]:
