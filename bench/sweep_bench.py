@@ -5,11 +5,18 @@ Run on the GPU machine (see ../shared/device/README.md), e.g.
     python3 bench/sweep_bench.py --out $OUT --naive-layers 0,8,16,24,31
 
 It measures, in one run: the matmul peak of the GPU (8192³ bf16), a plain forward's throughput,
-the naive engine's time per variant (one lm-eval evaluation per removed layer, on a subset of
-layers, extrapolated to the full sweep and labelled so), the fast engine's full sweep, the largest
-|Δ log-likelihood| between the two on the variants both scored, peak GPU memory, and the fast
-sweep's achieved TFLOP/s counted from the block passes it really does. ``--tiny`` runs the same
-code on a tiny CPU model (a smoke test; its timings mean nothing).
+then per workload the naive engine's time per variant (on a subset of layers, extrapolated to the
+full sweep and labelled so), the fast engine's full sweep, the largest |Δ log-likelihood| between
+the two on the variants both scored, and the counted work of both (block-token passes). Workloads:
+
+* ``lmeval``: end to end through lm-eval (a multiple-choice and a rolling-perplexity task; the
+  naive engine is one lm-eval evaluation per variant), with metric agreement, peak GPU memory and
+  the fast sweep's TFLOP/s counted from the block passes it really does;
+* ``mmlu_5shot``, ``hellaswag_10shot``, ``perplexity``: token-level requests of those shapes
+  (``shapes.py``); naive = lm-eval's HFLM ``_loglikelihood_tokens`` per variant.
+
+``--model small`` is the CPU indication's 8-layer, hidden-256 model; ``--tiny`` runs the same code
+on a tiny CPU model with few requests (a smoke test; its timings mean nothing).
 
 Random weights: speed and memory do not depend on the weights' values.
 """
@@ -30,9 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import shapes
 from lnsdiag.demo_model import train_tokenizer
-from lnsdiag.engine import SweepEngine, plan_rows
-from lnsdiag.lmeval import LmEvalScorer, collect_requests, load_tasks
+from lnsdiag.engine import SweepEngine, attention_limit, plan_rows
+from lnsdiag.lmeval import LmEvalScorer, collect_requests, load_tasks, make_lm
 from lnsdiag.models import LoadedModel
 from lnsdiag.store import ResultStore
 from lnsdiag.structure import find_layers
@@ -44,6 +52,12 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
 TINY = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
+#: The CPU indication's model: 8 layers, hidden 256, Llama's proportions, a 2048-token context.
+SMALL = dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
+             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
+MODELS = {"llama2-7b": LLAMA2_7B, "small": SMALL, "tiny": TINY}
+#: "lmeval": end to end through lm-eval tasks; the others: token-level shapes (``shapes.py``).
+WORKLOADS = ("lmeval", "mmlu_5shot", "hellaswag_10shot", "perplexity")
 
 
 def sync() -> None:
@@ -141,47 +155,98 @@ metadata: {{version: 1.0}}
 """)
 
 
-def fast_sweep_flops(requests, max_length: int, cfg: dict, variants: list, packed: bool, window: int | None) -> float:
+def fast_sweep_flops(rows, cfg: dict, variants: list) -> float:
     """FLOPs the fast sweep really does: per row, its block passes (weights per token, plus
-    attention over the keys each token really sees: causal, or context + own segment when
-    packed), and the LM head at the scored positions only."""
-    L = cfg["num_hidden_layers"]
+    attention over the keys each token really sees: its own input up to itself, which in a
+    shared row is its ancestors), and the LM head at the scored positions only."""
+    from lnsdiag.engine import layer_passes
+
     h = cfg["hidden_size"]
-    layers = [v for v in variants if v is not None]
-    passes = L + sum(L - i - 1 for i in layers)
+    passes = layer_passes(cfg["num_hidden_layers"], variants)
     weights_per_token = layer_flops_per_token(cfg, 0)
     total = 0.0
-    for row in plan_rows(requests, max_length, pack=packed, window=window):
-        n, c = len(row.ids), row.context_length
-        keys = c * (c + 1) / 2 + sum(length * c + length * (length + 1) / 2 for _, length in row.segments)
-        if not row.segments:
-            keys = n * (n + 1) / 2
-        total += passes * (n * weights_per_token + 4 * h * keys)
+    for row in rows:
+        keys = sum(p + 1 for p in row.position_ids())
+        total += passes * (len(row.ids) * weights_per_token + 4 * h * keys)
         total += len(row.positions) * len(variants) * 2 * h * cfg["vocab_size"]
     return total
+
+
+def token_workloads(args: argparse.Namespace, vocab: int, max_length: int) -> dict[str, list]:
+    """The three token-level workloads (see ``shapes.py``), sized by the command line."""
+    return {
+        "mmlu_5shot": shapes.mmlu(args.mmlu_subjects, args.mmlu_questions, shots=5, vocab=vocab),
+        "hellaswag_10shot": shapes.hellaswag(args.hs_docs, shots=args.hs_shots, vocab=vocab),
+        "perplexity": shapes.rolling(args.ppl_docs, (args.ppl_tokens, args.ppl_tokens * 2), max_length=max_length,
+                                     vocab=vocab),
+    }
+
+
+def bench_workload(model, stack, lm, requests, max_length: int, naive_layers: list[int],
+                   batch_tokens: int | None) -> dict:
+    """Naive (lm-eval's HFLM per variant on the baseline and ``naive_layers``, extrapolated to
+    all layers) vs fast (the engine, all variants, measured) on one request set."""
+    L = len(stack)
+    timed = [None, *naive_layers]
+    naive, seconds = {}, []
+    for variant in timed:
+        sync()
+        start = time.perf_counter()
+        with removed_layers(model, [] if variant is None else [variant], stack=stack):
+            answers = lm._loglikelihood_tokens([(None, list(r.context), list(r.continuation)) for r in requests],
+                                               disable_tqdm=True)
+        sync()
+        seconds.append(time.perf_counter() - start)
+        naive[variant] = np.array([a[0] for a in answers])
+    naive_seconds = seconds[0] + float(np.mean(seconds[1:])) * L
+    engine = SweepEngine(model, stack, [None, *range(L)], batch_tokens=batch_tokens)
+    sync()
+    start = time.perf_counter()
+    result = engine.run(requests, max_length)
+    sync()
+    fast_seconds = time.perf_counter() - start
+    worst = max(float(np.abs(result.of(v)[0] - naive[v]).max()) for v in timed)
+    return {"requests": len(requests), "naive_seconds_each": dict(zip(map(str, timed), seconds, strict=True)),
+            "naive_seconds_extrapolated": naive_seconds, "fast_seconds": fast_seconds,
+            "wall_ratio": naive_seconds / fast_seconds, "max_abs_delta_loglik": worst, **engine.stats}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--tiny", action="store_true", help="tiny CPU smoke test (timings meaningless)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="llama2-7b",
+                    help="model shape (random weights); 'small' is the CPU indication's 8-layer, hidden-256 model")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS),
+                    help=f"comma-separated, from {', '.join(WORKLOADS)}")
     ap.add_argument("--mc-docs", type=int, default=200)
     ap.add_argument("--ppl-docs", type=int, default=16)
     ap.add_argument("--ppl-tokens", type=int, default=2000)
+    ap.add_argument("--mmlu-subjects", type=int, default=10)
+    ap.add_argument("--mmlu-questions", type=int, default=30, help="questions per MMLU subject")
+    ap.add_argument("--hs-docs", type=int, default=60)
+    ap.add_argument("--hs-shots", type=int, default=10)
     ap.add_argument("--naive-layers", default="0,8,16,24,31",
                     help="layers the naive engine times (plus the baseline); the full naive sweep is extrapolated")
     ap.add_argument("--naive-batch", type=int, default=16, help="lm-eval batch size for the naive engine")
     ap.add_argument("--batch-tokens", type=int, default=None, help="fast engine budget (default: from free memory)")
     args = ap.parse_args()
 
-    cfg = TINY if args.tiny else LLAMA2_7B
     if args.tiny:
+        args.model = "tiny"
         args.mc_docs, args.ppl_docs, args.ppl_tokens, args.naive_layers = 12, 2, 300, "0,3"
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+        args.mmlu_subjects, args.mmlu_questions, args.hs_docs, args.hs_shots = 2, 3, 3, 2
+    cfg = MODELS[args.model]
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        ap.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    naive_layers = [int(x) for x in args.naive_layers.split(",") if int(x) < cfg["num_hidden_layers"]]
+    device = torch.device("cuda" if torch.cuda.is_available() and args.model != "tiny" else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.out.mkdir(parents=True, exist_ok=True)
     record: dict = {"device": torch.cuda.get_device_name(0) if device.type == "cuda"
-                    else f"CPU ({platform.machine()})",
+                    else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
                     "torch": torch.__version__, "cuda": torch.version.cuda, "model": cfg, "dtype": str(dtype),
                     "argv": sys.argv[1:]}
     import lm_eval
@@ -192,28 +257,61 @@ def main() -> None:
     print("matmul peak ...", flush=True)
     record["matmul_peak_tflops"] = matmul_peak(device)
 
-    tokenizer = train_tokenizer(stdlib_corpus("train").texts, 8192 if not args.tiny else 1024)
+    tokenizer = train_tokenizer(stdlib_corpus("train").texts, min(8192, cfg["vocab_size"]) if args.model != "tiny"
+                                else 1024)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**cfg, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                       pad_token_id=tokenizer.pad_token_id)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    loaded = LoadedModel.wrap(model, tokenizer, name="llama-2-7b-shaped-random")
+    loaded = LoadedModel.wrap(model, tokenizer, name=f"{args.model}-shaped-random")
     stack = find_layers(model)
     L = len(stack)
 
     print("plain forward ...", flush=True)
-    record["forward"] = forward_throughput(model, cfg, device, *((8, 2048) if not args.tiny else (2, 128)))
+    record["forward"] = forward_throughput(model, cfg, device, *((8, 2048) if device.type == "cuda" else (2, 128)))
 
+    rows = [("device", record["device"]), ("model", f"{args.model}: {L} layers, hidden {cfg['hidden_size']}, "
+                                                    f"vocab {cfg['vocab_size']}, {record['dtype']}"),
+            ("matmul peak (bf16 8192³)", f"{record['matmul_peak_tflops']:.0f} TFLOP/s"),
+            ("plain forward", f"{record['forward']['tokens_per_s']:,.0f} tok/s, "
+                              f"{record['forward']['tflops']:.1f} TFLOP/s")]
+    if "lmeval" in workloads:
+        rows += lmeval_workload(args, record, model, loaded, stack, tokenizer, naive_layers, device)
+
+    lm = make_lm(loaded, batch_size=args.naive_batch)
+    record["workloads"] = {}
+    for name, requests in token_workloads(args, cfg["vocab_size"], lm.max_length).items():
+        if name not in workloads:
+            continue
+        print(f"{name}: naive on baseline + layers {naive_layers}, then fast on all {L + 1} variants ...", flush=True)
+        got = bench_workload(model, stack, lm, requests, lm.max_length, naive_layers, args.batch_tokens)
+        record["workloads"][name] = got
+        rows.append((f"{name} ({got['requests']} requests)",
+                     f"naive {got['naive_seconds_extrapolated']:.1f} s (extrap.), fast {got['fast_seconds']:.1f} s: "
+                     f"wall {got['wall_ratio']:.2f}×, work {got['work_ratio']:.2f}× "
+                     f"({got['naive_block_tokens']:,} / {got['block_tokens']:,} block-tokens), "
+                     f"max abs Δ loglik {got['max_abs_delta_loglik']:.2g}"))
+
+    (args.out / "sweep_bench.json").write_text(json.dumps(record, indent=2, default=str))
+    table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    (args.out / "sweep_bench.md").write_text(table + "\n")
+    print(table)
+
+
+def lmeval_workload(args, record: dict, model, loaded, stack, tokenizer, naive_layers: list[int],
+                    device: torch.device) -> list[tuple[str, str]]:
+    """End to end through lm-eval: a multiple-choice and a rolling-perplexity task, the naive
+    engine (one lm-eval evaluation per variant) vs ``run_fast`` (request building, engine pass,
+    aggregation); per-request and per-metric agreement; the engine's TFLOP/s."""
+    cfg, L = record["model"], len(stack)
     tasks_dir = args.out / "tasks"
     write_tasks(tasks_dir, tokenizer, args.mc_docs, args.ppl_docs, args.ppl_tokens)
     taskset = load_tasks(["bench_mc", "bench_ppl"], tasks_dir)
     scorer = LmEvalScorer(loaded, taskset, batch_size=args.naive_batch, bootstrap_iters=1000)
-    naive_layers = [int(x) for x in args.naive_layers.split(",")]
     all_variants = [None, *range(L)]
 
-    # naive: one lm-eval evaluation per variant, on a subset
-    print(f"naive engine on baseline + layers {naive_layers} ...", flush=True)
+    print(f"lmeval: naive engine on baseline + layers {naive_layers} ...", flush=True)
     naive_store = ResultStore(args.out / "naive", {})
     per_variant = []
     for variant in [None, *naive_layers]:
@@ -226,8 +324,7 @@ def main() -> None:
                        "full_sweep_seconds_extrapolated": per_variant[0] + float(np.mean(per_variant[1:])) * L,
                        "note": "extrapolated: baseline + L × mean of the timed removed-layer variants"}
 
-    # fast: the full sweep, end to end (request building, engine pass, lm-eval aggregation)
-    print("fast engine, full sweep ...", flush=True)
+    print("lmeval: fast engine, full sweep ...", flush=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     fast_store = ResultStore(args.out / "fast", {})
@@ -260,10 +357,9 @@ def main() -> None:
     record["agreement"] = {"max_abs_delta_loglik": worst, "max_rel_metric_delta": max(metric_diff.values()),
                            "acc_equal": all(v == 0 for k, v in metric_diff.items() if k.endswith("/acc"))}
 
-    from lnsdiag.engine import _sliding_window
-
-    flops = fast_sweep_flops(requests, scorer.lm.max_length, cfg, all_variants, bool(stats.get("packed_rows")),
-                             _sliding_window(model))
+    rows = plan_rows(requests, scorer.lm.max_length, share=stats.get("shared_rows", 0) > 0,
+                     window=attention_limit(model)[0], row_tokens=stats.get("row_tokens"))
+    flops = fast_sweep_flops(rows, cfg, all_variants)
     engine_seconds = stats["engine_seconds"]
     record["fast"]["sweep_flops"] = flops
     record["fast"]["engine_tflops"] = flops / engine_seconds / 1e12
@@ -271,25 +367,17 @@ def main() -> None:
     if not math.isnan(record["matmul_peak_tflops"]):
         record["fast"]["engine_fraction_of_peak"] = record["fast"]["engine_tflops"] / record["matmul_peak_tflops"]
     record["speedup_vs_naive"] = record["naive"]["full_sweep_seconds_extrapolated"] / fast_seconds
-
-    (args.out / "sweep_bench.json").write_text(json.dumps(record, indent=2, default=str))
-    rows = [
-        ("device", record["device"]),
-        ("matmul peak (bf16 8192³)", f"{record['matmul_peak_tflops']:.0f} TFLOP/s"),
-        ("plain forward", f"{record['forward']['tokens_per_s']:,.0f} tok/s, {record['forward']['tflops']:.0f} TFLOP/s"),
-        ("naive sweep (extrapolated)", f"{record['naive']['full_sweep_seconds_extrapolated']:.1f} s"),
-        ("fast sweep (measured, end to end)", f"{fast_seconds:.1f} s (engine {engine_seconds:.1f} s)"),
-        ("speed-up", f"{record['speedup_vs_naive']:.2f}×"),
-        ("max abs Δ loglik, fast vs naive", f"{worst:.3g}"),
-        ("max relative Δ metric; acc equal", f"{record['agreement']['max_rel_metric_delta']:.3g}; "
-                                             f"{record['agreement']['acc_equal']}"),
+    peak = record["fast"].get("engine_fraction_of_peak", math.nan)
+    return [
+        ("lmeval: naive sweep (extrapolated)", f"{record['naive']['full_sweep_seconds_extrapolated']:.1f} s"),
+        ("lmeval: fast sweep (measured, end to end)", f"{fast_seconds:.1f} s (engine {engine_seconds:.1f} s)"),
+        ("lmeval: speed-up", f"{record['speedup_vs_naive']:.2f}×; work {stats.get('work_ratio')}×"),
+        ("lmeval: max abs Δ loglik, fast vs naive", f"{worst:.3g}"),
+        ("lmeval: max relative Δ metric; acc equal", f"{record['agreement']['max_rel_metric_delta']:.3g}; "
+                                                     f"{record['agreement']['acc_equal']}"),
         ("peak GPU memory", f"{record['fast']['peak_gpu_memory_gib'] or 0:.1f} GiB"),
-        ("fast engine TFLOP/s", f"{record['fast']['engine_tflops']:.0f} "
-                                f"({100 * record['fast'].get('engine_fraction_of_peak', math.nan):.0f}% of peak)"),
+        ("lmeval: fast engine TFLOP/s", f"{record['fast']['engine_tflops']:.1f} ({100 * peak:.0f}% of peak)"),
     ]
-    table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
-    (args.out / "sweep_bench.md").write_text(table + "\n")
-    print(table)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,20 @@ L blocks costs L + L(L−1)/2 block passes instead of ≈ L². Every pass is the
 forward (masks, rotary embeddings, final norm and head included), so every family works.
 
 Three more savings, all exact:
-* requests whose model input is identical (the choices of a one-token multiple-choice
-  question) share one row, as lm-eval's ``logits_cache`` does;
+* requests share their common leading tokens (prefix sharing): the inputs are sorted into a
+  trie and cut into rows; a row holds each shared prefix once and every request's remaining
+  tokens as a branch that attends to its ancestors and itself only, positions continuing from
+  the branch point (:class:`_Row`). A 5-shot MMLU subject's description and dev examples are
+  computed once per row, a question's context once for its choices; identical inputs (one-token
+  choices) share one branch, as lm-eval's ``logits_cache`` does. It is switched on only after
+  a run-time check against unshared rows, and never across a sliding window;
 * the LM head runs only at the positions a request scores (a forward pre-hook gathers them),
   not at every position over the whole vocabulary;
 * rows are sorted by length and packed by a token budget sized from free GPU memory; a batch
   that still runs out of memory is split and retried.
+
+The work done is counted (:func:`count_work`): block-token passes of this engine and of the
+naive one (lm-eval's HFLM per variant) for the same variants.
 
 Log-probabilities are taken in float32 whatever the model's dtype.
 """
@@ -43,30 +51,32 @@ from .surgery import resumed_at
 class _Row:
     """One model input and the requests it answers.
 
-    A plain row is one request's input (shared by requests with identical inputs). A packed
-    row holds a context once and each continuation after it as a segment that sees the
-    context and itself only, with positions restarting after the context (``pos``), so each
-    request's logits are those of its own unpacked input.
+    A plain row is one token sequence (requests with identical inputs share it). A shared row
+    lays out a trie of several requests' inputs depth first: each distinct prefix once, then
+    each branch as a ``run`` of tokens that attends to its ancestors and to itself (causally)
+    only, with position ids continuing from its branch point. Every request therefore sees
+    exactly its own unshared input: a context with its choices is the two-level case, a
+    few-shot prefix with many questions after it the general one.
     """
 
     ids: tuple[int, ...]
     positions: set[int] = field(default_factory=set)
     members: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # (req, pos, targets)
-    segments: list[tuple[int, int]] = field(default_factory=list)  # packed: (first position, length)
+    runs: list[tuple[int, int, int]] = field(default_factory=list)  # shared: (first, length, parent token or -1)
+    own_mask: bool = False  # must run with the model's own mask (longer than a sliding window)
 
     @property
-    def packed(self) -> bool:
-        return bool(self.segments)
-
-    @property
-    def context_length(self) -> int:
-        return self.segments[0][0] if self.segments else len(self.ids)
+    def shared(self) -> bool:
+        return bool(self.runs)
 
     def position_ids(self) -> list[int]:
-        c = self.context_length
-        out = list(range(c))
-        for _, length in self.segments:
-            out += range(c, c + length)
+        """Each token's depth in its request's input (for a plain row: 0, 1, 2, ...)."""
+        if not self.runs:
+            return list(range(len(self.ids)))
+        out = [0] * len(self.ids)
+        for first, length, parent in self.runs:
+            start = out[parent] + 1 if parent >= 0 else 0
+            out[first:first + length] = range(start, start + length)
         return out
 
 
@@ -78,85 +88,131 @@ def _plain_input(req: TokenRequest, n: int, max_length: int) -> tuple[tuple[int,
     return ids, start
 
 
-#: Contexts shorter than this are not worth a custom attention mask (a rolling window's BOS).
+#: Requests sharing fewer leading tokens than this are not worth a custom attention mask
+#: (rolling windows share one BOS).
 MIN_SHARED_CONTEXT = 4
 
 
-def plan_rows(requests: Sequence[TokenRequest], max_length: int, pack: bool = False,
-              window: int | None = None) -> list[_Row]:
-    """Group requests into model rows and order them longest first (lm-eval's order).
+def plan_rows(requests: Sequence[TokenRequest], max_length: int, share: bool = False,
+              window: int | None = None, row_tokens: int | None = None) -> list[_Row]:
+    """Group requests into model rows, longest first (lm-eval's order).
 
     A request's input is ``(context + continuation)[-(max_length+1):][:-1]`` and it scores its
     continuation at the last ``len(continuation)`` positions, exactly as HFLM does. Identical
-    inputs share a row (one-token choices of a question). With ``pack``, requests that share
-    an untruncated context share one packed row (multi-token choices of a question); with a
-    sliding ``window``, only requests that fit in it are packed (a packed row's custom mask
-    replaces the model's window mask).
+    inputs always share a row (one-token choices of a question). With ``share``, inputs that
+    begin with the same tokens share shared rows of at most ``row_tokens`` tokens (default
+    ``max_length``), chosen to hold as few tokens as possible (:func:`_cut_rows`). With a
+    sliding ``window``, inputs longer than it stay plain rows on the model's own mask.
     """
-    span = max_length + 1 if window is None else min(max_length + 1, window)
-    by_input: dict[tuple[int, ...], _Row] = {}
-    by_context: dict[tuple[int, ...], list[int]] = {}
+    by_input: dict[tuple[int, ...], list[tuple[int, int, tuple[int, ...]]]] = {}
     for n, req in enumerate(requests):
         if not req.continuation:  # nothing to score: the engine answers (0.0, True), as HFLM does
             continue
         ids, start = _plain_input(req, n, max_length)
-        if pack and len(req.context) + len(req.continuation) <= span and len(req.context) >= MIN_SHARED_CONTEXT:
-            by_context.setdefault(req.context, []).append(n)
-            continue
-        row = by_input.get(ids)
-        if row is None:
-            row = by_input[ids] = _Row(ids)
-        row.members.append((n, tuple(range(start, start + len(req.continuation))), req.continuation))
-        row.positions.update(range(start, len(ids)))
-    rows = list(by_input.values())
-    for context, members in by_context.items():
-        rows += _packed_rows(context, [(n, requests[n].continuation) for n in members], max_length)
-    return sorted(rows, key=lambda r: (-len(r.ids), r.ids))
-
-
-def _packed_rows(context: tuple[int, ...], members: list[tuple[int, tuple[int, ...]]], max_length: int) -> list[_Row]:
-    """Context once, then one segment per distinct ``continuation[:-1]``; split if too long."""
-    c = len(context)
-    segments: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}
-    for n, cont in members:
-        segments.setdefault(cont[:-1], []).append((n, cont))
-    if len(segments) < 2:  # nothing to share beyond what identical inputs already share
-        (seg, group), = segments.items()
-        row = _Row(context + seg)
-        for n, cont in group:
-            row.members.append((n, tuple(range(c - 1, c - 1 + len(cont))), cont))
-        row.positions.update(range(c - 1, len(row.ids)))
-        return [row]
+        by_input.setdefault(ids, []).append((n, start, req.continuation))
+    inputs = sorted(by_input)  # lexicographic: inputs with a common prefix are neighbours
     rows: list[_Row] = []
-    row = _Row(context)
-    for seg, group in sorted(segments.items(), key=lambda kv: (len(kv[0]), kv[0])):
-        if row.segments and len(row.ids) + len(seg) > max(max_length, c + len(seg)):
-            rows.append(row)
-            row = _Row(context)
-        first = len(row.ids)
-        if seg:
-            row.segments.append((first, len(seg)))
-            row.ids = row.ids + seg
-        for n, cont in group:
-            # target 0 is predicted at the context's last token, target j at the segment's (j-1)-th
-            positions = (c - 1, *range(first, first + len(cont) - 1))
-            row.members.append((n, positions, cont))
-            row.positions.update(positions)
-    rows.append(row)
-    for r in rows:
-        if len(r.segments) == 1:  # a context and one segment right after it: the plain input
-            r.segments = []
-    return rows
+    budget = max_length if row_tokens is None else row_tokens
+    fits = [share and (window is None or len(ids) <= window) for ids in inputs]
+    group: list[tuple[int, ...]] = []
+    for k, ids in enumerate(inputs + [()]):
+        joins = k < len(inputs) and fits[k] and bool(group) and fits[k - 1] and \
+            _common(group[-1], ids) >= MIN_SHARED_CONTEXT
+        if not joins and group:
+            rows += [_build_row(part, by_input) for part in _cut_rows(group, budget)]
+            group = []
+        group.append(ids)
+    for row in rows:
+        row.own_mask = window is not None and not row.shared and len(row.ids) > window
+    return sorted(rows, key=lambda r: (not r.own_mask, -len(r.ids), r.ids))
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of ``a`` and ``b``."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _cut_rows(inputs: list[tuple[int, ...]], budget: int) -> list[list[tuple[int, ...]]]:
+    """Split sorted inputs into consecutive rows of at most ``budget`` distinct tokens, with the
+    fewest tokens in all (then the fewest rows).
+
+    In sorted order an input's longest common prefix with any earlier one is the one with its
+    predecessor, so a row of inputs i..j-1 holds ``len(i) + Σ (len(k) − common(k−1, k))``
+    tokens; a cut before k costs ``common(k−1, k)`` repeated tokens. Dynamic programming over
+    the cut points (an input longer than the budget gets a row of its own).
+    """
+    n = len(inputs)
+    common = [0] + [_common(inputs[k - 1], inputs[k]) for k in range(1, n)]
+    added = [0]
+    for k in range(n):
+        added.append(added[-1] + len(inputs[k]) - common[k])
+    best: list[tuple[int, int]] = [(0, 0)] + [(0, 0)] * n
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):
+        choice = None
+        for i in range(j - 1, -1, -1):
+            size = added[j] - added[i] + common[i]
+            if j - i > 1 and size > budget:
+                break  # sizes only grow as the row starts earlier
+            cost = (best[i][0] + size, best[i][1] + 1)
+            if choice is None or cost < choice[0]:
+                choice = (cost, i)
+        best[j], start[j] = choice  # type: ignore[misc]
+    parts: list[list[tuple[int, ...]]] = []
+    j = n
+    while j > 0:
+        parts.append(inputs[start[j]:j])
+        j = start[j]
+    return parts[::-1]
+
+
+def _build_row(inputs: list[tuple[int, ...]], by_input: dict) -> _Row:
+    """Lay out sorted ``inputs`` depth first; a single path (one input, or inputs that are
+    prefixes of the last) is a plain row."""
+    ids: list[int] = []
+    runs: list[list[int]] = []
+    path: list[int] = []  # row index of each token of the previous input
+    placed: list[tuple[tuple[int, ...], list[int]]] = []
+    for ids_k in inputs:
+        shared = _common(ids_k[:len(path)], [ids[p] for p in path]) if path else 0
+        new = ids_k[shared:]
+        parent = path[shared - 1] if shared else -1
+        first = len(ids)
+        if new:
+            if runs and parent == first - 1 and parent >= 0:
+                runs[-1][1] += len(new)  # continues the previous run: no branch
+            else:
+                runs.append([first, len(new), parent])
+            ids += new
+        path = path[:shared] + list(range(first, first + len(new)))
+        placed.append((ids_k, list(path)))
+    row = _Row(tuple(ids))
+    if len(runs) > 1:
+        row.runs = [(a, b, c) for a, b, c in runs]
+    for ids_k, where in placed:
+        for n, start, cont in by_input[ids_k]:
+            at = tuple(where[start:start + len(cont)])
+            row.members.append((n, at, cont))
+            row.positions.update(at)
+    return row
 
 
 def _batches(rows: list[_Row], budget: int, max_rows: int = 512) -> list[list[int]]:
-    """Consecutive row indices whose padded size (rows × longest) stays within ``budget`` tokens."""
+    """Consecutive row indices whose padded size (rows × longest) stays within ``budget`` tokens.
+
+    A row that needs the model's own mask (beyond a sliding window) never shares a batch with
+    a shared row, whose batch gets a custom mask."""
     out: list[list[int]] = []
     current: list[int] = []
     width = 0
     for i, row in enumerate(rows):
         w = max(width, len(row.ids))
-        if current and (w * (len(current) + 1) > budget or len(current) >= max_rows):
+        if current and (w * (len(current) + 1) > budget or len(current) >= max_rows
+                        or row.own_mask != rows[current[-1]].own_mask):
             out.append(current)
             current, w = [], len(row.ids)
         current.append(i)
@@ -277,7 +333,7 @@ def plan_digest(rows: Sequence[_Row]) -> str:
     digest = hashlib.sha256()
     for row in rows:
         digest.update(np.asarray(row.ids, dtype=np.int64).tobytes())
-        digest.update(repr((row.segments, [(n, p) for n, p, _ in row.members])).encode())
+        digest.update(repr((row.runs, row.own_mask, [(n, p) for n, p, _ in row.members])).encode())
     return digest.hexdigest()[:32]
 
 
@@ -297,7 +353,7 @@ def default_budget(model: torch.nn.Module, stack: LayerStack, kept_states: int, 
     """Tokens per batch that fit the free memory of the model's device (CPU: 8192).
 
     Per token: the kept block inputs (copies), a forward's working set, the logits of the
-    scored positions (model dtype plus float32 for the log-sum-exp), and for packed rows the
+    scored positions (model dtype plus float32 for the log-sum-exp), and for shared rows the
     row's share of its boolean attention mask.
     """
     device = model.get_input_embeddings().weight.device
@@ -311,14 +367,14 @@ def default_budget(model: torch.nn.Module, stack: LayerStack, kept_states: int, 
     elem = next(model.parameters()).element_size()
     tokens = max(1, sum(len(r.ids) for r in rows))
     scored = sum(len(r.positions) for r in rows) / tokens
-    widest = max((len(r.ids) for r in rows if r.packed), default=0)
+    widest = max((len(r.ids) for r in rows if r.shared), default=0)
     per_token = (kept_states + 1) * hidden * elem + (12 * hidden + 3 * inter) * elem
     per_token += scored * vocab * (elem + 8) + widest
     return int(max(512, min(131_072, 0.6 * free / per_token)))
 
 
 def _cannot_pack(model: torch.nn.Module) -> str:
-    """Why packed rows (custom 4D mask + position ids) cannot be used on this model, if so."""
+    """Why shared rows (custom 4D mask + position ids) cannot be used on this model, if so."""
     import inspect
 
     impl = getattr(model.config, "_attn_implementation", "sdpa")
@@ -343,26 +399,26 @@ class SweepEngine:
     """Log-likelihoods of the full model and of each one-block-removed variant, in one pass."""
 
     def __init__(self, model: torch.nn.Module, stack: LayerStack, variants: Sequence[int | None], *,
-                 batch_tokens: int | None = None, pad_id: int = 0, pack: bool = True) -> None:
+                 batch_tokens: int | None = None, pad_id: int = 0, share: bool = True,
+                 row_tokens: int | None = None) -> None:
         self.model, self.stack = model, stack
         self.variants = list(variants)
         self.layers = sorted(v for v in self.variants if v is not None)
         self.batch_tokens = batch_tokens
         self.pad_id = pad_id
         self.device = model.get_input_embeddings().weight.device
-        self.pack = pack
+        self.share = share
+        self.row_tokens = row_tokens
         self.stats: dict[str, Any] = {}
 
     def layer_passes(self, rows: int = 1) -> int:
         """Block passes per row: the baseline (or up to the deepest kept input) plus each resume."""
-        L = len(self.stack)
-        base = L if None in self.variants or not self.layers else self.layers[-1]
-        return rows * (base + sum(L - i - 1 for i in self.layers))
+        return rows * layer_passes(len(self.stack), self.variants)
 
     def run(self, requests: Sequence[TokenRequest], max_length: int, *, progress: Progress = SILENT,
             checkpoint: Checkpoint | None = None) -> EngineResult:
         """Every variant's log-likelihood and greedy flag for every request; progress counts tokens."""
-        rows, packing = self._plan(requests, max_length)
+        rows, sharing, checked = self._plan(requests, max_length)
         n_var, n_req = len(self.variants), len(requests)
         state = None
         if checkpoint is not None:
@@ -375,9 +431,10 @@ class SweepEngine:
             empty = [n for n, r in enumerate(requests) if not r.continuation]
             state.greedy[:, empty] = True  # an empty continuation: log-likelihood 0, trivially greedy
         total = sum(len(r.ids) for r in rows)
-        self.stats = {"requests": n_req, "rows": len(rows), "packed_rows": sum(r.packed for r in rows),
-                      "budget": state.budget, "tokens": total, "packing": packing,
-                      "unshared_tokens": _unshared_tokens(requests, max_length)}
+        self.stats = {"requests": n_req, "rows": len(rows), "shared_rows": sum(r.shared for r in rows),
+                      "budget": state.budget, "row_tokens": self._row_tokens(max_length), "tokens": total,
+                      "sharing": sharing, "unshared_tokens": naive_tokens(requests, max_length),
+                      **count_work(requests, rows, max_length, len(self.stack), self.variants, checked)}
         progress.phase(PASS_PHASE, total=total)
         progress.advance(sum(len(r.ids) for r, d in zip(rows, state.done, strict=True) if d))
         try:
@@ -394,51 +451,60 @@ class SweepEngine:
                 checkpoint.save(state, force=True)
         return EngineResult(self.variants, state.loglik, state.greedy)
 
-    def _plan(self, requests: Sequence[TokenRequest], max_length: int) -> tuple[list[_Row], str]:
-        """Rows for the requests; packed where the model supports it and a check proves it exact."""
+    def _row_tokens(self, max_length: int) -> int:
+        return self.row_tokens or default_row_tokens(self.model, max_length)
+
+    def _plan(self, requests: Sequence[TokenRequest], max_length: int) -> tuple[list[_Row], str, int]:
+        """Rows for the requests; shared where the model supports it and a check proves it exact.
+        Also says why or why not, and how many tokens the check ran."""
         plain = plan_rows(requests, max_length)
-        if not self.pack:
-            return plain, "off"
+        if not self.share:
+            return plain, "off", 0
         reason = _cannot_pack(self.model)
         if reason:
-            return plain, f"off: {reason}"
-        rows = plan_rows(requests, max_length, pack=True, window=_sliding_window(self.model))
-        packed = [r for r in rows if r.packed]
-        if not packed:
-            return plain, "nothing to pack"
-        probes = {id(r): r for r in (max(packed, key=lambda r: (len(r.segments), -len(r.ids))),  # most segments
-                                     max(packed, key=lambda r: len(r.ids)))}.values()  # and the longest
-        try:
-            worst, noise, count = self._check_packing(list(probes), requests, max_length)
-        except Exception as exc:  # a model whose forward rejects custom masks or position ids
-            return plain, f"off: packed rows failed ({type(exc).__name__})"
-        # float32: exact packing agrees to ~1e-6. Half precision: allow a few times the rounding
-        # noise measured between two unpacked computations of the same requests.
+            return plain, f"off: {reason}", 0
+        window, name = attention_limit(self.model)
+        rows = plan_rows(requests, max_length, share=True, window=window, row_tokens=self._row_tokens(max_length))
+        limited = ""
+        if window is not None:
+            longer = sum(len(r.members) for r in rows if r.own_mask)
+            limited = (f"; {longer} requests longer than the {window}-token attention window ({name}) "
+                       "unshared: a custom mask would hide the window") if longer else ""
+        if not any(r.shared for r in rows):
+            return plain, ("nothing to share" + limited) if not limited else "off" + limited, 0
+        # float32: exact sharing agrees to ~1e-6. Half precision: allow a few times the rounding
+        # noise measured between two unshared computations of the same requests.
         fp32 = next(self.model.parameters()).dtype == torch.float32
+        probes = probe_plan(rows, len(self.stack), self.variants)
+        checked = check_tokens(probes, requests, max_length, noise=not fp32)
+        try:
+            worst, noise, count = self._check_sharing(probes, requests, max_length, noise=not fp32)
+        except Exception as exc:  # a model whose forward rejects custom masks or position ids
+            return plain, f"off: shared rows failed ({type(exc).__name__})", checked
         tol = 2e-5 if fp32 else max(0.02, 4 * noise)
         if worst > tol:
-            return plain, f"off: packed rows differed by {worst:.3g} from unpacked ones (tolerance {tol:.2g})"
-        return rows, f"on (checked on {count} requests: max |Δ| {worst:.2g}, tolerance {tol:.2g})"
+            return plain, f"off: shared rows differed by {worst:.3g} from unshared ones (tolerance {tol:.2g})", checked
+        return rows, (f"on (checked on {count} requests in {len(probes)} rows: max |Δ| {worst:.2g}, "
+                      f"tolerance {tol:.2g}){limited}"), checked
 
-    def _check_packing(self, probes: list[_Row], requests: Sequence[TokenRequest], max_length: int
-                       ) -> tuple[float, float, int]:
-        """Max |Δ log-likelihood| packed vs unpacked, and unpacked alone vs unpacked batched."""
-        members = sorted({n for row in probes for n, _, _ in row.members})
+    def _check_sharing(self, probes: list[tuple[_Row, list[int]]], requests: Sequence[TokenRequest],
+                       max_length: int, noise: bool = False) -> tuple[float, float, int]:
+        """Max |Δ log-likelihood| shared vs unshared, and (with ``noise``) unshared alone vs
+        unshared batched."""
+        members = sorted({n for _, chosen in probes for n in chosen})
         flags = np.zeros((1, len(requests)), dtype=bool)
-        packed, alone, together = (np.zeros((1, len(requests))) for _ in range(3))
-        for row in probes:
-            self._batch([row], packed, flags, baseline_only=True)
-        for n in members:
-            (row,) = plan_rows([requests[n]], max_length)
-            row.members = [(n, *row.members[0][1:])]
-            self._batch([row], alone, flags, baseline_only=True)
+        shared, alone, together = (np.zeros((1, len(requests))) for _ in range(3))
+        for row, _ in probes:
+            self._batch([row], shared, flags, baseline_only=True)
         batched = plan_rows([requests[n] for n in members], max_length)
         for row in batched:
             row.members = [(members[i], *rest) for i, *rest in row.members]
-        self._batch(batched, together, flags, baseline_only=True)
-        worst = float(np.abs(packed[0, members] - alone[0, members]).max())
-        noise = float(np.abs(together[0, members] - alone[0, members]).max())
-        return worst, noise, len(members)
+            self._batch([row], alone, flags, baseline_only=True)
+        if noise:
+            self._batch(batched, together, flags, baseline_only=True)
+        worst = float(np.abs(shared[0, members] - alone[0, members]).max())
+        spread = float(np.abs(together[0, members] - alone[0, members]).max()) if noise else 0.0
+        return worst, spread, len(members)
 
     # --- one batch ------------------------------------------------------------------------
 
@@ -487,8 +553,8 @@ class SweepEngine:
                        np.asarray(requests))
         ids, gather = ids.to(dev), gather.to(dev)
         kwargs: dict[str, Any] = dict(no_cache_kwargs(self.model))
-        if any(r.packed for r in rows):
-            kwargs.update(_packed_inputs(rows, width, self.model, dev))
+        if any(r.shared for r in rows):
+            kwargs.update(_shared_inputs(rows, width, self.model, dev))
         kept: dict[int, torch.Tensor] = {}
         stop_after = None if None in variants or not layers else layers[-1]
         hooks = [self.stack.layers[i].register_forward_pre_hook(_keeper(i, kept, stop_after), with_kwargs=True)
@@ -535,36 +601,163 @@ class SweepEngine:
         greedy[v, index.requests] = (misses == 0).cpu().numpy()
 
 
-def _sliding_window(model: torch.nn.Module) -> int | None:
+#: Config fields that bound how far back a layer attends: (name, what it is). A custom mask
+#: replaces the model's own, so a shared row is exact only for inputs within the smallest.
+_WINDOW_FIELDS = (
+    ("sliding_window", "sliding window"),  # Mistral, Qwen2, Gemma 2/3, Phi-3, Cohere 2, GPT-OSS, ...
+    ("window_size", "local attention window"),  # GPT-Neo
+    ("attention_window", "local attention window"),  # Longformer, LED
+    ("attention_window_size", "local attention window"),  # RecurrentGemma
+    ("sliding_window_size", "sliding window"),  # MiMo-V2
+    ("local_attention_window_len", "local attention window"),  # BLT
+    ("local_attention", "local attention window"),  # ModernBERT
+    ("attention_chunk_size", "attention chunk"),  # Llama 4: chunked attention
+    ("sliding_windows", "sliding window"),
+)
+
+
+def attention_limit(model: torch.nn.Module) -> tuple[int | None, str]:
+    """The smallest window (or chunk) any layer of the model attends within, and its config name.
+
+    A window that the config says no layer uses (``use_sliding_window=False``; ``layer_types``
+    or GPT-Neo's ``attention_layers`` naming full or global attention and no local kind) does
+    not count. When in doubt the window counts: that only shares less.
+    """
     config = text_config(model)
-    if getattr(config, "use_sliding_window", True) is False:
-        return None
-    window = getattr(config, "sliding_window", None)
-    return int(window) if isinstance(window, int) and window > 0 else None
+    kinds = getattr(config, "layer_types", None) or getattr(config, "attention_layers", None)
+    kinds = [str(k) for k in kinds] if isinstance(kinds, (list, tuple)) else []
+    no_local = any("full" in k or "global" in k for k in kinds) and not any(
+        w in k for k in kinds for w in ("sliding", "local", "chunk"))
+    if getattr(config, "use_sliding_window", True) is False or no_local:
+        return None, ""
+    found: list[tuple[int, str]] = []
+    for name, _ in _WINDOW_FIELDS:
+        value = getattr(config, name, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                found.append((v, f"config.{name}"))
+    return min(found) if found else (None, "")
 
 
-def _unshared_tokens(requests: Sequence[TokenRequest], max_length: int) -> int:
-    """Tokens HFLM would feed for these requests (one row per request), for the stats."""
-    return sum(min(len(r.context) + len(r.continuation), max_length + 1) - 1 for r in requests)
+def default_row_tokens(model: torch.nn.Module, max_length: int) -> int:
+    """Longest shared row: at most the context length, and short enough that its dense attention
+    (≈ 4·hidden·width FLOPs a token, masked keys included) costs no more than the block's
+    matmuls (≈ 2·(4·hidden² + 3·hidden·intermediate)); never below 1024 tokens."""
+    config = text_config(model)
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 4096)
+    inter = int(getattr(config, "intermediate_size", 0) or getattr(config, "ffn_dim", 0) or 4 * hidden)
+    return int(min(max_length, max(1024, 2 * hidden + 1.5 * inter)))
 
 
-def _packed_inputs(rows: list[_Row], width: int, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
-    """A 4D attention mask and position ids for a batch holding packed rows.
+def layer_passes(n_layers: int, variants: Sequence[int | None]) -> int:
+    """Blocks the fast engine runs per row token: the baseline (or up to the deepest kept
+    input when the baseline is not asked for), then each variant i resumed at block i+1."""
+    layers = sorted(v for v in variants if v is not None)
+    base = n_layers if None in variants or not layers else layers[-1]
+    return base + sum(n_layers - i - 1 for i in layers)
 
-    Plain rows get the ordinary causal mask. Padding positions see token 0 only (a fully
+
+def naive_layer_passes(n_layers: int, variants: Sequence[int | None]) -> int:
+    """Blocks the naive engine runs per row token: every block of each variant but the removed one."""
+    return sum(n_layers if v is None else n_layers - 1 for v in variants)
+
+
+def naive_tokens(requests: Sequence[TokenRequest], max_length: int) -> int:
+    """Tokens HFLM feeds for these requests: one row per distinct ``context + continuation[:-1]``
+    (its one-token-continuation cache shares those), cut to ``max_length``; padding excluded."""
+    keys = {r.context + r.continuation[:-1] for r in requests if r.continuation}
+    return sum(min(len(k), max_length) for k in keys)
+
+
+def probe_plan(rows: Sequence[_Row], n_layers: int, variants: Sequence[int | None], *, limit: int = 8,
+               per_row: int = 2, share_of_work: float = 0.05) -> list[tuple[_Row, list[int]]]:
+    """The shared rows the exactness check runs and the requests it compares in each.
+
+    Rows in order of priority: the widest, the one answering most requests, then the rest
+    spread over the plan, up to ``limit``; in each, ``per_row`` requests spread over the row
+    (its first branch and its last, the deepest in the row). Rows are added while the check
+    (each probe row, and each compared request's own input, through all blocks) costs at most
+    ``share_of_work`` of the pass's block-token work; the first two always.
+    """
+    shared = [r for r in rows if r.shared]
+    if not shared:
+        return []
+    picks = [max(range(len(shared)), key=lambda i: (len(shared[i].ids), -i)),
+             max(range(len(shared)), key=lambda i: (len(shared[i].members), -i))]
+    picks += [round(k * (len(shared) - 1) / max(1, limit - 1)) for k in range(limit)]
+    allowed = share_of_work * sum(len(r.ids) for r in rows) * layer_passes(n_layers, variants) / max(1, n_layers)
+    out: list[tuple[_Row, list[int]]] = []
+    spent = 0
+    for i in list(dict.fromkeys(picks))[:limit]:
+        row = shared[i]
+        order = sorted(row.members, key=lambda m: (m[1][0], m[0]))
+        chosen = list(dict.fromkeys(order[round(k * (len(order) - 1) / max(1, per_row - 1))][0]
+                                    for k in range(per_row)))
+        depth = row.position_ids()
+        ends = {max(m[1]) for m in row.members if m[0] in chosen}  # one per distinct input
+        cost = len(row.ids) + sum(depth[end] + 1 for end in ends)
+        if len(out) >= 2 and spent + cost > allowed:
+            break
+        out.append((row, chosen))
+        spent += cost
+    where = {id(r): k for k, r in enumerate(rows)}
+    return sorted(out, key=lambda probe: where[id(probe[0])])
+
+
+def check_tokens(probes: Sequence[tuple[_Row, list[int]]], requests: Sequence[TokenRequest], max_length: int,
+                 noise: bool = False) -> int:
+    """Tokens the exactness check feeds the full model: each probe row, and each compared
+    request's own input (twice with ``noise``: alone, then batched, to measure rounding noise)."""
+    members = sorted({n for _, chosen in probes for n in chosen})
+    alone = sum(len(r.ids) for r in plan_rows([requests[n] for n in members], max_length))
+    return sum(len(row.ids) for row, _ in probes) + (2 if noise else 1) * alone
+
+
+def count_work(requests: Sequence[TokenRequest], rows: Sequence[_Row], max_length: int, n_layers: int,
+               variants: Sequence[int | None], checked_tokens: int = 0) -> dict[str, Any]:
+    """Block-token passes of the fast engine for this plan, and of the naive engine for the same
+    variants; padding excluded on both sides (it depends on batch sizes, not on the method).
+
+    ``block_tokens`` = Σ row tokens × :func:`layer_passes` + the exactness check's tokens ×
+    ``n_layers`` (it runs the full model); ``naive_block_tokens`` = HFLM's row tokens
+    (:func:`naive_tokens`) × :func:`naive_layer_passes`.
+    """
+    fast = sum(len(r.ids) for r in rows) * layer_passes(n_layers, variants) + checked_tokens * n_layers
+    naive = naive_tokens(requests, max_length) * naive_layer_passes(n_layers, variants)
+    return {"block_tokens": fast, "naive_block_tokens": naive, "check_block_tokens": checked_tokens * n_layers,
+            "work_ratio": round(naive / fast, 3) if fast else None}
+
+
+def planned_work(requests: Sequence[TokenRequest], max_length: int, n_layers: int,
+                 variants: Sequence[int | None], *, row_tokens: int | None = None,
+                 window: int | None = None, half: bool = False) -> dict[str, Any]:
+    """What :meth:`SweepEngine.run` reports as its work when sharing is on and checked, without
+    a model: the same plan, probe choice and count (used for the counted targets)."""
+    rows = plan_rows(requests, max_length, share=True, window=window, row_tokens=row_tokens)
+    checked = check_tokens(probe_plan(rows, n_layers, variants), requests, max_length, noise=half)
+    return count_work(requests, rows, max_length, n_layers, variants, checked)
+
+
+def _shared_inputs(rows: list[_Row], width: int, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    """A 4D attention mask and position ids for a batch holding shared rows.
+
+    A run's tokens see what its parent token sees, the parent, and the run itself causally;
+    plain rows get the ordinary causal mask. Padding positions see token 0 only (a fully
     masked row would give NaNs); no real token ever sees padding.
     """
-    allow = torch.zeros((len(rows), width, width), dtype=torch.bool)
+    allow = torch.zeros((len(rows), width, width), dtype=torch.bool, device=device)  # built where it is used
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     for b, row in enumerate(rows):
-        n, c = len(row.ids), row.context_length
-        allow[b, :c, :c] = torch.ones(c, c, dtype=torch.bool).tril()
-        for first, length in row.segments:
-            allow[b, first:first + length, :c] = True
-            allow[b, first:first + length, first:first + length] = torch.ones(length, length, dtype=torch.bool).tril()
+        n = len(row.ids)
+        for first, length, parent in row.runs or [(0, n, -1)]:
+            if parent >= 0:
+                allow[b, first:first + length] = allow[b, parent]
+            allow[b, first:first + length, first:first + length] = causal[:length, :length]
         allow[b, n:, 0] = True
         pos[b, :n] = torch.tensor(row.position_ids(), dtype=torch.long)
-    mask = allow.unsqueeze(1).to(device)
+    mask = allow.unsqueeze(1)
     if getattr(model.config, "_attn_implementation", "sdpa") == "eager":
         dtype = next(model.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)

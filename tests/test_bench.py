@@ -22,3 +22,9 @@ def test_sweep_bench_tiny(tmp_path):
     assert record["agreement"]["max_abs_delta_loglik"] < 1e-2
     assert record["fast"]["requests"] > 0 and record["naive"]["full_sweep_seconds_extrapolated"] > 0
     assert "speed-up" in (tmp_path / "sweep_bench.md").read_text()
+    workloads = record["workloads"]
+    assert set(workloads) == {"mmlu_5shot", "hellaswag_10shot", "perplexity"}
+    for name, got in workloads.items():
+        assert got["max_abs_delta_loglik"] < 1e-2, name
+        assert got["naive_block_tokens"] > got["block_tokens"] > 0 and got["fast_seconds"] > 0, name
+    assert workloads["mmlu_5shot"]["sharing"].startswith("on")

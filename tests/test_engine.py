@@ -269,11 +269,11 @@ def test_packed_contexts_reproduce_unpacked_rows(family):
     requests = _mc_requests()
     packed = SweepEngine(model, stack, VARIANTS, batch_tokens=160)
     got = packed.run(requests, 64)
-    assert packed.stats["packing"].startswith("on") and packed.stats["packed_rows"] == 5
+    assert packed.stats["sharing"].startswith("on") and packed.stats["shared_rows"] == 5
     assert packed.stats["tokens"] < packed.stats["unshared_tokens"] / 2
-    plain = SweepEngine(model, stack, VARIANTS, batch_tokens=160, pack=False)
+    plain = SweepEngine(model, stack, VARIANTS, batch_tokens=160, share=False)
     want = plain.run(requests, 64)
-    assert plain.stats["packed_rows"] == 0
+    assert plain.stats["shared_rows"] == 0
     assert np.abs(got.loglik - want.loglik).max() < 1e-4
     assert np.array_equal(got.greedy, want.greedy)
 
@@ -281,21 +281,21 @@ def test_packed_contexts_reproduce_unpacked_rows(family):
 def test_packing_is_switched_off_when_it_would_not_be_exact(monkeypatch):
     import lnsdiag.engine as engine_module
 
-    real = engine_module._packed_inputs
+    real = engine_module._shared_inputs
 
     def wrong_positions(rows, width, model, device):
         inputs = real(rows, width, model, device)
         inputs["position_ids"] = torch.arange(width, device=device).expand(len(rows), -1)  # no restart
         return inputs
 
-    monkeypatch.setattr(engine_module, "_packed_inputs", wrong_positions)
+    monkeypatch.setattr(engine_module, "_shared_inputs", wrong_positions)
     model = tiny_model("llama")
     stack = find_layers(model)
     requests = _mc_requests()
     engine = SweepEngine(model, stack, [None, 1], batch_tokens=160)
     got = engine.run(requests, 64)
-    assert engine.stats["packing"].startswith("off: packed rows differed")
-    want = SweepEngine(model, stack, [None, 1], batch_tokens=160, pack=False).run(requests, 64)
+    assert engine.stats["sharing"].startswith("off: shared rows differed")
+    want = SweepEngine(model, stack, [None, 1], batch_tokens=160, share=False).run(requests, 64)
     assert np.abs(got.loglik - want.loglik).max() < 1e-5
 
 
@@ -303,17 +303,18 @@ def test_no_packing_beyond_a_sliding_window():
     model = tiny_model("mistral")  # window of 5 tokens: a packed mask would hide the window
     engine = SweepEngine(model, find_layers(model), [None], batch_tokens=160)
     engine.run(_mc_requests(), 64)
-    assert engine.stats["packed_rows"] == 0
+    assert engine.stats["shared_rows"] == 0
+    assert "5-token attention window (config.sliding_window)" in engine.stats["sharing"]
 
 
 def test_rolling_windows_stay_plain_rows():
     """Windows share only a BOS: nothing worth a custom mask, so no packing."""
     windows = [TokenRequest((1,), tuple(range(k, k + n))) for k, n in ((3, 30), (40, 30), (80, 12), (90, 5))]
-    rows = plan_rows(windows, max_length=64, pack=True)
-    assert len(rows) == 4 and not any(r.packed for r in rows)
+    rows = plan_rows(windows, max_length=64, share=True)
+    assert len(rows) == 4 and not any(r.shared for r in rows)
     mc = _mc_requests(questions=1)
-    (row,) = plan_rows(mc, max_length=64, pack=True)
-    assert row.packed and len(row.segments) >= 2
+    (row,) = plan_rows(mc, max_length=64, share=True)
+    assert row.shared and len(row.runs) >= 3  # the context, then a branch per distinct choice
 
 
 def _in_place_blocks(model):
@@ -383,11 +384,11 @@ def test_packing_falls_back_when_the_model_rejects_it(monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("too many values to unpack")
 
-    monkeypatch.setattr(engine_module, "_packed_inputs", broken)
+    monkeypatch.setattr(engine_module, "_shared_inputs", broken)
     model = tiny_model("llama")
     engine = SweepEngine(model, find_layers(model), [None], batch_tokens=160)
     engine.run(_mc_requests(), 64)
-    assert engine.stats["packing"] == "off: packed rows failed (ValueError)"
+    assert engine.stats["sharing"] == "off: shared rows failed (ValueError)"
     model.config.alibi = True
     assert engine_module._cannot_pack(model) == "ALiBi positions ignore position ids"
 

@@ -64,4 +64,9 @@ def show_prune(run: PruneRun, title: str = "") -> None:
     for line in report.prune_summary(run.frame, run.tasks):
         _say(line)
     _say(f"[dim]{run.meta['dead_rule']}[/dim]")
+    work = run.meta.get("engine_stats") or {}
+    if work.get("block_tokens") and work.get("naive_block_tokens"):
+        _say(f"[dim]work: {work['block_tokens']:,} block-token passes, {work['naive_block_tokens']:,} for the naive "
+             f"engine ({work['naive_block_tokens'] / work['block_tokens']:.2f}× less; shared prefixes: "
+             f"{work.get('sharing') or 'off'})[/dim]")
     print_files(report.write_prune(run.frame, run.tasks, run.folder, run.meta, plots=True, title=title))
