@@ -1,16 +1,25 @@
 """The demo model: a small Llama trained offline on the standard library's docstrings.
 
 A random model shows nothing and many machines cannot reach the hub, so ``lnsdiag demo``
-trains its own model (12 layers by default, a few minutes on a laptop CPU), caches it, and
-runs the diagnostics on it through the same functions and the same loading path
+runs the diagnostics on its own model, through the same functions and the same loading path
 (``load_model(directory)``) a user's checkpoint goes through.
+
+Training it takes minutes on a CPU, so the default model and its LNS twin ship with the
+package (``demo_weights/``: float16 weights, tokenizer, config, training record and a SHA-256
+manifest), written by ``python -m lnsdiag.demo_model export`` from this very recipe. They are
+checked and copied into the cache as float32; ``lnsdiag demo --retrain`` trains them from
+scratch instead, and ``python -m lnsdiag.demo_model compare`` shows the two agree.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import os
+import platform
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,6 +41,14 @@ RECIPE_VERSION = 1
 NORMS: tuple[str, ...] = ("pre-ln", "lns", "post-ln")
 #: New spec fields, left out of the cache key at these defaults so existing keys stay valid.
 _KEY_DEFAULTS = {"norm": "pre-ln", "init": "default"}
+#: Shipped demo models, one folder per cache entry (``demo_dir(spec).name``).
+SHIPPED = Path(__file__).with_name("demo_weights")
+#: The shipped twins: the default spec with each of these norms.
+SHIPPED_NORMS: tuple[str, ...] = ("pre-ln", "lns")
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+RECORD = "train_log.json"
+RETRAIN_HINT = "run `lnsdiag demo --retrain` to train the model from scratch"
 
 
 @dataclass(frozen=True)
@@ -118,6 +135,91 @@ def demo_dir(spec: DemoSpec, text: TextSource | None = None) -> Path:
     return cache_dir() / "demo" / f"{spec.name}-{key}"
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shipped_dir(spec: DemoSpec, text: TextSource | None = None) -> Path | None:
+    """The shipped folder of this spec's model, if the package has one (stdlib corpus only)."""
+    if text is not None:
+        return None
+    folder = SHIPPED / demo_dir(spec).name
+    return folder if folder.is_dir() else None
+
+
+def verify_shipped(folder: Path) -> dict[str, Any]:
+    """The folder's manifest, once every file it lists matches its SHA-256, else a UserError."""
+    manifest_path = folder / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"cannot read the shipped demo weights' manifest {manifest_path} "
+                        f"({type(exc).__name__}): reinstall lnsdiag or {RETRAIN_HINT}") from exc
+    if WEIGHTS not in files or RECORD not in files or any(Path(n).name != n for n in files):
+        raise UserError(f"the shipped demo weights' manifest {manifest_path} is malformed: "
+                        f"reinstall lnsdiag or {RETRAIN_HINT}")
+    for name, expected in files.items():
+        path = folder / name
+        try:
+            actual = file_sha256(path)
+        except OSError as exc:
+            raise UserError(f"cannot read the shipped demo weights file {path} ({exc.strerror or type(exc).__name__})"
+                            f": reinstall lnsdiag or {RETRAIN_HINT}") from exc
+        if actual != expected:
+            raise UserError(f"the shipped demo weights file {path} does not match its SHA-256 in {MANIFEST} "
+                            f"(corrupt or modified): reinstall lnsdiag or {RETRAIN_HINT}")
+    return manifest
+
+
+def _materialise(folder: Path, manifest: dict[str, Any], target: Path) -> dict[str, Any]:
+    """Copy a verified shipped model into the cache, its float16 weights as float32.
+
+    The cache then holds exactly what the shipped weights give (upcasting is exact), in the
+    format a freshly trained model has, so every later step loads it the same way.
+    """
+    from safetensors.torch import load_file, save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        for name in manifest["files"]:
+            if name != WEIGHTS:
+                shutil.copyfile(folder / name, staging / name)
+        tensors = load_file(folder / WEIGHTS)
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, staging / WEIGHTS, metadata={"format": "pt"})
+        record = json.loads((staging / RECORD).read_text(encoding="utf-8"))
+        record["weights"] = {"source": "shipped", "stored_dtype": manifest.get("stored_dtype", "float16"),
+                             "dtype": "float32", "shipped_sha256": manifest["files"][WEIGHTS],
+                             "sha256": file_sha256(staging / WEIGHTS), "trained_on": manifest.get("trained_on", {})}
+        write_json(staging / RECORD, record)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return record
+
+
+def _check_cached(target: Path, record: dict[str, Any]) -> None:
+    """A cached model whose weights no longer match the SHA-256 written with them is a UserError."""
+    expected = (record.get("weights") or {}).get("sha256")
+    if not expected:
+        return  # cached before checksums were recorded
+    path = target / WEIGHTS
+    try:
+        ok = file_sha256(path) == expected
+    except OSError:
+        ok = False
+    if not ok:
+        raise UserError(f"the cached demo model file {path} is missing or does not match the SHA-256 recorded "
+                        f"with it: {RETRAIN_HINT}, or delete {target} to rebuild it")
+
+
 def prepare_model(model: Any, spec: DemoSpec) -> Any:
     """Give a freshly built model the spec's init and norm placement (before training)."""
     from . import lns, postln
@@ -139,21 +241,30 @@ def ensure_demo_model(
     device: str | torch.device = "cpu",
     progress: Progress = SILENT,
     text: TextSource | None = None,
+    shipped: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
-    """Return the cached demo model's directory, training it first if needed.
+    """Return the cached demo model's directory, filling the cache first if needed.
 
-    ``text`` trains on other text than the stdlib docstrings (tokenizer and model). The
-    spec's ``norm`` and ``init`` are applied to the freshly built model, so twins that differ
-    only there start from the same weights and see the same batches.
+    A cached model is checked against the SHA-256 recorded with it. Missing, it comes from the
+    package's shipped weights when there are some for this spec (``shipped``; checked against
+    their manifest), else it is trained; ``fresh`` always trains. ``text`` trains on other text
+    than the stdlib docstrings (tokenizer and model). The spec's ``norm`` and ``init`` are
+    applied to the freshly built model, so twins that differ only there start from the same
+    weights and see the same batches.
 
     Training writes to a temporary folder that is renamed when complete, so an
     interrupted run never leaves a half-trained model in the cache. ``progress`` sees a
     phase for the tokenizer, then ``training <name>`` with one unit per step.
     """
     target = demo_dir(spec, text)
-    record_path = target / "train_log.json"
+    record_path = target / RECORD
     if target.is_dir() and record_path.is_file() and not fresh:
-        return target, json.loads(record_path.read_text(encoding="utf-8"))
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        _check_cached(target, record)
+        return target, record
+    source = shipped_dir(spec, text) if shipped and not fresh else None
+    if source is not None:  # a fraction of a second: no progress phase
+        return target, _materialise(source, verify_shipped(source), target)
     texts = text.texts if text is not None else stdlib_corpus("train").texts
     corpus = text.name if text is not None else "stdlib-docstrings[train]"
     progress.phase(f"training a tokenizer on {'the stdlib docstrings' if text is None else corpus}")
@@ -179,16 +290,131 @@ def ensure_demo_model(
         lr=spec.lr, seed=spec.seed, prefix=prefix, progress=progress,
     )
     record = {"spec": asdict(spec), "recipe": RECIPE_VERSION, "corpus": corpus,
-              "corpus_tokens": len(stream), "train": log.as_dict()}
+              "corpus_tokens": len(stream), "corpus_digest": text_digest(TextSource(corpus, texts)),
+              "python": platform.python_version(),
+              "train": {**log.as_dict(), "losses": [round(x, 4) for x in log.losses]}}
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         model.cpu().save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        write_json(staging / "train_log.json", record)
+        weights = staging / WEIGHTS  # absent if a large model was saved in shards: then nothing to check
+        record["weights"] = {"source": "trained", "dtype": "float32",
+                             "sha256": file_sha256(weights) if weights.is_file() else None,
+                             "device": str(device), "torch_threads": torch.get_num_threads()}
+        write_json(staging / RECORD, record)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target, record
+
+
+# --- shipping the default models (maintainers) ---------------------------------------------
+
+def write_shipped(model_dir: Path, dest: Path) -> dict[str, Any]:
+    """Write a trained cached model as a shipped folder: its files, the weights as float16, a manifest.
+
+    Refuses weights that float16 cannot hold (non-finite after the cast), and records the
+    largest relative rounding change so the manifest says what the cast cost.
+    """
+    from safetensors.torch import load_file, save_file
+
+    record = json.loads((model_dir / RECORD).read_text(encoding="utf-8"))
+    if (record.get("weights") or {}).get("source") != "trained":
+        raise UserError(f"{model_dir} was not trained here (its record says {record.get('weights')}): "
+                        "export only freshly trained models")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        names = sorted(p.name for p in model_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+        worst = 0.0
+        for name in names:
+            if name == WEIGHTS:
+                tensors = load_file(model_dir / WEIGHTS)
+                half = {k: v.half().contiguous() for k, v in tensors.items()}
+                for k, v in half.items():
+                    if not torch.isfinite(v).all():
+                        raise UserError(f"{k} of {model_dir} does not fit in float16")
+                    scale = tensors[k].abs().max().clamp_min(1e-12)
+                    worst = max(worst, float((v.float() - tensors[k]).abs().max() / scale))
+                save_file(half, staging / WEIGHTS, metadata={"format": "pt"})
+            else:
+                shutil.copyfile(model_dir / name, staging / name)
+        import tokenizers
+        import transformers
+
+        manifest = {
+            "name": model_dir.name, "spec": record["spec"], "recipe": record["recipe"],
+            "stored_dtype": "float16", "dtype": "float32",
+            "float16_max_rounding": worst,  # largest |float16 - float32| over each tensor's largest |weight|
+            "command": "python -m lnsdiag.demo_model export",
+            "trained_on": {"python": record.get("python"), "corpus": record["corpus"],
+                           "corpus_tokens": record["corpus_tokens"], "corpus_digest": record.get("corpus_digest"),
+                           "torch": torch.__version__, "transformers": transformers.__version__,
+                           "tokenizers": tokenizers.__version__, "platform": platform.platform(),
+                           "device": record["weights"].get("device"),
+                           "torch_threads": record["weights"].get("torch_threads")},
+            "files": {name: file_sha256(staging / name) for name in names},
+        }
+        write_json(staging / MANIFEST, manifest)
+        for path in staging.iterdir():  # package data: readable by all, like the rest of the package
+            path.chmod(0o644)
+        staging.chmod(0o755)
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def export_shipped(spec: DemoSpec | None = None, dest: Path = SHIPPED, *, progress: Progress = SILENT) -> list[Path]:
+    """Train the shipped twins from scratch with the recipe and write them into ``dest``."""
+    spec = spec or DemoSpec()
+    written = []
+    for norm in SHIPPED_NORMS:
+        path, _ = ensure_demo_model(spec.with_(norm=norm), fresh=True, progress=progress)
+        written.append(dest / path.name)
+        write_shipped(path, written[-1])
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lnsdiag.demo_model export|compare``: regenerate the shipped weights, or check them."""
+    parser = argparse.ArgumentParser(prog="python -m lnsdiag.demo_model", description="Regenerate the demo's "
+                                     "shipped weights (export), or retrain them and compare (compare).")
+    sub = parser.add_subparsers(dest="action", required=True)
+    export = sub.add_parser("export", help="train the default Pre-LN and LNS demo models from scratch (minutes) "
+                                           "and write them, float16 with a manifest, into the package")
+    export.add_argument("--dest", type=Path, default=SHIPPED, help="folder to write into [%(default)s]")
+    compare = sub.add_parser("compare", help="retrain both shipped models from scratch in a temporary cache and "
+                                             "measure retrained and shipped models the same way")
+    compare.add_argument("--json", type=Path, help="also write the comparison here")
+    args = parser.parse_args(argv)
+    from . import ui
+
+    with tempfile.TemporaryDirectory(prefix="lnsdiag-demo-") as tmp:
+        os.environ["LNSDIAG_CACHE"] = tmp  # never touch the user's cache; trains from scratch
+        try:
+            with ui.RichProgress() as progress:
+                if args.action == "export":
+                    for folder in export_shipped(dest=args.dest, progress=progress):
+                        size = sum(p.stat().st_size for p in folder.iterdir())
+                        print(f"wrote {folder} ({size / 1e6:.1f} MB)", file=sys.stderr)
+                    return 0
+                from .demo import compare_with_shipped, comparison_lines
+
+                comparison = compare_with_shipped(progress=progress)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print("\n".join(comparison_lines(comparison)))
+        if args.json:
+            write_json(args.json, comparison)
+        return 0 if comparison["agree"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

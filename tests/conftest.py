@@ -86,3 +86,18 @@ class ProgressLog:
         """The events after the (last) start of ``phase``."""
         starts = [i for i, e in enumerate(self.events) if e[:2] == ("phase", phase)]
         return self.events[starts[-1]:] if starts else []
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "retrain: retrains the shipped demo models from scratch (about 10 minutes); "
+                                       "runs only with LNSDIAG_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``retrain`` take minutes of CPU: the normal suite skips them unless LNSDIAG_SLOW=1."""
+    if os.environ.get("LNSDIAG_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="retrains the demo models (about 10 minutes on 2 cores): set LNSDIAG_SLOW=1")
+    for item in items:
+        if "retrain" in item.keywords:
+            item.add_marker(skip)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -12,35 +13,40 @@ from ..runs import output_dir
 from .common import Debug, Device, app, command
 from .show import show_angular, show_prune, show_reproduce
 
+if TYPE_CHECKING:
+    from ..demo import DemoRun
+
 
 @app.command("demo")
 @command
 def demo_cmd(
-    steps: Annotated[int | None, typer.Option(help="Training steps \\[default: 250].", show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps \\[default: 250; a model of another size or "
+                                              "step count is trained here, not shipped].", show_default=False)] = None,
     layers: Annotated[int | None, typer.Option(help="Layers of the demo model \\[default: 12].",
                                                show_default=False)] = None,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Retrain even if a cached model exists.")] = False,
-    twin: Annotated[bool, typer.Option("--twin/--no-twin", help="Also train the LayerNorm-Scaling twin (same seed, "
+    retrain: Annotated[bool, typer.Option("--retrain", help="Train the models from scratch (minutes) instead of "
+                                          "using the shipped or cached ones.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", hidden=True, help="Old name of --retrain.")] = False,
+    twin: Annotated[bool, typer.Option("--twin/--no-twin", help="Also measure the LayerNorm-Scaling twin (same seed, "
                                        "data and steps) and show Pre-LN vs LNS side by side.")] = True,
     device: Device = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("results/demo"),
     debug: Debug = False,
 ) -> None:
-    """Offline demo: train a small Llama on the stdlib's docstrings, diagnose it, and compare it with its LNS twin."""
-    from ..demo import DemoConfig, DemoRun, run
+    """Offline demo: diagnose a small Llama trained on the stdlib's docstrings, and compare it with its LNS twin.
 
-    config = DemoConfig(steps=steps, layers=layers, fresh=fresh, twin=twin, device=device)
+    The default model and its twin ship with lnsdiag (trained by this recipe; --retrain reproduces them).
+    """
+    from ..demo import DemoConfig, run
+
+    config = DemoConfig(steps=steps, layers=layers, retrain=retrain or fresh, twin=twin, device=device)
     folder = output_dir(out, "demo", "")
     name = config.spec.name
 
     def show(part: str, result: DemoRun) -> None:
         with progress.interlude():
             if part == "model":
-                train = result.record["train"]
-                ui.console.print(f"[bold]{name}[/]: {result.spec.layers} layers, trained {train['steps']} steps on "
-                                 f"{result.record['corpus_tokens']:,} tokens of stdlib docstrings in "
-                                 f"{train['seconds']:.0f} s (final train loss {train['final_train_loss']:.2f}); "
-                                 f"cached at {result.model_path}")
+                ui.console.print(model_line(result), width=min(ui.console.width, 100))
             elif part == "angular":
                 show_angular(result.angular, output_dir(folder / "angular", "demo", "angular"),
                              f"Angular distance per layer — {name} (held-out docstrings)")
@@ -52,5 +58,30 @@ def demo_cmd(
                 show_reproduce(result.twins, output_dir(folder / "twins", "demo", "twins"),
                                f"{name}: Pre-LN vs LNS (same seed, data and steps; held-out docstrings)")
 
-    with ui.RichProgress() as progress:
+    with ui.progress_display() as progress:
         run(config, folder, progress=progress, on_part=show)
+
+
+def model_line(result: DemoRun) -> str:
+    """Where the demo model's weights came from, in one sentence: shipped (and checked) or trained here."""
+    from ..demo_model import shipped_dir
+
+    record, train = result.record, result.record["train"]
+    weights = record.get("weights") or {}
+    name = f"[bold]{result.spec.name}[/]: {result.spec.layers} layers"
+    if weights.get("source") == "shipped":
+        python = (weights.get("trained_on") or {}).get("python") or record.get("python")
+        return (f"{name}, the weights shipped with lnsdiag (SHA-256 checked; float16, measured as float32): trained "
+                f"{train['steps']} steps on {record['corpus_tokens']:,} tokens of the docstrings of Python"
+                f"{f' {python}' if python else ''}'s standard library, final train loss "
+                f"{train['final_train_loss']:.2f}. `lnsdiag demo --retrain` trains them from scratch")
+    line = (f"{name}, trained {train['steps']} steps on {record['corpus_tokens']:,} tokens of stdlib docstrings in "
+            f"{train['seconds']:.0f} s (final train loss {train['final_train_loss']:.2f})")
+    source = shipped_dir(result.spec)
+    if source is not None and (source / "train_log.json").is_file():
+        try:
+            ref = json.loads((source / "train_log.json").read_text(encoding="utf-8"))["train"]["final_train_loss"]
+            line += f"; the shipped weights' was {ref:.2f}"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return f"{line}; cached at {result.model_path}"
