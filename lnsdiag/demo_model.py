@@ -176,6 +176,13 @@ def verify_shipped(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def _put_in_place(staging: Path, target: Path) -> None:
+    """Replace ``target`` by the finished ``staging`` folder: a model folder is whole or absent."""
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
 def _materialise(folder: Path, manifest: dict[str, Any], target: Path) -> dict[str, Any]:
     """Copy a verified shipped model into the cache, its float16 weights as float32.
 
@@ -197,9 +204,7 @@ def _materialise(folder: Path, manifest: dict[str, Any], target: Path) -> dict[s
                              "dtype": "float32", "shipped_sha256": manifest["files"][WEIGHTS],
                              "sha256": file_sha256(staging / WEIGHTS), "trained_on": manifest.get("trained_on", {})}
         write_json(staging / RECORD, record)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        _put_in_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record
@@ -303,9 +308,7 @@ def ensure_demo_model(
                              "sha256": file_sha256(weights) if weights.is_file() else None,
                              "device": str(device), "torch_threads": torch.get_num_threads()}
         write_json(staging / RECORD, record)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        _put_in_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target, record
@@ -362,9 +365,7 @@ def write_shipped(model_dir: Path, dest: Path) -> dict[str, Any]:
         for path in staging.iterdir():  # package data: readable by all, like the rest of the package
             path.chmod(0o644)
         staging.chmod(0o755)
-        if dest.exists():
-            shutil.rmtree(dest)
-        staging.rename(dest)
+        _put_in_place(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
