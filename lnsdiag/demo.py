@@ -20,10 +20,10 @@ import pandas as pd
 from . import angular, prune, reproduce
 from .demo_model import SHIPPED_NORMS, DemoSpec, demo_dir, ensure_demo_model, shipped_dir
 from .errors import UserError
-from .models import LoadedModel, load_model, pick_device
-from .progress import SILENT, Labelled, Progress
+from .models import load_model, pick_device
+from .progress import SILENT, Progress
 from .runs import Timer
-from .text import TextSource, stdlib_corpus
+from .text import stdlib_corpus
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def run(config: DemoConfig, out: str | Path, *, progress: Progress = SILENT,
         path, record = ensure_demo_model(spec, fresh=config.retrain, device=device, progress=progress)
     result = DemoRun(spec, path, record)
     show("model", result)
-    loaded = load_model(str(path), device=str(device))
+    loaded = load_model(str(path), device=str(device), dtype="float32")  # as the twins: its parts are reused there
     loaded.name = spec.name
     heldout = stdlib_corpus("test")
     result.angular = angular.run(loaded, heldout, angular.AngularConfig(
@@ -105,68 +105,22 @@ def run(config: DemoConfig, out: str | Path, *, progress: Progress = SILENT,
                              progress=progress, timer=timer)
     show("prune", result)
     if config.twin:
-        result.twins = _twins(result, loaded, heldout, retrain=config.retrain, device=device, progress=progress)
+        result.twins = _twins(result, retrain=config.retrain, device=device, progress=progress)
         show("twins", result)
     return result
 
 
-def _twins(demo: DemoRun, loaded: LoadedModel, heldout: TextSource, *, retrain: bool, device: Any,
-           progress: Progress) -> reproduce.ReproduceRun:
-    """``reproduce.run`` for the LNS twin, with the Pre-LN twin taken from the parts already measured.
-
-    The Pre-LN twin is the demo model, measured by the angular part with the twins' settings
-    and swept by the prune part on the same held-out tokens; only its residual variance is
-    new. The record is the one ``reproduce.run`` writes for both twins.
-    """
-    from transformers import AutoTokenizer
-
-    from .structure import find_layers, norm_placement
-    from .variance import variance_on_windows
-    from .windows import TokenWindows
-
+def _twins(demo: DemoRun, *, retrain: bool, device: Any, progress: Progress) -> reproduce.ReproduceRun:
+    """``reproduce.run`` for both twins, the Pre-LN one being the demo model: its angular
+    distances and removal sweep are the demo's angular and prune parts (same held-out tokens
+    and settings), so only its residual variance is measured again."""
     assert demo.angular is not None and demo.prune is not None
-    spec = demo.spec
-    both = reproduce.ReproduceConfig(spec=spec, norms=("pre-ln", "lns"), eval_tokens=DEMO_TOKENS,
-                                     batch_size=DEMO_BATCH)
-    lns = reproduce.run(reproduce.ReproduceConfig(spec=spec, norms=("lns",), eval_tokens=DEMO_TOKENS,
-                                                  batch_size=DEMO_BATCH),
-                        device=device, fresh=retrain, progress=progress)
-    timer = Timer()
-    with timer("pre-ln residual variance"):
-        windows = TokenWindows.of(loaded.tokenizer, heldout.texts, seq_len=spec.seq_len, max_tokens=DEMO_TOKENS,
-                                  name=heldout.name)
-        stack = find_layers(loaded.model)
-        variance = variance_on_windows(loaded.model, windows, both.measuring(), stack=stack,
-                                       progress=Labelled(reproduce.LABELS["pre-ln"], progress))
     frame = demo.prune.frame
-    sweep = frame[(frame["task"] == "ppl") & (frame["metric"] == "ppl")].reset_index(drop=True)
-    sweep["tokens"] = sum(windows.scored_tokens)
-    placement = norm_placement(loaded.model, stack)
-    notes = list(lns.result.notes)
-    if placement != reproduce.EXPECTED_PLACEMENT["pre-ln"]:
-        notes.append(f"Pre-LN loaded as {placement}, not {reproduce.EXPECTED_PLACEMENT['pre-ln']}")
-    pre = reproduce.TwinRun(
-        norm="pre-ln", name=spec.name, path=demo.model_path, record=demo.record, placement=placement,
-        parameters=loaded.num_parameters, perplexity=float(sweep.loc[sweep["removed_layer"].isna(), "value"].iloc[0]),
-        angular=demo.angular.result, variance=variance, sweep=sweep,
-    )
-    runs = [pre, *lns.result.runs]
-    same = AutoTokenizer.from_pretrained(str(runs[1].path)).get_vocab() == loaded.tokenizer.get_vocab()
-    if not same:
-        notes.append("the twins' tokenizers differ (tokenizer training was not deterministic)")
-    result = reproduce.ReproduceResult(spec=spec, train_text=lns.result.train_text, eval_text=lns.result.eval_text,
-                                       eval_tokens=int(sweep["tokens"].iloc[0]), runs=runs, same_tokenizer=same,
-                                       notes=notes)
-    meta = {
-        **lns.meta, "norms": list(both.norms), "same_tokenizer": same,
-        "models": [{"norm": r.norm, "name": r.name, "path": str(r.path), "placement": r.placement,
-                    "train": r.record.get("train"), "weights": r.record.get("weights")} for r in runs],
-        "summary": result.summary().to_dict(orient="records"), "headline": result.headline(),
-        "reused": "Pre-LN's angular distances and removal sweep are the demo's angular and prune parts "
-                  "(same model, tokens and settings)",
-        "timings": {**lns.meta.get("timings", {}), **timer.seconds},
-    }
-    return reproduce.ReproduceRun(result, meta)
+    pre_ln = reproduce.Measured(demo.angular.result, frame[(frame["task"] == "ppl") & (frame["metric"] == "ppl")])
+    both = reproduce.ReproduceConfig(spec=demo.spec, norms=("pre-ln", "lns"), eval_tokens=DEMO_TOKENS,
+                                     batch_size=DEMO_BATCH)
+    return reproduce.run(both, device=device, fresh=["lns"] if retrain else False, progress=progress,
+                         measured={"pre-ln": pre_ln})
 
 
 # --- the shipped weights against the recipe --------------------------------------------------

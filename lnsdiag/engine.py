@@ -471,7 +471,7 @@ class SweepEngine:
             limited = (f"; {longer} requests longer than the {window}-token attention window ({name}) "
                        "unshared: a custom mask would hide the window") if longer else ""
         if not any(r.shared for r in rows):
-            return plain, ("nothing to share" + limited) if not limited else "off" + limited, 0
+            return plain, ("off" + limited) if limited else "nothing to share", 0
         # float32: exact sharing agrees to ~1e-6. Half precision: allow a few times the rounding
         # noise measured between two unshared computations of the same requests.
         fp32 = next(self.model.parameters()).dtype == torch.float32

@@ -13,7 +13,7 @@ Whatever comes out is reported as it is; nothing here is tuned to agree with the
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,8 +247,19 @@ class ReproduceConfig:
                              max_block=None, threshold=self.threshold)
 
 
+@dataclass(frozen=True)
+class Measured:
+    """A twin's angular distances and removal sweep, already measured elsewhere on the same
+    held-out windows with the twins' settings (the demo's angular and prune parts): reused, not
+    measured again."""
+
+    angular: AngularResult
+    sweep: pd.DataFrame  # the ppl rows of verdict.prune_frame
+
+
 def _measure_twins(config: ReproduceConfig, *, text: TextSource | None, eval_text: TextSource | None,
-                   device: str | torch.device, fresh: bool | Collection[str], progress: Progress) -> ReproduceResult:
+                   device: str | torch.device, fresh: bool | Collection[str], progress: Progress,
+                   measured: Mapping[str, Measured] | None = None) -> ReproduceResult:
     from .models import load_model
 
     spec, measuring = config.spec, config.measuring()
@@ -273,9 +284,14 @@ def _measure_twins(config: ReproduceConfig, *, text: TextSource | None, eval_tex
                          "(its tokenizer differs)")
         labelled = Labelled(LABELS[norm], progress)
         stack = find_layers(loaded.model)
-        angular = angular_on_windows(loaded.model, windows, measuring, stack=stack, progress=labelled)
+        given = (measured or {}).get(norm)
+        angular = given.angular if given else angular_on_windows(loaded.model, windows, measuring, stack=stack,
+                                                                 progress=labelled)
         variance = variance_on_windows(loaded.model, windows, measuring, stack=stack, progress=labelled)
-        sweep = perplexity_sweep(loaded, windows, angular=angular.layers, progress=labelled)
+        if given:
+            sweep = given.sweep.reset_index(drop=True).assign(tokens=sum(windows.scored_tokens))
+        else:
+            sweep = perplexity_sweep(loaded, windows, angular=angular.layers, progress=labelled)
         placement = norm_placement(loaded.model, stack)
         if placement != EXPECTED_PLACEMENT[norm]:
             notes.append(f"{LABELS[norm]} loaded as {placement}, not {EXPECTED_PLACEMENT[norm]}")
@@ -328,19 +344,23 @@ class ReproduceRun:
 
 def run(config: ReproduceConfig, *, text: TextSource | None = None, eval_text: TextSource | None = None,
         device: str | torch.device = "cpu", fresh: bool | Collection[str] = False,
-        progress: Progress = SILENT) -> ReproduceRun:
-    """Train (or reuse) the twins, measure them and record how (``lnsdiag reproduce`` and the demo)."""
+        progress: Progress = SILENT, measured: Mapping[str, Measured] | None = None) -> ReproduceRun:
+    """Train (or reuse) the twins, measure them and record how (``lnsdiag reproduce`` and the demo).
+
+    ``measured`` gives twins (by norm) whose angular distances and sweep were already measured."""
     timer = Timer()
     with timer("train and measure"):
         result = _measure_twins(config, text=text, eval_text=eval_text, device=device, fresh=fresh,
-                                progress=progress)
+                                progress=progress, measured=measured)
+    reused = ({"reused": f"{', '.join(LABELS[n] for n in measured)}: angular distances and removal sweep "
+                         "measured by the run's earlier parts (same model, tokens and settings)"} if measured else {})
     meta = run_record(
         "reproduce", model=None, spec=asdict(config.spec), norms=list(config.norms), train_text=result.train_text,
         eval_text=result.eval_text, eval_tokens=result.eval_tokens, same_tokenizer=result.same_tokenizer,
         settings={"batch_size": config.batch_size, "threshold": config.threshold, "device": str(device)},
         models=[{"norm": r.norm, "name": r.name, "path": str(r.path), "placement": r.placement,
-                 "train": r.record.get("train")} for r in result.runs],
-        summary=result.summary().to_dict(orient="records"), headline=result.headline(),
+                 "train": r.record.get("train"), "weights": r.record.get("weights")} for r in result.runs],
+        summary=result.summary().to_dict(orient="records"), headline=result.headline(), **reused,
         timings={**timer.seconds, "total": timer.total()},
     )
     return ReproduceRun(result, meta)
