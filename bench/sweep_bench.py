@@ -24,6 +24,7 @@ Random weights: speed and memory do not depend on the weights' values.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
@@ -55,7 +56,15 @@ TINY = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_l
 #: The CPU indication's model: 8 layers, hidden 256, Llama's proportions, a 2048-token context.
 SMALL = dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
-MODELS = {"llama2-7b": LLAMA2_7B, "small": SMALL, "tiny": TINY}
+#: Qwen2-7B's shape: GQA (4 KV heads), bias in q/k/v, a 152k vocabulary, 28 layers.
+QWEN2_7B = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768)
+#: A Mixtral-shaped MoE at about 7B parameters (8 experts, top-2 routing, GQA), 24 layers.
+MIXTRAL_SMALL = dict(model_type="mixtral", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                     num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8, num_local_experts=8,
+                     num_experts_per_tok=2, max_position_embeddings=4096)
+MODELS = {"llama2-7b": LLAMA2_7B, "qwen2-7b": QWEN2_7B, "mixtral-small": MIXTRAL_SMALL, "small": SMALL,
+          "tiny": TINY}
 #: "lmeval": end to end through lm-eval tasks; the others: token-level shapes (``shapes.py``).
 WORKLOADS = ("lmeval", "mmlu_5shot", "hellaswag_10shot", "perplexity")
 
@@ -86,7 +95,8 @@ def layer_flops_per_token(cfg: dict, context: float) -> float:
     keys on average (QKᵀ and AV: 4 × hidden per key; a causal row of n has n/2 on average)."""
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
     kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
-    weights = h * h * 2 + h * kv * 2 + 3 * h * i
+    experts = cfg.get("num_experts_per_tok", 1) if "num_local_experts" in cfg else 1  # MoE: active experts only
+    weights = h * h * 2 + h * kv * 2 + 3 * h * i * experts
     return 2 * weights + 4 * h * context
 
 
@@ -183,9 +193,11 @@ def token_workloads(args: argparse.Namespace, vocab: int, max_length: int) -> di
 
 
 def bench_workload(model, stack, lm, requests, max_length: int, naive_layers: list[int],
-                   batch_tokens: int | None) -> dict:
+                   batch_tokens: int | None, group: int = 0, fp32_model=None, fp32_questions: int = 0) -> dict:
     """Naive (lm-eval's HFLM per variant on the baseline and ``naive_layers``, extrapolated to
-    all layers) vs fast (the engine, all variants, measured) on one request set."""
+    all layers) vs fast (the engine, all variants, measured) on one request set; with ``group``
+    (answers per question), answer flips between them, and with ``fp32_model`` both engines'
+    distance from a float32 baseline on the first ``fp32_questions`` questions."""
     L = len(stack)
     timed = [None, *naive_layers]
     naive, seconds = {}, []
@@ -206,9 +218,65 @@ def bench_workload(model, stack, lm, requests, max_length: int, naive_layers: li
     sync()
     fast_seconds = time.perf_counter() - start
     worst = max(float(np.abs(result.of(v)[0] - naive[v]).max()) for v in timed)
-    return {"requests": len(requests), "naive_seconds_each": dict(zip(map(str, timed), seconds, strict=True)),
-            "naive_seconds_extrapolated": naive_seconds, "fast_seconds": fast_seconds,
-            "wall_ratio": naive_seconds / fast_seconds, "max_abs_delta_loglik": worst, **engine.stats}
+    got = {"requests": len(requests), "naive_seconds_each": dict(zip(map(str, timed), seconds, strict=True)),
+           "naive_seconds_extrapolated": naive_seconds, "fast_seconds": fast_seconds,
+           "wall_ratio": naive_seconds / fast_seconds, "max_abs_delta_loglik": worst,
+           "mean_abs_delta_loglik": float(np.mean([np.abs(result.of(v)[0] - naive[v]).mean() for v in timed])),
+           **engine.stats}
+    if group:
+        got["answer_flips"] = sum(flips(result.of(v)[0], naive[v], group) for v in timed)
+        got["answers_compared"] = len(timed) * (len(requests) // group)
+    if fp32_model is not None and group:
+        got["fp32_reference"] = fp32_reference(fp32_model, requests[: fp32_questions * group], max_length, group,
+                                               {"naive bf16": naive[None], "fast bf16": result.of(None)[0]}, model)
+    return got
+
+
+def flips(a: np.ndarray, b: np.ndarray, group: int) -> int:
+    """Questions whose chosen answer (argmax over each ``group`` of consecutive requests) differs."""
+    n = len(a) // group * group
+    return int((a[:n].reshape(-1, group).argmax(1) != b[:n].reshape(-1, group).argmax(1)).sum())
+
+
+def fp32_reference(model32, requests, max_length: int, group: int, bf16: dict[str, np.ndarray],
+                   model=None) -> dict:
+    """The baseline of the first questions in float32 (unshared rows): how far each bf16 engine
+    is from the exact answer, and on how many questions its choice differs from float32's."""
+    engine = SweepEngine(model32, find_layers(model32), [None], share=False)
+    exact = engine.run(requests, max_length).of(None)[0]
+    if model is not None:  # shared rows in bf16 with the run-time check skipped: a diagnosis only
+        forced = SweepEngine(model, find_layers(model), [None])
+        forced._check_sharing = lambda *a, **k: (0.0, 0.0, 0)
+        bf16 = {**bf16, "fast bf16, sharing forced on": forced.run(requests, max_length).of(None)[0]}
+    n = len(requests)
+    return {"questions": n // group, **{name: {"max_abs_delta_loglik": float(np.abs(v[:n] - exact).max()),
+                                              "mean_abs_delta_loglik": float(np.abs(v[:n] - exact).mean()),
+                                              "flips_vs_fp32": flips(v[:n], exact, group)}
+                                       for name, v in bf16.items()}}
+
+
+def profile_engine(model, stack, requests, max_length: int, batch_tokens: int | None, path: Path) -> dict:
+    """Where the fast engine's time goes: torch.profiler over a 3-variant run, the top operators
+    by device (or CPU) time written to ``path``; returns the share of the main kernel families."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    engine = SweepEngine(model, stack, [None, 0, len(stack) // 2], batch_tokens=batch_tokens)
+    with profile(activities=activities) as prof:
+        engine.run(requests, max_length)
+        sync()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    events = prof.key_averages()
+    path.write_text(events.table(sort_by=key, row_limit=30, max_name_column_width=60))
+    attr = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    times = {e.key: getattr(e, attr, 0.0) for e in events}
+    total = sum(times.values()) or 1.0
+    families = {"matmul": ("gemm", "nvjet", "cutlass", "xmma", "addmm", "aten::mm", "aten::bmm"),
+                "attention": ("attention", "sdpa", "flash", "fmha"),
+                "softmax/log_softmax": ("softmax",), "copy/cat/index": ("copy", "cat", "index", "gather", "scatter")}
+    share = {fam: sum(t for k, t in times.items() if any(w in k.lower() for w in words)) / total
+             for fam, words in families.items()}
+    return {"device_time_share": share, "top": sorted(times, key=times.get, reverse=True)[:10]}
 
 
 def main() -> None:
@@ -230,6 +298,11 @@ def main() -> None:
                     help="layers the naive engine times (plus the baseline); the full naive sweep is extrapolated")
     ap.add_argument("--naive-batch", type=int, default=16, help="lm-eval batch size for the naive engine")
     ap.add_argument("--batch-tokens", type=int, default=None, help="fast engine budget (default: from free memory)")
+    ap.add_argument("--fp32-reference", type=int, default=0, metavar="N",
+                    help="also score the first N questions of each multiple-choice shape in float32 (a copy of "
+                         "the model): both bf16 engines' distance and answer flips against it")
+    ap.add_argument("--profile", action="store_true",
+                    help="after each token workload, profile the fast engine on 3 variants (torch.profiler)")
     args = ap.parse_args()
 
     if args.tiny:
@@ -260,8 +333,10 @@ def main() -> None:
     tokenizer = train_tokenizer(stdlib_corpus("train").texts, min(8192, cfg["vocab_size"]) if args.model != "tiny"
                                 else 1024)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**cfg, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                      pad_token_id=tokenizer.pad_token_id)
+    shape = {k: v for k, v in cfg.items() if k != "model_type"}
+    config = transformers.AutoConfig.for_model(cfg.get("model_type", "llama"), **shape,
+                                               bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     loaded = LoadedModel.wrap(model, tokenizer, name=f"{args.model}-shaped-random")
@@ -276,27 +351,45 @@ def main() -> None:
             ("matmul peak (bf16 8192³)", f"{record['matmul_peak_tflops']:.0f} TFLOP/s"),
             ("plain forward", f"{record['forward']['tokens_per_s']:,.0f} tok/s, "
                               f"{record['forward']['tflops']:.1f} TFLOP/s")]
+    save(args.out, record, rows)
     if "lmeval" in workloads:
         rows += lmeval_workload(args, record, model, loaded, stack, tokenizer, naive_layers, device)
+        save(args.out, record, rows)
 
     lm = make_lm(loaded, batch_size=args.naive_batch)
     record["workloads"] = {}
+    model32 = None
     for name, requests in token_workloads(args, cfg["vocab_size"], lm.max_length).items():
         if name not in workloads:
             continue
         print(f"{name}: naive on baseline + layers {naive_layers}, then fast on all {L + 1} variants ...", flush=True)
-        got = bench_workload(model, stack, lm, requests, lm.max_length, naive_layers, args.batch_tokens)
+        group = 0 if name == "perplexity" else 4
+        if args.fp32_reference and group and model32 is None:
+            model32 = copy.deepcopy(model).float()
+        got = bench_workload(model, stack, lm, requests, lm.max_length, naive_layers, args.batch_tokens, group,
+                             model32, args.fp32_reference)
+        if args.profile:
+            got["profile"] = profile_engine(model, stack, requests, lm.max_length, args.batch_tokens,
+                                            args.out / f"profile_{name}.txt")
         record["workloads"][name] = got
         rows.append((f"{name} ({got['requests']} requests)",
                      f"naive {got['naive_seconds_extrapolated']:.1f} s (extrap.), fast {got['fast_seconds']:.1f} s: "
                      f"wall {got['wall_ratio']:.2f}×, work {got['work_ratio']:.2f}× "
                      f"({got['naive_block_tokens']:,} / {got['block_tokens']:,} block-tokens), "
-                     f"max abs Δ loglik {got['max_abs_delta_loglik']:.2g}"))
+                     f"max abs Δ loglik {got['max_abs_delta_loglik']:.2g}, "
+                     f"answer flips {got.get('answer_flips', '-')}/{got.get('answers_compared', '-')}; "
+                     f"sharing {got['sharing']}"))
+        print(save(args.out, record, rows), flush=True)
 
-    (args.out / "sweep_bench.json").write_text(json.dumps(record, indent=2, default=str))
+    print(save(args.out, record, rows))
+
+
+def save(out: Path, record: dict, rows: list[tuple[str, str]]) -> str:
+    """Write what is measured so far (called after each workload: a run cut short keeps it)."""
+    (out / "sweep_bench.json").write_text(json.dumps(record, indent=2, default=str))
     table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
-    (args.out / "sweep_bench.md").write_text(table + "\n")
-    print(table)
+    (out / "sweep_bench.md").write_text(table + "\n")
+    return table
 
 
 def lmeval_workload(args, record: dict, model, loaded, stack, tokenizer, naive_layers: list[int],

@@ -473,7 +473,10 @@ class SweepEngine:
         if not any(r.shared for r in rows):
             return plain, ("off" + limited) if limited else "nothing to share", 0
         # float32: exact sharing agrees to ~1e-6. Half precision: allow a few times the rounding
-        # noise measured between two unshared computations of the same requests.
+        # noise between two unshared computations of the same requests, one alone with the model's
+        # own causal mask, one batched through the explicit-mask attention path that shared rows
+        # take (on a GPU that changes the attention kernel, which in bf16 moves a deep model's
+        # log-likelihoods as much as sharing itself does).
         fp32 = next(self.model.parameters()).dtype == torch.float32
         probes = probe_plan(rows, len(self.stack), self.variants)
         checked = check_tokens(probes, requests, max_length, noise=not fp32)
@@ -490,7 +493,7 @@ class SweepEngine:
     def _check_sharing(self, probes: list[tuple[_Row, list[int]]], requests: Sequence[TokenRequest],
                        max_length: int, noise: bool = False) -> tuple[float, float, int]:
         """Max |Δ log-likelihood| shared vs unshared, and (with ``noise``) unshared alone vs
-        unshared batched."""
+        unshared batched through the explicit-mask path."""
         members = sorted({n for _, chosen in probes for n in chosen})
         flags = np.zeros((1, len(requests)), dtype=bool)
         shared, alone, together = (np.zeros((1, len(requests))) for _ in range(3))
@@ -501,7 +504,7 @@ class SweepEngine:
             row.members = [(members[i], *rest) for i, *rest in row.members]
             self._batch([row], alone, flags, baseline_only=True)
         if noise:
-            self._batch(batched, together, flags, baseline_only=True)
+            self._batch(batched, together, flags, baseline_only=True, explicit_mask=True)
         worst = float(np.abs(shared[0, members] - alone[0, members]).max())
         spread = float(np.abs(together[0, members] - alone[0, members]).max()) if noise else 0.0
         return worst, spread, len(members)
@@ -522,9 +525,11 @@ class SweepEngine:
         self._run_rows(rows[:half], loglik, greedy)
         self._run_rows(rows[half:], loglik, greedy)
 
-    def _batch(self, rows: list[_Row], loglik: np.ndarray, greedy: np.ndarray, baseline_only: bool = False) -> None:
+    def _batch(self, rows: list[_Row], loglik: np.ndarray, greedy: np.ndarray, baseline_only: bool = False,
+               explicit_mask: bool = False) -> None:
         """Score ``rows`` for every variant into ``loglik``/``greedy`` (rows: variants). With
-        ``baseline_only``, only the full model, into row 0 (the packing check's reference)."""
+        ``baseline_only``, only the full model, into row 0 (the packing check's reference);
+        ``explicit_mask`` gives plain rows the 4D mask shared rows get (the check's noise)."""
         variants = [None] if baseline_only else self.variants
         layers = [] if baseline_only else self.layers
         width = max(len(r.ids) for r in rows)
@@ -553,7 +558,7 @@ class SweepEngine:
                        np.asarray(requests))
         ids, gather = ids.to(dev), gather.to(dev)
         kwargs: dict[str, Any] = dict(no_cache_kwargs(self.model))
-        if any(r.shared for r in rows):
+        if explicit_mask or any(r.shared for r in rows):
             kwargs.update(_shared_inputs(rows, width, self.model, dev))
         kept: dict[int, torch.Tensor] = {}
         stop_after = None if None in variants or not layers else layers[-1]
@@ -708,7 +713,8 @@ def probe_plan(rows: Sequence[_Row], n_layers: int, variants: Sequence[int | Non
 def check_tokens(probes: Sequence[tuple[_Row, list[int]]], requests: Sequence[TokenRequest], max_length: int,
                  noise: bool = False) -> int:
     """Tokens the exactness check feeds the full model: each probe row, and each compared
-    request's own input (twice with ``noise``: alone, then batched, to measure rounding noise)."""
+    request's own input (twice with ``noise``: alone, then batched through the explicit-mask
+    path, to measure rounding noise)."""
     members = sorted({n for _, chosen in probes for n in chosen})
     alone = sum(len(r.ids) for r in plan_rows([requests[n] for n in members], max_length))
     return sum(len(row.ids) for row, _ in probes) + (2 if noise else 1) * alone

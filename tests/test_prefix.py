@@ -173,6 +173,35 @@ def test_sharing_stays_exact_in_half_precision(tokenizer):
             assert (picks[0] != picks[1]).sum() <= (picks[2] != picks[1]).sum(), (variant, name)
 
 
+def test_half_precision_noise_goes_through_the_shared_rows_attention_path(tokenizer):
+    """The check's noise reference must include the explicit-mask attention path that shared rows
+    take: on a GPU that path is another kernel, and in bf16 it moves a deep model's log-likelihoods
+    as much as sharing does (measured on an H100, bench/RESULTS.md). Float32 needs no noise pass."""
+    requests, _ = _workload(len(tokenizer))
+    for dtype in (torch.bfloat16, torch.float32):
+        model = tiny_model("llama", vocab_size=len(tokenizer)).to(dtype)
+        seen: list[str] = []
+
+        def record(module, args, kwargs, seen=seen):
+            mask = kwargs.get("attention_mask")
+            seen.append("4d" if mask is not None and mask.dim() == 4 else "plain")
+
+        hook = model.model.register_forward_pre_hook(record, with_kwargs=True)
+        engine = SweepEngine(model, find_layers(model), [None], batch_tokens=100_000)
+        rows = plan_rows(requests, MAX_LENGTH, share=True, row_tokens=MAX_LENGTH)
+        probes = probe_plan(rows, 4, [None], limit=2)
+        try:
+            worst, noise, count = engine._check_sharing(probes, requests, MAX_LENGTH, noise=dtype != torch.float32)
+        finally:
+            hook.remove()
+        half = dtype == torch.bfloat16
+        # the probe rows (shared: 4D mask), each request alone (the model's own mask), then, in
+        # half precision only, the same requests batched through the explicit 4D mask
+        alone = len(seen) - len(probes) - half
+        assert alone >= 1 and seen == ["4d"] * len(probes) + ["plain"] * alone + ["4d"] * half, (dtype, seen)
+        assert count > 0 and worst >= 0 and (noise > 0) == (dtype == torch.bfloat16), (dtype, worst, noise)
+
+
 def test_reported_work_is_the_work_done(tokenizer):
     """Block-token passes counted by hooks on the blocks equal the engine's ``block_tokens``;
     HFLM's own forwards (batch size 1: no padding) equal the naive count's tokens."""
