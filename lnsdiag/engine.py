@@ -2,7 +2,9 @@
 
 Per batch, the full model runs once while the inputs x_i of the blocks to remove are kept;
 variant i then resumes from x_i at block i+1 (``surgery.resumed_at``), so a sweep over all
-L blocks costs L + L(L−1)/2 block passes instead of ≈ L². Every pass is the model's own
+L blocks costs L + L(L−1)/2 block passes instead of ≈ L². A variant may remove several blocks
+(a tuple, as ``shrink`` scores): it resumes from the input of its first removed block and skips
+the others, so every candidate sharing a kept prefix reuses it. Every pass is the model's own
 forward (masks, rotary embeddings, final norm and head included), so every family works.
 
 Three more savings, all exact:
@@ -44,7 +46,19 @@ from .progress import SILENT, Progress
 from .runs import atomic_write
 from .scoring import TokenRequest
 from .structure import LayerStack, block_input, no_cache_kwargs, text_config
-from .surgery import resumed_at
+from .surgery import removed_layers, resumed_at
+
+#: A model variant: ``None`` (the full model), one removed block, or a tuple of removed blocks.
+Variant = int | tuple[int, ...] | None
+
+
+def removal_set(variant: Variant) -> tuple[int, ...]:
+    """The 0-based blocks a variant removes, ascending (``()`` for the full model)."""
+    if variant is None:
+        return ()
+    if isinstance(variant, int):
+        return (variant,)
+    return tuple(sorted(int(i) for i in variant))
 
 
 @dataclass
@@ -250,11 +264,11 @@ def head_at(model: torch.nn.Module, index: torch.Tensor) -> Iterator[None]:
 class EngineResult:
     """``loglik[v, n]`` and ``greedy[v, n]`` for variant v (see ``variants``) and request n."""
 
-    variants: list[int | None]
+    variants: list[Variant]
     loglik: np.ndarray
     greedy: np.ndarray
 
-    def of(self, variant: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def of(self, variant: Variant) -> tuple[np.ndarray, np.ndarray]:
         v = self.variants.index(variant)
         return self.loglik[v], self.greedy[v]
 
@@ -270,8 +284,13 @@ class _Progress:
     budget: int
 
 
-def _variant_codes(variants: Sequence[int | None]) -> np.ndarray:
-    return np.array([-1 if v is None else v for v in variants], dtype=np.int64)
+def _variant_codes(variants: Sequence[Variant]) -> np.ndarray:
+    """Variants as stored in a checkpoint: JSON (``null``, a block, or a list of blocks)."""
+    return np.array(json.dumps([v if v is None or isinstance(v, int) else list(v) for v in variants]))
+
+
+def _variants_from_codes(codes: np.ndarray) -> list[Variant]:
+    return [tuple(v) if isinstance(v, list) else v for v in json.loads(str(codes))]
 
 
 class Checkpoint:
@@ -287,15 +306,18 @@ class Checkpoint:
             every_seconds = float(os.environ.get("LNSDIAG_CHECKPOINT_SECONDS", 60))
         self.path, self.fingerprint, self.every = Path(path), fingerprint, every_seconds
         self._last = time.monotonic()
-        self.variants: list[int | None] = []
+        self.variants: list[Variant] = []
         self.plan = ""
 
-    def stored_variants(self) -> list[int | None] | None:
+    def stored_variants(self) -> list[Variant] | None:
         """The variants of a matching checkpoint on disk (to finish that pass), if any."""
         data = self._read()
         if data is None:
             return None
-        return [None if int(v) < 0 else int(v) for v in data["variants"]]
+        try:
+            return _variants_from_codes(data["variants"])
+        except (ValueError, TypeError):
+            return None  # a checkpoint of an older format: start the pass over
 
     def _read(self) -> dict[str, np.ndarray] | None:
         try:
@@ -310,7 +332,7 @@ class Checkpoint:
         data = self._read()
         if data is None or data["loglik"].shape != shape or data["done"].shape != (rows,):
             return None
-        if not np.array_equal(data["variants"], _variant_codes(self.variants)) or str(data["plan"]) != self.plan:
+        if str(data["variants"]) != str(_variant_codes(self.variants)) or str(data["plan"]) != self.plan:
             return None
         return _Progress(data["loglik"], data["greedy"], data["done"], int(data["budget"]))
 
@@ -396,14 +418,25 @@ PASS_PHASE = "one pass, all variants"
 
 
 class SweepEngine:
-    """Log-likelihoods of the full model and of each one-block-removed variant, in one pass."""
+    """Log-likelihoods of the full model and of each variant (one or several blocks removed), in one pass."""
 
-    def __init__(self, model: torch.nn.Module, stack: LayerStack, variants: Sequence[int | None], *,
+    def __init__(self, model: torch.nn.Module, stack: LayerStack, variants: Sequence[Variant], *,
                  batch_tokens: int | None = None, pad_id: int = 0, share: bool = True,
                  row_tokens: int | None = None) -> None:
         self.model, self.stack = model, stack
         self.variants = list(variants)
-        self.layers = sorted(v for v in self.variants if v is not None)
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError("a variant is listed twice")
+        for v in self.variants:
+            blocks = removal_set(v)
+            if blocks and (len(set(blocks)) != len(blocks) or blocks[0] < 0 or blocks[-1] >= len(stack)):
+                raise ValueError(f"variant {v!r} does not name distinct blocks of a {len(stack)}-block stack")
+        #: the blocks whose inputs are kept, each with the variants that resume from it
+        self.resumes: dict[int, list[Variant]] = {}
+        for v in self.variants:
+            if v is not None:
+                self.resumes.setdefault(removal_set(v)[0], []).append(v)
+        self.layers = sorted(self.resumes)
         self.batch_tokens = batch_tokens
         self.pad_id = pad_id
         self.device = model.get_input_embeddings().weight.device
@@ -578,11 +611,14 @@ class SweepEngine:
                 h.remove()
         for layer in layers:
             state = kept.pop(layer)
-            with torch.no_grad(), resumed_at(self.model, layer, state, stack=self.stack), \
-                    head_at(self.model, gather):
-                logits = _checked(self.model(input_ids=ids, **kwargs).logits, gather)
-            self._score(logits, index, variants.index(layer), loglik, greedy)
-            del logits, state
+            for variant in self.resumes[layer]:  # every variant whose first removed block is this one
+                with torch.no_grad(), resumed_at(self.model, layer, state, stack=self.stack), \
+                        removed_layers(self.model, removal_set(variant)[1:], mode="skip", stack=self.stack), \
+                        head_at(self.model, gather):
+                    logits = _checked(self.model(input_ids=ids, **kwargs).logits, gather)
+                self._score(logits, index, variants.index(variant), loglik, greedy)
+                del logits
+            del state
 
     @staticmethod
     def _score(logits: torch.Tensor, index: _Index, v: int, loglik: np.ndarray, greedy: np.ndarray) -> None:
@@ -655,17 +691,18 @@ def default_row_tokens(model: torch.nn.Module, max_length: int) -> int:
     return int(min(max_length, max(1024, 2 * hidden + 1.5 * inter)))
 
 
-def layer_passes(n_layers: int, variants: Sequence[int | None]) -> int:
+def layer_passes(n_layers: int, variants: Sequence[Variant]) -> int:
     """Blocks the fast engine runs per row token: the baseline (or up to the deepest kept
-    input when the baseline is not asked for), then each variant i resumed at block i+1."""
-    layers = sorted(v for v in variants if v is not None)
-    base = n_layers if None in variants or not layers else layers[-1]
-    return base + sum(n_layers - i - 1 for i in layers)
+    input when the baseline is not asked for), then each variant resumed after its first
+    removed block, running the blocks after it that it keeps."""
+    sets = [removal_set(v) for v in variants if v is not None]
+    base = n_layers if None in variants or not sets else max(s[0] for s in sets)
+    return base + sum(n_layers - s[0] - len(s) for s in sets)
 
 
-def naive_layer_passes(n_layers: int, variants: Sequence[int | None]) -> int:
-    """Blocks the naive engine runs per row token: every block of each variant but the removed one."""
-    return sum(n_layers if v is None else n_layers - 1 for v in variants)
+def naive_layer_passes(n_layers: int, variants: Sequence[Variant]) -> int:
+    """Blocks the naive engine runs per row token: every block of each variant but the removed ones."""
+    return sum(n_layers - len(removal_set(v)) for v in variants)
 
 
 def naive_tokens(requests: Sequence[TokenRequest], max_length: int) -> int:
@@ -675,7 +712,7 @@ def naive_tokens(requests: Sequence[TokenRequest], max_length: int) -> int:
     return sum(min(len(k), max_length) for k in keys)
 
 
-def probe_plan(rows: Sequence[_Row], n_layers: int, variants: Sequence[int | None], *, limit: int = 8,
+def probe_plan(rows: Sequence[_Row], n_layers: int, variants: Sequence[Variant], *, limit: int = 8,
                per_row: int = 2, share_of_work: float = 0.05) -> list[tuple[_Row, list[int]]]:
     """The shared rows the exactness check runs and the requests it compares in each.
 
@@ -721,7 +758,7 @@ def check_tokens(probes: Sequence[tuple[_Row, list[int]]], requests: Sequence[To
 
 
 def count_work(requests: Sequence[TokenRequest], rows: Sequence[_Row], max_length: int, n_layers: int,
-               variants: Sequence[int | None], checked_tokens: int = 0) -> dict[str, Any]:
+               variants: Sequence[Variant], checked_tokens: int = 0) -> dict[str, Any]:
     """Block-token passes of the fast engine for this plan, and of the naive engine for the same
     variants; padding excluded on both sides (it depends on batch sizes, not on the method).
 
@@ -736,7 +773,7 @@ def count_work(requests: Sequence[TokenRequest], rows: Sequence[_Row], max_lengt
 
 
 def planned_work(requests: Sequence[TokenRequest], max_length: int, n_layers: int,
-                 variants: Sequence[int | None], *, row_tokens: int | None = None,
+                 variants: Sequence[Variant], *, row_tokens: int | None = None,
                  window: int | None = None, half: bool = False) -> dict[str, Any]:
     """What :meth:`SweepEngine.run` reports as its work when sharing is on and checked, without
     a model: the same plan, probe choice and count (used for the counted targets)."""

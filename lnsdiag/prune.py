@@ -154,7 +154,6 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
     ``on_update`` sees the results so far after every finished variant (the command line
     rewrites its CSVs). Ctrl-C raises :class:`~lnsdiag.errors.Interrupted` saying what is saved.
     """
-    from .stream import default_seq_len
 
     timer = timer or Timer()
     folder = Path(out)
@@ -162,26 +161,8 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
     model = loaded.model
     stack = find_layers(model, layers_path)
     selected = parse_layer_spec(config.layers, len(stack))
-    settings: dict[str, Any] = dict.fromkeys(SETTINGS)
-    settings.update(model=loaded.source, revision=loaded.revision, weights=loaded.weights_identity(),
-                    dtype=str(loaded.dtype).replace("torch.", ""), tasks=[], limit=config.limit, seed=config.seed,
-                    bootstrap_iters=config.bootstrap_iters, layers_path=stack.path, softmax_dtype="float32")
-    scorers: list[Scorer] = []
-    windows = None
-    if inputs.tasks is not None:
-        scorers.append(LmEvalScorer(loaded, inputs.tasks, limit=config.limit, seed=config.seed,
-                                    bootstrap_iters=config.bootstrap_iters, batch_size=config.batch_size,
-                                    note=progress.note))
-    if inputs.ppl_text is not None:
-        seq = default_seq_len(model, config.seq_len)
-        windows = TokenWindows.of(loaded.tokenizer, inputs.ppl_text.texts, seq_len=seq,
-                                  max_tokens=config.ppl_max_tokens, name=inputs.ppl_text.name)
-        scorers.append(PerplexityScorer(model, windows, batch_size=config.batch_size))
-        settings.update(ppl_max_tokens=config.ppl_max_tokens, seq_len=seq)
-    for scorer in scorers:
-        settings.update(scorer.settings())
-    if set(settings) != set(SETTINGS):
-        raise RuntimeError(f"settings outside prune.SETTINGS: {sorted(set(settings) - set(SETTINGS))}")
+    scoring = prepare_scoring(loaded, config, inputs, stack, progress)
+    scorers, windows, settings = scoring.scorers, scoring.windows, scoring.settings
     store = ResultStore(folder, settings, fresh=config.fresh, outputs=OUTPUTS, samples=config.samples)
     done = store.done()
     todo = plan_variants(selected, done)
@@ -241,6 +222,45 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
             progress.note(f"generation tasks ({', '.join(outcome.stats['naive_tasks'])}) were scored by the naive "
                           "engine: they need the model to generate, not just log-likelihoods")
     return current()
+
+
+@dataclass
+class Scoring:
+    """What every variant is scored with, and the settings that make two runs' numbers comparable."""
+
+    scorers: list[Scorer]
+    windows: TokenWindows | None
+    settings: dict[str, Any]
+
+
+def prepare_scoring(loaded: LoadedModel, config: PruneConfig, inputs: PruneInputs, stack: Any,
+                    progress: Progress = SILENT) -> Scoring:
+    """The scorers (lm-eval tasks, built-in perplexity) of a sweep and its fingerprint
+    (:data:`SETTINGS`), shared by ``prune`` and ``shrink``."""
+    from .stream import default_seq_len
+
+    model = loaded.model
+    settings: dict[str, Any] = dict.fromkeys(SETTINGS)
+    settings.update(model=loaded.source, revision=loaded.revision, weights=loaded.weights_identity(),
+                    dtype=str(loaded.dtype).replace("torch.", ""), tasks=[], limit=config.limit, seed=config.seed,
+                    bootstrap_iters=config.bootstrap_iters, layers_path=stack.path, softmax_dtype="float32")
+    scorers: list[Scorer] = []
+    windows = None
+    if inputs.tasks is not None:
+        scorers.append(LmEvalScorer(loaded, inputs.tasks, limit=config.limit, seed=config.seed,
+                                    bootstrap_iters=config.bootstrap_iters, batch_size=config.batch_size,
+                                    note=progress.note))
+    if inputs.ppl_text is not None:
+        seq = default_seq_len(model, config.seq_len)
+        windows = TokenWindows.of(loaded.tokenizer, inputs.ppl_text.texts, seq_len=seq,
+                                  max_tokens=config.ppl_max_tokens, name=inputs.ppl_text.name)
+        scorers.append(PerplexityScorer(model, windows, batch_size=config.batch_size))
+        settings.update(ppl_max_tokens=config.ppl_max_tokens, seq_len=seq)
+    for scorer in scorers:
+        settings.update(scorer.settings())
+    if set(settings) != set(SETTINGS):
+        raise RuntimeError(f"settings outside prune.SETTINGS: {sorted(set(settings) - set(SETTINGS))}")
+    return Scoring(scorers, windows, settings)
 
 
 def _angular_column(loaded: LoadedModel, folder: Path, stack: Any, text: TextSource | None,

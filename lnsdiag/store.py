@@ -29,15 +29,21 @@ from .scoring import Documents, MetricRow, Scores
 CHECKPOINT_NAME = "engine-partial.npz"
 
 
-def variant_name(layer: int | None) -> str:
-    return "baseline" if layer is None else f"layer_{layer:03d}"
+def variant_name(layer: int | tuple[int, ...] | None) -> str:
+    """A variant's file name: ``baseline``, ``layer_007``, or ``layers_003_004_007`` (several removed)."""
+    if layer is None:
+        return "baseline"
+    if isinstance(layer, int):
+        return f"layer_{layer:03d}"
+    return "layers_" + "_".join(f"{i:03d}" for i in layer)
 
 
 @dataclass
 class VariantResult:
-    """The scores of the model with ``removed_layer`` removed (``None``: the full model)."""
+    """The scores of the model with ``removed_layer`` removed (``None``: the full model; a tuple:
+    several blocks removed at once)."""
 
-    removed_layer: int | None
+    removed_layer: int | tuple[int, ...] | None
     rows: list[MetricRow]
     seconds: float
     engine: str = "naive"
@@ -49,12 +55,13 @@ class VariantResult:
     groups: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, layer: int | None, scores: Scores, seconds: float, engine: str) -> VariantResult:
+    def of(cls, layer: int | tuple[int, ...] | None, scores: Scores, seconds: float, engine: str) -> VariantResult:
         return cls(layer, scores.rows, seconds, engine, ppl=scores.ppl, documents=scores.documents,
                    choices=scores.choices, aggregations=scores.aggregations, groups=scores.groups)
 
     def to_json(self) -> dict[str, Any]:
-        return {"removed_layer": self.removed_layer, "seconds": round(self.seconds, 3), "engine": self.engine,
+        layer = list(self.removed_layer) if isinstance(self.removed_layer, tuple) else self.removed_layer
+        return {"removed_layer": layer, "seconds": round(self.seconds, 3), "engine": self.engine,
                 "finished": self.finished, "metrics": [r.as_dict() for r in self.rows],
                 "ppl_windows": self.ppl.as_json() if self.ppl else None,
                 "documents": [{"task": task, "metric": metric, "aggregation": self.aggregations.get((task, metric)),
@@ -73,7 +80,9 @@ class VariantResult:
         choices = {task: dict(zip(c["ids"], c["n"], strict=True)) for task, c in data.get("choices", {}).items()}
         aggregations = {(d["task"], d["metric"]): d["aggregation"] for d in data.get("documents", [])
                         if d.get("aggregation")}
-        return cls(data["removed_layer"], rows, data["seconds"], data.get("engine", "naive"), data["finished"], ppl,
+        layer = data["removed_layer"]
+        layer = tuple(layer) if isinstance(layer, list) else layer
+        return cls(layer, rows, data["seconds"], data.get("engine", "naive"), data["finished"], ppl,
                    documents, choices, aggregations, data.get("groups", {}))
 
     def sample_rows(self) -> list[dict[str, Any]]:
@@ -144,10 +153,10 @@ class ResultStore:
                 "or --out DIR to keep both"
             )
 
-    def done(self) -> dict[int | None, VariantResult]:
+    def done(self) -> dict[int | tuple[int, ...] | None, VariantResult]:
         """Every finished variant on disk. A file is parsed again only when it changed (a sweep asks
         after each variant, and each file carries its per-document scores)."""
-        out: dict[int | None, VariantResult] = {}
+        out: dict[int | tuple[int, ...] | None, VariantResult] = {}
         for path in sorted(self.variants.glob("*.json")):
             stat = path.stat()
             stamp = (stat.st_mtime_ns, stat.st_size)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from .engine import Variant, removal_set
 from .errors import UserError
 from .perplexity import PerplexityScorer
 from .progress import SILENT, Progress
@@ -40,16 +41,19 @@ VARIANTS_PHASE = "variants"
 class SweepOutcome:
     """What an engine produced: each variant's result, and how (for meta.json)."""
 
-    results: dict[int | None, VariantResult] = field(default_factory=dict)
+    results: dict[Variant, VariantResult] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _removed(model: torch.nn.Module, variant: int | None, stack: LayerStack) -> Any:
-    return removed_layers(model, [] if variant is None else [variant], stack=stack)
+def _removed(model: torch.nn.Module, variant: Variant, stack: LayerStack) -> Any:
+    return removed_layers(model, removal_set(variant), stack=stack)
 
 
-def _variant_label(variant: int | None) -> str:
-    return "baseline" if variant is None else f"without layer {variant}"
+def _variant_label(variant: Variant) -> str:
+    blocks = removal_set(variant)
+    if not blocks:
+        return "baseline"
+    return f"without layer {blocks[0]}" if len(blocks) == 1 else f"without layers {','.join(map(str, blocks))}"
 
 
 def _finish(result: VariantResult, outcome: SweepOutcome, store: ResultStore | None,
@@ -62,7 +66,7 @@ def _finish(result: VariantResult, outcome: SweepOutcome, store: ResultStore | N
         on_saved(result)
 
 
-def run_naive(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[int | None], *,
+def run_naive(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[Variant], *,
               stack: LayerStack, store: ResultStore | None = None, progress: Progress = SILENT,
               on_saved: Callable[[VariantResult], None] | None = None) -> SweepOutcome:
     """One full scoring pass per variant (the reference engine; works for every task type)."""
@@ -80,7 +84,7 @@ def run_naive(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[
     return outcome
 
 
-def run_fast(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[int | None], *,
+def run_fast(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[Variant], *,
              stack: LayerStack, store: ResultStore | None = None, progress: Progress = SILENT,
              on_saved: Callable[[VariantResult], None] | None = None, batch_tokens: int | None = None
              ) -> SweepOutcome:

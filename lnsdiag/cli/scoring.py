@@ -1,0 +1,54 @@
+"""The scoring options ``prune`` and ``shrink`` share (what every variant is scored on, and how
+verdicts are reached), as Typer option types, and the step from them to a checked
+:class:`~lnsdiag.prune.PruneConfig`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..prune import PruneConfig
+
+Tasks = Annotated[str | None, typer.Option(
+    "--tasks", "-t", help="lm-eval task or group names, comma-separated \\[default: mmlu, unless only --ppl-* "
+    "is given].", show_default=False)]
+IncludePath = Annotated[Path | None, typer.Option("--include-path", help="Folder of extra lm-eval task YAMLs.",
+                                                  show_default=False)]
+NumFewshot = Annotated[int | None, typer.Option("--num-fewshot", help="Few-shot examples \\[default: the "
+                                                "task's own].", show_default=False)]
+Limit = Annotated[str | None, typer.Option(help="Documents per task: a count (100) or a fraction (0.1).",
+                                           show_default=False)]
+Seed = Annotated[int, typer.Option(help="Seed for few-shot sampling and lm-eval.")]
+BootstrapIters = Annotated[int, typer.Option("--bootstrap-iters", help="lm-eval's bootstrap for stderr of "
+                                             "non-mean metrics.")]
+PplText = Annotated[Path | None, typer.Option("--ppl-text", help="Also score built-in perplexity on this "
+                                              "text (plain or JSONL).", show_default=False)]
+PplDataset = Annotated[str | None, typer.Option("--ppl-dataset", help="Built-in perplexity on a `datasets` "
+                                                "dataset (or `stdlib`).", show_default=False)]
+PplDatasetConfig = Annotated[str | None, typer.Option("--ppl-dataset-config", show_default=False)]
+PplSplit = Annotated[str | None, typer.Option("--ppl-split", show_default=False)]
+PplField = Annotated[str, typer.Option("--ppl-field", help="Field of JSONL records holding the text.")]
+PplMaxTokens = Annotated[int, typer.Option("--ppl-max-tokens", help="Tokens of perplexity text.")]
+Margin = Annotated[str | None, typer.Option(
+    help="Margin of practical equivalence: a removal is dead only if the 90% interval of Δ lies within it. "
+    "0.02 (bounded metrics, absolute), 2% (perplexity-like, relative) or acc=0.02,ppl=2% \\[default: 0.01 "
+    "and 1%].", show_default=False)]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Batch size for lm-eval and perplexity.")]
+Fresh = Annotated[bool, typer.Option("--fresh", help="Discard stored results in --out and start over.")]
+NoSamples = Annotated[bool, typer.Option("--no-samples", help="Do not export per-document scores "
+                                         "(samples/<variant>.csv.gz).")]
+Engine = Annotated[str, typer.Option(help="fast: all variants from one pass over the requests; naive: one "
+                                     "lm-eval run per variant (the reference).")]
+BatchTokens = Annotated[int | None, typer.Option("--batch-tokens", help="Fast engine: tokens per batch "
+                                                 "\\[default: from free GPU memory; 8192 on CPU].",
+                                                 show_default=False)]
+
+
+def scoring_config(*, tasks: str | None, include_path: Path | None, ppl_text: Path | None, **options: object
+                   ) -> PruneConfig:
+    """A checked :class:`PruneConfig` from the options as typed (paths and comma lists converted)."""
+    return PruneConfig(tasks=tuple(tasks.split(",")) if tasks else None,
+                       include_path=str(include_path) if include_path else None,
+                       ppl_text=str(ppl_text) if ppl_text else None, **options)  # type: ignore[arg-type]

@@ -1,0 +1,226 @@
+"""`shrink`: several layers removed at once, chosen by each strategy, scored exactly.
+
+The reference is always independent of the code under test: models really built without the
+layers (``build_without_layers``), scored by lm-eval's own HFLM or by a plain forward, and the
+strategies' definitions computed by brute force.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import transformers as tf
+
+from lnsdiag import shrink
+from lnsdiag.engine import SweepEngine, layer_passes, naive_layer_passes, removal_set
+from lnsdiag.errors import Interrupted, UserError
+from lnsdiag.lmeval import LmEvalScorer, load_tasks
+from lnsdiag.models import LoadedModel
+from lnsdiag.perplexity import PerplexityScorer
+from lnsdiag.prune import PruneConfig
+from lnsdiag.rebuild import build_without_layers
+from lnsdiag.structure import find_layers
+from lnsdiag.windows import TokenWindows
+
+from .conftest import SAMPLE_TEXT, ProgressLog
+from .families import tiny_model
+from .lmeval_tasks import write_tasks
+from .test_prefix import MAX_LENGTH, _workload
+
+SETS = [None, (0, 1), (1, 3), (0, 2, 3), 2, (2, 3), (3,)]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2_moe", "deepseek_v3", "gemma3", "gpt2"])
+def test_several_layers_at_once_equal_a_model_built_without_them(family, tokenizer):
+    """Sets resume from the input of their first removed block and skip the rest: per request
+    within float32 rounding of the rebuilt model (MoE, sliding windows, DeepSeek's dense prefix)."""
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    requests, _ = _workload(len(tokenizer))
+    result = SweepEngine(model, find_layers(model), SETS, batch_tokens=300).run(requests, MAX_LENGTH)
+    for variant in SETS[1:]:
+        rebuilt = build_without_layers(model, list(removal_set(variant)))
+        ref = SweepEngine(rebuilt, find_layers(rebuilt), [None], share=False).run(requests, MAX_LENGTH).of(None)[0]
+        np.testing.assert_allclose(result.of(variant)[0], ref, rtol=1e-5, atol=1e-4, err_msg=f"{family} {variant}")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_counted_passes_of_sets_are_the_blocks_run(tokenizer):
+    """Counting the blocks that really compute: the full model once, then each set from its first
+    removed block on, skipping the others (the engine's ``block_tokens``); the naive engine would
+    run every kept block of every set."""
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    stack = find_layers(model)
+    requests, _ = _workload(len(tokenizer))
+    SweepEngine(model, stack, SETS, batch_tokens=1).run(requests[:4], MAX_LENGTH)  # warm-up: block output form
+    ran = [0]
+
+    def counting(block):
+        real = block.forward
+
+        def forward(hidden_states, *args, **kwargs):
+            ran[0] += hidden_states.shape[0] * hidden_states.shape[1]
+            return real(hidden_states, *args, **kwargs)
+
+        return forward
+
+    for block in stack.layers:
+        block.forward = counting(block)
+    try:
+        engine = SweepEngine(model, stack, SETS, batch_tokens=1, share=False)  # one row a batch: no padding
+        engine.run(requests, MAX_LENGTH)
+    finally:
+        for block in stack.layers:
+            del block.forward
+    assert layer_passes(4, SETS) == 4 + (4 - 0 - 2) + (4 - 1 - 2) + (4 - 0 - 3) + 1 + 0 + 0
+    assert naive_layer_passes(4, SETS) == 4 + 2 + 2 + 1 + 3 + 2 + 3
+    assert ran[0] == engine.stats["block_tokens"] == engine.stats["tokens"] * layer_passes(4, SETS)
+
+
+def _picks(strategy, picks):
+    return {p.n: p.layers for p in picks if p.strategy == strategy}
+
+
+def test_strategy_definitions_on_known_numbers():
+    blocks = pd.DataFrame([{"start_layer": s, "block_size": n, "angular_distance": d, "block_influence": 0.0}
+                           for n, ds in ((1, [0.5, 0.2, 0.1, 0.1, 0.3]), (2, [0.6, 0.25, 0.15, 0.4]),
+                                         (3, [0.7, 0.3, 0.35]))
+                           for s, d in enumerate(ds)])
+    assert _picks("angular", shrink.angular_picks(blocks, 3)) == {1: (2,), 2: (2, 3), 3: (1, 2, 3)}
+    layers = pd.DataFrame({"layer": range(5), "block_influence": [0.4, 0.05, 0.2, 0.05, 0.3]})
+    assert _picks("bi", shrink.bi_picks(layers, 3)) == {1: (1,), 2: (1, 3), 3: (1, 2, 3)}
+    assert _picks("last", shrink.last_picks(5, 3)) == {1: (3,), 2: (2, 3), 3: (1, 2, 3)}
+
+
+def _ppl_scorer(model, tokenizer):
+    windows = TokenWindows.of(tokenizer, [SAMPLE_TEXT * 6], seq_len=48, max_tokens=600, name="sample")
+    return PerplexityScorer(model, windows), windows
+
+
+def _ppl_of(model, tokenizer) -> float:
+    scorer, _ = _ppl_scorer(model, tokenizer)
+    return next(r.value for r in scorer.score().rows if r.metric == "ppl")
+
+
+@pytest.fixture(scope="module")
+def six_layers(tokenizer):
+    torch.manual_seed(3)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # distinct norms, so layers differ in how much they matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.mul_(torch.linspace(0.2, 2.0, p.numel()).reshape(p.shape))
+    return LoadedModel.wrap(model, tokenizer, name="six")
+
+
+@pytest.fixture()
+def ppl_file(tmp_path):
+    path = tmp_path / "ppl.txt"
+    path.write_text(SAMPLE_TEXT * 6, encoding="utf-8")
+    return path
+
+
+def _config(ppl_file, **kwargs):
+    return shrink.ShrinkConfig(scoring=PruneConfig(ppl_text=str(ppl_file), seq_len=48, ppl_max_tokens=600,
+                                                   batch_size=4), **kwargs)
+
+
+def test_greedy_and_sweep_follow_brute_force_on_rebuilt_models(six_layers, ppl_file, tmp_path):
+    """Greedy: at each step the set whose rebuilt model has the lowest perplexity; sweep: the
+    n single removals of lowest perplexity; every pick's perplexity equals its rebuilt model's."""
+    model, tok = six_layers.model, six_layers.tokenizer
+    run = shrink.run(six_layers, _config(ppl_file, remove=3, strategies="sweep,greedy,last"), tmp_path / "s")
+    assert run.rank_by == ("ppl", "ppl")
+    brute: dict[tuple, float] = {}
+
+    def ppl(layers):
+        if layers not in brute:
+            brute[layers] = _ppl_of(build_without_layers(model, list(layers)), tok)
+        return brute[layers]
+
+    removed: tuple = ()
+    for n in range(1, 4):
+        options = {tuple(sorted((*removed, j))): None for j in range(6) if j not in removed}
+        removed = min(options, key=lambda s: (ppl(s), s))
+        assert _picks("greedy", run.picks)[n] == removed
+    singles = sorted(range(6), key=lambda i: (ppl((i,)), i))
+    assert _picks("sweep", run.picks) == {n: tuple(sorted(singles[:n])) for n in range(1, 4)}
+    rows = run.frame[run.frame["metric"] == "ppl"]
+    for _, r in rows.iterrows():
+        layers = tuple(int(x) for x in r["removed_layers"].split(",")) if r["removed_layers"] else ()
+        expected = _ppl_of(model, tok) if not layers else ppl(layers)
+        assert math.isclose(r["value"], expected, rel_tol=1e-5), (r["strategy"], layers)
+    # every greedy step after the first is one pass over the current model's remaining layers (5, then
+    # 4), each candidate resumed from its own layer: at most the one-layer sweep's work on that model
+    steps = [p for p in run.meta["passes"] if p["pass"].startswith("greedy")]
+    assert [p["pass"] for p in steps] == ["greedy step 2/3", "greedy step 3/3"]
+    for p, kept in zip(steps, (5, 4), strict=True):
+        assert p["sets"] == p["variants_in_pass"] and p["layer_passes_per_row"] <= layer_passes(kept, range(kept))
+
+
+def test_picks_score_what_lm_eval_gives_the_rebuilt_model(six_layers, tmp_path):
+    """Every strategy's every pick, lm-eval task and built-in perplexity: equal to stock HFLM +
+    evaluate on the model really built without those layers."""
+    tasks_dir = write_tasks(tmp_path / "tasks", docs=8)
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT * 6, encoding="utf-8")
+    config = shrink.ShrinkConfig(remove=2, scoring=PruneConfig(tasks=("tiny_mc",), include_path=str(tasks_dir),
+                                                               ppl_text=str(text), seq_len=48, ppl_max_tokens=600,
+                                                               batch_size=4, bootstrap_iters=0))
+    run = shrink.run(six_layers, config, tmp_path / "out")
+    assert set(run.frame["strategy"]) == {"full", *shrink.STRATEGIES}
+    taskset = load_tasks(["tiny_mc"], str(tasks_dir))
+    seen = set()
+    for _, r in run.frame[(run.frame["task"] == "tiny_mc")].iterrows():
+        layers = tuple(int(x) for x in r["removed_layers"].split(",")) if r["removed_layers"] else ()
+        if (layers, r["metric"]) in seen:
+            continue
+        seen.add((layers, r["metric"]))
+        rebuilt = build_without_layers(six_layers.model, list(layers)) if layers else six_layers.model
+        ref = LmEvalScorer(LoadedModel.wrap(rebuilt, six_layers.tokenizer), taskset, batch_size=4,
+                           bootstrap_iters=0).score()
+        value = next(x.value for x in ref.rows if x.task == "tiny_mc" and x.metric == r["metric"])
+        assert r["value"] == value, (layers, r["metric"])
+    assert len({s for s, _ in seen}) >= 5
+
+
+def test_resumes_after_an_interruption_and_reuses_sets_for_a_larger_n(six_layers, ppl_file, tmp_path):
+    before = {k: v.clone() for k, v in six_layers.model.state_dict().items()}
+    reference = shrink.run(six_layers, _config(ppl_file, remove=2), tmp_path / "ref").frame
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupted):
+        shrink.run(six_layers, _config(ppl_file, remove=2), out, progress=ProgressLog(stop_at=12))
+    assert any((out / "variants").glob("*.json"))
+    resumed = shrink.run(six_layers, _config(ppl_file, remove=2), out)
+    pd.testing.assert_frame_equal(resumed.frame, reference)
+    larger = shrink.run(six_layers, _config(ppl_file, remove=3), out)
+    assert larger.meta["passes"] and all(p["sets"] < 6 for p in larger.meta["passes"])
+    # the same numbers for n ≤ 2; the Holm family (every set of the run) grew, so adjusted p-values differ
+    same = [c for c in reference.columns if c not in ("p_holm", "verdict")]
+    pd.testing.assert_frame_equal(larger.frame[larger.frame["n_removed"] <= 2].reset_index(drop=True)[same],
+                                  reference.reset_index(drop=True)[same])
+    assert all(torch.equal(v, before[k]) for k, v in six_layers.model.state_dict().items())
+
+
+def test_config_errors_name_the_option():
+    with pytest.raises(UserError, match="--remove must be at least 1"):
+        shrink.ShrinkConfig(remove=0)
+    with pytest.raises(UserError, match="unknown --strategy 'angualr'"):
+        shrink.ShrinkConfig(strategies="angualr")
+    with pytest.raises(UserError, match="not both"):
+        shrink.ShrinkConfig(strategies="bi", layers="3,4")
+    with pytest.raises(UserError, match="leaves no layer"):
+        shrink.ShrinkConfig(remove=6).check_model(6)
+    with pytest.raises(UserError, match="out of range"):
+        shrink.ShrinkConfig(layers="2,9").check_model(6)
+    with pytest.raises(UserError, match="TASK/METRIC"):
+        shrink.ShrinkConfig(rank_by="acc")
+    assert shrink.ShrinkConfig(layers="3-5,1").layers == (1, 3, 4, 5)
