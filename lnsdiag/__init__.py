@@ -10,8 +10,8 @@ Everything the command line does is a function here, for notebooks::
         ...  # the model without block 27, exactly
     sweep = prune.run(loaded, prune.PruneConfig(tasks=("arc_easy",)), "results/llama")  # resumable
 
-Each command's runner is a module: ``prune``, ``angular``, ``variance``, ``reproduce``,
-``demo`` (a config object, then ``run``). Names are imported on first use, so
+Each command's runner is a module: ``prune``, ``shrink``, ``angular``, ``variance``,
+``reproduce``, ``demo`` (a config object, then ``run``). Names are imported on first use, so
 ``import lnsdiag`` stays cheap.
 """
 
@@ -30,7 +30,7 @@ _EXPORTS: dict[str, str] = {
     # structure, surgery, the reference
     "LayerStack": "structure", "find_layers": "structure", "norm_placement": "structure",
     "parse_layer_spec": "structure", "removed_layers": "surgery", "resumed_at": "surgery",
-    "build_without_layers": "rebuild",
+    "build_without_layers": "rebuild", "save_without_layers": "rebuild", "model_card": "rebuild",
     # text and its token windows
     "TextSource": "text", "resolve_text": "text", "from_file": "text", "from_dataset": "text",
     "stdlib_corpus": "text", "TokenWindows": "windows", "token_windows": "windows", "batches": "windows",
@@ -44,7 +44,8 @@ _EXPORTS: dict[str, str] = {
     "LmEvalScorer": "lmeval", "Perplexity": "perplexity", "perplexity": "perplexity",
     "PerplexityScorer": "perplexity", "SweepEngine": "engine", "run_naive": "sweep", "run_fast": "sweep",
     "perplexity_sweep": "sweep", "ResultStore": "store", "VariantResult": "store", "prune_frame": "verdict",
-    "PruneConfig": "prune", "PruneRun": "prune",
+    "PruneConfig": "prune", "PruneRun": "prune", "ShrinkConfig": "shrink", "ShrinkRun": "shrink",
+    "removal_set": "engine",
     # LayerNorm Scaling and the twins
     "apply_lns": "lns", "remove_lns": "lns", "restore_lns": "lns", "apply_post_ln": "postln",
     "DemoSpec": "demo_model", "ensure_demo_model": "demo_model", "DemoConfig": "demo",

@@ -2,7 +2,8 @@
 
 The demo model (:mod:`lnsdiag.demo_model`: shipped with the package, or trained with
 ``retrain``) is measured exactly as a user's checkpoint would be: ``angular.run``,
-``prune.run``, then the Pre-LN/LNS twins of ``reproduce.run``, whose Pre-LN side is the
+``prune.run``, ``shrink.run`` (N = 4, reusing the sweep's results and the angular distances),
+then the Pre-LN/LNS twins of ``reproduce.run``, whose Pre-LN side is the
 model the first two parts already measured on the same tokens (only its residual variance
 is new), so nothing is computed twice.
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import angular, prune, reproduce
+from . import angular, prune, reproduce, shrink
 from .demo_model import SHIPPED_NORMS, DemoSpec, demo_dir, ensure_demo_model, shipped_dir
 from .errors import UserError
 from .models import load_model, pick_device
@@ -37,12 +38,15 @@ class DemoConfig:
     twin: bool = True
     device: str = "auto"
     fresh: bool = False
+    shrink: int = 4  # layers removed together at most (0: no shrink part)
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
             raise UserError(f"--steps must be at least 1, not {self.steps}")
         if self.layers is not None and self.layers < 2:
             raise UserError(f"--layers must be at least 2, not {self.layers}")
+        if self.shrink < 0:
+            raise UserError(f"--shrink must be 0 (off) or more, not {self.shrink}")
         pick_device(self.device)
         if self.fresh:
             object.__setattr__(self, "retrain", True)
@@ -61,6 +65,7 @@ class DemoRun:
     record: dict[str, Any]
     angular: angular.AngularRun | None = None
     prune: prune.PruneRun | None = None
+    shrink: shrink.ShrinkRun | None = None
     twins: reproduce.ReproduceRun | None = None
 
     @property
@@ -77,11 +82,13 @@ DEMO_BATCH = 16
 
 def run(config: DemoConfig, out: str | Path, *, progress: Progress = SILENT,
         on_part: Callable[[str, DemoRun], None] | None = None) -> DemoRun:
-    """Take the demo model (shipped, cached or trained), then angular distances, the removal sweep and the twins.
+    """Take the demo model (shipped, cached or trained), then angular distances, the removal sweep,
+    several layers removed at once (``shrink``, reusing the sweep) and the twins.
 
     Each part is the library call its command makes; the sweep's resumable store goes to
-    ``out/prune``. ``on_part(name, run)`` sees the run after each part (``model``, ``angular``,
-    ``prune``, ``twins``): the command line shows and writes each part there.
+    ``out/prune``, shrink's to ``out/shrink``. ``on_part(name, run)`` sees the run after each part
+    (``model``, ``angular``, ``prune``, ``shrink``, ``twins``): the command line shows and writes
+    each part there.
     """
     spec = config.spec
     folder = Path(out)
@@ -104,6 +111,11 @@ def run(config: DemoConfig, out: str | Path, *, progress: Progress = SILENT,
     result.prune = prune.run(loaded, sweep, folder / "prune", angular_frame=result.angular.result.layers,
                              progress=progress, timer=timer)
     show("prune", result)
+    if config.shrink:
+        together = shrink.ShrinkConfig(remove=min(config.shrink, spec.layers - 1), scoring=sweep)
+        result.shrink = shrink.run(loaded, together, folder / "shrink", angular=result.angular.result,
+                                   reuse=folder / "prune", progress=progress, timer=timer)
+        show("shrink", result)
     if config.twin:
         result.twins = _twins(result, retrain=config.retrain, device=device, progress=progress)
         show("twins", result)

@@ -25,6 +25,7 @@ model's remaining layers. Statistics and verdicts are ``prune``'s (paired, again
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Any
 
 import pandas as pd
 
+from .angular import AngularResult
 from .engine import removal_set
 from .errors import Interrupted, UserError
 from .models import LoadedModel
@@ -293,9 +295,13 @@ def _key(layer: Any) -> RemovalSet | None:
 
 def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: PruneInputs | None = None,
         layers_path: str | None = None, progress: Progress = SILENT, timer: Timer | None = None,
-        angular_text: TextSource | None = None) -> ShrinkRun:
+        angular_text: TextSource | None = None, angular: AngularResult | None = None,
+        reuse: str | Path | None = None) -> ShrinkRun:
     """Pick, score and compare the removal sets of every strategy into ``out`` (resuming what is there).
 
+    ``angular``: block angular distances already measured (n up to at least N) instead of measuring
+    them. ``reuse``: a ``prune`` (or ``shrink``) folder made with the same scoring settings whose
+    stored results (the full model, single layers, sets) are copied in instead of scored again.
     Ctrl-C raises :class:`~lnsdiag.errors.Interrupted` saying what is saved.
     """
     timer = timer or Timer()
@@ -308,10 +314,17 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: P
     scoring = prepare_scoring(loaded, scoring_config, inputs, stack, progress)
     store = ResultStore(folder, scoring.settings, fresh=scoring_config.fresh, outputs=OUTPUTS,
                         samples=scoring_config.samples)
+    if reuse is not None:
+        copied = _reuse(Path(reuse), store)
+        if copied:
+            progress.note(f"reusing {copied} stored result(s) from {reuse}")
     scorer = _Scorer(loaded, stack, scoring, store, config, progress)
     if scorer.done():
         progress.note(f"resuming: {len(scorer.done())} removal set(s) already scored in {folder}")
     tasks = [t for s in scoring.scorers for t in s.tasks]
+    if config.rank_by is not None and config.rank_by.split("/", 1)[0] not in tasks:
+        raise UserError(f"--rank-by {config.rank_by}: {config.rank_by.split('/', 1)[0]!r} is not scored in this run "
+                        f"(scored: {', '.join(tasks)})")
     N, strategies = config.remove, config.strategies
     try:
         with timer("scoring"):
@@ -319,8 +332,12 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: P
             if config.layers is not None:
                 picks.append(Pick(GIVEN, N, config.layers))
             if "angular" in strategies or "bi" in strategies:
-                with timer("angular"):
-                    blocks, per_layer = _angular(loaded, folder, stack, angular_text, scoring, config, progress)
+                if angular is not None and int(angular.blocks["block_size"].max()) >= N:
+                    blocks = angular.blocks
+                    per_layer = angular.layers[["layer", "angular_distance", "block_influence"]]
+                else:
+                    with timer("angular"):
+                        blocks, per_layer = _angular(loaded, folder, stack, angular_text, scoring, config, progress)
                 if "angular" in strategies:
                     picks += angular_picks(blocks, N)
                 if "bi" in strategies:
@@ -355,6 +372,31 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: P
         engine=scoring_config.engine, passes=scorer.passes, sets_scored=len(scorer.done()) - 1,
         timings=dict(timer.seconds))
     return ShrinkRun(frame, picks, tasks, meta, folder, rank)
+
+
+def _reuse(source: Path, store: ResultStore) -> int:
+    """Copy the stored results of another run of the same settings into ``store``; how many."""
+    from .runs import atomic_write
+
+    settings = source / "settings.json"
+    if not settings.is_file():
+        raise UserError(f"--reuse {source}: not a prune or shrink folder (no settings.json)")
+    stored = read_json(settings)
+    def same(key: str) -> bool:
+        return json.dumps(stored.get(key), sort_keys=True, default=str) == json.dumps(
+            store.settings.get(key), sort_keys=True, default=str)
+
+    differ = sorted(k for k in {*stored, *store.settings} if not same(k))
+    if differ:
+        raise UserError(f"--reuse {source}: made with other settings ({', '.join(differ[:3])}); its results would "
+                        "not be comparable")
+    copied = 0
+    for path in sorted((source / "variants").glob("*.json")):
+        target = store.variants / path.name
+        if not target.exists():
+            atomic_write(target, path.read_bytes())
+            copied += 1
+    return copied
 
 
 def _greedy(scorer: _Scorer, rank: tuple[str, str], n_max: int) -> list[Pick]:
@@ -394,9 +436,9 @@ def _angular(loaded: LoadedModel, folder: Path, stack: LayerStack, text: TextSou
         result = angular_on_windows(loaded.model, windows,
                                     AngularConfig(max_block=config.remove, batch_size=config.scoring.batch_size),
                                     stack=stack, progress=progress)
-        blocks = result.blocks
-        write_csv(path, blocks)
+        write_csv(path, result.blocks)
         write_json(stamp, wanted)
+        blocks = pd.read_csv(path)  # as a resumed run will read them: the same picks, digit for digit
     ones = blocks[blocks["block_size"] == 1].rename(columns={"start_layer": "layer"})
     return blocks, ones[["layer", "angular_distance", "block_influence"]].reset_index(drop=True)
 
@@ -450,14 +492,15 @@ def save_pick(run: ShrinkRun, loaded: LoadedModel, folder: str | Path, *, strate
     pick = run.best() if strategy == "best" else run.pick(strategy)
     rows = run.frame[(run.frame["strategy"] == pick.strategy) & (run.frame["n_removed"] == pick.n)]
     heads = headline_metrics(rows, run.tasks)
-    scores = [{"task": t, "metric": m, **{k: float(r[k]) for k in ("value", "baseline", "delta", "delta_stderr")},
-               "verdict": r["verdict"]}
+    scores = [{"task": t, "metric": m, "value": f"{r['value']:.4g}", "full model": f"{r['baseline']:.4g}",
+               "Δ": f"{r['delta']:+.3g} ± {r['delta_stderr']:.2g}", "verdict vs the full model": r["verdict"]}
               for t, m in heads for _, r in rows[(rows["task"] == t) & (rows["metric"] == m)].iterrows()]
     describe = loaded.describe()
     card = model_card(source=describe.get("source"), revision=describe.get("revision"), removed=list(pick.layers),
-                      strategy=pick.strategy, num_layers=run.meta["num_layers"], scores=scores,
-                      rank_by="/".join(run.rank_by))
+                      num_layers=run.meta["num_layers"], strategy=pick.strategy, n=pick.n, scores=scores,
+                      notes=f"Scores from `lnsdiag shrink` ({run.folder}); verdicts: {run.meta['dead_rule']}")
     return save_without_layers(loaded.model, pick.layers, folder, tokenizer=loaded.tokenizer, card=card,
                                overwrite=overwrite, stack=find_layers(loaded.model, layers_path),
                                strategy=pick.strategy, source=describe.get("source"),
-                               revision=describe.get("revision"))
+                               revision=describe.get("revision"),
+                               provenance={"rank_by": "/".join(run.rank_by), "scores": run.folder.as_posix()})

@@ -41,7 +41,28 @@ BAD_INPUTS = {
     "corrupt weights (prune)": lambda m, t, tmp, c: (["prune", c, "--ppl-text", t], "unreadable"),
     "corrupt weights (angular)": lambda m, t, tmp, c: (["angular", c, "--text-file", t, *_TEXT], "unreadable"),
     "bad steps": lambda m, t, tmp, c: (["reproduce", "--steps", 0], "--steps"),
+    "shrink: remove all": lambda m, t, tmp, c: (["shrink", m, "--ppl-text", t, "--remove", 4], "leaves no layer"),
+    "shrink: remove none": lambda m, t, tmp, c: (["shrink", m, "--ppl-text", t, "--remove", 0], "at least 1"),
+    "shrink: unknown strategy": lambda m, t, tmp, c: (["shrink", m, "--ppl-text", t, "--strategy", "sleb"],
+                                                      "unknown --strategy 'sleb'"),
+    "shrink: layers and strategy": lambda m, t, tmp, c: (["shrink", m, "--ppl-text", t, "--layers", "1,2",
+                                                          "--strategy", "bi"], "not both"),
+    "shrink: layers out of range": lambda m, t, tmp, c: (["shrink", m, "--ppl-text", t, "--layers", "2,9"],
+                                                         "out of range"),
+    "shrink: save into a full folder": lambda m, t, tmp, c: (["shrink", m, "--ppl-text", t, "--save", _full(tmp)],
+                                                             "--overwrite"),
+    "shrink: save strategy not run": lambda m, t, tmp, c: (["shrink", m, "--ppl-text", t, "--strategy", "bi",
+                                                            "--save", tmp / "new", "--save-strategy", "last"],
+                                                           "--save-strategy 'last'"),
+    "shrink: bad rank-by": lambda m, t, tmp, c: (["shrink", m, "--ppl-text", t, "--rank-by", "acc"], "TASK/METRIC"),
 }
+
+
+def _full(folder):
+    path = folder / "full"
+    path.mkdir(exist_ok=True)
+    (path / "keep.txt").write_text("mine")
+    return path
 
 
 def _empty(folder):

@@ -224,3 +224,71 @@ def test_config_errors_name_the_option():
     with pytest.raises(UserError, match="TASK/METRIC"):
         shrink.ShrinkConfig(rank_by="acc")
     assert shrink.ShrinkConfig(layers="3-5,1").layers == (1, 3, 4, 5)
+
+
+def test_cli_writes_curves_tables_and_record(tiny_llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lnsdiag.cli import app
+    from lnsdiag.report.shrink import read_shrink
+
+    tasks_dir = write_tasks(tmp_path / "tasks", docs=8)
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT * 6, encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["shrink", str(tiny_llama_dir), "--tasks", "tiny_mc", "--include-path", str(tasks_dir), "--ppl-text",
+            str(text), "--seq-len", "48", "--ppl-max-tokens", "600", "--remove", "2", "--out", str(out)]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "Removing" in result.output and "work:" in result.output
+    for name in ("shrink.csv", "shrink_wide.csv", "shrink.tex", "shrink.png", "shrink.pdf", "meta.json"):
+        assert (out / name).is_file(), name
+    frame = read_shrink(out / "shrink.csv")
+    assert list(frame.columns) == shrink.COLUMNS
+    assert set(frame["strategy"]) == {"full", *shrink.STRATEGIES}
+    assert set(frame["n_removed"]) == {0, 1, 2}
+    assert all(isinstance(x, str) for x in frame["removed_layers"])
+    meta = __import__("json").loads((out / "meta.json").read_text())
+    assert meta["command"] == "shrink" and meta["remove"] == 2 and len(meta["picks"]) == 10
+    first = (out / "shrink.csv").read_text()
+    again = CliRunner().invoke(app, args, catch_exceptions=False)  # everything stored: nothing rescored
+    assert again.exit_code == 0 and "resuming" in again.output and "work:" not in again.output
+    assert (out / "shrink.csv").read_text() == first
+    bad = CliRunner().invoke(app, [*args, "--rank-by", "arc/acc"], catch_exceptions=False)
+    assert bad.exit_code == 2 and "'arc' is not scored" in bad.output
+
+
+def test_save_writes_a_checkpoint_plain_transformers_loads(tiny_llama_dir, tmp_path):
+    """--save: the chosen strategy's N-layer removal as a checkpoint; plain transformers loads it and
+    its logits equal the hooked model's (float32, bit for bit); the card says what was removed."""
+    from typer.testing import CliRunner
+
+    from lnsdiag.cli import app
+    from lnsdiag.surgery import removed_layers
+
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT * 6, encoding="utf-8")
+    saved = tmp_path / "pruned"
+    args = ["shrink", str(tiny_llama_dir), "--ppl-text", str(text), "--seq-len", "48", "--ppl-max-tokens", "600",
+            "--remove", "2", "--strategy", "last,bi", "--out", str(tmp_path / "out"), "--save", str(saved)]
+    result = CliRunner().invoke(app, [*args, "--save-strategy", "last"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "saved the model without layers 1,2 (last)" in result.output
+    plain = tf.AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    original = tf.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    ids = torch.randint(3, 200, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), removed_layers(original, [1, 2]):
+        hooked = original(ids, use_cache=False).logits
+    with torch.no_grad():
+        assert torch.equal(plain(ids, use_cache=False).logits, hooked)
+    assert plain.config.num_hidden_layers == 2
+    card = (saved / "README.md").read_text()
+    assert "1, 2" in card and "last" in card and "ppl" in card
+    again = CliRunner().invoke(app, args, catch_exceptions=False)  # the folder is full now
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    best = CliRunner().invoke(app, [*args, "--overwrite"], catch_exceptions=False)
+    assert best.exit_code == 0, best.output
+    frame = pd.read_csv(tmp_path / "out" / "shrink.csv", dtype={"removed_layers": str})
+    two = frame[(frame["n_removed"] == 2) & (frame["metric"] == "ppl")]
+    winner = two.sort_values(["value", "strategy"]).iloc[0]
+    assert f"without layers {winner['removed_layers']} ({winner['strategy']})" in best.output

@@ -11,7 +11,7 @@ import typer
 from .. import ui
 from ..runs import output_dir
 from .common import Debug, Device, app, command
-from .show import show_angular, show_prune, show_reproduce
+from .show import show_angular, show_prune, show_reproduce, show_shrink
 
 if TYPE_CHECKING:
     from ..demo import DemoRun
@@ -29,6 +29,8 @@ def demo_cmd(
     fresh: Annotated[bool, typer.Option("--fresh", hidden=True, help="Old name of --retrain.")] = False,
     twin: Annotated[bool, typer.Option("--twin/--no-twin", help="Also measure the LayerNorm-Scaling twin (same seed, "
                                        "data and steps) and show Pre-LN vs LNS side by side.")] = True,
+    shrink: Annotated[int, typer.Option(help="Also remove up to this many layers at once by each strategy "
+                                        "(`lnsdiag shrink`); 0: skip.")] = 4,
     device: Device = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("results/demo"),
     debug: Debug = False,
@@ -39,7 +41,8 @@ def demo_cmd(
     """
     from ..demo import DemoConfig, run
 
-    config = DemoConfig(steps=steps, layers=layers, retrain=retrain or fresh, twin=twin, device=device)
+    config = DemoConfig(steps=steps, layers=layers, retrain=retrain or fresh, twin=twin, device=device,
+                        shrink=shrink)
     folder = output_dir(out, "demo", "")
     name = config.spec.name
 
@@ -53,6 +56,10 @@ def demo_cmd(
                 ui.console.print()
             elif part == "prune":
                 show_prune(result.prune, f"Removing one layer of {name}: perplexity on held-out docstrings")
+            elif part == "shrink":
+                ui.console.print()
+                show_shrink(result.shrink, title=f"Removing 1–{result.shrink.meta['remove']} layers of {name} at once: "
+                            "perplexity on held-out docstrings")
             elif part == "twins":
                 ui.console.print()
                 show_reproduce(result.twins, output_dir(folder / "twins", "demo", "twins"),

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.table import Table
 
 from .. import ui
 from ..models import ALIASES, ModelOptions
+from ..rebuild import provenance_line, read_provenance
 from ..structure import describe
 from .common import Debug, app, command, load, model_options
 
@@ -27,7 +30,8 @@ def models_cmd() -> None:
 @command
 @model_options
 def inspect_cmd(model: ModelOptions, debug: Debug = False) -> None:
-    """Show a model's layer stack, depth, size and norm placement (pre-LN, post-LN, sandwich)."""
+    """Show a model's layer stack, depth, size, norm placement (pre-LN, post-LN, sandwich) and, for a
+    checkpoint lnsdiag pruned, which layers of which model it lacks."""
     loaded = load(model)
     shape = describe(loaded.model, model.layers_path)
     table = Table(show_header=False, box=None)
@@ -39,4 +43,7 @@ def inspect_cmd(model: ModelOptions, debug: Debug = False) -> None:
     if shape["sublayers"]:
         table.add_row("sublayers", ", ".join(f"{role}: {name}" for role, name in shape["sublayers"].items()))
     table.add_row("norm placement", shape["norm_placement"])
+    record = read_provenance(loaded.source) if Path(loaded.source).is_dir() else None
+    if record is not None:
+        table.add_row("checkpoint", provenance_line(record))
     ui.console.print(table)

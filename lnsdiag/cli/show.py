@@ -13,7 +13,9 @@ from .. import report, ui
 from ..angular import AngularRun
 from ..compare import CompareRun
 from ..prune import PruneRun
+from ..rebuild import SavedCheckpoint
 from ..reproduce import ReproduceRun
+from ..shrink import ShrinkRun
 from ..variance import VarianceRun
 from .common import print_files
 
@@ -70,3 +72,24 @@ def show_prune(run: PruneRun, title: str = "") -> None:
              f"engine ({work['naive_block_tokens'] / work['block_tokens']:.2f}× less; shared prefixes: "
              f"{work.get('sharing') or 'off'})[/dim]")
     print_files(report.write_prune(run.frame, run.tasks, run.folder, run.meta, plots=True, title=title))
+
+
+def show_shrink(run: ShrinkRun, saved: SavedCheckpoint | None = None, title: str = "") -> None:
+    """The pruning curves as a table, what they say, the work done; shrink.csv, wide CSV, LaTeX, plot,
+    meta.json; and the saved checkpoint, if any."""
+    name = run.meta["model"]["name"]
+    ui.console.print(report.shrink_table(run.frame, run.tasks, title or f"Removing layers together — {name}"))
+    for line in report.shrink_summary(run.frame, run.tasks):
+        _say(line)
+    _say(f"[dim]{run.meta['dead_rule']}[/dim]")
+    _say(f"[dim]sweep, greedy and --save-strategy best rank removals by {'/'.join(run.rank_by)}[/dim]")
+    block = sum(p.get("block_tokens") or 0 for p in run.meta["passes"])
+    naive = sum(p.get("naive_block_tokens") or 0 for p in run.meta["passes"])
+    if block and naive:
+        _say(f"[dim]work: {run.meta['sets_scored']} removal sets in {len(run.meta['passes'])} pass(es), "
+             f"{block:,} block-token passes, {naive:,} for the naive engine ({naive / block:.2f}× less)[/dim]")
+    print_files(report.write_shrink(run.frame, run.tasks, run.folder, run.meta, plots=True, title=title))
+    if saved is not None:
+        _say(f"saved the model without layers {','.join(map(str, saved.removed))} "
+             f"({saved.provenance.get('strategy')}) to {saved.folder}: {len(saved.kept)} layers, "
+             f"{saved.num_parameters / 1e6:,.1f}M parameters; load it with AutoModelForCausalLM.from_pretrained")

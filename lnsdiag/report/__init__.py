@@ -37,10 +37,25 @@ __all__ = [
 
 from .compare import compare_figure, compare_tables, latex_tables, plot_compare, write_compare
 from .reproduce import plot_reproduce, reproduce_figure, reproduce_layers_table, reproduce_table, write_reproduce
+from .shrink import (
+    plot_shrink,
+    read_shrink,
+    shrink_figure,
+    shrink_latex,
+    shrink_summary,
+    shrink_table,
+    wide_shrink_frame,
+    write_shrink,
+)
 from .variance import plot_variance, variance_figure, variance_summary, variance_table, write_variance
 
 __all__ += [
     "compare_figure", "compare_tables", "latex_tables", "plot_compare", "plot_reproduce", "plot_variance",
     "reproduce_figure", "reproduce_layers_table", "reproduce_table", "variance_figure", "variance_summary",
     "variance_table", "write_compare", "write_reproduce", "write_variance",
+]
+
+__all__ += [
+    "plot_shrink", "read_shrink", "shrink_figure", "shrink_latex", "shrink_summary", "shrink_table",
+    "wide_shrink_frame", "write_shrink",
 ]

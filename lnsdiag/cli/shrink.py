@@ -1,0 +1,102 @@
+"""`lnsdiag shrink`: remove n = 1..N layers at once by several strategies, score each choice, and
+optionally save the smaller model as a real checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import ui
+from ..errors import UserError
+from ..models import ModelOptions
+from ..runs import Timer, output_dir
+from ..structure import find_layers
+from . import scoring as opt
+from .common import Debug, Out, SeqLen, app, command, load, model_options
+from .show import show_shrink
+
+
+@app.command("shrink")
+@command
+@model_options
+def shrink_cmd(
+    model: ModelOptions,
+    remove: Annotated[int, typer.Option("--remove", "-n", help="Remove n = 1..N layers at once.")] = 4,
+    strategy: Annotated[str | None, typer.Option(
+        "--strategy", "-s", help="angular (contiguous block of least angular distance, Gromov et al.), bi (lowest "
+        "Block Influence, ShortGPT), sweep (cheapest single removals), greedy (SLEB: re-scored after each removal), "
+        "last (the deepest before the final layer); comma-separated \\[default: all].", show_default=False)] = None,
+    layers: Annotated[str | None, typer.Option(
+        "--layers", "-l", help="Score this one set instead of strategies: 3,4,7 or 20-27.", show_default=False)] = None,
+    rank_by: Annotated[str | None, typer.Option(
+        "--rank-by", help="TASK/METRIC that sweep, greedy and --save-strategy best rank by \\[default: the first "
+        "task's main metric, else perplexity].", show_default=False)] = None,
+    save: Annotated[Path | None, typer.Option(
+        "--save", help="Write the pruned model (N removed) to this folder as a Hugging Face checkpoint.",
+        show_default=False)] = None,
+    save_strategy: Annotated[str, typer.Option(
+        "--save-strategy", help="Which strategy's N-layer removal --save writes: best (on --rank-by) or a "
+        "strategy name.")] = "best",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --save replace a non-empty folder.")] = False,
+    reuse: Annotated[Path | None, typer.Option(
+        "--reuse", help="A prune (or shrink) folder of the same model and scoring settings: its stored results (the "
+        "full model, each single layer) are reused, not scored again.", show_default=False)] = None,
+    tasks: opt.Tasks = None,
+    include_path: opt.IncludePath = None,
+    num_fewshot: opt.NumFewshot = None,
+    limit: opt.Limit = None,
+    seed: opt.Seed = 1234,
+    bootstrap_iters: opt.BootstrapIters = 100_000,
+    ppl_text: opt.PplText = None,
+    ppl_dataset: opt.PplDataset = None,
+    ppl_dataset_config: opt.PplDatasetConfig = None,
+    ppl_split: opt.PplSplit = None,
+    ppl_field: opt.PplField = "text",
+    ppl_max_tokens: opt.PplMaxTokens = 65_536,
+    seq_len: SeqLen = None,
+    margin: opt.Margin = None,
+    batch_size: opt.BatchSize = 8,
+    fresh: opt.Fresh = False,
+    no_samples: opt.NoSamples = False,
+    engine: opt.Engine = "fast",
+    batch_tokens: opt.BatchTokens = None,
+    out: Out = None, debug: Debug = False,
+) -> None:
+    """Remove 1..N layers at once by each strategy, score every choice against the full model, draw the
+    pruning curves, and optionally save the smaller model."""
+    from ..prune import PruneInputs
+    from ..shrink import ShrinkConfig, check_save_target, run, save_pick
+
+    scoring = opt.scoring_config(
+        tasks=tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed,
+        bootstrap_iters=bootstrap_iters, ppl_text=ppl_text, ppl_dataset=ppl_dataset,
+        ppl_dataset_config=ppl_dataset_config, ppl_split=ppl_split, ppl_field=ppl_field, ppl_max_tokens=ppl_max_tokens,
+        seq_len=seq_len, margin=margin, batch_size=batch_size, engine=engine, batch_tokens=batch_tokens,
+        fresh=fresh, samples=not no_samples)
+    config = ShrinkConfig(remove=remove, strategies=strategy, layers=layers, rank_by=rank_by, scoring=scoring)
+    if save is not None:
+        check_save_target(save, overwrite, config, save_strategy)
+    if reuse is not None and not (reuse / "settings.json").is_file():
+        raise UserError(f"--reuse {reuse}: not a prune or shrink folder (no settings.json)")
+    output_dir(out, model.slug, "shrink", create=False)
+    timer = Timer()
+    task_set = None
+    if scoring.tasks:
+        with ui.status(f"loading tasks {', '.join(scoring.tasks)}"), timer("tasks"):
+            task_set = scoring.load_tasks()
+    inputs = PruneInputs(task_set, scoring.load_text())
+    with timer("load"):
+        loaded = load(model)
+    config.check_model(len(find_layers(loaded.model, model.layers_path)))  # before any output exists
+    folder = output_dir(out, model.slug, "shrink")
+    with ui.progress_display() as progress:
+        result = run(loaded, config, folder, inputs=inputs, layers_path=model.layers_path, progress=progress,
+                     timer=timer, reuse=reuse)
+    saved = None
+    if save is not None:
+        with ui.status(f"saving the pruned model to {save}"), timer("save"):
+            saved = save_pick(result, loaded, save, strategy=save_strategy, overwrite=overwrite,
+                              layers_path=model.layers_path)
+    show_shrink(result, saved)
