@@ -93,7 +93,7 @@ def test_demo_runs_on_the_shipped_weights(empty_cache, no_training, monkeypatch,
     result = invoke("demo", "--out", out)
     assert result.exit_code == 0, result.output
     assert "the weights shipped with lnsdiag (SHA-256 checked" in result.output
-    for part in ("Angular distance per layer", "Removing one layer of", "Pre-LN vs LNS"):
+    for part in ("Angular distance per layer", "Removing one layer of", "Removing 1–4 layers", "Pre-LN vs LNS"):
         assert part in result.output
     for spec in SHIPPED_SPECS:
         assert json.loads((demo_dir(spec) / demo_model.RECORD).read_text())["weights"]["source"] == "shipped"
@@ -105,6 +105,16 @@ def test_demo_runs_on_the_shipped_weights(empty_cache, no_training, monkeypatch,
     assert twins.loc[twins["norm"] == "pre-ln", "heldout_ppl"].iloc[0] == pytest.approx(baseline, rel=1e-12)
     meta = json.loads((out / "twins" / "meta.json").read_text())
     assert [m["weights"]["source"] for m in meta["models"]] == ["shipped", "shipped"] and "reused" in meta
+    # shrink reuses the sweep: its full model and single removals are the prune part's, not rescored
+    together = pd.read_csv(out / "shrink" / "shrink.csv", dtype={"removed_layers": str})
+    ppl = together[together["metric"] == "ppl"]
+    assert ppl.loc[ppl["strategy"] == "full", "value"].iloc[0] == baseline
+    single = prune[(prune["metric"] == "ppl") & prune["removed_layer"].notna()]
+    best = int(single.sort_values(["value", "removed_layer"]).iloc[0]["removed_layer"])
+    sweep1 = ppl[(ppl["strategy"] == "sweep") & (ppl["n_removed"] == 1)].iloc[0]
+    assert sweep1["removed_layers"] == str(best) and sweep1["value"] == single["value"].min()
+    passes = json.loads((out / "shrink" / "meta.json").read_text())["passes"]
+    assert passes and all(p["sets"] < 13 for p in passes)  # the 13 reused results are never in a pass
 
 
 @pytest.mark.parametrize("damage", ["flip", "missing", "manifest"])

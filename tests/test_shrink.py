@@ -292,3 +292,19 @@ def test_save_writes_a_checkpoint_plain_transformers_loads(tiny_llama_dir, tmp_p
     two = frame[(frame["n_removed"] == 2) & (frame["metric"] == "ppl")]
     winner = two.sort_values(["value", "strategy"]).iloc[0]
     assert f"without layers {winner['removed_layers']} ({winner['strategy']})" in best.output
+
+
+def test_reuse_takes_a_prune_folder_of_the_same_settings(six_layers, ppl_file, tmp_path):
+    from lnsdiag import prune
+
+    scoring = PruneConfig(ppl_text=str(ppl_file), seq_len=48, ppl_max_tokens=600, batch_size=4, angular=False)
+    prune.run(six_layers, scoring, tmp_path / "prune")
+    config = shrink.ShrinkConfig(remove=2, strategies="sweep,greedy,last", scoring=scoring)
+    reused = shrink.run(six_layers, config, tmp_path / "reused", reuse=tmp_path / "prune")
+    plain = shrink.run(six_layers, config, tmp_path / "plain")
+    pd.testing.assert_frame_equal(reused.frame, plain.frame)
+    assert sum(p["sets"] for p in reused.meta["passes"]) == sum(p["sets"] for p in plain.meta["passes"]) - 7
+    other = PruneConfig(ppl_text=str(ppl_file), seq_len=32, ppl_max_tokens=600, batch_size=4, angular=False)
+    with pytest.raises(UserError, match="other settings"):
+        shrink.run(six_layers, shrink.ShrinkConfig(remove=2, strategies="last", scoring=other), tmp_path / "x",
+                   reuse=tmp_path / "prune")
