@@ -202,13 +202,10 @@ def test_half_precision_noise_goes_through_the_shared_rows_attention_path(tokeni
         assert count > 0 and worst >= 0 and (noise > 0) == (dtype == torch.bfloat16), (dtype, worst, noise)
 
 
-def test_reported_work_is_the_work_done(tokenizer):
-    """Block-token passes counted by hooks on the blocks equal the engine's ``block_tokens``;
-    HFLM's own forwards (batch size 1: no padding) equal the naive count's tokens."""
-    model = tiny_model("llama", vocab_size=len(tokenizer))
-    stack = find_layers(model)
-    requests, _ = _workload(len(tokenizer))
-    SweepEngine(model, stack, VARIANTS, batch_tokens=1).run(requests[:4], MAX_LENGTH)  # warm-up
+def count_block_tokens(stack) -> list[int]:
+    """Count the tokens every block really computes (row × width per call) into the returned
+    one-item list; a removed or resumed-past block is not counted, since removal replaces the
+    forward that this wraps. Undo with :func:`uncount_blocks`."""
     ran = [0]
 
     def counting(block):
@@ -222,6 +219,22 @@ def test_reported_work_is_the_work_done(tokenizer):
 
     for block in stack.layers:
         block.forward = counting(block)
+    return ran
+
+
+def uncount_blocks(stack) -> None:
+    for block in stack.layers:
+        del block.forward
+
+
+def test_reported_work_is_the_work_done(tokenizer):
+    """Block-token passes counted by hooks on the blocks equal the engine's ``block_tokens``;
+    HFLM's own forwards (batch size 1: no padding) equal the naive count's tokens."""
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    stack = find_layers(model)
+    requests, _ = _workload(len(tokenizer))
+    SweepEngine(model, stack, VARIANTS, batch_tokens=1).run(requests[:4], MAX_LENGTH)  # warm-up
+    ran = count_block_tokens(stack)
     engine = SweepEngine(model, stack, VARIANTS, batch_tokens=1)  # one row a batch: no padding
     real_plan = engine._plan
     in_check = [0]
@@ -241,8 +254,7 @@ def test_reported_work_is_the_work_done(tokenizer):
                                            MAX_LENGTH, 4, VARIANTS, stats["check_block_tokens"] // 4)}
     assert planned_work(requests, MAX_LENGTH, 4, VARIANTS, row_tokens=stats["row_tokens"])["block_tokens"] == \
         stats["block_tokens"]
-    for block in stack.layers:
-        del block.forward
+    uncount_blocks(stack)
 
     fed = [0]
     lm = make_lm(LoadedModel.wrap(model, tokenizer), batch_size=1, max_length=MAX_LENGTH)

@@ -29,7 +29,7 @@ from lnsdiag.windows import TokenWindows
 from .conftest import SAMPLE_TEXT, ProgressLog
 from .families import tiny_model
 from .lmeval_tasks import write_tasks
-from .test_prefix import MAX_LENGTH, _workload
+from .test_prefix import MAX_LENGTH, _workload, count_block_tokens, uncount_blocks
 
 SETS = [None, (0, 1), (1, 3), (0, 2, 3), 2, (2, 3), (3,)]
 
@@ -57,25 +57,12 @@ def test_counted_passes_of_sets_are_the_blocks_run(tokenizer):
     stack = find_layers(model)
     requests, _ = _workload(len(tokenizer))
     SweepEngine(model, stack, SETS, batch_tokens=1).run(requests[:4], MAX_LENGTH)  # warm-up: block output form
-    ran = [0]
-
-    def counting(block):
-        real = block.forward
-
-        def forward(hidden_states, *args, **kwargs):
-            ran[0] += hidden_states.shape[0] * hidden_states.shape[1]
-            return real(hidden_states, *args, **kwargs)
-
-        return forward
-
-    for block in stack.layers:
-        block.forward = counting(block)
+    ran = count_block_tokens(stack)
     try:
         engine = SweepEngine(model, stack, SETS, batch_tokens=1, share=False)  # one row a batch: no padding
         engine.run(requests, MAX_LENGTH)
     finally:
-        for block in stack.layers:
-            del block.forward
+        uncount_blocks(stack)
     assert layer_passes(4, SETS) == 4 + (4 - 0 - 2) + (4 - 1 - 2) + (4 - 0 - 3) + 1 + 0 + 0
     assert naive_layer_passes(4, SETS) == 4 + 2 + 2 + 1 + 3 + 2 + 3
     assert ran[0] == engine.stats["block_tokens"] == engine.stats["tokens"] * layer_passes(4, SETS)
