@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .errors import UserError
 from .progress import SILENT, Progress
 from .runs import Timer
-from .stream import MeasureRun, StreamConfig, TokenMode, check_tokens, measure_text, stream_states, tracked_batches
+from .stream import MeasureRun, StreamConfig, TokenMode, check_tokens, measure_batches, measure_text, stream_states
 from .structure import LayerStack, find_layers
 from .text import TextSource
 from .windows import TokenWindows
@@ -76,6 +76,31 @@ class _PairAccumulator:
         self.window.append((index, unit))
 
 
+def _pair_part(model: torch.nn.Module, stack: LayerStack, ids: torch.Tensor, mask: torch.Tensor, max_block: int,
+               tokens: TokenMode) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One batch's sums of angle and cosine (float64, on the CPU) and its token count.
+
+    Each (l, n) gets exactly one addition per batch, so adding batches' parts in order is
+    bitwise the running sum one accumulator makes over the same batches."""
+    acc = _PairAccumulator(len(stack), max_block)
+    stream_states(model, stack, ids, mask, acc, tokens)
+    if acc.angle is None or acc.cosine is None:
+        empty = torch.zeros(len(stack), max_block, dtype=torch.float64)
+        return empty, empty.clone(), acc.count
+    return acc.angle.cpu(), acc.cosine.cpu(), acc.count
+
+
+def _block_limit(model: torch.nn.Module, stack: LayerStack | None, max_block: int | None,
+                 tokens: str) -> tuple[LayerStack, int]:
+    check_tokens(tokens)
+    stack = stack or find_layers(model)
+    L = len(stack)
+    max_block = L if max_block is None else max_block
+    if not 1 <= max_block <= L:
+        raise UserError(f"--max-block {max_block} must be between 1 and the layer count ({L})")
+    return stack, max_block
+
+
 def angular_distances(
     model: torch.nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -90,19 +115,25 @@ def angular_distances(
     The per-layer table (n = 1) also has Block Influence, 1 − mean cosine (ShortGPT), and a
     ``near_identity`` flag for distances below ``threshold``. ``max_block=None`` means all.
     """
-    check_tokens(tokens)
-    stack = stack or find_layers(model)
-    L = len(stack)
-    max_block = L if max_block is None else max_block
-    if not 1 <= max_block <= L:
-        raise UserError(f"--max-block {max_block} must be between 1 and the layer count ({L})")
-    acc = _PairAccumulator(L, max_block)
-    for ids, mask in batches:
-        stream_states(model, stack, ids, mask, acc, tokens)
-    if acc.count == 0 or acc.angle is None:
+    stack, max_block = _block_limit(model, stack, max_block, tokens)
+    parts = [_pair_part(model, stack, ids, mask, max_block, tokens) for ids, mask in batches]
+    return _angular_result(parts, len(stack), max_block, tokens, threshold)
+
+
+def _angular_result(parts: list[tuple[torch.Tensor, torch.Tensor, int]], L: int, max_block: int, tokens: str,
+                    threshold: float) -> AngularResult:
+    """The tables from per-batch parts, summed in batch order."""
+    total_angle = torch.zeros(L, max_block, dtype=torch.float64)
+    total_cosine = torch.zeros_like(total_angle)
+    count = 0
+    for angle_b, cosine_b, count_b in parts:
+        total_angle += angle_b
+        total_cosine += cosine_b
+        count += count_b
+    if count == 0:
         raise UserError("no tokens to measure: the text is empty")
-    angle = (acc.angle / acc.count).cpu()
-    cosine = (acc.cosine / acc.count).cpu()
+    angle = total_angle / count
+    cosine = total_cosine / count
     layers = pd.DataFrame({
         "layer": range(L),
         "angular_distance": angle[:, 0].tolist(),
@@ -116,7 +147,7 @@ def angular_distances(
         for n in range(1, max_block + 1) for s in range(L - n + 1)
     ]
     blocks = pd.DataFrame(rows, columns=["start_layer", "block_size", "angular_distance", "block_influence"])
-    return AngularResult(layers, blocks, acc.count, tokens, threshold)
+    return AngularResult(layers, blocks, count, tokens, threshold)
 
 
 @dataclass(frozen=True)
@@ -138,10 +169,13 @@ class AngularConfig(StreamConfig):
 
 def angular_on_windows(model: torch.nn.Module, windows: TokenWindows, config: AngularConfig, *,
                        stack: LayerStack | None = None, progress: Progress = SILENT) -> AngularResult:
-    """Angular distances over a text's token windows, reporting windows done to ``progress``."""
-    batches = tracked_batches(windows, config.batch_size, progress, "angular distances")
-    return angular_distances(model, batches, tokens=config.tokens, max_block=config.max_block,
-                             threshold=config.threshold, stack=stack)
+    """Angular distances over a text's token windows, reporting windows done to ``progress``
+    (under a launcher the batches are shared over the ranks, the sums made in one order)."""
+    stack, max_block = _block_limit(model, stack, config.max_block, config.tokens)
+    parts = measure_batches(windows, config.batch_size,
+                            lambda ids, mask: _pair_part(model, stack, ids, mask, max_block, config.tokens),
+                            progress, "angular distances")
+    return _angular_result(parts, len(stack), max_block, config.tokens, config.threshold)
 
 
 def angular_on_text(

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .distributed import all_gather, my_share, on_main, world
 from .progress import SILENT, Progress
 from .runs import atomic_write
 from .scoring import TokenRequest
@@ -276,12 +277,19 @@ class EngineResult:
 @dataclass
 class _Progress:
     """What a checkpoint holds: results so far, which rows are done, and the batch budget
-    (kept so a resumed pass cuts the same batches and gives bitwise the same numbers)."""
+    (kept so a resumed pass cuts the same batches and gives bitwise the same numbers).
+    ``have`` marks the requests whose values are present (those of done rows): under a
+    launcher each rank's file holds its own rows, and files are merged by it."""
 
     loglik: np.ndarray
     greedy: np.ndarray
     done: np.ndarray
     budget: int
+    have: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.have is None:
+            self.have = np.zeros(self.loglik.shape[1], dtype=bool)
 
 
 def _variant_codes(variants: Sequence[Variant]) -> np.ndarray:
@@ -299,29 +307,48 @@ class Checkpoint:
     Saved atomically at most every ``every_seconds`` (``LNSDIAG_CHECKPOINT_SECONDS``, default
     60) and when the pass is interrupted: a killed run loses at most that much work. It is
     only used again for the same requests (``fingerprint``), variants and row plan.
+
+    Under a launcher each rank writes its own file beside ``path`` (``engine-partial.rank-003.npz``)
+    and a pass starts from all matching files merged, whatever number of ranks wrote them.
     """
 
     def __init__(self, path: Path, fingerprint: str, every_seconds: float | None = None) -> None:
         if every_seconds is None:
             every_seconds = float(os.environ.get("LNSDIAG_CHECKPOINT_SECONDS", 60))
         self.path, self.fingerprint, self.every = Path(path), fingerprint, every_seconds
+        here = world()
+        #: the file this process writes
+        self.own = self.path.with_name(f"{self.path.stem}.rank-{here.rank:03d}{self.path.suffix}") \
+            if here.parallel else self.path
         self._last = time.monotonic()
         self.variants: list[Variant] = []
         self.plan = ""
 
-    def stored_variants(self) -> list[Variant] | None:
-        """The variants of a matching checkpoint on disk (to finish that pass), if any."""
-        data = self._read()
-        if data is None:
-            return None
-        try:
-            return _variants_from_codes(data["variants"])
-        except (ValueError, TypeError):
-            return None  # a checkpoint of an older format: start the pass over
+    def files(self) -> list[Path]:
+        """Every partial file of this pass's folder: a single process's and each rank's."""
+        from .store import partial_files
 
-    def _read(self) -> dict[str, np.ndarray] | None:
+        return partial_files(self.path)
+
+    def stored_variants(self) -> list[Variant] | None:
+        """The variants of a matching checkpoint on disk (to finish that pass), if any; rank 0
+        reads, every rank gets its answer."""
+        return on_main(self._stored_variants)
+
+    def _stored_variants(self) -> list[Variant] | None:
+        for path in self.files():
+            data = self._read(path)
+            if data is None:
+                continue
+            try:
+                return _variants_from_codes(data["variants"])
+            except (ValueError, TypeError):
+                continue  # a checkpoint of an older format: start the pass over
+        return None
+
+    def _read(self, path: Path) -> dict[str, np.ndarray] | None:
         try:
-            with np.load(self.path, allow_pickle=False) as data:
+            with np.load(path, allow_pickle=False) as data:
                 if str(data["fingerprint"]) != self.fingerprint:
                     return None
                 return {key: data[key].copy() for key in data.files}
@@ -329,12 +356,33 @@ class Checkpoint:
             return None  # missing, foreign or damaged: start the pass over
 
     def load(self, shape: tuple[int, int], rows: int) -> _Progress | None:
-        data = self._read()
-        if data is None or data["loglik"].shape != shape or data["done"].shape != (rows,):
+        """Every matching partial file merged (done rows, and their requests' values), or None.
+
+        Files of another batch budget are left out: their batches were cut differently. A file
+        without ``have`` (one process, older lnsdiag) holds every value it has, so it goes first.
+        """
+        found = []
+        for path in self.files():
+            data = self._read(path)
+            if data is None or data["loglik"].shape != shape or data["done"].shape != (rows,):
+                continue
+            if str(data["variants"]) != str(_variant_codes(self.variants)) or str(data["plan"]) != self.plan:
+                continue
+            found.append(data)
+        if not found:
             return None
-        if str(data["variants"]) != str(_variant_codes(self.variants)) or str(data["plan"]) != self.plan:
-            return None
-        return _Progress(data["loglik"], data["greedy"], data["done"], int(data["budget"]))
+        found.sort(key=lambda d: "have" in d)
+        budget = int(found[0]["budget"])
+        state = _Progress(np.zeros(shape), np.zeros(shape, dtype=bool), np.zeros(rows, dtype=bool), budget)
+        for data in found:
+            if int(data["budget"]) != budget:
+                continue
+            have = data["have"].astype(bool) if "have" in data else np.ones(shape[1], dtype=bool)
+            state.loglik[:, have] = data["loglik"][:, have]
+            state.greedy[:, have] = data["greedy"][:, have]
+            state.done |= data["done"].astype(bool)
+            state.have |= have
+        return state
 
     def save(self, state: _Progress, force: bool = False) -> None:
         if not force and time.monotonic() - self._last < self.every:
@@ -344,10 +392,15 @@ class Checkpoint:
         buf = io.BytesIO()
         np.savez(buf, fingerprint=np.array(self.fingerprint), loglik=state.loglik, greedy=state.greedy,
                  done=state.done, budget=np.array(state.budget), variants=_variant_codes(self.variants),
-                 plan=np.array(self.plan))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, buf.getvalue())
+                 plan=np.array(self.plan), have=state.have)
+        self.own.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.own, buf.getvalue())
         self._last = time.monotonic()
+
+    def remove(self) -> None:
+        """Delete every partial file of the pass (rank 0, once the pass's results are stored)."""
+        for path in self.files():
+            path.unlink(missing_ok=True)
 
 
 def plan_digest(rows: Sequence[_Row]) -> str:
@@ -450,39 +503,99 @@ class SweepEngine:
 
     def run(self, requests: Sequence[TokenRequest], max_length: int, *, progress: Progress = SILENT,
             checkpoint: Checkpoint | None = None) -> EngineResult:
-        """Every variant's log-likelihood and greedy flag for every request; progress counts tokens."""
-        rows, sharing, checked = self._plan(requests, max_length)
+        """Every variant's log-likelihood and greedy flag for every request; progress counts tokens.
+
+        Under a launcher every rank plans the same rows and cuts the same batches (rank 0 decides
+        the sharing check and the budget, and resumes from the partial files), takes a share of the
+        batches not done yet (balanced by padded tokens) and computes each whole, as one process
+        would; the shares meet on every rank, so each returns the same, complete result. Rank 0's
+        progress counts the job: its own tokens scaled by the job's over its share.
+        """
+        rows, sharing, checked = self._agreed_plan(requests, max_length)
         n_var, n_req = len(self.variants), len(requests)
-        state = None
         if checkpoint is not None:
             checkpoint.variants, checkpoint.plan = self.variants, plan_digest(rows)
-            state = checkpoint.load((n_var, n_req), len(rows))
-        if state is None:
-            budget = self.batch_tokens or default_budget(self.model, self.stack, len(self.layers), rows)
-            state = _Progress(np.zeros((n_var, n_req)), np.zeros((n_var, n_req), dtype=bool),
-                              np.zeros(len(rows), dtype=bool), budget)
-            empty = [n for n, r in enumerate(requests) if not r.continuation]
-            state.greedy[:, empty] = True  # an empty continuation: log-likelihood 0, trivially greedy
+        state: _Progress = on_main(lambda: self._start(rows, (n_var, n_req), checkpoint))
+        empty = [n for n, r in enumerate(requests) if not r.continuation]
+        state.greedy[:, empty] = True  # an empty continuation: log-likelihood 0, trivially greedy
         total = sum(len(r.ids) for r in rows)
         self.stats = {"requests": n_req, "rows": len(rows), "shared_rows": sum(r.shared for r in rows),
                       "budget": state.budget, "row_tokens": self._row_tokens(max_length), "tokens": total,
                       "sharing": sharing, "unshared_tokens": naive_tokens(requests, max_length),
                       **count_work(requests, rows, max_length, len(self.stack), self.variants, checked)}
+        batches = _batches(rows, state.budget)  # the same cut on every run (and rank) of the same plan
+        todo = [k for k, batch in enumerate(batches) if not state.done[batch].all()]
+        mine = [todo[i] for i in my_share([len(batches[k]) * max(len(rows[i].ids) for i in batches[k])
+                                           for k in todo])]
+        tokens = [sum(len(rows[i].ids) for i in batch) for batch in batches]
+        already = total - sum(tokens[k] for k in todo)
+        self.stats.update(resumed_tokens=already, computed_tokens=sum(tokens[k] for k in todo))
+        scale = sum(tokens[k] for k in todo) / max(1, sum(tokens[k] for k in mine)) if world().parallel else 1
         progress.phase(PASS_PHASE, total=total)
-        progress.advance(sum(len(r.ids) for r, d in zip(rows, state.done, strict=True) if d))
+        progress.advance(already)
         try:
-            for batch in _batches(rows, state.budget):  # the same cut on every run of the same plan
-                if state.done[batch].all():
-                    continue
+            for k in mine:
+                batch = batches[k]
                 self._run_rows([rows[i] for i in batch], state.loglik, state.greedy)
                 state.done[batch] = True
+                state.have[[n for i in batch for n, _, _ in rows[i].members]] = True
                 if checkpoint is not None:
                     checkpoint.save(state)
-                progress.advance(sum(len(rows[i].ids) for i in batch))
+                progress.advance(tokens[k] * scale)
         finally:  # finished or interrupted (Ctrl-C): what is done is kept
             if checkpoint is not None:
                 checkpoint.save(state, force=True)
+        if world().parallel:
+            self._merge(state, all_gather(self._part(state, rows, [batches[k] for k in mine])))
+            if not mine:
+                progress.advance(total - already)
         return EngineResult(self.variants, state.loglik, state.greedy)
+
+    def _start(self, rows: list[_Row], shape: tuple[int, int], checkpoint: Checkpoint | None) -> _Progress:
+        """Where the pass starts (rank 0 decides): the merged partial files, or nothing done with
+        a budget sized from free memory."""
+        state = checkpoint.load(shape, len(rows)) if checkpoint is not None else None
+        if state is None:
+            budget = self.batch_tokens or default_budget(self.model, self.stack, len(self.layers), rows)
+            state = _Progress(np.zeros(shape), np.zeros(shape, dtype=bool), np.zeros(len(rows), dtype=bool), budget)
+        return state
+
+    @staticmethod
+    def _part(state: _Progress, rows: list[_Row], batches: list[list[int]]) -> tuple:
+        """What this rank computed: its rows, their requests and those requests' values."""
+        done = sorted(i for batch in batches for i in batch)
+        cols = np.array(sorted({n for i in done for n, _, _ in rows[i].members}), dtype=np.int64)
+        return done, cols, state.loglik[:, cols], state.greedy[:, cols]
+
+    @staticmethod
+    def _merge(state: _Progress, parts: list[tuple]) -> None:
+        for done, cols, loglik, greedy in parts:
+            state.done[done] = True
+            state.have[cols] = True
+            state.loglik[:, cols] = loglik
+            state.greedy[:, cols] = greedy
+
+    def _agreed_plan(self, requests: Sequence[TokenRequest], max_length: int) -> tuple[list[_Row], str, int]:
+        """:meth:`_plan` on rank 0 (the sharing check runs once), the same rows everywhere."""
+        if not world().parallel:
+            return self._plan(requests, max_length)
+        planned: list[_Row] = []
+
+        def decide() -> tuple[str, int, bool, str]:
+            rows, sharing, checked = self._plan(requests, max_length)
+            planned.extend(rows)
+            return sharing, checked, any(r.shared for r in rows), plan_digest(rows)
+
+        sharing, checked, shared, digest = on_main(decide)
+        rows = planned or (self._shared_rows(requests, max_length) if shared else plan_rows(requests, max_length))
+        if plan_digest(rows) != digest:
+            raise RuntimeError(f"rank {world().rank} planned other model rows than rank 0 (different requests?)")
+        return rows, sharing, checked
+
+    def _shared_rows(self, requests: Sequence[TokenRequest], max_length: int) -> list[_Row]:
+        """The prefix-shared plan :meth:`_plan` checks (never across a sliding window)."""
+        window, _ = attention_limit(self.model)
+        return plan_rows(requests, max_length, share=True, window=window, row_tokens=self._row_tokens(max_length))
 
     def _row_tokens(self, max_length: int) -> int:
         return self.row_tokens or default_row_tokens(self.model, max_length)
@@ -497,7 +610,7 @@ class SweepEngine:
         if reason:
             return plain, f"off: {reason}", 0
         window, name = attention_limit(self.model)
-        rows = plan_rows(requests, max_length, share=True, window=window, row_tokens=self._row_tokens(max_length))
+        rows = self._shared_rows(requests, max_length)
         limited = ""
         if window is not None:
             longer = sum(len(r.members) for r in rows if r.own_mask)

@@ -204,9 +204,15 @@ def go_offline() -> None:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``auto`` is the first GPU when there is one, else the CPU."""
+    """``auto`` is the first GPU when there is one, else the CPU; under a launcher (torchrun),
+    ``auto`` and ``cuda`` are this rank's own GPU, ``cuda:LOCAL_RANK``."""
+    from .distributed import world
+
+    here = world()
     if device in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and here.parallel and torch.cuda.is_available():
+        device = f"cuda:{here.local_rank % torch.cuda.device_count()}"
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
@@ -290,15 +296,22 @@ def load_model(
     device: str = "auto",
     device_map: str | None = None,
     trust_remote_code: bool = False,
+    gpus_per_replica: int = 1,
 ) -> LoadedModel:
     """Load a checkpoint (hub id, alias or local directory) and its tokenizer, ready to run.
 
     Causal LMs load with their LM head; encoder-only models (BERT) with their MLM head.
+    ``gpus_per_replica`` > 1 spreads the model over that many GPUs of this node, this rank's
+    own (:func:`replica_placement`), for models larger than one GPU under a launcher.
     """
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     source, is_local = resolve_model(name)
+    placement: dict[str, Any] = {}
+    if gpus_per_replica != 1:
+        placement = replica_placement(gpus_per_replica, device_map)
+        device = f"cuda:{min(placement['max_memory'])}"  # the replica's first GPU: its dtype and inputs
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     common = {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -325,6 +338,7 @@ def load_model(
     auto_cls = AutoModelForMaskedLM if _is_encoder_only(config) else AutoModelForCausalLM
     load_kwargs: dict[str, Any] = {"dtype": torch_dtype, **common}
     load_kwargs["device_map"] = device_map if device_map else {"": dev}
+    load_kwargs.update(placement)
     try:
         model = auto_cls.from_pretrained(source, config=config, **load_kwargs)
     except ValueError as exc:
@@ -361,9 +375,26 @@ def load_model(
         revision=revision,
         dtype=first.dtype,
         device=model.get_input_embeddings().weight.device if device_map else dev,
-        device_map=device_map,
+        device_map=device_map or placement.get("device_map"),
         trust_remote_code=trust_remote_code,
     )
+
+
+def replica_placement(per_replica: int, device_map: str | None = None, visible: int | None = None,
+                      capacity: Any = None) -> dict[str, Any]:
+    """``from_pretrained`` arguments that put this rank's replica on its ``per_replica`` GPUs
+    (``LOCAL_RANK·K .. LOCAL_RANK·K + K − 1``): ``device_map="auto"`` bounded by ``max_memory``."""
+    from .distributed import replica_gpus, replica_max_memory, world
+
+    if per_replica < 1:
+        raise UserError(f"--gpus-per-replica must be at least 1, not {per_replica}")
+    if device_map:
+        raise UserError(f"give --device-map {device_map} or --gpus-per-replica {per_replica}, not both")
+    here = world()
+    visible = torch.cuda.device_count() if visible is None else visible
+    gpus = replica_gpus(here.local_rank, here.local_size, per_replica, visible)
+    capacity = capacity or (lambda i: torch.cuda.get_device_properties(i).total_memory)
+    return {"device_map": "auto", "max_memory": replica_max_memory(gpus, capacity)}
 
 
 @dataclass(frozen=True)
@@ -381,10 +412,16 @@ class ModelOptions:
     device_map: str | None = None
     trust_remote_code: bool = False
     layers_path: str | None = None
+    gpus_per_replica: int = 1
 
     def __post_init__(self) -> None:
         resolve_model(self.name)
         pick_dtype(self.dtype)
+        if self.gpus_per_replica < 1:
+            raise UserError(f"--gpus-per-replica must be at least 1, not {self.gpus_per_replica}")
+        if self.gpus_per_replica > 1 and self.device_map:
+            raise UserError(f"give --device-map {self.device_map} or --gpus-per-replica {self.gpus_per_replica}, "
+                            "not both")
 
     @property
     def is_local(self) -> bool:
@@ -396,4 +433,5 @@ class ModelOptions:
 
     def load(self) -> LoadedModel:
         return load_model(self.name, revision=self.revision, dtype=self.dtype, device=self.device,
-                          device_map=self.device_map, trust_remote_code=self.trust_remote_code)
+                          device_map=self.device_map, trust_remote_code=self.trust_remote_code,
+                          gpus_per_replica=self.gpus_per_replica)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from .distributed import is_main
 from .errors import Interrupted, UserError
 from .lmeval import DEFAULT_BOOTSTRAP, LmEvalScorer, TaskSet, check_num_fewshot, load_tasks, parse_limit
 from .models import LoadedModel
@@ -282,6 +283,7 @@ def _angular_column(loaded: LoadedModel, folder: Path, stack: Any, text: TextSou
     with timer("angular"):
         result = angular_on_windows(loaded.model, windows, AngularConfig(max_block=1, batch_size=config.batch_size),
                                     stack=stack, progress=progress)
-    write_csv(path, result.layers)
-    write_json(stamp, settings)
+    if is_main():  # every rank has the result; one writes it
+        write_csv(path, result.layers)
+        write_json(stamp, settings)
     return result.layers

@@ -35,6 +35,7 @@ from typing import Any
 import pandas as pd
 
 from .angular import AngularResult
+from .distributed import on_main
 from .engine import removal_set
 from .errors import Interrupted, UserError
 from .models import LoadedModel
@@ -315,7 +316,7 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: P
     store = ResultStore(folder, scoring.settings, fresh=scoring_config.fresh, outputs=OUTPUTS,
                         samples=scoring_config.samples)
     if reuse is not None:
-        copied = _reuse(Path(reuse), store)
+        copied = on_main(lambda: _reuse(Path(reuse), store))  # one rank copies; every rank then reads
         if copied:
             progress.note(f"reusing {copied} stored result(s) from {reuse}")
     scorer = _Scorer(loaded, stack, scoring, store, config, progress)
@@ -426,7 +427,7 @@ def _angular(loaded: LoadedModel, folder: Path, stack: LayerStack, text: TextSou
 
     path, stamp = folder / "angular_blocks.csv", folder / "angular_settings.json"
     wanted = {**scoring.settings, "max_block": config.remove, "text": text.name if text is not None else None}
-    if path.is_file() and stamp.is_file() and read_json(stamp) == wanted:
+    if on_main(lambda: path.is_file() and stamp.is_file() and read_json(stamp) == wanted):
         blocks = pd.read_csv(path)
     else:
         windows = scoring.windows
@@ -438,8 +439,11 @@ def _angular(loaded: LoadedModel, folder: Path, stack: LayerStack, text: TextSou
         result = angular_on_windows(loaded.model, windows,
                                     AngularConfig(max_block=config.remove, batch_size=config.scoring.batch_size),
                                     stack=stack, progress=progress)
-        write_csv(path, result.blocks)
-        write_json(stamp, wanted)
+        def write() -> None:
+            write_csv(path, result.blocks)
+            write_json(stamp, wanted)
+
+        on_main(write)  # every rank measured the same sums (gathered); one writes them
         blocks = pd.read_csv(path)  # as a resumed run will read them: the same picks, digit for digit
     ones = blocks[blocks["block_size"] == 1].rename(columns={"start_layer": "layer"})
     return blocks, ones[["layer", "angular_distance", "block_influence"]].reset_index(drop=True)
@@ -501,8 +505,8 @@ def save_pick(run: ShrinkRun, loaded: LoadedModel, folder: str | Path, *, strate
     card = model_card(source=describe.get("source"), revision=describe.get("revision"), removed=list(pick.layers),
                       num_layers=run.meta["num_layers"], strategy=pick.strategy, n=pick.n, scores=scores,
                       notes=f"Scores from `lnsdiag shrink` ({run.folder}); verdicts: {run.meta['dead_rule']}")
-    return save_without_layers(loaded.model, pick.layers, folder, tokenizer=loaded.tokenizer, card=card,
-                               overwrite=overwrite, stack=find_layers(loaded.model, layers_path),
-                               strategy=pick.strategy, source=describe.get("source"),
-                               revision=describe.get("revision"),
-                               provenance={"rank_by": "/".join(run.rank_by), "scores": run.folder.as_posix()})
+    return on_main(lambda: save_without_layers(  # one rank writes the checkpoint; the others wait for it
+        loaded.model, pick.layers, folder, tokenizer=loaded.tokenizer, card=card, overwrite=overwrite,
+        stack=find_layers(loaded.model, layers_path), strategy=pick.strategy, source=describe.get("source"),
+        revision=describe.get("revision"),
+        provenance={"rank_by": "/".join(run.rank_by), "scores": run.folder.as_posix()}))

@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from .distributed import is_main, on_main
 from .errors import UserError
 from .perplexity import Perplexity
 from .runs import atomic_write, jsonable, read_json, write_json
@@ -129,18 +130,26 @@ class ResultStore:
         self.settings = settings
         self.checkpoint = self.folder / CHECKPOINT_NAME
         self._parsed: dict[Path, tuple[tuple[int, int], VariantResult]] = {}
+        #: results this rank holds but rank 0 writes (under a launcher), so ``done`` never waits for a file
+        self._held: dict[int | tuple[int, ...] | None, VariantResult] = {}
+        # Under a launcher rank 0 alone prepares the folder; the others wait for it (and share its error).
+        on_main(lambda: self._prepare(fresh, outputs, samples))
+
+    def _prepare(self, fresh: bool, outputs: Sequence[str], samples: bool) -> None:
         settings_path = self.folder / "settings.json"
         if fresh:  # everything a previous run left: stored variants, partial pass, cached angles, outputs
             shutil.rmtree(self.variants, ignore_errors=True)
             shutil.rmtree(self.folder / "samples", ignore_errors=True)
-            for name in ("settings.json", CHECKPOINT_NAME, *outputs):
+            for name in ("settings.json", *outputs):
                 (self.folder / name).unlink(missing_ok=True)
+            for partial in partial_files(self.checkpoint):
+                partial.unlink(missing_ok=True)
         if settings_path.is_file():
             self._check_compatible(read_json(settings_path))
         if not samples:  # an earlier run's export would no longer match the variants
             shutil.rmtree(self.folder / "samples", ignore_errors=True)
         self.variants.mkdir(parents=True, exist_ok=True)
-        write_json(settings_path, settings)
+        write_json(settings_path, self.settings)
 
     def _check_compatible(self, stored: dict[str, Any]) -> None:
         keys = list(dict.fromkeys([*self.settings, *stored]))
@@ -168,11 +177,26 @@ class ResultStore:
                     continue  # a foreign or damaged file is rescored, never trusted
                 self._parsed[path] = cached
             out[cached[1].removed_layer] = cached[1]
-        return out
+        return {**self._held, **out}
 
-    def save(self, result: VariantResult) -> Path:
-        """Store a finished variant (and export its per-document scores, unless turned off)."""
+    def has(self, layer: int | tuple[int, ...] | None) -> bool:
+        """Whether the variant's file is on disk (here)."""
+        return (self.variants / f"{variant_name(layer)}.json").is_file()
+
+    def hold(self, result: VariantResult) -> None:
+        """Count ``result`` as done without reading it from disk (another rank wrote it)."""
+        self._held[result.removed_layer] = result
+
+    def save(self, result: VariantResult, *, any_rank: bool = False) -> Path:
+        """Store a finished variant (and export its per-document scores, unless turned off).
+
+        Under a launcher only rank 0 writes, unless ``any_rank`` (each rank saving the variants
+        it scored itself); another rank keeps the result in memory, where :meth:`done` finds it.
+        """
         name = variant_name(result.removed_layer)
+        if not any_rank and not is_main():
+            self._held[result.removed_layer] = result
+            return self.variants / f"{name}.json"
         if self.samples is not None:
             rows = result.sample_rows()
             if rows:
@@ -181,6 +205,17 @@ class ResultStore:
                 text = frame.to_csv(index=False, float_format="%.10g", lineterminator="\n")
                 atomic_write(self.samples / f"{name}.csv.gz", gzip.compress(text.encode("utf-8"), mtime=0))
         return write_json(self.variants / f"{name}.json", result.to_json())
+
+
+def partial_files(checkpoint: Path) -> list[Path]:
+    """The engine's partial-pass files beside ``checkpoint``: its own name, and one per rank of any
+    earlier launch (``engine-partial.rank-003.npz``)."""
+    folder = Path(checkpoint).parent
+    if not folder.is_dir():
+        return []
+    stem, suffix = Path(checkpoint).stem, Path(checkpoint).suffix
+    return sorted(p for p in folder.glob(f"{stem}*{suffix}")
+                  if p.name == Path(checkpoint).name or p.name.startswith(f"{stem}.rank-"))
 
 
 def plan_variants(layers: Iterable[int], done: dict[int | None, VariantResult]) -> list[int | None]:

@@ -10,12 +10,13 @@ variance are both accumulators fed by :func:`stream_states`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
+from .distributed import all_gather, my_share, world
 from .errors import UserError
 from .progress import SILENT, Progress
 from .structure import LayerStack, block_input, first_tensor, no_cache_kwargs
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 TokenMode = Literal["all", "last"]
 TOKEN_MODES: tuple[str, ...] = ("all", "last")
 _Config = TypeVar("_Config", bound="StreamConfig")
+_Part = TypeVar("_Part")
 
 
 def check_tokens(tokens: str) -> TokenMode:
@@ -134,13 +136,30 @@ def stream_states(
             h.remove()
 
 
-def tracked_batches(windows: TokenWindows, batch_size: int, progress: Progress = SILENT,
-                    phase: str = "measuring") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The windows as padded batches; each batch, once consumed, counts as its windows done."""
+def measure_batches(windows: TokenWindows, batch_size: int, measure: Callable[[torch.Tensor, torch.Tensor], _Part],
+                    progress: Progress = SILENT, phase: str = "measuring") -> list[_Part]:
+    """``measure(ids, mask)`` of every batch of the windows, in batch order.
+
+    Under a launcher each rank measures a share of the batches (balanced by padded tokens)
+    and every rank gets every batch's part, so a caller that combines the parts in this order
+    gets bitwise what one process gets. Rank 0's progress counts windows: its own, scaled to
+    the job's.
+    """
+    batches = list(windows.batches(batch_size))
+    mine = my_share([ids.numel() for ids, _ in batches])
+    parallel = world().parallel
+    scale = len(windows) / max(1, sum(batches[k][0].shape[0] for k in mine)) if parallel else 1
     progress.phase(phase, total=len(windows))
-    for ids, mask in windows.batches(batch_size):
-        yield ids, mask
-        progress.advance(ids.shape[0])
+    parts: dict[int, _Part] = {}
+    for k in mine:
+        ids, mask = batches[k]
+        parts[k] = measure(ids, mask)
+        progress.advance(ids.shape[0] * scale)
+    if parallel:
+        parts = {k: part for gathered in all_gather(parts) for k, part in gathered.items()}
+        if not mine:
+            progress.advance(len(windows))
+    return [parts[k] for k in range(len(batches))]
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from .distributed import all_gather, broadcast_from_main, is_main, my_share, world
 from .engine import Variant, removal_set
 from .errors import UserError
 from .perplexity import PerplexityScorer
@@ -57,22 +58,33 @@ def _variant_label(variant: Variant) -> str:
 
 
 def _finish(result: VariantResult, outcome: SweepOutcome, store: ResultStore | None,
-            on_saved: Callable[[VariantResult], None] | None, progress: Progress) -> None:
+            on_saved: Callable[[VariantResult], None] | None, progress: Progress, *, amount: float = 1,
+            any_rank: bool = False) -> None:
+    """Keep and store a finished variant; ``on_saved`` (rewriting outputs) runs on rank 0 only."""
     outcome.results[result.removed_layer] = result
     if store is not None:
-        store.save(result)
-    progress.advance(1)
-    if on_saved is not None:
+        store.save(result, any_rank=any_rank)
+    progress.advance(amount)
+    if on_saved is not None and is_main():
         on_saved(result)
 
 
 def run_naive(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[Variant], *,
               stack: LayerStack, store: ResultStore | None = None, progress: Progress = SILENT,
               on_saved: Callable[[VariantResult], None] | None = None) -> SweepOutcome:
-    """One full scoring pass per variant (the reference engine; works for every task type)."""
+    """One full scoring pass per variant (the reference engine; works for every task type).
+
+    Under a launcher the variants are dealt to the ranks (weighted by the blocks each runs);
+    each rank saves the variants it scored as it finishes them (one file each: a relaunch with
+    any number of ranks resumes from them), then every rank gets every result. Rank 0's
+    progress counts its variants scaled to the job's.
+    """
+    todo = broadcast_from_main(list(todo))
+    mine = [todo[i] for i in my_share([len(stack) - len(removal_set(v)) for v in todo])]
+    scale = len(todo) / max(1, len(mine)) if world().parallel else 1
     outcome = SweepOutcome()
     progress.phase(VARIANTS_PHASE, total=len(todo))
-    for variant in todo:
+    for variant in mine:
         progress.advance(0, detail=_variant_label(variant))
         start = time.perf_counter()
         scores = Scores()
@@ -80,7 +92,18 @@ def run_naive(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[
             for scorer in scorers:
                 scores += scorer.score()
         _finish(VariantResult.of(variant, scores, time.perf_counter() - start, "naive"), outcome, store, on_saved,
-                progress)
+                progress, amount=scale, any_rank=True)
+    if world().parallel:
+        gathered = {k: v for part in all_gather(outcome.results) for k, v in part.items()}
+        outcome.results = {v: gathered[v] for v in todo}
+        if store is not None:  # on a folder that is not shared between nodes, rank 0 still gets every file
+            for variant, result in outcome.results.items():
+                if is_main() and variant not in mine and not store.has(variant):
+                    store.save(result)
+                else:
+                    store.hold(result)
+        if not mine:
+            progress.advance(len(todo))
     return outcome
 
 
@@ -91,7 +114,9 @@ def run_fast(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[V
     """All variants from one engine pass, then each scorer's aggregation per variant.
 
     What log-likelihoods cannot serve (generation tasks) is scored the naive way inside the
-    same loop. With a store, the pass is checkpointed there and resumes mid-pass.
+    same loop. With a store, the pass is checkpointed there and resumes mid-pass. Under a
+    launcher the pass's batches are shared (:meth:`SweepEngine.run`); every rank then
+    aggregates every variant (cheap, and the same everywhere) and rank 0 alone writes them.
     """
     from .engine import Checkpoint, SweepEngine, fingerprint
 
@@ -102,6 +127,7 @@ def run_fast(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[V
         spans.append(slice(len(requests), len(requests) + len(own)))
         requests += own
     max_length = _max_length(scorers)
+    todo = broadcast_from_main(list(todo))  # every rank runs the same pass
     checkpoint = None
     variants = list(todo)
     if store is not None:
@@ -128,8 +154,8 @@ def run_fast(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[V
                     scores += scorer.score_rest()
         saved = VariantResult.of(variant, scores, share + time.perf_counter() - start, "fast")
         _finish(saved, outcome, store, on_saved, progress)
-    if checkpoint is not None:
-        checkpoint.path.unlink(missing_ok=True)
+    if checkpoint is not None and is_main():  # every rank saved its last state before the results met
+        checkpoint.remove()
     stats = engine.stats
     outcome.stats = {
         "variants_in_pass": len(variants), "engine_seconds": round(engine_seconds, 3),
@@ -144,6 +170,9 @@ def run_fast(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[V
         "fast_tasks": [t for s in scorers for t in s.lm_eval_tasks()[0]],
         "naive_tasks": [t for s in scorers for t in s.lm_eval_tasks()[1]],
         "layer_passes_per_row": engine.layer_passes(),
+        # a resumed pass: tokens whose rows came from partial files, and tokens computed by this run's ranks
+        "resumed_tokens": stats.get("resumed_tokens"), "computed_tokens": stats.get("computed_tokens"),
+        "ranks": world().size,
     }
     return outcome
 

@@ -24,10 +24,12 @@ from rich.progress import (
 )
 from rich.progress import Progress as RichBars
 
+from .distributed import is_main
 from .progress import Progress
 
-# Piped output (logs, CI) gets a wide page instead of rich's 80-column default.
-console = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 160)))
+# Piped output (logs, CI) gets a wide page instead of rich's 80-column default. Under a launcher
+# only rank 0 talks: the other ranks' stdout is quiet, and their stderr carries errors only.
+console = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 160)), quiet=not is_main())
 err_console = Console(stderr=True)
 
 _NOISY_LOGGERS = ("transformers", "lm_eval", "lm-eval", "datasets", "accelerate", "evaluate", "huggingface_hub",
@@ -64,7 +66,9 @@ def quiet_libraries(debug: bool = False) -> None:
 
 
 def note(message: str) -> None:
-    """A one-line remark on stderr (never wrapped, so logs stay greppable)."""
+    """A one-line remark on stderr (never wrapped, so logs stay greppable); rank 0's only."""
+    if not is_main():
+        return
     err_console.print(f"[yellow]note:[/] {message}", highlight=False, soft_wrap=True)
 
 
@@ -224,15 +228,30 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+class QuietProgress(PlainProgress):
+    """The progress of a rank other than 0 under a launcher: nothing shown (rank 0's bar counts
+    the job), the test hook kept."""
+
+    def _line(self, text: str) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
 def progress_display(transient: bool = False) -> RichProgress | PlainProgress:
-    """Bars on a terminal, plain periodic lines otherwise (logs, pipes, CI)."""
+    """Bars on a terminal, plain periodic lines otherwise (logs, pipes, CI); silent on ranks
+    other than 0."""
+    if not is_main():
+        return QuietProgress()
     return RichProgress(transient) if err_console.is_terminal else PlainProgress()
 
 
 class _SignalAfter:
     """Test hook: ``LNSDIAG_TEST_SIGNAL="PHASE:N:SIGNAL"`` makes the process send itself SIGNAL
     (KILL, INT...) after the N-th non-empty advance of PHASE, so tests interrupt long work at a
-    point given by its own progress, never by a timer."""
+    point given by its own progress, never by a timer. Under a launcher,
+    ``LNSDIAG_TEST_SIGNAL_RANK=R`` arms it on rank R only."""
 
     def __init__(self, phase: str, count: int, signum: int) -> None:
         self.phase, self.count, self.signum, self.seen = phase, count, signum, 0
@@ -241,6 +260,9 @@ class _SignalAfter:
     def from_env(cls) -> _SignalAfter | None:
         spec = os.environ.get("LNSDIAG_TEST_SIGNAL")
         if not spec:
+            return None
+        only = os.environ.get("LNSDIAG_TEST_SIGNAL_RANK")
+        if only is not None and only.strip() != os.environ.get("RANK", "0"):
             return None
         try:
             phase, count, name = spec.rsplit(":", 2)
@@ -257,7 +279,11 @@ class _SignalAfter:
 
 @contextmanager
 def status(message: str) -> Iterator[None]:
-    """A spinner for work without a count (loading a model); a plain line without a terminal."""
+    """A spinner for work without a count (loading a model); a plain line without a terminal;
+    nothing on ranks other than 0."""
+    if not is_main():
+        yield
+        return
     if not err_console.is_terminal:
         print(f"{message} ...", file=sys.stderr, flush=True)
         yield

@@ -27,7 +27,7 @@ import torch
 from .errors import UserError
 from .progress import SILENT, Progress
 from .runs import Timer
-from .stream import MeasureRun, StreamConfig, TokenMode, check_tokens, measure_text, stream_states, tracked_batches
+from .stream import MeasureRun, StreamConfig, TokenMode, check_tokens, measure_batches, measure_text, stream_states
 from .structure import LayerStack, find_layers
 from .text import TextSource
 from .windows import TokenWindows
@@ -62,8 +62,35 @@ class VarianceResult:
         return float(self.layers["update_ratio"].iloc[lo:hi].mean())
 
 
+#: One state's statistics within one batch: (state index, tokens counted, entries, mean, M2, update-ratio sum).
+_Step = tuple[int, int, int, float, float, float | None]
+
+
+class _BatchSteps:
+    """Records what each state of one batch adds (:data:`_Step`), to be merged later in batch order."""
+
+    def __init__(self) -> None:
+        self.steps: list[_Step] = []
+        self._previous: torch.Tensor | None = None
+
+    def __call__(self, index: int, state: torch.Tensor) -> None:
+        x = state.detach().to(torch.float64)
+        n_b = x.numel()
+        mean_b = m2_b = 0.0
+        if n_b:
+            mean_b = float(x.mean())
+            m2_b = float(((x - mean_b) ** 2).sum())
+        ratio_b = None
+        if index > 0 and self._previous is not None and n_b:
+            prev = self._previous
+            ratio_b = float(((x - prev).norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-30)).sum())
+        self.steps.append((index, x.shape[0] if index == 0 else 0, n_b, mean_b, m2_b, ratio_b))
+        self._previous = x
+
+
 class _Moments:
-    """Running count/mean/M2 per state (Chan's pairwise update, float64) and update ratios."""
+    """Running count/mean/M2 per state (Chan's pairwise update, float64) and update ratios,
+    fed batch by batch with :class:`_BatchSteps` (so shared batches merge to the same bits)."""
 
     def __init__(self, states: int) -> None:
         self.n = [0] * states
@@ -71,27 +98,19 @@ class _Moments:
         self.m2 = [0.0] * states
         self.ratio = [0.0] * (states - 1)
         self.tokens = 0
-        self._previous: torch.Tensor | None = None
 
-    def __call__(self, index: int, state: torch.Tensor) -> None:
-        x = state.detach().to(torch.float64)
-        if index == 0:
-            self.tokens += x.shape[0]
-        n_b = x.numel()
-        if n_b:
-            mean_b = float(x.mean())
-            m2_b = float(((x - mean_b) ** 2).sum())
-            n_a, mean_a = self.n[index], self.mean[index]
-            total = n_a + n_b
-            delta = mean_b - mean_a
-            self.mean[index] = mean_a + delta * n_b / total
-            self.m2[index] += m2_b + delta * delta * n_a * n_b / total
-            self.n[index] = total
-        if index > 0 and self._previous is not None and n_b:
-            prev = self._previous
-            ratio = (x - prev).norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-30)
-            self.ratio[index - 1] += float(ratio.sum())
-        self._previous = x
+    def merge(self, steps: list[_Step]) -> None:
+        for index, tokens, n_b, mean_b, m2_b, ratio_b in steps:
+            self.tokens += tokens
+            if n_b:
+                n_a, mean_a = self.n[index], self.mean[index]
+                total = n_a + n_b
+                delta = mean_b - mean_a
+                self.mean[index] = mean_a + delta * n_b / total
+                self.m2[index] += m2_b + delta * delta * n_a * n_b / total
+                self.n[index] = total
+            if ratio_b is not None:
+                self.ratio[index - 1] += ratio_b
 
     def frame(self) -> pd.DataFrame:
         L = len(self.n) - 1
@@ -99,6 +118,22 @@ class _Moments:
         rms = [(v + mu * mu) ** 0.5 for v, mu in zip(variance, self.mean, strict=True)]
         ratio = [r / self.tokens for r in self.ratio] + [float("nan")]
         return pd.DataFrame({"layer": range(L + 1), "variance": variance, "rms": rms, "update_ratio": ratio})
+
+
+def _batch_steps(model: torch.nn.Module, stack: LayerStack, ids: torch.Tensor, mask: torch.Tensor,
+                 tokens: TokenMode) -> list[_Step]:
+    steps = _BatchSteps()
+    stream_states(model, stack, ids, mask, steps, tokens)
+    return steps.steps
+
+
+def _variance_result(parts: list[list[_Step]], states: int, tokens: str) -> VarianceResult:
+    acc = _Moments(states)
+    for steps in parts:
+        acc.merge(steps)
+    if acc.tokens == 0:
+        raise UserError("no tokens to measure: the text is empty")
+    return VarianceResult(acc.frame(), acc.tokens, tokens)
 
 
 def residual_variance(
@@ -111,12 +146,8 @@ def residual_variance(
     """Variance, RMS and update ratio of x_0..x_L over the batches' non-padding tokens."""
     check_tokens(tokens)
     stack = stack or find_layers(model)
-    acc = _Moments(len(stack) + 1)
-    for ids, mask in batches:
-        stream_states(model, stack, ids, mask, acc, tokens)
-    if acc.tokens == 0:
-        raise UserError("no tokens to measure: the text is empty")
-    return VarianceResult(acc.frame(), acc.tokens, tokens)
+    parts = [_batch_steps(model, stack, ids, mask, tokens) for ids, mask in batches]
+    return _variance_result(parts, len(stack) + 1, tokens)
 
 
 @dataclass(frozen=True)
@@ -127,9 +158,14 @@ class VarianceConfig(StreamConfig):
 
 def variance_on_windows(model: torch.nn.Module, windows: TokenWindows, config: StreamConfig, *,
                         stack: LayerStack | None = None, progress: Progress = SILENT) -> VarianceResult:
-    """Residual-stream statistics over a text's token windows, reporting windows done to ``progress``."""
-    batches = tracked_batches(windows, config.batch_size, progress, "residual variance")
-    return residual_variance(model, batches, tokens=config.tokens, stack=stack)
+    """Residual-stream statistics over a text's token windows, reporting windows done to ``progress``
+    (under a launcher the batches are shared over the ranks, merged in one order)."""
+    check_tokens(config.tokens)
+    stack = stack or find_layers(model)
+    parts = measure_batches(windows, config.batch_size,
+                            lambda ids, mask: _batch_steps(model, stack, ids, mask, config.tokens),
+                            progress, "residual variance")
+    return _variance_result(parts, len(stack) + 1, config.tokens)
 
 
 def variance_on_text(

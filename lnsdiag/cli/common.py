@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -13,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from .. import report, ui
+from .. import distributed, report, ui
 from ..errors import Interrupted, UserError
 from ..models import LoadedModel, ModelOptions, hub_offline, shadowed_alias
 from ..runs import discard_empty_outputs
@@ -45,6 +46,9 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DeviceMap = Annotated[str | None, typer.Option(
     "--device-map", help="Spread a model over devices (e.g. auto) for models larger than one GPU.",
     show_default=False)]
+GpusPerReplica = Annotated[int, typer.Option(
+    "--gpus-per-replica", help="Under torchrun: GPUs each rank's replica is spread over (ranks per node × K = the "
+    "node's GPUs), for a model larger than one GPU.")]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Run the checkpoint's own code.")]
 LayersPath = Annotated[str | None, typer.Option(
     "--layers-path", help="Dotted path of the block list (e.g. model.layers) if discovery fails.",
@@ -67,39 +71,66 @@ SeqLen = Annotated[int | None, typer.Option(
 
 
 def command(fn: F) -> F:
-    """Run a command with one-line errors (tracebacks only with --debug)."""
+    """Run a command with one-line errors (tracebacks only with --debug); under a launcher
+    (torchrun), join the process group first and leave it on the way out."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = _STATE["debug"] or bool(kwargs.get("debug"))
         ui.quiet_libraries(debug)
+        failed = True
         try:
+            distributed.init_from_env(gpus_per_replica=int(kwargs.get("gpus_per_replica") or 1))
             with warnings.catch_warnings():
                 if not debug:
                     warnings.simplefilter("ignore")
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+            failed = False
+            return result
         except BaseException as exc:
-            discard_empty_outputs()  # a failed command leaves no empty --out folder behind
+            if distributed.is_main():
+                discard_empty_outputs()  # a failed command leaves no empty --out folder behind
             _exit_for(exc, debug)
+        finally:
+            _leave_group(failed)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _leave_group(failed: bool) -> None:
+    """destroy_process_group, never letting a broken group turn an exit into a hang or a traceback:
+    after a failure only on gloo (NCCL's teardown may wait on the collectives a dead rank never
+    joins; the process exits anyway and torchrun stops the others)."""
+    with contextlib.suppress(Exception):  # a group a failed rank broke: nothing left to do
+        if not failed or distributed.backend() != "nccl":
+            distributed.shutdown()
+
+
+def _rank_tag() -> str:
+    """``rank 3: `` before a line on stderr when several ranks print."""
+    here = distributed.world()
+    return f"rank {here.rank}: " if here.parallel else ""
 
 
 def _exit_for(exc: BaseException, debug: bool) -> typing.NoReturn:
     """One line and an exit code for what a command raised: 2 user error, 130 interrupt, 1 bug."""
     if isinstance(exc, (typer.Exit, typer.Abort, SystemExit)):
         raise exc
+    tag = _rank_tag()
     if isinstance(exc, KeyboardInterrupt):
         said = str(exc) if isinstance(exc, Interrupted) else "finished results are saved; rerun to resume."
-        ui.err_console.print(f"[yellow]interrupted[/]: {said}", highlight=False, soft_wrap=True)
+        if distributed.is_main():
+            ui.err_console.print(f"{tag}[yellow]interrupted[/]: {said}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
+    if isinstance(exc, distributed.MirroredError):  # rank 0's error: rank 0 says it
+        raise typer.Exit(2) from None
     if debug or not isinstance(exc, Exception):
         raise exc
     if isinstance(exc, UserError):
-        ui.err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        ui.err_console.print(f"{tag}[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     first = (str(exc).strip().splitlines() or [""])[0][:300]
-    ui.err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {first} (rerun with --debug for the "
+    ui.err_console.print(f"{tag}[bold red]error:[/] {type(exc).__name__}: {first} (rerun with --debug for the "
                          "traceback)", highlight=False, soft_wrap=True)
     raise typer.Exit(1) from None
 
@@ -114,7 +145,7 @@ def _root(debug: Debug = False) -> None:
 _MODEL_PARAMS = (
     ("model", ModelArg, None), ("model_opt", ModelOpt, None), ("revision", Revision, None), ("dtype", Dtype, "auto"),
     ("device", Device, "auto"), ("device_map", DeviceMap, None), ("trust_remote_code", TrustRemote, False),
-    ("layers_path", LayersPath, None),
+    ("layers_path", LayersPath, None), ("gpus_per_replica", GpusPerReplica, 1),
 )
 #: The shared text options of the measuring commands.
 _TEXT_PARAMS = (
@@ -192,3 +223,4 @@ def text_source(options: TextOptions) -> TextSource:
 
 def print_files(files: list[Path]) -> None:
     ui.console.print(report.files_table(files))
+

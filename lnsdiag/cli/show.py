@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import report, ui
+from .. import distributed, report, ui
 from ..angular import AngularRun
 from ..compare import CompareRun
 from ..prune import PruneRun
@@ -27,6 +27,8 @@ def _say(text: str, **kwargs: object) -> None:
 
 def show_angular(run: AngularRun, folder: Path, title: str = "") -> None:
     """Per-layer angular distances and which layers are near-identity; angular.csv, plots, meta.json."""
+    if not distributed.is_main():  # one rank writes and shows; the others computed their share
+        return
     result = run.result
     ui.console.print(report.angular_table(result, title or f"Angular distance per layer — {run.model_name}"))
     _say(report.angular_summary(result))
@@ -35,6 +37,8 @@ def show_angular(run: AngularRun, folder: Path, title: str = "") -> None:
 
 def show_variance(run: VarianceRun, folder: Path, title: str = "") -> None:
     """Residual-stream variance and update ratio per layer; variance.csv, plot, meta.json."""
+    if not distributed.is_main():  # one rank writes and shows; the others computed their share
+        return
     result = run.result
     ui.console.print(report.variance_table(result, title or f"Residual stream per layer — {run.model_name}",
                                            run.placement))
@@ -44,6 +48,8 @@ def show_variance(run: VarianceRun, folder: Path, title: str = "") -> None:
 
 def show_reproduce(run: ReproduceRun, folder: Path, title: str = "") -> None:
     """The twins side by side, per layer, and what came out in words; summary, per-model folders, plots."""
+    if not distributed.is_main():  # one rank writes and shows; the others computed their share
+        return
     result = run.result
     ui.console.print(report.reproduce_table(result, title))
     ui.console.print()
@@ -55,12 +61,16 @@ def show_reproduce(run: ReproduceRun, folder: Path, title: str = "") -> None:
 
 def show_compare(run: CompareRun, folder: Path) -> None:
     """One table per metric, runs aligned by relative depth; compare.csv, LaTeX, overlay plots."""
+    if not distributed.is_main():  # one rank writes and shows; the others computed their share
+        return
     ui.console.print(report.compare_tables(run.comparison))
     print_files(report.write_compare(run.comparison, folder, run.meta))
 
 
 def show_prune(run: PruneRun, title: str = "") -> None:
     """The sweep's table, dead-weight summary and rule; prune.csv, the wide CSV, LaTeX, plots, meta.json."""
+    if not distributed.is_main():  # one rank writes and shows; the others computed their share
+        return
     name = run.meta["model"]["name"]
     ui.console.print(report.prune_table(run.frame, run.tasks, title or f"Layer removal — {name}"))
     for line in report.prune_summary(run.frame, run.tasks):
@@ -77,6 +87,8 @@ def show_prune(run: PruneRun, title: str = "") -> None:
 def show_shrink(run: ShrinkRun, saved: SavedCheckpoint | None = None, title: str = "") -> None:
     """The pruning curves as a table, what they say, the work done; shrink.csv, wide CSV, LaTeX, plot,
     meta.json; and the saved checkpoint, if any."""
+    if not distributed.is_main():  # one rank writes and shows; the others computed their share
+        return
     name = run.meta["model"]["name"]
     ui.console.print(report.shrink_table(run.frame, run.tasks, title or f"Removing layers together — {name}"))
     for line in report.shrink_summary(run.frame, run.tasks):
