@@ -9,7 +9,7 @@ import typer
 from .. import report, ui
 from ..models import ModelOptions
 from ..runs import Timer, output_dir
-from .common import Debug, Out, SeqLen, app, command, load, model_options
+from .common import Debug, Out, SeqLen, app, command, model_options
 from .scoring import (
     BatchSize,
     BatchTokens,
@@ -29,6 +29,7 @@ from .scoring import (
     PplText,
     Seed,
     Tasks,
+    load_inputs,
     scoring_config,
 )
 from .show import show_prune
@@ -64,7 +65,7 @@ def prune_cmd(
     out: Out = None, debug: Debug = False,
 ) -> None:
     """Remove each layer in turn, score every variant, and show which layers are dead weight."""
-    from ..prune import PruneInputs, run
+    from ..prune import run
 
     config = scoring_config(
         tasks=tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed,
@@ -74,13 +75,7 @@ def prune_cmd(
         batch_tokens=batch_tokens, fresh=fresh, samples=not no_samples)
     output_dir(out, model.slug, "prune", create=False)
     timer = Timer()
-    tasks = None
-    if config.tasks:
-        with ui.status(f"loading tasks {', '.join(config.tasks)}"), timer("tasks"):
-            tasks = config.load_tasks()
-    inputs = PruneInputs(tasks, config.load_text())
-    with timer("load"):
-        loaded = load(model)
+    inputs, loaded = load_inputs(config, model, timer)
     folder = output_dir(out, model.slug, "prune")
     with ui.progress_display() as progress:
         result = run(loaded, config, folder, inputs=inputs, layers_path=model.layers_path, progress=progress,

@@ -5,11 +5,17 @@ verdicts are reached), as Typer option types, and the step from them to a checke
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..prune import PruneConfig
+from .. import ui
+from ..prune import PruneConfig, PruneInputs
+from .common import load
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel, ModelOptions
+    from ..runs import Timer
 
 Tasks = Annotated[str | None, typer.Option(
     "--tasks", "-t", help="lm-eval task or group names, comma-separated \\[default: mmlu, unless only --ppl-* "
@@ -52,3 +58,16 @@ def scoring_config(*, tasks: str | None, include_path: Path | None, ppl_text: Pa
     return PruneConfig(tasks=tuple(tasks.split(",")) if tasks else None,
                        include_path=str(include_path) if include_path else None,
                        ppl_text=str(ppl_text) if ppl_text else None, **options)  # type: ignore[arg-type]
+
+
+def load_inputs(config: PruneConfig, model: ModelOptions, timer: Timer) -> tuple[PruneInputs, LoadedModel]:
+    """Tasks and text first (a typo fails in seconds), then the model: what a scoring command
+    needs before its runner."""
+    tasks = None
+    if config.tasks:
+        with ui.status(f"loading tasks {', '.join(config.tasks)}"), timer("tasks"):
+            tasks = config.load_tasks()
+    inputs = PruneInputs(tasks, config.load_text())
+    with timer("load"):
+        loaded = load(model)
+    return inputs, loaded

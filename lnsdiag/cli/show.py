@@ -67,20 +67,31 @@ def show_compare(run: CompareRun, folder: Path) -> None:
     print_files(report.write_compare(run.comparison, folder, run.meta))
 
 
+def _verdicts(table: report.Tables, summary: list[str], rule: str) -> None:
+    """A table of removals, what it says in words, and the rule its verdicts follow."""
+    ui.console.print(table)
+    for line in summary:
+        _say(line)
+    _say(f"[dim]{rule}[/dim]")
+
+
+def _say_work(block: int | None, naive: int | None, what: str) -> None:
+    """The counted work (block-token passes) against the naive engine's for the same variants."""
+    if block and naive:
+        _say(f"[dim]work: {block:,} block-token passes, {naive:,} for the naive engine ({naive / block:.2f}× less; "
+             f"{what})[/dim]")
+
+
 def show_prune(run: PruneRun, title: str = "") -> None:
     """The sweep's table, dead-weight summary and rule; prune.csv, the wide CSV, LaTeX, plots, meta.json."""
     if not distributed.is_main():  # one rank writes and shows; the others computed their share
         return
     name = run.meta["model"]["name"]
-    ui.console.print(report.prune_table(run.frame, run.tasks, title or f"Layer removal — {name}"))
-    for line in report.prune_summary(run.frame, run.tasks):
-        _say(line)
-    _say(f"[dim]{run.meta['dead_rule']}[/dim]")
+    _verdicts(report.prune_table(run.frame, run.tasks, title or f"Layer removal — {name}"),
+              report.prune_summary(run.frame, run.tasks), run.meta["dead_rule"])
     work = run.meta.get("engine_stats") or {}
-    if work.get("block_tokens") and work.get("naive_block_tokens"):
-        _say(f"[dim]work: {work['block_tokens']:,} block-token passes, {work['naive_block_tokens']:,} for the naive "
-             f"engine ({work['naive_block_tokens'] / work['block_tokens']:.2f}× less; shared prefixes: "
-             f"{work.get('sharing') or 'off'})[/dim]")
+    _say_work(work.get("block_tokens"), work.get("naive_block_tokens"),
+              f"shared prefixes: {work.get('sharing') or 'off'}")
     print_files(report.write_prune(run.frame, run.tasks, run.folder, run.meta, plots=True, title=title))
 
 
@@ -90,16 +101,12 @@ def show_shrink(run: ShrinkRun, saved: SavedCheckpoint | None = None, title: str
     if not distributed.is_main():  # one rank writes and shows; the others computed their share
         return
     name = run.meta["model"]["name"]
-    ui.console.print(report.shrink_table(run.frame, run.tasks, title or f"Removing layers together — {name}"))
-    for line in report.shrink_summary(run.frame, run.tasks):
-        _say(line)
-    _say(f"[dim]{run.meta['dead_rule']}[/dim]")
+    _verdicts(report.shrink_table(run.frame, run.tasks, title or f"Removing layers together — {name}"),
+              report.shrink_summary(run.frame, run.tasks), run.meta["dead_rule"])
     _say(f"[dim]sweep, greedy and --save-strategy best rank removals by {'/'.join(run.rank_by)}[/dim]")
-    block = sum(p.get("block_tokens") or 0 for p in run.meta["passes"])
-    naive = sum(p.get("naive_block_tokens") or 0 for p in run.meta["passes"])
-    if block and naive:
-        _say(f"[dim]work: {run.meta['sets_scored']} removal sets in {len(run.meta['passes'])} pass(es), "
-             f"{block:,} block-token passes, {naive:,} for the naive engine ({naive / block:.2f}× less)[/dim]")
+    passes = run.meta["passes"]
+    _say_work(sum(p.get("block_tokens") or 0 for p in passes), sum(p.get("naive_block_tokens") or 0 for p in passes),
+              f"{run.meta['sets_scored']} removal sets in {len(passes)} pass(es)")
     print_files(report.write_shrink(run.frame, run.tasks, run.folder, run.meta, plots=True, title=title))
     if saved is not None:
         _say(f"saved the model without layers {','.join(map(str, saved.removed))} "

@@ -14,7 +14,7 @@ from ..models import ModelOptions
 from ..runs import Timer, output_dir
 from ..structure import find_layers
 from . import scoring as opt
-from .common import Debug, Out, SeqLen, app, command, load, model_options
+from .common import Debug, Out, SeqLen, app, command, model_options
 from .show import show_shrink
 
 
@@ -66,7 +66,6 @@ def shrink_cmd(
 ) -> None:
     """Remove 1..N layers at once by each strategy, score every choice against the full model, draw the
     pruning curves, and optionally save the smaller model."""
-    from ..prune import PruneInputs
     from ..shrink import ShrinkConfig, check_save_target, run, save_pick
 
     scoring = opt.scoring_config(
@@ -82,13 +81,7 @@ def shrink_cmd(
         raise UserError(f"--reuse {reuse}: not a prune or shrink folder (no settings.json)")
     output_dir(out, model.slug, "shrink", create=False)
     timer = Timer()
-    task_set = None
-    if scoring.tasks:
-        with ui.status(f"loading tasks {', '.join(scoring.tasks)}"), timer("tasks"):
-            task_set = scoring.load_tasks()
-    inputs = PruneInputs(task_set, scoring.load_text())
-    with timer("load"):
-        loaded = load(model)
+    inputs, loaded = opt.load_inputs(scoring, model, timer)
     config.check_model(len(find_layers(loaded.model, model.layers_path)))  # before any output exists
     folder = output_dir(out, model.slug, "shrink")
     with ui.progress_display() as progress:
