@@ -369,7 +369,8 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: P
                                        for p in picks],
         tasks=inputs.tasks.describe() if inputs.tasks else None,
         ppl_text=inputs.ppl_text.name if inputs.ppl_text else None, layer_stack=stack.path, num_layers=L,
-        margins=scoring_config.margins.as_json(), dead_rule=rule_text(scoring_config.margins),
+        margins=scoring_config.margins.as_json(), dead_rule=rule_text(scoring_config.margins, "removal set",
+                                                                  "distinct removal sets of the run"),
         multiplicity=("hurts/helps: Holm-adjusted p-values over the distinct removal sets of this run, per (task, "
                       "metric); dead: two one-sided tests at alpha 0.05 per set, not adjusted"),
         engine=scoring_config.engine, passes=scorer.passes, sets_scored=len(scorer.done()) - 1,

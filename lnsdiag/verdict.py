@@ -116,11 +116,13 @@ def _margin_value(raw: str, text: str) -> tuple[float, bool]:
     return (value / 100 if relative else value), relative
 
 
-def rule_text(margins: Margins) -> str:
-    """What was tested, in words: printed under the table and kept in meta.json."""
+def rule_text(margins: Margins, unit: str = "layer", family: str = "removed layers") -> str:
+    """What was tested, in words: printed under the table and kept in meta.json. ``unit`` is what
+    one comparison removes and ``family`` what Holm adjusts over (layers for ``prune``, the
+    distinct removal sets for ``shrink``)."""
     return (f"dead: the 90% interval of Δ (paired, same documents) lies within the margin ({margins.describe()}): "
-            f"two one-sided tests at α = {ALPHA:g} per layer. hurts / helps: Δ ≠ 0 at α = {ALPHA:g}, Holm-adjusted "
-            "over the removed layers of each metric (the 95% interval columns are not adjusted). inconclusive: "
+            f"two one-sided tests at α = {ALPHA:g} per {unit}. hurts / helps: Δ ≠ 0 at α = {ALPHA:g}, Holm-adjusted "
+            f"over the {family} of each metric (the 95% interval columns are not adjusted). inconclusive: "
             "neither — the data cannot tell, which is not 'no effect'. Intervals: Tango's score interval for 0/1 "
             "scores (exact McNemar test when fewer than 25 answers changed), paired t for other means, lm-eval groups "
             "on their leaves' documents as lm-eval aggregates them, a paired bootstrap stderr (lm-eval's "
