@@ -26,8 +26,9 @@ from .lmeval_tasks import write_tasks
 
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
               "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
-#: The collectives' timeout in these runs: a job whose rank died must end well before it.
-TIMEOUT_S = 120
+#: The collectives' timeout in these runs: far above any healthy wait on a loaded machine, so it is
+#: never hit unless something hangs; a job whose rank died must end before it (no hang).
+TIMEOUT_S = 600
 
 
 def _free_port() -> int:
@@ -49,7 +50,7 @@ def _launch(args: list, ranks: int = 1, **env_extra: str) -> subprocess.Popen:
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=600)
+    out, err = proc.communicate(timeout=2 * TIMEOUT_S)
     return proc.returncode, out, err
 
 
@@ -137,8 +138,8 @@ def test_shrink_two_ranks_write_what_one_process_writes(tiny_llama_dir, inputs, 
 
 def test_a_killed_rank_fails_the_job_fast_and_one_process_resumes_its_work(fast_runs, tiny_llama_dir, inputs,
                                                                            tmp_path):
-    """Rank 1 kills itself after its second batch (the progress hook): the job exits non-zero well
-    within the collectives' timeout, both ranks' partial files stay, and a plain one-process rerun
+    """Rank 1 kills itself after its second batch (the progress hook): the job exits non-zero
+    before the collectives' timeout (no hang), both ranks' partial files stay, and a plain one-process rerun
     merges them, computes only the rest, and writes the uninterrupted run's prune.csv."""
     out = tmp_path / "killed"
     args = [*_prune_args(tiny_llama_dir, inputs), "--out", out]
@@ -147,7 +148,7 @@ def test_a_killed_rank_fails_the_job_fast_and_one_process_resumes_its_work(fast_
                                            LNSDIAG_TEST_SIGNAL=f"{PASS_PHASE}:2:KILL", LNSDIAG_TEST_SIGNAL_RANK="1"))
     elapsed = time.monotonic() - start
     assert code != 0, stdout + stderr
-    assert elapsed < TIMEOUT_S / 2, elapsed
+    assert elapsed < TIMEOUT_S, elapsed  # rank 0 did not sit out a collective's timeout: torchrun ended it
     partials = sorted(p.name for p in out.glob("engine-partial*"))
     assert partials == ["engine-partial.rank-000.npz", "engine-partial.rank-001.npz"], partials
     with np.load(out / "engine-partial.rank-001.npz") as saved:
@@ -252,7 +253,7 @@ def test_rank_0_alone_writes_the_store_and_other_ranks_hold_their_results(tmp_pa
 
 def _store_worker(rank: int, folder: Path, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LNSDIAG_DIST_TIMEOUT="60")
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LNSDIAG_DIST_TIMEOUT=str(TIMEOUT_S))
     from lnsdiag.store import ResultStore, VariantResult
 
     distributed.init_from_env()
