@@ -25,7 +25,6 @@ model's remaining layers. Statistics and verdicts are ``prune``'s (paired, again
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -385,12 +384,7 @@ def _reuse(source: Path, store: ResultStore) -> int:
     settings = source / "settings.json"
     if not settings.is_file():
         raise UserError(f"--reuse {source}: not a prune or shrink folder (no settings.json)")
-    stored = read_json(settings)
-    def same(key: str) -> bool:
-        return json.dumps(stored.get(key), sort_keys=True, default=str) == json.dumps(
-            store.settings.get(key), sort_keys=True, default=str)
-
-    differ = sorted(k for k in {*stored, *store.settings} if not same(k))
+    differ = store.differing(read_json(settings))
     if differ:
         raise UserError(f"--reuse {source}: made with other settings ({', '.join(differ[:3])}); its results would "
                         "not be comparable")

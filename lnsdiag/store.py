@@ -151,10 +151,14 @@ class ResultStore:
         self.variants.mkdir(parents=True, exist_ok=True)
         write_json(settings_path, self.settings)
 
-    def _check_compatible(self, stored: dict[str, Any]) -> None:
+    def differing(self, stored: dict[str, Any]) -> list[str]:
+        """The settings in which ``stored`` (another run's settings.json) differs from this store's."""
         keys = list(dict.fromkeys([*self.settings, *stored]))
-        differ = [k for k in keys if json.dumps(stored.get(k), sort_keys=True, default=str)
-                  != json.dumps(self.settings.get(k), sort_keys=True, default=str)]
+        return [k for k in keys if json.dumps(stored.get(k), sort_keys=True, default=str)
+                != json.dumps(self.settings.get(k), sort_keys=True, default=str)]
+
+    def _check_compatible(self, stored: dict[str, Any]) -> None:
+        differ = self.differing(stored)
         if differ and any(self.variants.glob("*.json")):
             what = "; ".join(f"{k}: {stored.get(k)!r} there, {self.settings.get(k)!r} now" for k in differ[:3])
             raise UserError(
