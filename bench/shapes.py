@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 
-from lnsdiag.scoring import TokenRequest
+from lnsdiag.scoring.base import TokenRequest
 
 BOS = 1
 

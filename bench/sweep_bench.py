@@ -39,15 +39,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import shapes
-from lnsdiag.demo_model import train_tokenizer
-from lnsdiag.engine import SweepEngine, attention_limit, plan_rows
-from lnsdiag.lmeval import LmEvalScorer, collect_requests, load_tasks, make_lm
-from lnsdiag.models import LoadedModel
-from lnsdiag.store import ResultStore
-from lnsdiag.structure import find_layers
-from lnsdiag.surgery import removed_layers
-from lnsdiag.sweep import run_fast, run_naive
-from lnsdiag.text import stdlib_corpus
+from lnsdiag.data.text import stdlib_corpus
+from lnsdiag.demo.model import train_tokenizer
+from lnsdiag.engine.fast import SweepEngine, attention_limit, plan_rows
+from lnsdiag.engine.sweep import run_fast, run_naive
+from lnsdiag.interventions.removal import removed_layers
+from lnsdiag.model.load import LoadedModel
+from lnsdiag.model.structure import find_layers
+from lnsdiag.results.store import ResultStore
+from lnsdiag.scoring.lmeval.scorer import LmEvalScorer, collect_requests, load_tasks, make_lm
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
@@ -169,7 +169,7 @@ def fast_sweep_flops(rows, cfg: dict, variants: list) -> float:
     """FLOPs the fast sweep really does: per row, its block passes (weights per token, plus
     attention over the keys each token really sees: its own input up to itself, which in a
     shared row is its ancestors), and the LM head at the scored positions only."""
-    from lnsdiag.engine import layer_passes
+    from lnsdiag.engine.fast import layer_passes
 
     h = cfg["hidden_size"]
     passes = layer_passes(cfg["num_hidden_layers"], variants)

@@ -38,8 +38,8 @@ SHAPES = {
 def build(folder: Path, shape: str) -> None:
     import transformers
 
-    from lnsdiag.demo_model import train_tokenizer
-    from lnsdiag.text import stdlib_corpus
+    from lnsdiag.data.text import stdlib_corpus
+    from lnsdiag.demo.model import train_tokenizer
 
     tokenizer = train_tokenizer(stdlib_corpus("train").texts, 8192 if shape != "tiny" else 512)
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096,

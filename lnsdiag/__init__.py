@@ -11,8 +11,8 @@ Everything the command line does is a function here, for notebooks::
     sweep = prune.run(loaded, prune.PruneConfig(tasks=("arc_easy",)), "results/llama")  # resumable
 
 Each command's runner is a module: ``prune``, ``shrink``, ``angular``, ``variance``,
-``reproduce``, ``demo`` (a config object, then ``run``). Names are imported on first use, so
-``import lnsdiag`` stays cheap.
+``reproduce``, ``compare`` (a config object, then ``run``); the demo is ``lnsdiag.runners.demo``.
+Names are imported on first use, so ``import lnsdiag`` stays cheap.
 """
 
 from __future__ import annotations
@@ -22,46 +22,59 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-#: public name -> module that defines it
+#: public name -> module that defines it (relative to this package)
 _EXPORTS: dict[str, str] = {
     # loading
-    "ALIASES": "models", "LoadedModel": "models", "ModelOptions": "models", "load_model": "models",
-    "resolve_model": "models", "restore_norms": "models",
-    # structure, surgery, the reference
-    "LayerStack": "structure", "find_layers": "structure", "norm_placement": "structure",
-    "parse_layer_spec": "structure", "removed_layers": "surgery", "resumed_at": "surgery",
-    "build_without_layers": "rebuild", "save_without_layers": "rebuild", "model_card": "rebuild",
+    "ALIASES": "model.load", "LoadedModel": "model.load", "ModelOptions": "model.load",
+    "load_model": "model.load", "resolve_model": "model.load", "restore_norms": "model.load",
+    # structure, removal, the reference
+    "LayerStack": "model.structure", "find_layers": "model.structure", "norm_placement": "model.structure",
+    "parse_layer_spec": "model.structure", "removed_layers": "interventions.removal",
+    "resumed_at": "interventions.removal", "build_without_layers": "checkpoint.save",
+    "save_without_layers": "checkpoint.save", "model_card": "checkpoint.save",
     # text and its token windows
-    "TextSource": "text", "resolve_text": "text", "from_file": "text", "from_dataset": "text",
-    "stdlib_corpus": "text", "TokenWindows": "windows", "token_windows": "windows", "batches": "windows",
+    "TextSource": "data.text", "resolve_text": "data.text", "from_file": "data.text", "from_dataset": "data.text",
+    "stdlib_corpus": "data.text", "TokenWindows": "data.windows", "token_windows": "data.windows",
+    "batches": "data.windows",
     # measurements
-    "stream_states": "stream", "AngularConfig": "angular", "AngularResult": "angular",
-    "angular_distances": "angular", "angular_on_text": "angular", "VarianceConfig": "variance",
-    "VarianceResult": "variance", "residual_variance": "variance", "variance_on_text": "variance",
+    "stream_states": "measure.stream", "AngularConfig": "measure.angular", "AngularResult": "measure.angular",
+    "angular_distances": "measure.angular", "angular_on_text": "measure.angular",
+    "VarianceConfig": "measure.variance", "VarianceResult": "measure.variance",
+    "residual_variance": "measure.variance", "variance_on_text": "measure.variance",
     # scoring and sweeps
-    "Scorer": "scoring", "Scores": "scoring", "MetricRow": "scoring", "TokenRequest": "scoring",
-    "TaskSet": "lmeval", "load_tasks": "lmeval", "make_lm": "lmeval", "evaluate_tasks": "lmeval",
-    "LmEvalScorer": "lmeval", "Perplexity": "perplexity", "perplexity": "perplexity",
-    "PerplexityScorer": "perplexity", "SweepEngine": "engine", "run_naive": "sweep", "run_fast": "sweep",
-    "perplexity_sweep": "sweep", "ResultStore": "store", "VariantResult": "store", "prune_frame": "verdict",
-    "PruneConfig": "prune", "PruneRun": "prune", "ShrinkConfig": "shrink", "ShrinkRun": "shrink",
-    "removal_set": "engine",
+    "Scorer": "scoring.base", "Scores": "scoring.base", "MetricRow": "scoring.base", "TokenRequest": "scoring.base",
+    "TaskSet": "scoring.lmeval.scorer", "load_tasks": "scoring.lmeval.scorer", "make_lm": "scoring.lmeval.scorer",
+    "evaluate_tasks": "scoring.lmeval.scorer", "LmEvalScorer": "scoring.lmeval.scorer",
+    "Perplexity": "scoring.perplexity", "perplexity": "scoring.perplexity", "PerplexityScorer": "scoring.perplexity",
+    "SweepEngine": "engine.fast", "removal_set": "engine.fast", "run_naive": "engine.sweep",
+    "run_fast": "engine.sweep", "perplexity_sweep": "engine.sweep",
+    "ResultStore": "results.store", "VariantResult": "results.store", "prune_frame": "results.verdict",
+    "PruneConfig": "runners.prune", "PruneRun": "runners.prune", "ShrinkConfig": "runners.shrink",
+    "ShrinkRun": "runners.shrink", "DemoConfig": "runners.demo",
+    "compare_folders": "runners.compare", "load_run": "runners.compare",
     # LayerNorm Scaling and the twins
-    "apply_lns": "lns", "remove_lns": "lns", "restore_lns": "lns", "apply_post_ln": "postln",
-    "DemoSpec": "demo_model", "ensure_demo_model": "demo_model", "DemoConfig": "demo",
-    "compare_folders": "compare", "load_run": "compare",
+    "apply_lns": "interventions.lns", "remove_lns": "interventions.lns", "restore_lns": "interventions.lns",
+    "apply_post_ln": "interventions.postln", "DemoSpec": "demo.model", "ensure_demo_model": "demo.model",
     # progress and errors
     "Progress": "progress", "UserError": "errors",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+#: runner modules reachable as ``lnsdiag.prune`` etc. (``from lnsdiag import prune``)
+_MODULES: dict[str, str] = {
+    "prune": "runners.prune", "shrink": "runners.shrink", "reproduce": "runners.reproduce",
+    "compare": "runners.compare", "angular": "measure.angular", "variance": "measure.variance",
+}
+
+__all__ = sorted([*_EXPORTS, *_MODULES, "__version__"])
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name in _MODULES:
+        value = importlib.import_module(f".{_MODULES[name]}", __name__)
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:
         raise AttributeError(f"module 'lnsdiag' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 

@@ -29,7 +29,7 @@ def _private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def tokenizer():
     """A byte-level BPE tokenizer trained in-test (no hub)."""
-    from lnsdiag.demo_model import train_tokenizer
+    from lnsdiag.demo.model import train_tokenizer
 
     texts = [SAMPLE_TEXT * 3, "def f(x):\n    return x + 1\n" * 5, "Numbers 0 1 2 3 4 5 6 7 8 9."]
     return train_tokenizer(texts, vocab_size=300)

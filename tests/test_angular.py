@@ -8,16 +8,15 @@ import math
 import pytest
 import torch
 
-from lnsdiag import angular
-from lnsdiag.angular import AngularConfig, angular_distances
+from lnsdiag.data.text import TextSource
 from lnsdiag.errors import UserError
-from lnsdiag.models import LoadedModel
+from lnsdiag.measure import angular
+from lnsdiag.measure.angular import AngularConfig, angular_distances
+from lnsdiag.model.load import LoadedModel
+from lnsdiag.model.structure import find_layers
 from lnsdiag.progress import Progress
-from lnsdiag.structure import find_layers
-from lnsdiag.text import TextSource
-
-from .conftest import SAMPLE_TEXT
-from .families import padded_batch, tiny_model
+from tests.conftest import SAMPLE_TEXT
+from tests.families import padded_batch, tiny_model
 
 
 def _all_states(model, ids, mask):

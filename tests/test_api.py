@@ -24,10 +24,11 @@ def test_library_modules_stand_alone():
     computes imports lnsdiag.report (results are plain data handed upward)."""
     import pkgutil
 
-    names = [m.name for m in pkgutil.iter_modules(lnsdiag.__path__) if m.name not in ("cli", "report", "__main__")]
+    names = [m.name for m in pkgutil.walk_packages(lnsdiag.__path__, "lnsdiag.")
+             if not m.name.startswith(("lnsdiag.cli", "lnsdiag.report", "lnsdiag.__main__"))]
     code = ("import importlib, sys\n"
             f"for name in {names!r}:\n"
-            "    importlib.import_module('lnsdiag.' + name)\n"
+            "    importlib.import_module(name)\n"
             "print(sorted(m for m in ('typer', 'lnsdiag.cli', 'lnsdiag.report') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert len(names) > 20 and out.strip() == "[]"

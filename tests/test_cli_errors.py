@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from .test_cli_basic import assert_one_line_error, invoke
+from tests.test_cli_basic import assert_one_line_error, invoke
 
 
 @pytest.fixture()
@@ -91,7 +91,7 @@ def test_an_existing_out_folder_is_kept(tiny_llama_dir, tmp_path):
 
 def test_corrupt_weights_in_the_library(corrupt_model_dir):
     from lnsdiag.errors import UserError
-    from lnsdiag.models import load_model
+    from lnsdiag.model.load import load_model
 
     with pytest.raises(UserError, match=r"unreadable.*SafetensorError"):
         load_model(str(corrupt_model_dir))

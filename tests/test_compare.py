@@ -7,10 +7,9 @@ import json
 import pandas as pd
 import pytest
 
-from lnsdiag.compare import CompareConfig, compare_folders, load_run, resample, run
 from lnsdiag.errors import UserError
-
-from .test_cli_basic import assert_one_line_error, invoke
+from lnsdiag.runners.compare import CompareConfig, compare_folders, load_run, resample, run
+from tests.test_cli_basic import assert_one_line_error, invoke
 
 
 def test_resample_by_overlap():

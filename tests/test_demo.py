@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lnsdiag import demo, demo_model
 from lnsdiag.cli import app
-from lnsdiag.demo_model import SHIPPED_NORMS, DemoSpec, demo_dir, ensure_demo_model, shipped_dir, verify_shipped
+from lnsdiag.demo import model as demo_model
+from lnsdiag.demo.model import SHIPPED_NORMS, DemoSpec, demo_dir, ensure_demo_model, shipped_dir, verify_shipped
 from lnsdiag.errors import UserError
+from lnsdiag.runners import demo
 
 runner = CliRunner()
 SHIPPED_SPECS = [DemoSpec().with_(norm=norm) for norm in SHIPPED_NORMS]
@@ -184,7 +185,7 @@ def test_demo_trains_caches_and_diagnoses(tmp_path):
 @pytest.mark.retrain
 def test_retrained_demo_models_match_the_shipped_ones(tmp_path, capsys):
     """The shipped weights are what the recipe gives: retrain both from scratch and measure both
-    (about 10 minutes on 2 cores; LNSDIAG_SLOW=1). Same as ``python -m lnsdiag.demo_model compare``."""
+    (about 10 minutes on 2 cores; LNSDIAG_SLOW=1). Same as ``python -m lnsdiag.demo.model compare``."""
     comparison = demo.compare_with_shipped()
     (tmp_path / "comparison.json").write_text(json.dumps(comparison, indent=2, default=str))
     with capsys.disabled():

@@ -17,12 +17,11 @@ import typer
 
 from lnsdiag import distributed
 from lnsdiag.distributed import World, balanced_shares, replica_gpus, replica_max_memory
-from lnsdiag.engine import PASS_PHASE
+from lnsdiag.engine.fast import PASS_PHASE
 from lnsdiag.errors import UserError
-from lnsdiag.models import ModelOptions, replica_placement
-
-from .conftest import SAMPLE_TEXT
-from .lmeval_tasks import write_tasks
+from lnsdiag.model.load import ModelOptions, replica_placement
+from tests.conftest import SAMPLE_TEXT
+from tests.lmeval_tasks import write_tasks
 
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
               "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
@@ -254,7 +253,7 @@ def test_rank_0_alone_writes_the_store_and_other_ranks_hold_their_results(tmp_pa
 def _store_worker(rank: int, folder: Path, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LNSDIAG_DIST_TIMEOUT=str(TIMEOUT_S))
-    from lnsdiag.store import ResultStore, VariantResult
+    from lnsdiag.results.store import ResultStore, VariantResult
 
     distributed.init_from_env()
     try:

@@ -10,20 +10,19 @@ import torch
 from typer.testing import CliRunner
 
 from lnsdiag.cli import app
-from lnsdiag.engine import PASS_PHASE, Checkpoint, SweepEngine, head_at, plan_rows
-from lnsdiag.lmeval import LmEvalScorer, collect_requests, load_tasks
-from lnsdiag.models import LoadedModel
-from lnsdiag.perplexity import PerplexityScorer
-from lnsdiag.scoring import TokenRequest
-from lnsdiag.store import ResultStore
-from lnsdiag.structure import find_layers
-from lnsdiag.surgery import removed_layers
-from lnsdiag.sweep import run_fast, run_naive
-from lnsdiag.windows import TokenWindows
-
-from .conftest import SAMPLE_TEXT, ProgressLog
-from .families import tiny_model
-from .lmeval_tasks import write_tasks
+from lnsdiag.data.windows import TokenWindows
+from lnsdiag.engine.fast import PASS_PHASE, Checkpoint, SweepEngine, head_at, plan_rows
+from lnsdiag.engine.sweep import run_fast, run_naive
+from lnsdiag.interventions.removal import removed_layers
+from lnsdiag.model.load import LoadedModel
+from lnsdiag.model.structure import find_layers
+from lnsdiag.results.store import ResultStore
+from lnsdiag.scoring.base import TokenRequest
+from lnsdiag.scoring.lmeval.scorer import LmEvalScorer, collect_requests, load_tasks
+from lnsdiag.scoring.perplexity import PerplexityScorer
+from tests.conftest import SAMPLE_TEXT, ProgressLog
+from tests.families import tiny_model
+from tests.lmeval_tasks import write_tasks
 
 VARIANTS = [None, 0, 2, 3]
 
@@ -103,7 +102,7 @@ def test_fast_equals_naive(family, limit, fewshot, tokenizer, tasks_dir, tmp_pat
                 assert g.value == pytest.approx(w.value, rel=1e-5), key
                 assert (math.isnan(g.stderr) and math.isnan(w.stderr)) or g.stderr == pytest.approx(w.stderr, rel=1e-3)
     # 3. the verdicts: the same paired stderrs, intervals and verdicts from both engines
-    from lnsdiag.verdict import prune_frame
+    from lnsdiag.results.verdict import prune_frame
 
     by_fast, by_naive = prune_frame(fast.done()), prune_frame(naive.done())
     assert list(by_fast["verdict"]) == list(by_naive["verdict"])
@@ -279,7 +278,7 @@ def test_packed_contexts_reproduce_unpacked_rows(family):
 
 
 def test_packing_is_switched_off_when_it_would_not_be_exact(monkeypatch):
-    import lnsdiag.engine as engine_module
+    import lnsdiag.engine.fast as engine_module
 
     real = engine_module._shared_inputs
 
@@ -379,7 +378,7 @@ def test_an_interrupted_aggregation_keeps_the_engine_pass(tokenizer, tasks_dir, 
 
 
 def test_packing_falls_back_when_the_model_rejects_it(monkeypatch):
-    import lnsdiag.engine as engine_module
+    import lnsdiag.engine.fast as engine_module
 
     def broken(*args, **kwargs):
         raise ValueError("too many values to unpack")
@@ -396,7 +395,7 @@ def test_packing_falls_back_when_the_model_rejects_it(monkeypatch):
 def test_a_head_that_is_bypassed_is_caught(monkeypatch):
     import contextlib
 
-    import lnsdiag.engine as engine_module
+    import lnsdiag.engine.fast as engine_module
 
     monkeypatch.setattr(engine_module, "head_at", lambda model, index: contextlib.nullcontext())
     model = tiny_model("llama")

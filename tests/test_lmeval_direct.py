@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 
 from lnsdiag.cli import app
 from lnsdiag.errors import UserError
-from lnsdiag.lmeval import (
+from lnsdiag.model.load import LoadedModel
+from lnsdiag.scoring.base import Scores
+from lnsdiag.scoring.lmeval.scorer import (
     LmEvalScorer,
     collect_requests,
     evaluate_tasks,
@@ -20,11 +22,8 @@ from lnsdiag.lmeval import (
     scores_of,
     seed_everything,
 )
-from lnsdiag.models import LoadedModel
-from lnsdiag.scoring import Scores
-
-from .families import tiny_model
-from .lmeval_tasks import write_mmlu_like, write_shapes, write_tasks
+from tests.families import tiny_model
+from tests.lmeval_tasks import write_mmlu_like, write_shapes, write_tasks
 
 BOOTSTRAP = 1000  # one seeded chunk of lm-eval's bootstrap: exact, and quick
 

@@ -9,13 +9,12 @@ import math
 import pytest
 import torch
 
-from lnsdiag import lns, postln
+from lnsdiag.checkpoint.save import build_without_layers
 from lnsdiag.errors import UserError
-from lnsdiag.rebuild import build_without_layers
-from lnsdiag.structure import find_layers, norm_placement
-from lnsdiag.surgery import removed_layers
-
-from .families import padded_batch, tiny_model
+from lnsdiag.interventions import lns, postln
+from lnsdiag.interventions.removal import removed_layers
+from lnsdiag.model.structure import find_layers, norm_placement
+from tests.families import padded_batch, tiny_model
 
 
 def _logits(model, ids, mask):
@@ -130,7 +129,7 @@ def test_apply_twice_refused_and_remove_restores():
 def test_save_and_reload_gives_the_same_logits(tmp_path, tokenizer):
     import transformers as tf
 
-    from lnsdiag.models import load_model
+    from lnsdiag.model.load import load_model
 
     model = lns.apply_lns(tiny_model("llama", vocab_size=len(tokenizer)))
     model.save_pretrained(tmp_path)
@@ -169,7 +168,7 @@ def test_scaled_init_draws_output_projections_smaller():
     torch.manual_seed(0)
     import transformers as tf
 
-    from .families import tiny_config
+    from tests.families import tiny_config
 
     config = tiny_config("llama", hidden_size=64, intermediate_size=128)
     model = tf.AutoModelForCausalLM.from_config(config)
@@ -225,7 +224,7 @@ def test_post_ln_block_matches_hand_computed_reference():
 
 
 def test_post_ln_saves_reloads_and_removes_exactly(tmp_path, tokenizer):
-    from lnsdiag.models import load_model
+    from lnsdiag.model.load import load_model
 
     plain = tiny_model("llama", vocab_size=len(tokenizer))
     model = postln.apply_post_ln(copy.deepcopy(plain))

@@ -13,7 +13,8 @@ import torch
 import transformers as tf
 
 from bench import shapes
-from lnsdiag.engine import (
+from lnsdiag.checkpoint.save import build_without_layers
+from lnsdiag.engine.fast import (
     SweepEngine,
     _shared_inputs,
     attention_limit,
@@ -23,14 +24,12 @@ from lnsdiag.engine import (
     planned_work,
     probe_plan,
 )
-from lnsdiag.lmeval import make_lm
-from lnsdiag.models import LoadedModel
-from lnsdiag.rebuild import build_without_layers
-from lnsdiag.scoring import TokenRequest
-from lnsdiag.structure import find_layers
-from lnsdiag.surgery import removed_layers
-
-from .families import tiny_model
+from lnsdiag.interventions.removal import removed_layers
+from lnsdiag.model.load import LoadedModel
+from lnsdiag.model.structure import find_layers
+from lnsdiag.scoring.base import TokenRequest
+from lnsdiag.scoring.lmeval.scorer import make_lm
+from tests.families import tiny_model
 
 VARIANTS = [None, 0, 2, 3]
 MAX_LENGTH = 64

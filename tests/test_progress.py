@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from lnsdiag.ui import PlainProgress
+from lnsdiag.cli.ui import PlainProgress
 
 
 class FakeClock:

@@ -15,24 +15,23 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from lnsdiag.checkpoint.save import build_without_layers
 from lnsdiag.cli import app
-from lnsdiag.engine import PASS_PHASE
-from lnsdiag.lmeval import LmEvalScorer, load_tasks, parse_limit
-from lnsdiag.models import LoadedModel
-from lnsdiag.perplexity import Perplexity, PerplexityScorer, perplexity
-from lnsdiag.prune import OUTPUTS
-from lnsdiag.rebuild import build_without_layers
-from lnsdiag.scoring import MetricRow, Scores
-from lnsdiag.store import ResultStore, VariantResult
-from lnsdiag.structure import find_layers
-from lnsdiag.sweep import run_naive
-from lnsdiag.verdict import prune_frame
-from lnsdiag.windows import TokenWindows
-
-from .conftest import SAMPLE_TEXT
-from .families import tiny_model
-from .lmeval_tasks import write_tasks
-from .test_cli_basic import assert_one_line_error
+from lnsdiag.data.windows import TokenWindows
+from lnsdiag.engine.fast import PASS_PHASE
+from lnsdiag.engine.sweep import run_naive
+from lnsdiag.model.load import LoadedModel
+from lnsdiag.model.structure import find_layers
+from lnsdiag.results.store import ResultStore, VariantResult
+from lnsdiag.results.verdict import prune_frame
+from lnsdiag.runners.prune import OUTPUTS
+from lnsdiag.scoring.base import MetricRow, Scores
+from lnsdiag.scoring.lmeval.scorer import LmEvalScorer, load_tasks, parse_limit
+from lnsdiag.scoring.perplexity import Perplexity, PerplexityScorer, perplexity
+from tests.conftest import SAMPLE_TEXT
+from tests.families import tiny_model
+from tests.lmeval_tasks import write_tasks
+from tests.test_cli_basic import assert_one_line_error
 
 runner = CliRunner()
 
@@ -172,7 +171,7 @@ def test_group_rows_pool_their_subtasks_documents():
 
 def test_margins_parse_and_apply():
     from lnsdiag.errors import UserError
-    from lnsdiag.verdict import Margins
+    from lnsdiag.results.verdict import Margins
 
     default = Margins.parse(None)
     assert default.of("acc", 0.6) == 0.01 and default.of("word_perplexity", 20.0) == pytest.approx(0.2)
@@ -476,7 +475,7 @@ def test_unweighted_groups_are_judged_on_the_mean_of_their_leaf_means():
 
 
 def test_log_likelihood_margins_follow_the_perplexity_ratio_and_bootstrap_iters_zero_works():
-    from lnsdiag.verdict import Margins
+    from lnsdiag.results.verdict import Margins
 
     margins = Margins()
     assert margins.of("nll", 2.8) == pytest.approx(math.log1p(0.01))
@@ -497,7 +496,7 @@ def test_log_likelihood_margins_follow_the_perplexity_ratio_and_bootstrap_iters_
 
 
 def test_samples_export_takes_numpy_items_and_retention_is_undefined_at_chance():
-    from lnsdiag.verdict import retention
+    from lnsdiag.results.verdict import retention
 
     result = VariantResult(None, [], 1.0, documents={("cola", "mcc"): {0: (1, np.int64(0)), 1: (0, np.int64(0))}})
     rows = result.sample_rows()

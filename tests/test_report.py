@@ -17,10 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from lnsdiag import report
-from lnsdiag.angular import AngularResult
-from lnsdiag.compare import RunResults, compare_runs
-from lnsdiag.reproduce import PRESETS, ReproduceResult, TwinRun
-from lnsdiag.variance import VarianceResult
+from lnsdiag.measure.angular import AngularResult
+from lnsdiag.measure.variance import VarianceResult
+from lnsdiag.runners.compare import RunResults, compare_runs
+from lnsdiag.runners.reproduce import PRESETS, ReproduceResult, TwinRun
 
 # --- synthetic results, shaped like the real ones (the CSV columns) ---------------------------
 
@@ -346,12 +346,11 @@ def test_write_prune_writes_png_and_pdf(tmp_path):
 
 def test_presenters_keep_piped_output_within_100_columns(monkeypatch, tmp_path):
     """Without a terminal the console is 160 wide: tables and sentences still fit 100 columns."""
-    from lnsdiag import ui
-    from lnsdiag.angular import AngularRun
-    from lnsdiag.cli import show
-    from lnsdiag.prune import PruneRun
-    from lnsdiag.reproduce import ReproduceRun
-    from lnsdiag.variance import VarianceRun
+    from lnsdiag.cli import show, ui
+    from lnsdiag.measure.angular import AngularRun
+    from lnsdiag.measure.variance import VarianceRun
+    from lnsdiag.runners.prune import PruneRun
+    from lnsdiag.runners.reproduce import ReproduceRun
 
     console = Console(file=io.StringIO(), width=160, color_system=None)
     monkeypatch.setattr(ui, "console", console)

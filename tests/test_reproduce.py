@@ -11,18 +11,18 @@ import pandas as pd
 import pytest
 import torch
 
-from lnsdiag import demo_model, reproduce
-from lnsdiag.demo_model import DemoSpec
+from lnsdiag.checkpoint.save import build_without_layers
+from lnsdiag.data.text import TextSource
+from lnsdiag.data.windows import TokenWindows
+from lnsdiag.demo import model as demo_model
+from lnsdiag.demo.model import DemoSpec
+from lnsdiag.engine.sweep import perplexity_sweep
 from lnsdiag.errors import UserError
-from lnsdiag.models import LoadedModel
-from lnsdiag.rebuild import build_without_layers
-from lnsdiag.sweep import perplexity_sweep
-from lnsdiag.text import TextSource
-from lnsdiag.windows import TokenWindows
-
-from .conftest import SAMPLE_TEXT
-from .families import tiny_model
-from .test_cli_basic import assert_one_line_error, invoke
+from lnsdiag.model.load import LoadedModel
+from lnsdiag.runners import reproduce
+from tests.conftest import SAMPLE_TEXT
+from tests.families import tiny_model
+from tests.test_cli_basic import assert_one_line_error, invoke
 
 TINY = dict(layers=3, hidden=32, heads=4, intermediate=64, vocab=300, seq_len=32, batch_size=4, steps=4, lr=3e-3)
 CLI_TINY = ["--layers", 3, "--hidden", 32, "--heads", 4, "--intermediate", 64, "--vocab", 300, "--seq-len", 32,
@@ -63,7 +63,7 @@ def twins(corpus_file, tmp_path_factory):
 
 
 def _source(path):
-    from lnsdiag.text import from_file
+    from lnsdiag.data.text import from_file
 
     return from_file(path)
 
@@ -125,7 +125,7 @@ def test_default_demo_cache_key_is_unchanged():
 
 
 def _loaded(family="llama"):
-    from lnsdiag.demo_model import train_tokenizer
+    from lnsdiag.demo.model import train_tokenizer
 
     tok = train_tokenizer([SAMPLE_TEXT * 3], vocab_size=300)
     model = tiny_model(family, vocab_size=len(tok))

@@ -13,11 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lnsdiag import rebuild
-from lnsdiag.errors import UserError
-from lnsdiag.lns import apply_lns
-from lnsdiag.models import LoadedModel, load_model
-from lnsdiag.rebuild import (
+from lnsdiag.checkpoint import save as rebuild
+from lnsdiag.checkpoint.save import (
     PROVENANCE_FILE,
     build_without_layers,
     model_card,
@@ -25,9 +22,11 @@ from lnsdiag.rebuild import (
     read_provenance,
     save_without_layers,
 )
-from lnsdiag.surgery import removed_layers
-
-from .families import CAUSAL, padded_batch, tiny_model
+from lnsdiag.errors import UserError
+from lnsdiag.interventions.lns import apply_lns
+from lnsdiag.interventions.removal import removed_layers
+from lnsdiag.model.load import LoadedModel, load_model
+from tests.families import CAUSAL, padded_batch, tiny_model
 
 LAYER_SETS = {"middle": [1, 2], "apart": [0, 3]}
 

@@ -15,21 +15,20 @@ import pytest
 import torch
 import transformers as tf
 
-from lnsdiag import shrink
-from lnsdiag.engine import SweepEngine, layer_passes, naive_layer_passes, removal_set
+from lnsdiag.checkpoint.save import build_without_layers
+from lnsdiag.data.windows import TokenWindows
+from lnsdiag.engine.fast import SweepEngine, layer_passes, naive_layer_passes, removal_set
 from lnsdiag.errors import Interrupted, UserError
-from lnsdiag.lmeval import LmEvalScorer, load_tasks
-from lnsdiag.models import LoadedModel
-from lnsdiag.perplexity import PerplexityScorer
-from lnsdiag.prune import PruneConfig
-from lnsdiag.rebuild import build_without_layers
-from lnsdiag.structure import find_layers
-from lnsdiag.windows import TokenWindows
-
-from .conftest import SAMPLE_TEXT, ProgressLog
-from .families import tiny_model
-from .lmeval_tasks import write_tasks
-from .test_prefix import MAX_LENGTH, _workload, count_block_tokens, uncount_blocks
+from lnsdiag.model.load import LoadedModel
+from lnsdiag.model.structure import find_layers
+from lnsdiag.runners import shrink
+from lnsdiag.runners.prune import PruneConfig
+from lnsdiag.scoring.lmeval.scorer import LmEvalScorer, load_tasks
+from lnsdiag.scoring.perplexity import PerplexityScorer
+from tests.conftest import SAMPLE_TEXT, ProgressLog
+from tests.families import tiny_model
+from tests.lmeval_tasks import write_tasks
+from tests.test_prefix import MAX_LENGTH, _workload, count_block_tokens, uncount_blocks
 
 SETS = [None, (0, 1), (1, 3), (0, 2, 3), 2, (2, 3), (3,)]
 
@@ -251,7 +250,7 @@ def test_save_writes_a_checkpoint_plain_transformers_loads(tiny_llama_dir, tmp_p
     from typer.testing import CliRunner
 
     from lnsdiag.cli import app
-    from lnsdiag.surgery import removed_layers
+    from lnsdiag.interventions.removal import removed_layers
 
     text = tmp_path / "t.txt"
     text.write_text(SAMPLE_TEXT * 6, encoding="utf-8")
@@ -282,7 +281,7 @@ def test_save_writes_a_checkpoint_plain_transformers_loads(tiny_llama_dir, tmp_p
 
 
 def test_reuse_takes_a_prune_folder_of_the_same_settings(six_layers, ppl_file, tmp_path):
-    from lnsdiag import prune
+    from lnsdiag.runners import prune
 
     scoring = PruneConfig(ppl_text=str(ppl_file), seq_len=48, ppl_max_tokens=600, batch_size=4, angular=False)
     prune.run(six_layers, scoring, tmp_path / "prune")

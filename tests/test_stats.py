@@ -487,7 +487,7 @@ def test_documents_needed_binary_never_zero_for_tiny_samples():
 
 def test_margins_of_metrics_on_a_0_to_100_scale():
     """BLEU, chrF, TER and TruthfulQA's ROUGE are reported ×100 by lm-eval: the margin follows, unless named."""
-    from lnsdiag.verdict import Margins
+    from lnsdiag.results.verdict import Margins
 
     default = Margins.parse(None)
     assert default.of("bleu", 20.0) == 1.0 and default.of("chrf[none]", 40.0) == 1.0
@@ -501,9 +501,9 @@ def test_margins_of_metrics_on_a_0_to_100_scale():
 def test_chance_level_of_a_group_follows_its_weighting():
     """A group of a 2-choice leaf (4 documents) and a 4-choice leaf (1 document): pooled over documents,
     chance is (4 × 1/2 + 1/4) / 5 = 0.45; as the mean of the leaf means (unweighted groups), (1/2 + 1/4) / 2."""
-    from lnsdiag.scoring import MetricRow
-    from lnsdiag.store import VariantResult
-    from lnsdiag.verdict import chance_level, prune_frame
+    from lnsdiag.results.store import VariantResult
+    from lnsdiag.results.verdict import chance_level, prune_frame
+    from lnsdiag.scoring.base import MetricRow
 
     items = {"a": {i: float(i % 2) for i in range(4)}, "b": {0: 1.0}}  # leaf means 0.5 and 1.0; pooled 0.6
     choices = {"a": dict.fromkeys(range(4), 2), "b": {0: 4}}

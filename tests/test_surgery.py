@@ -6,12 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from lnsdiag.checkpoint.save import build_without_layers
 from lnsdiag.errors import UserError
-from lnsdiag.rebuild import build_without_layers
-from lnsdiag.structure import find_layers, norm_placement, parse_layer_spec
-from lnsdiag.surgery import removed_layers
-
-from .families import CAUSAL, FAMILIES, padded_batch, tiny_model
+from lnsdiag.interventions.removal import removed_layers
+from lnsdiag.model.structure import find_layers, norm_placement, parse_layer_spec
+from tests.families import CAUSAL, FAMILIES, padded_batch, tiny_model
 
 POSITIONS = {"first": 0, "middle": 2, "last": 3}
 

@@ -10,15 +10,14 @@ import math
 
 import pytest
 
-from lnsdiag.lmeval import LmEvalScorer, evaluate_tasks, load_tasks, scores_of, seed_everything
-from lnsdiag.models import LoadedModel
-from lnsdiag.rebuild import build_without_layers
-from lnsdiag.store import ResultStore
-from lnsdiag.structure import find_layers
-from lnsdiag.sweep import run_fast
-
-from .families import tiny_model
-from .lmeval_tasks import write_mmlu_like, write_shapes, write_tasks
+from lnsdiag.checkpoint.save import build_without_layers
+from lnsdiag.engine.sweep import run_fast
+from lnsdiag.model.load import LoadedModel
+from lnsdiag.model.structure import find_layers
+from lnsdiag.results.store import ResultStore
+from lnsdiag.scoring.lmeval.scorer import LmEvalScorer, evaluate_tasks, load_tasks, scores_of, seed_everything
+from tests.families import tiny_model
+from tests.lmeval_tasks import write_mmlu_like, write_shapes, write_tasks
 
 VARIANTS = [None, 2]
 

@@ -8,14 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from lnsdiag import lns
 from lnsdiag.errors import UserError
-from lnsdiag.structure import find_layers
-from lnsdiag.variance import VarianceConfig, residual_variance
-
-from .conftest import SAMPLE_TEXT
-from .families import padded_batch, tiny_model
-from .test_cli_basic import assert_one_line_error, invoke
+from lnsdiag.interventions import lns
+from lnsdiag.measure.variance import VarianceConfig, residual_variance
+from lnsdiag.model.structure import find_layers
+from tests.conftest import SAMPLE_TEXT
+from tests.families import padded_batch, tiny_model
+from tests.test_cli_basic import assert_one_line_error, invoke
 
 
 def _states(model, ids, mask):
@@ -102,9 +101,9 @@ def test_config_rejects_bad_settings(settings, fragment):
 
 
 def test_run_measures_and_records(tokenizer):
-    from lnsdiag import variance
-    from lnsdiag.models import LoadedModel
-    from lnsdiag.text import TextSource
+    from lnsdiag.data.text import TextSource
+    from lnsdiag.measure import variance
+    from lnsdiag.model.load import LoadedModel
 
     loaded = LoadedModel.wrap(lns.apply_lns(tiny_model("llama", vocab_size=len(tokenizer))), tokenizer, "tiny-lns")
     config = VarianceConfig(seq_len=64, max_tokens=256, batch_size=3, tokens="last")
@@ -133,7 +132,7 @@ def test_cli_writes_everything(tiny_llama_dir, text_file, tmp_path):
 
 
 def test_cli_sees_an_lns_checkpoint_as_such(tiny_llama_dir, text_file, tmp_path, tokenizer):
-    from lnsdiag.models import load_model
+    from lnsdiag.model.load import load_model
 
     loaded = load_model(str(tiny_llama_dir), device="cpu")
     lns.apply_lns(loaded.model)

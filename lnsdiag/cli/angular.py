@@ -6,10 +6,11 @@ from typing import Annotated
 
 import typer
 
-from .. import angular, ui
-from ..models import ModelOptions
+from ..data.text import TextOptions
+from ..measure import angular
+from ..model.load import ModelOptions
 from ..runs import Timer, output_dir
-from ..text import TextOptions
+from . import ui
 from .common import Debug, MaxTokens, Out, SeqLen, app, command, load, model_options, text_options, text_source
 from .show import show_angular
 

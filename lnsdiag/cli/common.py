@@ -14,11 +14,12 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from .. import distributed, report, ui
+from .. import distributed, report
+from ..data.text import TextOptions, TextSource
 from ..errors import Interrupted, UserError
-from ..models import LoadedModel, ModelOptions, hub_offline, shadowed_alias
+from ..model.load import LoadedModel, ModelOptions, hub_offline, shadowed_alias
 from ..runs import discard_empty_outputs
-from ..text import TextOptions, TextSource
+from . import ui
 
 app = typer.Typer(
     name="lnsdiag",

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .. import compare
+from ..runners import compare
 from ..runs import output_dir
 from .common import Debug, app, command
 from .show import show_compare

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .. import ui
 from ..runs import output_dir
+from . import ui
 from .common import Debug, Device, app, command
 from .show import show_angular, show_prune, show_reproduce, show_shrink
 
 if TYPE_CHECKING:
-    from ..demo import DemoRun
+    from ..runners.demo import DemoRun
 
 
 @app.command("demo")
@@ -39,7 +39,7 @@ def demo_cmd(
 
     The default model and its twin ship with lnsdiag (trained by this recipe; --retrain reproduces them).
     """
-    from ..demo import DemoConfig, run
+    from ..runners.demo import DemoConfig, run
 
     config = DemoConfig(steps=steps, layers=layers, retrain=retrain or fresh, twin=twin, device=device,
                         shrink=shrink)
@@ -71,7 +71,7 @@ def demo_cmd(
 
 def model_line(result: DemoRun) -> str:
     """Where the demo model's weights came from, in one sentence: shipped (and checked) or trained here."""
-    from ..demo_model import shipped_dir
+    from ..demo.model import shipped_dir
 
     record, train = result.record, result.record["train"]
     weights = record.get("weights") or {}

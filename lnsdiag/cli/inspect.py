@@ -6,10 +6,10 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .. import ui
-from ..models import ALIASES, ModelOptions
-from ..rebuild import provenance_line, read_provenance
-from ..structure import describe
+from ..checkpoint.save import provenance_line, read_provenance
+from ..model.load import ALIASES, ModelOptions
+from ..model.structure import describe
+from . import ui
 from .common import Debug, app, command, load, model_options
 
 

@@ -6,9 +6,10 @@ from typing import Annotated
 
 import typer
 
-from .. import report, ui
-from ..models import ModelOptions
+from .. import report
+from ..model.load import ModelOptions
 from ..runs import Timer, output_dir
+from . import ui
 from .common import Debug, Out, SeqLen, app, command, model_options
 from .scoring import (
     BatchSize,
@@ -65,7 +66,7 @@ def prune_cmd(
     out: Out = None, debug: Debug = False,
 ) -> None:
     """Remove each layer in turn, score every variant, and show which layers are dead weight."""
-    from ..prune import run
+    from ..runners.prune import run
 
     config = scoring_config(
         tasks=tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed,

@@ -8,11 +8,12 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import reproduce, ui
-from ..demo_model import DemoSpec
-from ..models import model_slug, pick_device
+from ..data.text import from_file
+from ..demo.model import DemoSpec
+from ..model.load import model_slug, pick_device
+from ..runners import reproduce
 from ..runs import output_dir
-from ..text import from_file
+from . import ui
 from .common import Debug, Device, TextField, app, command
 from .show import show_reproduce
 

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .. import ui
-from ..prune import PruneConfig, PruneInputs
+from ..runners.prune import PruneConfig, PruneInputs
+from . import ui
 from .common import load
 
 if TYPE_CHECKING:
-    from ..models import LoadedModel, ModelOptions
+    from ..model.load import LoadedModel, ModelOptions
     from ..runs import Timer
 
 Tasks = Annotated[str | None, typer.Option(

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import distributed, report, ui
-from ..angular import AngularRun
-from ..compare import CompareRun
-from ..prune import PruneRun
-from ..rebuild import SavedCheckpoint
-from ..reproduce import ReproduceRun
-from ..shrink import ShrinkRun
-from ..variance import VarianceRun
+from .. import distributed, report
+from ..checkpoint.save import SavedCheckpoint
+from ..measure.angular import AngularRun
+from ..measure.variance import VarianceRun
+from ..runners.compare import CompareRun
+from ..runners.prune import PruneRun
+from ..runners.reproduce import ReproduceRun
+from ..runners.shrink import ShrinkRun
+from . import ui
 from .common import print_files
 
 

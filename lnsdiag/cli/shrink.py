@@ -8,12 +8,12 @@ from typing import Annotated
 
 import typer
 
-from .. import ui
 from ..errors import UserError
-from ..models import ModelOptions
+from ..model.load import ModelOptions
+from ..model.structure import find_layers
 from ..runs import Timer, output_dir
-from ..structure import find_layers
 from . import scoring as opt
+from . import ui
 from .common import Debug, Out, SeqLen, app, command, model_options
 from .show import show_shrink
 
@@ -66,7 +66,7 @@ def shrink_cmd(
 ) -> None:
     """Remove 1..N layers at once by each strategy, score every choice against the full model, draw the
     pruning curves, and optionally save the smaller model."""
-    from ..shrink import ShrinkConfig, check_save_target, run, save_pick
+    from ..runners.shrink import ShrinkConfig, check_save_target, run, save_pick
 
     scoring = opt.scoring_config(
         tasks=tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..angular import AngularResult
+from ..measure.angular import AngularResult
 from ..runs import write_csv, write_json
 from .common import (
     PALETTE,

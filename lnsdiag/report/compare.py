@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..compare import LOG_METRICS, Comparison
+from ..runners.compare import LOG_METRICS, Comparison
 from ..runs import atomic_write, write_csv, write_json
 from .common import (
     SINGLE_COLUMN,

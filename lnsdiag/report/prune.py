@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..results.verdict import LOG_LIKELIHOOD, PERPLEXITY_LIKE, base_metric, headline_metrics, layers_with
 from ..runs import atomic_write, write_csv, write_json
-from ..verdict import LOG_LIKELIHOOD, PERPLEXITY_LIKE, base_metric, headline_metrics, layers_with
 from .common import (
     DOUBLE_COLUMN,
     PALETTE,

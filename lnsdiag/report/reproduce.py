@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..reproduce import ReproduceResult
+from ..runners.reproduce import ReproduceResult
 from ..runs import atomic_write, write_csv, write_json
 from .common import (
     DOUBLE_COLUMN,

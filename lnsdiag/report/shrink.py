@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..results.verdict import PERPLEXITY_LIKE, base_metric, headline_metrics
 from ..runs import atomic_write, write_csv, write_json
-from ..verdict import PERPLEXITY_LIKE, base_metric, headline_metrics
 from .common import (
     DOUBLE_COLUMN,
     PALETTE,

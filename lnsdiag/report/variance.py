@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..measure.variance import VarianceResult
 from ..runs import write_csv, write_json
-from ..variance import VarianceResult
 from .common import (
     DOUBLE_COLUMN,
     PALETTE,

@@ -1,0 +1,1 @@
+"""Models really built without units, saved checkpoints and their model cards."""

@@ -1,0 +1,662 @@
+"""The reference for every removal: a model really built without some blocks, and the same
+model written as a real checkpoint.
+
+A fresh model of the same class is constructed from a config that really has fewer layers
+(each kept layer keeping its role: layer types, MoE/dense split, LNS scale), and the kept
+weights are copied into it. Tests compare ``surgery.removed_layers`` with it.
+
+:func:`save_without_layers` writes that model as a Hugging Face checkpoint (plain
+``from_pretrained`` loads it) without ever building it: the kept tensors stream from the
+loaded model's ``state_dict`` into safetensors shards under their new names, beside the
+reduced config, a model card and ``lnsdiag_pruned.json`` (where it comes from).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..model.structure import LayerStack, find_layers, parse_layer_spec, text_config
+
+#: Config fields that hold one entry per layer.
+_PER_LAYER_LISTS = ("layer_types", "no_rope_layers", "mlp_layer_types", "attention_layer_types")
+
+
+def _config_without(config: Any, keep: list[int], total: int) -> Any:
+    """A copy of ``config`` describing only the ``keep`` layers, each with its old role."""
+    new = copy.deepcopy(config)
+    text = text_config(new)
+    new_index = {old: new_i for new_i, old in enumerate(keep)}
+    for name in _PER_LAYER_LISTS:
+        value = getattr(text, name, None)
+        if isinstance(value, (list, tuple)) and len(value) == total:
+            setattr(text, name, [value[i] for i in keep])
+    # Qwen2/3-MoE: which layers are dense comes from a list and a stride; write it out.
+    if hasattr(text, "mlp_only_layers") and hasattr(text, "decoder_sparse_step"):
+        step = text.decoder_sparse_step or 1
+        dense = [
+            i for i in range(total)
+            if i in (text.mlp_only_layers or []) or not (text.num_experts > 0 and (i + 1) % step == 0)
+        ]
+        text.mlp_only_layers = [new_index[i] for i in dense if i in new_index]
+        text.decoder_sparse_step = 1
+    # DeepSeek-V2/V3: the first k layers are dense.
+    if isinstance(getattr(text, "first_k_dense_replace", None), int):
+        text.first_k_dense_replace = sum(1 for i in keep if i < text.first_k_dense_replace)
+    # LayerNorm Scaling (lnsdiag.lns): the kept blocks keep their original l.
+    lns = getattr(new, "lns", None)
+    if isinstance(lns, dict):
+        scales = [int(i) for i in (lns.get("layers") or range(1, total + 1))]
+        new.lns = {**lns, "layers": [scales[i] for i in keep]}
+    text.num_hidden_layers = len(keep)
+    return new
+
+
+def build_without_layers(model: nn.Module, layers: Iterable[int], stack: LayerStack | None = None) -> nn.Module:
+    """Build a new model of the same class whose config has the layers really removed.
+
+    Remaining weights are copied (strictly: every tensor must find its place, so a config
+    that misdescribes a layer's kind fails loudly). A LayerNorm-Scaling or Post-LN model stays
+    one, each kept block with its original scale. The original is untouched.
+    """
+    stack = stack or find_layers(model)
+    total = len(stack)
+    drop = set(parse_layer_spec(list(layers), total))
+    keep = [i for i in range(total) if i not in drop]
+    config = _config_without(model.config, keep, total)
+    param = next(model.parameters())
+    new_model = type(model)(config).to(dtype=param.dtype, device=param.device)
+    prefix = stack.path + "."
+    state = {}
+    new_index = {old: new_i for new_i, old in enumerate(keep)}
+    for key, value in model.state_dict().items():
+        if key.startswith(prefix):
+            idx, _, rest = key[len(prefix):].partition(".")
+            if int(idx) in drop:
+                continue
+            key = f"{prefix}{new_index[int(idx)]}.{rest}"
+        state[key] = value
+    new_model.load_state_dict(state, strict=True)
+    from ..model.load import restore_norms
+
+    restore_norms(new_model)  # LNS hooks / Post-LN forwards, as the reduced config records them
+    if getattr(model, "generation_config", None) is not None:
+        new_model.generation_config = copy.deepcopy(model.generation_config)
+    return new_model.eval()
+
+
+# --- writing a pruned model as a real checkpoint ---------------------------------------------
+
+#: The machine-readable record of where a pruned checkpoint comes from, beside its config.
+PROVENANCE_FILE = "lnsdiag_pruned.json"
+PROVENANCE_VERSION = 1
+#: Files :func:`save_without_layers` writes itself; ``extra_files`` may not replace them.
+_RESERVED = ("config.json", "generation_config.json", "README.md", PROVENANCE_FILE, "model.safetensors",
+             "model.safetensors.index.json")
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """What :func:`save_without_layers` wrote."""
+
+    folder: Path
+    removed: tuple[int, ...]  #: original 0-based indices of the removed blocks
+    kept: tuple[int, ...]  #: original 0-based indices of the kept blocks, in their new order
+    weight_files: tuple[str, ...]  #: safetensors files, in order (one unless sharded)
+    num_parameters: int
+    total_bytes: int  #: of the weights written
+    provenance: dict[str, Any]  #: what ``lnsdiag_pruned.json`` holds
+
+    @property
+    def sharded(self) -> bool:
+        return len(self.weight_files) > 1
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from ``5GB``, ``500MB``, ``20KB``, ``2GiB`` or an int (decimal units, as transformers reads them)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(value), flags=re.IGNORECASE)
+        if not match:
+            raise UserError(f"max_shard_size {value!r} is not a size: use bytes, or a number with KB, MB or GB")
+        size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()])
+    if size <= 0:
+        raise UserError(f"max_shard_size must be positive, not {value!r}")
+    return size
+
+
+def save_without_layers(
+    model: Any,
+    layers: Iterable[int],
+    folder: str | Path,
+    *,
+    tokenizer: Any = None,
+    card: str | None = None,
+    source: str | None = None,
+    revision: str | None = None,
+    strategy: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+    stack: LayerStack | None = None,
+    extra_files: Mapping[str, str] | None = None,
+) -> SavedCheckpoint:
+    """Write ``model`` without ``layers`` (0-based) as a Hugging Face checkpoint in ``folder``.
+
+    The folder loads with plain ``AutoModelForCausalLM.from_pretrained(folder)``: the kept
+    blocks' weights, renumbered (block 5 of 8 without 2 and 3 becomes block 3), under a config
+    reduced as :func:`build_without_layers` reduces it (layer count, layer types, MoE layout,
+    DeepSeek's dense prefix, LNS scales); safetensors in the model's dtype, sharded above
+    ``max_shard_size`` with a ``model.safetensors.index.json``. Tensors go from the model's
+    own ``state_dict`` to the files shard by shard, written as ``save_pretrained`` writes them
+    (tied aliases left out, weight conversions reverted): the model is never copied whole, and
+    it is left untouched. Also written: the tokenizer when given, the generation config, the
+    model card ``README.md`` (``card``, else :func:`model_card` from what is known),
+    ``lnsdiag_pruned.json`` (the provenance: ``source``, ``revision``, removed and kept layers,
+    ``strategy``, ``provenance``'s fields) and ``extra_files`` (name -> text).
+
+    ``model`` may be a :class:`~lnsdiag.models.LoadedModel`: its tokenizer, source and revision
+    are then the defaults.
+
+    A model whose config records LayerNorm Scaling (``lns``) or Post-LN (``post_ln``) keeps the
+    record, with each kept block's original scale: lnsdiag's ``load_model`` re-installs it and
+    gives the same logits; plain transformers would load the blocks without it (the card says so).
+
+    Atomic: everything is written into a hidden sibling folder renamed into place at the end;
+    an exception leaves neither a partial ``folder`` nor the temporary one. A non-empty ``folder``
+    is refused unless ``overwrite=True``, which replaces it (only a model folder, one with a
+    ``config.json``) once the new checkpoint is complete.
+    """
+    from ..model.load import LoadedModel
+
+    if isinstance(model, LoadedModel):
+        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        source = source or model.source
+        revision = revision or model.revision
+        model = model.model
+    stack = stack or find_layers(model)
+    total = len(stack)
+    removed, keep = _removed_and_kept(layers, total)
+    target = Path(folder).expanduser()
+    _check_target(target, overwrite)
+    _check_savable(model, stack)
+    max_bytes = parse_size(max_shard_size)
+    extras = _check_extra_files(extra_files)
+
+    config = _config_without(model.config, keep, total)
+    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype  # transformers: first float weight's
+    _set_dtype(config, dtype)
+    config.architectures = [type(model).__name__]
+    source = source or _name_or_path(model) or None
+    record = _provenance(model, stack, removed, keep, source=source, revision=revision, strategy=strategy,
+                         extra=provenance, dtype=dtype)
+    if card is None:
+        card = model_card(source=source, revision=revision or record.get("commit"),
+                          removed=removed, num_layers=total, strategy=strategy, norm_scheme=_norm_scheme(config),
+                          path=str(target))
+
+    num_parameters = _kept_parameters(model, stack, removed)
+    with _staging(target, overwrite) as tmp:
+        files, total_bytes = _write_weights(model, stack, keep, tmp, max_bytes, num_parameters)
+        if getattr(model, "is_remote_code", lambda: False)():  # the checkpoint's own code, as save_pretrained
+            from transformers.dynamic_module_utils import custom_object_save
+
+            custom_object_save(model, tmp, config=config)
+        config.save_pretrained(tmp)
+        generation = getattr(model, "generation_config", None)
+        can_generate = getattr(model, "can_generate", lambda: generation is not None)
+        if generation is not None and can_generate():
+            copy.deepcopy(generation).save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in extras.items():
+            if (tmp / name).exists():
+                raise UserError(f"extra file {name!r} would replace a file of the checkpoint itself")
+            (tmp / name).write_text(text, encoding="utf-8")
+        (tmp / "README.md").write_text(card if card.endswith("\n") else card + "\n", encoding="utf-8")
+        record["weight_files"] = files
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    return SavedCheckpoint(folder=target, removed=tuple(removed), kept=tuple(keep), weight_files=tuple(files),
+                           num_parameters=num_parameters, total_bytes=total_bytes,
+                           provenance=record)
+
+
+def _removed_and_kept(layers: Iterable[int], total: int) -> tuple[list[int], list[int]]:
+    wanted = [layers] if isinstance(layers, int) else list(layers)
+    if not wanted:
+        raise UserError("no layer to remove: the pruned checkpoint would be the model itself")
+    removed = parse_layer_spec(wanted, total)
+    if len(removed) == total:
+        raise UserError(f"cannot remove all {total} layers: at least one block must remain")
+    return removed, [i for i in range(total) if i not in set(removed)]
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a folder that cannot or must not be written."""
+    if target.exists() and not target.is_dir():
+        raise UserError(f"cannot write the checkpoint to {target}: it is a file")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise UserError(f"{target} is not empty: choose a new folder, or pass overwrite=True to replace it")
+        if not (target / "config.json").is_file():
+            raise UserError(f"{target} holds no config.json: overwrite=True replaces only a model folder, "
+                            "not an arbitrary one")
+    parent = next(p for p in (target.parent, *target.parent.parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the checkpoint to {target}: {parent} is not a writable folder")
+
+
+def _check_savable(model: nn.Module, stack: LayerStack) -> None:
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+        raise UserError("cannot save a quantized model without layers: load it unquantized")
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise UserError("some weights are offloaded (on the meta device): load the model without disk/CPU "
+                        "offload to save it")
+    from ..interventions.lns import has_lns_hooks, is_lns
+
+    if not is_lns(model) and has_lns_hooks(model, stack):
+        raise UserError("the model runs LayerNorm Scaling hooks that its config does not record (config.lns): "
+                        "the saved checkpoint would lose them")
+
+
+def _check_extra_files(extra_files: Mapping[str, str] | None) -> dict[str, str]:
+    out = {}
+    for name, text in (extra_files or {}).items():
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise UserError(f"extra file name {name!r} must be a plain file name, without folders")
+        if name in _RESERVED or name.endswith(".safetensors") or name == "tokenizer.json":
+            raise UserError(f"extra file {name!r} would replace a file of the checkpoint itself")
+        out[name] = str(text)
+    return out
+
+
+def _set_dtype(config: Any, dtype: Any) -> None:
+    """Record the weights' dtype in the config, as ``save_pretrained`` does (``dtype``; 4.x ``torch_dtype``)."""
+    name = str(dtype).removeprefix("torch.")
+    if "torch_dtype" in vars(config) and "dtype" not in vars(config):
+        config.torch_dtype = name
+    else:
+        config.dtype = name
+
+
+def _name_or_path(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+
+
+def _norm_scheme(config: Any) -> str | None:
+    """The norm scheme a config records that plain transformers does not run, if any."""
+    if isinstance(getattr(config, "lns", None), dict) and config.lns:
+        return "LayerNorm Scaling"
+    if getattr(config, "post_ln", None):
+        return "Post-LN"
+    return None
+
+
+def _kept_parameters(model: nn.Module, stack: LayerStack, removed: list[int]) -> int:
+    """Parameters of the pruned model (shared ones once), as ``num_parameters`` counts them."""
+    kept = {id(p): p.numel() for p in model.parameters()}
+    for i in removed:
+        for p in stack.layers[i].parameters():
+            kept.pop(id(p), None)
+    return sum(kept.values())
+
+
+def _provenance(model: nn.Module, stack: LayerStack, removed: list[int], keep: list[int], *, source: str | None,
+                revision: str | None, strategy: str | None, extra: Mapping[str, Any] | None, dtype: Any
+                ) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    from .. import __version__
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    config = model.config
+    record: dict[str, Any] = {
+        "format": "lnsdiag-pruned",
+        "version": PROVENANCE_VERSION,
+        "source": source,
+        "revision": revision,
+        "commit": getattr(config, "_commit_hash", None),
+        "architecture": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "layer_stack": stack.path,
+        "original_layers": len(stack),
+        "removed_layers": removed,
+        "kept_layers": keep,
+        "num_layers": len(keep),
+        "strategy": strategy,
+        "norm_scheme": _norm_scheme(config),
+        "dtype": str(dtype).removeprefix("torch."),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "lnsdiag": __version__,
+        "transformers": version("transformers"),
+        "torch": version("torch"),
+    }
+    for key, value in (extra or {}).items():
+        if key in record:
+            raise UserError(f"provenance field {key!r} is set by lnsdiag itself; name it differently")
+        record[key] = value
+    return record
+
+
+# --- the weights, shard by shard ---
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    """Same key for two names of the very same tensor (tied weights)."""
+    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+            tuple(tensor.stride()), tensor.dtype)
+
+
+def _tied_targets(model: nn.Module) -> set[str] | list[str]:
+    """Names that ``from_pretrained`` re-ties to another weight: what ``save_pretrained`` leaves out.
+
+    transformers 5 lists them in ``all_tied_weights_keys`` ({target: source}, only when the
+    config ties); 4.x declares patterns in each module's ``_tied_weights_keys``.
+    """
+    expanded = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(expanded, Mapping):
+        return set(expanded)
+    patterns = []
+    for name, module in model.named_modules():
+        declared = getattr(module, "_tied_weights_keys", None) or []
+        keys = declared.keys() if isinstance(declared, Mapping) else declared
+        patterns.extend(f"{name}.{k}" if name else k for k in keys)
+    return patterns
+
+
+def _without_aliases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every second name of one tensor removed, keeping the name transformers keeps."""
+    targets = _tied_targets(model)
+
+    def is_target(name: str) -> bool:
+        if isinstance(targets, set):
+            return name in targets
+        return any(re.search(pattern, name) for pattern in targets)
+
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in state.items():
+        groups.setdefault(_storage_key(tensor), []).append(name)
+    drop: set[str] = set()
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        keep = [n for n in names if not is_target(n)] or sorted(names)[-1:]
+        if len(keep) > 1:
+            raise UserError(f"the weights {', '.join(keep)} are one tensor but the model declares no tie between "
+                            "them (tie_word_embeddings?): a checkpoint cannot store them")
+        drop.update(n for n in names if n != keep[0])
+    return {k: v for k, v in state.items() if k not in drop}
+
+
+def _renumbered_groups(model: nn.Module, stack: LayerStack, keep: list[int]) -> list[dict[str, torch.Tensor]]:
+    """The kept tensors under their new names, in groups a weight conversion never spans: everything
+    outside the stack, then each kept block. References to the model's tensors, not copies."""
+    prefix = stack.path + "."
+    new_index = {old: new for new, old in enumerate(keep)}
+    ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    state: dict[str, torch.Tensor] = {}
+    group_of: dict[str, int] = {}
+    for key, value in model.state_dict().items():
+        if key in ignored:
+            continue
+        group = -1
+        if key.startswith(prefix):
+            idx, _, rest = key[len(prefix):].partition(".")
+            if int(idx) not in new_index:
+                continue
+            group = new_index[int(idx)]
+            key = f"{prefix}{group}.{rest}"
+        state[key] = value
+        group_of[key] = group
+    state = _without_aliases(model, state)
+    groups: list[dict[str, torch.Tensor]] = [{} for _ in range(len(keep) + 1)]
+    for key, value in state.items():
+        groups[group_of[key] + 1][key] = value
+    return [g for g in groups if g]
+
+
+def _as_saved(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The names and layout ``save_pretrained`` writes (transformers 5 reverts its load-time weight
+    conversions, e.g. fused MoE experts back to one tensor per expert); 4.x saves as is."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return tensors
+    return revert_weight_conversion(model, tensors)
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _write_weights(model: nn.Module, stack: LayerStack, keep: list[int], folder: Path, max_bytes: int,
+                   num_parameters: int) -> tuple[list[str], int]:
+    """Write the kept weights into ``folder`` as safetensors shards of at most ``max_bytes`` (a tensor
+    larger than that gets a shard of its own); returns the file names and the bytes written."""
+    shards: list[list[str]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            _save_shard(current, folder / f".shard-{len(shards):05d}.tmp")
+            shards.append(list(current))
+            current, size = {}, 0
+
+    for group in _renumbered_groups(model, stack, keep):
+        for name, tensor in _as_saved(model, group).items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if current and size + nbytes > max_bytes:
+                flush()
+            current[name] = tensor.detach().contiguous()
+            size += nbytes
+            total += nbytes
+    flush()
+    if not shards:
+        raise UserError("the model has no weights to save")
+    if len(shards) == 1:
+        (folder / ".shard-00000.tmp").rename(folder / "model.safetensors")
+        return ["model.safetensors"], total
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for i, (name, keys) in enumerate(zip(names, shards, strict=True)):
+        (folder / f".shard-{i:05d}.tmp").rename(folder / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    index = {"metadata": {"total_parameters": num_parameters, "total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
+                                                         encoding="utf-8")
+    return names, total
+
+
+@contextmanager
+def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
+    """A hidden temporary sibling of ``target`` to write into, renamed into place on success and
+    removed on any exception (Ctrl-C included). Replacing an old folder renames it aside first and
+    deletes it only once the new one is in place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        for path in tmp.iterdir():  # on disk before the rename makes them visible
+            if path.is_file():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _check_target(target, overwrite)  # nobody filled it meanwhile
+        old = None
+        if target.exists():
+            old = target.parent / f"{tmp.name.removesuffix('.tmp')}.old"
+            os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.rename(old, target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --- the card and the record ---
+
+def _is_hub_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*", name)) and not Path(name).exists()
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str("" if value is None else value).replace("|", "\\|").replace("\n", " ")
+
+
+def _layer_list(layers: Iterable[int]) -> str:
+    return ", ".join(str(i) for i in layers)
+
+
+def model_card(
+    *,
+    source: str | None,
+    removed: Sequence[int],
+    num_layers: int,
+    revision: str | None = None,
+    strategy: str | None = None,
+    n: int | None = None,
+    scores: Sequence[Mapping[str, Any]] | None = None,
+    norm_scheme: str | None = None,
+    path: str | None = None,
+    version: str | None = None,
+    notes: str | None = None,
+) -> str:
+    """The Markdown model card (``README.md``) of a pruned checkpoint.
+
+    ``source``/``revision``: the model the layers were removed from; ``removed``: 0-based, original
+    numbering; ``num_layers``: the original depth; ``strategy`` and ``n``: how the layers were chosen
+    (N defaults to the number removed); ``scores``: rows of a small table (dicts, their keys the
+    columns); ``norm_scheme``: a norm scheme the config records that only lnsdiag re-installs
+    (``LayerNorm Scaling``, ``Post-LN``); ``path``: the folder, for the loading snippet.
+    """
+    if version is None:
+        from .. import __version__ as version
+    removed = sorted(int(i) for i in removed)
+    kept = num_layers - len(removed)
+    path = path or "path/to/this/folder"
+    hub = bool(source) and _is_hub_id(source)
+    short = (source or "").rstrip("/").rsplit("/", 1)[-1] or "Pruned model"
+    link = f"[{source}](https://huggingface.co/{source})" if hub else f"`{source}`" if source else "A model"
+    at = f" (revision `{revision}`)" if revision else ""
+    front = ["---"]
+    if source:  # the hub's base_model takes hub ids only: a local path is recorded as a comment
+        front.append(f"base_model: {source}" if hub else f"# base model: {source}")
+    front += ["library_name: transformers", "tags: [lnsdiag, pruned]", "---", ""]
+    lines = [
+        *front,
+        f"# {short}, without layers {_layer_list(removed)}",
+        "",
+        f"{link}{at} with {len(removed)} of its {num_layers} transformer blocks removed by "
+        f"lnsdiag {version}. No weight was changed: the {kept} remaining blocks are the "
+        "original ones, renumbered from 0, and the config describes them (each kept block keeps its role).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Source model | {f'`{source}`' if source else 'not recorded'}{f' @ `{revision}`' if revision else ''} |",
+        f"| Removed layers (0-based, original numbering) | {_layer_list(removed)} |",
+    ]
+    if strategy:
+        lines.append(f"| Strategy | {_cell(strategy)} (N = {n if n is not None else len(removed)}) |")
+    lines += [
+        f"| Layers kept | {kept} of {num_layers} |",
+        f"| Made with | lnsdiag {version} |",
+        "",
+    ]
+    if scores:
+        columns: list[str] = []
+        for row in scores:
+            columns.extend(k for k in row if k not in columns)
+        lines += ["## Scores", "", "| " + " | ".join(_cell(c) for c in columns) + " |",
+                  "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in scores]
+        lines.append("")
+    lines += [
+        "## How to load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{path}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{path}")',
+        "```",
+        "",
+    ]
+    if norm_scheme:
+        lines += [
+            f"**This model uses {norm_scheme}**, recorded in `config.json` "
+            f"(`{'lns' if norm_scheme == 'LayerNorm Scaling' else 'post_ln'}`), each kept block with its original "
+            "setting. Plain transformers ignores that record and runs the blocks without it, which gives wrong "
+            "outputs. Load it with lnsdiag, which re-installs it:",
+            "",
+            "```python",
+            "from lnsdiag import load_model",
+            "",
+            f'loaded = load_model("{path}")  # or lnsdiag.restore_norms(model) after from_pretrained',
+            "```",
+            "",
+        ]
+    lines += [f"`{PROVENANCE_FILE}` records the same provenance for programs; `lnsdiag inspect` shows it.", ""]
+    if notes:
+        lines += [notes.strip(), ""]
+    return "\n".join(lines)
+
+
+def read_provenance(folder: str | Path) -> dict[str, Any] | None:
+    """The ``lnsdiag_pruned.json`` record of a checkpoint folder, or None if it has none."""
+    path = Path(folder) / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is not an lnsdiag provenance record")
+    return record
+
+
+def provenance_line(record: Mapping[str, Any]) -> str:
+    """One line saying what a pruned checkpoint is, for ``lnsdiag inspect``."""
+    source = record.get("source") or "an unnamed model"
+    pin = record.get("revision") or (str(record["commit"])[:12] if record.get("commit") else None)
+    removed = record.get("removed_layers") or []
+    total = record.get("original_layers")
+    line = (f"pruned from {source}{f' @ {pin}' if pin else ''}: layers {_layer_list(removed)}"
+            f"{f' of {total}' if total else ''} removed (original numbering)")
+    if record.get("strategy"):
+        line += f" by {record['strategy']}"
+    if record.get("norm_scheme"):
+        line += f"; {record['norm_scheme']} kept (lnsdiag re-installs it, plain transformers does not)"
+    return line

@@ -1,0 +1,1 @@
+"""The embedded demo: its model recipe, shipped weights, training and run."""

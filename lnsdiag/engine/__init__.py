@@ -1,0 +1,1 @@
+"""Sweeps over many variants: the fast one-pass engine and the naive reference."""

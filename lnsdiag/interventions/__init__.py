@@ -1,0 +1,1 @@
+"""Reversible changes to a loaded model: removing units, LayerNorm Scaling, Post-LN."""

@@ -1,0 +1,148 @@
+"""Remove blocks from a model's stack, reversibly: context managers only.
+
+Removal never touches weights: each removed block's ``forward`` is overridden for the
+duration of a ``with removed_layers(...)`` block and restored on exit, exceptions included.
+
+Two ways to remove a block, chosen per call (``mode``):
+
+* ``skip`` returns the block's input unchanged and costs nothing. Exact for any forward
+  pass that starts without a KV cache (scoring, perplexity, angular distances).
+* ``passthrough`` runs the block and then discards its output. The block still writes its
+  KV-cache slot, which cached generation needs: the model asks the cache of some layers
+  (layer 0, the first sliding layer, ...) how long the context is, and a skipped block
+  leaves its slot empty. Costs the block's compute.
+* ``auto`` (default) skips, unless the call carries a KV cache, then passes through.
+
+The reference every removal is tested against, a model really built without the blocks,
+is :func:`lnsdiag.rebuild.build_without_layers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..model.structure import LayerStack, block_input, find_layers, parse_layer_spec
+
+RemovalMode = Literal["auto", "skip", "passthrough"]
+
+
+#: Whether a block class returns a tuple (older transformers) or the hidden states (5.x).
+#: Annotations are not reliable (Gemma3's says tuple, it returns a tensor): learnt by
+#: running one real block once per class and process.
+_RETURNS_TUPLE: dict[type, bool] = {}
+
+
+#: Keyword names under which blocks receive their KV cache (transformers 4.x and 5.x).
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+def _carries_cache(args: tuple, kwargs: dict) -> bool:
+    """Whether a block call carries a KV cache it should write (so a removed block must run).
+
+    Only a ``Cache`` object anywhere, or a non-empty legacy cache under a cache keyword, counts:
+    other tuples of tensors (rotary ``position_embeddings``) are not caches.
+    """
+    from transformers.cache_utils import Cache
+
+    if any(isinstance(value, Cache) for value in (*args[1:], *kwargs.values())):
+        return True
+    return any(kwargs.get(name) is not None and not isinstance(kwargs.get(name), bool) for name in _CACHE_KWARGS)
+
+
+def _removed_forward(module: nn.Module, mode: RemovalMode):
+    real = module.forward  # bound; may itself be an accelerate hook's wrapper
+    cls = type(module)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        hidden = block_input(args, kwargs)
+        if (
+            mode == "passthrough"
+            or (mode == "auto" and _carries_cache(args, kwargs))
+            or cls not in _RETURNS_TUPLE
+        ):
+            out = real(*args, **kwargs)  # fills this block's KV-cache slot; output discarded
+            _RETURNS_TUPLE[cls] = isinstance(out, tuple)
+        return (hidden,) if _RETURNS_TUPLE[cls] else hidden
+
+    forward.__lnsdiag_removed__ = True  # type: ignore[attr-defined]
+    return forward
+
+
+@contextmanager
+def removed_layers(
+    model: nn.Module,
+    layers: Iterable[int] | int,
+    *,
+    mode: RemovalMode = "auto",
+    stack: LayerStack | None = None,
+) -> Iterator[LayerStack]:
+    """Remove ``layers`` (0-based) from ``model`` inside the ``with`` block; restore on exit.
+
+    >>> with removed_layers(model, [3]):
+    ...     logits = model(ids, use_cache=False).logits
+
+    Pass ``use_cache=False`` when scoring so ``auto`` never pays for a removed block.
+    """
+    if mode not in ("auto", "skip", "passthrough"):
+        raise ValueError(f"mode must be auto, skip or passthrough, not {mode!r}")
+    stack = stack or find_layers(model)
+    wanted = [layers] if isinstance(layers, int) else list(layers)
+    indices = parse_layer_spec(wanted, len(stack)) if wanted else []  # nothing removed: the baseline
+    patched: list[tuple[nn.Module, bool, Any]] = []
+    try:
+        for i in indices:
+            module = stack.layers[i]
+            if getattr(module.__dict__.get("forward"), "__lnsdiag_removed__", False):
+                raise RuntimeError(f"layer {i} is already removed (nested removal of the same layer)")
+            patched.append(_override_forward(module, _removed_forward(module, mode)))
+        yield stack
+    finally:
+        _restore_forwards(patched)
+
+
+def _override_forward(module: nn.Module, forward: Any) -> tuple[nn.Module, bool, Any]:
+    """Install ``forward`` on this module instance; return what restores it."""
+    saved = (module, "forward" in module.__dict__, module.__dict__.get("forward"))
+    module.forward = forward
+    return saved
+
+
+def _restore_forwards(patched: list[tuple[nn.Module, bool, Any]]) -> None:
+    for module, had_own, previous in reversed(patched):
+        if had_own:
+            module.forward = previous
+        else:
+            module.__dict__.pop("forward", None)
+
+
+@contextmanager
+def resumed_at(model: nn.Module, index: int, state: torch.Tensor, *, stack: LayerStack | None = None
+               ) -> Iterator[LayerStack]:
+    """Run the model as if block ``index`` had output ``state``: blocks before it are skipped.
+
+    The fast sweep keeps x_i (block i's input) from the baseline pass; resuming at i with
+    ``state = x_i`` is the model without block i, computed from block i+1 on only. Masks,
+    position embeddings, final norm and head are the model's own, as in any forward.
+    """
+    stack = stack or find_layers(model)
+    module = stack.layers[index]
+    cls = type(module)
+    real = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if cls not in _RETURNS_TUPLE:  # learn the block's output form once per class
+            _RETURNS_TUPLE[cls] = isinstance(real(*args, **kwargs), tuple)
+        return (state,) if _RETURNS_TUPLE[cls] else state
+
+    forward.__lnsdiag_removed__ = True  # type: ignore[attr-defined]
+    with removed_layers(model, range(index), mode="skip", stack=stack):
+        patched = [_override_forward(module, forward)]
+        try:
+            yield stack
+        finally:
+            _restore_forwards(patched)

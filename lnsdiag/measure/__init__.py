@@ -1,0 +1,1 @@
+"""Measurements of the residual stream: angular distances, variance."""

@@ -1,0 +1,1 @@
+"""Resumable result stores, paired deltas and verdicts."""

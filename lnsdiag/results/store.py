@@ -1,0 +1,228 @@
+"""The resumable result store of a sweep: one folder, its settings, one file per finished variant.
+
+A run's folder holds ``settings.json`` (everything that changes the numbers: the fingerprint)
+and one JSON file per finished variant under ``variants/``, each written atomically the
+moment it is done. Rerunning the same command scores only what is missing; a folder made
+with other settings is refused, not mixed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..distributed import is_main, on_main
+from ..errors import UserError
+from ..runs import atomic_write, jsonable, read_json, write_json
+from ..scoring.base import Documents, MetricRow, Scores
+from ..scoring.perplexity import Perplexity
+
+#: The fast engine's partial results while a pass runs.
+CHECKPOINT_NAME = "engine-partial.npz"
+
+
+def variant_name(layer: int | tuple[int, ...] | None) -> str:
+    """A variant's file name: ``baseline``, ``layer_007``, or ``layers_003_004_007`` (several removed)."""
+    if layer is None:
+        return "baseline"
+    if isinstance(layer, int):
+        return f"layer_{layer:03d}"
+    return "layers_" + "_".join(f"{i:03d}" for i in layer)
+
+
+@dataclass
+class VariantResult:
+    """The scores of the model with ``removed_layer`` removed (``None``: the full model; a tuple:
+    several blocks removed at once)."""
+
+    removed_layer: int | tuple[int, ...] | None
+    rows: list[MetricRow]
+    seconds: float
+    engine: str = "naive"
+    finished: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    ppl: Perplexity | None = None
+    documents: Documents = field(default_factory=dict)
+    choices: dict[str, dict[Any, int]] = field(default_factory=dict)
+    aggregations: dict[tuple[str, str], str] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, layer: int | tuple[int, ...] | None, scores: Scores, seconds: float, engine: str) -> VariantResult:
+        return cls(layer, scores.rows, seconds, engine, ppl=scores.ppl, documents=scores.documents,
+                   choices=scores.choices, aggregations=scores.aggregations, groups=scores.groups)
+
+    def to_json(self) -> dict[str, Any]:
+        layer = list(self.removed_layer) if isinstance(self.removed_layer, tuple) else self.removed_layer
+        return {"removed_layer": layer, "seconds": round(self.seconds, 3), "engine": self.engine,
+                "finished": self.finished, "metrics": [r.as_dict() for r in self.rows],
+                "ppl_windows": self.ppl.as_json() if self.ppl else None,
+                "documents": [{"task": task, "metric": metric, "aggregation": self.aggregations.get((task, metric)),
+                               "ids": list(items), "items": list(items.values())}
+                              for (task, metric), items in self.documents.items()],
+                "choices": {task: {"ids": list(per), "n": list(per.values())} for task, per in self.choices.items()},
+                "groups": self.groups}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VariantResult:
+        rows = [MetricRow(**{**r, "stderr": math.nan if r["stderr"] is None else r["stderr"]})
+                for r in data["metrics"]]
+        ppl = Perplexity(**data["ppl_windows"]) if data.get("ppl_windows") else None
+        documents = {(d["task"], d["metric"]): dict(zip(d["ids"], map(_item, d["items"]), strict=True))
+                     for d in data.get("documents", [])}
+        choices = {task: dict(zip(c["ids"], c["n"], strict=True)) for task, c in data.get("choices", {}).items()}
+        aggregations = {(d["task"], d["metric"]): d["aggregation"] for d in data.get("documents", [])
+                        if d.get("aggregation")}
+        layer = data["removed_layer"]
+        layer = tuple(layer) if isinstance(layer, list) else layer
+        return cls(layer, rows, data["seconds"], data.get("engine", "naive"), data["finished"], ppl,
+                   documents, choices, aggregations, data.get("groups", {}))
+
+    def sample_rows(self) -> list[dict[str, Any]]:
+        """One row per (task, metric, document): the per-document scores, for anyone to re-analyse.
+
+        ``value`` is the document's score when it is a number; ``item`` the JSON of an item that
+        is not (lm-eval's ``(loglikelihood, words)`` for perplexities); built-in perplexity
+        windows are task ``ppl``, metric ``window_nll`` with ``[tokens, bytes]`` as item.
+        """
+        rows = []
+        for (task, metric), items in self.documents.items():
+            per_choice = self.choices.get(task, {})
+            for doc, item in items.items():
+                scalar = isinstance(item, (int, float)) and not isinstance(item, bool)
+                rows.append({"task": task, "metric": metric, "doc_id": doc, "value": float(item) if scalar else None,
+                             "item": "" if scalar else json.dumps(item, default=jsonable),
+                             "choices": per_choice.get(doc)})
+        if self.ppl is not None:
+            for i, (nll, tokens, size) in enumerate(zip(self.ppl.window_nll, self.ppl.window_tokens,
+                                                        self.ppl.window_bytes, strict=True)):
+                rows.append({"task": "ppl", "metric": "window_nll", "doc_id": i, "value": nll,
+                             "item": json.dumps([tokens, size]), "choices": None})
+        return rows
+
+
+def _item(value: Any) -> Any:
+    """A per-document item as lm-eval made it (JSON turns its tuples into lists)."""
+    return tuple(_item(v) for v in value) if isinstance(value, list) else value
+
+
+class ResultStore:
+    """A run folder: ``settings.json`` plus ``variants/<name>.json`` per finished variant.
+
+    ``settings`` is the fingerprint: a folder whose stored settings differ in any key is
+    refused once it holds a variant. ``outputs`` are the files a previous run wrote there,
+    removed with everything else by ``fresh``.
+    """
+
+    def __init__(self, folder: Path, settings: dict[str, Any], *, fresh: bool = False,
+                 outputs: Sequence[str] = (), samples: bool = True) -> None:
+        self.folder = Path(folder)
+        self.variants = self.folder / "variants"
+        self.samples = self.folder / "samples" if samples else None
+        self.settings = settings
+        self.checkpoint = self.folder / CHECKPOINT_NAME
+        self._parsed: dict[Path, tuple[tuple[int, int], VariantResult]] = {}
+        #: results this rank holds but rank 0 writes (under a launcher), so ``done`` never waits for a file
+        self._held: dict[int | tuple[int, ...] | None, VariantResult] = {}
+        # Under a launcher rank 0 alone prepares the folder; the others wait for it (and share its error).
+        on_main(lambda: self._prepare(fresh, outputs, samples))
+
+    def _prepare(self, fresh: bool, outputs: Sequence[str], samples: bool) -> None:
+        settings_path = self.folder / "settings.json"
+        if fresh:  # everything a previous run left: stored variants, partial pass, cached angles, outputs
+            shutil.rmtree(self.variants, ignore_errors=True)
+            shutil.rmtree(self.folder / "samples", ignore_errors=True)
+            for name in ("settings.json", *outputs):
+                (self.folder / name).unlink(missing_ok=True)
+            for partial in partial_files(self.checkpoint):
+                partial.unlink(missing_ok=True)
+        if settings_path.is_file():
+            self._check_compatible(read_json(settings_path))
+        if not samples:  # an earlier run's export would no longer match the variants
+            shutil.rmtree(self.folder / "samples", ignore_errors=True)
+        self.variants.mkdir(parents=True, exist_ok=True)
+        write_json(settings_path, self.settings)
+
+    def differing(self, stored: dict[str, Any]) -> list[str]:
+        """The settings in which ``stored`` (another run's settings.json) differs from this store's."""
+        keys = list(dict.fromkeys([*self.settings, *stored]))
+        return [k for k in keys if json.dumps(stored.get(k), sort_keys=True, default=str)
+                != json.dumps(self.settings.get(k), sort_keys=True, default=str)]
+
+    def _check_compatible(self, stored: dict[str, Any]) -> None:
+        differ = self.differing(stored)
+        if differ and any(self.variants.glob("*.json")):
+            what = "; ".join(f"{k}: {stored.get(k)!r} there, {self.settings.get(k)!r} now" for k in differ[:3])
+            raise UserError(
+                f"{self.folder} holds a sweep made with other settings ({what}); rerun with --fresh to replace it "
+                "or --out DIR to keep both"
+            )
+
+    def done(self) -> dict[int | tuple[int, ...] | None, VariantResult]:
+        """Every finished variant on disk. A file is parsed again only when it changed (a sweep asks
+        after each variant, and each file carries its per-document scores)."""
+        out: dict[int | tuple[int, ...] | None, VariantResult] = {}
+        for path in sorted(self.variants.glob("*.json")):
+            stat = path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            cached = self._parsed.get(path)
+            if cached is None or cached[0] != stamp:
+                try:
+                    cached = (stamp, VariantResult.from_json(read_json(path)))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a foreign or damaged file is rescored, never trusted
+                self._parsed[path] = cached
+            out[cached[1].removed_layer] = cached[1]
+        return {**self._held, **out}
+
+    def has(self, layer: int | tuple[int, ...] | None) -> bool:
+        """Whether the variant's file is on disk (here)."""
+        return (self.variants / f"{variant_name(layer)}.json").is_file()
+
+    def hold(self, result: VariantResult) -> None:
+        """Count ``result`` as done without reading it from disk (another rank wrote it)."""
+        self._held[result.removed_layer] = result
+
+    def save(self, result: VariantResult, *, any_rank: bool = False) -> Path:
+        """Store a finished variant (and export its per-document scores, unless turned off).
+
+        Under a launcher only rank 0 writes, unless ``any_rank`` (each rank saving the variants
+        it scored itself); another rank keeps the result in memory, where :meth:`done` finds it.
+        """
+        name = variant_name(result.removed_layer)
+        if not any_rank and not is_main():
+            self._held[result.removed_layer] = result
+            return self.variants / f"{name}.json"
+        if self.samples is not None:
+            rows = result.sample_rows()
+            if rows:
+                self.samples.mkdir(exist_ok=True)
+                frame = pd.DataFrame(rows, columns=["task", "metric", "doc_id", "value", "item", "choices"])
+                text = frame.to_csv(index=False, float_format="%.10g", lineterminator="\n")
+                atomic_write(self.samples / f"{name}.csv.gz", gzip.compress(text.encode("utf-8"), mtime=0))
+        return write_json(self.variants / f"{name}.json", result.to_json())
+
+
+def partial_files(checkpoint: Path) -> list[Path]:
+    """The engine's partial-pass files beside ``checkpoint``: its own name, and one per rank of any
+    earlier launch (``engine-partial.rank-003.npz``)."""
+    folder = Path(checkpoint).parent
+    if not folder.is_dir():
+        return []
+    stem, suffix = Path(checkpoint).stem, Path(checkpoint).suffix
+    return sorted(p for p in folder.glob(f"{stem}*{suffix}")
+                  if p.name == Path(checkpoint).name or p.name.startswith(f"{stem}.rank-"))
+
+
+def plan_variants(layers: Iterable[int], done: dict[int | None, VariantResult]) -> list[int | None]:
+    """Baseline first, then each selected layer; skip what is already stored."""
+    wanted: list[int | None] = [None, *sorted(set(layers))]
+    return [v for v in wanted if v not in done]

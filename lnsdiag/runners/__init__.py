@@ -1,0 +1,1 @@
+"""One runner per command: a config in, a result out that writes its own files."""

@@ -1,0 +1,508 @@
+"""`shrink` as a library call: remove n = 1..N layers at once, chosen by several strategies, and
+score every choice against the full model on the same data.
+
+The strategies are the ones the literature uses, side by side:
+
+* ``angular`` — the contiguous block [l, l+n) whose input and output are closest in angle,
+  d(x_l, x_{l+n}) (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers");
+* ``bi`` — the n layers of lowest Block Influence, 1 − cos(x_l, x_{l+1}) (ShortGPT);
+* ``sweep`` — the n layers whose single removal cost least, from a one-layer sweep;
+* ``greedy`` — remove the layer whose removal costs least given those already removed, re-scored
+  after each step (SLEB);
+* ``last`` — the n deepest layers before the final one (the usual baseline);
+* ``given`` — an explicit set (``layers``), scored as it is.
+
+Every distinct removal set is one result in a resumable store keyed by the set, so strategies
+that pick the same layers share it and a larger N reuses what a smaller one scored. All sets are
+scored in one fast-engine pass: a set resumes from the kept input of its first removed block
+(candidates sharing a kept prefix reuse it). Each greedy step is one pass over the current
+model's remaining layers. Statistics and verdicts are ``prune``'s (paired, against the full model)::
+
+    from lnsdiag import load_model
+    from lnsdiag.runners import shrink
+    run = shrink.run(load_model("meta-llama/Llama-2-7b-hf"), shrink.ShrinkConfig(remove=8), "out/")
+    run.frame  # one row per (strategy, n_removed, task, metric)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..data.text import TextSource, resolve_text
+from ..distributed import on_main
+from ..engine.fast import removal_set
+from ..engine.sweep import run_fast, run_naive
+from ..errors import Interrupted, UserError
+from ..interventions.removal import removed_layers
+from ..measure.angular import AngularResult
+from ..model.load import LoadedModel
+from ..model.structure import LayerStack, find_layers
+from ..progress import SILENT, Progress
+from ..results.store import ResultStore, VariantResult
+from ..results.verdict import headline_metrics, prune_frame, rule_text
+from ..runs import Timer, read_json, run_record, write_csv, write_json
+from .prune import PruneConfig, PruneInputs, Scoring, prepare_scoring
+
+STRATEGIES = ("angular", "bi", "sweep", "greedy", "last")
+#: The strategy name of an explicit ``layers`` set, and of the full model's rows.
+GIVEN, FULL = "given", "full"
+#: Files a run writes into its folder (``fresh`` removes them with the stored results).
+OUTPUTS = ("angular_blocks.csv", "angular_settings.json", "shrink.csv", "shrink_wide.csv", "shrink.tex",
+           "shrink.png", "shrink.pdf", "meta.json")
+#: Columns of the tidy table, in order.
+COLUMNS = ["strategy", "n_removed", "removed_layers", "task", "metric", "value", "stderr", "baseline",
+           "baseline_stderr", "delta", "delta_stderr", "paired", "ci90_low", "ci90_high", "ci95_low", "ci95_high",
+           "margin", "p_value", "p_holm", "verdict", "retention", "chance", "higher_is_better", "group", "samples",
+           "selection"]
+
+RemovalSet = tuple[int, ...]
+
+
+def parse_strategies(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"angular,greedy"`` or a sequence → a checked tuple (``None`` or ``"all"``: every strategy)."""
+    if value is None:
+        return STRATEGIES
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [n.strip().lower() for n in names if n.strip()]
+    if not names or names == ["all"]:
+        return STRATEGIES
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        raise UserError(f"unknown --strategy {unknown[0]!r} (use {', '.join(STRATEGIES)} or all)")
+    return tuple(dict.fromkeys(names))
+
+
+def parse_removal(value: str | Sequence[int]) -> RemovalSet:
+    """``"3,4,7"`` or ``"3-5,9"`` → (3, 4, 5, 9), distinct and ascending (checked against the model later)."""
+    if not isinstance(value, str):
+        return tuple(sorted({int(i) for i in value}))
+    out: set[int] = set()
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise UserError(f"--layers must be layer numbers like 3,4,7 or 3-5, not {value!r}") from None
+    if not out:
+        raise UserError("--layers names no layer")
+    return tuple(sorted(out))
+
+
+@dataclass(frozen=True)
+class ShrinkConfig:
+    """Everything ``lnsdiag shrink`` can be told, checked when built (the layer count is checked
+    against the model by :meth:`check_model`).
+
+    ``scoring`` holds what ``prune`` is told (tasks, perplexity text, margin, engine, ...).
+    ``rank_by`` (``"task/metric"``) is what ``sweep`` and ``greedy`` minimise the harm on
+    [default: the first task's main metric, else perplexity].
+    """
+
+    remove: int = 4
+    strategies: tuple[str, ...] | str | None = None
+    layers: RemovalSet | str | None = None
+    rank_by: str | None = None
+    scoring: PruneConfig = field(default_factory=PruneConfig)
+
+    def __post_init__(self) -> None:
+        if self.layers is not None and self.strategies is not None:
+            raise UserError("give --layers or --strategy, not both: --layers scores that one set as it is")
+        if self.layers is not None:
+            layers = parse_removal(self.layers)
+            object.__setattr__(self, "layers", layers)
+            object.__setattr__(self, "remove", len(layers))
+            object.__setattr__(self, "strategies", (GIVEN,))
+        else:
+            object.__setattr__(self, "strategies", parse_strategies(self.strategies))
+            if not isinstance(self.remove, int) or self.remove < 1:
+                raise UserError(f"--remove must be at least 1, not {self.remove}")
+        if self.rank_by is not None and "/" not in self.rank_by:
+            raise UserError(f"--rank-by must be TASK/METRIC (e.g. arc_easy/acc or ppl/ppl), not {self.rank_by!r}")
+        if any(s in ("angular", "bi") for s in self.strategies) and not self.scoring.angular:
+            raise UserError("the angular and bi strategies need angular distances: drop --no-angular")
+
+    def check_model(self, num_layers: int) -> None:
+        """The removal must leave at least one layer and name real ones."""
+        if self.remove >= num_layers:
+            raise UserError(f"--remove {self.remove} leaves no layer: the model has {num_layers} "
+                            f"(remove at most {num_layers - 1})")
+        if self.layers is not None:
+            bad = [i for i in self.layers if not 0 <= i < num_layers]
+            if bad:
+                raise UserError(f"--layers {bad[0]} is out of range: the model has layers 0-{num_layers - 1}")
+
+
+@dataclass
+class Pick:
+    """One strategy's choice for n layers removed, and its own criterion for that choice."""
+
+    strategy: str
+    n: int
+    layers: RemovalSet
+    selection: float = math.nan
+
+
+@dataclass
+class ShrinkRun:
+    """A shrink's results: the tidy table, each strategy's picks, the tasks shown, and the record."""
+
+    frame: pd.DataFrame
+    picks: list[Pick]
+    tasks: list[str]
+    meta: dict[str, Any]
+    folder: Path
+    rank_by: tuple[str, str]
+
+    def best(self, n: int | None = None) -> Pick:
+        """The pick with the best value on the ranking metric for n removed (default: the largest n)."""
+        n = n if n is not None else max(p.n for p in self.picks)
+        task, metric = self.rank_by
+        rows = self.frame[(self.frame["n_removed"] == n) & (self.frame["task"] == task)
+                          & (self.frame["metric"] == metric)]
+        if rows.empty:
+            raise UserError(f"no strategy removed {n} layers in this run")
+        higher = bool(rows["higher_is_better"].iloc[0])
+        best = rows.sort_values(["value", "strategy"], ascending=[not higher, True]).iloc[0]
+        return next(p for p in self.picks if p.strategy == best["strategy"] and p.n == n)
+
+    def pick(self, strategy: str, n: int | None = None) -> Pick:
+        n = n if n is not None else max(p.n for p in self.picks)
+        for p in self.picks:
+            if p.strategy == strategy and p.n == n:
+                return p
+        raise UserError(f"strategy {strategy!r} was not run for {n} layers (ran: "
+                        f"{', '.join(sorted({p.strategy for p in self.picks}))})")
+
+
+def _harm(result: VariantResult, task: str, metric: str) -> float:
+    """How much worse than anything: the ranking metric's value, signed so that lower is better."""
+    for row in result.rows:
+        if row.task == task and row.metric == metric:
+            return -row.value if row.higher_is_better else row.value
+    raise UserError(f"--rank-by {task}/{metric}: no such metric in the results (have: "
+                    f"{', '.join(sorted({f'{r.task}/{r.metric}' for r in result.rows}))})")
+
+
+def _rank_metric(config: ShrinkConfig, baseline: VariantResult, tasks: list[str]) -> tuple[str, str]:
+    if config.rank_by is not None:
+        task, metric = config.rank_by.split("/", 1)
+        _harm(baseline, task, metric)  # exists?
+        return task, metric
+    frame = pd.DataFrame([{"task": r.task, "metric": r.metric} for r in baseline.rows])
+    heads = headline_metrics(frame, tasks)
+    if not heads:
+        raise UserError("nothing to rank layers by: give --rank-by TASK/METRIC")
+    return heads[0]
+
+
+def angular_picks(blocks: pd.DataFrame, n_max: int) -> list[Pick]:
+    """Gromov et al.: for each n the block [l, l+n) minimising d(x_l, x_{l+n})."""
+    picks = []
+    for n in range(1, n_max + 1):
+        part = blocks[blocks["block_size"] == n].sort_values(["angular_distance", "start_layer"])
+        start = int(part.iloc[0]["start_layer"])
+        picks.append(Pick("angular", n, tuple(range(start, start + n)), float(part.iloc[0]["angular_distance"])))
+    return picks
+
+
+def bi_picks(layers: pd.DataFrame, n_max: int) -> list[Pick]:
+    """ShortGPT: the n layers of lowest Block Influence (ties: the lower layer first)."""
+    order = layers.sort_values(["block_influence", "layer"])
+    chosen = [int(x) for x in order["layer"]]
+    bi = dict(zip(layers["layer"].astype(int), layers["block_influence"], strict=True))
+    return [Pick("bi", n, tuple(sorted(chosen[:n])), float(sum(bi[i] for i in chosen[:n])))
+            for n in range(1, n_max + 1)]
+
+
+def last_picks(num_layers: int, n_max: int) -> list[Pick]:
+    """The n deepest layers before the final one."""
+    return [Pick("last", n, tuple(range(num_layers - 1 - n, num_layers - 1))) for n in range(1, n_max + 1)]
+
+
+def sweep_picks(singles: dict[int, VariantResult], task: str, metric: str, n_max: int) -> list[Pick]:
+    """The n layers whose single removal harmed the ranking metric least (ties: the lower layer)."""
+    harm = {i: _harm(r, task, metric) for i, r in singles.items()}
+    order = sorted(harm, key=lambda i: (harm[i], i))
+    return [Pick("sweep", n, tuple(sorted(order[:n])), float(harm[order[n - 1]])) for n in range(1, n_max + 1)]
+
+
+class _Scorer:
+    """Scores removal sets into the store, once each, with the configured engine."""
+
+    def __init__(self, loaded: LoadedModel, stack: LayerStack, scoring: Scoring, store: ResultStore,
+                 config: ShrinkConfig, progress: Progress) -> None:
+        self.model, self.stack, self.scorers = loaded.model, stack, scoring.scorers
+        self.store, self.config, self.progress = store, config, progress
+        self.passes: list[dict[str, Any]] = []
+
+    def done(self) -> dict[Any, VariantResult]:
+        return {_key(k): v for k, v in self.store.done().items()}
+
+    def score(self, sets: Sequence[RemovalSet | None], label: str) -> dict[Any, VariantResult]:
+        """Score every set not yet stored (``None``: the full model), all in one pass."""
+        done = self.done()
+        todo = [s for s in dict.fromkeys(sets) if s not in done]
+        if todo:
+            variants = [None if s is None else (s[0] if len(s) == 1 else s) for s in todo]
+            engine = run_naive if self.config.scoring.engine == "naive" else run_fast
+            extra = {"batch_tokens": self.config.scoring.batch_tokens} if engine is run_fast else {}
+            outcome = engine(self.model, self.scorers, variants, stack=self.stack, store=self.store,
+                             progress=self.progress, **extra)
+            self.passes.append({"pass": label, "sets": len(todo), **outcome.stats})
+        return self.done()
+
+    def greedy_step(self, removed: RemovalSet, label: str) -> dict[RemovalSet, VariantResult]:
+        """Every set ``removed`` + one more layer. Fast engine: one pass over the current model
+        (``removed`` taken out by the surgery), so each candidate resumes from its own layer."""
+        rest = [i for i in range(len(self.stack)) if i not in removed]
+        wanted = {tuple(sorted((*removed, i))): i for i in rest}
+        done = self.done()
+        missing = [s for s in wanted if s not in done]
+        if missing and (self.config.scoring.engine == "naive" or not removed):
+            self.score(missing, label)
+        elif missing:
+            view = LayerStack(self.stack.path, [self.stack.layers[i] for i in rest])
+            position = {i: k for k, i in enumerate(rest)}
+            with removed_layers(self.model, removed, stack=self.stack):
+                outcome = run_fast(self.model, self.scorers, [position[wanted[s]] for s in missing], stack=view,
+                                   progress=self.progress, batch_tokens=self.config.scoring.batch_tokens)
+            for k, result in outcome.results.items():
+                result.removed_layer = tuple(sorted((*removed, rest[k])))
+                self.store.save(result)
+            self.passes.append({"pass": label, "sets": len(missing), **outcome.stats})
+        done = self.done()
+        return {s: done[s] for s in wanted}
+
+
+def _key(layer: Any) -> RemovalSet | None:
+    """A stored variant's key as a removal set (a one-layer sweep's int is the set of that layer)."""
+    return None if layer is None else removal_set(layer)
+
+
+def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: PruneInputs | None = None,
+        layers_path: str | None = None, progress: Progress = SILENT, timer: Timer | None = None,
+        angular_text: TextSource | None = None, angular: AngularResult | None = None,
+        reuse: str | Path | None = None) -> ShrinkRun:
+    """Pick, score and compare the removal sets of every strategy into ``out`` (resuming what is there).
+
+    ``angular``: block angular distances already measured (n up to at least N) instead of measuring
+    them. ``reuse``: a ``prune`` (or ``shrink``) folder made with the same scoring settings whose
+    stored results (the full model, single layers, sets) are copied in instead of scored again.
+    Ctrl-C raises :class:`~lnsdiag.errors.Interrupted` saying what is saved.
+    """
+    timer = timer or Timer()
+    folder = Path(out)
+    scoring_config = config.scoring
+    inputs = inputs or scoring_config.load_inputs()
+    stack = find_layers(loaded.model, layers_path)
+    L = len(stack)
+    config.check_model(L)
+    scoring = prepare_scoring(loaded, scoring_config, inputs, stack, progress)
+    store = ResultStore(folder, scoring.settings, fresh=scoring_config.fresh, outputs=OUTPUTS,
+                        samples=scoring_config.samples)
+    if reuse is not None:
+        copied = on_main(lambda: _reuse(Path(reuse), store))  # one rank copies; every rank then reads
+        if copied:
+            progress.note(f"reusing {copied} stored result(s) from {reuse}")
+    scorer = _Scorer(loaded, stack, scoring, store, config, progress)
+    if scorer.done():
+        progress.note(f"resuming: {len(scorer.done())} removal set(s) already scored in {folder}")
+    tasks = [t for s in scoring.scorers for t in s.tasks]
+    if config.rank_by is not None and config.rank_by.split("/", 1)[0] not in tasks:
+        raise UserError(f"--rank-by {config.rank_by}: {config.rank_by.split('/', 1)[0]!r} is not scored in this run "
+                        f"(scored: {', '.join(tasks)})")
+    N, strategies = config.remove, config.strategies
+    try:
+        with timer("scoring"):
+            picks: list[Pick] = []
+            if config.layers is not None:
+                picks.append(Pick(GIVEN, N, config.layers))
+            if "angular" in strategies or "bi" in strategies:
+                if angular is not None and int(angular.blocks["block_size"].max()) >= N:
+                    blocks = angular.blocks
+                    per_layer = angular.layers[["layer", "angular_distance", "block_influence"]]
+                else:
+                    with timer("angular"):
+                        blocks, per_layer = _angular(loaded, folder, stack, angular_text, scoring, config, progress)
+                if "angular" in strategies:
+                    picks += angular_picks(blocks, N)
+                if "bi" in strategies:
+                    picks += bi_picks(per_layer, N)
+            if "last" in strategies:
+                picks += last_picks(L, N)
+            singles = [(i,) for i in range(L)] if "sweep" in strategies or "greedy" in strategies else []
+            # one pass: the full model, every single layer the sweep and greedy need, every fixed pick
+            results = scorer.score([None, *singles, *(p.layers for p in picks)], "full model and candidates")
+            rank = _rank_metric(config, results[None], tasks)
+            if "sweep" in strategies:
+                one = {s[0]: r for s, r in results.items() if s is not None and len(s) == 1}
+                chosen = sweep_picks(one, *rank, N)
+                scorer.score([p.layers for p in chosen], "sweep's candidates")
+                picks += chosen
+            if "greedy" in strategies:
+                picks += _greedy(scorer, rank, N)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(f"{len(store.done())} removal sets are saved in {folder}; rerun the same command to "
+                          "resume.") from exc
+    order = {s: k for k, s in enumerate((GIVEN, *STRATEGIES))}
+    picks.sort(key=lambda p: (order[p.strategy], p.n))
+    frame = shrink_frame(scorer.done(), picks, scoring_config, rank)
+    meta = run_record(
+        "shrink", model=loaded.describe(), settings=scoring.settings, remove=N, strategies=list(strategies),
+        rank_by="/".join(rank), picks=[{"strategy": p.strategy, "n_removed": p.n, "removed_layers": list(p.layers),
+                                        "selection": None if math.isnan(p.selection) else p.selection}
+                                       for p in picks],
+        tasks=inputs.tasks.describe() if inputs.tasks else None,
+        ppl_text=inputs.ppl_text.name if inputs.ppl_text else None, layer_stack=stack.path, num_layers=L,
+        margins=scoring_config.margins.as_json(), dead_rule=rule_text(scoring_config.margins, "removal set",
+                                                                  "distinct removal sets of the run"),
+        multiplicity=("hurts/helps: Holm-adjusted p-values over the distinct removal sets of this run, per (task, "
+                      "metric); dead: two one-sided tests at alpha 0.05 per set, not adjusted"),
+        engine=scoring_config.engine, passes=scorer.passes, sets_scored=len(scorer.done()) - 1,
+        timings=dict(timer.seconds))
+    return ShrinkRun(frame, picks, tasks, meta, folder, rank)
+
+
+def _reuse(source: Path, store: ResultStore) -> int:
+    """Copy the stored results of another run of the same settings into ``store``; how many."""
+    from ..runs import atomic_write
+
+    settings = source / "settings.json"
+    if not settings.is_file():
+        raise UserError(f"--reuse {source}: not a prune or shrink folder (no settings.json)")
+    differ = store.differing(read_json(settings))
+    if differ:
+        raise UserError(f"--reuse {source}: made with other settings ({', '.join(differ[:3])}); its results would "
+                        "not be comparable")
+    copied = 0
+    for path in sorted((source / "variants").glob("*.json")):
+        target = store.variants / path.name
+        if not target.exists():
+            atomic_write(target, path.read_bytes())
+            copied += 1
+    return copied
+
+
+def _greedy(scorer: _Scorer, rank: tuple[str, str], n_max: int) -> list[Pick]:
+    """SLEB: each step removes the layer whose removal harms the ranking metric least, given the
+    layers already removed (ties: the lower layer)."""
+    removed: RemovalSet = ()
+    picks = []
+    for n in range(1, n_max + 1):
+        scores = scorer.greedy_step(removed, f"greedy step {n}/{n_max}")
+        harm = {s: _harm(r, *rank) for s, r in scores.items()}
+        best = min(harm, key=lambda s: (harm[s], s))
+        removed = best
+        picks.append(Pick("greedy", n, best, float(harm[best])))
+    return picks
+
+
+def _angular(loaded: LoadedModel, folder: Path, stack: LayerStack, text: TextSource | None, scoring: Scoring,
+             config: ShrinkConfig, progress: Progress) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-block angular distances d(x_l, x_{l+n}) for n ≤ N and per-layer Block Influence, on
+    ``text`` if given, else on the perplexity windows, else on the default text; reused from a
+    previous run of the same settings."""
+    from ..data.windows import TokenWindows
+    from ..measure.angular import AngularConfig, angular_on_windows
+    from ..measure.stream import default_seq_len
+
+    path, stamp = folder / "angular_blocks.csv", folder / "angular_settings.json"
+    wanted = {**scoring.settings, "max_block": config.remove, "text": text.name if text is not None else None}
+    if on_main(lambda: path.is_file() and stamp.is_file() and read_json(stamp) == wanted):
+        blocks = pd.read_csv(path)
+    else:
+        windows = scoring.windows
+        if text is not None or windows is None:
+            text = text or resolve_text(note=progress.note)
+            seq_len = default_seq_len(loaded.model, scoring.settings["seq_len"])
+            windows = TokenWindows.of(loaded.tokenizer, text.texts, seq_len=seq_len,
+                                      max_tokens=scoring.settings["ppl_max_tokens"] or 65_536, name=text.name)
+        result = angular_on_windows(loaded.model, windows,
+                                    AngularConfig(max_block=config.remove, batch_size=config.scoring.batch_size),
+                                    stack=stack, progress=progress)
+        def write() -> None:
+            write_csv(path, result.blocks)
+            write_json(stamp, wanted)
+
+        on_main(write)  # every rank measured the same sums (gathered); one writes them
+        blocks = pd.read_csv(path)  # as a resumed run will read them: the same picks, digit for digit
+    ones = blocks[blocks["block_size"] == 1].rename(columns={"start_layer": "layer"})
+    return blocks, ones[["layer", "angular_distance", "block_influence"]].reset_index(drop=True)
+
+
+def shrink_frame(results: dict[Any, VariantResult], picks: Sequence[Pick], config: PruneConfig,
+                 rank: tuple[str, str] | None = None) -> pd.DataFrame:
+    """One row per (strategy, n, task, metric): ``prune``'s paired comparison of each pick with
+    the full model (value, Δ, intervals, verdict, retention), Holm-adjusted over the distinct
+    removal sets of the run per metric; the full model's rows first (strategy ``full``, n 0)."""
+    sets = sorted({p.layers for p in picks}, key=lambda s: (len(s), s))
+    # prune_frame compares variants keyed by int: give each distinct set one
+    numbered = {None: results[None], **{k: results[s] for k, s in enumerate(sets)}}
+    compared = prune_frame(numbered, margins=config.margins, bootstrap_iters=config.bootstrap_iters,
+                           seed=config.seed)
+    by_set = {k: part for k, part in compared.groupby(compared["removed_layer"].fillna(-1).astype(int))}
+    parts = [_tagged(by_set[-1], FULL, 0, (), math.nan)]
+    parts += [_tagged(by_set[sets.index(p.layers)], p.strategy, p.n, p.layers, p.selection) for p in picks]
+    return pd.concat(parts, ignore_index=True)[COLUMNS]
+
+
+def _tagged(part: pd.DataFrame, strategy: str, n: int, layers: RemovalSet, selection: float) -> pd.DataFrame:
+    part = part.copy()
+    part.insert(0, "strategy", strategy)
+    part.insert(1, "n_removed", n)
+    part.insert(2, "removed_layers", ",".join(map(str, layers)))
+    part["selection"] = selection
+    return part
+
+
+# --- the smaller model as a checkpoint ------------------------------------------------------
+
+def check_save_target(folder: str | Path, overwrite: bool, config: ShrinkConfig, strategy: str = "best") -> None:
+    """Fail before any work when ``--save`` could not be honoured."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--save {folder} is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise UserError(f"--save {folder} is not empty: give --overwrite to replace it, or another folder")
+    if strategy != "best" and strategy not in config.strategies:
+        raise UserError(f"--save-strategy {strategy!r} is not among the strategies run "
+                        f"({', '.join(config.strategies)}; or best)")
+
+
+def save_pick(run: ShrinkRun, loaded: LoadedModel, folder: str | Path, *, strategy: str = "best",
+              overwrite: bool = False, layers_path: str | None = None) -> Any:
+    """Write the model without the N layers ``strategy`` picked (``best``: the best value on the
+    ranking metric) as a Hugging Face checkpoint with a model card stating what was removed, how,
+    and what it scored."""
+    from ..checkpoint.save import model_card, save_without_layers
+
+    pick = run.best() if strategy == "best" else run.pick(strategy)
+    rows = run.frame[(run.frame["strategy"] == pick.strategy) & (run.frame["n_removed"] == pick.n)]
+    heads = headline_metrics(rows, run.tasks)
+    scores = [{"task": t, "metric": m, "value": f"{r['value']:.4g}", "full model": f"{r['baseline']:.4g}",
+               "Δ": f"{r['delta']:+.3g} ± {r['delta_stderr']:.2g}", "verdict vs the full model": r["verdict"]}
+              for t, m in heads for _, r in rows[(rows["task"] == t) & (rows["metric"] == m)].iterrows()]
+    describe = loaded.describe()
+    card = model_card(source=describe.get("source"), revision=describe.get("revision"), removed=list(pick.layers),
+                      num_layers=run.meta["num_layers"], strategy=pick.strategy, n=pick.n, scores=scores,
+                      notes=f"Scores from `lnsdiag shrink` ({run.folder}); verdicts: {run.meta['dead_rule']}")
+    return on_main(lambda: save_without_layers(  # one rank writes the checkpoint; the others wait for it
+        loaded.model, pick.layers, folder, tokenizer=loaded.tokenizer, card=card, overwrite=overwrite,
+        stack=find_layers(loaded.model, layers_path), strategy=pick.strategy, source=describe.get("source"),
+        revision=describe.get("revision"),
+        provenance={"rank_by": "/".join(run.rank_by), "scores": run.folder.as_posix()}))

@@ -1,0 +1,1 @@
+"""What scores a model variant: the scorer contract, perplexity, lm-eval tasks."""

@@ -1,0 +1,1 @@
+"""lm-evaluation-harness tasks as a scorer."""
