@@ -354,8 +354,8 @@ def test_builtin_perplexity_delta_uses_paired_noise():
     assert se["nll"] == pytest.approx(math.sqrt(resid / 30) / 50)
     own = {r.metric: r.stderr for r in variant.rows()}
     assert se["ppl"] < own["ppl"] / 20
-    results = {None: VariantResult(None, base.rows(), 1.0, ppl=base), 3: VariantResult(3, variant.rows(), 1.0,
-                                                                                         ppl=variant)}
+    results = {None: VariantResult(None, base.rows(), 1.0, units={"ppl": base}),
+               3: VariantResult(3, variant.rows(), 1.0, units={"ppl": variant})}
     frame = prune_frame(results).set_index(["variant", "metric"])
     row = frame.loc[("layer_003", "nll")]
     assert row["delta_stderr"] == pytest.approx(se["nll"])

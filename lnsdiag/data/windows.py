@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..scoring.base import TokenRequest
 
 
 def token_windows(
@@ -152,11 +151,6 @@ class TokenWindows:
     def scored_bytes(self) -> list[int]:
         """UTF-8 bytes of the text each window predicts (at least 1), for bits per byte."""
         return [len(self.tokenizer.decode(w[self.context:].tolist(), skip_special_tokens=True).encode("utf-8")) or 1
-                for w in self.windows]
-
-    def requests(self) -> list[TokenRequest]:
-        """The windows as log-likelihood requests: the context, then the scored tokens."""
-        return [TokenRequest(tuple(w[:self.context].tolist()), tuple(w[self.context:].tolist()))
                 for w in self.windows]
 
     @cached_property

@@ -23,8 +23,7 @@ import pandas as pd
 from ..distributed import is_main, on_main
 from ..errors import UserError
 from ..runs import atomic_write, jsonable, read_json, write_json
-from ..scoring.base import Documents, MetricRow, Scores
-from ..scoring.perplexity import Perplexity
+from ..scoring.base import Documents, MetricRow, PairedUnits, Scores, units_from_json, units_to_json
 
 #: The fast engine's partial results while a pass runs.
 CHECKPOINT_NAME = "engine-partial.npz"
@@ -49,7 +48,7 @@ class VariantResult:
     seconds: float
     engine: str = "naive"
     finished: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    ppl: Perplexity | None = None
+    units: dict[str, PairedUnits] = field(default_factory=dict)
     documents: Documents = field(default_factory=dict)
     choices: dict[str, dict[Any, int]] = field(default_factory=dict)
     aggregations: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -57,14 +56,14 @@ class VariantResult:
 
     @classmethod
     def of(cls, layer: int | tuple[int, ...] | None, scores: Scores, seconds: float, engine: str) -> VariantResult:
-        return cls(layer, scores.rows, seconds, engine, ppl=scores.ppl, documents=scores.documents,
+        return cls(layer, scores.rows, seconds, engine, units=scores.units, documents=scores.documents,
                    choices=scores.choices, aggregations=scores.aggregations, groups=scores.groups)
 
     def to_json(self) -> dict[str, Any]:
         layer = list(self.removed_layer) if isinstance(self.removed_layer, tuple) else self.removed_layer
         return {"removed_layer": layer, "seconds": round(self.seconds, 3), "engine": self.engine,
                 "finished": self.finished, "metrics": [r.as_dict() for r in self.rows],
-                "ppl_windows": self.ppl.as_json() if self.ppl else None,
+                "paired_units": units_to_json(self.units),
                 "documents": [{"task": task, "metric": metric, "aggregation": self.aggregations.get((task, metric)),
                                "ids": list(items), "items": list(items.values())}
                               for (task, metric), items in self.documents.items()],
@@ -75,7 +74,7 @@ class VariantResult:
     def from_json(cls, data: dict[str, Any]) -> VariantResult:
         rows = [MetricRow(**{**r, "stderr": math.nan if r["stderr"] is None else r["stderr"]})
                 for r in data["metrics"]]
-        ppl = Perplexity(**data["ppl_windows"]) if data.get("ppl_windows") else None
+        units = units_from_json(data.get("paired_units") or _legacy_units(data))
         documents = {(d["task"], d["metric"]): dict(zip(d["ids"], map(_item, d["items"]), strict=True))
                      for d in data.get("documents", [])}
         choices = {task: dict(zip(c["ids"], c["n"], strict=True)) for task, c in data.get("choices", {}).items()}
@@ -83,15 +82,15 @@ class VariantResult:
                         if d.get("aggregation")}
         layer = data["removed_layer"]
         layer = tuple(layer) if isinstance(layer, list) else layer
-        return cls(layer, rows, data["seconds"], data.get("engine", "naive"), data["finished"], ppl,
+        return cls(layer, rows, data["seconds"], data.get("engine", "naive"), data["finished"], units,
                    documents, choices, aggregations, data.get("groups", {}))
 
     def sample_rows(self) -> list[dict[str, Any]]:
         """One row per (task, metric, document): the per-document scores, for anyone to re-analyse.
 
         ``value`` is the document's score when it is a number; ``item`` the JSON of an item that
-        is not (lm-eval's ``(loglikelihood, words)`` for perplexities); built-in perplexity
-        windows are task ``ppl``, metric ``window_nll`` with ``[tokens, bytes]`` as item.
+        is not (lm-eval's ``(loglikelihood, words)`` for perplexities); then each task's paired
+        units as their scorer exports them (the built-in perplexity's windows).
         """
         rows = []
         for (task, metric), items in self.documents.items():
@@ -101,12 +100,16 @@ class VariantResult:
                 rows.append({"task": task, "metric": metric, "doc_id": doc, "value": float(item) if scalar else None,
                              "item": "" if scalar else json.dumps(item, default=jsonable),
                              "choices": per_choice.get(doc)})
-        if self.ppl is not None:
-            for i, (nll, tokens, size) in enumerate(zip(self.ppl.window_nll, self.ppl.window_tokens,
-                                                        self.ppl.window_bytes, strict=True)):
-                rows.append({"task": "ppl", "metric": "window_nll", "doc_id": i, "value": nll,
-                             "item": json.dumps([tokens, size]), "choices": None})
+        for task, units in self.units.items():
+            rows += units.sample_rows(task)
         return rows
+
+
+def _legacy_units(data: dict[str, Any]) -> dict[str, Any]:
+    """Variant files written before paired units were generic kept the built-in perplexity's
+    windows under ``ppl_windows``."""
+    windows = data.get("ppl_windows")
+    return {"ppl": {"kind": "token_windows", **windows}} if windows else {}
 
 
 def _item(value: Any) -> Any:

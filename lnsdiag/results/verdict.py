@@ -22,8 +22,7 @@ import pandas as pd
 
 from .. import stats
 from ..errors import UserError
-from ..scoring.base import MetricRow, main_metric
-from ..scoring.perplexity import PPL_TASK
+from ..scoring.base import MetricRow, PairedUnits, main_metric
 from .store import VariantResult, variant_name
 
 #: Metrics judged on the ratio variant/baseline (a relative margin), not on an absolute scale.
@@ -188,16 +187,9 @@ def compare(baseline: VariantResult, variant: VariantResult, row: MetricRow, ref
     iters = min(max(bootstrap_iters, BOOTSTRAP_FLOOR), BOOTSTRAP_CAP)
     on_ratio = base_metric(row.metric) in PERPLEXITY_LIKE and ref.value > 0 and row.value > 0
     log_ratio = math.log(row.value / ref.value) if on_ratio else math.nan
-    if row.task == PPL_TASK and baseline.ppl is not None and variant.ppl is not None:
-        se = variant.ppl.paired_delta_stderr(baseline.ppl)
-        n = len(variant.ppl.window_nll)
-        if on_ratio:  # log(ppl_v/ppl_b) is the paired Δ of mean NLL per token
-            log_se = se.get("nll", math.nan)
-            c = _from_estimate(stats.PairedEstimate(log_ratio, log_se, n, log_se * math.sqrt(n)))
-            return _to_delta(c, ref.value, row.value)
-        d_se = se.get(row.metric, math.nan)
-        return _from_estimate(stats.PairedEstimate(row.value - ref.value, d_se, n, d_se * math.sqrt(n)),
-                              floor_scale=1.0 / LOG_LIKELIHOOD.get(base_metric(row.metric), 1.0))
+    units, base_units = variant.units.get(row.task), baseline.units.get(row.task)
+    if units is not None and base_units is not None:
+        return _from_units(units, base_units, row, ref, on_ratio, log_ratio)
     key = (row.task, row.metric)
     if key not in variant.documents and row.group:
         return _group(baseline, variant, row, ref) or _unpaired(row, ref)
@@ -232,6 +224,18 @@ def compare(baseline: VariantResult, variant: VariantResult, row: MetricRow, ref
         estimate = stats.paired_bootstrap(base_items, var_items, target, min(iters, PYTHON_CAP), seed)
     c = _from_bootstrap(estimate)
     return _to_delta(c, ref.value, row.value) if on_ratio else c
+
+
+def _from_units(units: PairedUnits, base: PairedUnits, row: MetricRow, ref: MetricRow, on_ratio: bool,
+                log_ratio: float) -> Comparison:
+    """A task paired unit by unit (the built-in perplexity's windows), on the log ratio if ``on_ratio``."""
+    n = units.units()
+    se = units.delta_stderr(base, row.metric, on_ratio)
+    if on_ratio:
+        c = _from_estimate(stats.PairedEstimate(log_ratio, se, n, se * math.sqrt(n)))
+        return _to_delta(c, ref.value, row.value)
+    return _from_estimate(stats.PairedEstimate(row.value - ref.value, se, n, se * math.sqrt(n)),
+                          floor_scale=1.0 / LOG_LIKELIHOOD.get(base_metric(row.metric), 1.0))
 
 
 def _means(b: np.ndarray, v: np.ndarray) -> Comparison:

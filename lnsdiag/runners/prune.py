@@ -33,19 +33,14 @@ from ..runs import Timer, read_json, run_record, write_csv, write_json
 from ..scoring.base import Scorer
 from ..scoring.lmeval.scorer import (
     DEFAULT_BOOTSTRAP,
-    LmEvalScorer,
     TaskSet,
     check_num_fewshot,
     load_tasks,
     parse_limit,
 )
-from ..scoring.perplexity import PerplexityScorer
+from ..scoring.registry import ScoringSetup, build_scorers
 
 ENGINES = ("fast", "naive")
-#: What changes a sweep's numbers, in ``settings.json``'s order: the result store's fingerprint.
-SETTINGS = ("model", "revision", "weights", "dtype", "task_versions", "tasks", "include_path", "num_fewshot", "limit",
-            "seed", "bootstrap_iters", "layers_path", "ppl_text", "ppl_max_tokens", "seq_len", "softmax_dtype",
-            "max_length")
 #: How the L comparisons of one metric are adjusted, for meta.json.
 MULTIPLICITY = ("hurts/helps: Holm-adjusted p-values over the removed layers of each (task, metric); dead: "
                 "two one-sided tests at alpha 0.05 per layer, not adjusted (each layer's equivalence is its own claim)")
@@ -225,8 +220,7 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
     if engine is run_fast:
         engine_info["engine_stats"] = outcome.stats
         for scorer in scorers:
-            if isinstance(scorer, LmEvalScorer):
-                engine_info["engine_stats"].update(scorer.aggregation_stats())
+            engine_info["engine_stats"].update(scorer.run_stats())
         if outcome.stats.get("naive_tasks"):
             progress.note(f"generation tasks ({', '.join(outcome.stats['naive_tasks'])}) were scored by the naive "
                           "engine: they need the model to generate, not just log-likelihoods")
@@ -244,31 +238,19 @@ class Scoring:
 
 def prepare_scoring(loaded: LoadedModel, config: PruneConfig, inputs: PruneInputs, stack: Any,
                     progress: Progress = SILENT) -> Scoring:
-    """The scorers (lm-eval tasks, built-in perplexity) of a sweep and its fingerprint
-    (:data:`SETTINGS`), shared by ``prune`` and ``shrink``."""
-    from ..measure.stream import default_seq_len
-
-    model = loaded.model
-    settings: dict[str, Any] = dict.fromkeys(SETTINGS)
-    settings.update(model=loaded.source, revision=loaded.revision, weights=loaded.weights_identity(),
-                    dtype=str(loaded.dtype).replace("torch.", ""), tasks=[], limit=config.limit, seed=config.seed,
-                    bootstrap_iters=config.bootstrap_iters, layers_path=stack.path, softmax_dtype="float32")
-    scorers: list[Scorer] = []
-    windows = None
-    if inputs.tasks is not None:
-        scorers.append(LmEvalScorer(loaded, inputs.tasks, limit=config.limit, seed=config.seed,
-                                    bootstrap_iters=config.bootstrap_iters, batch_size=config.batch_size,
-                                    note=progress.note))
-    if inputs.ppl_text is not None:
-        seq = default_seq_len(model, config.seq_len)
-        windows = TokenWindows.of(loaded.tokenizer, inputs.ppl_text.texts, seq_len=seq,
-                                  max_tokens=config.ppl_max_tokens, name=inputs.ppl_text.name)
-        scorers.append(PerplexityScorer(model, windows, batch_size=config.batch_size))
-        settings.update(ppl_max_tokens=config.ppl_max_tokens, seq_len=seq)
+    """The registered scorers this sweep asks for, and its fingerprint: the run's own settings
+    followed by each scorer's ``settings()``. Shared by ``prune`` and ``shrink``."""
+    setup = ScoringSetup(loaded, inputs.tasks, inputs.ppl_text, limit=config.limit, seed=config.seed,
+                         bootstrap_iters=config.bootstrap_iters, batch_size=config.batch_size, seq_len=config.seq_len,
+                         max_tokens=config.ppl_max_tokens, note=progress.note)
+    scorers = build_scorers(setup)
+    settings: dict[str, Any] = {
+        "model": loaded.source, "revision": loaded.revision, "weights": loaded.weights_identity(),
+        "dtype": str(loaded.dtype).replace("torch.", ""), "limit": config.limit, "seed": config.seed,
+        "bootstrap_iters": config.bootstrap_iters, "layers_path": stack.path, "softmax_dtype": "float32"}
     for scorer in scorers:
         settings.update(scorer.settings())
-    if set(settings) != set(SETTINGS):
-        raise RuntimeError(f"settings outside prune.SETTINGS: {sorted(set(settings) - set(SETTINGS))}")
+    windows = next((w for w in (s.token_windows() for s in scorers) if w is not None), None)
     return Scoring(scorers, windows, settings)
 
 
@@ -285,9 +267,9 @@ def _angular_column(loaded: LoadedModel, folder: Path, stack: Any, text: TextSou
         return pd.read_csv(path)
     if text is not None or windows is None:
         text = text or resolve_text(note=progress.note)
-        seq_len = default_seq_len(loaded.model, settings["seq_len"])
+        seq_len = default_seq_len(loaded.model, settings.get("seq_len"))
         windows = TokenWindows.of(loaded.tokenizer, text.texts, seq_len=seq_len,
-                                  max_tokens=settings["ppl_max_tokens"] or 65_536, name=text.name)
+                                  max_tokens=settings.get("ppl_max_tokens") or 65_536, name=text.name)
     with timer("angular"):
         result = angular_on_windows(loaded.model, windows, AngularConfig(max_block=1, batch_size=config.batch_size),
                                     stack=stack, progress=progress)

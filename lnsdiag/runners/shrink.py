@@ -429,9 +429,9 @@ def _angular(loaded: LoadedModel, folder: Path, stack: LayerStack, text: TextSou
         windows = scoring.windows
         if text is not None or windows is None:
             text = text or resolve_text(note=progress.note)
-            seq_len = default_seq_len(loaded.model, scoring.settings["seq_len"])
+            seq_len = default_seq_len(loaded.model, scoring.settings.get("seq_len"))
             windows = TokenWindows.of(loaded.tokenizer, text.texts, seq_len=seq_len,
-                                      max_tokens=scoring.settings["ppl_max_tokens"] or 65_536, name=text.name)
+                                      max_tokens=scoring.settings.get("ppl_max_tokens") or 65_536, name=text.name)
         result = angular_on_windows(loaded.model, windows,
                                     AngularConfig(max_block=config.remove, batch_size=config.scoring.batch_size),
                                     stack=stack, progress=progress)

@@ -1,10 +1,12 @@
 """What scoring a model variant means, whatever scores it: the rows it yields and the small
 interface both sweep engines call.
 
-Two scorers implement :class:`Scorer`: lm-eval tasks (:mod:`lnsdiag.lmeval`) and the built-in
-perplexity (:mod:`lnsdiag.perplexity`). The naive engine calls ``score()`` once per variant
-with the variant's layers removed; the fast engine scores every scorer's ``requests()`` for
-all variants in one pass and hands each variant's answers to ``aggregate()``.
+Scorers are registered in :mod:`lnsdiag.scoring.registry` (lm-eval tasks, the built-in
+perplexity). The naive engine calls ``score()`` once per variant with the variant's layers
+removed; the fast engine scores every scorer's ``requests()`` for all variants in one pass and
+hands each variant's answers to ``aggregate()``. What pairs two variants of a task beyond
+per-document items (the perplexity's windows) is a :class:`PairedUnits` of a registered kind,
+which the result store saves and the verdicts compare without knowing the scorer.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from .perplexity import Perplexity
+    from ..data.windows import TokenWindows
 
 #: Metrics shown first when a task has several (the paper reports accuracy).
 MAIN_METRICS = ("acc", "acc_norm", "exact_match", "em", "f1", "mcc", "ppl", "word_perplexity", "perplexity",
@@ -56,20 +58,76 @@ class MetricRow:
 Documents = dict[tuple[str, str], dict[Any, Any]]
 
 
+class PairedUnits(ABC):
+    """One variant's per-unit data of one task, for metrics that are not per-document means
+    (a ratio over token windows): what makes the Δ between two variants of that task paired.
+
+    A kind is registered with :func:`paired_units` so a result store can read it back.
+    """
+
+    #: Registry name, stored beside the data.
+    kind: ClassVar[str]
+
+    @abstractmethod
+    def as_json(self) -> dict[str, Any]: ...
+
+    @classmethod
+    @abstractmethod
+    def from_json(cls, data: dict[str, Any]) -> PairedUnits: ...
+
+    @abstractmethod
+    def units(self) -> int:
+        """How many independent units the paired comparison rests on."""
+
+    @abstractmethod
+    def delta_stderr(self, base: PairedUnits, metric: str, on_log_ratio: bool) -> float:
+        """Stderr of this variant's Δ to ``base`` for ``metric`` (of its log ratio if ``on_log_ratio``);
+        NaN when the two cannot be paired."""
+
+    def sample_rows(self, task: str) -> list[dict[str, Any]]:
+        """Rows of the per-document export (``task, metric, doc_id, value, item, choices``)."""
+        return []
+
+
+#: kind -> class of every registered :class:`PairedUnits`.
+UNIT_KINDS: dict[str, type[PairedUnits]] = {}
+_U = TypeVar("_U", bound=type[PairedUnits])
+
+
+def paired_units(cls: _U) -> _U:
+    """Class decorator: register a :class:`PairedUnits` kind under its ``kind``."""
+    UNIT_KINDS[cls.kind] = cls
+    return cls
+
+
+def units_to_json(units: dict[str, PairedUnits]) -> dict[str, Any]:
+    return {task: {"kind": u.kind, **u.as_json()} for task, u in units.items()}
+
+
+def units_from_json(data: dict[str, Any]) -> dict[str, PairedUnits]:
+    """Read back what :func:`units_to_json` wrote; a kind no longer registered is left out."""
+    out = {}
+    for task, raw in data.items():
+        cls = UNIT_KINDS.get(raw.get("kind"))
+        if cls is not None:
+            out[task] = cls.from_json({k: v for k, v in raw.items() if k != "kind"})
+    return out
+
+
 @dataclass
 class Scores:
     """A variant's metric rows, plus what paired comparisons need: per-document items (lm-eval
-    tasks), the number of choices of each multiple-choice document, per-window perplexity data."""
+    tasks), the number of choices of each multiple-choice document, per-task paired units."""
 
     rows: list[MetricRow] = field(default_factory=list)
-    ppl: Perplexity | None = None
+    units: dict[str, PairedUnits] = field(default_factory=dict)
     documents: Documents = field(default_factory=dict)
     choices: dict[str, dict[Any, int]] = field(default_factory=dict)
     aggregations: dict[tuple[str, str], str] = field(default_factory=dict)  # lm-eval registry names
     groups: dict[str, list[str]] = field(default_factory=dict)  # group -> its leaf tasks
 
     def __add__(self, other: Scores) -> Scores:
-        return Scores(self.rows + other.rows, self.ppl if other.ppl is None else other.ppl,
+        return Scores(self.rows + other.rows, {**self.units, **other.units},
                       {**self.documents, **other.documents}, {**self.choices, **other.choices},
                       {**self.aggregations, **other.aggregations}, {**self.groups, **other.groups})
 
@@ -90,6 +148,8 @@ class Scorer(ABC):
       to (lm-eval's), and the one they need whole (a perplexity window); the engine checks both.
     * :meth:`lm_eval_tasks`: for the run's record, the lm-eval tasks served from log-likelihoods
       and those scored on the model (generation).
+    * :meth:`token_windows`: text windows it scores, which a run may reuse for measurements.
+    * :meth:`run_stats`: what the run's record should say about how it scored (after a pass).
     """
 
     #: Names of the tasks this scorer reports, in the order a table shows them.
@@ -122,6 +182,14 @@ class Scorer(ABC):
     def lm_eval_tasks(self) -> tuple[list[str], list[str]]:
         """lm-eval task names served from log-likelihoods, and those scored on the model."""
         return [], []
+
+    def token_windows(self) -> TokenWindows | None:
+        """The token windows this scorer scores, if it scores windows of a text."""
+        return None
+
+    def run_stats(self) -> dict[str, Any]:
+        """Facts about how the last fast pass was scored, for the run's record."""
+        return {}
 
     @abstractmethod
     def settings(self) -> dict[str, Any]: ...

@@ -3,6 +3,7 @@ two variants scored on the same windows can be compared pairwise."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -11,16 +12,21 @@ import numpy as np
 import torch
 
 from ..data.windows import TokenWindows
+from ..measure.stream import default_seq_len
 from ..model.structure import no_cache_kwargs
 from ..progress import SILENT, Progress
-from .base import MetricRow, Scorer, Scores, TokenRequest
+from .base import MetricRow, PairedUnits, Scorer, Scores, TokenRequest, paired_units
+from .registry import ScoringSetup
 
 PPL_TASK = "ppl"
 
 
+@paired_units
 @dataclass
-class Perplexity:
+class Perplexity(PairedUnits):
     """Token-level negative log-likelihood of a text, per window (for an honest stderr)."""
+
+    kind = "token_windows"
 
     window_nll: list[float]
     window_tokens: list[int]
@@ -74,6 +80,26 @@ class Perplexity:
     def as_json(self) -> dict[str, list]:
         return {"window_nll": self.window_nll, "window_tokens": self.window_tokens, "window_bytes": self.window_bytes}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Perplexity:
+        return cls(**data)
+
+    def units(self) -> int:
+        return len(self.window_nll)
+
+    def delta_stderr(self, base: PairedUnits, metric: str, on_log_ratio: bool) -> float:
+        """log(ppl_v / ppl_b) is the paired Δ of the mean NLL per token: its stderr is NLL's."""
+        if not isinstance(base, Perplexity):
+            return math.nan
+        return self.paired_delta_stderr(base).get("nll" if on_log_ratio else metric, math.nan)
+
+    def sample_rows(self, task: str) -> list[dict[str, Any]]:
+        """Each window as metric ``window_nll`` with ``[tokens, bytes]`` as item."""
+        return [{"task": task, "metric": "window_nll", "doc_id": i, "value": nll, "item": json.dumps([tokens, size]),
+                 "choices": None}
+                for i, (nll, tokens, size) in enumerate(zip(self.window_nll, self.window_tokens, self.window_bytes,
+                                                            strict=True))]
+
     def rows(self, task: str = PPL_TASK) -> list[MetricRow]:
         se_nll = self._ratio_stderr(self.window_tokens)
         ppl = math.exp(self.mean_nll)
@@ -119,23 +145,42 @@ class PerplexityScorer(Scorer):
     """The built-in perplexity as a :class:`~lnsdiag.scoring.Scorer`: each window is one
     request (its context, then its scored tokens), so both engines see the same windows."""
 
-    def __init__(self, model: torch.nn.Module, windows: TokenWindows, *, batch_size: int = 8) -> None:
+    def __init__(self, model: torch.nn.Module, windows: TokenWindows, *, batch_size: int = 8,
+                 seq_len: int | None = None, max_tokens: int | None = None) -> None:
         self.tasks = [PPL_TASK]
         self.model, self.windows, self.batch_size = model, windows, batch_size
+        self.seq_len, self.max_tokens = seq_len, max_tokens  # as asked: part of the fingerprint
 
     def score(self) -> Scores:
         ppl = perplexity(self.model, self.windows, batch_size=self.batch_size)
-        return Scores(ppl.rows(), ppl)
+        return Scores(ppl.rows(), {PPL_TASK: ppl})
 
     def requests(self) -> list[TokenRequest]:
-        return self.windows.requests()
+        """Each window as one request: its context tokens, then its scored tokens."""
+        context = self.windows.context
+        return [TokenRequest(tuple(w[:context].tolist()), tuple(w[context:].tolist())) for w in self.windows.windows]
 
     def aggregate(self, loglik: np.ndarray, greedy: np.ndarray) -> Scores:
         ppl = Perplexity([-float(x) for x in loglik], self.windows.scored_tokens, self.windows.scored_bytes)
-        return Scores(ppl.rows(), ppl)
+        return Scores(ppl.rows(), {PPL_TASK: ppl})
+
+    def token_windows(self) -> TokenWindows:
+        return self.windows
 
     def context_needed(self) -> int:
         return self.windows.longest - 1  # a window is scored whole: its last token is never an input
 
     def settings(self) -> dict[str, Any]:
-        return {"ppl_text": f"{self.windows.name}#{self.windows.digest}"}
+        return {"ppl_text": f"{self.windows.name}#{self.windows.digest}", "ppl_max_tokens": self.max_tokens,
+                "seq_len": self.seq_len}
+
+
+def build(setup: ScoringSetup) -> PerplexityScorer | None:
+    """The built-in perplexity when the run gives a text (``--ppl-text`` / ``--ppl-dataset``)."""
+    if setup.text is None:
+        return None
+    model = setup.loaded.model
+    seq_len = default_seq_len(model, setup.seq_len)
+    windows = TokenWindows.of(setup.loaded.tokenizer, setup.text.texts, seq_len=seq_len,
+                              max_tokens=setup.max_tokens, name=setup.text.name)
+    return PerplexityScorer(model, windows, batch_size=setup.batch_size, seq_len=seq_len, max_tokens=setup.max_tokens)

@@ -30,6 +30,7 @@ import torch
 from ...errors import UserError
 from ...model.structure import no_cache_kwargs
 from ..base import LOWER_IS_BETTER, MetricRow, Scorer, Scores, TokenRequest
+from ..registry import ScoringSetup
 
 if TYPE_CHECKING:
     from ...model.load import LoadedModel
@@ -814,6 +815,9 @@ class LmEvalScorer(Scorer):
         self.aggregation_path, self.fallback = "replay", why
         self.note(f"lm-eval metrics are aggregated through lm-eval's evaluate for every variant (slower): {why}")
 
+    def run_stats(self) -> dict[str, Any]:
+        return self.aggregation_stats()
+
     def aggregation_stats(self) -> dict[str, Any]:
         """For the run's record: how variants were aggregated, and why not directly if not."""
         return {"lm_eval_aggregation": self.aggregation_path, "lm_eval_aggregation_fallback": self.fallback}
@@ -857,3 +861,11 @@ class LmEvalScorer(Scorer):
                 "include_path": self.taskset.include_path, "num_fewshot": self.taskset.num_fewshot,
                 "limit": self.limit, "seed": self.seed, "bootstrap_iters": self.bootstrap_iters,
                 "max_length": self.context_limit()}
+
+
+def build(setup: ScoringSetup) -> LmEvalScorer | None:
+    """lm-eval's tasks when the run names some (``--tasks``)."""
+    if setup.tasks is None:
+        return None
+    return LmEvalScorer(setup.loaded, setup.tasks, limit=setup.limit, seed=setup.seed,
+                        bootstrap_iters=setup.bootstrap_iters, batch_size=setup.batch_size, note=setup.note)
