@@ -47,7 +47,10 @@ from lnsdiag.interventions.removal import removed_layers
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
 from lnsdiag.results.store import ResultStore
-from lnsdiag.scoring.lmeval.scorer import LmEvalScorer, collect_requests, load_tasks, make_lm
+from lnsdiag.scoring.lmeval.lm import make_lm
+from lnsdiag.scoring.lmeval.requests import collect_requests
+from lnsdiag.scoring.lmeval.scorer import LmEvalScorer
+from lnsdiag.scoring.lmeval.tasks import load_tasks
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)

@@ -43,8 +43,8 @@ _EXPORTS: dict[str, str] = {
     "residual_variance": "measure.variance", "variance_on_text": "measure.variance",
     # scoring and sweeps
     "Scorer": "scoring.base", "Scores": "scoring.base", "MetricRow": "scoring.base", "TokenRequest": "scoring.base",
-    "TaskSet": "scoring.lmeval.scorer", "load_tasks": "scoring.lmeval.scorer", "make_lm": "scoring.lmeval.scorer",
-    "evaluate_tasks": "scoring.lmeval.scorer", "LmEvalScorer": "scoring.lmeval.scorer",
+    "TaskSet": "scoring.lmeval.tasks", "load_tasks": "scoring.lmeval.tasks", "make_lm": "scoring.lmeval.lm",
+    "evaluate_tasks": "scoring.lmeval.tasks", "LmEvalScorer": "scoring.lmeval.scorer",
     "Perplexity": "scoring.perplexity", "perplexity": "scoring.perplexity", "PerplexityScorer": "scoring.perplexity",
     "SweepEngine": "engine.fast", "removal_set": "engine.fast", "run_naive": "engine.sweep",
     "run_fast": "engine.sweep", "perplexity_sweep": "engine.sweep",

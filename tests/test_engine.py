@@ -18,7 +18,9 @@ from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
 from lnsdiag.results.store import ResultStore
 from lnsdiag.scoring.base import TokenRequest
-from lnsdiag.scoring.lmeval.scorer import LmEvalScorer, collect_requests, load_tasks
+from lnsdiag.scoring.lmeval.requests import collect_requests
+from lnsdiag.scoring.lmeval.scorer import LmEvalScorer
+from lnsdiag.scoring.lmeval.tasks import load_tasks
 from lnsdiag.scoring.perplexity import PerplexityScorer
 from tests.conftest import SAMPLE_TEXT, ProgressLog
 from tests.families import tiny_model

@@ -13,15 +13,11 @@ from lnsdiag.cli import app
 from lnsdiag.errors import UserError
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.scoring.base import Scores
-from lnsdiag.scoring.lmeval.scorer import (
-    LmEvalScorer,
-    collect_requests,
-    evaluate_tasks,
-    load_tasks,
-    replay_metrics,
-    scores_of,
-    seed_everything,
-)
+from lnsdiag.scoring.lmeval.aggregate import scores_of
+from lnsdiag.scoring.lmeval.lm import replay_metrics
+from lnsdiag.scoring.lmeval.requests import collect_requests
+from lnsdiag.scoring.lmeval.scorer import LmEvalScorer
+from lnsdiag.scoring.lmeval.tasks import evaluate_tasks, load_tasks, seed_everything
 from tests.families import tiny_model
 from tests.lmeval_tasks import write_mmlu_like, write_shapes, write_tasks
 

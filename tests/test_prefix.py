@@ -28,7 +28,7 @@ from lnsdiag.interventions.removal import removed_layers
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
 from lnsdiag.scoring.base import TokenRequest
-from lnsdiag.scoring.lmeval.scorer import make_lm
+from lnsdiag.scoring.lmeval.lm import make_lm
 from tests.families import tiny_model
 
 VARIANTS = [None, 0, 2, 3]

@@ -26,7 +26,8 @@ from lnsdiag.results.store import ResultStore, VariantResult
 from lnsdiag.results.verdict import prune_frame
 from lnsdiag.runners.prune import OUTPUTS
 from lnsdiag.scoring.base import MetricRow, Scores
-from lnsdiag.scoring.lmeval.scorer import LmEvalScorer, load_tasks, parse_limit
+from lnsdiag.scoring.lmeval.scorer import LmEvalScorer
+from lnsdiag.scoring.lmeval.tasks import load_tasks, parse_limit
 from lnsdiag.scoring.perplexity import Perplexity, PerplexityScorer, perplexity
 from tests.conftest import SAMPLE_TEXT
 from tests.families import tiny_model

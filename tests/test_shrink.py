@@ -23,7 +23,8 @@ from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
 from lnsdiag.runners import shrink
 from lnsdiag.runners.prune import PruneConfig
-from lnsdiag.scoring.lmeval.scorer import LmEvalScorer, load_tasks
+from lnsdiag.scoring.lmeval.scorer import LmEvalScorer
+from lnsdiag.scoring.lmeval.tasks import load_tasks
 from lnsdiag.scoring.perplexity import PerplexityScorer
 from tests.conftest import SAMPLE_TEXT, ProgressLog
 from tests.families import tiny_model

@@ -15,7 +15,9 @@ from lnsdiag.engine.sweep import run_fast
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
 from lnsdiag.results.store import ResultStore
-from lnsdiag.scoring.lmeval.scorer import LmEvalScorer, evaluate_tasks, load_tasks, scores_of, seed_everything
+from lnsdiag.scoring.lmeval.aggregate import scores_of
+from lnsdiag.scoring.lmeval.scorer import LmEvalScorer
+from lnsdiag.scoring.lmeval.tasks import evaluate_tasks, load_tasks, seed_everything
 from tests.families import tiny_model
 from tests.lmeval_tasks import write_mmlu_like, write_shapes, write_tasks
 

@@ -213,7 +213,7 @@ def compare(baseline: VariantResult, variant: VariantResult, row: MetricRow, ref
         b_pairs, v_pairs = stats.binary_pairs(base_items), stats.binary_pairs(var_items)
         if b_pairs is not None and v_pairs is not None:
             return _from_bootstrap(stats.paired_bootstrap_confusion(b_pairs, v_pairs, aggregation, iters, seed))
-    from ..scoring.lmeval.scorer import aggregation_function
+    from ..scoring.lmeval.aggregate import aggregation_function
 
     function = aggregation_function(aggregation) if aggregation else None
     if function is None:

@@ -31,13 +31,7 @@ from ..results.store import ResultStore, VariantResult, plan_variants
 from ..results.verdict import BOOTSTRAP_CAP, BOOTSTRAP_FLOOR, PYTHON_CAP, Margins, prune_frame, rule_text
 from ..runs import Timer, read_json, run_record, write_csv, write_json
 from ..scoring.base import Scorer
-from ..scoring.lmeval.scorer import (
-    DEFAULT_BOOTSTRAP,
-    TaskSet,
-    check_num_fewshot,
-    load_tasks,
-    parse_limit,
-)
+from ..scoring.lmeval.tasks import DEFAULT_BOOTSTRAP, TaskSet, check_num_fewshot, load_tasks, parse_limit
 from ..scoring.registry import ScoringSetup, build_scorers
 
 ENGINES = ("fast", "naive")
