@@ -25,10 +25,10 @@ __version__ = "0.1.0"
 #: public name -> module that defines it (relative to this package)
 _EXPORTS: dict[str, str] = {
     # loading
-    "ALIASES": "model.load", "LoadedModel": "model.load", "ModelOptions": "model.load",
+    "ALIASES": "model.families", "LoadedModel": "model.load", "ModelOptions": "model.load",
     "load_model": "model.load", "resolve_model": "model.load", "restore_norms": "model.load",
     # structure, removal, the reference
-    "LayerStack": "model.structure", "find_layers": "model.structure", "norm_placement": "model.structure",
+    "LayerStack": "model.structure", "find_layers": "model.structure", "norm_placement": "model.placement",
     "parse_layer_spec": "model.structure", "removed_layers": "interventions.removal",
     "resumed_at": "interventions.removal", "build_without_layers": "checkpoint.save",
     "save_without_layers": "checkpoint.save", "model_card": "checkpoint.save",

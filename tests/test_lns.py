@@ -13,7 +13,8 @@ from lnsdiag.checkpoint.save import build_without_layers
 from lnsdiag.errors import UserError
 from lnsdiag.interventions import lns, postln
 from lnsdiag.interventions.removal import removed_layers
-from lnsdiag.model.structure import find_layers, norm_placement
+from lnsdiag.model.placement import norm_placement
+from lnsdiag.model.structure import find_layers
 from tests.families import padded_batch, tiny_model
 
 
@@ -40,6 +41,12 @@ def _block_call(model, index, ids, mask):
 def _rms(norm, x):
     """RMSNorm by hand: weight · x / sqrt(mean(x²) + eps)."""
     return norm.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+
+
+def _scale_hooks(model):
+    """(module name, factor) of every LNS hook installed (torch's hook dictionaries, read here only)."""
+    return [(name, hook.factor) for name, m in model.named_modules() for hook in m._forward_hooks.values()
+            if isinstance(hook, lns._Scale)]
 
 
 @pytest.mark.parametrize("index", [0, 2, 3])
@@ -85,19 +92,23 @@ def test_no_parameters_added_and_only_block_norms_scaled():
     assert lns.layer_scales(model) == pytest.approx([1, 2 ** -0.5, 3 ** -0.5, 0.5])
     assert model.config.lns == {"scale": "1/sqrt(l)", "norms": ["input_layernorm", "post_attention_layernorm"],
                                 "layers": [1, 2, 3, 4], "version": 1}
-    hooked = [name for name, m in model.named_modules() if any(isinstance(h, lns._Scale)
-                                                               for h in m._forward_hooks.values())]
-    assert hooked == [f"model.layers.{i}.{n}" for i in range(4) for n in ("input_layernorm",
-                                                                          "post_attention_layernorm")]
+    assert [name for name, _ in _scale_hooks(model)] == [
+        f"model.layers.{i}.{n}" for i in range(4) for n in ("input_layernorm", "post_attention_layernorm")]
     assert norm_placement(model) == "pre-LN+LNS"
 
 
+_LLAMA_NORMS = ["input_layernorm", "post_attention_layernorm"]
+
+
 @pytest.mark.parametrize("family,norms", [
-    ("llama", ["input_layernorm", "post_attention_layernorm"]),
-    ("mistral", ["input_layernorm", "post_attention_layernorm"]),
-    ("qwen2", ["input_layernorm", "post_attention_layernorm"]),
-    ("qwen3", ["input_layernorm", "post_attention_layernorm"]),  # not q_norm / k_norm
+    ("llama", _LLAMA_NORMS), ("mistral", _LLAMA_NORMS), ("mixtral", _LLAMA_NORMS), ("qwen2", _LLAMA_NORMS),
+    ("qwen3", _LLAMA_NORMS),  # not q_norm / k_norm
+    ("qwen2_moe", _LLAMA_NORMS), ("deepseek_v2", _LLAMA_NORMS), ("deepseek_v3", _LLAMA_NORMS),
+    ("phi3", _LLAMA_NORMS), ("gpt_neox", _LLAMA_NORMS),
     ("gemma2", ["input_layernorm", "pre_feedforward_layernorm"]),  # sandwich: not the post-sublayer norms
+    ("gemma3", ["input_layernorm", "pre_feedforward_layernorm"]),
+    ("gpt2", ["ln_1", "ln_2"]),
+    ("opt", ["self_attn_layer_norm", "final_layer_norm"]),
 ])
 def test_finds_the_two_pre_sublayer_norms(family, norms):
     assert lns.find_pre_norms(tiny_model(family)) == norms
@@ -124,6 +135,32 @@ def test_apply_twice_refused_and_remove_restores():
     lns.remove_lns(model)
     assert not lns.is_lns(model) and not lns.has_lns_hooks(model)
     assert torch.equal(_logits(model, ids, mask), before)
+
+
+def test_apply_remove_apply_leaves_exactly_one_set_of_scale_hooks():
+    model = lns.apply_lns(tiny_model("llama"))
+    ids, mask = padded_batch()
+    expected, hooks = _logits(model, ids, mask), _scale_hooks(model)
+    assert len(hooks) == 8
+    lns.apply_lns(lns.remove_lns(model))
+    assert lns.restore_lns(model) is True  # re-installing replaces, never adds
+    assert _scale_hooks(model) == hooks
+    assert torch.equal(_logits(model, ids, mask), expected)
+    lns.remove_lns(model)
+    assert _scale_hooks(model) == [] and not lns.has_lns_hooks(model)
+
+
+def test_a_deep_copy_keeps_its_own_scale_hooks():
+    plain = tiny_model("llama")
+    model = lns.apply_lns(copy.deepcopy(plain))
+    ids, mask = padded_batch()
+    expected = _logits(model, ids, mask)
+    copied = copy.deepcopy(model)
+    assert lns.has_lns_hooks(copied) and torch.equal(_logits(copied, ids, mask), expected)
+    lns.remove_lns(copied)  # the copy's hooks only
+    assert _scale_hooks(copied) == [] and len(_scale_hooks(model)) == 8
+    assert torch.equal(_logits(copied, ids, mask), _logits(plain, ids, mask))
+    assert torch.equal(_logits(model, ids, mask), expected)
 
 
 def test_save_and_reload_gives_the_same_logits(tmp_path, tokenizer):
@@ -237,6 +274,13 @@ def test_post_ln_saves_reloads_and_removes_exactly(tmp_path, tokenizer):
     assert torch.equal(_logits(loaded.model, ids, mask), expected)
     copied = copy.deepcopy(model)  # the block forward follows the copy, not the original
     assert torch.equal(_logits(copied, ids, mask), expected)
+    with torch.no_grad():
+        copied.model.layers[2].post_attention_layernorm.weight.mul_(2)
+    assert not torch.equal(_logits(copied, ids, mask), expected)  # the copy runs its own norms
+    assert torch.equal(_logits(model, ids, mask), expected)
+    postln.remove_post_ln(copied)  # the copy's forwards only
+    assert all("forward" not in b.__dict__ for b in copied.model.layers)
+    assert torch.equal(_logits(model, ids, mask), expected)
     with removed_layers(model, [1], mode="skip"):
         removed = _logits(model, ids, mask)
     assert torch.equal(removed, _logits(build_without_layers(model, [1]), ids, mask))

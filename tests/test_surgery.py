@@ -9,7 +9,10 @@ from torch import nn
 from lnsdiag.checkpoint.save import build_without_layers
 from lnsdiag.errors import UserError
 from lnsdiag.interventions.removal import removed_layers
-from lnsdiag.model.structure import find_layers, norm_placement, parse_layer_spec
+from lnsdiag.model.patch import Patches, kept, patched, patched_forward, release
+from lnsdiag.model.placement import norm_placement
+from lnsdiag.model.structure import block_norms, find_layers, parse_layer_spec
+from lnsdiag.model.watch import watch_block
 from tests.families import CAUSAL, FAMILIES, padded_batch, tiny_model
 
 POSITIONS = {"first": 0, "middle": 2, "last": 3}
@@ -196,3 +199,93 @@ def test_auto_mode_runs_no_removed_block_without_a_cache(family):
         assert inner == []  # ... but its attention never runs
     finally:
         hook.remove()
+
+
+# --- the one install/restore primitive, and the block watcher --------------------------------
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
+
+
+def _patch_state(model: nn.Module) -> list[tuple]:
+    """Each module's own forward and hooks (torch's dictionaries, read here only), to compare before and after."""
+    return [(name, module.__dict__.get("forward"), *(tuple(getattr(module, d)) for d in _HOOK_DICTS))
+            for name, module in model.named_modules()]
+
+
+def _untouched(module: nn.Module) -> bool:
+    """No forward override and no hook of any kind on ``module``."""
+    return not any(_patch_state(module)[0][1:])
+
+
+def test_patches_restore_in_reverse_order_and_on_exceptions():
+    layer = nn.Linear(2, 2)
+    x = torch.ones(1, 2)
+    before = layer(x)
+    calls = []
+    with pytest.raises(KeyError), patched() as patches:
+        patches.forward(layer, lambda inp: inp * 2, tag="double")
+        inner = layer.forward
+        patches.forward(layer, lambda inp: inner(inp) + 1, tag="plus-one")  # stacked on the first override
+        patches.pre_hook(layer, lambda *_: calls.append("pre"))
+        patches.hook(layer, lambda *_: calls.append("post"))
+        assert len(patches) == 4 and patched_forward(layer) == "plus-one"
+        assert torch.equal(layer(x), x * 2 + 1) and calls == ["pre", "post"]
+        raise KeyError("boom")
+    # Restored last first: undoing the first override before the second would leave the second installed.
+    assert _untouched(layer) and patched_forward(layer) is None
+    assert torch.equal(layer(x), before)
+
+
+def test_patches_keep_a_forward_of_someone_else():
+    layer = nn.Linear(2, 2)
+    own = layer.forward
+    layer.forward = own  # as accelerate's device hooks do
+    with patched() as patches:
+        patches.forward(layer, lambda inp: inp, tag="identity")
+    assert layer.__dict__["forward"] is own and patched_forward(layer) is None
+
+
+def test_kept_patches_are_released_once():
+    model = tiny_model("llama")
+    stack = find_layers(model)
+    patches = Patches().keep_on(stack.layers, "test")
+    patches.forward(stack.layers[0], lambda *a, **k: None, tag="test")
+    assert kept(stack.layers, "test") is patches
+    with pytest.raises(RuntimeError, match="already keeps"):
+        Patches().keep_on(stack.layers, "test")
+    assert release(stack.layers, "test") is True and release(stack.layers, "test") is False
+    assert kept(stack.layers, "test") is None and _untouched(stack.layers[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_watch_block_sees_every_norm_and_sublayer_once(family):
+    """The watcher keeps each module's first call: in every family each runs once per pass."""
+    model = tiny_model(family)
+    stack = find_layers(model)
+    block = stack.layers[2]
+    watched = {**dict(block_norms(block)), **dict(block.named_children())}
+    calls = {name: 0 for name in watched}
+    before = _patch_state(model)
+    with patched() as patches:
+        for name, module in watched.items():
+            patches.hook(module, lambda *_a, name=name: calls.__setitem__(name, calls[name] + 1))
+        run = watch_block(model, block, watched)
+    assert all(count <= 1 for count in calls.values()), calls
+    assert run.input is not None and run.output is not None
+    assert set(run.outputs) == {name for name, count in calls.items() if count}
+    assert _patch_state(model) == before
+
+
+def test_watch_block_restores_on_exceptions():
+    model = tiny_model("llama")
+    block = find_layers(model).layers[2]
+    before = _patch_state(model)
+
+    def fail(*_a, **_k):
+        raise KeyError("boom")
+
+    with patched() as failing:
+        failing.forward(model.lm_head, fail, tag="boom")
+        with pytest.raises(KeyError):
+            watch_block(model, block, dict(block_norms(block)))
+    assert _patch_state(model) == before

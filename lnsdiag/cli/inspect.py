@@ -7,8 +7,9 @@ from pathlib import Path
 from rich.table import Table
 
 from ..checkpoint.save import provenance_line, read_provenance
-from ..model.load import ALIASES, ModelOptions
-from ..model.structure import describe
+from ..model.families import ALIASES
+from ..model.load import ModelOptions
+from ..model.placement import describe
 from . import ui
 from .common import Debug, app, command, load, model_options
 

@@ -7,18 +7,20 @@ growing exponentially with depth.
 
 Implemented as forward hooks on the existing norm modules of an ordinary HF model: no
 parameter is added and no class changes, so the model trains with any loop (the one in
-:mod:`lnsdiag.training`, HF ``Trainer``, accelerate, gradient checkpointing) and saves as a
-normal checkpoint. The scaling is recorded in ``model.config.lns``, for example::
+:mod:`lnsdiag.demo.training`, HF ``Trainer``, accelerate, gradient checkpointing) and saves as a
+normal checkpoint. The hooks are installed on one :class:`~lnsdiag.model.patch.Patches` handle
+kept with the block stack, which :func:`remove_lns` restores. The scaling is recorded in
+``model.config.lns``, for example::
 
     {"scale": "1/sqrt(l)", "norms": ["input_layernorm", "post_attention_layernorm"],
      "layers": [1, 2, ..., L], "version": 1}
 
 ``norms`` names the scaled norms inside each block; ``layers`` is the l of each block, in
 stack order. ``layers`` is explicit so that a model rebuilt without some blocks
-(``rebuild.build_without_layers``) keeps every remaining block's original scale: removing a
+(``checkpoint.save.build_without_layers``) keeps every remaining block's original scale: removing a
 block never changes what the others compute. A checkpoint saved with this entry is LNS;
 :func:`restore_lns` re-installs the hooks after ``from_pretrained`` (``lnsdiag`` does it in
-``load_model``), and ``structure.norm_placement`` reports it as ``pre-LN+LNS``.
+``load_model``), and ``model.placement.norm_placement`` reports it as ``pre-LN+LNS``.
 
 Initialisation: the paper notes that *scaled initialisation* (output projections drawn with
 std / sqrt(2·L), GPT-2/Megatron style) conflicts with LNS, which already shrinks deep
@@ -35,22 +37,24 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..model.structure import LayerStack, block_input, block_norms, find_layers, first_tensor, probe
+from ..model.families import OUTPUT_PROJECTIONS
+from ..model.patch import Patches, kept, release
+from ..model.structure import LayerStack, block_norms, find_layers
+from ..model.watch import watch_block
 
 LNS_VERSION = 1
 SCALE_RULE = "1/sqrt(l)"
 InitKind = Literal["default", "scaled"]
 INITS: tuple[str, ...] = ("default", "scaled")
-
-#: Output projections of the sub-layers (what scaled initialisation shrinks), by family.
-_OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "out_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo")
+#: The name the scale hooks' :class:`~lnsdiag.model.patch.Patches` handle is kept under, on the block stack.
+KEPT_AS = "lns"
 
 
 class _Scale:
     """A forward hook multiplying a norm's output by a constant.
 
     A small class (not a closure over the module) so deep copies and pickles of the model
-    keep working hooks, and so our hooks can be told apart from anyone else's.
+    keep working hooks.
     """
 
     def __init__(self, factor: float) -> None:
@@ -97,52 +101,26 @@ def find_pre_norms(model: nn.Module, stack: LayerStack | None = None) -> list[st
     norms = dict(block_norms(block))
     if not norms:
         raise UserError(f"{type(block).__name__} has no norm modules: LayerNorm Scaling needs pre-LN blocks")
-    seen: dict[str, Any] = {}
-    norm_inputs: list[tuple[str, torch.Tensor]] = []
-    child_outputs: list[tuple[str, torch.Tensor]] = []
-
-    def block_in(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen.setdefault("x", block_input(args, kwargs))
-
-    def block_out(_m: nn.Module, _a: tuple, out: Any) -> None:
-        seen.setdefault("out", first_tensor(out))
-
-    def norm_in(name: str):
-        def hook(_m: nn.Module, args: tuple) -> None:
-            if args and torch.is_tensor(args[0]):
-                norm_inputs.append((name, args[0].detach()))
-        return hook
-
-    def child_out(name: str):
-        def hook(_m: nn.Module, _a: tuple, out: Any) -> None:
-            tensor = first_tensor(out)
-            if tensor is not None:
-                child_outputs.append((name, tensor.detach()))
-        return hook
-
-    hooks = [block.register_forward_pre_hook(block_in, with_kwargs=True), block.register_forward_hook(block_out)]
-    hooks += [mod.register_forward_pre_hook(norm_in(name)) for name, mod in norms.items()]
-    hooks += [mod.register_forward_hook(child_out(name)) for name, mod in block.named_children()]
+    children = dict(block.named_children())
     try:
-        probe(model)  # in eval mode: dropout would hide the residual adds
+        run = watch_block(model, block, {**norms, **children})  # probe: eval mode, dropout would hide the adds
     except Exception as exc:
         raise UserError(
             f"cannot watch a block of {type(model).__name__} run to find its norms ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); name them with norms=[...]"
         ) from exc
-    finally:
-        for h in hooks:
-            h.remove()
-    x, out = seen.get("x"), seen.get("out")
+    x, out = run.input, run.output
     if x is None or out is None:
         raise UserError(f"{type(model).__name__}: the middle block did not run; name the norms with norms=[...]")
+    norm_inputs = [(name, value) for name, value in run.inputs.items() if name in norms]
+    child_outputs = [(name, value) for name, value in run.outputs.items() if name in children]
     # The block input reaches a pre-LN norm untouched; a residual add is exact up to the rounding of
     # its result, so out - h equals the sub-layer's output to a few ulps of out.
     same = 1e-6 * float(x.float().norm())
     rounding = 4 * torch.finfo(out.dtype).eps * float(out.float().norm()) if out.is_floating_point() else 0.0
     found: list[str] = []
     for name, inp in norm_inputs:
-        if name in found or inp.numel() != x.numel():
+        if inp.numel() != x.numel():
             continue
         residual = _near(inp, x, same) or any(
             _near(out - inp.reshape(out.shape), value, rounding) for child, value in child_outputs if child != name
@@ -162,42 +140,33 @@ def find_pre_norms(model: nn.Module, stack: LayerStack | None = None) -> list[st
 
 # --- applying, removing, restoring ---------------------------------------------------------
 
-def _lns_hooks(module: nn.Module) -> list[int]:
-    return [key for key, hook in module._forward_hooks.items() if isinstance(hook, _Scale)]
-
-
-def _uninstall(stack: LayerStack) -> int:
-    removed = 0
-    for block in stack.layers:
-        for module in block.modules():
-            for key in _lns_hooks(module):
-                module._forward_hooks.pop(key, None)
-                for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-                    getattr(module, extra, {}).pop(key, None)
-                removed += 1
-    return removed
-
-
 def _install(stack: LayerStack, norms: Sequence[str], layers: Sequence[int]) -> None:
+    """Scale hooks on the named norms of every block, on one handle kept with the stack (any
+    earlier LNS handle restored first, so re-installing never scales twice)."""
     if len(layers) != len(stack):
         raise UserError(
             f"the LNS record lists {len(layers)} layer indices but the model has {len(stack)} blocks "
             "(rebuild with lnsdiag.rebuild.build_without_layers, which keeps each block's l)"
         )
-    _uninstall(stack)
-    for block, layer in zip(stack.layers, layers, strict=True):
-        for name in norms:
-            try:
-                module = block.get_submodule(name)
-            except AttributeError as exc:
-                raise UserError(f"{type(block).__name__} has no norm {name!r} to scale") from exc
-            module.register_forward_hook(_Scale(scale_for(int(layer))))
+    targets = [(_norm(block, name), scale_for(int(layer)))
+               for block, layer in zip(stack.layers, layers, strict=True) for name in norms]
+    release(stack.layers, KEPT_AS)
+    patches = Patches().keep_on(stack.layers, KEPT_AS)
+    for module, factor in targets:
+        patches.hook(module, _Scale(factor))
+
+
+def _norm(block: nn.Module, name: str) -> nn.Module:
+    try:
+        return block.get_submodule(name)
+    except AttributeError as exc:
+        raise UserError(f"{type(block).__name__} has no norm {name!r} to scale") from exc
 
 
 def has_lns_hooks(model: nn.Module, stack: LayerStack | None = None) -> bool:
     """Whether LNS hooks are installed (what actually runs, whatever the config says)."""
     stack = stack or find_layers(model)
-    return any(_lns_hooks(m) for block in stack.layers for m in block.modules())
+    return bool(kept(stack.layers, KEPT_AS))
 
 
 def lns_config(model: nn.Module) -> dict[str, Any] | None:
@@ -238,7 +207,7 @@ def apply_lns(
 
 def remove_lns(model: nn.Module, stack: LayerStack | None = None) -> nn.Module:
     """Undo :func:`apply_lns`: drop the hooks and the config record (weights untouched)."""
-    _uninstall(stack or find_layers(model))
+    release((stack or find_layers(model)).layers, KEPT_AS)
     if hasattr(model.config, "lns"):
         del model.config.lns
     return model
@@ -248,7 +217,7 @@ def restore_lns(model: nn.Module, stack: LayerStack | None = None) -> bool:
     """Re-install the LNS hooks a loaded checkpoint's config records; True if it records LNS.
 
     Call after a plain ``AutoModelForCausalLM.from_pretrained`` of an LNS checkpoint
-    (``lnsdiag.models.load_model`` does, through ``restore_norms``). Idempotent.
+    (``lnsdiag.model.load.load_model`` does, through ``restore_norms``). Idempotent.
     """
     record = lns_config(model)
     if record is None:
@@ -300,10 +269,10 @@ def initialize(model: nn.Module, init: str = "default", *, stack: LayerStack | N
         for block in stack.layers:
             for name, module in block.named_modules():
                 weight = getattr(module, "weight", None)
-                if name.rsplit(".", 1)[-1] in _OUTPUT_PROJECTIONS and isinstance(weight, torch.Tensor):
+                if name.rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS and isinstance(weight, torch.Tensor):
                     weight.normal_(0.0, std)
                     touched += 1
     if touched == 0:
-        raise UserError(f"scaled init: no output projection ({', '.join(_OUTPUT_PROJECTIONS)}) found in "
+        raise UserError(f"scaled init: no output projection ({', '.join(OUTPUT_PROJECTIONS)}) found in "
                         f"{type(stack.layers[0]).__name__}")
     return model

@@ -1,7 +1,8 @@
 """Remove blocks from a model's stack, reversibly: context managers only.
 
-Removal never touches weights: each removed block's ``forward`` is overridden for the
-duration of a ``with removed_layers(...)`` block and restored on exit, exceptions included.
+Removal never touches weights: each removed block's ``forward`` is overridden (through a
+:class:`~lnsdiag.model.patch.Patches` handle) for the duration of a ``with removed_layers(...)``
+block and restored on exit, exceptions included.
 
 Two ways to remove a block, chosen per call (``mode``):
 
@@ -14,31 +15,31 @@ Two ways to remove a block, chosen per call (``mode``):
 * ``auto`` (default) skips, unless the call carries a KV cache, then passes through.
 
 The reference every removal is tested against, a model really built without the blocks,
-is :func:`lnsdiag.rebuild.build_without_layers`.
+is :func:`lnsdiag.checkpoint.save.build_without_layers`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from ..model.families import CACHE_KWARGS
+from ..model.patch import patched, patched_forward
 from ..model.structure import LayerStack, block_input, find_layers, parse_layer_spec
 
 RemovalMode = Literal["auto", "skip", "passthrough"]
+#: Tags of the forwards installed here: a block removed, and the block a pass resumes at.
+REMOVED, RESUMED = "removed", "resumed"
 
 
 #: Whether a block class returns a tuple (older transformers) or the hidden states (5.x).
 #: Annotations are not reliable (Gemma3's says tuple, it returns a tensor): learnt by
 #: running one real block once per class and process.
 _RETURNS_TUPLE: dict[type, bool] = {}
-
-
-#: Keyword names under which blocks receive their KV cache (transformers 4.x and 5.x).
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
 def _carries_cache(args: tuple, kwargs: dict) -> bool:
@@ -51,10 +52,10 @@ def _carries_cache(args: tuple, kwargs: dict) -> bool:
 
     if any(isinstance(value, Cache) for value in (*args[1:], *kwargs.values())):
         return True
-    return any(kwargs.get(name) is not None and not isinstance(kwargs.get(name), bool) for name in _CACHE_KWARGS)
+    return any(kwargs.get(name) is not None and not isinstance(kwargs.get(name), bool) for name in CACHE_KWARGS)
 
 
-def _removed_forward(module: nn.Module, mode: RemovalMode):
+def _removed_forward(module: nn.Module, mode: RemovalMode) -> Callable[..., Any]:
     real = module.forward  # bound; may itself be an accelerate hook's wrapper
     cls = type(module)
 
@@ -69,7 +70,6 @@ def _removed_forward(module: nn.Module, mode: RemovalMode):
             _RETURNS_TUPLE[cls] = isinstance(out, tuple)
         return (hidden,) if _RETURNS_TUPLE[cls] else hidden
 
-    forward.__lnsdiag_removed__ = True  # type: ignore[attr-defined]
     return forward
 
 
@@ -93,31 +93,13 @@ def removed_layers(
     stack = stack or find_layers(model)
     wanted = [layers] if isinstance(layers, int) else list(layers)
     indices = parse_layer_spec(wanted, len(stack)) if wanted else []  # nothing removed: the baseline
-    patched: list[tuple[nn.Module, bool, Any]] = []
-    try:
+    with patched() as patches:
         for i in indices:
             module = stack.layers[i]
-            if getattr(module.__dict__.get("forward"), "__lnsdiag_removed__", False):
+            if patched_forward(module) in (REMOVED, RESUMED):
                 raise RuntimeError(f"layer {i} is already removed (nested removal of the same layer)")
-            patched.append(_override_forward(module, _removed_forward(module, mode)))
+            patches.forward(module, _removed_forward(module, mode), tag=REMOVED)
         yield stack
-    finally:
-        _restore_forwards(patched)
-
-
-def _override_forward(module: nn.Module, forward: Any) -> tuple[nn.Module, bool, Any]:
-    """Install ``forward`` on this module instance; return what restores it."""
-    saved = (module, "forward" in module.__dict__, module.__dict__.get("forward"))
-    module.forward = forward
-    return saved
-
-
-def _restore_forwards(patched: list[tuple[nn.Module, bool, Any]]) -> None:
-    for module, had_own, previous in reversed(patched):
-        if had_own:
-            module.forward = previous
-        else:
-            module.__dict__.pop("forward", None)
 
 
 @contextmanager
@@ -139,10 +121,6 @@ def resumed_at(model: nn.Module, index: int, state: torch.Tensor, *, stack: Laye
             _RETURNS_TUPLE[cls] = isinstance(real(*args, **kwargs), tuple)
         return (state,) if _RETURNS_TUPLE[cls] else state
 
-    forward.__lnsdiag_removed__ = True  # type: ignore[attr-defined]
-    with removed_layers(model, range(index), mode="skip", stack=stack):
-        patched = [_override_forward(module, forward)]
-        try:
-            yield stack
-        finally:
-            _restore_forwards(patched)
+    with removed_layers(model, range(index), mode="skip", stack=stack), patched() as patches:
+        patches.forward(module, forward, tag=RESUMED)
+        yield stack

@@ -11,7 +11,7 @@ variance are both accumulators fed by :func:`stream_states`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
@@ -19,13 +19,15 @@ import torch
 from ..data.windows import TokenWindows, check_batch_size
 from ..distributed import all_gather, my_share, world
 from ..errors import UserError
-from ..model.structure import LayerStack, block_input, first_tensor, no_cache_kwargs
+from ..model.patch import patched
+from ..model.placement import norm_placement
+from ..model.structure import LayerStack, block_input, find_layers, first_tensor, no_cache_kwargs
 from ..progress import SILENT, Progress
+from ..runs import Timer, run_record
 
 if TYPE_CHECKING:
     from ..data.text import TextSource
     from ..model.load import LoadedModel
-    from ..runs import Timer
 
 TokenMode = Literal["all", "last"]
 TOKEN_MODES: tuple[str, ...] = ("all", "last")
@@ -123,17 +125,16 @@ def stream_states(
         on_state(last + 1, _pick(first_tensor(out), mask, tokens))
         raise _StopForward
 
-    hooks = [layer.register_forward_pre_hook(before(i), with_kwargs=True) for i, layer in enumerate(stack.layers)]
-    hooks.append(stack.layers[last].register_forward_hook(after_last))
     device = model.get_input_embeddings().weight.device
-    try:
-        with torch.no_grad():
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), **no_cache_kwargs(model))
-    except _StopForward:
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
+    with patched() as patches:
+        for i, layer in enumerate(stack.layers):
+            patches.pre_hook(layer, before(i), with_kwargs=True)
+        patches.hook(stack.layers[last], after_last)
+        try:
+            with torch.no_grad():
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), **no_cache_kwargs(model))
+        except _StopForward:
+            pass
 
 
 def measure_batches(windows: TokenWindows, batch_size: int, measure: Callable[[torch.Tensor, torch.Tensor], _Part],
@@ -187,11 +188,6 @@ def measure_text(command: str, loaded: LoadedModel, text: TextSource, config: St
     """Run ``measure(model, windows, config, stack=, progress=)`` over ``text`` and build the run's
     record: what ``angular.run`` and ``variance.run`` share. ``settings(result)`` adds to the
     recorded config."""
-    from dataclasses import asdict
-
-    from ..model.structure import find_layers, norm_placement
-    from ..runs import Timer, run_record
-
     timer = timer or Timer()
     stack = find_layers(loaded.model, layers_path)
     config = config.for_model(loaded.model)

@@ -14,17 +14,11 @@ from typing import Any
 
 import torch
 
+from ..distributed import replica_gpus, replica_max_memory, world
 from ..errors import UserError
-
-#: The paper's models, by the short names its figures use.
-ALIASES: dict[str, str] = {
-    "llama": "meta-llama/Llama-2-7b-hf",
-    "llama-13b": "meta-llama/Llama-2-13b-hf",
-    "mistral": "mistralai/Mistral-7B-v0.1",
-    "qwen": "Qwen/Qwen3-8B",
-    "deepseek": "deepseek-ai/deepseek-llm-7b-base",
-    "bert": "google-bert/bert-large-uncased",
-}
+from ..interventions.lns import restore_lns
+from ..interventions.postln import restore_post_ln
+from .families import ALIASES, ENCODER_ONLY_ARCHITECTURES, ENCODER_ONLY_MODEL_TYPES
 
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -206,8 +200,6 @@ def go_offline() -> None:
 def pick_device(device: str = "auto") -> torch.device:
     """``auto`` is the first GPU when there is one, else the CPU; under a launcher (torchrun),
     ``auto`` and ``cuda`` are this rank's own GPU, ``cuda:LOCAL_RANK``."""
-    from ..distributed import world
-
     here = world()
     if device in ("auto", "", None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -254,9 +246,6 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
 def restore_norms(model: Any) -> bool:
     """Re-install the norm scheme a checkpoint's config records (LayerNorm Scaling or Post-LN);
     True if it records one. Needed after a plain ``from_pretrained``; ``load_model`` does it."""
-    from ..interventions.lns import restore_lns
-    from ..interventions.postln import restore_post_ln
-
     post = restore_post_ln(model)
     return restore_lns(model) or post
 
@@ -280,12 +269,9 @@ def _unreadable_weights(exc: BaseException) -> bool:
 
 def _is_encoder_only(config: Any) -> bool:
     archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs):
+    if any(a.endswith(ENCODER_ONLY_ARCHITECTURES) for a in archs):
         return True
-    return getattr(config, "model_type", "") in {
-        "bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "electra", "distilbert",
-        "albert", "modernbert",
-    }
+    return getattr(config, "model_type", "") in ENCODER_ONLY_MODEL_TYPES
 
 
 def load_model(
@@ -384,8 +370,6 @@ def replica_placement(per_replica: int, device_map: str | None = None, visible: 
                       capacity: Any = None) -> dict[str, Any]:
     """``from_pretrained`` arguments that put this rank's replica on its ``per_replica`` GPUs
     (``LOCAL_RANK·K .. LOCAL_RANK·K + K − 1``): ``device_map="auto"`` bounded by ``max_memory``."""
-    from ..distributed import replica_gpus, replica_max_memory, world
-
     if per_replica < 1:
         raise UserError(f"--gpus-per-replica must be at least 1, not {per_replica}")
     if device_map:

@@ -5,12 +5,17 @@ Scaling, Post-LN, the measuring probes — installs what it needs through a :cla
 handle: a forward override on one module instance, or a forward (pre-)hook. The handle knows
 exactly what it installed, so restoring it never scans torch's private hook dictionaries and
 never touches what someone else installed. Used as a context manager it restores on any exit,
-exceptions included; kept (``LNS`` on a loaded model), it restores when asked.
+exceptions included::
 
     with patched() as patches:
         patches.hook(model.lm_head, record)
         model(ids)
     # model exactly as before
+
+Kept instead (LayerNorm Scaling and Post-LN on a loaded model), a handle lives on a module
+(:meth:`Patches.keep_on`) and is restored when asked (:func:`release`). What a handle holds is
+plain data (modules, hook handles, callable objects rather than closures), so a deep copy of the
+model copies its kept handles along and each copy restores its own modules.
 """
 
 from __future__ import annotations
@@ -21,8 +26,34 @@ from typing import Any
 
 from torch import nn
 
-#: Marks a forward this module installed, so nested or stale overrides can be recognised.
-PATCHED_ATTR = "__lnsdiag_patched__"
+#: Prefix of the attribute a kept handle lives under on its owner module.
+_KEPT_PREFIX = "_lnsdiag_patches_"
+
+
+class _Override:
+    """A forward installed on a module instance: calls ``forward``; ``tag`` says who installed it."""
+
+    def __init__(self, forward: Callable[..., Any], tag: str) -> None:
+        self.forward = forward
+        self.tag = tag
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+
+class _RestoreForward:
+    """Undo of one override: the module's own earlier forward back, or none (its class's)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.had_own = "forward" in module.__dict__
+        self.previous = module.__dict__.get("forward")
+
+    def __call__(self) -> None:
+        if self.had_own:
+            self.module.forward = self.previous
+        else:
+            self.module.__dict__.pop("forward", None)
 
 
 class Patches:
@@ -36,20 +67,8 @@ class Patches:
 
     def forward(self, module: nn.Module, forward: Callable[..., Any], *, tag: str = "patched") -> None:
         """Replace ``module.forward`` on this instance (not its class) until restored."""
-        had_own, previous = "forward" in module.__dict__, module.__dict__.get("forward")
-
-        def installed(*args: Any, **kwargs: Any) -> Any:
-            return forward(*args, **kwargs)
-
-        setattr(installed, PATCHED_ATTR, tag)
-        module.forward = installed
-
-        def undo() -> None:
-            if had_own:
-                module.forward = previous
-            else:
-                module.__dict__.pop("forward", None)
-
+        undo = _RestoreForward(module)
+        module.forward = _Override(forward, tag)
         self._undo.append(undo)
 
     def pre_hook(self, module: nn.Module, hook: Callable[..., Any], *, with_kwargs: bool = False) -> None:
@@ -64,6 +83,13 @@ class Patches:
         """Undo everything installed, last first; the handle is empty (and reusable) afterwards."""
         while self._undo:
             self._undo.pop()()
+
+    def keep_on(self, owner: nn.Module, name: str) -> Patches:
+        """Keep this handle on ``owner`` under ``name`` (see :func:`kept`, :func:`release`); returns it."""
+        if kept(owner, name) is not None:
+            raise RuntimeError(f"{type(owner).__name__} already keeps {name!r} patches: release them first")
+        setattr(owner, _KEPT_PREFIX + name, self)
+        return self
 
     def __enter__(self) -> Patches:
         return self
@@ -84,4 +110,20 @@ def patched() -> Iterator[Patches]:
 
 def patched_forward(module: nn.Module) -> str | None:
     """The tag of a forward installed on this module by :class:`Patches` (``None``: its own)."""
-    return getattr(module.__dict__.get("forward"), PATCHED_ATTR, None)
+    forward = module.__dict__.get("forward")
+    return forward.tag if isinstance(forward, _Override) else None
+
+
+def kept(owner: nn.Module, name: str) -> Patches | None:
+    """The handle kept on ``owner`` under ``name`` by :meth:`Patches.keep_on`, if any."""
+    return owner.__dict__.get(_KEPT_PREFIX + name)
+
+
+def release(owner: nn.Module, name: str) -> bool:
+    """Restore the handle kept on ``owner`` under ``name`` and forget it; True if there was one."""
+    patches = kept(owner, name)
+    if patches is None:
+        return False
+    patches.restore()
+    del owner.__dict__[_KEPT_PREFIX + name]
+    return True

@@ -1,8 +1,9 @@
 """What a model is made of: its block stack, its text config, a block's input, its norms and
-sub-layers, and how it normalises — found by looking, never by the model's name.
+sub-layers — found by looking; the names looking cannot find are in :mod:`.families`.
 
-Every other module asks here (surgery, rebuild, lns, postln, the measurements, the engine),
-so which submodule counts as a norm, or where a block's input is, is decided once.
+Every other module asks here (removal, the reference build, lns, postln, the measurements, the
+engine), so which submodule counts as a norm, or where a block's input is, is decided once.
+How a block normalises is read off a watched forward pass: :mod:`.placement`.
 """
 
 from __future__ import annotations
@@ -16,26 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-
-#: Where the block stack lives, by family. Tried in order; the first ModuleList wins.
-LAYER_PATHS: tuple[str, ...] = (
-    "model.layers",  # Llama, Mistral, Mixtral, Qwen2/3(-MoE), DeepSeek-V2/V3, Gemma2/3, Phi3
-    "model.language_model.layers",  # multimodal wrappers (Gemma3, Llava-style)
-    "model.decoder.layers",  # OPT
-    "transformer.h",  # GPT-2, GPT-J, Bloom, Falcon
-    "gpt_neox.layers",  # GPT-NeoX, Pythia
-    "bert.encoder.layer",  # BERT
-    "roberta.encoder.layer",
-    "encoder.layer",  # bare BertModel
-    "transformer.layers",
-    "backbone.layers",
-    "layers",
-    "h",
-)
-
-#: Child names of a block's attention and MLP sub-layers, by family.
-ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
-MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "ffn", "intermediate")
+from .families import ATTENTION_NAMES, LAYER_COUNT_FIELDS, LAYER_PATHS, MLP_NAMES
 
 
 @dataclass
@@ -66,7 +48,7 @@ def configured_layer_count(model: nn.Module) -> int | None:
     if getattr(model, "config", None) is None:
         return None
     config = text_config(model)
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+    for name in LAYER_COUNT_FIELDS:
         value = getattr(config, name, None)
         if isinstance(value, int):
             return value
@@ -199,7 +181,7 @@ def sublayers(block: nn.Module) -> dict[str, str]:
 
 def no_cache_kwargs(model: nn.Module) -> dict[str, bool]:
     """``{"use_cache": False}`` for models that take it: a scoring pass builds no KV cache,
-    so removed blocks are skipped for free (see ``surgery.removed_layers``)."""
+    so removed blocks are skipped for free (see ``interventions.removal.removed_layers``)."""
     try:
         takes = "use_cache" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -222,61 +204,3 @@ def probe(model: nn.Module) -> None:
             model(input_ids=ids, **no_cache_kwargs(model))
     finally:
         model.train(training)
-
-
-# --- norm placement, by watching a block run -----------------------------------------------
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-5)
-
-
-def norm_placement(model: nn.Module, stack: LayerStack | None = None) -> str:
-    """Where a block normalises, read off one forward pass of a middle block.
-
-    ``pre-LN`` (the norm sees the residual stream, the output is not normalised), ``post-LN``
-    (the block's output is a norm's output: BERT, original Transformer), ``sandwich`` (pre-LN
-    plus a norm on each sub-layer's output before the residual add: Gemma2/3), ``no-norm``.
-    ``LNS`` is appended when the model records LayerNorm Scaling in its config.
-    """
-    stack = stack or find_layers(model)
-    block = stack.layers[len(stack) // 2]
-    norms = block_norms(block)
-    if not norms:
-        return "no-norm"
-    seen: dict[str, Any] = {}
-    io: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def block_in(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen.setdefault("x", block_input(args, kwargs))
-
-    def block_out(_m: nn.Module, _a: tuple, out: Any) -> None:
-        seen.setdefault("out", first_tensor(out))
-
-    def norm_io(_m: nn.Module, args: tuple, out: Any) -> None:
-        io.append((args[0], first_tensor(out)))
-
-    hooks = [
-        block.register_forward_pre_hook(block_in, with_kwargs=True),
-        block.register_forward_hook(block_out),
-        *(mod.register_forward_hook(norm_io) for _, mod in norms),
-    ]
-    try:
-        probe(model)
-    finally:
-        for h in hooks:
-            h.remove()
-    x, out = seen["x"], seen["out"]
-    pre = any(_close(inp, x) for inp, _ in io)
-    post = any(_close(o, out) for _, o in io)
-    sandwich = pre and any(_close(out - o, inp) for _, o in io for inp, _ in io if o.shape == out.shape)
-    kind = "post-LN" if post and not pre else "sandwich" if sandwich else "pre-LN" if pre else "other"
-    if getattr(model.config, "lns", None):
-        kind += "+LNS"
-    return kind
-
-
-def describe(model: nn.Module, layers_path: str | None = None) -> dict[str, Any]:
-    """What ``lnsdiag inspect`` shows: the stack, its block class, a block's sub-layers, norm placement."""
-    stack = find_layers(model, layers_path)
-    return {"layer_stack": stack.path, "num_layers": len(stack), "block": type(stack.layers[0]).__name__,
-            "sublayers": sublayers(stack.layers[0]), "norm_placement": norm_placement(model, stack)}

@@ -30,7 +30,8 @@ class BlockRun:
 def watch_block(model: nn.Module, block: nn.Module, modules: Mapping[str, nn.Module]) -> BlockRun:
     """Run :func:`~lnsdiag.model.structure.probe` once and record ``block`` and ``modules``.
 
-    Only the first call of each is kept (a block runs once per pass). Exceptions of the model's
+    Only the first call of each is kept: a block runs once per pass, and so do its norms and
+    sub-layers in every family tested (``tests/test_surgery.py``). Exceptions of the model's
     forward propagate; the model is restored either way.
     """
     run = BlockRun()

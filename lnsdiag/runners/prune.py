@@ -25,7 +25,8 @@ from ..distributed import is_main
 from ..engine.sweep import SweepOutcome, run_fast, run_naive
 from ..errors import Interrupted, UserError
 from ..model.load import LoadedModel
-from ..model.structure import find_layers, norm_placement, parse_layer_spec
+from ..model.placement import norm_placement
+from ..model.structure import find_layers, parse_layer_spec
 from ..progress import SILENT, Progress
 from ..results.store import ResultStore, VariantResult, plan_variants
 from ..results.verdict import BOOTSTRAP_CAP, BOOTSTRAP_FLOOR, PYTHON_CAP, Margins, prune_frame, rule_text

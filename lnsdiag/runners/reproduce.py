@@ -29,7 +29,8 @@ from ..errors import UserError
 from ..interventions.lns import check_init
 from ..measure.angular import AngularConfig, AngularResult, angular_on_windows
 from ..measure.variance import VarianceResult, variance_on_windows
-from ..model.structure import find_layers, norm_placement
+from ..model.placement import norm_placement
+from ..model.structure import find_layers
 from ..progress import SILENT, Labelled, Progress
 from ..runs import Timer, run_record
 

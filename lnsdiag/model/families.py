@@ -1,0 +1,100 @@
+"""What lnsdiag knows about particular model families, and nothing else: one table per question.
+
+lnsdiag finds a model's parts by looking (the block stack, its norms, how it normalises, what
+a block returns); what cannot be found by looking is named here, and nowhere else. **A new
+family = one entry here**: its names added to the tables below that it needs (a Llama-like
+model needs none). Each table, what it answers, and who asks:
+
+==========================  ==================================================  ================================
+table                       what it answers                                     used by
+==========================  ==================================================  ================================
+``LAYER_PATHS``             where the block stack lives (tried in order)        ``model.structure.find_layers``
+``LAYER_COUNT_FIELDS``      the config field declaring the number of blocks     ``model.structure``
+``ATTENTION_NAMES``         a block's attention child                           ``model.structure.sublayers``
+``MLP_NAMES``               a block's MLP (or MoE) child                        ``model.structure.sublayers``
+``CACHE_KWARGS``            the keyword a block receives its KV cache under     ``interventions.removal``
+``WINDOW_FIELDS``           config fields bounding how far attention reaches    ``engine.fast``
+``PER_LAYER_CONFIG_LISTS``  per-block config lists, cut with the blocks          ``checkpoint.save``
+``ENCODER_ONLY_*``          which checkpoints load with their masked-LM head    ``model.load``
+``POST_LN_BLOCKS``          blocks whose forward is Llama's (Post-LN twins)     ``interventions.postln``
+``OUTPUT_PROJECTIONS``      sub-layer output projections (scaled init)          ``interventions.lns.initialize``
+``ALIASES``                 the paper's models by the short names of its plots  ``model.load``, ``cli``
+==========================  ==================================================  ================================
+"""
+
+from __future__ import annotations
+
+#: Where the block stack lives. Tried in order; the first non-empty ModuleList wins (after them,
+#: any single ModuleList as long as the configured layer count).
+LAYER_PATHS: tuple[str, ...] = (
+    "model.layers",  # Llama, Mistral, Mixtral, Qwen2/3(-MoE), DeepSeek-V2/V3, Gemma2/3, Phi3
+    "model.language_model.layers",  # multimodal wrappers (Gemma3, Llava-style)
+    "model.decoder.layers",  # OPT
+    "transformer.h",  # GPT-2, GPT-J, Bloom, Falcon
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "bert.encoder.layer",  # BERT
+    "roberta.encoder.layer",
+    "encoder.layer",  # bare BertModel
+    "transformer.layers",
+    "backbone.layers",
+    "layers",
+    "h",
+)
+
+#: Config fields that declare the number of blocks, tried in order (of the text config).
+LAYER_COUNT_FIELDS: tuple[str, ...] = ("num_hidden_layers", "n_layer", "num_layers")
+
+#: Child names of a block's attention sub-layer; the first one present wins.
+ATTENTION_NAMES: tuple[str, ...] = ("self_attn", "attention", "attn", "self_attention")
+#: Child names of a block's MLP (or mixture-of-experts) sub-layer; the first one present wins.
+MLP_NAMES: tuple[str, ...] = ("mlp", "block_sparse_moe", "feed_forward", "ffn", "intermediate")
+
+#: Keyword names under which blocks receive their KV cache (transformers 4.x and 5.x): a removed
+#: block still runs when a call carries one, so the cache it would have written is there.
+CACHE_KWARGS: tuple[str, ...] = ("past_key_values", "past_key_value", "layer_past")
+
+#: Config fields that bound how far back a token attends (field, how to call it): a row longer
+#: than the window holds keys no query uses.
+WINDOW_FIELDS: tuple[tuple[str, str], ...] = (
+    ("sliding_window", "sliding window"),  # Mistral, Qwen2, Gemma 2/3, Phi-3, Cohere 2, GPT-OSS, ...
+    ("window_size", "local attention window"),  # GPT-Neo
+    ("attention_window", "local attention window"),  # Longformer, LED
+    ("attention_window_size", "local attention window"),  # RecurrentGemma
+    ("sliding_window_size", "sliding window"),  # MiMo-V2
+    ("local_attention_window_len", "local attention window"),  # BLT
+    ("local_attention", "local attention window"),  # ModernBERT
+    ("attention_chunk_size", "attention chunk"),  # Llama 4: chunked attention
+    ("sliding_windows", "sliding window"),
+)
+
+#: Config fields that hold one entry per block (its attention kind, rope or not, ...): a model
+#: built without some blocks keeps the entries of the others.
+PER_LAYER_CONFIG_LISTS: tuple[str, ...] = ("layer_types", "no_rope_layers", "mlp_layer_types",
+                                           "attention_layer_types")
+
+#: Architecture suffixes and model types of encoder-only models, which load with their masked-LM
+#: head (BERT) rather than as causal LMs.
+ENCODER_ONLY_ARCHITECTURES: tuple[str, ...] = ("ForMaskedLM", "ForPreTraining")
+ENCODER_ONLY_MODEL_TYPES: frozenset[str] = frozenset({
+    "bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "electra", "distilbert",
+    "albert", "modernbert",
+})
+
+#: Blocks whose pre-LN forward is exactly Llama's, so moving the norms after the residual adds
+#: is the whole of a Post-LN twin.
+POST_LN_BLOCKS: tuple[str, ...] = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer",
+                                   "Qwen3DecoderLayer")
+
+#: Names of the sub-layers' output projections (what depth-scaled initialisation shrinks).
+OUTPUT_PROJECTIONS: tuple[str, ...] = ("o_proj", "down_proj", "out_proj", "c_proj", "dense_4h_to_h", "fc2", "w2",
+                                       "wo")
+
+#: The paper's models, by the short names its figures use.
+ALIASES: dict[str, str] = {
+    "llama": "meta-llama/Llama-2-7b-hf",
+    "llama-13b": "meta-llama/Llama-2-13b-hf",
+    "mistral": "mistralai/Mistral-7B-v0.1",
+    "qwen": "Qwen/Qwen3-8B",
+    "deepseek": "deepseek-ai/deepseek-llm-7b-base",
+    "bert": "google-bert/bert-large-uncased",
+}
