@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lnsdiag.checkpoint.save import build_without_layers
+from lnsdiag.checkpoint.reference import build_without_layers
 from lnsdiag.errors import UserError
 from lnsdiag.interventions import lns, postln
 from lnsdiag.interventions.removal import removed_layers

@@ -13,7 +13,7 @@ import torch
 import transformers as tf
 
 from bench import shapes
-from lnsdiag.checkpoint.save import build_without_layers
+from lnsdiag.checkpoint.reference import build_without_layers
 from lnsdiag.engine.fast import (
     SweepEngine,
     _shared_inputs,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lnsdiag.checkpoint.save import build_without_layers
+from lnsdiag.checkpoint.reference import build_without_layers
 from lnsdiag.cli import app
 from lnsdiag.data.windows import TokenWindows
 from lnsdiag.engine.fast import PASS_PHASE

@@ -261,6 +261,33 @@ def test_figure_has_a_panel_per_metric_a_line_per_strategy_and_the_full_model():
     assert len(colours) == 5 and len(markers) == 5
 
 
+def test_each_strategy_keeps_its_colour_and_marker():
+    frame = pd.concat([shrink_frame(2), shrink_frame(2, strategies=("given",)).query("strategy == 'given'")])
+    fig = report.shrink_figure(frame, ["arc_easy"])
+    handles = fig.legends[0].legend_handles[:6]  # a line per strategy, then the full model and the key
+    assert {" ".join(h.get_label().split()): (h.get_color(), h.get_marker()) for h in handles} == {
+        "angular: least-changing block": ("#0072B2", "o"), "bi: lowest block influence": ("#D55E00", "s"),
+        "sweep: smallest one-layer Δ": ("#009E73", "^"), "greedy: one layer at a time": ("#E69F00", "D"),
+        "last: the last n layers": ("#CC79A7", "v"), "given: the layers asked for": ("#56B4E9", "P")}
+
+
+def test_a_newly_registered_strategy_is_ordered_and_styled_without_report_code(monkeypatch):
+    from lnsdiag.runners import strategies
+
+    middle = strategies.Strategy("middle", "the layers around the middle", "the middle n layers",
+                                 strategies.Need.NOTHING, lambda evidence, n_max: [])
+    monkeypatch.setattr(strategies, "STRATEGIES", (*strategies.STRATEGIES, middle))
+    frame = shrink_frame(2, strategies=("bi", "sweep", "last"))
+    frame["strategy"] = frame["strategy"].replace({"sweep": "middle"})  # listed before last in the frame
+    strategy = [str(c) for c in _tables(report.shrink_table(frame, ["arc_easy"]))[0].columns[0]._cells]
+    assert [s for s in strategy if s] == ["full", "bi", "last", "middle"]
+    fig = report.shrink_figure(frame, ["arc_easy"])
+    handles = fig.legends[0].legend_handles[:3]
+    assert [" ".join(h.get_label().split()) for h in handles] == [
+        "bi: lowest block influence", "last: the last n layers", "middle: the middle n layers"]
+    assert [h.get_marker() for h in handles] == ["s", "v", "X"]  # its own, after the five registered before it
+
+
 def test_dead_points_are_filled_and_the_others_hollow():
     frame = shrink_frame(4, strategies=("angular",), tasks={"arc_easy": "acc"})
     fig = report.shrink_figure(frame, ["arc_easy"])

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lnsdiag.checkpoint.save import build_without_layers
+from lnsdiag.checkpoint.reference import build_without_layers
 from lnsdiag.data.text import TextSource
 from lnsdiag.data.windows import TokenWindows
 from lnsdiag.demo import model as demo_model

@@ -14,14 +14,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lnsdiag.checkpoint import save as rebuild
-from lnsdiag.checkpoint.save import (
-    PROVENANCE_FILE,
-    build_without_layers,
-    model_card,
-    parse_size,
-    read_provenance,
-    save_without_layers,
-)
+from lnsdiag.checkpoint.card import PROVENANCE_FILE, model_card, read_provenance
+from lnsdiag.checkpoint.reference import build_without_layers
+from lnsdiag.checkpoint.save import parse_size, save_without_layers
 from lnsdiag.errors import UserError
 from lnsdiag.interventions.lns import apply_lns
 from lnsdiag.interventions.removal import removed_layers

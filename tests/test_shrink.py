@@ -15,13 +15,13 @@ import pytest
 import torch
 import transformers as tf
 
-from lnsdiag.checkpoint.save import build_without_layers
+from lnsdiag.checkpoint.reference import build_without_layers
 from lnsdiag.data.windows import TokenWindows
 from lnsdiag.engine.fast import SweepEngine, layer_passes, naive_layer_passes, removal_set
 from lnsdiag.errors import Interrupted, UserError
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
-from lnsdiag.runners import shrink
+from lnsdiag.runners import shrink, strategies
 from lnsdiag.runners.prune import PruneConfig
 from lnsdiag.scoring.lmeval.scorer import LmEvalScorer
 from lnsdiag.scoring.lmeval.tasks import load_tasks
@@ -77,10 +77,51 @@ def test_strategy_definitions_on_known_numbers():
                            for n, ds in ((1, [0.5, 0.2, 0.1, 0.1, 0.3]), (2, [0.6, 0.25, 0.15, 0.4]),
                                          (3, [0.7, 0.3, 0.35]))
                            for s, d in enumerate(ds)])
-    assert _picks("angular", shrink.angular_picks(blocks, 3)) == {1: (2,), 2: (2, 3), 3: (1, 2, 3)}
     layers = pd.DataFrame({"layer": range(5), "block_influence": [0.4, 0.05, 0.2, 0.05, 0.3]})
-    assert _picks("bi", shrink.bi_picks(layers, 3)) == {1: (1,), 2: (1, 3), 3: (1, 2, 3)}
-    assert _picks("last", shrink.last_picks(5, 3)) == {1: (3,), 2: (2, 3), 3: (1, 2, 3)}
+    evidence = strategies.Evidence(num_layers=5, blocks=blocks, per_layer=layers)
+
+    def picks(name):
+        return _picks(name, strategies.registered(name).picks(evidence, 3))
+
+    assert picks("angular") == {1: (2,), 2: (2, 3), 3: (1, 2, 3)}
+    assert picks("bi") == {1: (1,), 2: (1, 3), 3: (1, 2, 3)}
+    assert picks("last") == {1: (3,), 2: (2, 3), 3: (1, 2, 3)}
+
+
+def test_the_registry_orders_help_and_checks_strategies():
+    assert strategies.names() == ("angular", "bi", "sweep", "greedy", "last")
+    assert strategies.output_order() == (*strategies.names(), "given")
+    assert shrink.ShrinkConfig(strategies="last,bi").strategies == ("last", "bi")
+    with pytest.raises(UserError, match=r"unknown --strategy 'x' \(use angular, bi, sweep, greedy, last or all\)"):
+        shrink.ShrinkConfig(strategies="bi,x")
+    with pytest.raises(UserError, match="the angular and bi strategies need angular distances"):
+        shrink.ShrinkConfig(strategies="last,bi", scoring=PruneConfig(angular=False))
+    shrink.ShrinkConfig(strategies="sweep,greedy,last", scoring=PruneConfig(angular=False))
+    backwards = strategies.Strategy("backwards", "", "", strategies.Need.NOTHING,
+                                    lambda evidence, n_max: [((2, 1)[:n], 0.5) for n in range(1, n_max + 1)])
+    assert [(p.n, p.layers, p.selection) for p in backwards.picks(strategies.Evidence(num_layers=3), 2)] == [
+        (1, (2,), 0.5), (2, (1, 2), 0.5)]  # sorted, as every store key is
+    too_many = strategies.Strategy("bad", "", "", strategies.Need.NOTHING, lambda evidence, n_max: [((0, 1), 0.0)])
+    with pytest.raises(ValueError, match="not 1 distinct layers"):
+        too_many.picks(strategies.Evidence(num_layers=3), 1)
+
+
+def _middle(evidence, n_max):
+    mid = evidence.num_layers // 2
+    return [(tuple(range(mid - n // 2, mid - n // 2 + n)), math.nan) for n in range(1, n_max + 1)]
+
+
+def test_a_new_strategy_is_one_function_and_one_registration(six_layers, ppl_file, tmp_path, monkeypatch):
+    """Registered last, it is accepted by --strategy, scored like the others and listed after them."""
+    middle = strategies.Strategy("middle", "the layers around the middle", "the middle n layers",
+                                 strategies.Need.NOTHING, _middle)
+    monkeypatch.setattr(strategies, "STRATEGIES", (*strategies.STRATEGIES, middle))
+    run = shrink.run(six_layers, _config(ppl_file, remove=2, strategies="middle,last"), tmp_path / "m")
+    assert [(p.strategy, p.n, p.layers) for p in run.picks] == [("last", 1, (4,)), ("last", 2, (3, 4)),
+                                                                 ("middle", 1, (3,)), ("middle", 2, (2, 3))]
+    assert list(pd.unique(run.frame["strategy"])) == ["full", "last", "middle"]
+    middle_ppl = run.frame[(run.frame["strategy"] == "middle") & (run.frame["metric"] == "ppl")]
+    assert list(middle_ppl["removed_layers"]) == ["3", "2,3"] and middle_ppl["verdict"].notna().all()
 
 
 def _ppl_scorer(model, tokenizer):
@@ -163,7 +204,7 @@ def test_picks_score_what_lm_eval_gives_the_rebuilt_model(six_layers, tmp_path):
                                                                ppl_text=str(text), seq_len=48, ppl_max_tokens=600,
                                                                batch_size=4, bootstrap_iters=0))
     run = shrink.run(six_layers, config, tmp_path / "out")
-    assert set(run.frame["strategy"]) == {"full", *shrink.STRATEGIES}
+    assert set(run.frame["strategy"]) == {"full", *strategies.names()}
     taskset = load_tasks(["tiny_mc"], str(tasks_dir))
     seen = set()
     for _, r in run.frame[(run.frame["task"] == "tiny_mc")].iterrows():
@@ -232,7 +273,7 @@ def test_cli_writes_curves_tables_and_record(tiny_llama_dir, tmp_path):
         assert (out / name).is_file(), name
     frame = read_shrink(out / "shrink.csv")
     assert list(frame.columns) == shrink.COLUMNS
-    assert set(frame["strategy"]) == {"full", *shrink.STRATEGIES}
+    assert set(frame["strategy"]) == {"full", *strategies.names()}
     assert set(frame["n_removed"]) == {0, 1, 2}
     assert all(isinstance(x, str) for x in frame["removed_layers"])
     meta = __import__("json").loads((out / "meta.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lnsdiag.checkpoint.save import build_without_layers
+from lnsdiag.checkpoint.reference import build_without_layers
 from lnsdiag.errors import UserError
 from lnsdiag.interventions.removal import removed_layers
 from lnsdiag.model.patch import Patches, kept, patched, patched_forward, release

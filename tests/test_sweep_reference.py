@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from lnsdiag.checkpoint.save import build_without_layers
+from lnsdiag.checkpoint.reference import build_without_layers
 from lnsdiag.engine.sweep import run_fast
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers

@@ -1,1 +1,15 @@
-"""Models really built without units, saved checkpoints and their model cards."""
+"""A model without some blocks, for real: the reference every removal is tested against, and the
+pruned model written as a checkpoint that plain ``from_pretrained`` loads.
+
+* :mod:`.reference` — :func:`~.reference.build_without_layers`: a fresh model of the same class
+  built from a config that really has fewer layers (each kept layer keeping its role), with the
+  kept weights copied in; the independent answer hooked removal must match.
+* :mod:`.save` — :func:`~.save.save_without_layers`: the same reduced config and the kept
+  weights streamed into safetensors shards (tied weights, dtype, atomic staging folder);
+  :class:`~.save.SavedCheckpoint` says what was written.
+* :mod:`.card` — what a pruned checkpoint says about itself: the ``README.md`` model card and the
+  ``lnsdiag_pruned.json`` provenance record (:func:`~.card.read_provenance`,
+  :func:`~.card.provenance_line` for ``lnsdiag inspect``).
+
+``reference`` depends on nothing here; ``save`` uses both others; ``card`` is plain text and JSON.
+"""

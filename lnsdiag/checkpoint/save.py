@@ -1,14 +1,10 @@
-"""The reference for every removal: a model really built without some blocks, and the same
-model written as a real checkpoint.
+"""A model without some blocks, written as a real Hugging Face checkpoint without ever building it.
 
-A fresh model of the same class is constructed from a config that really has fewer layers
-(each kept layer keeping its role: layer types, MoE/dense split, LNS scale), and the kept
-weights are copied into it. Tests compare ``surgery.removed_layers`` with it.
-
-:func:`save_without_layers` writes that model as a Hugging Face checkpoint (plain
-``from_pretrained`` loads it) without ever building it: the kept tensors stream from the
-loaded model's ``state_dict`` into safetensors shards under their new names, beside the
-reduced config, a model card and ``lnsdiag_pruned.json`` (where it comes from).
+:func:`save_without_layers` streams the kept tensors from the loaded model's ``state_dict`` into
+safetensors shards under their new names (tied aliases left out, as ``save_pretrained`` does),
+beside the config :mod:`.reference` reduces, the tokenizer, and the model card and provenance
+record of :mod:`.card`. Everything is written into a hidden staging folder renamed into place at
+the end, so a failure leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -19,8 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,80 +25,12 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..model.structure import LayerStack, find_layers, parse_layer_spec, text_config
+from ..interventions.lns import has_lns_hooks, is_lns
+from ..model.load import LoadedModel
+from ..model.structure import LayerStack, find_layers, parse_layer_spec
+from .card import PROVENANCE_FILE, model_card, provenance_record, recorded_norm_scheme
+from .reference import config_without
 
-#: Config fields that hold one entry per layer.
-_PER_LAYER_LISTS = ("layer_types", "no_rope_layers", "mlp_layer_types", "attention_layer_types")
-
-
-def _config_without(config: Any, keep: list[int], total: int) -> Any:
-    """A copy of ``config`` describing only the ``keep`` layers, each with its old role."""
-    new = copy.deepcopy(config)
-    text = text_config(new)
-    new_index = {old: new_i for new_i, old in enumerate(keep)}
-    for name in _PER_LAYER_LISTS:
-        value = getattr(text, name, None)
-        if isinstance(value, (list, tuple)) and len(value) == total:
-            setattr(text, name, [value[i] for i in keep])
-    # Qwen2/3-MoE: which layers are dense comes from a list and a stride; write it out.
-    if hasattr(text, "mlp_only_layers") and hasattr(text, "decoder_sparse_step"):
-        step = text.decoder_sparse_step or 1
-        dense = [
-            i for i in range(total)
-            if i in (text.mlp_only_layers or []) or not (text.num_experts > 0 and (i + 1) % step == 0)
-        ]
-        text.mlp_only_layers = [new_index[i] for i in dense if i in new_index]
-        text.decoder_sparse_step = 1
-    # DeepSeek-V2/V3: the first k layers are dense.
-    if isinstance(getattr(text, "first_k_dense_replace", None), int):
-        text.first_k_dense_replace = sum(1 for i in keep if i < text.first_k_dense_replace)
-    # LayerNorm Scaling (lnsdiag.lns): the kept blocks keep their original l.
-    lns = getattr(new, "lns", None)
-    if isinstance(lns, dict):
-        scales = [int(i) for i in (lns.get("layers") or range(1, total + 1))]
-        new.lns = {**lns, "layers": [scales[i] for i in keep]}
-    text.num_hidden_layers = len(keep)
-    return new
-
-
-def build_without_layers(model: nn.Module, layers: Iterable[int], stack: LayerStack | None = None) -> nn.Module:
-    """Build a new model of the same class whose config has the layers really removed.
-
-    Remaining weights are copied (strictly: every tensor must find its place, so a config
-    that misdescribes a layer's kind fails loudly). A LayerNorm-Scaling or Post-LN model stays
-    one, each kept block with its original scale. The original is untouched.
-    """
-    stack = stack or find_layers(model)
-    total = len(stack)
-    drop = set(parse_layer_spec(list(layers), total))
-    keep = [i for i in range(total) if i not in drop]
-    config = _config_without(model.config, keep, total)
-    param = next(model.parameters())
-    new_model = type(model)(config).to(dtype=param.dtype, device=param.device)
-    prefix = stack.path + "."
-    state = {}
-    new_index = {old: new_i for new_i, old in enumerate(keep)}
-    for key, value in model.state_dict().items():
-        if key.startswith(prefix):
-            idx, _, rest = key[len(prefix):].partition(".")
-            if int(idx) in drop:
-                continue
-            key = f"{prefix}{new_index[int(idx)]}.{rest}"
-        state[key] = value
-    new_model.load_state_dict(state, strict=True)
-    from ..model.load import restore_norms
-
-    restore_norms(new_model)  # LNS hooks / Post-LN forwards, as the reduced config records them
-    if getattr(model, "generation_config", None) is not None:
-        new_model.generation_config = copy.deepcopy(model.generation_config)
-    return new_model.eval()
-
-
-# --- writing a pruned model as a real checkpoint ---------------------------------------------
-
-#: The machine-readable record of where a pruned checkpoint comes from, beside its config.
-PROVENANCE_FILE = "lnsdiag_pruned.json"
-PROVENANCE_VERSION = 1
 #: Files :func:`save_without_layers` writes itself; ``extra_files`` may not replace them.
 _RESERVED = ("config.json", "generation_config.json", "README.md", PROVENANCE_FILE, "model.safetensors",
              "model.safetensors.index.json")
@@ -162,7 +89,7 @@ def save_without_layers(
 
     The folder loads with plain ``AutoModelForCausalLM.from_pretrained(folder)``: the kept
     blocks' weights, renumbered (block 5 of 8 without 2 and 3 becomes block 3), under a config
-    reduced as :func:`build_without_layers` reduces it (layer count, layer types, MoE layout,
+    reduced as :func:`.reference.build_without_layers` reduces it (layer count, layer types, MoE layout,
     DeepSeek's dense prefix, LNS scales); safetensors in the model's dtype, sharded above
     ``max_shard_size`` with a ``model.safetensors.index.json``. Tensors go from the model's
     own ``state_dict`` to the files shard by shard, written as ``save_pretrained`` writes them
@@ -172,7 +99,7 @@ def save_without_layers(
     ``lnsdiag_pruned.json`` (the provenance: ``source``, ``revision``, removed and kept layers,
     ``strategy``, ``provenance``'s fields) and ``extra_files`` (name -> text).
 
-    ``model`` may be a :class:`~lnsdiag.models.LoadedModel`: its tokenizer, source and revision
+    ``model`` may be a :class:`~lnsdiag.model.load.LoadedModel`: its tokenizer, source and revision
     are then the defaults.
 
     A model whose config records LayerNorm Scaling (``lns``) or Post-LN (``post_ln``) keeps the
@@ -184,8 +111,6 @@ def save_without_layers(
     is refused unless ``overwrite=True``, which replaces it (only a model folder, one with a
     ``config.json``) once the new checkpoint is complete.
     """
-    from ..model.load import LoadedModel
-
     if isinstance(model, LoadedModel):
         tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         source = source or model.source
@@ -200,16 +125,16 @@ def save_without_layers(
     max_bytes = parse_size(max_shard_size)
     extras = _check_extra_files(extra_files)
 
-    config = _config_without(model.config, keep, total)
+    config = config_without(model.config, keep, total)
     dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype  # transformers: first float weight's
     _set_dtype(config, dtype)
     config.architectures = [type(model).__name__]
     source = source or _name_or_path(model) or None
-    record = _provenance(model, stack, removed, keep, source=source, revision=revision, strategy=strategy,
-                         extra=provenance, dtype=dtype)
+    record = provenance_record(model, stack, removed, keep, source=source, revision=revision, strategy=strategy,
+                               extra=provenance, dtype=dtype)
     if card is None:
-        card = model_card(source=source, revision=revision or record.get("commit"),
-                          removed=removed, num_layers=total, strategy=strategy, norm_scheme=_norm_scheme(config),
+        card = model_card(source=source, revision=revision or record.get("commit"), removed=removed,
+                          num_layers=total, strategy=strategy, norm_scheme=recorded_norm_scheme(config),
                           path=str(target))
 
     num_parameters = _kept_parameters(model, stack, removed)
@@ -269,8 +194,6 @@ def _check_savable(model: nn.Module, stack: LayerStack) -> None:
     if any(p.device.type == "meta" for p in model.parameters()):
         raise UserError("some weights are offloaded (on the meta device): load the model without disk/CPU "
                         "offload to save it")
-    from ..interventions.lns import has_lns_hooks, is_lns
-
     if not is_lns(model) and has_lns_hooks(model, stack):
         raise UserError("the model runs LayerNorm Scaling hooks that its config does not record (config.lns): "
                         "the saved checkpoint would lose them")
@@ -300,15 +223,6 @@ def _name_or_path(model: nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
 
 
-def _norm_scheme(config: Any) -> str | None:
-    """The norm scheme a config records that plain transformers does not run, if any."""
-    if isinstance(getattr(config, "lns", None), dict) and config.lns:
-        return "LayerNorm Scaling"
-    if getattr(config, "post_ln", None):
-        return "Post-LN"
-    return None
-
-
 def _kept_parameters(model: nn.Module, stack: LayerStack, removed: list[int]) -> int:
     """Parameters of the pruned model (shared ones once), as ``num_parameters`` counts them."""
     kept = {id(p): p.numel() for p in model.parameters()}
@@ -316,48 +230,6 @@ def _kept_parameters(model: nn.Module, stack: LayerStack, removed: list[int]) ->
         for p in stack.layers[i].parameters():
             kept.pop(id(p), None)
     return sum(kept.values())
-
-
-def _provenance(model: nn.Module, stack: LayerStack, removed: list[int], keep: list[int], *, source: str | None,
-                revision: str | None, strategy: str | None, extra: Mapping[str, Any] | None, dtype: Any
-                ) -> dict[str, Any]:
-    import importlib.metadata as md
-
-    from .. import __version__
-
-    def version(pkg: str) -> str | None:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    config = model.config
-    record: dict[str, Any] = {
-        "format": "lnsdiag-pruned",
-        "version": PROVENANCE_VERSION,
-        "source": source,
-        "revision": revision,
-        "commit": getattr(config, "_commit_hash", None),
-        "architecture": type(model).__name__,
-        "model_type": getattr(config, "model_type", None),
-        "layer_stack": stack.path,
-        "original_layers": len(stack),
-        "removed_layers": removed,
-        "kept_layers": keep,
-        "num_layers": len(keep),
-        "strategy": strategy,
-        "norm_scheme": _norm_scheme(config),
-        "dtype": str(dtype).removeprefix("torch."),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "lnsdiag": __version__,
-        "transformers": version("transformers"),
-        "torch": version("torch"),
-    }
-    for key, value in (extra or {}).items():
-        if key in record:
-            raise UserError(f"provenance field {key!r} is set by lnsdiag itself; name it differently")
-        record[key] = value
-    return record
 
 
 # --- the weights, shard by shard ---
@@ -521,142 +393,3 @@ def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-# --- the card and the record ---
-
-def _is_hub_id(name: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*", name)) and not Path(name).exists()
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str("" if value is None else value).replace("|", "\\|").replace("\n", " ")
-
-
-def _layer_list(layers: Iterable[int]) -> str:
-    return ", ".join(str(i) for i in layers)
-
-
-def model_card(
-    *,
-    source: str | None,
-    removed: Sequence[int],
-    num_layers: int,
-    revision: str | None = None,
-    strategy: str | None = None,
-    n: int | None = None,
-    scores: Sequence[Mapping[str, Any]] | None = None,
-    norm_scheme: str | None = None,
-    path: str | None = None,
-    version: str | None = None,
-    notes: str | None = None,
-) -> str:
-    """The Markdown model card (``README.md``) of a pruned checkpoint.
-
-    ``source``/``revision``: the model the layers were removed from; ``removed``: 0-based, original
-    numbering; ``num_layers``: the original depth; ``strategy`` and ``n``: how the layers were chosen
-    (N defaults to the number removed); ``scores``: rows of a small table (dicts, their keys the
-    columns); ``norm_scheme``: a norm scheme the config records that only lnsdiag re-installs
-    (``LayerNorm Scaling``, ``Post-LN``); ``path``: the folder, for the loading snippet.
-    """
-    if version is None:
-        from .. import __version__ as version
-    removed = sorted(int(i) for i in removed)
-    kept = num_layers - len(removed)
-    path = path or "path/to/this/folder"
-    hub = bool(source) and _is_hub_id(source)
-    short = (source or "").rstrip("/").rsplit("/", 1)[-1] or "Pruned model"
-    link = f"[{source}](https://huggingface.co/{source})" if hub else f"`{source}`" if source else "A model"
-    at = f" (revision `{revision}`)" if revision else ""
-    front = ["---"]
-    if source:  # the hub's base_model takes hub ids only: a local path is recorded as a comment
-        front.append(f"base_model: {source}" if hub else f"# base model: {source}")
-    front += ["library_name: transformers", "tags: [lnsdiag, pruned]", "---", ""]
-    lines = [
-        *front,
-        f"# {short}, without layers {_layer_list(removed)}",
-        "",
-        f"{link}{at} with {len(removed)} of its {num_layers} transformer blocks removed by "
-        f"lnsdiag {version}. No weight was changed: the {kept} remaining blocks are the "
-        "original ones, renumbered from 0, and the config describes them (each kept block keeps its role).",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| Source model | {f'`{source}`' if source else 'not recorded'}{f' @ `{revision}`' if revision else ''} |",
-        f"| Removed layers (0-based, original numbering) | {_layer_list(removed)} |",
-    ]
-    if strategy:
-        lines.append(f"| Strategy | {_cell(strategy)} (N = {n if n is not None else len(removed)}) |")
-    lines += [
-        f"| Layers kept | {kept} of {num_layers} |",
-        f"| Made with | lnsdiag {version} |",
-        "",
-    ]
-    if scores:
-        columns: list[str] = []
-        for row in scores:
-            columns.extend(k for k in row if k not in columns)
-        lines += ["## Scores", "", "| " + " | ".join(_cell(c) for c in columns) + " |",
-                  "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in scores]
-        lines.append("")
-    lines += [
-        "## How to load",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained("{path}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{path}")',
-        "```",
-        "",
-    ]
-    if norm_scheme:
-        lines += [
-            f"**This model uses {norm_scheme}**, recorded in `config.json` "
-            f"(`{'lns' if norm_scheme == 'LayerNorm Scaling' else 'post_ln'}`), each kept block with its original "
-            "setting. Plain transformers ignores that record and runs the blocks without it, which gives wrong "
-            "outputs. Load it with lnsdiag, which re-installs it:",
-            "",
-            "```python",
-            "from lnsdiag import load_model",
-            "",
-            f'loaded = load_model("{path}")  # or lnsdiag.restore_norms(model) after from_pretrained',
-            "```",
-            "",
-        ]
-    lines += [f"`{PROVENANCE_FILE}` records the same provenance for programs; `lnsdiag inspect` shows it.", ""]
-    if notes:
-        lines += [notes.strip(), ""]
-    return "\n".join(lines)
-
-
-def read_provenance(folder: str | Path) -> dict[str, Any] | None:
-    """The ``lnsdiag_pruned.json`` record of a checkpoint folder, or None if it has none."""
-    path = Path(folder) / PROVENANCE_FILE
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} is unreadable: {exc}") from exc
-    if not isinstance(record, dict):
-        raise UserError(f"{path} is not an lnsdiag provenance record")
-    return record
-
-
-def provenance_line(record: Mapping[str, Any]) -> str:
-    """One line saying what a pruned checkpoint is, for ``lnsdiag inspect``."""
-    source = record.get("source") or "an unnamed model"
-    pin = record.get("revision") or (str(record["commit"])[:12] if record.get("commit") else None)
-    removed = record.get("removed_layers") or []
-    total = record.get("original_layers")
-    line = (f"pruned from {source}{f' @ {pin}' if pin else ''}: layers {_layer_list(removed)}"
-            f"{f' of {total}' if total else ''} removed (original numbering)")
-    if record.get("strategy"):
-        line += f" by {record['strategy']}"
-    if record.get("norm_scheme"):
-        line += f"; {record['norm_scheme']} kept (lnsdiag re-installs it, plain transformers does not)"
-    return line

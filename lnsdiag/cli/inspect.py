@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ..checkpoint.save import provenance_line, read_provenance
+from ..checkpoint.card import provenance_line, read_provenance
 from ..model.families import ALIASES
 from ..model.load import ModelOptions
 from ..model.placement import describe

@@ -11,11 +11,17 @@ import typer
 from ..errors import UserError
 from ..model.load import ModelOptions
 from ..model.structure import find_layers
+from ..runners.shrink import ShrinkConfig, check_save_target, run, save_pick
+from ..runners.strategies import STRATEGIES
 from ..runs import Timer, output_dir
 from . import scoring as opt
 from . import ui
 from .common import Debug, Out, SeqLen, app, command, model_options
 from .show import show_shrink
+
+#: ``--strategy``'s help: every registered strategy, described as the registry describes it.
+STRATEGY_HELP = (", ".join(f"{s.name} ({s.help})" for s in STRATEGIES)
+                 + "; comma-separated \\[default: all].")
 
 
 @app.command("shrink")
@@ -25,9 +31,7 @@ def shrink_cmd(
     model: ModelOptions,
     remove: Annotated[int, typer.Option("--remove", "-n", help="Remove n = 1..N layers at once.")] = 4,
     strategy: Annotated[str | None, typer.Option(
-        "--strategy", "-s", help="angular (contiguous block of least angular distance, Gromov et al.), bi (lowest "
-        "Block Influence, ShortGPT), sweep (cheapest single removals), greedy (SLEB: re-scored after each removal), "
-        "last (the deepest before the final layer); comma-separated \\[default: all].", show_default=False)] = None,
+        "--strategy", "-s", help=STRATEGY_HELP, show_default=False)] = None,
     layers: Annotated[str | None, typer.Option(
         "--layers", "-l", help="Score this one set instead of strategies: 3,4,7 or 20-27.", show_default=False)] = None,
     rank_by: Annotated[str | None, typer.Option(
@@ -66,8 +70,6 @@ def shrink_cmd(
 ) -> None:
     """Remove 1..N layers at once by each strategy, score every choice against the full model, draw the
     pruning curves, and optionally save the smaller model."""
-    from ..runners.shrink import ShrinkConfig, check_save_target, run, save_pick
-
     scoring = opt.scoring_config(
         tasks=tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed,
         bootstrap_iters=bootstrap_iters, ppl_text=ppl_text, ppl_dataset=ppl_dataset,

@@ -1,7 +1,9 @@
 """Removing n layers at once (``lnsdiag shrink``): the pruning-curve table, summary, CSVs, LaTeX and plot.
 
 The input is tidy: one row per (strategy, n_removed, task, metric), the full model's rows under strategy
-``full`` with n_removed 0. Each strategy keeps its own rows even when two pick the same layers.
+``full`` with n_removed 0. Each strategy keeps its own rows even when two pick the same layers. Strategies
+are listed and styled by their place in the registry (:mod:`lnsdiag.runners.strategies`, plain data), so a
+new one needs nothing here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..results.verdict import PERPLEXITY_LIKE, base_metric, headline_metrics
+from ..runners.strategies import GIVEN, names, output_order, registered
 from ..runs import atomic_write, write_csv, write_json
 from .common import (
     DOUBLE_COLUMN,
@@ -40,18 +43,12 @@ COLUMNS = ["strategy", "n_removed", "removed_layers", "task", "metric", "value",
            "margin", "p_value", "p_holm", "verdict", "retention", "chance", "higher_is_better", "group", "samples",
            "selection"]
 FULL = "full"
-#: The strategies in the order every output lists them (others follow in the order they come).
-STRATEGIES = ("angular", "bi", "sweep", "greedy", "last", "given")
-#: How each strategy is drawn: an Okabe–Ito colour and a marker of its own, and its legend entry.
-STRATEGY_MARK = {
-    "angular": (PALETTE["blue"], "o", "angular: least-changing block"),
-    "bi": (PALETTE["vermillion"], "s", "bi: lowest block influence"),
-    "sweep": (PALETTE["green"], "^", "sweep: smallest one-layer Δ"),
-    "greedy": (PALETTE["orange"], "D", "greedy: one layer at a time"),
-    "last": (PALETTE["purple"], "v", "last: the last n layers"),
-    "given": (PALETTE["sky"], "P", "given: the layers asked for"),
-}
-_SPARE = [(PALETTE["black"], "X"), (PALETTE["grey"], "*"), (PALETTE["yellow"], "h")]
+#: How strategies are drawn, by their place in the registry: an Okabe–Ito colour and a marker each. Names
+#: the registry does not know (an old CSV's) take the styles after the registered ones.
+MARKS = ((PALETTE["blue"], "o"), (PALETTE["vermillion"], "s"), (PALETTE["green"], "^"), (PALETTE["orange"], "D"),
+         (PALETTE["purple"], "v"), (PALETTE["black"], "X"), (PALETTE["grey"], "*"), (PALETTE["yellow"], "h"))
+#: An explicit set's style and legend entry (it is no registered strategy).
+GIVEN_MARK = (PALETTE["sky"], "P", "given: the layers asked for")
 ERROR_BARS = "error bars: full model + paired 90% interval of Δ"
 #: The widest a removed-layer list is shown in the terminal table (the CSV keeps every layer).
 REMOVED_WIDTH = 20
@@ -122,15 +119,23 @@ def _is_full(frame: pd.DataFrame) -> pd.Series:
 
 
 def _strategies(frame: pd.DataFrame) -> list[str]:
+    """The strategies present, in the registry's order (an explicit set last), then any others as they come."""
     present = [s for s in pd.unique(frame.loc[~_is_full(frame), "strategy"]) if isinstance(s, str)]
-    return [s for s in STRATEGIES if s in present] + [s for s in present if s not in STRATEGIES]
+    order = output_order()
+    return [s for s in order if s in present] + [s for s in present if s not in order]
 
 
 def _mark(strategy: str, strategies: list[str]) -> tuple[str, str, str]:
-    if strategy in STRATEGY_MARK:
-        return STRATEGY_MARK[strategy]
-    spare = [s for s in strategies if s not in STRATEGY_MARK].index(strategy)
-    color, marker = _SPARE[spare % len(_SPARE)]
+    """Colour, marker and legend entry: a registered strategy's by its place in the registry."""
+    if strategy == GIVEN:
+        return GIVEN_MARK
+    known = names()
+    if strategy in known:
+        color, marker = MARKS[known.index(strategy) % len(MARKS)]
+        return color, marker, f"{strategy}: {registered(strategy).legend}"
+    spare = MARKS[len(known):] or MARKS
+    others = [s for s in strategies if s not in known and s != GIVEN]
+    color, marker = spare[others.index(strategy) % len(spare)]
     return color, marker, strategy
 
 

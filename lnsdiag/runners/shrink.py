@@ -1,7 +1,7 @@
 """`shrink` as a library call: remove n = 1..N layers at once, chosen by several strategies, and
 score every choice against the full model on the same data.
 
-The strategies are the ones the literature uses, side by side:
+The strategies (registered in :mod:`.strategies`) are the ones the literature uses, side by side:
 
 * ``angular`` — the contiguous block [l, l+n) whose input and output are closest in angle,
   d(x_l, x_{l+n}) (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers");
@@ -34,24 +34,39 @@ from typing import Any
 
 import pandas as pd
 
+from ..checkpoint.card import model_card
+from ..checkpoint.save import SavedCheckpoint, save_without_layers
 from ..data.text import TextSource, resolve_text
+from ..data.windows import TokenWindows
 from ..distributed import on_main
 from ..engine.fast import removal_set
 from ..engine.sweep import run_fast, run_naive
 from ..errors import Interrupted, UserError
 from ..interventions.removal import removed_layers
-from ..measure.angular import AngularResult
+from ..measure.angular import AngularConfig, AngularResult, angular_on_windows
+from ..measure.stream import default_seq_len
 from ..model.load import LoadedModel
 from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
 from ..results.store import ResultStore, VariantResult
 from ..results.verdict import headline_metrics, prune_frame, rule_text
-from ..runs import Timer, read_json, run_record, write_csv, write_json
+from ..runs import Timer, atomic_write, read_json, run_record, write_csv, write_json
 from .prune import PruneConfig, PruneInputs, Scoring, prepare_scoring
+from .strategies import (
+    GIVEN,
+    Evidence,
+    Need,
+    Pick,
+    RemovalSet,
+    Strategy,
+    harm,
+    names,
+    output_order,
+    registered,
+)
 
-STRATEGIES = ("angular", "bi", "sweep", "greedy", "last")
-#: The strategy name of an explicit ``layers`` set, and of the full model's rows.
-GIVEN, FULL = "given", "full"
+#: The strategy name of the full model's rows.
+FULL = "full"
 #: Files a run writes into its folder (``fresh`` removes them with the stored results).
 OUTPUTS = ("angular_blocks.csv", "angular_settings.json", "shrink.csv", "shrink_wide.csv", "shrink.tex",
            "shrink.png", "shrink.pdf", "meta.json")
@@ -61,21 +76,18 @@ COLUMNS = ["strategy", "n_removed", "removed_layers", "task", "metric", "value",
            "margin", "p_value", "p_holm", "verdict", "retention", "chance", "higher_is_better", "group", "samples",
            "selection"]
 
-RemovalSet = tuple[int, ...]
-
 
 def parse_strategies(value: str | Sequence[str] | None) -> tuple[str, ...]:
     """``"angular,greedy"`` or a sequence → a checked tuple (``None`` or ``"all"``: every strategy)."""
     if value is None:
-        return STRATEGIES
-    names = value.split(",") if isinstance(value, str) else list(value)
-    names = [n.strip().lower() for n in names if n.strip()]
-    if not names or names == ["all"]:
-        return STRATEGIES
-    unknown = [n for n in names if n not in STRATEGIES]
-    if unknown:
-        raise UserError(f"unknown --strategy {unknown[0]!r} (use {', '.join(STRATEGIES)} or all)")
-    return tuple(dict.fromkeys(names))
+        return names()
+    wanted = value.split(",") if isinstance(value, str) else list(value)
+    wanted = [n.strip().lower() for n in wanted if n.strip()]
+    if not wanted or wanted == ["all"]:
+        return names()
+    for name in wanted:
+        registered(name)  # known?
+    return tuple(dict.fromkeys(wanted))
 
 
 def parse_removal(value: str | Sequence[int]) -> RemovalSet:
@@ -133,8 +145,12 @@ class ShrinkConfig:
                 raise UserError(f"--remove must be at least 1, not {self.remove}")
         if self.rank_by is not None and "/" not in self.rank_by:
             raise UserError(f"--rank-by must be TASK/METRIC (e.g. arc_easy/acc or ppl/ppl), not {self.rank_by!r}")
-        if any(s in ("angular", "bi") for s in self.strategies) and not self.scoring.angular:
-            raise UserError("the angular and bi strategies need angular distances: drop --no-angular")
+        if any(Need.ANGULAR in s.needs for s in self.chosen()) and not self.scoring.angular:
+            raise UserError(f"{_needing_angular()} angular distances: drop --no-angular")
+
+    def chosen(self) -> list[Strategy]:
+        """The registered strategies to run, in registry order (none for an explicit set)."""
+        return [registered(name) for name in names() if name in self.strategies]
 
     def check_model(self, num_layers: int) -> None:
         """The removal must leave at least one layer and name real ones."""
@@ -147,14 +163,11 @@ class ShrinkConfig:
                 raise UserError(f"--layers {bad[0]} is out of range: the model has layers 0-{num_layers - 1}")
 
 
-@dataclass
-class Pick:
-    """One strategy's choice for n layers removed, and its own criterion for that choice."""
-
-    strategy: str
-    n: int
-    layers: RemovalSet
-    selection: float = math.nan
+def _needing_angular() -> str:
+    """Who needs angular distances, as the registry says: ``the angular and bi strategies need``."""
+    who = [name for name in names() if Need.ANGULAR in registered(name).needs]
+    listed = who[0] if len(who) == 1 else ", ".join(who[:-1]) + " and " + who[-1]
+    return f"the {listed} strateg{'ies need' if len(who) > 1 else 'y needs'}"
 
 
 @dataclass
@@ -189,56 +202,16 @@ class ShrinkRun:
                         f"{', '.join(sorted({p.strategy for p in self.picks}))})")
 
 
-def _harm(result: VariantResult, task: str, metric: str) -> float:
-    """How much worse than anything: the ranking metric's value, signed so that lower is better."""
-    for row in result.rows:
-        if row.task == task and row.metric == metric:
-            return -row.value if row.higher_is_better else row.value
-    raise UserError(f"--rank-by {task}/{metric}: no such metric in the results (have: "
-                    f"{', '.join(sorted({f'{r.task}/{r.metric}' for r in result.rows}))})")
-
-
 def _rank_metric(config: ShrinkConfig, baseline: VariantResult, tasks: list[str]) -> tuple[str, str]:
     if config.rank_by is not None:
         task, metric = config.rank_by.split("/", 1)
-        _harm(baseline, task, metric)  # exists?
+        harm(baseline, task, metric)  # exists?
         return task, metric
     frame = pd.DataFrame([{"task": r.task, "metric": r.metric} for r in baseline.rows])
     heads = headline_metrics(frame, tasks)
     if not heads:
         raise UserError("nothing to rank layers by: give --rank-by TASK/METRIC")
     return heads[0]
-
-
-def angular_picks(blocks: pd.DataFrame, n_max: int) -> list[Pick]:
-    """Gromov et al.: for each n the block [l, l+n) minimising d(x_l, x_{l+n})."""
-    picks = []
-    for n in range(1, n_max + 1):
-        part = blocks[blocks["block_size"] == n].sort_values(["angular_distance", "start_layer"])
-        start = int(part.iloc[0]["start_layer"])
-        picks.append(Pick("angular", n, tuple(range(start, start + n)), float(part.iloc[0]["angular_distance"])))
-    return picks
-
-
-def bi_picks(layers: pd.DataFrame, n_max: int) -> list[Pick]:
-    """ShortGPT: the n layers of lowest Block Influence (ties: the lower layer first)."""
-    order = layers.sort_values(["block_influence", "layer"])
-    chosen = [int(x) for x in order["layer"]]
-    bi = dict(zip(layers["layer"].astype(int), layers["block_influence"], strict=True))
-    return [Pick("bi", n, tuple(sorted(chosen[:n])), float(sum(bi[i] for i in chosen[:n])))
-            for n in range(1, n_max + 1)]
-
-
-def last_picks(num_layers: int, n_max: int) -> list[Pick]:
-    """The n deepest layers before the final one."""
-    return [Pick("last", n, tuple(range(num_layers - 1 - n, num_layers - 1))) for n in range(1, n_max + 1)]
-
-
-def sweep_picks(singles: dict[int, VariantResult], task: str, metric: str, n_max: int) -> list[Pick]:
-    """The n layers whose single removal harmed the ranking metric least (ties: the lower layer)."""
-    harm = {i: _harm(r, task, metric) for i, r in singles.items()}
-    order = sorted(harm, key=lambda i: (harm[i], i))
-    return [Pick("sweep", n, tuple(sorted(order[:n])), float(harm[order[n - 1]])) for n in range(1, n_max + 1)]
 
 
 class _Scorer:
@@ -326,44 +299,22 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: P
     if config.rank_by is not None and config.rank_by.split("/", 1)[0] not in tasks:
         raise UserError(f"--rank-by {config.rank_by}: {config.rank_by.split('/', 1)[0]!r} is not scored in this run "
                         f"(scored: {', '.join(tasks)})")
-    N, strategies = config.remove, config.strategies
+    N = config.remove
     try:
         with timer("scoring"):
-            picks: list[Pick] = []
-            if config.layers is not None:
-                picks.append(Pick(GIVEN, N, config.layers))
-            if "angular" in strategies or "bi" in strategies:
-                if angular is not None and int(angular.blocks["block_size"].max()) >= N:
-                    blocks = angular.blocks
-                    per_layer = angular.layers[["layer", "angular_distance", "block_influence"]]
-                else:
-                    with timer("angular"):
-                        blocks, per_layer = _angular(loaded, folder, stack, angular_text, scoring, config, progress)
-                if "angular" in strategies:
-                    picks += angular_picks(blocks, N)
-                if "bi" in strategies:
-                    picks += bi_picks(per_layer, N)
-            if "last" in strategies:
-                picks += last_picks(L, N)
-            singles = [(i,) for i in range(L)] if "sweep" in strategies or "greedy" in strategies else []
-            # one pass: the full model, every single layer the sweep and greedy need, every fixed pick
-            results = scorer.score([None, *singles, *(p.layers for p in picks)], "full model and candidates")
-            rank = _rank_metric(config, results[None], tasks)
-            if "sweep" in strategies:
-                one = {s[0]: r for s, r in results.items() if s is not None and len(s) == 1}
-                chosen = sweep_picks(one, *rank, N)
-                scorer.score([p.layers for p in chosen], "sweep's candidates")
-                picks += chosen
-            if "greedy" in strategies:
-                picks += _greedy(scorer, rank, N)
+            evidence = Evidence(num_layers=L, scorer=scorer)
+            if any(Need.ANGULAR in s.needs for s in config.chosen()):
+                evidence.blocks, evidence.per_layer = _angular_evidence(angular, loaded, folder, stack, angular_text,
+                                                                        scoring, config, progress, timer)
+            picks, rank = _choose_and_score(config, scorer, evidence, tasks)
     except KeyboardInterrupt as exc:
         raise Interrupted(f"{len(store.done())} removal sets are saved in {folder}; rerun the same command to "
                           "resume.") from exc
-    order = {s: k for k, s in enumerate((GIVEN, *STRATEGIES))}
-    picks.sort(key=lambda p: (order[p.strategy], p.n))
+    position = {name: k for k, name in enumerate(output_order())}
+    picks.sort(key=lambda p: (position[p.strategy], p.n))
     frame = shrink_frame(scorer.done(), picks, scoring_config, rank)
     meta = run_record(
-        "shrink", model=loaded.describe(), settings=scoring.settings, remove=N, strategies=list(strategies),
+        "shrink", model=loaded.describe(), settings=scoring.settings, remove=N, strategies=list(config.strategies),
         rank_by="/".join(rank), picks=[{"strategy": p.strategy, "n_removed": p.n, "removed_layers": list(p.layers),
                                         "selection": None if math.isnan(p.selection) else p.selection}
                                        for p in picks],
@@ -378,10 +329,43 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: P
     return ShrinkRun(frame, picks, tasks, meta, folder, rank)
 
 
+def _choose_and_score(config: ShrinkConfig, scorer: _Scorer, evidence: Evidence, tasks: list[str]
+                      ) -> tuple[list[Pick], tuple[str, str]]:
+    """Every chosen strategy's picks for n = 1..N, scored, and the ranking metric. Strategies that choose
+    before any scoring go first and their picks join one pass with the full model and (when a strategy
+    needs the sweep) every single layer; the others then choose from those scores, in registry order."""
+    N, chosen = config.remove, config.chosen()
+    picks = [Pick(GIVEN, N, config.layers)] if config.layers is not None else []
+    for s in chosen:
+        if not s.after_first_pass:
+            picks += s.picks(evidence, N)
+    sweep = any(Need.SWEEP in s.needs for s in chosen)
+    singles = [(i,) for i in range(evidence.num_layers)] if sweep else []
+    # one pass: the full model, every single layer the sweep needs, every pick chosen before scoring
+    results = scorer.score([None, *singles, *(p.layers for p in picks)], "full model and candidates")
+    evidence.rank = _rank_metric(config, results[None], tasks)
+    if sweep:
+        evidence.singles = {s[0]: r for s, r in results.items() if s is not None and len(s) == 1}
+    for s in chosen:
+        if s.after_first_pass:
+            later = s.picks(evidence, N)
+            scorer.score([p.layers for p in later], f"{s.name}'s candidates")  # what it did not score itself
+            picks += later
+    return picks, evidence.rank
+
+
+def _angular_evidence(angular: AngularResult | None, loaded: LoadedModel, folder: Path, stack: LayerStack,
+                      text: TextSource | None, scoring: Scoring, config: ShrinkConfig, progress: Progress,
+                      timer: Timer) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Block angular distances and per-layer Block Influence: those given when they reach N, else measured."""
+    if angular is not None and int(angular.blocks["block_size"].max()) >= config.remove:
+        return angular.blocks, angular.layers[["layer", "angular_distance", "block_influence"]]
+    with timer("angular"):
+        return _angular(loaded, folder, stack, text, scoring, config, progress)
+
+
 def _reuse(source: Path, store: ResultStore) -> int:
     """Copy the stored results of another run of the same settings into ``store``; how many."""
-    from ..runs import atomic_write
-
     settings = source / "settings.json"
     if not settings.is_file():
         raise UserError(f"--reuse {source}: not a prune or shrink folder (no settings.json)")
@@ -398,29 +382,11 @@ def _reuse(source: Path, store: ResultStore) -> int:
     return copied
 
 
-def _greedy(scorer: _Scorer, rank: tuple[str, str], n_max: int) -> list[Pick]:
-    """SLEB: each step removes the layer whose removal harms the ranking metric least, given the
-    layers already removed (ties: the lower layer)."""
-    removed: RemovalSet = ()
-    picks = []
-    for n in range(1, n_max + 1):
-        scores = scorer.greedy_step(removed, f"greedy step {n}/{n_max}")
-        harm = {s: _harm(r, *rank) for s, r in scores.items()}
-        best = min(harm, key=lambda s: (harm[s], s))
-        removed = best
-        picks.append(Pick("greedy", n, best, float(harm[best])))
-    return picks
-
-
 def _angular(loaded: LoadedModel, folder: Path, stack: LayerStack, text: TextSource | None, scoring: Scoring,
              config: ShrinkConfig, progress: Progress) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-block angular distances d(x_l, x_{l+n}) for n ≤ N and per-layer Block Influence, on
     ``text`` if given, else on the perplexity windows, else on the default text; reused from a
     previous run of the same settings."""
-    from ..data.windows import TokenWindows
-    from ..measure.angular import AngularConfig, angular_on_windows
-    from ..measure.stream import default_seq_len
-
     path, stamp = folder / "angular_blocks.csv", folder / "angular_settings.json"
     wanted = {**scoring.settings, "max_block": config.remove, "text": text.name if text is not None else None}
     if on_main(lambda: path.is_file() and stamp.is_file() and read_json(stamp) == wanted):
@@ -485,12 +451,10 @@ def check_save_target(folder: str | Path, overwrite: bool, config: ShrinkConfig,
 
 
 def save_pick(run: ShrinkRun, loaded: LoadedModel, folder: str | Path, *, strategy: str = "best",
-              overwrite: bool = False, layers_path: str | None = None) -> Any:
+              overwrite: bool = False, layers_path: str | None = None) -> SavedCheckpoint:
     """Write the model without the N layers ``strategy`` picked (``best``: the best value on the
     ranking metric) as a Hugging Face checkpoint with a model card stating what was removed, how,
     and what it scored."""
-    from ..checkpoint.save import model_card, save_without_layers
-
     pick = run.best() if strategy == "best" else run.pick(strategy)
     rows = run.frame[(run.frame["strategy"] == pick.strategy) & (run.frame["n_removed"] == pick.n)]
     heads = headline_metrics(rows, run.tasks)

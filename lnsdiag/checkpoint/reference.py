@@ -1,0 +1,82 @@
+"""The reference for every removal: a model really built without some blocks.
+
+A fresh model of the same class is constructed from a config that really has fewer layers
+(each kept layer keeping its role: layer types, MoE/dense split, LNS scale), and the kept
+weights are copied into it. Tests compare ``surgery.removed_layers`` with it; :mod:`.save`
+writes the same reduced config beside the kept weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from ..model.load import restore_norms
+from ..model.structure import LayerStack, find_layers, parse_layer_spec, text_config
+
+#: Config fields that hold one entry per layer.
+_PER_LAYER_LISTS = ("layer_types", "no_rope_layers", "mlp_layer_types", "attention_layer_types")
+
+
+def config_without(config: Any, keep: list[int], total: int) -> Any:
+    """A copy of ``config`` describing only the ``keep`` layers, each with its old role."""
+    new = copy.deepcopy(config)
+    text = text_config(new)
+    new_index = {old: new_i for new_i, old in enumerate(keep)}
+    for name in _PER_LAYER_LISTS:
+        value = getattr(text, name, None)
+        if isinstance(value, (list, tuple)) and len(value) == total:
+            setattr(text, name, [value[i] for i in keep])
+    # Qwen2/3-MoE: which layers are dense comes from a list and a stride; write it out.
+    if hasattr(text, "mlp_only_layers") and hasattr(text, "decoder_sparse_step"):
+        step = text.decoder_sparse_step or 1
+        dense = [
+            i for i in range(total)
+            if i in (text.mlp_only_layers or []) or not (text.num_experts > 0 and (i + 1) % step == 0)
+        ]
+        text.mlp_only_layers = [new_index[i] for i in dense if i in new_index]
+        text.decoder_sparse_step = 1
+    # DeepSeek-V2/V3: the first k layers are dense.
+    if isinstance(getattr(text, "first_k_dense_replace", None), int):
+        text.first_k_dense_replace = sum(1 for i in keep if i < text.first_k_dense_replace)
+    # LayerNorm Scaling (lnsdiag.lns): the kept blocks keep their original l.
+    lns = getattr(new, "lns", None)
+    if isinstance(lns, dict):
+        scales = [int(i) for i in (lns.get("layers") or range(1, total + 1))]
+        new.lns = {**lns, "layers": [scales[i] for i in keep]}
+    text.num_hidden_layers = len(keep)
+    return new
+
+
+def build_without_layers(model: nn.Module, layers: Iterable[int], stack: LayerStack | None = None) -> nn.Module:
+    """Build a new model of the same class whose config has the layers really removed.
+
+    Remaining weights are copied (strictly: every tensor must find its place, so a config
+    that misdescribes a layer's kind fails loudly). A LayerNorm-Scaling or Post-LN model stays
+    one, each kept block with its original scale. The original is untouched.
+    """
+    stack = stack or find_layers(model)
+    total = len(stack)
+    drop = set(parse_layer_spec(list(layers), total))
+    keep = [i for i in range(total) if i not in drop]
+    config = config_without(model.config, keep, total)
+    param = next(model.parameters())
+    new_model = type(model)(config).to(dtype=param.dtype, device=param.device)
+    prefix = stack.path + "."
+    state = {}
+    new_index = {old: new_i for new_i, old in enumerate(keep)}
+    for key, value in model.state_dict().items():
+        if key.startswith(prefix):
+            idx, _, rest = key[len(prefix):].partition(".")
+            if int(idx) in drop:
+                continue
+            key = f"{prefix}{new_index[int(idx)]}.{rest}"
+        state[key] = value
+    new_model.load_state_dict(state, strict=True)
+    restore_norms(new_model)  # LNS hooks / Post-LN forwards, as the reduced config records them
+    if getattr(model, "generation_config", None) is not None:
+        new_model.generation_config = copy.deepcopy(model.generation_config)
+    return new_model.eval()

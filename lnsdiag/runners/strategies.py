@@ -1,0 +1,215 @@
+"""How ``shrink`` chooses n layers to remove: every strategy, registered in the order outputs list them.
+
+A strategy is a function ``(evidence, n_max) -> [(layers, selection), ...]``: for n = 1..n_max the
+layers it removes (original 0-based numbering) and its own criterion for that choice (NaN when it
+has none), computed from the :class:`Evidence` it declared it needs. ``shrink`` gathers that
+evidence once for every strategy run, scores every choice against the full model and reports them
+side by side.
+
+**Adding a strategy** is one function plus one registration::
+
+    def middle_picks(evidence: Evidence, n_max: int) -> list[Choice]:
+        mid = evidence.num_layers // 2
+        return [(tuple(range(mid - n // 2, mid - n // 2 + n)), math.nan) for n in range(1, n_max + 1)]
+
+    STRATEGIES = (..., Strategy("middle", "the n layers around the middle", "the middle n layers", Need.NOTHING,
+                                middle_picks))
+
+Its place in :data:`STRATEGIES` is its place in every output; ``--strategy`` accepts and documents it,
+and the report gives it a colour and marker of its own (by that position) and its legend entry. Declare
+in ``needs`` what it reads: angular distances, the single-layer sweep, or a scorer for sets it
+scores as it goes (:class:`Need`).
+
+This module is plain data and functions on data (no torch, no engine), so the report reads the
+registry without importing anything that computes.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..results.store import VariantResult
+
+RemovalSet = tuple[int, ...]
+#: One strategy's choice for one n: the layers removed, and its own criterion for them (NaN: none).
+Choice = tuple[RemovalSet, float]
+#: The strategy name of an explicit ``layers`` set (scored as it is, chosen by no strategy).
+GIVEN = "given"
+
+
+@dataclass
+class Pick:
+    """One strategy's choice for n layers removed, and its own criterion for that choice."""
+
+    strategy: str
+    n: int
+    layers: RemovalSet
+    selection: float = math.nan
+
+
+class Need(enum.Flag):
+    """What a strategy reads, so ``shrink`` measures or scores it once for every strategy that does.
+
+    ``ANGULAR``: ``evidence.blocks`` (d(x_l, x_{l+n}) for every block of n ≤ N) and ``evidence.per_layer``
+    (per layer: angular distance and Block Influence); needs angular measurement (not ``--no-angular``).
+    ``SWEEP``: every single layer is scored with the full model; ``evidence.singles`` holds them.
+    ``SCORER``: ``evidence.scorer`` scores removal sets as the strategy goes.
+    A strategy needing ``SWEEP`` or ``SCORER`` runs after the first pass, when ``evidence.rank`` (the
+    ranking metric) is known; its picks are then scored in a pass of their own. The others choose before
+    any scoring and their picks join the first pass.
+    """
+
+    NOTHING = 0
+    ANGULAR = enum.auto()
+    SWEEP = enum.auto()
+    SCORER = enum.auto()
+
+
+class SetScorer(Protocol):
+    """Scores removal sets into the run's store, once each (``shrink``'s scorer)."""
+
+    def score(self, sets: Sequence[RemovalSet | None], label: str) -> Mapping[Any, VariantResult]:
+        """Every set (``None``: the full model) scored, in one pass for those not stored yet."""
+        ...
+
+    def greedy_step(self, removed: RemovalSet, label: str) -> Mapping[RemovalSet, VariantResult]:
+        """Every set ``removed`` + one more layer, scored in one pass over the model without ``removed``."""
+        ...
+
+
+@dataclass
+class Evidence:
+    """What strategies choose from: ``blocks``, ``per_layer`` and ``singles`` only when a strategy run
+    :class:`Need`\\ s them, ``rank`` once the first pass is scored, ``scorer`` always."""
+
+    num_layers: int
+    blocks: pd.DataFrame | None = None  #: start_layer, block_size, angular_distance, block_influence
+    per_layer: pd.DataFrame | None = None  #: layer, angular_distance, block_influence
+    singles: dict[int, VariantResult] | None = None  #: each layer's own removal, scored
+    rank: tuple[str, str] | None = None  #: (task, metric) the harm is measured on
+    scorer: SetScorer | None = None
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A registered strategy: its ``--strategy`` name, its help (what it removes, after whom), its legend
+    entry in the pruning-curve plot, what it needs, and the function that chooses."""
+
+    name: str
+    help: str
+    legend: str
+    needs: Need
+    choose: Callable[[Evidence, int], Sequence[Choice]]
+
+    @property
+    def after_first_pass(self) -> bool:
+        """Whether it chooses from scores (so only once the full model and the single layers are scored)."""
+        return bool(self.needs & (Need.SWEEP | Need.SCORER))
+
+    def picks(self, evidence: Evidence, n_max: int) -> list[Pick]:
+        """Its choices for n = 1..n_max as :class:`Pick`\\ s, each checked to remove n distinct layers."""
+        chosen = list(self.choose(evidence, n_max))
+        if len(chosen) != n_max:
+            raise ValueError(f"strategy {self.name!r} chose {len(chosen)} removal sets for n = 1..{n_max}")
+        picks = []
+        for n, (layers, selection) in enumerate(chosen, start=1):
+            removed = tuple(sorted(int(i) for i in layers))
+            if len(set(removed)) != n or not all(0 <= i < evidence.num_layers for i in removed):
+                raise ValueError(f"strategy {self.name!r} chose {removed} for n = {n}: not {n} distinct layers "
+                                 f"of {evidence.num_layers}")
+            picks.append(Pick(self.name, n, removed, float(selection)))
+        return picks
+
+
+def harm(result: VariantResult, task: str, metric: str) -> float:
+    """How much worse than anything: the ranking metric's value, signed so that lower is better."""
+    for row in result.rows:
+        if row.task == task and row.metric == metric:
+            return -row.value if row.higher_is_better else row.value
+    raise UserError(f"--rank-by {task}/{metric}: no such metric in the results (have: "
+                    f"{', '.join(sorted({f'{r.task}/{r.metric}' for r in result.rows}))})")
+
+
+# --- the strategies ---------------------------------------------------------------------------------
+
+def angular_picks(evidence: Evidence, n_max: int) -> list[Choice]:
+    """Gromov et al.: for each n the block [l, l+n) minimising d(x_l, x_{l+n})."""
+    picks = []
+    for n in range(1, n_max + 1):
+        part = evidence.blocks[evidence.blocks["block_size"] == n].sort_values(["angular_distance", "start_layer"])
+        start = int(part.iloc[0]["start_layer"])
+        picks.append((tuple(range(start, start + n)), float(part.iloc[0]["angular_distance"])))
+    return picks
+
+
+def bi_picks(evidence: Evidence, n_max: int) -> list[Choice]:
+    """ShortGPT: the n layers of lowest Block Influence (ties: the lower layer first)."""
+    layers = evidence.per_layer
+    chosen = [int(x) for x in layers.sort_values(["block_influence", "layer"])["layer"]]
+    bi = dict(zip(layers["layer"].astype(int), layers["block_influence"], strict=True))
+    return [(tuple(sorted(chosen[:n])), float(sum(bi[i] for i in chosen[:n]))) for n in range(1, n_max + 1)]
+
+
+def sweep_picks(evidence: Evidence, n_max: int) -> list[Choice]:
+    """The n layers whose single removal harmed the ranking metric least (ties: the lower layer)."""
+    cost = {i: harm(r, *evidence.rank) for i, r in evidence.singles.items()}
+    order = sorted(cost, key=lambda i: (cost[i], i))
+    return [(tuple(sorted(order[:n])), float(cost[order[n - 1]])) for n in range(1, n_max + 1)]
+
+
+def greedy_picks(evidence: Evidence, n_max: int) -> list[Choice]:
+    """SLEB: each step removes the layer whose removal harms the ranking metric least, given the
+    layers already removed (ties: the lower layer)."""
+    removed: RemovalSet = ()
+    picks = []
+    for n in range(1, n_max + 1):
+        scores = evidence.scorer.greedy_step(removed, f"greedy step {n}/{n_max}")
+        cost = {s: harm(r, *evidence.rank) for s, r in scores.items()}
+        removed = min(cost, key=lambda s: (cost[s], s))
+        picks.append((removed, float(cost[removed])))
+    return picks
+
+
+def last_picks(evidence: Evidence, n_max: int) -> list[Choice]:
+    """The n deepest layers before the final one."""
+    top = evidence.num_layers - 1
+    return [(tuple(range(top - n, top)), math.nan) for n in range(1, n_max + 1)]
+
+
+#: Every strategy, in the order ``--strategy`` lists them and every output shows them.
+STRATEGIES: tuple[Strategy, ...] = (
+    Strategy("angular", "contiguous block of least angular distance, Gromov et al.", "least-changing block",
+             Need.ANGULAR, angular_picks),
+    Strategy("bi", "lowest Block Influence, ShortGPT", "lowest block influence", Need.ANGULAR, bi_picks),
+    Strategy("sweep", "cheapest single removals", "smallest one-layer Δ", Need.SWEEP, sweep_picks),
+    Strategy("greedy", "SLEB: re-scored after each removal", "one layer at a time", Need.SWEEP | Need.SCORER,
+             greedy_picks),
+    Strategy("last", "the deepest before the final layer", "the last n layers", Need.NOTHING, last_picks),
+)
+
+
+def names() -> tuple[str, ...]:
+    """The registered strategies' names, in registry order."""
+    return tuple(s.name for s in STRATEGIES)
+
+
+def registered(name: str) -> Strategy:
+    """The registered strategy called ``name``."""
+    for s in STRATEGIES:
+        if s.name == name:
+            return s
+    raise UserError(f"unknown --strategy {name!r} (use {', '.join(names())} or all)")
+
+
+def output_order() -> tuple[str, ...]:
+    """How every output orders strategies: the registry's order, then an explicit set."""
+    return (*names(), GIVEN)
