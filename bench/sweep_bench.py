@@ -41,8 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import shapes
 from lnsdiag.data.text import stdlib_corpus
 from lnsdiag.demo.model import train_tokenizer
-from lnsdiag.engine.fast import SweepEngine, attention_limit, plan_rows
-from lnsdiag.engine.sweep import run_fast, run_naive
+from lnsdiag.engine.budget import attention_limit
+from lnsdiag.engine.fast import SweepEngine
+from lnsdiag.engine.naive import run_naive
+from lnsdiag.engine.plan import plan_rows
+from lnsdiag.engine.sweep import run_fast
+from lnsdiag.engine.work import layer_passes
 from lnsdiag.interventions.removal import removed_layers
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
@@ -172,8 +176,6 @@ def fast_sweep_flops(rows, cfg: dict, variants: list) -> float:
     """FLOPs the fast sweep really does: per row, its block passes (weights per token, plus
     attention over the keys each token really sees: its own input up to itself, which in a
     shared row is its ancestors), and the LM head at the scored positions only."""
-    from lnsdiag.engine.fast import layer_passes
-
     h = cfg["hidden_size"]
     passes = layer_passes(cfg["num_hidden_layers"], variants)
     weights_per_token = layer_flops_per_token(cfg, 0)

@@ -11,8 +11,11 @@ from typer.testing import CliRunner
 
 from lnsdiag.cli import app
 from lnsdiag.data.windows import TokenWindows
-from lnsdiag.engine.fast import PASS_PHASE, Checkpoint, SweepEngine, head_at, plan_rows
-from lnsdiag.engine.sweep import run_fast, run_naive
+from lnsdiag.engine.checkpoint import Checkpoint
+from lnsdiag.engine.fast import PASS_PHASE, SweepEngine, head_at
+from lnsdiag.engine.naive import run_naive
+from lnsdiag.engine.plan import plan_rows
+from lnsdiag.engine.sweep import run_fast
 from lnsdiag.interventions.removal import removed_layers
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers

@@ -14,16 +14,10 @@ import transformers as tf
 
 from bench import shapes
 from lnsdiag.checkpoint.reference import build_without_layers
-from lnsdiag.engine.fast import (
-    SweepEngine,
-    _shared_inputs,
-    attention_limit,
-    count_work,
-    naive_tokens,
-    plan_rows,
-    planned_work,
-    probe_plan,
-)
+from lnsdiag.engine.budget import attention_limit
+from lnsdiag.engine.fast import SweepEngine, _shared_inputs
+from lnsdiag.engine.plan import plan_rows
+from lnsdiag.engine.work import count_work, naive_tokens, planned_work, probe_plan
 from lnsdiag.interventions.removal import removed_layers
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
@@ -291,7 +285,7 @@ ALL_32 = [None, *range(32)]
 ])
 def test_counted_work_targets_for_32_layers(name, make, target):
     """All 32 layers of a Llama-2-7B-shaped model (context 4096, rows of up to 4096 tokens: what
-    :func:`~lnsdiag.engine.default_row_tokens` gives that shape)."""
+    :func:`~lnsdiag.engine.budget.default_row_tokens` gives that shape)."""
     work = planned_work(make(LLAMA_2_7B_CONTEXT), LLAMA_2_7B_CONTEXT, 32, ALL_32, row_tokens=4096)
     assert work["work_ratio"] >= target, (name, work)
     # a 2048-token context (and rows) still meets them

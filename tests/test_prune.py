@@ -19,7 +19,7 @@ from lnsdiag.checkpoint.reference import build_without_layers
 from lnsdiag.cli import app
 from lnsdiag.data.windows import TokenWindows
 from lnsdiag.engine.fast import PASS_PHASE
-from lnsdiag.engine.sweep import run_naive
+from lnsdiag.engine.naive import run_naive
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
 from lnsdiag.results.store import ResultStore, VariantResult

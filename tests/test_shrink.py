@@ -17,7 +17,9 @@ import transformers as tf
 
 from lnsdiag.checkpoint.reference import build_without_layers
 from lnsdiag.data.windows import TokenWindows
-from lnsdiag.engine.fast import SweepEngine, layer_passes, naive_layer_passes, removal_set
+from lnsdiag.engine.fast import SweepEngine
+from lnsdiag.engine.variants import removal_set
+from lnsdiag.engine.work import layer_passes, naive_layer_passes
 from lnsdiag.errors import Interrupted, UserError
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers

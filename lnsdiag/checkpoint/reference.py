@@ -14,19 +14,16 @@ from typing import Any
 
 from torch import nn
 
+from ..model.families import PER_LAYER_CONFIG_LISTS
 from ..model.load import restore_norms
 from ..model.structure import LayerStack, find_layers, parse_layer_spec, text_config
-
-#: Config fields that hold one entry per layer.
-_PER_LAYER_LISTS = ("layer_types", "no_rope_layers", "mlp_layer_types", "attention_layer_types")
-
 
 def config_without(config: Any, keep: list[int], total: int) -> Any:
     """A copy of ``config`` describing only the ``keep`` layers, each with its old role."""
     new = copy.deepcopy(config)
     text = text_config(new)
     new_index = {old: new_i for new_i, old in enumerate(keep)}
-    for name in _PER_LAYER_LISTS:
+    for name in PER_LAYER_CONFIG_LISTS:
         value = getattr(text, name, None)
         if isinstance(value, (list, tuple)) and len(value) == total:
             setattr(text, name, [value[i] for i in keep])

@@ -1,42 +1,30 @@
 """The fast sweep engine: every variant's log-likelihoods from one pass over the requests.
 
 Per batch, the full model runs once while the inputs x_i of the blocks to remove are kept;
-variant i then resumes from x_i at block i+1 (``surgery.resumed_at``), so a sweep over all
+variant i then resumes from x_i at block i+1 (``removal.resumed_at``), so a sweep over all
 L blocks costs L + L(L−1)/2 block passes instead of ≈ L². A variant may remove several blocks
 (a tuple, as ``shrink`` scores): it resumes from the input of its first removed block and skips
 the others, so every candidate sharing a kept prefix reuses it. Every pass is the model's own
 forward (masks, rotary embeddings, final norm and head included), so every family works.
 
 Three more savings, all exact:
-* requests share their common leading tokens (prefix sharing): the inputs are sorted into a
-  trie and cut into rows; a row holds each shared prefix once and every request's remaining
-  tokens as a branch that attends to its ancestors and itself only, positions continuing from
-  the branch point (:class:`_Row`). A 5-shot MMLU subject's description and dev examples are
-  computed once per row, a question's context once for its choices; identical inputs (one-token
-  choices) share one branch, as lm-eval's ``logits_cache`` does. It is switched on only after
-  a run-time check against unshared rows, and never across a sliding window;
-* the LM head runs only at the positions a request scores (a forward pre-hook gathers them),
+* requests share their common leading tokens in prefix-shared rows (:mod:`.plan`), switched
+  on only after a run-time check against unshared rows (:meth:`SweepEngine._plan`);
+* the LM head runs only at the positions a request scores (:func:`head_at` gathers them),
   not at every position over the whole vocabulary;
-* rows are sorted by length and packed by a token budget sized from free GPU memory; a batch
+* rows are packed by a token budget sized from free GPU memory (:mod:`.budget`); a batch
   that still runs out of memory is split and retried.
 
-The work done is counted (:func:`count_work`): block-token passes of this engine and of the
-naive one (lm-eval's HFLM per variant) for the same variants.
-
-Log-probabilities are taken in float32 whatever the model's dtype.
+The work done is counted (:mod:`.work`) and a pass resumes from its partial files
+(:mod:`.checkpoint`). Log-probabilities are taken in float32 whatever the model's dtype.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import time
-import zipfile
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,221 +32,18 @@ import torch
 
 from ..distributed import all_gather, my_share, on_main, world
 from ..interventions.removal import removed_layers, resumed_at
+from ..model.patch import patched
 from ..model.structure import LayerStack, block_input, no_cache_kwargs, text_config
 from ..progress import SILENT, Progress
-from ..runs import atomic_write
 from ..scoring.base import TokenRequest
+from .budget import attention_limit, cut_batches, default_budget, default_row_tokens
+from .checkpoint import Checkpoint, PassState
+from .plan import Row, plan_digest, plan_rows
+from .variants import Variant, removal_set
+from .work import check_tokens, count_work, layer_passes, naive_tokens, probe_plan
 
-#: A model variant: ``None`` (the full model), one removed block, or a tuple of removed blocks.
-Variant = int | tuple[int, ...] | None
-
-
-def removal_set(variant: Variant) -> tuple[int, ...]:
-    """The 0-based blocks a variant removes, ascending (``()`` for the full model)."""
-    if variant is None:
-        return ()
-    if isinstance(variant, int):
-        return (variant,)
-    return tuple(sorted(int(i) for i in variant))
-
-
-@dataclass
-class _Row:
-    """One model input and the requests it answers.
-
-    A plain row is one token sequence (requests with identical inputs share it). A shared row
-    lays out a trie of several requests' inputs depth first: each distinct prefix once, then
-    each branch as a ``run`` of tokens that attends to its ancestors and to itself (causally)
-    only, with position ids continuing from its branch point. Every request therefore sees
-    exactly its own unshared input: a context with its choices is the two-level case, a
-    few-shot prefix with many questions after it the general one.
-    """
-
-    ids: tuple[int, ...]
-    positions: set[int] = field(default_factory=set)
-    members: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # (req, pos, targets)
-    runs: list[tuple[int, int, int]] = field(default_factory=list)  # shared: (first, length, parent token or -1)
-    own_mask: bool = False  # must run with the model's own mask (longer than a sliding window)
-
-    @property
-    def shared(self) -> bool:
-        return bool(self.runs)
-
-    def position_ids(self) -> list[int]:
-        """Each token's depth in its request's input (for a plain row: 0, 1, 2, ...)."""
-        if not self.runs:
-            return list(range(len(self.ids)))
-        out = [0] * len(self.ids)
-        for first, length, parent in self.runs:
-            start = out[parent] + 1 if parent >= 0 else 0
-            out[first:first + length] = range(start, start + length)
-        return out
-
-
-def _plain_input(req: TokenRequest, n: int, max_length: int) -> tuple[tuple[int, ...], int]:
-    ids = (req.context + req.continuation)[-(max_length + 1):][:-1]
-    start = len(ids) - len(req.continuation)
-    if start < 0:
-        raise ValueError(f"request {n}: continuation longer than the model's context ({max_length})")
-    return ids, start
-
-
-#: Requests sharing fewer leading tokens than this are not worth a custom attention mask
-#: (rolling windows share one BOS).
-MIN_SHARED_CONTEXT = 4
-
-
-def plan_rows(requests: Sequence[TokenRequest], max_length: int, share: bool = False,
-              window: int | None = None, row_tokens: int | None = None) -> list[_Row]:
-    """Group requests into model rows, longest first (lm-eval's order).
-
-    A request's input is ``(context + continuation)[-(max_length+1):][:-1]`` and it scores its
-    continuation at the last ``len(continuation)`` positions, exactly as HFLM does. Identical
-    inputs always share a row (one-token choices of a question). With ``share``, inputs that
-    begin with the same tokens share shared rows of at most ``row_tokens`` tokens (default
-    ``max_length``), chosen to hold as few tokens as possible (:func:`_cut_rows`). With a
-    sliding ``window``, inputs longer than it stay plain rows on the model's own mask.
-    """
-    by_input: dict[tuple[int, ...], list[tuple[int, int, tuple[int, ...]]]] = {}
-    for n, req in enumerate(requests):
-        if not req.continuation:  # nothing to score: the engine answers (0.0, True), as HFLM does
-            continue
-        ids, start = _plain_input(req, n, max_length)
-        by_input.setdefault(ids, []).append((n, start, req.continuation))
-    inputs = sorted(by_input)  # lexicographic: inputs with a common prefix are neighbours
-    rows: list[_Row] = []
-    budget = max_length if row_tokens is None else row_tokens
-    fits = [share and (window is None or len(ids) <= window) for ids in inputs]
-    group: list[tuple[int, ...]] = []
-    for k, ids in enumerate(inputs + [()]):
-        joins = k < len(inputs) and fits[k] and bool(group) and fits[k - 1] and \
-            _common(group[-1], ids) >= MIN_SHARED_CONTEXT
-        if not joins and group:
-            rows += [_build_row(part, by_input) for part in _cut_rows(group, budget)]
-            group = []
-        group.append(ids)
-    for row in rows:
-        row.own_mask = window is not None and not row.shared and len(row.ids) > window
-    return sorted(rows, key=lambda r: (not r.own_mask, -len(r.ids), r.ids))
-
-
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the common prefix of ``a`` and ``b``."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def _cut_rows(inputs: list[tuple[int, ...]], budget: int) -> list[list[tuple[int, ...]]]:
-    """Split sorted inputs into consecutive rows of at most ``budget`` distinct tokens, with the
-    fewest tokens in all (then the fewest rows).
-
-    In sorted order an input's longest common prefix with any earlier one is the one with its
-    predecessor, so a row of inputs i..j-1 holds ``len(i) + Σ (len(k) − common(k−1, k))``
-    tokens; a cut before k costs ``common(k−1, k)`` repeated tokens. Dynamic programming over
-    the cut points (an input longer than the budget gets a row of its own).
-    """
-    n = len(inputs)
-    common = [0] + [_common(inputs[k - 1], inputs[k]) for k in range(1, n)]
-    added = [0]
-    for k in range(n):
-        added.append(added[-1] + len(inputs[k]) - common[k])
-    best: list[tuple[int, int]] = [(0, 0)] + [(0, 0)] * n
-    start = [0] * (n + 1)
-    for j in range(1, n + 1):
-        choice = None
-        for i in range(j - 1, -1, -1):
-            size = added[j] - added[i] + common[i]
-            if j - i > 1 and size > budget:
-                break  # sizes only grow as the row starts earlier
-            cost = (best[i][0] + size, best[i][1] + 1)
-            if choice is None or cost < choice[0]:
-                choice = (cost, i)
-        best[j], start[j] = choice  # type: ignore[misc]
-    parts: list[list[tuple[int, ...]]] = []
-    j = n
-    while j > 0:
-        parts.append(inputs[start[j]:j])
-        j = start[j]
-    return parts[::-1]
-
-
-def _build_row(inputs: list[tuple[int, ...]], by_input: dict) -> _Row:
-    """Lay out sorted ``inputs`` depth first; a single path (one input, or inputs that are
-    prefixes of the last) is a plain row."""
-    ids: list[int] = []
-    runs: list[list[int]] = []
-    path: list[int] = []  # row index of each token of the previous input
-    placed: list[tuple[tuple[int, ...], list[int]]] = []
-    for ids_k in inputs:
-        shared = _common(ids_k[:len(path)], [ids[p] for p in path]) if path else 0
-        new = ids_k[shared:]
-        parent = path[shared - 1] if shared else -1
-        first = len(ids)
-        if new:
-            if runs and parent == first - 1 and parent >= 0:
-                runs[-1][1] += len(new)  # continues the previous run: no branch
-            else:
-                runs.append([first, len(new), parent])
-            ids += new
-        path = path[:shared] + list(range(first, first + len(new)))
-        placed.append((ids_k, list(path)))
-    row = _Row(tuple(ids))
-    if len(runs) > 1:
-        row.runs = [(a, b, c) for a, b, c in runs]
-    for ids_k, where in placed:
-        for n, start, cont in by_input[ids_k]:
-            at = tuple(where[start:start + len(cont)])
-            row.members.append((n, at, cont))
-            row.positions.update(at)
-    return row
-
-
-def _batches(rows: list[_Row], budget: int, max_rows: int = 512) -> list[list[int]]:
-    """Consecutive row indices whose padded size (rows × longest) stays within ``budget`` tokens.
-
-    A row that needs the model's own mask (beyond a sliding window) never shares a batch with
-    a shared row, whose batch gets a custom mask."""
-    out: list[list[int]] = []
-    current: list[int] = []
-    width = 0
-    for i, row in enumerate(rows):
-        w = max(width, len(row.ids))
-        if current and (w * (len(current) + 1) > budget or len(current) >= max_rows
-                        or row.own_mask != rows[current[-1]].own_mask):
-            out.append(current)
-            current, w = [], len(row.ids)
-        current.append(i)
-        width = w
-    if current:
-        out.append(current)
-    return out
-
-
-@contextmanager
-def head_at(model: torch.nn.Module, index: torch.Tensor) -> Iterator[None]:
-    """Make the LM head see only the hidden states at ``index`` ([batch, k] positions).
-
-    Whatever the model does after its head (Gemma's logit soft-capping...) still applies; the
-    logits come back as [batch, k, vocab].
-    """
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head)")
-
-    def gather(_module: Any, args: tuple) -> tuple:
-        hidden = args[0]
-        idx = index.to(hidden.device)
-        picked = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        return (picked, *args[1:])
-
-    handle = head.register_forward_pre_hook(gather)
-    try:
-        yield
-    finally:
-        handle.remove()
+#: The progress phase of an engine pass (counted in tokens).
+PASS_PHASE = "one pass, all variants"
 
 
 @dataclass
@@ -274,202 +59,6 @@ class EngineResult:
         return self.loglik[v], self.greedy[v]
 
 
-@dataclass
-class _Progress:
-    """What a checkpoint holds: results so far, which rows are done, and the batch budget
-    (kept so a resumed pass cuts the same batches and gives bitwise the same numbers).
-    ``have`` marks the requests whose values are present (those of done rows): under a
-    launcher each rank's file holds its own rows, and files are merged by it."""
-
-    loglik: np.ndarray
-    greedy: np.ndarray
-    done: np.ndarray
-    budget: int
-    have: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.have is None:
-            self.have = np.zeros(self.loglik.shape[1], dtype=bool)
-
-
-def _variant_codes(variants: Sequence[Variant]) -> np.ndarray:
-    """Variants as stored in a checkpoint: JSON (``null``, a block, or a list of blocks)."""
-    return np.array(json.dumps([v if v is None or isinstance(v, int) else list(v) for v in variants]))
-
-
-def _variants_from_codes(codes: np.ndarray) -> list[Variant]:
-    return [tuple(v) if isinstance(v, list) else v for v in json.loads(str(codes))]
-
-
-class Checkpoint:
-    """Partial engine results on disk, so an interrupted sweep resumes mid-pass.
-
-    Saved atomically at most every ``every_seconds`` (``LNSDIAG_CHECKPOINT_SECONDS``, default
-    60) and when the pass is interrupted: a killed run loses at most that much work. It is
-    only used again for the same requests (``fingerprint``), variants and row plan.
-
-    Under a launcher each rank writes its own file beside ``path`` (``engine-partial.rank-003.npz``)
-    and a pass starts from all matching files merged, whatever number of ranks wrote them.
-    """
-
-    def __init__(self, path: Path, fingerprint: str, every_seconds: float | None = None) -> None:
-        if every_seconds is None:
-            every_seconds = float(os.environ.get("LNSDIAG_CHECKPOINT_SECONDS", 60))
-        self.path, self.fingerprint, self.every = Path(path), fingerprint, every_seconds
-        here = world()
-        #: the file this process writes
-        self.own = self.path.with_name(f"{self.path.stem}.rank-{here.rank:03d}{self.path.suffix}") \
-            if here.parallel else self.path
-        self._last = time.monotonic()
-        self.variants: list[Variant] = []
-        self.plan = ""
-
-    def files(self) -> list[Path]:
-        """Every partial file of this pass's folder: a single process's and each rank's."""
-        from ..results.store import partial_files
-
-        return partial_files(self.path)
-
-    def stored_variants(self) -> list[Variant] | None:
-        """The variants of a matching checkpoint on disk (to finish that pass), if any; rank 0
-        reads, every rank gets its answer."""
-        return on_main(self._stored_variants)
-
-    def _stored_variants(self) -> list[Variant] | None:
-        for path in self.files():
-            data = self._read(path)
-            if data is None:
-                continue
-            try:
-                return _variants_from_codes(data["variants"])
-            except (ValueError, TypeError):
-                continue  # a checkpoint of an older format: start the pass over
-        return None
-
-    def _read(self, path: Path) -> dict[str, np.ndarray] | None:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                if str(data["fingerprint"]) != self.fingerprint:
-                    return None
-                return {key: data[key].copy() for key in data.files}
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
-            return None  # missing, foreign or damaged: start the pass over
-
-    def load(self, shape: tuple[int, int], rows: int) -> _Progress | None:
-        """Every matching partial file merged (done rows, and their requests' values), or None.
-
-        Files of another batch budget are left out: their batches were cut differently. A file
-        without ``have`` (one process, older lnsdiag) holds every value it has, so it goes first.
-        """
-        found = []
-        for path in self.files():
-            data = self._read(path)
-            if data is None or data["loglik"].shape != shape or data["done"].shape != (rows,):
-                continue
-            if str(data["variants"]) != str(_variant_codes(self.variants)) or str(data["plan"]) != self.plan:
-                continue
-            found.append(data)
-        if not found:
-            return None
-        found.sort(key=lambda d: "have" in d)
-        budget = int(found[0]["budget"])
-        state = _Progress(np.zeros(shape), np.zeros(shape, dtype=bool), np.zeros(rows, dtype=bool), budget)
-        for data in found:
-            if int(data["budget"]) != budget:
-                continue
-            have = data["have"].astype(bool) if "have" in data else np.ones(shape[1], dtype=bool)
-            state.loglik[:, have] = data["loglik"][:, have]
-            state.greedy[:, have] = data["greedy"][:, have]
-            state.done |= data["done"].astype(bool)
-            state.have |= have
-        return state
-
-    def save(self, state: _Progress, force: bool = False) -> None:
-        if not force and time.monotonic() - self._last < self.every:
-            return
-        import io
-
-        buf = io.BytesIO()
-        np.savez(buf, fingerprint=np.array(self.fingerprint), loglik=state.loglik, greedy=state.greedy,
-                 done=state.done, budget=np.array(state.budget), variants=_variant_codes(self.variants),
-                 plan=np.array(self.plan), have=state.have)
-        self.own.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.own, buf.getvalue())
-        self._last = time.monotonic()
-
-    def remove(self) -> None:
-        """Delete every partial file of the pass (rank 0, once the pass's results are stored)."""
-        for path in self.files():
-            path.unlink(missing_ok=True)
-
-
-def plan_digest(rows: Sequence[_Row]) -> str:
-    """Identifies a row plan (inputs, packing, members), so a checkpoint's ``done`` matches it."""
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(np.asarray(row.ids, dtype=np.int64).tobytes())
-        digest.update(repr((row.runs, row.own_mask, [(n, p) for n, p, _ in row.members])).encode())
-    return digest.hexdigest()[:32]
-
-
-def fingerprint(requests: Sequence[TokenRequest], max_length: int, extra: dict[str, Any] | None = None) -> str:
-    """Identifies what a pass scores: the token requests, the context length, the settings."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"max_length": max_length, **(extra or {})}, sort_keys=True, default=str).encode())
-    for req in requests:
-        digest.update(np.asarray(req.context, dtype=np.int64).tobytes())
-        digest.update(b"|")
-        digest.update(np.asarray(req.continuation, dtype=np.int64).tobytes())
-        digest.update(b";")
-    return digest.hexdigest()[:32]
-
-
-def default_budget(model: torch.nn.Module, stack: LayerStack, kept_states: int, rows: Sequence[_Row]) -> int:
-    """Tokens per batch that fit the free memory of the model's device (CPU: 8192).
-
-    Per token: the kept block inputs (copies), a forward's working set, the logits of the
-    scored positions (model dtype plus float32 for the log-sum-exp), and for shared rows the
-    row's share of its boolean attention mask.
-    """
-    device = model.get_input_embeddings().weight.device
-    if device.type != "cuda":
-        return 8192
-    free, _ = torch.cuda.mem_get_info(device)
-    config = text_config(model)
-    hidden = int(getattr(config, "hidden_size", 4096))
-    inter = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
-    vocab = int(getattr(config, "vocab_size", 32000))
-    elem = next(model.parameters()).element_size()
-    tokens = max(1, sum(len(r.ids) for r in rows))
-    scored = sum(len(r.positions) for r in rows) / tokens
-    widest = max((len(r.ids) for r in rows if r.shared), default=0)
-    per_token = (kept_states + 1) * hidden * elem + (12 * hidden + 3 * inter) * elem
-    per_token += scored * vocab * (elem + 8) + widest
-    return int(max(512, min(131_072, 0.6 * free / per_token)))
-
-
-def _cannot_pack(model: torch.nn.Module) -> str:
-    """Why shared rows (custom 4D mask + position ids) cannot be used on this model, if so."""
-    import inspect
-
-    impl = getattr(model.config, "_attn_implementation", "sdpa")
-    if impl not in ("sdpa", "eager"):
-        return f"{impl} attention takes no custom masks"
-    config = text_config(model)
-    if getattr(config, "alibi", False) or getattr(config, "model_type", "") in ("bloom", "mpt"):
-        return "ALiBi positions ignore position ids"
-    try:
-        if "position_ids" not in inspect.signature(model.forward).parameters:
-            return "the model's forward takes no position ids"
-    except (TypeError, ValueError):
-        return "the model's forward cannot be inspected"
-    return ""
-
-
-#: The progress phase of an engine pass (counted in tokens).
-PASS_PHASE = "one pass, all variants"
-
-
 class SweepEngine:
     """Log-likelihoods of the full model and of each variant (one or several blocks removed), in one pass."""
 
@@ -477,18 +66,9 @@ class SweepEngine:
                  batch_tokens: int | None = None, pad_id: int = 0, share: bool = True,
                  row_tokens: int | None = None) -> None:
         self.model, self.stack = model, stack
-        self.variants = list(variants)
-        if len(set(self.variants)) != len(self.variants):
-            raise ValueError("a variant is listed twice")
-        for v in self.variants:
-            blocks = removal_set(v)
-            if blocks and (len(set(blocks)) != len(blocks) or blocks[0] < 0 or blocks[-1] >= len(stack)):
-                raise ValueError(f"variant {v!r} does not name distinct blocks of a {len(stack)}-block stack")
+        self.variants = _distinct_variants(variants, len(stack))
         #: the blocks whose inputs are kept, each with the variants that resume from it
-        self.resumes: dict[int, list[Variant]] = {}
-        for v in self.variants:
-            if v is not None:
-                self.resumes.setdefault(removal_set(v)[0], []).append(v)
+        self.resumes = _resume_points(self.variants)
         self.layers = sorted(self.resumes)
         self.batch_tokens = batch_tokens
         self.pad_id = pad_id
@@ -501,6 +81,8 @@ class SweepEngine:
         """Block passes per row: the baseline (or up to the deepest kept input) plus each resume."""
         return rows * layer_passes(len(self.stack), self.variants)
 
+    # --- the pass ---------------------------------------------------------------------------
+
     def run(self, requests: Sequence[TokenRequest], max_length: int, *, progress: Progress = SILENT,
             checkpoint: Checkpoint | None = None) -> EngineResult:
         """Every variant's log-likelihood and greedy flag for every request; progress counts tokens.
@@ -512,74 +94,81 @@ class SweepEngine:
         progress counts the job: its own tokens scaled by the job's over its share.
         """
         rows, sharing, checked = self._agreed_plan(requests, max_length)
-        n_var, n_req = len(self.variants), len(requests)
         if checkpoint is not None:
             checkpoint.variants, checkpoint.plan = self.variants, plan_digest(rows)
-        state: _Progress = on_main(lambda: self._start(rows, (n_var, n_req), checkpoint))
+        state: PassState = on_main(lambda: self._start(rows, (len(self.variants), len(requests)), checkpoint))
         empty = [n for n, r in enumerate(requests) if not r.continuation]
         state.greedy[:, empty] = True  # an empty continuation: log-likelihood 0, trivially greedy
-        total = sum(len(r.ids) for r in rows)
-        self.stats = {"requests": n_req, "rows": len(rows), "shared_rows": sum(r.shared for r in rows),
-                      "budget": state.budget, "row_tokens": self._row_tokens(max_length), "tokens": total,
-                      "sharing": sharing, "unshared_tokens": naive_tokens(requests, max_length),
-                      **count_work(requests, rows, max_length, len(self.stack), self.variants, checked)}
-        batches = _batches(rows, state.budget)  # the same cut on every run (and rank) of the same plan
-        todo = [k for k, batch in enumerate(batches) if not state.done[batch].all()]
-        mine = [todo[i] for i in my_share([len(batches[k]) * max(len(rows[i].ids) for i in batches[k])
-                                           for k in todo])]
-        tokens = [sum(len(rows[i].ids) for i in batch) for batch in batches]
-        already = total - sum(tokens[k] for k in todo)
-        self.stats.update(resumed_tokens=already, computed_tokens=sum(tokens[k] for k in todo))
-        scale = sum(tokens[k] for k in todo) / max(1, sum(tokens[k] for k in mine)) if world().parallel else 1
+        self.stats = self._planned_stats(requests, rows, max_length, state.budget, sharing, checked)
+        share = _Share.of(rows, state)
+        total = self.stats["tokens"]
+        already = total - share.computed
+        self.stats.update(resumed_tokens=already, computed_tokens=share.computed)
         progress.phase(PASS_PHASE, total=total)
         progress.advance(already)
+        self._run_share(rows, share, state, progress, checkpoint)
+        if world().parallel:
+            self._merge(state, all_gather(self._part(state, rows, [share.batches[k] for k in share.mine])))
+            if not share.mine:
+                progress.advance(total - already)
+        return EngineResult(self.variants, state.loglik, state.greedy)
+
+    def _planned_stats(self, requests: Sequence[TokenRequest], rows: list[Row], max_length: int, budget: int,
+                       sharing: str, checked: int) -> dict[str, Any]:
+        """What the pass is about to do (for meta.json): rows, tokens, sharing, counted work."""
+        return {"requests": len(requests), "rows": len(rows), "shared_rows": sum(r.shared for r in rows),
+                "budget": budget, "row_tokens": self._row_tokens(max_length), "tokens": sum(len(r.ids) for r in rows),
+                "sharing": sharing, "unshared_tokens": naive_tokens(requests, max_length),
+                **count_work(requests, rows, max_length, len(self.stack), self.variants, checked)}
+
+    def _run_share(self, rows: list[Row], share: _Share, state: PassState, progress: Progress,
+                   checkpoint: Checkpoint | None) -> None:
+        """This process's batches, each marked done (and checkpointed) as it finishes."""
+        scale = share.scale()
         try:
-            for k in mine:
-                batch = batches[k]
+            for k in share.mine:
+                batch = share.batches[k]
                 self._run_rows([rows[i] for i in batch], state.loglik, state.greedy)
                 state.done[batch] = True
                 state.have[[n for i in batch for n, _, _ in rows[i].members]] = True
                 if checkpoint is not None:
                     checkpoint.save(state)
-                progress.advance(tokens[k] * scale)
+                progress.advance(share.tokens[k] * scale)
         finally:  # finished or interrupted (Ctrl-C): what is done is kept
             if checkpoint is not None:
                 checkpoint.save(state, force=True)
-        if world().parallel:
-            self._merge(state, all_gather(self._part(state, rows, [batches[k] for k in mine])))
-            if not mine:
-                progress.advance(total - already)
-        return EngineResult(self.variants, state.loglik, state.greedy)
 
-    def _start(self, rows: list[_Row], shape: tuple[int, int], checkpoint: Checkpoint | None) -> _Progress:
+    def _start(self, rows: list[Row], shape: tuple[int, int], checkpoint: Checkpoint | None) -> PassState:
         """Where the pass starts (rank 0 decides): the merged partial files, or nothing done with
         a budget sized from free memory."""
         state = checkpoint.load(shape, len(rows)) if checkpoint is not None else None
         if state is None:
-            budget = self.batch_tokens or default_budget(self.model, self.stack, len(self.layers), rows)
-            state = _Progress(np.zeros(shape), np.zeros(shape, dtype=bool), np.zeros(len(rows), dtype=bool), budget)
+            budget = self.batch_tokens or default_budget(self.model, len(self.layers), rows)
+            state = PassState(np.zeros(shape), np.zeros(shape, dtype=bool), np.zeros(len(rows), dtype=bool), budget)
         return state
 
     @staticmethod
-    def _part(state: _Progress, rows: list[_Row], batches: list[list[int]]) -> tuple:
+    def _part(state: PassState, rows: list[Row], batches: list[list[int]]) -> tuple:
         """What this rank computed: its rows, their requests and those requests' values."""
         done = sorted(i for batch in batches for i in batch)
         cols = np.array(sorted({n for i in done for n, _, _ in rows[i].members}), dtype=np.int64)
         return done, cols, state.loglik[:, cols], state.greedy[:, cols]
 
     @staticmethod
-    def _merge(state: _Progress, parts: list[tuple]) -> None:
+    def _merge(state: PassState, parts: list[tuple]) -> None:
         for done, cols, loglik, greedy in parts:
             state.done[done] = True
             state.have[cols] = True
             state.loglik[:, cols] = loglik
             state.greedy[:, cols] = greedy
 
-    def _agreed_plan(self, requests: Sequence[TokenRequest], max_length: int) -> tuple[list[_Row], str, int]:
+    # --- the plan ---------------------------------------------------------------------------
+
+    def _agreed_plan(self, requests: Sequence[TokenRequest], max_length: int) -> tuple[list[Row], str, int]:
         """:meth:`_plan` on rank 0 (the sharing check runs once), the same rows everywhere."""
         if not world().parallel:
             return self._plan(requests, max_length)
-        planned: list[_Row] = []
+        planned: list[Row] = []
 
         def decide() -> tuple[str, int, bool, str]:
             rows, sharing, checked = self._plan(requests, max_length)
@@ -592,7 +181,7 @@ class SweepEngine:
             raise RuntimeError(f"rank {world().rank} planned other model rows than rank 0 (different requests?)")
         return rows, sharing, checked
 
-    def _shared_rows(self, requests: Sequence[TokenRequest], max_length: int) -> list[_Row]:
+    def _shared_rows(self, requests: Sequence[TokenRequest], max_length: int) -> list[Row]:
         """The prefix-shared plan :meth:`_plan` checks (never across a sliding window)."""
         window, _ = attention_limit(self.model)
         return plan_rows(requests, max_length, share=True, window=window, row_tokens=self._row_tokens(max_length))
@@ -600,7 +189,7 @@ class SweepEngine:
     def _row_tokens(self, max_length: int) -> int:
         return self.row_tokens or default_row_tokens(self.model, max_length)
 
-    def _plan(self, requests: Sequence[TokenRequest], max_length: int) -> tuple[list[_Row], str, int]:
+    def _plan(self, requests: Sequence[TokenRequest], max_length: int) -> tuple[list[Row], str, int]:
         """Rows for the requests; shared where the model supports it and a check proves it exact.
         Also says why or why not, and how many tokens the check ran."""
         plain = plan_rows(requests, max_length)
@@ -609,20 +198,29 @@ class SweepEngine:
         reason = _cannot_pack(self.model)
         if reason:
             return plain, f"off: {reason}", 0
-        window, name = attention_limit(self.model)
         rows = self._shared_rows(requests, max_length)
-        limited = ""
-        if window is not None:
-            longer = sum(len(r.members) for r in rows if r.own_mask)
-            limited = (f"; {longer} requests longer than the {window}-token attention window ({name}) "
-                       "unshared: a custom mask would hide the window") if longer else ""
+        limited = self._window_note(rows)
         if not any(r.shared for r in rows):
             return plain, ("off" + limited) if limited else "nothing to share", 0
-        # float32: exact sharing agrees to ~1e-6. Half precision: allow a few times the rounding
-        # noise between two unshared computations of the same requests, one alone with the model's
-        # own causal mask, one batched through the explicit-mask attention path that shared rows
-        # take (on a GPU that changes the attention kernel, which in bf16 moves a deep model's
-        # log-likelihoods as much as sharing itself does).
+        return self._checked_plan(rows, plain, requests, max_length, limited)
+
+    def _window_note(self, rows: list[Row]) -> str:
+        """How many requests stay unshared because they are longer than the attention window."""
+        window, name = attention_limit(self.model)
+        longer = sum(len(r.members) for r in rows if r.own_mask) if window is not None else 0
+        return (f"; {longer} requests longer than the {window}-token attention window ({name}) "
+                "unshared: a custom mask would hide the window") if longer else ""
+
+    def _checked_plan(self, rows: list[Row], plain: list[Row], requests: Sequence[TokenRequest], max_length: int,
+                      limited: str) -> tuple[list[Row], str, int]:
+        """The shared ``rows`` if they agree with unshared ones within tolerance, else ``plain``.
+
+        float32: exact sharing agrees to ~1e-6. Half precision: allow a few times the rounding
+        noise between two unshared computations of the same requests, one alone with the model's
+        own causal mask, one batched through the explicit-mask attention path that shared rows
+        take (on a GPU that changes the attention kernel, which in bf16 moves a deep model's
+        log-likelihoods as much as sharing itself does).
+        """
         fp32 = next(self.model.parameters()).dtype == torch.float32
         probes = probe_plan(rows, len(self.stack), self.variants)
         checked = check_tokens(probes, requests, max_length, noise=not fp32)
@@ -636,7 +234,7 @@ class SweepEngine:
         return rows, (f"on (checked on {count} requests in {len(probes)} rows: max |Δ| {worst:.2g}, "
                       f"tolerance {tol:.2g}){limited}"), checked
 
-    def _check_sharing(self, probes: list[tuple[_Row, list[int]]], requests: Sequence[TokenRequest],
+    def _check_sharing(self, probes: list[tuple[Row, list[int]]], requests: Sequence[TokenRequest],
                        max_length: int, noise: bool = False) -> tuple[float, float, int]:
         """Max |Δ log-likelihood| shared vs unshared, and (with ``noise``) unshared alone vs
         unshared batched through the explicit-mask path."""
@@ -655,9 +253,9 @@ class SweepEngine:
         spread = float(np.abs(together[0, members] - alone[0, members]).max()) if noise else 0.0
         return worst, spread, len(members)
 
-    # --- one batch ------------------------------------------------------------------------
+    # --- one batch --------------------------------------------------------------------------
 
-    def _run_rows(self, rows: list[_Row], loglik: np.ndarray, greedy: np.ndarray) -> None:
+    def _run_rows(self, rows: list[Row], loglik: np.ndarray, greedy: np.ndarray) -> None:
         try:
             self._batch(rows, loglik, greedy)
             return
@@ -671,67 +269,61 @@ class SweepEngine:
         self._run_rows(rows[:half], loglik, greedy)
         self._run_rows(rows[half:], loglik, greedy)
 
-    def _batch(self, rows: list[_Row], loglik: np.ndarray, greedy: np.ndarray, baseline_only: bool = False,
+    def _batch(self, rows: list[Row], loglik: np.ndarray, greedy: np.ndarray, baseline_only: bool = False,
                explicit_mask: bool = False) -> None:
         """Score ``rows`` for every variant into ``loglik``/``greedy`` (rows: variants). With
         ``baseline_only``, only the full model, into row 0 (the packing check's reference);
         ``explicit_mask`` gives plain rows the 4D mask shared rows get (the check's noise)."""
         variants = [None] if baseline_only else self.variants
         layers = [] if baseline_only else self.layers
-        width = max(len(r.ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        slots = max(len(r.positions) for r in rows)
-        gather = torch.zeros((len(rows), slots), dtype=torch.long)
-        row_idx, slot_idx, targets, member = [], [], [], []
-        requests: list[int] = []
-        for b, row in enumerate(rows):
-            ids[b, : len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
-            positions = sorted(row.positions)
-            gather[b, : len(positions)] = torch.tensor(positions, dtype=torch.long)
-            gather[b, len(positions):] = positions[-1]
-            slot_of = {p: k for k, p in enumerate(positions)}
-            for n, at, cont in row.members:
-                m = len(requests)
-                requests.append(n)
-                for pos, tok in zip(at, cont, strict=True):
-                    row_idx.append(b)
-                    slot_idx.append(slot_of[pos])
-                    targets.append(tok)
-                    member.append(m)
-        dev = self.device
-        index = _Index(torch.tensor(row_idx, device=dev), torch.tensor(slot_idx, device=dev),
-                       torch.tensor(targets, device=dev), torch.tensor(member, device=dev), len(requests),
-                       np.asarray(requests))
-        ids, gather = ids.to(dev), gather.to(dev)
-        kwargs: dict[str, Any] = dict(no_cache_kwargs(self.model))
-        if explicit_mask or any(r.shared for r in rows):
-            kwargs.update(_shared_inputs(rows, width, self.model, dev))
-        kept: dict[int, torch.Tensor] = {}
-        stop_after = None if None in variants or not layers else layers[-1]
-        hooks = [self.stack.layers[i].register_forward_pre_hook(_keeper(i, kept, stop_after), with_kwargs=True)
-                 for i in layers]
-        try:
-            with torch.no_grad(), head_at(self.model, gather):
-                if stop_after is None:
-                    logits = _checked(self.model(input_ids=ids, **kwargs).logits, gather)
-                    self._score(logits, index, variants.index(None), loglik, greedy)
-                    del logits
-                else:  # the baseline is already scored: run only as deep as the last kept input
-                    with suppress(_Captured):
-                        self.model(input_ids=ids, **kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
+        batch = self._inputs(rows, explicit_mask)
+        kept = self._full_pass(batch, variants, layers, loglik, greedy)
         for layer in layers:
             state = kept.pop(layer)
-            for variant in self.resumes[layer]:  # every variant whose first removed block is this one
-                with torch.no_grad(), resumed_at(self.model, layer, state, stack=self.stack), \
-                        removed_layers(self.model, removal_set(variant)[1:], mode="skip", stack=self.stack), \
-                        head_at(self.model, gather):
-                    logits = _checked(self.model(input_ids=ids, **kwargs).logits, gather)
-                self._score(logits, index, variants.index(variant), loglik, greedy)
-                del logits
+            self._resume(batch, layer, state, loglik, greedy)
             del state
+
+    def _inputs(self, rows: list[Row], explicit_mask: bool) -> _Batch:
+        """The batch on the model's device: ids, forward kwargs (a 4D mask and position ids for
+        shared rows), the positions the head sees and where each scored token goes."""
+        ids, gather = _padded_ids(rows, self.pad_id)
+        index = _Index.of(rows, self.device)
+        ids, gather = ids.to(self.device), gather.to(self.device)
+        kwargs: dict[str, Any] = dict(no_cache_kwargs(self.model))
+        if explicit_mask or any(r.shared for r in rows):
+            kwargs.update(_shared_inputs(rows, ids.shape[1], self.model, self.device))
+        return _Batch(ids, kwargs, gather, index)
+
+    def _full_pass(self, batch: _Batch, variants: list[Variant], layers: list[int], loglik: np.ndarray,
+                   greedy: np.ndarray) -> dict[int, torch.Tensor]:
+        """The full model over the batch, keeping the inputs of ``layers``: scored as the baseline
+        when that is asked for, else stopped once the deepest kept input is taken."""
+        kept: dict[int, torch.Tensor] = {}
+        stop_after = None if None in variants or not layers else layers[-1]
+        with torch.no_grad(), patched() as patches:
+            for i in layers:
+                patches.pre_hook(self.stack.layers[i], _keeper(i, kept, stop_after), with_kwargs=True)
+            if stop_after is None:
+                self._score(self._logits(batch), batch.index, variants.index(None), loglik, greedy)
+            else:  # the baseline is already scored: run only as deep as the last kept input
+                with suppress(_Captured):
+                    self.model(input_ids=batch.ids, **batch.kwargs)
+        return kept
+
+    def _resume(self, batch: _Batch, layer: int, state: torch.Tensor, loglik: np.ndarray, greedy: np.ndarray) -> None:
+        """Every variant whose first removed block is ``layer``: from its kept input ``state``,
+        skipping the variant's other removed blocks."""
+        for variant in self.resumes[layer]:
+            with torch.no_grad(), resumed_at(self.model, layer, state, stack=self.stack), \
+                    removed_layers(self.model, removal_set(variant)[1:], mode="skip", stack=self.stack):
+                logits = self._logits(batch)
+            self._score(logits, batch.index, self.variants.index(variant), loglik, greedy)
+            del logits
+
+    def _logits(self, batch: _Batch) -> torch.Tensor:
+        """The model's logits at the batch's scored positions only ([rows, slots, vocab])."""
+        with head_at(self.model, batch.gather):
+            return _checked(self.model(input_ids=batch.ids, **batch.kwargs).logits, batch.gather)
 
     @staticmethod
     def _score(logits: torch.Tensor, index: _Index, v: int, loglik: np.ndarray, greedy: np.ndarray) -> None:
@@ -755,147 +347,110 @@ class SweepEngine:
         greedy[v, index.requests] = (misses == 0).cpu().numpy()
 
 
-#: Config fields that bound how far back a layer attends: (name, what it is). A custom mask
-#: replaces the model's own, so a shared row is exact only for inputs within the smallest.
-_WINDOW_FIELDS = (
-    ("sliding_window", "sliding window"),  # Mistral, Qwen2, Gemma 2/3, Phi-3, Cohere 2, GPT-OSS, ...
-    ("window_size", "local attention window"),  # GPT-Neo
-    ("attention_window", "local attention window"),  # Longformer, LED
-    ("attention_window_size", "local attention window"),  # RecurrentGemma
-    ("sliding_window_size", "sliding window"),  # MiMo-V2
-    ("local_attention_window_len", "local attention window"),  # BLT
-    ("local_attention", "local attention window"),  # ModernBERT
-    ("attention_chunk_size", "attention chunk"),  # Llama 4: chunked attention
-    ("sliding_windows", "sliding window"),
-)
+def _distinct_variants(variants: Sequence[Variant], n_layers: int) -> list[Variant]:
+    """The variants as a list, each listed once and naming distinct blocks of the stack."""
+    out = list(variants)
+    if len(set(out)) != len(out):
+        raise ValueError("a variant is listed twice")
+    for v in out:
+        blocks = removal_set(v)
+        if blocks and (len(set(blocks)) != len(blocks) or blocks[0] < 0 or blocks[-1] >= n_layers):
+            raise ValueError(f"variant {v!r} does not name distinct blocks of a {n_layers}-block stack")
+    return out
 
 
-def attention_limit(model: torch.nn.Module) -> tuple[int | None, str]:
-    """The smallest window (or chunk) any layer of the model attends within, and its config name.
-
-    A window that the config says no layer uses (``use_sliding_window=False``; ``layer_types``
-    or GPT-Neo's ``attention_layers`` naming full or global attention and no local kind) does
-    not count. When in doubt the window counts: that only shares less.
-    """
-    config = text_config(model)
-    kinds = getattr(config, "layer_types", None) or getattr(config, "attention_layers", None)
-    kinds = [str(k) for k in kinds] if isinstance(kinds, (list, tuple)) else []
-    no_local = any("full" in k or "global" in k for k in kinds) and not any(
-        w in k for k in kinds for w in ("sliding", "local", "chunk"))
-    if getattr(config, "use_sliding_window", True) is False or no_local:
-        return None, ""
-    found: list[tuple[int, str]] = []
-    for name, _ in _WINDOW_FIELDS:
-        value = getattr(config, name, None)
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for v in values:
-            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-                found.append((v, f"config.{name}"))
-    return min(found) if found else (None, "")
+def _resume_points(variants: Sequence[Variant]) -> dict[int, list[Variant]]:
+    """Each variant under its first removed block, whose input it resumes from."""
+    resumes: dict[int, list[Variant]] = {}
+    for v in variants:
+        if v is not None:
+            resumes.setdefault(removal_set(v)[0], []).append(v)
+    return resumes
 
 
-def default_row_tokens(model: torch.nn.Module, max_length: int) -> int:
-    """Longest shared row: at most the context length, and short enough that its dense attention
-    (≈ 4·hidden·width FLOPs a token, masked keys included) costs no more than the block's
-    matmuls (≈ 2·(4·hidden² + 3·hidden·intermediate)); never below 1024 tokens."""
-    config = text_config(model)
-    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 4096)
-    inter = int(getattr(config, "intermediate_size", 0) or getattr(config, "ffn_dim", 0) or 4 * hidden)
-    return int(min(max_length, max(1024, 2 * hidden + 1.5 * inter)))
+@dataclass
+class _Share:
+    """The pass's batches (the same cut on every run and rank of the same plan), their tokens,
+    those not done yet (``todo``) and this process's share of them (``mine``)."""
+
+    batches: list[list[int]]
+    tokens: list[int]
+    todo: list[int]
+    mine: list[int]
+
+    @classmethod
+    def of(cls, rows: list[Row], state: PassState) -> _Share:
+        batches = cut_batches(rows, state.budget)
+        tokens = [sum(len(rows[i].ids) for i in batch) for batch in batches]
+        todo = [k for k, batch in enumerate(batches) if not state.done[batch].all()]
+        padded = [len(batches[k]) * max(len(rows[i].ids) for i in batches[k]) for k in todo]
+        return cls(batches, tokens, todo, [todo[i] for i in my_share(padded)])
+
+    @property
+    def computed(self) -> int:
+        """Tokens this pass computes (on all ranks together)."""
+        return sum(self.tokens[k] for k in self.todo)
+
+    def scale(self) -> float:
+        """Progress per token of this process's share, so that its share counts the job's tokens."""
+        return self.computed / max(1, sum(self.tokens[k] for k in self.mine)) if world().parallel else 1
 
 
-def layer_passes(n_layers: int, variants: Sequence[Variant]) -> int:
-    """Blocks the fast engine runs per row token: the baseline (or up to the deepest kept
-    input when the baseline is not asked for), then each variant resumed after its first
-    removed block, running the blocks after it that it keeps."""
-    sets = [removal_set(v) for v in variants if v is not None]
-    base = n_layers if None in variants or not sets else max(s[0] for s in sets)
-    return base + sum(n_layers - s[0] - len(s) for s in sets)
+@dataclass
+class _Index:
+    """Flattened (row, slot, target token, request) of every scored position in a batch."""
+
+    row: torch.Tensor
+    slot: torch.Tensor
+    target: torch.Tensor
+    member: torch.Tensor
+    members: int
+    requests: np.ndarray
+
+    @classmethod
+    def of(cls, rows: list[Row], device: torch.device) -> _Index:
+        """Slots count each row's scored positions in order (the columns :func:`head_at` keeps)."""
+        row_idx, slot_idx, targets, member = [], [], [], []
+        requests: list[int] = []
+        for b, row in enumerate(rows):
+            slot_of = {p: k for k, p in enumerate(sorted(row.positions))}
+            for n, at, cont in row.members:
+                m = len(requests)
+                requests.append(n)
+                for pos, tok in zip(at, cont, strict=True):
+                    row_idx.append(b)
+                    slot_idx.append(slot_of[pos])
+                    targets.append(tok)
+                    member.append(m)
+        return cls(torch.tensor(row_idx, device=device), torch.tensor(slot_idx, device=device),
+                   torch.tensor(targets, device=device), torch.tensor(member, device=device), len(requests),
+                   np.asarray(requests))
 
 
-def naive_layer_passes(n_layers: int, variants: Sequence[Variant]) -> int:
-    """Blocks the naive engine runs per row token: every block of each variant but the removed ones."""
-    return sum(n_layers - len(removal_set(v)) for v in variants)
+@dataclass
+class _Batch:
+    """One batch on the model's device: input ids, forward kwargs, gathered positions, scoring index."""
+
+    ids: torch.Tensor
+    kwargs: dict[str, Any]
+    gather: torch.Tensor
+    index: _Index
 
 
-def naive_tokens(requests: Sequence[TokenRequest], max_length: int) -> int:
-    """Tokens HFLM feeds for these requests: one row per distinct ``context + continuation[:-1]``
-    (its one-token-continuation cache shares those), cut to ``max_length``; padding excluded."""
-    keys = {r.context + r.continuation[:-1] for r in requests if r.continuation}
-    return sum(min(len(k), max_length) for k in keys)
+def _padded_ids(rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' ids padded to the longest, and each row's scored positions ascending (padded
+    with its last, so every row gathers the same number)."""
+    ids = torch.full((len(rows), max(len(r.ids) for r in rows)), pad_id, dtype=torch.long)
+    gather = torch.zeros((len(rows), max(len(r.positions) for r in rows)), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, : len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
+        positions = sorted(row.positions)
+        gather[b, : len(positions)] = torch.tensor(positions, dtype=torch.long)
+        gather[b, len(positions):] = positions[-1]
+    return ids, gather
 
 
-def probe_plan(rows: Sequence[_Row], n_layers: int, variants: Sequence[Variant], *, limit: int = 8,
-               per_row: int = 2, share_of_work: float = 0.05) -> list[tuple[_Row, list[int]]]:
-    """The shared rows the exactness check runs and the requests it compares in each.
-
-    Rows in order of priority: the widest, the one answering most requests, then the rest
-    spread over the plan, up to ``limit``; in each, ``per_row`` requests spread over the row
-    (its first branch and its last, the deepest in the row). Rows are added while the check
-    (each probe row, and each compared request's own input, through all blocks) costs at most
-    ``share_of_work`` of the pass's block-token work; the first two always.
-    """
-    shared = [r for r in rows if r.shared]
-    if not shared:
-        return []
-    picks = [max(range(len(shared)), key=lambda i: (len(shared[i].ids), -i)),
-             max(range(len(shared)), key=lambda i: (len(shared[i].members), -i))]
-    picks += [round(k * (len(shared) - 1) / max(1, limit - 1)) for k in range(limit)]
-    allowed = share_of_work * sum(len(r.ids) for r in rows) * layer_passes(n_layers, variants) / max(1, n_layers)
-    out: list[tuple[_Row, list[int]]] = []
-    spent = 0
-    for i in list(dict.fromkeys(picks))[:limit]:
-        row = shared[i]
-        order = sorted(row.members, key=lambda m: (m[1][0], m[0]))
-        chosen = list(dict.fromkeys(order[round(k * (len(order) - 1) / max(1, per_row - 1))][0]
-                                    for k in range(per_row)))
-        depth = row.position_ids()
-        ends = {max(m[1]) for m in row.members if m[0] in chosen}  # one per distinct input
-        cost = len(row.ids) + sum(depth[end] + 1 for end in ends)
-        if len(out) >= 2 and spent + cost > allowed:
-            break
-        out.append((row, chosen))
-        spent += cost
-    where = {id(r): k for k, r in enumerate(rows)}
-    return sorted(out, key=lambda probe: where[id(probe[0])])
-
-
-def check_tokens(probes: Sequence[tuple[_Row, list[int]]], requests: Sequence[TokenRequest], max_length: int,
-                 noise: bool = False) -> int:
-    """Tokens the exactness check feeds the full model: each probe row, and each compared
-    request's own input (twice with ``noise``: alone, then batched through the explicit-mask
-    path, to measure rounding noise)."""
-    members = sorted({n for _, chosen in probes for n in chosen})
-    alone = sum(len(r.ids) for r in plan_rows([requests[n] for n in members], max_length))
-    return sum(len(row.ids) for row, _ in probes) + (2 if noise else 1) * alone
-
-
-def count_work(requests: Sequence[TokenRequest], rows: Sequence[_Row], max_length: int, n_layers: int,
-               variants: Sequence[Variant], checked_tokens: int = 0) -> dict[str, Any]:
-    """Block-token passes of the fast engine for this plan, and of the naive engine for the same
-    variants; padding excluded on both sides (it depends on batch sizes, not on the method).
-
-    ``block_tokens`` = Σ row tokens × :func:`layer_passes` + the exactness check's tokens ×
-    ``n_layers`` (it runs the full model); ``naive_block_tokens`` = HFLM's row tokens
-    (:func:`naive_tokens`) × :func:`naive_layer_passes`.
-    """
-    fast = sum(len(r.ids) for r in rows) * layer_passes(n_layers, variants) + checked_tokens * n_layers
-    naive = naive_tokens(requests, max_length) * naive_layer_passes(n_layers, variants)
-    return {"block_tokens": fast, "naive_block_tokens": naive, "check_block_tokens": checked_tokens * n_layers,
-            "work_ratio": round(naive / fast, 3) if fast else None}
-
-
-def planned_work(requests: Sequence[TokenRequest], max_length: int, n_layers: int,
-                 variants: Sequence[Variant], *, row_tokens: int | None = None,
-                 window: int | None = None, half: bool = False) -> dict[str, Any]:
-    """What :meth:`SweepEngine.run` reports as its work when sharing is on and checked, without
-    a model: the same plan, probe choice and count (used for the counted targets)."""
-    rows = plan_rows(requests, max_length, share=True, window=window, row_tokens=row_tokens)
-    checked = check_tokens(probe_plan(rows, n_layers, variants), requests, max_length, noise=half)
-    return count_work(requests, rows, max_length, n_layers, variants, checked)
-
-
-def _shared_inputs(rows: list[_Row], width: int, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+def _shared_inputs(rows: list[Row], width: int, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
     """A 4D attention mask and position ids for a batch holding shared rows.
 
     A run's tokens see what its parent token sees, the parent, and the run itself causally;
@@ -920,6 +475,44 @@ def _shared_inputs(rows: list[_Row], width: int, model: torch.nn.Module, device:
     return {"attention_mask": mask, "position_ids": pos.to(device)}
 
 
+def _cannot_pack(model: torch.nn.Module) -> str:
+    """Why shared rows (custom 4D mask + position ids) cannot be used on this model, if so."""
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl not in ("sdpa", "eager"):
+        return f"{impl} attention takes no custom masks"
+    config = text_config(model)
+    if getattr(config, "alibi", False) or getattr(config, "model_type", "") in ("bloom", "mpt"):
+        return "ALiBi positions ignore position ids"
+    try:
+        if "position_ids" not in inspect.signature(model.forward).parameters:
+            return "the model's forward takes no position ids"
+    except (TypeError, ValueError):
+        return "the model's forward cannot be inspected"
+    return ""
+
+
+@contextmanager
+def head_at(model: torch.nn.Module, index: torch.Tensor) -> Iterator[None]:
+    """Make the LM head see only the hidden states at ``index`` ([batch, k] positions).
+
+    Whatever the model does after its head (Gemma's logit soft-capping...) still applies; the
+    logits come back as [batch, k, vocab].
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head)")
+
+    def gather(_module: Any, args: tuple) -> tuple:
+        hidden = args[0]
+        idx = index.to(hidden.device)
+        picked = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        return (picked, *args[1:])
+
+    with patched() as patches:
+        patches.pre_hook(head, gather)
+        yield
+
+
 def _checked(logits: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
     """The head must have seen only the gathered positions (a model that computes its logits
     without calling its output-embedding module would silently misalign them)."""
@@ -936,6 +529,8 @@ class _Captured(Exception):
 
 
 def _keeper(layer: int, kept: dict[int, torch.Tensor], stop_after: int | None) -> Callable[..., None]:
+    """A block pre-hook that keeps a copy of the block's input (and, at ``stop_after``, ends the pass)."""
+
     def hook(_module: Any, args: tuple, kwargs: dict) -> None:
         # a copy: a block that updates its input in place would otherwise change what is kept
         kept[layer] = block_input(args, kwargs).clone()
@@ -943,15 +538,3 @@ def _keeper(layer: int, kept: dict[int, torch.Tensor], stop_after: int | None) -
             raise _Captured
 
     return hook
-
-
-@dataclass
-class _Index:
-    """Flattened (row, slot, target token, request) of every scored position in a batch."""
-
-    row: torch.Tensor
-    slot: torch.Tensor
-    target: torch.Tensor
-    member: torch.Tensor
-    members: int
-    requests: np.ndarray

@@ -13,8 +13,8 @@ table                       what it answers                                     
 ``ATTENTION_NAMES``         a block's attention child                           ``model.structure.sublayers``
 ``MLP_NAMES``               a block's MLP (or MoE) child                        ``model.structure.sublayers``
 ``CACHE_KWARGS``            the keyword a block receives its KV cache under     ``interventions.removal``
-``WINDOW_FIELDS``           config fields bounding how far attention reaches    ``engine.fast``
-``PER_LAYER_CONFIG_LISTS``  per-block config lists, cut with the blocks          ``checkpoint.save``
+``WINDOW_FIELDS``           config fields bounding how far attention reaches    ``engine.budget``
+``PER_LAYER_CONFIG_LISTS``  per-block config lists, cut with the blocks          ``checkpoint.reference``
 ``ENCODER_ONLY_*``          which checkpoints load with their masked-LM head    ``model.load``
 ``POST_LN_BLOCKS``          blocks whose forward is Llama's (Post-LN twins)     ``interventions.postln``
 ``OUTPUT_PROJECTIONS``      sub-layer output projections (scaled init)          ``interventions.lns.initialize``

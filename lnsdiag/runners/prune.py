@@ -22,7 +22,9 @@ import pandas as pd
 from ..data.text import TextSource, from_dataset, from_file, resolve_text
 from ..data.windows import TokenWindows, check_batch_size
 from ..distributed import is_main
-from ..engine.sweep import SweepOutcome, run_fast, run_naive
+from ..engine.naive import run_naive
+from ..engine.outcome import SweepOutcome
+from ..engine.sweep import run_fast
 from ..errors import Interrupted, UserError
 from ..model.load import LoadedModel
 from ..model.placement import norm_placement

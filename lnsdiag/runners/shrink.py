@@ -39,8 +39,9 @@ from ..checkpoint.save import SavedCheckpoint, save_without_layers
 from ..data.text import TextSource, resolve_text
 from ..data.windows import TokenWindows
 from ..distributed import on_main
-from ..engine.fast import removal_set
-from ..engine.sweep import run_fast, run_naive
+from ..engine.naive import run_naive
+from ..engine.sweep import run_fast
+from ..engine.variants import removal_set
 from ..errors import Interrupted, UserError
 from ..interventions.removal import removed_layers
 from ..measure.angular import AngularConfig, AngularResult, angular_on_windows

@@ -1,0 +1,66 @@
+"""The naive sweep engine, the reference: each variant scored by a full evaluation of its own,
+its blocks removed (any scorer, any task type)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..distributed import all_gather, broadcast_from_main, is_main, my_share, world
+from ..interventions.removal import removed_layers
+from ..model.structure import LayerStack
+from ..progress import SILENT, Progress
+from ..results.store import ResultStore, VariantResult
+from ..scoring.base import Scorer, Scores
+from .outcome import SweepOutcome, finish_variant
+from .variants import Variant, removal_set, variant_label
+
+#: Progress phase of the per-variant work.
+VARIANTS_PHASE = "variants"
+
+
+def run_naive(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[Variant], *,
+              stack: LayerStack, store: ResultStore | None = None, progress: Progress = SILENT,
+              on_saved: Callable[[VariantResult], None] | None = None) -> SweepOutcome:
+    """One full scoring pass per variant (the reference engine; works for every task type).
+
+    Under a launcher the variants are dealt to the ranks (weighted by the blocks each runs);
+    each rank saves the variants it scored as it finishes them (one file each: a relaunch with
+    any number of ranks resumes from them), then every rank gets every result. Rank 0's
+    progress counts its variants scaled to the job's.
+    """
+    todo = broadcast_from_main(list(todo))
+    mine = [todo[i] for i in my_share([len(stack) - len(removal_set(v)) for v in todo])]
+    scale = len(todo) / max(1, len(mine)) if world().parallel else 1
+    outcome = SweepOutcome()
+    progress.phase(VARIANTS_PHASE, total=len(todo))
+    for variant in mine:
+        progress.advance(0, detail=variant_label(variant))
+        start = time.perf_counter()
+        scores = Scores()
+        with removed_layers(model, removal_set(variant), stack=stack):
+            for scorer in scorers:
+                scores += scorer.score()
+        finish_variant(VariantResult.of(variant, scores, time.perf_counter() - start, "naive"), outcome, store,
+                       on_saved, progress, amount=scale, any_rank=True)
+    if world().parallel:
+        _meet(outcome, todo, mine, store)
+        if not mine:
+            progress.advance(len(todo))
+    return outcome
+
+
+def _meet(outcome: SweepOutcome, todo: list[Variant], mine: list[Variant], store: ResultStore | None) -> None:
+    """Every rank's results on every rank, in ``todo``'s order; on a folder that is not shared
+    between nodes, rank 0 still gets every file."""
+    gathered = {k: v for part in all_gather(outcome.results) for k, v in part.items()}
+    outcome.results = {v: gathered[v] for v in todo}
+    if store is None:
+        return
+    for variant, result in outcome.results.items():
+        if is_main() and variant not in mine and not store.has(variant):
+            store.save(result)
+        else:
+            store.hold(result)
