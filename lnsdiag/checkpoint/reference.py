@@ -18,6 +18,7 @@ from ..model.families import PER_LAYER_CONFIG_LISTS
 from ..model.load import restore_norms
 from ..model.structure import LayerStack, find_layers, parse_layer_spec, text_config
 
+
 def config_without(config: Any, keep: list[int], total: int) -> Any:
     """A copy of ``config`` describing only the ``keep`` layers, each with its old role."""
     new = copy.deepcopy(config)
