@@ -48,6 +48,7 @@ from lnsdiag.engine.plan import plan_rows
 from lnsdiag.engine.sweep import run_fast
 from lnsdiag.engine.work import layer_passes
 from lnsdiag.interventions.removal import removed_layers
+from lnsdiag.interventions.units import Removal
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
 from lnsdiag.results.store import ResultStore
@@ -204,26 +205,27 @@ def bench_workload(model, stack, lm, requests, max_length: int, naive_layers: li
     (answers per question), answer flips between them, and with ``fp32_model`` both engines'
     distance from a float32 baseline on the first ``fp32_questions`` questions."""
     L = len(stack)
-    timed = [None, *naive_layers]
+    timed = [Removal(), *Removal.each(naive_layers)]
     naive, seconds = {}, []
     for variant in timed:
         sync()
         start = time.perf_counter()
-        with removed_layers(model, [] if variant is None else [variant], stack=stack):
+        with removed_layers(model, variant, stack=stack):
             answers = lm._loglikelihood_tokens([(None, list(r.context), list(r.continuation)) for r in requests],
                                                disable_tqdm=True)
         sync()
         seconds.append(time.perf_counter() - start)
         naive[variant] = np.array([a[0] for a in answers])
     naive_seconds = seconds[0] + float(np.mean(seconds[1:])) * L
-    engine = SweepEngine(model, stack, [None, *range(L)], batch_tokens=batch_tokens)
+    engine = SweepEngine(model, stack, [Removal(), *Removal.each(range(L))], batch_tokens=batch_tokens)
     sync()
     start = time.perf_counter()
     result = engine.run(requests, max_length)
     sync()
     fast_seconds = time.perf_counter() - start
     worst = max(float(np.abs(result.of(v)[0] - naive[v]).max()) for v in timed)
-    got = {"requests": len(requests), "naive_seconds_each": dict(zip(map(str, timed), seconds, strict=True)),
+    names = [str(v.to_json()) for v in timed]  # "None", "0", ...
+    got = {"requests": len(requests), "naive_seconds_each": dict(zip(names, seconds, strict=True)),
            "naive_seconds_extrapolated": naive_seconds, "fast_seconds": fast_seconds,
            "wall_ratio": naive_seconds / fast_seconds, "max_abs_delta_loglik": worst,
            "mean_abs_delta_loglik": float(np.mean([np.abs(result.of(v)[0] - naive[v]).mean() for v in timed])),
@@ -232,8 +234,9 @@ def bench_workload(model, stack, lm, requests, max_length: int, naive_layers: li
         got["answer_flips"] = sum(flips(result.of(v)[0], naive[v], group) for v in timed)
         got["answers_compared"] = len(timed) * (len(requests) // group)
     if fp32_model is not None and group:
+        full = Removal()
         got["fp32_reference"] = fp32_reference(fp32_model, requests[: fp32_questions * group], max_length, group,
-                                               {"naive bf16": naive[None], "fast bf16": result.of(None)[0]}, model)
+                                               {"naive bf16": naive[full], "fast bf16": result.of(full)[0]}, model)
     return got
 
 
@@ -247,12 +250,12 @@ def fp32_reference(model32, requests, max_length: int, group: int, bf16: dict[st
                    model=None) -> dict:
     """The baseline of the first questions in float32 (unshared rows): how far each bf16 engine
     is from the exact answer, and on how many questions its choice differs from float32's."""
-    engine = SweepEngine(model32, find_layers(model32), [None], share=False)
-    exact = engine.run(requests, max_length).of(None)[0]
+    engine = SweepEngine(model32, find_layers(model32), [Removal()], share=False)
+    exact = engine.run(requests, max_length).of(Removal())[0]
     if model is not None:  # shared rows in bf16 with the run-time check skipped: a diagnosis only
-        forced = SweepEngine(model, find_layers(model), [None])
+        forced = SweepEngine(model, find_layers(model), [Removal()])
         forced._check_sharing = lambda *a, **k: (0.0, 0.0, 0)
-        bf16 = {**bf16, "fast bf16, sharing forced on": forced.run(requests, max_length).of(None)[0]}
+        bf16 = {**bf16, "fast bf16, sharing forced on": forced.run(requests, max_length).of(Removal())[0]}
     n = len(requests)
     return {"questions": n // group, **{name: {"max_abs_delta_loglik": float(np.abs(v[:n] - exact).max()),
                                               "mean_abs_delta_loglik": float(np.abs(v[:n] - exact).mean()),
@@ -266,7 +269,7 @@ def profile_engine(model, stack, requests, max_length: int, batch_tokens: int | 
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    engine = SweepEngine(model, stack, [None, 0, len(stack) // 2], batch_tokens=batch_tokens)
+    engine = SweepEngine(model, stack, [Removal(), *Removal.each([0, len(stack) // 2])], batch_tokens=batch_tokens)
     with profile(activities=activities) as prof:
         engine.run(requests, max_length)
         sync()
@@ -407,12 +410,13 @@ def lmeval_workload(args, record: dict, model, loaded, stack, tokenizer, naive_l
     write_tasks(tasks_dir, tokenizer, args.mc_docs, args.ppl_docs, args.ppl_tokens)
     taskset = load_tasks(["bench_mc", "bench_ppl"], tasks_dir)
     scorer = LmEvalScorer(loaded, taskset, batch_size=args.naive_batch, bootstrap_iters=1000)
-    all_variants = [None, *range(L)]
+    all_variants = [Removal(), *Removal.each(range(L))]
+    timed = [Removal(), *Removal.each(naive_layers)]
 
     print(f"lmeval: naive engine on baseline + layers {naive_layers} ...", flush=True)
     naive_store = ResultStore(args.out / "naive", {})
     per_variant = []
-    for variant in [None, *naive_layers]:
+    for variant in timed:
         sync()
         start = time.perf_counter()
         run_naive(model, [scorer], [variant], stack=stack, store=naive_store)
@@ -438,20 +442,20 @@ def lmeval_workload(args, record: dict, model, loaded, stack, tokenizer, naive_l
     # agreement on what both scored: per request and per metric
     log = collect_requests(scorer.lm, taskset)
     requests = log.token_requests()
-    engine = SweepEngine(model, stack, [None, *naive_layers], batch_tokens=args.batch_tokens)
+    engine = SweepEngine(model, stack, timed, batch_tokens=args.batch_tokens)
     both = engine.run(requests, scorer.lm.max_length)
     worst = 0.0
-    for variant in [None, *naive_layers]:
-        with removed_layers(model, [] if variant is None else [variant], stack=stack):
+    for variant in timed:
+        with removed_layers(model, variant, stack=stack):
             ref = scorer.lm._loglikelihood_tokens([(None, list(r.context), list(r.continuation)) for r in requests],
                                                   disable_tqdm=True)
         worst = max(worst, float(np.abs(both.of(variant)[0] - np.array([x[0] for x in ref])).max()))
     metric_diff = {}
-    for variant in [None, *naive_layers]:
+    for variant in timed:
         fast_rows = {(r.task, r.metric): r.value for r in fast_store.done()[variant].rows}
         for r in naive_store.done()[variant].rows:
-            metric_diff[f"{variant}/{r.task}/{r.metric}"] = abs(fast_rows[(r.task, r.metric)] - r.value) / max(
-                abs(r.value), 1e-12)
+            key = f"{variant.to_json()}/{r.task}/{r.metric}"
+            metric_diff[key] = abs(fast_rows[(r.task, r.metric)] - r.value) / max(abs(r.value), 1e-12)
     record["agreement"] = {"max_abs_delta_loglik": worst, "max_rel_metric_delta": max(metric_diff.values()),
                            "acc_equal": all(v == 0 for k, v in metric_diff.items() if k.endswith("/acc"))}
 

@@ -46,7 +46,7 @@ _EXPORTS: dict[str, str] = {
     "TaskSet": "scoring.lmeval.tasks", "load_tasks": "scoring.lmeval.tasks", "make_lm": "scoring.lmeval.lm",
     "evaluate_tasks": "scoring.lmeval.tasks", "LmEvalScorer": "scoring.lmeval.scorer",
     "Perplexity": "scoring.perplexity", "perplexity": "scoring.perplexity", "PerplexityScorer": "scoring.perplexity",
-    "SweepEngine": "engine.fast", "removal_set": "engine.variants", "run_naive": "engine.naive",
+    "SweepEngine": "engine.fast", "Removal": "interventions.units", "run_naive": "engine.naive",
     "run_fast": "engine.sweep", "perplexity_sweep": "engine.sweep",
     "ResultStore": "results.store", "VariantResult": "results.store", "prune_frame": "results.verdict",
     "PruneConfig": "runners.prune", "PruneRun": "runners.prune", "ShrinkConfig": "runners.shrink",

@@ -19,6 +19,7 @@ from lnsdiag import distributed
 from lnsdiag.distributed import World, balanced_shares, replica_gpus, replica_max_memory
 from lnsdiag.engine.fast import PASS_PHASE
 from lnsdiag.errors import UserError
+from lnsdiag.interventions.units import Removal
 from lnsdiag.model.load import ModelOptions, replica_placement
 from tests.conftest import SAMPLE_TEXT
 from tests.lmeval_tasks import write_tasks
@@ -259,12 +260,12 @@ def _store_worker(rank: int, folder: Path, port: int) -> None:
     try:
         store = ResultStore(folder / "run", {"model": "a"})
         if rank == 0:
-            store.save(VariantResult(None, [], 1.0))
-            store.save(VariantResult(1, [], 1.0))
+            store.save(VariantResult(Removal(), [], 1.0))
+            store.save(VariantResult(Removal.of(1), [], 1.0))
         else:
-            store.save(VariantResult(3, [], 1.0))  # rank 0 writes, so this one is only held
+            store.save(VariantResult(Removal.of(3), [], 1.0))  # rank 0 writes, so this one is only held
         distributed.barrier()
-        done = sorted(store.done(), key=lambda k: -1 if k is None else k)
+        done = [k.to_json() for k in sorted(store.done())]
         error, mirrored = "", False
         try:
             ResultStore(folder / "run", {"model": "b"})

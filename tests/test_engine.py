@@ -17,6 +17,7 @@ from lnsdiag.engine.naive import run_naive
 from lnsdiag.engine.plan import plan_rows
 from lnsdiag.engine.sweep import run_fast
 from lnsdiag.interventions.removal import removed_layers
+from lnsdiag.interventions.units import Removal
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
 from lnsdiag.results.store import ResultStore
@@ -29,7 +30,8 @@ from tests.conftest import SAMPLE_TEXT, ProgressLog
 from tests.families import tiny_model
 from tests.lmeval_tasks import write_tasks
 
-VARIANTS = [None, 0, 2, 3]
+FULL = Removal()
+VARIANTS = [FULL, *Removal.each([0, 2, 3])]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def test_fast_equals_naive(family, limit, fewshot, tokenizer, tasks_dir, tmp_pat
     assert len(log.single) > 0 and len(log.rolling) > 0
     result = SweepEngine(model, stack, VARIANTS, batch_tokens=96).run(requests, scorer.lm.max_length)
     for variant in VARIANTS:
-        with removed_layers(model, [] if variant is None else [variant], stack=stack):
+        with removed_layers(model, variant, stack=stack):
             expected = _hflm_answers(scorer.lm, requests)
         loglik, greedy = result.of(variant)
         reference = np.array([e[0] for e in expected])
@@ -221,11 +223,11 @@ def test_resume_without_baseline_stops_early():
     model = tiny_model("llama")
     stack = find_layers(model)
     requests = _requests(8)
-    full = SweepEngine(model, stack, [None, 1, 2], batch_tokens=256).run(requests, 32)
-    part = SweepEngine(model, stack, [1], batch_tokens=256)
+    full = SweepEngine(model, stack, [FULL, *Removal.each([1, 2])], batch_tokens=256).run(requests, 32)
+    part = SweepEngine(model, stack, [Removal.of(1)], batch_tokens=256)
     assert part.layer_passes() == 1 + 2  # up to block 1's input, then blocks 2..3
     got = part.run(requests, 32)
-    assert np.allclose(got.of(1)[0], full.of(1)[0], atol=1e-6)
+    assert np.allclose(got.of(Removal.of(1))[0], full.of(Removal.of(1))[0], atol=1e-6)
 
 
 def test_generation_tasks_fall_back_to_naive(tiny_llama_dir, tasks_dir, tmp_path):
@@ -296,16 +298,16 @@ def test_packing_is_switched_off_when_it_would_not_be_exact(monkeypatch):
     model = tiny_model("llama")
     stack = find_layers(model)
     requests = _mc_requests()
-    engine = SweepEngine(model, stack, [None, 1], batch_tokens=160)
+    engine = SweepEngine(model, stack, [FULL, Removal.of(1)], batch_tokens=160)
     got = engine.run(requests, 64)
     assert engine.stats["sharing"].startswith("off: shared rows differed")
-    want = SweepEngine(model, stack, [None, 1], batch_tokens=160, share=False).run(requests, 64)
+    want = SweepEngine(model, stack, [FULL, Removal.of(1)], batch_tokens=160, share=False).run(requests, 64)
     assert np.abs(got.loglik - want.loglik).max() < 1e-5
 
 
 def test_no_packing_beyond_a_sliding_window():
     model = tiny_model("mistral")  # window of 5 tokens: a packed mask would hide the window
-    engine = SweepEngine(model, find_layers(model), [None], batch_tokens=160)
+    engine = SweepEngine(model, find_layers(model), [FULL], batch_tokens=160)
     engine.run(_mc_requests(), 64)
     assert engine.stats["shared_rows"] == 0
     assert "5-token attention window (config.sliding_window)" in engine.stats["sharing"]
@@ -341,9 +343,9 @@ def test_blocks_that_update_their_input_in_place():
     requests = _requests(10)
     got = SweepEngine(model, stack, VARIANTS, batch_tokens=128).run(requests, 32)
     for variant in VARIANTS:
-        with removed_layers(model, [] if variant is None else [variant], stack=stack):
-            want = SweepEngine(model, stack, [None], batch_tokens=128).run(requests, 32)
-        assert np.abs(got.of(variant)[0] - want.of(None)[0]).max() < 1e-5, variant
+        with removed_layers(model, variant, stack=stack):
+            want = SweepEngine(model, stack, [FULL], batch_tokens=128).run(requests, 32)
+        assert np.abs(got.of(variant)[0] - want.of(FULL)[0]).max() < 1e-5, variant
 
 
 def test_a_damaged_or_foreign_checkpoint_is_ignored(tmp_path):
@@ -351,9 +353,9 @@ def test_a_damaged_or_foreign_checkpoint_is_ignored(tmp_path):
     path.write_bytes(b"not a zip file")
     assert Checkpoint(path, "fp").load((1, 1), 1) is None
     model = tiny_model("llama")
-    engine = SweepEngine(model, find_layers(model), [None, 1], batch_tokens=64)
+    engine = SweepEngine(model, find_layers(model), [FULL, Removal.of(1)], batch_tokens=64)
     engine.run(_requests(6), 32, checkpoint=Checkpoint(path, "fp"))
-    assert Checkpoint(path, "fp").stored_variants() == [None, 1]
+    assert Checkpoint(path, "fp").stored_variants() == [FULL, Removal.of(1)]
     assert Checkpoint(path, "other").stored_variants() is None
 
 
@@ -366,7 +368,7 @@ def test_an_interrupted_aggregation_keeps_the_engine_pass(tokenizer, tasks_dir, 
     saved = []
 
     def crash_after_two(result):
-        saved.append(result.removed_layer)
+        saved.append(result.removal)
         if len(saved) == 2:
             raise KeyboardInterrupt
 
@@ -390,7 +392,7 @@ def test_packing_falls_back_when_the_model_rejects_it(monkeypatch):
 
     monkeypatch.setattr(engine_module, "_shared_inputs", broken)
     model = tiny_model("llama")
-    engine = SweepEngine(model, find_layers(model), [None], batch_tokens=160)
+    engine = SweepEngine(model, find_layers(model), [FULL], batch_tokens=160)
     engine.run(_mc_requests(), 64)
     assert engine.stats["sharing"] == "off: shared rows failed (ValueError)"
     model.config.alibi = True
@@ -405,11 +407,11 @@ def test_a_head_that_is_bypassed_is_caught(monkeypatch):
     monkeypatch.setattr(engine_module, "head_at", lambda model, index: contextlib.nullcontext())
     model = tiny_model("llama")
     with pytest.raises(RuntimeError, match="use --engine naive"):
-        SweepEngine(model, find_layers(model), [None], batch_tokens=64).run(_requests(4), 32)
+        SweepEngine(model, find_layers(model), [FULL], batch_tokens=64).run(_requests(4), 32)
 
 
 def test_empty_continuations_score_zero_and_greedy():
     model = tiny_model("llama")
     requests = [TokenRequest((5, 6, 7), ()), *_requests(3)]
-    result = SweepEngine(model, find_layers(model), [None, 2], batch_tokens=64).run(requests, 32)
+    result = SweepEngine(model, find_layers(model), [FULL, Removal.of(2)], batch_tokens=64).run(requests, 32)
     assert result.loglik[:, 0].tolist() == [0.0, 0.0] and result.greedy[:, 0].all()

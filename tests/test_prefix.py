@@ -19,13 +19,15 @@ from lnsdiag.engine.fast import SweepEngine, _shared_inputs
 from lnsdiag.engine.plan import plan_rows
 from lnsdiag.engine.work import count_work, naive_tokens, planned_work, probe_plan
 from lnsdiag.interventions.removal import removed_layers
+from lnsdiag.interventions.units import Removal
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
 from lnsdiag.scoring.base import TokenRequest
 from lnsdiag.scoring.lmeval.lm import make_lm
 from tests.families import tiny_model
 
-VARIANTS = [None, 0, 2, 3]
+FULL = Removal()
+VARIANTS = [FULL, *Removal.each([0, 2, 3])]
 MAX_LENGTH = 64
 
 
@@ -68,7 +70,7 @@ def test_shared_prefixes_equal_hflm_on_rebuilt_models(family, overrides, tokeniz
         assert "40-token attention window (config.sliding_window)" in stats["sharing"]
         assert any(len(r.ids) > 40 for r in plan_rows(requests, MAX_LENGTH))
     for variant in VARIANTS:
-        reference = model if variant is None else build_without_layers(model, [variant], stack=stack)
+        reference = model if not variant else build_without_layers(model, variant.blocks, stack=stack)
         want, want_greedy = _hflm(reference, tokenizer, requests)
         got, greedy = result.of(variant)
         for name, span in spans.items():
@@ -152,11 +154,11 @@ def test_sharing_stays_exact_in_half_precision(tokenizer):
     model = tiny_model("llama", vocab_size=len(tokenizer)).to(torch.bfloat16)
     stack = find_layers(model)
     requests, spans = _workload(len(tokenizer))
-    engine = SweepEngine(model, stack, [None, 2], batch_tokens=256)
+    engine = SweepEngine(model, stack, [FULL, Removal.of(2)], batch_tokens=256)
     result = engine.run(requests, MAX_LENGTH)
     assert engine.stats["sharing"].startswith("on"), engine.stats["sharing"]
-    for variant in (None, 2):
-        with removed_layers(model, [] if variant is None else [variant], stack=stack):
+    for variant in (FULL, Removal.of(2)):
+        with removed_layers(model, variant, stack=stack):
             naive, _ = _hflm(model, tokenizer, requests, batch_size=4)
             other, _ = _hflm(model, tokenizer, requests, batch_size=1)
         got = result.of(variant)[0]
@@ -180,9 +182,9 @@ def test_half_precision_noise_goes_through_the_shared_rows_attention_path(tokeni
             seen.append("4d" if mask is not None and mask.dim() == 4 else "plain")
 
         hook = model.model.register_forward_pre_hook(record, with_kwargs=True)
-        engine = SweepEngine(model, find_layers(model), [None], batch_tokens=100_000)
+        engine = SweepEngine(model, find_layers(model), [FULL], batch_tokens=100_000)
         rows = plan_rows(requests, MAX_LENGTH, share=True, row_tokens=MAX_LENGTH)
-        probes = probe_plan(rows, 4, [None], limit=2)
+        probes = probe_plan(rows, 4, [FULL], limit=2)
         try:
             worst, noise, count = engine._check_sharing(probes, requests, MAX_LENGTH, noise=dtype != torch.float32)
         finally:
@@ -264,7 +266,7 @@ def test_reported_work_is_the_work_done(tokenizer):
 
 def test_the_check_probes_rows_spread_over_a_large_plan():
     rows = plan_rows(shapes.mmlu(subjects=20, questions=40, shots=5), 4096, share=True)
-    probes = probe_plan(rows, 32, [None, *range(32)])
+    probes = probe_plan(rows, 32, [FULL, *Removal.each(range(32))])
     assert len(probes) == 8 and len({id(r) for r, _ in probes}) == 8
     assert max(len(r.ids) for r in rows) == max(len(r.ids) for r, _ in probes)
     where = sorted(next(k for k, r in enumerate(rows) if r is p) for p, _ in probes)
@@ -275,7 +277,7 @@ def test_the_check_probes_rows_spread_over_a_large_plan():
 
 
 LLAMA_2_7B_CONTEXT = 4096
-ALL_32 = [None, *range(32)]
+ALL_32 = [FULL, *Removal.each(range(32))]
 
 
 @pytest.mark.parametrize("name,make,target", [

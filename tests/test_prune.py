@@ -20,6 +20,7 @@ from lnsdiag.cli import app
 from lnsdiag.data.windows import TokenWindows
 from lnsdiag.engine.fast import PASS_PHASE
 from lnsdiag.engine.naive import run_naive
+from lnsdiag.interventions.units import Removal
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
 from lnsdiag.results.store import ResultStore, VariantResult
@@ -35,6 +36,7 @@ from tests.lmeval_tasks import write_tasks
 from tests.test_cli_basic import assert_one_line_error
 
 runner = CliRunner()
+FULL = Removal()
 
 
 def invoke(*args):
@@ -68,14 +70,14 @@ def test_each_variant_equals_lm_eval_on_rebuilt_model(family, tokenizer, tasks_d
 
     store = ResultStore(tmp_path, {"model": family})
     stack = find_layers(model)
-    run_naive(model, scorers(loaded), [None, 0, 2, 3], stack=stack, store=store)
+    run_naive(model, scorers(loaded), [FULL, *Removal.each([0, 2, 3])], stack=stack, store=store)
     done = store.done()
     for layer in (0, 2, 3):
         reference = LoadedModel.wrap(build_without_layers(model, [layer]), tokenizer)
-        _same(done[layer].rows, score(reference))
-        assert any(r.value != b.value for r, b in zip(done[layer].rows, done[None].rows, strict=True))
+        _same(done[Removal.of(layer)].rows, score(reference))
+        assert any(r.value != b.value for r, b in zip(done[Removal.of(layer)].rows, done[FULL].rows, strict=True))
     # The model is intact: scoring it again gives the baseline.
-    _same(score(loaded), done[None].rows)
+    _same(score(loaded), done[FULL].rows)
     assert all("forward" not in layer.__dict__ for layer in stack.layers)
 
 
@@ -101,13 +103,23 @@ def _row(task, metric, value, stderr, hib=True):
     return MetricRow(task, metric, value, stderr, hib)
 
 
+def _removal(layer):
+    """The variant of a test written with one-layer numbers: ``None`` is the full model."""
+    return FULL if layer is None else Removal.of(layer)
+
+
+def _keyed(*variants):
+    """Results as a sweep holds them: by what each variant removes."""
+    return {v.removal: v for v in variants}
+
+
 def _variant(layer, task, scores, choices=4, metric="acc"):
     """A stored variant of a 0/1-scored multiple-choice task: its metric row and per-document scores."""
     scores = [float(x) for x in scores]
     n = len(scores)
     mean = sum(scores) / n
     se = math.sqrt(sum((x - mean) ** 2 for x in scores) / (n - 1) / n)
-    return VariantResult(layer, [_row(task, metric, mean, se)], 1.0,
+    return VariantResult(_removal(layer), [_row(task, metric, mean, se)], 1.0,
                          documents={(task, metric): dict(enumerate(scores))},
                          choices={task: dict.fromkeys(range(n), choices)}, aggregations={(task, metric): "mean"})
 
@@ -126,12 +138,12 @@ def test_verdicts_are_paired_and_honest_with_few_documents():
     """The issue's known truths, through the table: paired Δ and stderr, Tango's interval, TOST."""
     base100 = [1] * 60 + [0] * 40
     drop = [0] * 10 + [1] * 50 + [1] * 2 + [0] * 38  # 10 questions lost, 2 gained: 0.60 -> 0.52
-    results = {
-        None: _merge(_variant(None, "mmlu_like", base100), _variant(None, "big", [1] * 7000 + [0] * 3000),
-                     _variant(None, "small", [1] * 12 + [0] * 8)),
-        0: _merge(_variant(0, "mmlu_like", drop), _variant(0, "big", [1] * 7000 + [0] * 3000),
-                  _variant(0, "small", [1] * 12 + [0] * 8)),
-    }
+    results = _keyed(
+        _merge(_variant(None, "mmlu_like", base100), _variant(None, "big", [1] * 7000 + [0] * 3000),
+               _variant(None, "small", [1] * 12 + [0] * 8)),
+        _merge(_variant(0, "mmlu_like", drop), _variant(0, "big", [1] * 7000 + [0] * 3000),
+               _variant(0, "small", [1] * 12 + [0] * 8)),
+    )
     frame = prune_frame(results).set_index(["variant", "task"])
     hurt = frame.loc[("layer_000", "mmlu_like")]
     assert hurt["delta"] == pytest.approx(-0.08) and hurt["verdict"] == "hurts" and not hurt["dead"]
@@ -147,7 +159,7 @@ def test_verdicts_are_paired_and_honest_with_few_documents():
 
 
 def test_five_documents_never_prove_a_layer_dead():
-    results = {None: _variant(None, "t", [1, 0, 1, 1, 0]), 3: _variant(3, "t", [1, 0, 1, 1, 0])}
+    results = _keyed(_variant(None, "t", [1, 0, 1, 1, 0]), _variant(3, "t", [1, 0, 1, 1, 0]))
     row = prune_frame(results).set_index("variant").loc["layer_003"]
     assert row["delta"] == 0 and row["verdict"] == "inconclusive" and row["ci90_low"] < -0.01
 
@@ -163,7 +175,7 @@ def test_group_rows_pool_their_subtasks_documents():
 
     base_a, base_b = [1] * 30 + [0] * 20, [1] * 10 + [0] * 10
     var_a, var_b = [0] * 6 + [1] * 24 + [0] * 20, [1] * 10 + [0] * 10
-    frame = prune_frame({None: group(None, base_a, base_b), 1: group(1, var_a, var_b)})
+    frame = prune_frame(_keyed(group(None, base_a, base_b), group(1, var_a, var_b)))
     row = frame[(frame.task == "grp") & (frame.variant == "layer_001")].iloc[0]
     d = [v - b for b, v in zip(base_a + base_b, var_a + var_b, strict=True)]
     assert row["delta_stderr"] == pytest.approx(float(np.std(d, ddof=1) / math.sqrt(len(d))))
@@ -355,8 +367,8 @@ def test_builtin_perplexity_delta_uses_paired_noise():
     assert se["nll"] == pytest.approx(math.sqrt(resid / 30) / 50)
     own = {r.metric: r.stderr for r in variant.rows()}
     assert se["ppl"] < own["ppl"] / 20
-    results = {None: VariantResult(None, base.rows(), 1.0, units={"ppl": base}),
-               3: VariantResult(3, variant.rows(), 1.0, units={"ppl": variant})}
+    results = _keyed(VariantResult(FULL, base.rows(), 1.0, units={"ppl": base}),
+                     VariantResult(Removal.of(3), variant.rows(), 1.0, units={"ppl": variant}))
     frame = prune_frame(results).set_index(["variant", "metric"])
     row = frame.loc[("layer_003", "nll")]
     assert row["delta_stderr"] == pytest.approx(se["nll"])
@@ -372,7 +384,7 @@ def test_builtin_perplexity_delta_uses_paired_noise():
 
 def test_fresh_clears_everything_a_previous_run_left(tmp_path):
     store = ResultStore(tmp_path, {"model": "a"})
-    store.save(VariantResult(None, [_row("t", "acc", 0.5, 0.01)], 1.0))
+    store.save(VariantResult(FULL, [_row("t", "acc", 0.5, 0.01)], 1.0))
     for name in ("engine-partial.npz", "angular.csv", "angular_settings.json", "prune.csv", "meta.json"):
         (tmp_path / name).write_text("old")
     ResultStore(tmp_path, {"model": "b"}, fresh=True, outputs=OUTPUTS)
@@ -436,7 +448,8 @@ def test_paired_ppl_delta_stderr_agrees_with_the_paired_bootstrap():
 def _continuous(layer, task, values, metric="f1_doc"):
     n = len(values)
     mean = float(np.mean(values))
-    return VariantResult(layer, [_row(task, metric, mean, float(np.std(values, ddof=1) / math.sqrt(n)))], 1.0,
+    return VariantResult(_removal(layer), [_row(task, metric, mean, float(np.std(values, ddof=1) / math.sqrt(n)))],
+                         1.0,
                          documents={(task, metric): dict(enumerate(map(float, values)))},
                          aggregations={(task, metric): "mean"})
 
@@ -444,10 +457,10 @@ def _continuous(layer, task, values, metric="f1_doc"):
 def test_identical_documents_prove_equivalence_only_when_there_are_many():
     """No spread at all is not proof: the interval is that of 'nothing changed' (±z²/(n+z²))."""
     few = [0.5, 0.25, 0.75, 0.5, 1.0]
-    row = prune_frame({None: _continuous(None, "t", few), 0: _continuous(0, "t", few)}).iloc[-1]
+    row = prune_frame(_keyed(_continuous(None, "t", few), _continuous(0, "t", few))).iloc[-1]
     assert row["verdict"] == "inconclusive" and row["ci90_low"] < -0.01
     many = list(np.linspace(0, 1, 10_000))
-    row = prune_frame({None: _continuous(None, "t", many), 0: _continuous(0, "t", many)}).iloc[-1]
+    row = prune_frame(_keyed(_continuous(None, "t", many), _continuous(0, "t", many))).iloc[-1]
     assert row["verdict"] == "dead"
 
 
@@ -455,7 +468,7 @@ def test_few_changed_answers_use_the_exact_test():
     """4 answers lost out of 100: McNemar's normal approximation says p = 0.046, the exact test 0.125."""
     base = [1] * 60 + [0] * 40
     variant = [0] * 4 + [1] * 56 + [0] * 40
-    row = prune_frame({None: _variant(None, "t", base), 5: _variant(5, "t", variant)}).iloc[-1]
+    row = prune_frame(_keyed(_variant(None, "t", base), _variant(5, "t", variant))).iloc[-1]
     assert row["p_value"] == pytest.approx(0.125) and row["verdict"] == "inconclusive"
 
 
@@ -471,7 +484,7 @@ def test_unweighted_groups_are_judged_on_the_mean_of_their_leaf_means():
     big = [1] * 1400 + [0] * 600
     base = group(None, [1] * 20, big)
     dropped = group(1, [1] * 10 + [0] * 10, big)
-    row = prune_frame({None: base, 1: dropped}).query("task == 'grp' and variant == 'layer_001'").iloc[0]
+    row = prune_frame(_keyed(base, dropped)).query("task == 'grp' and variant == 'layer_001'").iloc[0]
     assert row["delta"] == pytest.approx(-0.25) and row["verdict"] != "dead" and row["ci90_high"] < -0.01
 
 
@@ -485,13 +498,13 @@ def test_log_likelihood_margins_follow_the_perplexity_ratio_and_bootstrap_iters_
     items = {i: (-float(100 + i), 20) for i in range(30)}
     shifted = {i: (ll * 1.001, w) for i, (ll, w) in items.items()}
     results = {}
-    for layer, docs in ((None, items), (2, shifted)):
+    for removal, docs in ((FULL, items), (Removal.of(2), shifted)):
         lls = np.array([ll for ll, _ in docs.values()])
         words = np.array([w for _, w in docs.values()], dtype=float)
         value = math.exp(-lls.sum() / words.sum())
-        results[layer] = VariantResult(layer, [_row("t", "word_perplexity", value, math.nan, False)], 1.0,
-                                       documents={("t", "word_perplexity"): docs},
-                                       aggregations={("t", "word_perplexity"): "weighted_perplexity"})
+        results[removal] = VariantResult(removal, [_row("t", "word_perplexity", value, math.nan, False)], 1.0,
+                                         documents={("t", "word_perplexity"): docs},
+                                         aggregations={("t", "word_perplexity"): "weighted_perplexity"})
     row = prune_frame(results, bootstrap_iters=0).iloc[-1]  # lm-eval's "no stderr" must not break the paired one
     assert row["paired"] and np.isfinite(row["ci90_low"])
 
@@ -499,7 +512,7 @@ def test_log_likelihood_margins_follow_the_perplexity_ratio_and_bootstrap_iters_
 def test_samples_export_takes_numpy_items_and_retention_is_undefined_at_chance():
     from lnsdiag.results.verdict import retention
 
-    result = VariantResult(None, [], 1.0, documents={("cola", "mcc"): {0: (1, np.int64(0)), 1: (0, np.int64(0))}})
+    result = VariantResult(FULL, [], 1.0, documents={("cola", "mcc"): {0: (1, np.int64(0)), 1: (0, np.int64(0))}})
     rows = result.sample_rows()
     assert [json.loads(r["item"]) for r in rows] == [[1, 0], [0, 0]]
     assert math.isnan(retention(0.26, 0.255, True, chance=0.25)) and retention(0.5, 0.75, True, 0.25) == 50.0

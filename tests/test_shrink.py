@@ -18,9 +18,9 @@ import transformers as tf
 from lnsdiag.checkpoint.reference import build_without_layers
 from lnsdiag.data.windows import TokenWindows
 from lnsdiag.engine.fast import SweepEngine
-from lnsdiag.engine.variants import removal_set
 from lnsdiag.engine.work import layer_passes, naive_layer_passes
 from lnsdiag.errors import Interrupted, UserError
+from lnsdiag.interventions.units import Removal
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
 from lnsdiag.runners import shrink, strategies
@@ -33,7 +33,7 @@ from tests.families import tiny_model
 from tests.lmeval_tasks import write_tasks
 from tests.test_prefix import MAX_LENGTH, _workload, count_block_tokens, uncount_blocks
 
-SETS = [None, (0, 1), (1, 3), (0, 2, 3), 2, (2, 3), (3,)]
+SETS = [Removal(), *(Removal.of(s) for s in [(0, 1), (1, 3), (0, 2, 3), 2, (2, 3), (3,)])]
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2_moe", "deepseek_v3", "gemma3", "gpt2"])
@@ -45,8 +45,9 @@ def test_several_layers_at_once_equal_a_model_built_without_them(family, tokeniz
     requests, _ = _workload(len(tokenizer))
     result = SweepEngine(model, find_layers(model), SETS, batch_tokens=300).run(requests, MAX_LENGTH)
     for variant in SETS[1:]:
-        rebuilt = build_without_layers(model, list(removal_set(variant)))
-        ref = SweepEngine(rebuilt, find_layers(rebuilt), [None], share=False).run(requests, MAX_LENGTH).of(None)[0]
+        rebuilt = build_without_layers(model, list(variant.blocks))
+        alone = SweepEngine(rebuilt, find_layers(rebuilt), [Removal()], share=False).run(requests, MAX_LENGTH)
+        ref = alone.of(Removal())[0]
         np.testing.assert_allclose(result.of(variant)[0], ref, rtol=1e-5, atol=1e-4, err_msg=f"{family} {variant}")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -71,7 +72,7 @@ def test_counted_passes_of_sets_are_the_blocks_run(tokenizer):
 
 
 def _picks(strategy, picks):
-    return {p.n: p.layers for p in picks if p.strategy == strategy}
+    return {p.n: p.removal.blocks for p in picks if p.strategy == strategy}
 
 
 def test_strategy_definitions_on_known_numbers():
@@ -101,7 +102,7 @@ def test_the_registry_orders_help_and_checks_strategies():
     shrink.ShrinkConfig(strategies="sweep,greedy,last", scoring=PruneConfig(angular=False))
     backwards = strategies.Strategy("backwards", "", "", strategies.Need.NOTHING,
                                     lambda evidence, n_max: [((2, 1)[:n], 0.5) for n in range(1, n_max + 1)])
-    assert [(p.n, p.layers, p.selection) for p in backwards.picks(strategies.Evidence(num_layers=3), 2)] == [
+    assert [(p.n, p.removal.blocks, p.selection) for p in backwards.picks(strategies.Evidence(num_layers=3), 2)] == [
         (1, (2,), 0.5), (2, (1, 2), 0.5)]  # sorted, as every store key is
     too_many = strategies.Strategy("bad", "", "", strategies.Need.NOTHING, lambda evidence, n_max: [((0, 1), 0.0)])
     with pytest.raises(ValueError, match="not 1 distinct layers"):
@@ -119,7 +120,7 @@ def test_a_new_strategy_is_one_function_and_one_registration(six_layers, ppl_fil
                                  strategies.Need.NOTHING, _middle)
     monkeypatch.setattr(strategies, "STRATEGIES", (*strategies.STRATEGIES, middle))
     run = shrink.run(six_layers, _config(ppl_file, remove=2, strategies="middle,last"), tmp_path / "m")
-    assert [(p.strategy, p.n, p.layers) for p in run.picks] == [("last", 1, (4,)), ("last", 2, (3, 4)),
+    assert [(p.strategy, p.n, p.removal.blocks) for p in run.picks] == [("last", 1, (4,)), ("last", 2, (3, 4)),
                                                                  ("middle", 1, (3,)), ("middle", 2, (2, 3))]
     assert list(pd.unique(run.frame["strategy"])) == ["full", "last", "middle"]
     middle_ppl = run.frame[(run.frame["strategy"] == "middle") & (run.frame["metric"] == "ppl")]
@@ -193,7 +194,8 @@ def test_greedy_and_sweep_follow_brute_force_on_rebuilt_models(six_layers, ppl_f
     steps = [p for p in run.meta["passes"] if p["pass"].startswith("greedy")]
     assert [p["pass"] for p in steps] == ["greedy step 2/3", "greedy step 3/3"]
     for p, kept in zip(steps, (5, 4), strict=True):
-        assert p["sets"] == p["variants_in_pass"] and p["layer_passes_per_row"] <= layer_passes(kept, range(kept))
+        one_layer_sweep = Removal.each(range(kept))
+        assert p["sets"] == p["variants_in_pass"] and p["layer_passes_per_row"] <= layer_passes(kept, one_layer_sweep)
 
 
 def test_picks_score_what_lm_eval_gives_the_rebuilt_model(six_layers, tmp_path):
@@ -253,7 +255,7 @@ def test_config_errors_name_the_option():
         shrink.ShrinkConfig(layers="2,9").check_model(6)
     with pytest.raises(UserError, match="TASK/METRIC"):
         shrink.ShrinkConfig(rank_by="acc")
-    assert shrink.ShrinkConfig(layers="3-5,1").layers == (1, 3, 4, 5)
+    assert shrink.ShrinkConfig(layers="3-5,1").layers == Removal((1, 3, 4, 5))
 
 
 def test_cli_writes_curves_tables_and_record(tiny_llama_dir, tmp_path):

@@ -9,6 +9,7 @@ from torch import nn
 from lnsdiag.checkpoint.reference import build_without_layers
 from lnsdiag.errors import UserError
 from lnsdiag.interventions.removal import removed_layers
+from lnsdiag.interventions.units import Removal
 from lnsdiag.model.patch import Patches, kept, patched, patched_forward, release
 from lnsdiag.model.placement import norm_placement
 from lnsdiag.model.structure import block_norms, find_layers, parse_layer_spec
@@ -81,6 +82,21 @@ def test_several_layers_and_nesting():
             pass
         # The failed nested call restored nothing of the outer one.
         assert torch.equal(_logits(model, ids, mask, use_cache=False), expected)
+
+
+def test_a_removal_value_removes_its_blocks():
+    """A :class:`Removal` removes its blocks as their numbers would; the full model's removes nothing."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch()
+    before = _logits(model, ids, mask, use_cache=False)
+    expected = _logits(build_without_layers(model, [1, 3]), ids, mask)
+    with removed_layers(model, Removal((3, 1))):
+        assert torch.equal(_logits(model, ids, mask, use_cache=False), expected)
+    with removed_layers(model, Removal()):
+        assert torch.equal(_logits(model, ids, mask, use_cache=False), before)
+    with pytest.raises(UserError, match="layer 4 is out of range"), removed_layers(model, Removal.of(4)):
+        pass
+    assert torch.equal(_logits(model, ids, mask, use_cache=False), before)
 
 
 def test_restored_after_exception():

@@ -12,6 +12,7 @@ import pytest
 
 from lnsdiag.checkpoint.reference import build_without_layers
 from lnsdiag.engine.sweep import run_fast
+from lnsdiag.interventions.units import Removal
 from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
 from lnsdiag.results.store import ResultStore
@@ -21,7 +22,7 @@ from lnsdiag.scoring.lmeval.tasks import evaluate_tasks, load_tasks, seed_everyt
 from tests.families import tiny_model
 from tests.lmeval_tasks import write_mmlu_like, write_shapes, write_tasks
 
-VARIANTS = [None, 2]
+VARIANTS = [Removal(), Removal.of(2)]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_fast_sweep_equals_lm_eval_on_rebuilt_models(family, tokenizer, shapes_d
         assert stats["shared_rows"] > 0
     max_length = scorers[0].lm.max_length
     for variant in VARIANTS:
-        reference_model = model if variant is None else build_without_layers(model, [variant])
+        reference_model = model if not variant else build_without_layers(model, variant.blocks)
         want = {**_reference(reference_model, tokenizer, few_shot, max_length),
                 **_reference(reference_model, tokenizer, rolling, max_length)}
         got = {(r.task, r.metric): r for r in store.done()[variant].rows}

@@ -1,6 +1,7 @@
 """Sweeps over many variants: the fast one-pass engine and the naive reference.
 
-* ``variants`` — what a variant is: the blocks it removes (``Variant``, ``removal_set``);
+A variant is a :class:`~lnsdiag.interventions.units.Removal` (the empty one: the full model).
+
 * ``plan`` — the row plan: requests into model rows, prefix-shared over a trie (``plan_rows``);
 * ``budget`` — how much at once: batches, the memory budget, row width, attention windows;
 * ``work`` — the work a pass does, counted in block-token passes (fast and naive);

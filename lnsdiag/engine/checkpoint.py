@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from ..distributed import on_main, world
+from ..interventions.units import Removal
 from ..results.store import partial_files
 from ..runs import atomic_write
 from ..scoring.base import TokenRequest
-from .variants import Variant
 
 
 @dataclass
@@ -45,13 +45,13 @@ class PassState:
             self.have = np.zeros(self.loglik.shape[1], dtype=bool)
 
 
-def _variant_codes(variants: Sequence[Variant]) -> np.ndarray:
-    """Variants as stored in a checkpoint: JSON (``null``, a block, or a list of blocks)."""
-    return np.array(json.dumps([v if v is None or isinstance(v, int) else list(v) for v in variants]))
+def _variant_codes(variants: Sequence[Removal]) -> np.ndarray:
+    """Variants as stored in a checkpoint: one JSON list of their JSON forms (``[null, 3, [3, 4]]``)."""
+    return np.array(json.dumps([v.to_json() for v in variants]))
 
 
-def _variants_from_codes(codes: np.ndarray) -> list[Variant]:
-    return [tuple(v) if isinstance(v, list) else v for v in json.loads(str(codes))]
+def _variants_from_codes(codes: np.ndarray) -> list[Removal]:
+    return [Removal.from_json(v) for v in json.loads(str(codes))]
 
 
 class Checkpoint:
@@ -74,19 +74,19 @@ class Checkpoint:
         self.own = self.path.with_name(f"{self.path.stem}.rank-{here.rank:03d}{self.path.suffix}") \
             if here.parallel else self.path
         self._last = time.monotonic()
-        self.variants: list[Variant] = []
+        self.variants: list[Removal] = []
         self.plan = ""
 
     def files(self) -> list[Path]:
         """Every partial file of this pass's folder: a single process's and each rank's."""
         return partial_files(self.path)
 
-    def stored_variants(self) -> list[Variant] | None:
+    def stored_variants(self) -> list[Removal] | None:
         """The variants of a matching checkpoint on disk (to finish that pass), if any; rank 0
         reads, every rank gets its answer."""
         return on_main(self._stored_variants)
 
-    def _stored_variants(self) -> list[Variant] | None:
+    def _stored_variants(self) -> list[Removal] | None:
         for path in self.files():
             data = self._read(path)
             if data is None:

@@ -2,10 +2,11 @@
 
 Per batch, the full model runs once while the inputs x_i of the blocks to remove are kept;
 variant i then resumes from x_i at block i+1 (``removal.resumed_at``), so a sweep over all
-L blocks costs L + L(L−1)/2 block passes instead of ≈ L². A variant may remove several blocks
-(a tuple, as ``shrink`` scores): it resumes from the input of its first removed block and skips
-the others, so every candidate sharing a kept prefix reuses it. Every pass is the model's own
-forward (masks, rotary embeddings, final norm and head included), so every family works.
+L blocks costs L + L(L−1)/2 block passes instead of ≈ L². A variant (a
+:class:`~lnsdiag.interventions.units.Removal`) may remove several blocks, as ``shrink`` scores: it
+resumes from the input of its first removed block and skips the others, so every candidate
+sharing a kept prefix reuses it. Every pass is the model's own forward (masks, rotary
+embeddings, final norm and head included), so every family works.
 
 Three more savings, all exact:
 * requests share their common leading tokens in prefix-shared rows (:mod:`.plan`), switched
@@ -32,6 +33,7 @@ import torch
 
 from ..distributed import all_gather, my_share, on_main, world
 from ..interventions.removal import removed_layers, resumed_at
+from ..interventions.units import Removal
 from ..model.patch import patched
 from ..model.structure import LayerStack, block_input, no_cache_kwargs, text_config
 from ..progress import SILENT, Progress
@@ -39,7 +41,6 @@ from ..scoring.base import TokenRequest
 from .budget import attention_limit, cut_batches, default_budget, default_row_tokens
 from .checkpoint import Checkpoint, PassState
 from .plan import Row, plan_digest, plan_rows
-from .variants import Variant, removal_set
 from .work import check_tokens, count_work, layer_passes, naive_tokens, probe_plan
 
 #: The progress phase of an engine pass (counted in tokens).
@@ -50,11 +51,11 @@ PASS_PHASE = "one pass, all variants"
 class EngineResult:
     """``loglik[v, n]`` and ``greedy[v, n]`` for variant v (see ``variants``) and request n."""
 
-    variants: list[Variant]
+    variants: list[Removal]
     loglik: np.ndarray
     greedy: np.ndarray
 
-    def of(self, variant: Variant) -> tuple[np.ndarray, np.ndarray]:
+    def of(self, variant: Removal) -> tuple[np.ndarray, np.ndarray]:
         v = self.variants.index(variant)
         return self.loglik[v], self.greedy[v]
 
@@ -62,7 +63,7 @@ class EngineResult:
 class SweepEngine:
     """Log-likelihoods of the full model and of each variant (one or several blocks removed), in one pass."""
 
-    def __init__(self, model: torch.nn.Module, stack: LayerStack, variants: Sequence[Variant], *,
+    def __init__(self, model: torch.nn.Module, stack: LayerStack, variants: Sequence[Removal], *,
                  batch_tokens: int | None = None, pad_id: int = 0, share: bool = True,
                  row_tokens: int | None = None) -> None:
         self.model, self.stack = model, stack
@@ -274,7 +275,7 @@ class SweepEngine:
         """Score ``rows`` for every variant into ``loglik``/``greedy`` (rows: variants). With
         ``baseline_only``, only the full model, into row 0 (the packing check's reference);
         ``explicit_mask`` gives plain rows the 4D mask shared rows get (the check's noise)."""
-        variants = [None] if baseline_only else self.variants
+        variants = [Removal()] if baseline_only else self.variants
         layers = [] if baseline_only else self.layers
         batch = self._inputs(rows, explicit_mask)
         kept = self._full_pass(batch, variants, layers, loglik, greedy)
@@ -294,17 +295,17 @@ class SweepEngine:
             kwargs.update(_shared_inputs(rows, ids.shape[1], self.model, self.device))
         return _Batch(ids, kwargs, gather, index)
 
-    def _full_pass(self, batch: _Batch, variants: list[Variant], layers: list[int], loglik: np.ndarray,
+    def _full_pass(self, batch: _Batch, variants: list[Removal], layers: list[int], loglik: np.ndarray,
                    greedy: np.ndarray) -> dict[int, torch.Tensor]:
         """The full model over the batch, keeping the inputs of ``layers``: scored as the baseline
         when that is asked for, else stopped once the deepest kept input is taken."""
         kept: dict[int, torch.Tensor] = {}
-        stop_after = None if None in variants or not layers else layers[-1]
+        stop_after = None if Removal() in variants or not layers else layers[-1]
         with torch.no_grad(), patched() as patches:
             for i in layers:
                 patches.pre_hook(self.stack.layers[i], _keeper(i, kept, stop_after), with_kwargs=True)
             if stop_after is None:
-                self._score(self._logits(batch), batch.index, variants.index(None), loglik, greedy)
+                self._score(self._logits(batch), batch.index, variants.index(Removal()), loglik, greedy)
             else:  # the baseline is already scored: run only as deep as the last kept input
                 with suppress(_Captured):
                     self.model(input_ids=batch.ids, **batch.kwargs)
@@ -315,7 +316,7 @@ class SweepEngine:
         skipping the variant's other removed blocks."""
         for variant in self.resumes[layer]:
             with torch.no_grad(), resumed_at(self.model, layer, state, stack=self.stack), \
-                    removed_layers(self.model, removal_set(variant)[1:], mode="skip", stack=self.stack):
+                    removed_layers(self.model, variant.without_first(), mode="skip", stack=self.stack):
                 logits = self._logits(batch)
             self._score(logits, batch.index, self.variants.index(variant), loglik, greedy)
             del logits
@@ -347,24 +348,25 @@ class SweepEngine:
         greedy[v, index.requests] = (misses == 0).cpu().numpy()
 
 
-def _distinct_variants(variants: Sequence[Variant], n_layers: int) -> list[Variant]:
-    """The variants as a list, each listed once and naming distinct blocks of the stack."""
+def _distinct_variants(variants: Sequence[Removal], n_layers: int) -> list[Removal]:
+    """The variants as a list, each listed once and naming blocks of the stack."""
     out = list(variants)
     if len(set(out)) != len(out):
         raise ValueError("a variant is listed twice")
     for v in out:
-        blocks = removal_set(v)
-        if blocks and (len(set(blocks)) != len(blocks) or blocks[0] < 0 or blocks[-1] >= n_layers):
-            raise ValueError(f"variant {v!r} does not name distinct blocks of a {n_layers}-block stack")
+        if len(v.blocks) != len(v):
+            raise ValueError(f"variant {v!r} removes a unit that is no whole block: the fast engine resumes blocks")
+        if v and (v.blocks[0] < 0 or v.blocks[-1] >= n_layers):
+            raise ValueError(f"variant {v!r} does not name blocks of a {n_layers}-block stack")
     return out
 
 
-def _resume_points(variants: Sequence[Variant]) -> dict[int, list[Variant]]:
+def _resume_points(variants: Sequence[Removal]) -> dict[int, list[Removal]]:
     """Each variant under its first removed block, whose input it resumes from."""
-    resumes: dict[int, list[Variant]] = {}
+    resumes: dict[int, list[Removal]] = {}
     for v in variants:
-        if v is not None:
-            resumes.setdefault(removal_set(v)[0], []).append(v)
+        if v:
+            resumes.setdefault(v.first, []).append(v)
     return resumes
 
 

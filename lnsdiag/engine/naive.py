@@ -10,18 +10,18 @@ import torch
 
 from ..distributed import all_gather, broadcast_from_main, is_main, my_share, world
 from ..interventions.removal import removed_layers
+from ..interventions.units import Removal
 from ..model.structure import LayerStack
 from ..progress import SILENT, Progress
 from ..results.store import ResultStore, VariantResult
 from ..scoring.base import Scorer, Scores
 from .outcome import SweepOutcome, finish_variant
-from .variants import Variant, removal_set, variant_label
 
 #: Progress phase of the per-variant work.
 VARIANTS_PHASE = "variants"
 
 
-def run_naive(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[Variant], *,
+def run_naive(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[Removal], *,
               stack: LayerStack, store: ResultStore | None = None, progress: Progress = SILENT,
               on_saved: Callable[[VariantResult], None] | None = None) -> SweepOutcome:
     """One full scoring pass per variant (the reference engine; works for every task type).
@@ -32,15 +32,15 @@ def run_naive(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[
     progress counts its variants scaled to the job's.
     """
     todo = broadcast_from_main(list(todo))
-    mine = [todo[i] for i in my_share([len(stack) - len(removal_set(v)) for v in todo])]
+    mine = [todo[i] for i in my_share([len(stack) - len(v.blocks) for v in todo])]
     scale = len(todo) / max(1, len(mine)) if world().parallel else 1
     outcome = SweepOutcome()
     progress.phase(VARIANTS_PHASE, total=len(todo))
     for variant in mine:
-        progress.advance(0, detail=variant_label(variant))
+        progress.advance(0, detail=variant.label)
         start = time.perf_counter()
         scores = Scores()
-        with removed_layers(model, removal_set(variant), stack=stack):
+        with removed_layers(model, variant, stack=stack):
             for scorer in scorers:
                 scores += scorer.score()
         finish_variant(VariantResult.of(variant, scores, time.perf_counter() - start, "naive"), outcome, store,
@@ -52,7 +52,7 @@ def run_naive(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[
     return outcome
 
 
-def _meet(outcome: SweepOutcome, todo: list[Variant], mine: list[Variant], store: ResultStore | None) -> None:
+def _meet(outcome: SweepOutcome, todo: list[Removal], mine: list[Removal], store: ResultStore | None) -> None:
     """Every rank's results on every rank, in ``todo``'s order; on a folder that is not shared
     between nodes, rank 0 still gets every file."""
     gathered = {k: v for part in all_gather(outcome.results) for k, v in part.items()}

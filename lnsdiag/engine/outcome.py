@@ -8,16 +8,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..distributed import is_main
+from ..interventions.units import Removal
 from ..progress import Progress
 from ..results.store import ResultStore, VariantResult
-from .variants import Variant
 
 
 @dataclass
 class SweepOutcome:
     """What an engine produced: each variant's result, and how (for meta.json)."""
 
-    results: dict[Variant, VariantResult] = field(default_factory=dict)
+    results: dict[Removal, VariantResult] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -25,7 +25,7 @@ def finish_variant(result: VariantResult, outcome: SweepOutcome, store: ResultSt
                    on_saved: Callable[[VariantResult], None] | None, progress: Progress, *, amount: float = 1,
                    any_rank: bool = False) -> None:
     """Keep and store a finished variant; ``on_saved`` (rewriting outputs) runs on rank 0 only."""
-    outcome.results[result.removed_layer] = result
+    outcome.results[result.removal] = result
     if store is not None:
         store.save(result, any_rank=any_rank)
     progress.advance(amount)

@@ -20,6 +20,7 @@ import torch
 from ..distributed import broadcast_from_main, is_main, world
 from ..errors import UserError
 from ..interventions.removal import removed_layers
+from ..interventions.units import Removal
 from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
 from ..results.store import ResultStore, VariantResult
@@ -29,14 +30,13 @@ from ..scoring.perplexity import PerplexityScorer
 from .checkpoint import Checkpoint, fingerprint
 from .fast import EngineResult, SweepEngine
 from .outcome import SweepOutcome, finish_variant
-from .variants import Variant, removal_set, variant_label
 
 if TYPE_CHECKING:
     from ..data.windows import TokenWindows
     from ..model.load import LoadedModel
 
 
-def run_fast(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[Variant], *,
+def run_fast(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[Removal], *,
              stack: LayerStack, store: ResultStore | None = None, progress: Progress = SILENT,
              on_saved: Callable[[VariantResult], None] | None = None, batch_tokens: int | None = None
              ) -> SweepOutcome:
@@ -60,7 +60,7 @@ def run_fast(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[V
     outcome = SweepOutcome()
     progress.phase("aggregating", total=len(todo))
     for variant in todo:
-        progress.advance(0, detail=variant_label(variant))
+        progress.advance(0, detail=variant.label)
         start = time.perf_counter()
         scores = _aggregated(model, stack, scorers, spans, result, variant)
         saved = VariantResult.of(variant, scores, share + time.perf_counter() - start, "fast")
@@ -81,8 +81,8 @@ def _requests(scorers: Sequence[Scorer]) -> tuple[list[slice], list[TokenRequest
     return spans, requests
 
 
-def _resumable_pass(store: ResultStore | None, todo: list[Variant], requests: list[TokenRequest],
-                    max_length: int) -> tuple[Checkpoint | None, list[Variant]]:
+def _resumable_pass(store: ResultStore | None, todo: list[Removal], requests: list[TokenRequest],
+                    max_length: int) -> tuple[Checkpoint | None, list[Removal]]:
     """The pass's partial-file checkpoint (with a store) and its variants: those of a stored
     partial pass that covers ``todo`` (to finish that pass), else ``todo``."""
     if store is None:
@@ -95,7 +95,7 @@ def _resumable_pass(store: ResultStore | None, todo: list[Variant], requests: li
 
 
 def _aggregated(model: torch.nn.Module, stack: LayerStack, scorers: Sequence[Scorer], spans: list[slice],
-                result: EngineResult | None, variant: Variant) -> Scores:
+                result: EngineResult | None, variant: Removal) -> Scores:
     """One variant's scores: each scorer's aggregation of its answers, plus what it scores with
     the model itself (generation tasks), the variant's blocks removed."""
     scores = Scores()
@@ -103,7 +103,7 @@ def _aggregated(model: torch.nn.Module, stack: LayerStack, scorers: Sequence[Sco
     for scorer, span in zip(scorers, spans, strict=True):
         scores += scorer.aggregate(loglik[span], greedy[span])
         if scorer.needs_model_per_variant():
-            with removed_layers(model, removal_set(variant), stack=stack):
+            with removed_layers(model, variant, stack=stack):
                 scores += scorer.score_rest()
     return scores
 
@@ -157,7 +157,8 @@ def perplexity_sweep(loaded: LoadedModel, windows: TokenWindows, layers: Sequenc
     """
     stack = find_layers(loaded.model)
     chosen = list(range(len(stack))) if layers is None else sorted(set(layers))
-    outcome = run_fast(loaded.model, [PerplexityScorer(loaded.model, windows)], [None, *chosen], stack=stack,
+    outcome = run_fast(loaded.model, [PerplexityScorer(loaded.model, windows)],
+                       [Removal(), *Removal.each(chosen)], stack=stack,
                        batch_tokens=batch_tokens, progress=progress)
     frame = prune_frame(outcome.results, margins=margins, angular=angular)
     frame = frame[frame["metric"] == "ppl"].reset_index(drop=True)

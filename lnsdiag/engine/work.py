@@ -11,23 +11,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..interventions.units import Removal
 from ..scoring.base import TokenRequest
 from .plan import Row, plan_rows
-from .variants import Variant, removal_set
 
 
-def layer_passes(n_layers: int, variants: Sequence[Variant]) -> int:
+def layer_passes(n_layers: int, variants: Sequence[Removal]) -> int:
     """Blocks the fast engine runs per row token: the baseline (or up to the deepest kept
     input when the baseline is not asked for), then each variant resumed after its first
     removed block, running the blocks after it that it keeps."""
-    sets = [removal_set(v) for v in variants if v is not None]
-    base = n_layers if None in variants or not sets else max(s[0] for s in sets)
-    return base + sum(n_layers - s[0] - len(s) for s in sets)
+    sets = [v for v in variants if v]
+    base = n_layers if Removal() in variants or not sets else max(s.first for s in sets)
+    return base + sum(n_layers - s.first - len(s.blocks) for s in sets)
 
 
-def naive_layer_passes(n_layers: int, variants: Sequence[Variant]) -> int:
+def naive_layer_passes(n_layers: int, variants: Sequence[Removal]) -> int:
     """Blocks the naive engine runs per row token: every block of each variant but the removed ones."""
-    return sum(n_layers - len(removal_set(v)) for v in variants)
+    return sum(n_layers - len(v.blocks) for v in variants)
 
 
 def naive_tokens(requests: Sequence[TokenRequest], max_length: int) -> int:
@@ -37,7 +37,7 @@ def naive_tokens(requests: Sequence[TokenRequest], max_length: int) -> int:
     return sum(min(len(k), max_length) for k in keys)
 
 
-def probe_plan(rows: Sequence[Row], n_layers: int, variants: Sequence[Variant], *, limit: int = 8,
+def probe_plan(rows: Sequence[Row], n_layers: int, variants: Sequence[Removal], *, limit: int = 8,
                per_row: int = 2, share_of_work: float = 0.05) -> list[tuple[Row, list[int]]]:
     """The shared rows the exactness check runs and the requests it compares in each.
 
@@ -83,7 +83,7 @@ def check_tokens(probes: Sequence[tuple[Row, list[int]]], requests: Sequence[Tok
 
 
 def count_work(requests: Sequence[TokenRequest], rows: Sequence[Row], max_length: int, n_layers: int,
-               variants: Sequence[Variant], checked_tokens: int = 0) -> dict[str, Any]:
+               variants: Sequence[Removal], checked_tokens: int = 0) -> dict[str, Any]:
     """Block-token passes of the fast engine for this plan, and of the naive engine for the same
     variants; padding excluded on both sides (it depends on batch sizes, not on the method).
 
@@ -98,7 +98,7 @@ def count_work(requests: Sequence[TokenRequest], rows: Sequence[Row], max_length
 
 
 def planned_work(requests: Sequence[TokenRequest], max_length: int, n_layers: int,
-                 variants: Sequence[Variant], *, row_tokens: int | None = None,
+                 variants: Sequence[Removal], *, row_tokens: int | None = None,
                  window: int | None = None, half: bool = False) -> dict[str, Any]:
     """What :meth:`~lnsdiag.engine.fast.SweepEngine.run` reports as its work when sharing is on
     and checked, without a model: the same plan, probe choice and count (the counted targets)."""

@@ -14,8 +14,9 @@ Two ways to remove a block, chosen per call (``mode``):
   leaves its slot empty. Costs the block's compute.
 * ``auto`` (default) skips, unless the call carries a KV cache, then passes through.
 
+What is removed is a :class:`~lnsdiag.interventions.units.Removal` (or plain block numbers).
 The reference every removal is tested against, a model really built without the blocks,
-is :func:`lnsdiag.checkpoint.save.build_without_layers`.
+is :func:`lnsdiag.checkpoint.reference.build_without_layers`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import nn
 from ..model.families import CACHE_KWARGS
 from ..model.patch import patched, patched_forward
 from ..model.structure import LayerStack, block_input, find_layers, parse_layer_spec
+from .units import Removal
 
 RemovalMode = Literal["auto", "skip", "passthrough"]
 #: Tags of the forwards installed here: a block removed, and the block a pass resumes at.
@@ -76,12 +78,15 @@ def _removed_forward(module: nn.Module, mode: RemovalMode) -> Callable[..., Any]
 @contextmanager
 def removed_layers(
     model: nn.Module,
-    layers: Iterable[int] | int,
+    layers: Removal | Iterable[int] | int,
     *,
     mode: RemovalMode = "auto",
     stack: LayerStack | None = None,
 ) -> Iterator[LayerStack]:
-    """Remove ``layers`` (0-based) from ``model`` inside the ``with`` block; restore on exit.
+    """Remove ``layers`` from ``model`` inside the ``with`` block; restore on exit.
+
+    ``layers`` is a :class:`~lnsdiag.interventions.units.Removal`, or 0-based block numbers (one or
+    several; negative ones count from the end).
 
     >>> with removed_layers(model, [3]):
     ...     logits = model(ids, use_cache=False).logits
@@ -91,15 +96,22 @@ def removed_layers(
     if mode not in ("auto", "skip", "passthrough"):
         raise ValueError(f"mode must be auto, skip or passthrough, not {mode!r}")
     stack = stack or find_layers(model)
-    wanted = [layers] if isinstance(layers, int) else list(layers)
-    indices = parse_layer_spec(wanted, len(stack)) if wanted else []  # nothing removed: the baseline
     with patched() as patches:
-        for i in indices:
+        for i in _blocks(layers, len(stack)):
             module = stack.layers[i]
             if patched_forward(module) in (REMOVED, RESUMED):
                 raise RuntimeError(f"layer {i} is already removed (nested removal of the same layer)")
             patches.forward(module, _removed_forward(module, mode), tag=REMOVED)
         yield stack
+
+
+def _blocks(layers: Removal | Iterable[int] | int, num_layers: int) -> list[int]:
+    """The blocks ``layers`` names, checked against a stack of ``num_layers``; none for the full model."""
+    if isinstance(layers, Removal):
+        wanted = list(layers.blocks)
+    else:
+        wanted = [layers] if isinstance(layers, int) else list(layers)
+    return parse_layer_spec(wanted, num_layers) if wanted else []
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..interventions.units import Removal
 from ..results.verdict import PERPLEXITY_LIKE, base_metric, headline_metrics
 from ..runners.strategies import GIVEN, names, output_order, registered
 from ..runs import atomic_write, write_csv, write_json
@@ -59,16 +60,12 @@ HEADER_WIDTH = 14
 # --- removed layers ---------------------------------------------------------------------------------
 
 def _layers(text: Any) -> list[int]:
-    if text is None or (isinstance(text, float) and math.isnan(text)):
-        return []
-    if isinstance(text, (int, float, np.integer, np.floating)):  # a one-layer list a CSV reader took for a number
-        return [int(text)]
-    return sorted(int(x) for x in str(text).replace(" ", "").split(",") if x)
+    return list(Removal.from_cell(text).blocks)
 
 
 def _layers_text(value: Any) -> str:
     """The comma-joined list as written, whatever a reader made of it (31 or 31.0 from a CSV, NaN for none)."""
-    return value if isinstance(value, str) else ",".join(map(str, _layers(value)))
+    return value if isinstance(value, str) else Removal.from_cell(value).cell
 
 
 def layer_runs(text: Any, dash: str = "–") -> str:

@@ -2,8 +2,9 @@
 
 A run's folder holds ``settings.json`` (everything that changes the numbers: the fingerprint)
 and one JSON file per finished variant under ``variants/``, each written atomically the
-moment it is done. Rerunning the same command scores only what is missing; a folder made
-with other settings is refused, not mixed.
+moment it is done and named by what it removes (:attr:`~lnsdiag.interventions.units.Removal.name`:
+``baseline.json``, ``layer_007.json``, ``layers_003_004_007.json``). Rerunning the same command
+scores only what is missing; a folder made with other settings is refused, not mixed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import pandas as pd
 
 from ..distributed import is_main, on_main
 from ..errors import UserError
+from ..interventions.units import Removal
 from ..runs import atomic_write, jsonable, read_json, write_json
 from ..scoring.base import Documents, MetricRow, PairedUnits, Scores, units_from_json, units_to_json
 
@@ -29,21 +31,12 @@ from ..scoring.base import Documents, MetricRow, PairedUnits, Scores, units_from
 CHECKPOINT_NAME = "engine-partial.npz"
 
 
-def variant_name(layer: int | tuple[int, ...] | None) -> str:
-    """A variant's file name: ``baseline``, ``layer_007``, or ``layers_003_004_007`` (several removed)."""
-    if layer is None:
-        return "baseline"
-    if isinstance(layer, int):
-        return f"layer_{layer:03d}"
-    return "layers_" + "_".join(f"{i:03d}" for i in layer)
-
-
 @dataclass
 class VariantResult:
-    """The scores of the model with ``removed_layer`` removed (``None``: the full model; a tuple:
-    several blocks removed at once)."""
+    """The scores of the model without ``removal`` (empty: the full model). Its JSON keeps the
+    removal under ``removed_layer`` (``null``, a block, or a list), as every stored folder has it."""
 
-    removed_layer: int | tuple[int, ...] | None
+    removal: Removal
     rows: list[MetricRow]
     seconds: float
     engine: str = "naive"
@@ -55,13 +48,12 @@ class VariantResult:
     groups: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, layer: int | tuple[int, ...] | None, scores: Scores, seconds: float, engine: str) -> VariantResult:
-        return cls(layer, scores.rows, seconds, engine, units=scores.units, documents=scores.documents,
+    def of(cls, removal: Removal, scores: Scores, seconds: float, engine: str) -> VariantResult:
+        return cls(removal, scores.rows, seconds, engine, units=scores.units, documents=scores.documents,
                    choices=scores.choices, aggregations=scores.aggregations, groups=scores.groups)
 
     def to_json(self) -> dict[str, Any]:
-        layer = list(self.removed_layer) if isinstance(self.removed_layer, tuple) else self.removed_layer
-        return {"removed_layer": layer, "seconds": round(self.seconds, 3), "engine": self.engine,
+        return {"removed_layer": self.removal.to_json(), "seconds": round(self.seconds, 3), "engine": self.engine,
                 "finished": self.finished, "metrics": [r.as_dict() for r in self.rows],
                 "paired_units": units_to_json(self.units),
                 "documents": [{"task": task, "metric": metric, "aggregation": self.aggregations.get((task, metric)),
@@ -80,10 +72,8 @@ class VariantResult:
         choices = {task: dict(zip(c["ids"], c["n"], strict=True)) for task, c in data.get("choices", {}).items()}
         aggregations = {(d["task"], d["metric"]): d["aggregation"] for d in data.get("documents", [])
                         if d.get("aggregation")}
-        layer = data["removed_layer"]
-        layer = tuple(layer) if isinstance(layer, list) else layer
-        return cls(layer, rows, data["seconds"], data.get("engine", "naive"), data["finished"], units,
-                   documents, choices, aggregations, data.get("groups", {}))
+        return cls(Removal.from_json(data["removed_layer"]), rows, data["seconds"], data.get("engine", "naive"),
+                   data["finished"], units, documents, choices, aggregations, data.get("groups", {}))
 
     def sample_rows(self) -> list[dict[str, Any]]:
         """One row per (task, metric, document): the per-document scores, for anyone to re-analyse.
@@ -134,7 +124,7 @@ class ResultStore:
         self.checkpoint = self.folder / CHECKPOINT_NAME
         self._parsed: dict[Path, tuple[tuple[int, int], VariantResult]] = {}
         #: results this rank holds but rank 0 writes (under a launcher), so ``done`` never waits for a file
-        self._held: dict[int | tuple[int, ...] | None, VariantResult] = {}
+        self._held: dict[Removal, VariantResult] = {}
         # Under a launcher rank 0 alone prepares the folder; the others wait for it (and share its error).
         on_main(lambda: self._prepare(fresh, outputs, samples))
 
@@ -169,10 +159,10 @@ class ResultStore:
                 "or --out DIR to keep both"
             )
 
-    def done(self) -> dict[int | tuple[int, ...] | None, VariantResult]:
-        """Every finished variant on disk. A file is parsed again only when it changed (a sweep asks
-        after each variant, and each file carries its per-document scores)."""
-        out: dict[int | tuple[int, ...] | None, VariantResult] = {}
+    def done(self) -> dict[Removal, VariantResult]:
+        """Every finished variant on disk, by what it removes. A file is parsed again only when it
+        changed (a sweep asks after each variant, and each file carries its per-document scores)."""
+        out: dict[Removal, VariantResult] = {}
         for path in sorted(self.variants.glob("*.json")):
             stat = path.stat()
             stamp = (stat.st_mtime_ns, stat.st_size)
@@ -183,16 +173,16 @@ class ResultStore:
                 except (ValueError, KeyError, TypeError):
                     continue  # a foreign or damaged file is rescored, never trusted
                 self._parsed[path] = cached
-            out[cached[1].removed_layer] = cached[1]
+            out[cached[1].removal] = cached[1]
         return {**self._held, **out}
 
-    def has(self, layer: int | tuple[int, ...] | None) -> bool:
+    def has(self, removal: Removal) -> bool:
         """Whether the variant's file is on disk (here)."""
-        return (self.variants / f"{variant_name(layer)}.json").is_file()
+        return (self.variants / f"{removal.name}.json").is_file()
 
     def hold(self, result: VariantResult) -> None:
         """Count ``result`` as done without reading it from disk (another rank wrote it)."""
-        self._held[result.removed_layer] = result
+        self._held[result.removal] = result
 
     def save(self, result: VariantResult, *, any_rank: bool = False) -> Path:
         """Store a finished variant (and export its per-document scores, unless turned off).
@@ -200,9 +190,9 @@ class ResultStore:
         Under a launcher only rank 0 writes, unless ``any_rank`` (each rank saving the variants
         it scored itself); another rank keeps the result in memory, where :meth:`done` finds it.
         """
-        name = variant_name(result.removed_layer)
+        name = result.removal.name
         if not any_rank and not is_main():
-            self._held[result.removed_layer] = result
+            self._held[result.removal] = result
             return self.variants / f"{name}.json"
         if self.samples is not None:
             rows = result.sample_rows()
@@ -225,7 +215,7 @@ def partial_files(checkpoint: Path) -> list[Path]:
                   if p.name == Path(checkpoint).name or p.name.startswith(f"{stem}.rank-"))
 
 
-def plan_variants(layers: Iterable[int], done: dict[int | None, VariantResult]) -> list[int | None]:
-    """Baseline first, then each selected layer; skip what is already stored."""
-    wanted: list[int | None] = [None, *sorted(set(layers))]
+def plan_variants(selected: Iterable[Removal], done: Mapping[Removal, VariantResult]) -> list[Removal]:
+    """The full model first, then each selected removal in order; skip what is already stored."""
+    wanted = [Removal(), *sorted(set(selected))]
     return [v for v in wanted if v not in done]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
@@ -22,8 +23,9 @@ import pandas as pd
 
 from .. import stats
 from ..errors import UserError
+from ..interventions.units import Removal
 from ..scoring.base import MetricRow, PairedUnits, main_metric
-from .store import VariantResult, variant_name
+from .store import VariantResult
 
 #: Metrics judged on the ratio variant/baseline (a relative margin), not on an absolute scale.
 PERPLEXITY_LIKE = frozenset({"ppl", "perplexity", "word_perplexity", "byte_perplexity"})
@@ -371,54 +373,58 @@ def retention(value: float, base: float, higher_is_better: bool, chance: float |
     return 100.0 * base / value if value else math.nan
 
 
-def prune_frame(results: dict[int | None, VariantResult], *, margins: Margins | None = None,
+def prune_frame(results: Mapping[Removal, VariantResult], *, margins: Margins | None = None,
                 angular: pd.DataFrame | None = None, bootstrap_iters: int = BOOTSTRAP_CAP,
                 seed: int = 1234, cache: dict[tuple, Comparison] | None = None) -> pd.DataFrame:
     """One row per (variant, task, metric): value, baseline, Δ with paired stderr and intervals,
     the verdict (``dead`` = verdict is dead, kept as a boolean), retention, angular distance.
 
-    ``cache`` keeps comparisons between calls on a growing set of results (a sweep rebuilds its
-    table after every variant; a bootstrap need not be redone for the variants already in it)."""
-    if None not in results:
+    ``results`` maps what each variant removes to its scores, the full model (``Removal()``)
+    included. ``cache`` keeps comparisons between calls on a growing set of results (a sweep
+    rebuilds its table after every variant; a bootstrap need not be redone for the variants
+    already in it)."""
+    if Removal() not in results:
         raise ValueError("the baseline (nothing removed) has not been scored")
     margins = margins or Margins()
-    baseline = results[None]
+    baseline = results[Removal()]
     base = {(r.task, r.metric): r for r in baseline.rows}
     angle = {} if angular is None else dict(zip(angular["layer"], angular["angular_distance"], strict=True))
-    records = []
-    for layer in [None, *sorted(k for k in results if k is not None)]:
-        variant = results[layer]
+    records, removals = [], []
+    for removal in sorted(results):  # the full model first
+        variant = results[removal]
         for row in variant.rows:
             ref = base.get((row.task, row.metric))
             if ref is None:
                 continue
             c = Comparison()
-            if layer is not None:
-                key = (layer, variant.finished, baseline.finished, row.task, row.metric, bootstrap_iters, seed)
+            if removal:
+                key = (removal, variant.finished, baseline.finished, row.task, row.metric, bootstrap_iters, seed)
                 c = cache.get(key) if cache is not None else None
                 if c is None:
                     c = compare(baseline, variant, row, ref, bootstrap_iters=bootstrap_iters, seed=seed)
                     if cache is not None:
                         cache[key] = c
             chance = chance_level(baseline, row.task, row.metric, _weighting_of(baseline, ref))
+            removals.append(removal)
             records.append({
-                "variant": variant_name(layer), "removed_layer": layer, "task": row.task, "metric": row.metric,
+                "variant": removal.name, "task": row.task, "metric": row.metric,
                 "value": row.value, "stderr": row.stderr, "baseline": ref.value, "baseline_stderr": ref.stderr,
-                "delta": row.value - ref.value, "delta_stderr": c.se, "paired": c.paired if layer is not None else None,
+                "delta": row.value - ref.value, "delta_stderr": c.se, "paired": c.paired if removal else None,
                 "ci90_low": c.lo90, "ci90_high": c.hi90, "ci95_low": c.lo95, "ci95_high": c.hi95,
                 "margin": margins.of(row.metric, ref.value), "p_value": c.p, "_comparison": c,
                 "retention": retention(row.value, ref.value, row.higher_is_better, chance), "chance": chance,
                 "higher_is_better": row.higher_is_better, "group": row.group, "samples": row.samples,
-                "angular_distance": angle.get(layer, math.nan) if layer is not None else math.nan,
+                "angular_distance": angle.get(removal.single_block, math.nan) if removal else math.nan,
             })
     frame = pd.DataFrame.from_records(records)
+    frame["removed_layer"] = _removed_column(removals)
     frame["p_holm"] = math.nan
-    removed = frame["removed_layer"].notna()
+    removed = pd.Series([bool(r) for r in removals], index=frame.index, dtype=bool)
     for _, part in frame[removed].groupby(["task", "metric"], sort=False):
         frame.loc[part.index, "p_holm"] = stats.holm(part["p_value"].to_numpy())
     verdicts, needed = [], []
-    for _, r in frame.iterrows():
-        if pd.isna(r["removed_layer"]):
+    for (_, r), removal in zip(frame.iterrows(), removals, strict=True):
+        if not removal:
             verdicts.append(None)
             needed.append(None)
             continue
@@ -430,12 +436,20 @@ def prune_frame(results: dict[int | None, VariantResult], *, margins: Margins | 
     frame["verdict"] = verdicts
     frame["dead"] = pd.array([None if v is None else v == "dead" for v in verdicts], dtype="boolean")
     frame["documents_needed"] = pd.array(needed, dtype="Int64")
-    frame["removed_layer"] = frame["removed_layer"].astype("Int64")
     columns = ["variant", "removed_layer", "task", "metric", "value", "stderr", "baseline", "baseline_stderr",
                "delta", "delta_stderr", "paired", "ci90_low", "ci90_high", "ci95_low", "ci95_high", "margin",
                "p_value", "p_holm", "verdict", "dead", "documents_needed", "retention", "chance", "higher_is_better",
                "group", "samples", "angular_distance"]
     return frame[columns]
+
+
+def _removed_column(removals: Sequence[Removal]) -> pd.api.extensions.ExtensionArray:
+    """prune.csv's ``removed_layer``: while every variant removes at most one whole block (a
+    one-at-a-time sweep), the block as a nullable int (empty for the full model); else each
+    removal's CSV cell. Either way the CSV shows :attr:`~lnsdiag.interventions.units.Removal.cell`."""
+    if all(r.single_block is not None for r in removals if r):
+        return pd.array([r.single_block for r in removals], dtype="Int64")
+    return pd.array([r.cell or None for r in removals], dtype=object)
 
 
 def headline_metrics(frame: pd.DataFrame, tasks: list[str]) -> list[tuple[str, str]]:

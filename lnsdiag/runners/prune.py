@@ -26,6 +26,7 @@ from ..engine.naive import run_naive
 from ..engine.outcome import SweepOutcome
 from ..engine.sweep import run_fast
 from ..errors import Interrupted, UserError
+from ..interventions.units import Removal
 from ..model.load import LoadedModel
 from ..model.placement import norm_placement
 from ..model.structure import find_layers, parse_layer_spec
@@ -161,7 +162,7 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
     inputs = inputs or config.load_inputs()
     model = loaded.model
     stack = find_layers(model, layers_path)
-    selected = parse_layer_spec(config.layers, len(stack))
+    selected = Removal.each(parse_layer_spec(config.layers, len(stack)))
     scoring = prepare_scoring(loaded, config, inputs, stack, progress)
     scorers, windows, settings = scoring.scorers, scoring.windows, scoring.settings
     store = ResultStore(folder, settings, fresh=config.fresh, outputs=OUTPUTS, samples=config.samples)
@@ -178,7 +179,7 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
     shown = [t for scorer in scorers for t in scorer.tasks]
     meta_fields = {"settings": settings, "tasks": inputs.tasks.describe() if inputs.tasks else None,
                    "ppl_text": inputs.ppl_text.name if inputs.ppl_text else None, "layer_stack": stack.path,
-                   "num_layers": len(stack), "layers": selected, "margins": config.margins.as_json(),
+                   "num_layers": len(stack), "layers": [s.first for s in selected], "margins": config.margins.as_json(),
                    "dead_rule": rule_text(config.margins), "multiplicity": MULTIPLICITY,
                    "bootstrap": {"resamples": min(max(config.bootstrap_iters, BOOTSTRAP_FLOOR), BOOTSTRAP_CAP),
                                  "python_aggregations_at_most": PYTHON_CAP, "seed": config.seed},
@@ -189,19 +190,18 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
 
     def current() -> PruneRun:
         results = store.done()
-        asked = {k: v for k, v in results.items() if k is None or k in selected}  # Holm: over these layers only
+        asked = {k: v for k, v in results.items() if not k or k in selected}  # Holm: over these layers only
         frame = prune_frame(asked, margins=config.margins, angular=angular_frame,
                             bootstrap_iters=config.bootstrap_iters, seed=config.seed, cache=comparisons)
-        timings = {**timer.seconds, "variants": {("baseline" if k is None else str(k)): v.seconds
-                                                 for k, v in sorted(results.items(), key=lambda kv: -1
-                                                                    if kv[0] is None else kv[0])}}
-        engines = sorted({v.engine for k, v in results.items() if k is None or k in selected})
+        timings = {**timer.seconds, "variants": {(str(k) or "baseline"): v.seconds
+                                                 for k, v in sorted(results.items(), key=lambda kv: kv[0])}}
+        engines = sorted({v.engine for k, v in results.items() if not k or k in selected})
         meta = run_record("prune", model=loaded.describe(), **meta_fields, **engine_info, variant_engines=engines,
                           variants_done=len(results), timings=timings)
         return PruneRun(frame, shown, meta, folder, config.margins)
 
     def saved(_result: VariantResult) -> None:
-        if on_update is not None and None in store.done():
+        if on_update is not None and Removal() in store.done():
             on_update(current())
 
     try:
@@ -211,7 +211,7 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
             outcome: SweepOutcome = engine(model, scorers, todo, stack=stack, store=store, progress=progress,
                                            on_saved=saved, **extra)
     except KeyboardInterrupt as exc:
-        kept = sum(1 for k in store.done() if k is None or k in selected)
+        kept = sum(1 for k in store.done() if not k or k in selected)
         raise Interrupted(f"{kept} of {len(selected) + 1} variants are saved in {folder}; rerun the same command "
                           "to resume.") from exc
     if engine is run_fast:

@@ -41,9 +41,9 @@ from ..data.windows import TokenWindows
 from ..distributed import on_main
 from ..engine.naive import run_naive
 from ..engine.sweep import run_fast
-from ..engine.variants import removal_set
 from ..errors import Interrupted, UserError
 from ..interventions.removal import removed_layers
+from ..interventions.units import Removal
 from ..measure.angular import AngularConfig, AngularResult, angular_on_windows
 from ..measure.stream import default_seq_len
 from ..model.load import LoadedModel
@@ -58,7 +58,6 @@ from .strategies import (
     Evidence,
     Need,
     Pick,
-    RemovalSet,
     Strategy,
     harm,
     names,
@@ -91,31 +90,6 @@ def parse_strategies(value: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(wanted))
 
 
-def parse_removal(value: str | Sequence[int]) -> RemovalSet:
-    """``"3,4,7"`` or ``"3-5,9"`` → (3, 4, 5, 9), distinct and ascending (checked against the model later)."""
-    if not isinstance(value, str):
-        return tuple(sorted({int(i) for i in value}))
-    out: set[int] = set()
-    for part in value.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1)
-                lo, hi = int(a), int(b)
-                if hi < lo:
-                    raise ValueError
-                out.update(range(lo, hi + 1))
-            else:
-                out.add(int(part))
-        except ValueError:
-            raise UserError(f"--layers must be layer numbers like 3,4,7 or 3-5, not {value!r}") from None
-    if not out:
-        raise UserError("--layers names no layer")
-    return tuple(sorted(out))
-
-
 @dataclass(frozen=True)
 class ShrinkConfig:
     """Everything ``lnsdiag shrink`` can be told, checked when built (the layer count is checked
@@ -128,7 +102,7 @@ class ShrinkConfig:
 
     remove: int = 4
     strategies: tuple[str, ...] | str | None = None
-    layers: RemovalSet | str | None = None
+    layers: Removal | Sequence[int] | str | None = None
     rank_by: str | None = None
     scoring: PruneConfig = field(default_factory=PruneConfig)
 
@@ -136,7 +110,7 @@ class ShrinkConfig:
         if self.layers is not None and self.strategies is not None:
             raise UserError("give --layers or --strategy, not both: --layers scores that one set as it is")
         if self.layers is not None:
-            layers = parse_removal(self.layers)
+            layers = Removal.parse(self.layers)
             object.__setattr__(self, "layers", layers)
             object.__setattr__(self, "remove", len(layers))
             object.__setattr__(self, "strategies", (GIVEN,))
@@ -159,7 +133,7 @@ class ShrinkConfig:
             raise UserError(f"--remove {self.remove} leaves no layer: the model has {num_layers} "
                             f"(remove at most {num_layers - 1})")
         if self.layers is not None:
-            bad = [i for i in self.layers if not 0 <= i < num_layers]
+            bad = [i for i in self.layers.blocks if not 0 <= i < num_layers]
             if bad:
                 raise UserError(f"--layers {bad[0]} is out of range: the model has layers 0-{num_layers - 1}")
 
@@ -224,27 +198,26 @@ class _Scorer:
         self.store, self.config, self.progress = store, config, progress
         self.passes: list[dict[str, Any]] = []
 
-    def done(self) -> dict[Any, VariantResult]:
-        return {_key(k): v for k, v in self.store.done().items()}
+    def done(self) -> dict[Removal, VariantResult]:
+        return self.store.done()
 
-    def score(self, sets: Sequence[RemovalSet | None], label: str) -> dict[Any, VariantResult]:
-        """Score every set not yet stored (``None``: the full model), all in one pass."""
+    def score(self, sets: Sequence[Removal], label: str) -> dict[Removal, VariantResult]:
+        """Score every set not yet stored (``Removal()``: the full model), all in one pass."""
         done = self.done()
         todo = [s for s in dict.fromkeys(sets) if s not in done]
         if todo:
-            variants = [None if s is None else (s[0] if len(s) == 1 else s) for s in todo]
             engine = run_naive if self.config.scoring.engine == "naive" else run_fast
             extra = {"batch_tokens": self.config.scoring.batch_tokens} if engine is run_fast else {}
-            outcome = engine(self.model, self.scorers, variants, stack=self.stack, store=self.store,
+            outcome = engine(self.model, self.scorers, todo, stack=self.stack, store=self.store,
                              progress=self.progress, **extra)
             self.passes.append({"pass": label, "sets": len(todo), **outcome.stats})
         return self.done()
 
-    def greedy_step(self, removed: RemovalSet, label: str) -> dict[RemovalSet, VariantResult]:
+    def greedy_step(self, removed: Removal, label: str) -> dict[Removal, VariantResult]:
         """Every set ``removed`` + one more layer. Fast engine: one pass over the current model
         (``removed`` taken out by the surgery), so each candidate resumes from its own layer."""
-        rest = [i for i in range(len(self.stack)) if i not in removed]
-        wanted = {tuple(sorted((*removed, i))): i for i in rest}
+        rest = [i for i in range(len(self.stack)) if i not in removed.blocks]
+        wanted = {removed | Removal.of(i): i for i in rest}
         done = self.done()
         missing = [s for s in wanted if s not in done]
         if missing and (self.config.scoring.engine == "naive" or not removed):
@@ -253,19 +226,14 @@ class _Scorer:
             view = LayerStack(self.stack.path, [self.stack.layers[i] for i in rest])
             position = {i: k for k, i in enumerate(rest)}
             with removed_layers(self.model, removed, stack=self.stack):
-                outcome = run_fast(self.model, self.scorers, [position[wanted[s]] for s in missing], stack=view,
-                                   progress=self.progress, batch_tokens=self.config.scoring.batch_tokens)
-            for k, result in outcome.results.items():
-                result.removed_layer = tuple(sorted((*removed, rest[k])))
+                outcome = run_fast(self.model, self.scorers, [Removal.of(position[wanted[s]]) for s in missing],
+                                   stack=view, progress=self.progress, batch_tokens=self.config.scoring.batch_tokens)
+            for in_view, result in outcome.results.items():  # numbered in the view: back to the model's blocks
+                result.removal = removed | Removal.of(rest[in_view.first])
                 self.store.save(result)
             self.passes.append({"pass": label, "sets": len(missing), **outcome.stats})
         done = self.done()
         return {s: done[s] for s in wanted}
-
-
-def _key(layer: Any) -> RemovalSet | None:
-    """A stored variant's key as a removal set (a one-layer sweep's int is the set of that layer)."""
-    return None if layer is None else removal_set(layer)
 
 
 def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: PruneInputs | None = None,
@@ -316,7 +284,8 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: P
     frame = shrink_frame(scorer.done(), picks, scoring_config, rank)
     meta = run_record(
         "shrink", model=loaded.describe(), settings=scoring.settings, remove=N, strategies=list(config.strategies),
-        rank_by="/".join(rank), picks=[{"strategy": p.strategy, "n_removed": p.n, "removed_layers": list(p.layers),
+        rank_by="/".join(rank), picks=[{"strategy": p.strategy, "n_removed": p.n,
+                                        "removed_layers": list(p.removal.blocks),
                                         "selection": None if math.isnan(p.selection) else p.selection}
                                        for p in picks],
         tasks=inputs.tasks.describe() if inputs.tasks else None,
@@ -341,16 +310,16 @@ def _choose_and_score(config: ShrinkConfig, scorer: _Scorer, evidence: Evidence,
         if not s.after_first_pass:
             picks += s.picks(evidence, N)
     sweep = any(Need.SWEEP in s.needs for s in chosen)
-    singles = [(i,) for i in range(evidence.num_layers)] if sweep else []
+    singles = Removal.each(range(evidence.num_layers)) if sweep else []
     # one pass: the full model, every single layer the sweep needs, every pick chosen before scoring
-    results = scorer.score([None, *singles, *(p.layers for p in picks)], "full model and candidates")
-    evidence.rank = _rank_metric(config, results[None], tasks)
+    results = scorer.score([Removal(), *singles, *(p.removal for p in picks)], "full model and candidates")
+    evidence.rank = _rank_metric(config, results[Removal()], tasks)
     if sweep:
-        evidence.singles = {s[0]: r for s, r in results.items() if s is not None and len(s) == 1}
+        evidence.singles = {s.single_block: r for s, r in results.items() if s.single_block is not None}
     for s in chosen:
         if s.after_first_pass:
             later = s.picks(evidence, N)
-            scorer.score([p.layers for p in later], f"{s.name}'s candidates")  # what it did not score itself
+            scorer.score([p.removal for p in later], f"{s.name}'s candidates")  # what it did not score itself
             picks += later
     return picks, evidence.rank
 
@@ -412,27 +381,25 @@ def _angular(loaded: LoadedModel, folder: Path, stack: LayerStack, text: TextSou
     return blocks, ones[["layer", "angular_distance", "block_influence"]].reset_index(drop=True)
 
 
-def shrink_frame(results: dict[Any, VariantResult], picks: Sequence[Pick], config: PruneConfig,
+def shrink_frame(results: dict[Removal, VariantResult], picks: Sequence[Pick], config: PruneConfig,
                  rank: tuple[str, str] | None = None) -> pd.DataFrame:
     """One row per (strategy, n, task, metric): ``prune``'s paired comparison of each pick with
     the full model (value, Δ, intervals, verdict, retention), Holm-adjusted over the distinct
     removal sets of the run per metric; the full model's rows first (strategy ``full``, n 0)."""
-    sets = sorted({p.layers for p in picks}, key=lambda s: (len(s), s))
-    # prune_frame compares variants keyed by int: give each distinct set one
-    numbered = {None: results[None], **{k: results[s] for k, s in enumerate(sets)}}
-    compared = prune_frame(numbered, margins=config.margins, bootstrap_iters=config.bootstrap_iters,
-                           seed=config.seed)
-    by_set = {k: part for k, part in compared.groupby(compared["removed_layer"].fillna(-1).astype(int))}
-    parts = [_tagged(by_set[-1], FULL, 0, (), math.nan)]
-    parts += [_tagged(by_set[sets.index(p.layers)], p.strategy, p.n, p.layers, p.selection) for p in picks]
+    asked = {Removal(), *(p.removal for p in picks)}
+    compared = prune_frame({s: results[s] for s in asked}, margins=config.margins,
+                           bootstrap_iters=config.bootstrap_iters, seed=config.seed)
+    by_set = dict(list(compared.groupby("variant", sort=False)))  # a variant's name is its removal's
+    parts = [_tagged(by_set[Removal().name], FULL, 0, Removal(), math.nan)]
+    parts += [_tagged(by_set[p.removal.name], p.strategy, p.n, p.removal, p.selection) for p in picks]
     return pd.concat(parts, ignore_index=True)[COLUMNS]
 
 
-def _tagged(part: pd.DataFrame, strategy: str, n: int, layers: RemovalSet, selection: float) -> pd.DataFrame:
+def _tagged(part: pd.DataFrame, strategy: str, n: int, removal: Removal, selection: float) -> pd.DataFrame:
     part = part.copy()
     part.insert(0, "strategy", strategy)
     part.insert(1, "n_removed", n)
-    part.insert(2, "removed_layers", ",".join(map(str, layers)))
+    part.insert(2, "removed_layers", removal.cell)
     part["selection"] = selection
     return part
 
@@ -463,11 +430,12 @@ def save_pick(run: ShrinkRun, loaded: LoadedModel, folder: str | Path, *, strate
                "Δ": f"{r['delta']:+.3g} ± {r['delta_stderr']:.2g}", "verdict vs the full model": r["verdict"]}
               for t, m in heads for _, r in rows[(rows["task"] == t) & (rows["metric"] == m)].iterrows()]
     describe = loaded.describe()
-    card = model_card(source=describe.get("source"), revision=describe.get("revision"), removed=list(pick.layers),
-                      num_layers=run.meta["num_layers"], strategy=pick.strategy, n=pick.n, scores=scores,
+    card = model_card(source=describe.get("source"), revision=describe.get("revision"),
+                      removed=list(pick.removal.blocks), num_layers=run.meta["num_layers"], strategy=pick.strategy,
+                      n=pick.n, scores=scores,
                       notes=f"Scores from `lnsdiag shrink` ({run.folder}); verdicts: {run.meta['dead_rule']}")
     return on_main(lambda: save_without_layers(  # one rank writes the checkpoint; the others wait for it
-        loaded.model, pick.layers, folder, tokenizer=loaded.tokenizer, card=card, overwrite=overwrite,
+        loaded.model, pick.removal.blocks, folder, tokenizer=loaded.tokenizer, card=card, overwrite=overwrite,
         stack=find_layers(loaded.model, layers_path), strategy=pick.strategy, source=describe.get("source"),
         revision=describe.get("revision"),
         provenance={"rank_by": "/".join(run.rank_by), "scores": run.folder.as_posix()}))

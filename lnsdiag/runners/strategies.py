@@ -1,10 +1,10 @@
 """How ``shrink`` chooses n layers to remove: every strategy, registered in the order outputs list them.
 
 A strategy is a function ``(evidence, n_max) -> [(layers, selection), ...]``: for n = 1..n_max the
-layers it removes (original 0-based numbering) and its own criterion for that choice (NaN when it
-has none), computed from the :class:`Evidence` it declared it needs. ``shrink`` gathers that
-evidence once for every strategy run, scores every choice against the full model and reports them
-side by side.
+layers it removes (original 0-based block numbers, or a :class:`~lnsdiag.interventions.units.Removal`)
+and its own criterion for that choice (NaN when it has none), computed from the :class:`Evidence` it
+declared it needs. ``shrink`` gathers that evidence once for every strategy run, scores every choice
+against the full model and reports them side by side.
 
 **Adding a strategy** is one function plus one registration::
 
@@ -28,20 +28,20 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import UserError
+from ..interventions.units import Removal
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from ..results.store import VariantResult
 
-RemovalSet = tuple[int, ...]
 #: One strategy's choice for one n: the layers removed, and its own criterion for them (NaN: none).
-Choice = tuple[RemovalSet, float]
+Choice = tuple[Removal | Iterable[int], float]
 #: The strategy name of an explicit ``layers`` set (scored as it is, chosen by no strategy).
 GIVEN = "given"
 
@@ -52,7 +52,7 @@ class Pick:
 
     strategy: str
     n: int
-    layers: RemovalSet
+    removal: Removal
     selection: float = math.nan
 
 
@@ -77,11 +77,11 @@ class Need(enum.Flag):
 class SetScorer(Protocol):
     """Scores removal sets into the run's store, once each (``shrink``'s scorer)."""
 
-    def score(self, sets: Sequence[RemovalSet | None], label: str) -> Mapping[Any, VariantResult]:
-        """Every set (``None``: the full model) scored, in one pass for those not stored yet."""
+    def score(self, sets: Sequence[Removal], label: str) -> Mapping[Removal, VariantResult]:
+        """Every set (``Removal()``: the full model) scored, in one pass for those not stored yet."""
         ...
 
-    def greedy_step(self, removed: RemovalSet, label: str) -> Mapping[RemovalSet, VariantResult]:
+    def greedy_step(self, removed: Removal, label: str) -> Mapping[Removal, VariantResult]:
         """Every set ``removed`` + one more layer, scored in one pass over the model without ``removed``."""
         ...
 
@@ -122,10 +122,10 @@ class Strategy:
             raise ValueError(f"strategy {self.name!r} chose {len(chosen)} removal sets for n = 1..{n_max}")
         picks = []
         for n, (layers, selection) in enumerate(chosen, start=1):
-            removed = tuple(sorted(int(i) for i in layers))
-            if len(set(removed)) != n or not all(0 <= i < evidence.num_layers for i in removed):
-                raise ValueError(f"strategy {self.name!r} chose {removed} for n = {n}: not {n} distinct layers "
-                                 f"of {evidence.num_layers}")
+            removed = Removal.of(layers)
+            if len(removed) != n or not all(0 <= i < evidence.num_layers for i in removed.blocks):
+                raise ValueError(f"strategy {self.name!r} chose {removed.cell or 'no layer'} for n = {n}: not {n} "
+                                 f"distinct layers of {evidence.num_layers}")
             picks.append(Pick(self.name, n, removed, float(selection)))
         return picks
 
@@ -169,7 +169,7 @@ def sweep_picks(evidence: Evidence, n_max: int) -> list[Choice]:
 def greedy_picks(evidence: Evidence, n_max: int) -> list[Choice]:
     """SLEB: each step removes the layer whose removal harms the ranking metric least, given the
     layers already removed (ties: the lower layer)."""
-    removed: RemovalSet = ()
+    removed = Removal()
     picks = []
     for n in range(1, n_max + 1):
         scores = evidence.scorer.greedy_step(removed, f"greedy step {n}/{n_max}")
