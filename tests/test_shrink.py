@@ -260,7 +260,7 @@ def test_cli_writes_curves_tables_and_record(tiny_llama_dir, tmp_path):
     from typer.testing import CliRunner
 
     from lnsdiag.cli import app
-    from lnsdiag.report.shrink import read_shrink
+    from lnsdiag.runners.shrink_table import read_shrink
 
     tasks_dir = write_tasks(tmp_path / "tasks", docs=8)
     text = tmp_path / "t.txt"
