@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
 import shutil
 
 import pytest
 
+from lnsdiag.errors import OptionError
+from lnsdiag.runners.shrink import ShrinkConfig
 from tests.test_cli_basic import assert_one_line_error, invoke
 
 
@@ -55,6 +58,12 @@ BAD_INPUTS = {
                                                             "--save", tmp / "new", "--save-strategy", "last"],
                                                            "--save-strategy 'last'"),
     "shrink: bad rank-by": lambda m, t, tmp, c: (["shrink", m, "--ppl-text", t, "--rank-by", "acc"], "TASK/METRIC"),
+    "shrink: reuse of no result folder": lambda m, t, tmp, c: (["shrink", m, "--ppl-text", t, "--reuse", tmp],
+                                                               f"--reuse {tmp}: not a prune or shrink folder"),
+    "prune: unknown engine": lambda m, t, tmp, c: (["prune", m, "--ppl-text", t, "--engine", "slow"],
+                                                   "--engine must be fast or naive, not 'slow'"),
+    "prune: text and dataset": lambda m, t, tmp, c: (["prune", m, "--ppl-text", t, "--ppl-dataset", "stdlib"],
+                                                     "give --ppl-text or --ppl-dataset, not both"),
 }
 
 
@@ -126,3 +135,18 @@ def test_a_directory_named_like_an_alias_without_a_model(tmp_path, monkeypatch):
     result = invoke("angular", "mistral", "--out", tmp_path / "o")
     assert_one_line_error(result, "holds no config.json")
     assert "mistralai/Mistral-7B-v0.1" in result.output
+
+
+def test_library_errors_name_config_fields_and_the_command_line_its_flags():
+    """A notebook reads the field it set (``remove``); the command line the flag that sets it (``--remove``),
+    from the command's own options (``strategies`` is ``--strategy``)."""
+    with pytest.raises(OptionError) as caught:
+        ShrinkConfig(remove=0)
+    error = caught.value
+    assert str(error) == "remove must be at least 1, not 0" and error.fields == ("remove",)
+    assert error.render(lambda field: f"--{field}") == "--remove must be at least 1, not 0"
+    assert str(pickle.loads(pickle.dumps(error))) == str(error)
+    with pytest.raises(OptionError, match=r"^unknown strategies 'sleb' "):
+        ShrinkConfig(strategies="sleb")
+    result = invoke("shrink", "some/model", "--strategy", "bi", "--layers", "1,2")
+    assert_one_line_error(result, "give --layers or --strategy, not both: --layers scores that one set as it is")

@@ -335,10 +335,13 @@ def test_plots_leave_the_callers_matplotlib_settings_alone():
     assert (matplotlib.rcParams["font.size"], matplotlib.rcParams["pdf.fonttype"]) == before
 
 
-def test_write_prune_writes_png_and_pdf(tmp_path):
-    files = report.write_prune(prune_frame(12), ["ppl"], tmp_path, {"model": {"name": "x"}})
-    names = {f.name for f in files}
-    assert {"prune.png", "prune.pdf", "prune.csv", "prune_wide.csv", "prune.tex"} <= names
+def test_a_sweep_writes_its_tables_and_the_report_png_and_pdf(tmp_path):
+    from lnsdiag.cli.show import write_prune
+    from lnsdiag.runners.prune import PruneRun
+
+    files = write_prune(PruneRun(prune_frame(12), ["ppl"], {"model": {"name": "x"}}, tmp_path, None))
+    assert [f.name for f in files] == ["prune.csv", "prune_wide.csv", "prune.tex", "prune.png", "prune.pdf",
+                                       "meta.json"]
     assert _pdf_fonts(tmp_path / "prune.pdf") == (True, False)
 
 

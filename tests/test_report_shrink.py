@@ -15,6 +15,8 @@ from rich.table import Table
 
 from lnsdiag import report
 from lnsdiag.report import shrink as rs
+from lnsdiag.runners.shrink import ShrinkRun
+from lnsdiag.runners.shrink_table import COLUMNS, read_shrink, wide_shrink_frame
 
 # --- a synthetic run, shaped like the real one -------------------------------------------------------
 
@@ -188,7 +190,7 @@ def test_summary_says_when_no_removal_is_dead_and_never_calls_inconclusive_no_ef
 
 def test_wide_frame_has_a_row_per_strategy_and_n():
     frame = shrink_frame(4)
-    wide = report.wide_shrink_frame(frame, ["arc_easy", "ppl"])
+    wide = wide_shrink_frame(frame, ["arc_easy", "ppl"])
     assert len(wide) == 1 + 5 * 4
     assert not wide.duplicated(["strategy", "n_removed"]).any()
     assert list(wide.columns[:3]) == ["strategy", "n_removed", "removed_layers"]
@@ -210,14 +212,20 @@ def test_latex_is_booktabs_with_the_best_value_in_bold():
     assert len(rows) == 1 + 1 + 5 * 4  # header, full model, every (strategy, n)
 
 
-def test_write_shrink_writes_exactly_its_files_and_the_csv_reads_back(tmp_path):
+def _written(frame: pd.DataFrame, tasks: list[str], folder, meta: dict, plots: bool = True) -> list:
+    """What the command writes and lists: the run's own files around the report's LaTeX and plots."""
+    run = ShrinkRun(frame, [], tasks, meta, folder, ("ppl", "ppl"))
+    return run.write().around(report.write_shrink_report(frame, tasks, folder, plots=plots))
+
+
+def test_a_run_and_its_report_write_exactly_their_files_and_the_csv_reads_back(tmp_path):
     frame = shrink_frame(4)
-    files = report.write_shrink(frame, ["arc_easy", "ppl"], tmp_path, {"command": "shrink"})
-    names = sorted(f.name for f in files)
-    assert names == sorted(["shrink.csv", "shrink_wide.csv", "shrink.tex", "shrink.png", "shrink.pdf", "meta.json"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == names  # nothing else, no temporary file left
-    back = report.read_shrink(tmp_path / "shrink.csv")
-    assert list(back.columns) == rs.COLUMNS and len(back) == len(frame)
+    files = _written(frame, ["arc_easy", "ppl"], tmp_path, {"command": "shrink"})
+    names = [f.name for f in files]
+    assert names == ["shrink.csv", "shrink_wide.csv", "shrink.tex", "shrink.png", "shrink.pdf", "meta.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)  # nothing else, no temporary file left
+    back = read_shrink(tmp_path / "shrink.csv")
+    assert list(back.columns) == COLUMNS and len(back) == len(frame)
     assert back["removed_layers"].tolist() == frame["removed_layers"].tolist()
     assert back.loc[back["n_removed"] == 3, "removed_layers"].iloc[0] == "27,28,29"
     assert all(isinstance(v, str) for v in back["removed_layers"])
@@ -226,7 +234,7 @@ def test_write_shrink_writes_exactly_its_files_and_the_csv_reads_back(tmp_path):
     np.testing.assert_allclose(back["value"], frame["value"], rtol=1e-9)
     assert _pdf_fonts(tmp_path / "shrink.pdf") == (True, False)
     (tmp_path / "no-plots").mkdir()
-    written = report.write_shrink(frame, ["ppl"], tmp_path / "no-plots", {}, plots=False)
+    written = _written(frame, ["ppl"], tmp_path / "no-plots", {}, plots=False)
     assert sorted(p.name for p in written) == sorted(p.name for p in (tmp_path / "no-plots").iterdir()) == [
         "meta.json", "shrink.csv", "shrink.tex", "shrink_wide.csv"]
 

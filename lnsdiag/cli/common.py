@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.models import OptionInfo
+from typer.utils import get_params_from_function
 
 from .. import distributed, report
 from ..data.text import TextOptions, TextSource
-from ..errors import Interrupted, UserError
+from ..errors import Interrupted, OptionError, UserError
 from ..model.load import LoadedModel, ModelOptions, hub_offline, shadowed_alias
 from ..runs import discard_empty_outputs
 from . import ui
@@ -91,7 +93,7 @@ def command(fn: F) -> F:
         except BaseException as exc:
             if distributed.is_main():
                 discard_empty_outputs()  # a failed command leaves no empty --out folder behind
-            _exit_for(exc, debug)
+            _exit_for(exc, debug, fn)
         finally:
             _leave_group(failed)
 
@@ -113,7 +115,7 @@ def _rank_tag() -> str:
     return f"rank {here.rank}: " if here.parallel else ""
 
 
-def _exit_for(exc: BaseException, debug: bool) -> typing.NoReturn:
+def _exit_for(exc: BaseException, debug: bool, fn: Callable[..., Any]) -> typing.NoReturn:
     """One line and an exit code for what a command raised: 2 user error, 130 interrupt, 1 bug."""
     if isinstance(exc, (typer.Exit, typer.Abort, SystemExit)):
         raise exc
@@ -128,12 +130,33 @@ def _exit_for(exc: BaseException, debug: bool) -> typing.NoReturn:
     if debug or not isinstance(exc, Exception):
         raise exc
     if isinstance(exc, UserError):
-        ui.err_console.print(f"{tag}[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        ui.err_console.print(f"{tag}[bold red]error:[/] {user_message(exc, fn)}", highlight=False,
+                             soft_wrap=True)
         raise typer.Exit(2) from None
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     ui.err_console.print(f"{tag}[bold red]error:[/] {type(exc).__name__}: {first} (rerun with --debug for the "
                          "traceback)", highlight=False, soft_wrap=True)
     raise typer.Exit(1) from None
+
+
+def user_message(exc: UserError, command_fn: Callable[..., Any]) -> str:
+    """A user error as the command line says it: the config fields an :class:`OptionError` names shown
+    as the flags of ``command_fn`` that set them (``layers`` as ``--layers``)."""
+    if not isinstance(exc, OptionError):
+        return str(exc)
+    flags = option_flags(command_fn)
+    return exc.render(lambda field: flags.get(field, field))
+
+
+def option_flags(command_fn: Callable[..., Any]) -> dict[str, str]:
+    """A command's options as Typer reads them: parameter name -> long flag. Parameters are named as the
+    config fields they set (``rank_by``, shown ``--rank-by``), so this is the field -> flag table."""
+    flags = {}
+    for name, param in get_params_from_function(command_fn).items():
+        if isinstance(param.default, OptionInfo):
+            declared = [d.split("/")[0] for d in param.default.param_decls or () if d.startswith("--")]
+            flags[name] = declared[0] if declared else "--" + name.replace("_", "-")
+    return flags
 
 
 @app.callback()

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
+from ..demo.model import shipped_dir
+from ..runners.demo import DemoConfig, DemoRun, run
 from ..runs import output_dir
 from . import ui
 from .common import Debug, Device, app, command
 from .show import show_angular, show_prune, show_reproduce, show_shrink
-
-if TYPE_CHECKING:
-    from ..runners.demo import DemoRun
 
 
 @app.command("demo")
@@ -39,8 +38,6 @@ def demo_cmd(
 
     The default model and its twin ship with lnsdiag (trained by this recipe; --retrain reproduces them).
     """
-    from ..runners.demo import DemoConfig, run
-
     config = DemoConfig(steps=steps, layers=layers, retrain=retrain or fresh, twin=twin, device=device,
                         shrink=shrink)
     folder = output_dir(out, "demo", "")
@@ -71,8 +68,6 @@ def demo_cmd(
 
 def model_line(result: DemoRun) -> str:
     """Where the demo model's weights came from, in one sentence: shipped (and checked) or trained here."""
-    from ..demo.model import shipped_dir
-
     record, train = result.record, result.record["train"]
     weights = record.get("weights") or {}
     name = f"[bold]{result.spec.name}[/]: {result.spec.layers} layers"

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from .. import report
 from ..model.load import ModelOptions
+from ..runners.prune import PruneConfig, run
 from ..runs import Timer, output_dir
 from . import ui
 from .common import Debug, Out, SeqLen, app, command, model_options
@@ -33,7 +33,7 @@ from .scoring import (
     load_inputs,
     scoring_config,
 )
-from .show import show_prune
+from .show import show_prune, write_prune
 
 
 @app.command("prune")
@@ -66,10 +66,8 @@ def prune_cmd(
     out: Out = None, debug: Debug = False,
 ) -> None:
     """Remove each layer in turn, score every variant, and show which layers are dead weight."""
-    from ..runners.prune import run
-
     config = scoring_config(
-        tasks=tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed,
+        PruneConfig, tasks=tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed,
         bootstrap_iters=bootstrap_iters, ppl_text=ppl_text, ppl_dataset=ppl_dataset,
         ppl_dataset_config=ppl_dataset_config, ppl_split=ppl_split, ppl_field=ppl_field, ppl_max_tokens=ppl_max_tokens,
         seq_len=seq_len, layers=layers, angular=not no_angular, margin=margin, batch_size=batch_size, engine=engine,
@@ -80,6 +78,5 @@ def prune_cmd(
     folder = output_dir(out, model.slug, "prune")
     with ui.progress_display() as progress:
         result = run(loaded, config, folder, inputs=inputs, layers_path=model.layers_path, progress=progress,
-                     timer=timer, on_update=lambda partial: report.write_prune(
-                         partial.frame, partial.tasks, folder, partial.meta, plots=False))
+                     timer=timer, on_update=lambda partial: write_prune(partial, plots=False))
     show_prune(result)

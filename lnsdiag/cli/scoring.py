@@ -1,21 +1,23 @@
 """The scoring options ``prune`` and ``shrink`` share (what every variant is scored on, and how
 verdicts are reached), as Typer option types, and the step from them to a checked
-:class:`~lnsdiag.prune.PruneConfig`."""
+:class:`~lnsdiag.runners.scoring.ScoringConfig` (or ``prune``'s :class:`~lnsdiag.runners.prune.PruneConfig`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from ..runners.prune import PruneConfig, PruneInputs
+from ..runners.scoring import ScoringConfig, ScoringInputs
 from . import ui
 from .common import load
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel, ModelOptions
     from ..runs import Timer
+
+Config = TypeVar("Config", bound=ScoringConfig)
 
 Tasks = Annotated[str | None, typer.Option(
     "--tasks", "-t", help="lm-eval task or group names, comma-separated \\[default: mmlu, unless only --ppl-* "
@@ -52,22 +54,22 @@ BatchTokens = Annotated[int | None, typer.Option("--batch-tokens", help="Fast en
                                                  show_default=False)]
 
 
-def scoring_config(*, tasks: str | None, include_path: Path | None, ppl_text: Path | None, **options: object
-                   ) -> PruneConfig:
-    """A checked :class:`PruneConfig` from the options as typed (paths and comma lists converted)."""
-    return PruneConfig(tasks=tuple(tasks.split(",")) if tasks else None,
-                       include_path=str(include_path) if include_path else None,
-                       ppl_text=str(ppl_text) if ppl_text else None, **options)  # type: ignore[arg-type]
+def scoring_config(kind: type[Config], *, tasks: str | None, include_path: Path | None, ppl_text: Path | None,
+                   **options: object) -> Config:
+    """A checked config of ``kind`` from the options as typed (paths and comma lists converted)."""
+    return kind(tasks=tuple(tasks.split(",")) if tasks else None,
+                include_path=str(include_path) if include_path else None,
+                ppl_text=str(ppl_text) if ppl_text else None, **options)  # type: ignore[arg-type]
 
 
-def load_inputs(config: PruneConfig, model: ModelOptions, timer: Timer) -> tuple[PruneInputs, LoadedModel]:
+def load_inputs(config: ScoringConfig, model: ModelOptions, timer: Timer) -> tuple[ScoringInputs, LoadedModel]:
     """Tasks and text first (a typo fails in seconds), then the model: what a scoring command
     needs before its runner."""
     tasks = None
     if config.tasks:
         with ui.status(f"loading tasks {', '.join(config.tasks)}"), timer("tasks"):
             tasks = config.load_tasks()
-    inputs = PruneInputs(tasks, config.load_text())
+    inputs = ScoringInputs(tasks, config.load_text())
     with timer("load"):
         loaded = load(model)
     return inputs, loaded

@@ -1,8 +1,10 @@
 """How each result reaches the user: its table and summary on the terminal, its files written and listed.
 
 One presenter per result, shared by its command and by ``demo`` (which shows several), so
-no command module has to import another. Tables are :class:`report.Tables`: at most 100 columns
-wide whatever the console's width, split into several tables rather than squeezed.
+no command module has to import another. A result writes its own files (CSVs, meta.json); the
+presenter adds what the report makes for people (LaTeX, plots) and lists them all. Tables are
+:class:`report.Tables`: at most 100 columns wide whatever the console's width, split into several
+tables rather than squeezed.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def show_angular(run: AngularRun, folder: Path, title: str = "") -> None:
     result = run.result
     ui.console.print(report.angular_table(result, title or f"Angular distance per layer — {run.model_name}"))
     _say(report.angular_summary(result))
-    print_files(report.write_angular(result, folder, run.meta, title))
+    print_files(run.write(folder).around(report.write_angular_report(result, folder, title)))
 
 
 def show_variance(run: VarianceRun, folder: Path, title: str = "") -> None:
@@ -93,7 +95,12 @@ def show_prune(run: PruneRun, title: str = "") -> None:
     work = run.meta.get("engine_stats") or {}
     _say_work(work.get("block_tokens"), work.get("naive_block_tokens"),
               f"shared prefixes: {work.get('sharing') or 'off'}")
-    print_files(report.write_prune(run.frame, run.tasks, run.folder, run.meta, plots=True, title=title))
+    print_files(write_prune(run, title=title))
+
+
+def write_prune(run: PruneRun, *, plots: bool = True, title: str = "") -> list[Path]:
+    """The sweep's own files and the report's LaTeX and plots of it (``plots=False``: while it runs), as listed."""
+    return run.write().around(report.write_prune_report(run.frame, run.tasks, run.folder, plots=plots, title=title))
 
 
 def show_shrink(run: ShrinkRun, saved: SavedCheckpoint | None = None, title: str = "") -> None:
@@ -108,7 +115,7 @@ def show_shrink(run: ShrinkRun, saved: SavedCheckpoint | None = None, title: str
     passes = run.meta["passes"]
     _say_work(sum(p.get("block_tokens") or 0 for p in passes), sum(p.get("naive_block_tokens") or 0 for p in passes),
               f"{run.meta['sets_scored']} removal sets in {len(passes)} pass(es)")
-    print_files(report.write_shrink(run.frame, run.tasks, run.folder, run.meta, plots=True, title=title))
+    print_files(run.write().around(report.write_shrink_report(run.frame, run.tasks, run.folder, title=title)))
     if saved is not None:
         _say(f"saved the model without layers {','.join(map(str, saved.removed))} "
              f"({saved.provenance.get('strategy')}) to {saved.folder}: {len(saved.kept)} layers, "

@@ -8,10 +8,10 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UserError
 from ..model.load import ModelOptions
 from ..model.structure import find_layers
-from ..runners.shrink import ShrinkConfig, check_save_target, run, save_pick
+from ..runners.scoring import ScoringConfig
+from ..runners.shrink import ShrinkConfig, check_reuse, check_save_target, run, save_pick
 from ..runners.strategies import STRATEGIES
 from ..runs import Timer, output_dir
 from . import scoring as opt
@@ -30,7 +30,7 @@ STRATEGY_HELP = (", ".join(f"{s.name} ({s.help})" for s in STRATEGIES)
 def shrink_cmd(
     model: ModelOptions,
     remove: Annotated[int, typer.Option("--remove", "-n", help="Remove n = 1..N layers at once.")] = 4,
-    strategy: Annotated[str | None, typer.Option(
+    strategies: Annotated[str | None, typer.Option(
         "--strategy", "-s", help=STRATEGY_HELP, show_default=False)] = None,
     layers: Annotated[str | None, typer.Option(
         "--layers", "-l", help="Score this one set instead of strategies: 3,4,7 or 20-27.", show_default=False)] = None,
@@ -71,16 +71,16 @@ def shrink_cmd(
     """Remove 1..N layers at once by each strategy, score every choice against the full model, draw the
     pruning curves, and optionally save the smaller model."""
     scoring = opt.scoring_config(
-        tasks=tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed,
+        ScoringConfig, tasks=tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed,
         bootstrap_iters=bootstrap_iters, ppl_text=ppl_text, ppl_dataset=ppl_dataset,
         ppl_dataset_config=ppl_dataset_config, ppl_split=ppl_split, ppl_field=ppl_field, ppl_max_tokens=ppl_max_tokens,
         seq_len=seq_len, margin=margin, batch_size=batch_size, engine=engine, batch_tokens=batch_tokens,
         fresh=fresh, samples=not no_samples)
-    config = ShrinkConfig(remove=remove, strategies=strategy, layers=layers, rank_by=rank_by, scoring=scoring)
+    config = ShrinkConfig(remove=remove, strategies=strategies, layers=layers, rank_by=rank_by, scoring=scoring)
     if save is not None:
         check_save_target(save, overwrite, config, save_strategy)
-    if reuse is not None and not (reuse / "settings.json").is_file():
-        raise UserError(f"--reuse {reuse}: not a prune or shrink folder (no settings.json)")
+    if reuse is not None:
+        check_reuse(reuse)
     output_dir(out, model.slug, "shrink", create=False)
     timer = Timer()
     inputs, loaded = opt.load_inputs(scoring, model, timer)

@@ -11,6 +11,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -22,6 +23,7 @@ from ..data.windows import TokenWindows
 from ..errors import UserError
 from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
+from ..results.files import RunFiles, write_tables
 from ..runs import Timer
 from .stream import MeasureRun, StreamConfig, TokenMode, check_tokens, measure_batches, measure_text, stream_states
 
@@ -199,6 +201,11 @@ def angular_on_text(
 
 class AngularRun(MeasureRun):
     """An ``angular`` run: the :class:`AngularResult` and its ``meta.json`` record."""
+
+    def write(self, folder: str | Path) -> RunFiles:
+        """angular.csv (per layer), angular_blocks.csv (per block) and meta.json, into ``folder``."""
+        return write_tables(Path(folder), {"angular.csv": self.result.layers, "angular_blocks.csv": self.result.blocks},
+                            self.meta)
 
 
 def run(loaded: LoadedModel, text: TextSource, config: AngularConfig, *, layers_path: str | None = None,

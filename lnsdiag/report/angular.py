@@ -1,4 +1,5 @@
-"""Angular-distance report: table, summary, CSVs, per-layer plot and block heatmap."""
+"""Angular-distance report: table, summary, per-layer plot and block heatmap (the CSVs are the run's own:
+:meth:`~lnsdiag.measure.angular.AngularRun.write`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from ..measure.angular import AngularResult
-from ..runs import write_csv, write_json
 from .common import (
     PALETTE,
     SINGLE_COLUMN,
@@ -124,13 +124,7 @@ def _blocks_title(title: str) -> str:
     return f"{title}: blocks of n layers"
 
 
-def write_angular(result: AngularResult, out: Path, meta: dict[str, Any], title: str = "") -> list[Path]:
-    """angular.csv, angular_blocks.csv, meta.json, angular.png/pdf, angular_heatmap.png/pdf."""
-    files = [
-        write_csv(out / "angular.csv", result.layers),
-        write_csv(out / "angular_blocks.csv", result.blocks),
-    ]
-    files += plot_angular(result, out / "angular", title)
-    files += plot_angular_heatmap(result, out / "angular_heatmap", _blocks_title(title))
-    files.append(write_json(out / "meta.json", meta))
-    return files
+def write_angular_report(result: AngularResult, out: Path, title: str = "") -> list[Path]:
+    """angular.png/pdf (per layer) and angular_heatmap.png/pdf (per block): what a person reads."""
+    files = plot_angular(result, out / "angular", title)
+    return files + plot_angular_heatmap(result, out / "angular_heatmap", _blocks_title(title))

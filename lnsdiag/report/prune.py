@@ -1,4 +1,5 @@
-"""Layer-removal sweep report: the table, the dead-weight summary, CSVs, LaTeX and ΔP plots."""
+"""Layer-removal sweep report: the table, the dead-weight summary, LaTeX and ΔP plots (the CSVs are the
+run's own: :meth:`~lnsdiag.runners.prune.PruneRun.write`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..results.verdict import LOG_LIKELIHOOD, PERPLEXITY_LIKE, base_metric, headline_metrics, layers_with
-from ..runs import atomic_write, write_csv, write_json
+from ..runs import atomic_write
 from .common import (
     DOUBLE_COLUMN,
     PALETTE,
@@ -255,24 +256,10 @@ def latex_table(frame: pd.DataFrame, tasks: list[str], caption: str = "") -> str
     return frame_to_latex(pd.DataFrame(rows, dtype=object), caption=caption, label="tab:layer-removal")
 
 
-def write_prune(frame: pd.DataFrame, tasks: list[str], out: Path, meta: dict[str, Any], *, plots: bool = True,
-                title: str = "") -> list[Path]:
-    """prune.csv (tidy), prune_wide.csv, prune.tex, meta.json and prune.png/pdf."""
-    files = [write_csv(out / "prune.csv", frame), write_csv(out / "prune_wide.csv", wide_frame(frame, tasks)),
-             atomic_write(out / "prune.tex", latex_table(frame, tasks))]
+def write_prune_report(frame: pd.DataFrame, tasks: list[str], out: Path, *, plots: bool = True,
+                       title: str = "") -> list[Path]:
+    """prune.tex and (with ``plots``, once a layer is removed) prune.png/pdf: what a person reads."""
+    files = [atomic_write(out / "prune.tex", latex_table(frame, tasks))]
     if plots and frame["removed_layer"].notna().any():
         files += plot_prune(frame, tasks, out / "prune", title)
-    files.append(write_json(out / "meta.json", meta))
     return files
-
-
-def wide_frame(frame: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
-    """One row per variant, ``task/metric`` value, stderr, Δ and dead columns, for spreadsheets."""
-    wide = frame.drop_duplicates("variant")[["variant", "removed_layer", "angular_distance"]].reset_index(drop=True)
-    sel = frame[frame["task"].isin(tasks)]
-    for (task, metric), part in sel.groupby(["task", "metric"], sort=False):
-        part = part.set_index("variant")
-        for column, suffix in (("value", ""), ("stderr", "_stderr"), ("delta", "_delta"),
-                               ("delta_stderr", "_delta_stderr"), ("verdict", "_verdict"), ("dead", "_dead")):
-            wide[f"{task}/{metric}{suffix}"] = wide["variant"].map(part[column])
-    return wide

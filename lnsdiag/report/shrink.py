@@ -1,9 +1,8 @@
-"""Removing n layers at once (``lnsdiag shrink``): the pruning-curve table, summary, CSVs, LaTeX and plot.
+"""Removing n layers at once (``lnsdiag shrink``): the pruning-curve table, summary, LaTeX and plot.
 
-The input is tidy: one row per (strategy, n_removed, task, metric), the full model's rows under strategy
-``full`` with n_removed 0. Each strategy keeps its own rows even when two pick the same layers. Strategies
-are listed and styled by their place in the registry (:mod:`lnsdiag.runners.strategies`, plain data), so a
-new one needs nothing here.
+The input is the run's tidy table (:mod:`lnsdiag.runners.shrink_table`: its shape, and the CSVs the run
+writes itself). Strategies are listed and styled by their place in the registry
+(:mod:`lnsdiag.runners.strategies`, plain data), so a new one needs nothing here.
 """
 
 from __future__ import annotations
@@ -15,10 +14,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..interventions.units import Removal
 from ..results.verdict import PERPLEXITY_LIKE, base_metric, headline_metrics
-from ..runners.strategies import GIVEN, names, output_order, registered
-from ..runs import atomic_write, write_csv, write_json
+from ..runners.shrink_table import FULL, is_full, layer_list, metric_row, strategies_in, strategy_rows
+from ..runners.strategies import GIVEN, names, registered
+from ..runs import atomic_write
 from .common import (
     DOUBLE_COLUMN,
     PALETTE,
@@ -38,12 +37,6 @@ from .common import (
 )
 from .prune import _digits, _fmt, _signed, _units, _verdict
 
-#: shrink.csv's columns, in this order (any others the computation adds follow them).
-COLUMNS = ["strategy", "n_removed", "removed_layers", "task", "metric", "value", "stderr", "baseline",
-           "baseline_stderr", "delta", "delta_stderr", "paired", "ci90_low", "ci90_high", "ci95_low", "ci95_high",
-           "margin", "p_value", "p_holm", "verdict", "retention", "chance", "higher_is_better", "group", "samples",
-           "selection"]
-FULL = "full"
 #: How strategies are drawn, by their place in the registry: an Okabe–Ito colour and a marker each. Names
 #: the registry does not know (an old CSV's) take the styles after the registered ones.
 MARKS = ((PALETTE["blue"], "o"), (PALETTE["vermillion"], "s"), (PALETTE["green"], "^"), (PALETTE["orange"], "D"),
@@ -59,18 +52,9 @@ HEADER_WIDTH = 14
 
 # --- removed layers ---------------------------------------------------------------------------------
 
-def _layers(text: Any) -> list[int]:
-    return list(Removal.from_cell(text).blocks)
-
-
-def _layers_text(value: Any) -> str:
-    """The comma-joined list as written, whatever a reader made of it (31 or 31.0 from a CSV, NaN for none)."""
-    return value if isinstance(value, str) else Removal.from_cell(value).cell
-
-
 def layer_runs(text: Any, dash: str = "–") -> str:
     """``"3,4,7,12,13,14,15"`` as ``"3,4,7,12–15"``: runs of three or more layers as first–last."""
-    layers = _layers(text)
+    layers = layer_list(text)
     parts: list[str] = []
     i = 0
     while i < len(layers):
@@ -111,17 +95,6 @@ def _removed_cell(text: Any, width: int = REMOVED_WIDTH) -> str:
 
 # --- shared pieces ------------------------------------------------------------------------------------
 
-def _is_full(frame: pd.DataFrame) -> pd.Series:
-    return (frame["strategy"] == FULL) | (frame["n_removed"] == 0)
-
-
-def _strategies(frame: pd.DataFrame) -> list[str]:
-    """The strategies present, in the registry's order (an explicit set last), then any others as they come."""
-    present = [s for s in pd.unique(frame.loc[~_is_full(frame), "strategy"]) if isinstance(s, str)]
-    order = output_order()
-    return [s for s in order if s in present] + [s for s in present if s not in order]
-
-
 def _mark(strategy: str, strategies: list[str]) -> tuple[str, str, str]:
     """Colour, marker and legend entry: a registered strategy's by its place in the registry."""
     if strategy == GIVEN:
@@ -147,25 +120,6 @@ def _finite(value: Any) -> bool:
         return False
 
 
-def _rows(frame: pd.DataFrame) -> list[tuple[str, int, str, pd.DataFrame]]:
-    """(strategy, n, removed layers, its rows): the full model first, then each strategy by n."""
-    full = _is_full(frame)
-    out = []
-    if full.any():
-        part = frame[full]
-        out.append((FULL, 0, "", part))
-    for strategy in _strategies(frame):
-        sel = frame[(frame["strategy"] == strategy) & ~full]
-        for n, part in sorted(sel.groupby("n_removed", sort=False), key=lambda kv: int(kv[0])):
-            out.append((strategy, int(n), _layers_text(part["removed_layers"].iloc[0]), part))
-    return out
-
-
-def _row(part: pd.DataFrame, task: str, metric: str) -> pd.Series | None:
-    sel = part[(part["task"] == task) & (part["metric"] == metric)]
-    return None if sel.empty else sel.iloc[0]
-
-
 def _higher_is_better(frame: pd.DataFrame, task: str, metric: str) -> bool:
     sel = frame.loc[(frame["task"] == task) & (frame["metric"] == metric), "higher_is_better"].dropna()
     return bool(sel.iloc[0]) if len(sel) else base_metric(metric) not in PERPLEXITY_LIKE
@@ -173,9 +127,9 @@ def _higher_is_better(frame: pd.DataFrame, task: str, metric: str) -> bool:
 
 def _best(frame: pd.DataFrame, task: str, metric: str) -> dict[int, tuple[float, list[str]]]:
     """Per n: the best value any strategy kept, and the strategies that kept it (ties: the same layers)."""
-    sel = frame[(frame["task"] == task) & (frame["metric"] == metric) & ~_is_full(frame)]
+    sel = frame[(frame["task"] == task) & (frame["metric"] == metric) & ~is_full(frame)]
     higher = _higher_is_better(frame, task, metric)
-    order = _strategies(frame)
+    order = strategies_in(frame)
     out = {}
     for n, part in sel.groupby("n_removed"):
         part = part[np.isfinite(part["value"].to_numpy(dtype=float))]
@@ -218,7 +172,7 @@ def shrink_table(frame: pd.DataFrame, tasks: list[str], title: str = "Removing n
     """The full model, then each strategy's n = 1..N: removed layers, and per headline metric its value
     (the best at each n in bold), Δ to the full model and the verdict."""
     heads = headline_metrics(frame, tasks)
-    rows = _rows(frame)
+    rows = strategy_rows(frame)
     strategy, n_col, removed, sections = [], [], [], set()
     for i, (name, n, layers, _part) in enumerate(rows):
         first = i == 0 or rows[i - 1][0] != name
@@ -233,8 +187,8 @@ def shrink_table(frame: pd.DataFrame, tasks: list[str], title: str = "Removing n
         base = frame.loc[(frame["task"] == task) & (frame["metric"] == metric), "baseline"].dropna()
         unit, _scale = _delta_unit(metric, base.iloc[0] if len(base) else math.nan)
         value, delta, verdict = [], [], []
-        for name, n, _layers_text, part in rows:
-            r = _row(part, task, metric)
+        for name, n, _layers, part in rows:
+            r = metric_row(part, task, metric)
             if r is None:
                 value.append("–")
                 delta.append("")
@@ -262,7 +216,7 @@ def shrink_summary(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
     """Per headline metric: which strategy kept the most at each n, and the largest n at which some removal is
     still dead (equivalent to the full model within the margin), or that none is."""
     lines = []
-    full = _is_full(frame)
+    full = is_full(frame)
     for task, metric in headline_metrics(frame, tasks):
         sel = frame[(frame["task"] == task) & (frame["metric"] == metric) & ~full]
         if sel.empty:
@@ -279,7 +233,7 @@ def shrink_summary(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
         n_dead = 0
         if len(dead):
             n_dead = int(dead["n_removed"].max())
-            who = [s for s in _strategies(frame) if s in set(dead.loc[dead["n_removed"] == n_dead, "strategy"])]
+            who = [s for s in strategies_in(frame) if s in set(dead.loc[dead["n_removed"] == n_dead, "strategy"])]
             line += (f" Largest n still dead (equivalent to the full model within the margin): {n_dead} of {top}, "
                      f"by {_and(who)}.")
         else:
@@ -296,26 +250,7 @@ def shrink_summary(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
     return lines
 
 
-# --- files --------------------------------------------------------------------------------------------
-
-def wide_shrink_frame(frame: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
-    """One row per (strategy, n_removed), the full model first: ``task/metric`` value, stderr, Δ, its paired
-    stderr and the verdict, for spreadsheets."""
-    rows = _rows(frame)
-    wide = pd.DataFrame({"strategy": [s for s, _, _, _ in rows], "n_removed": [n for _, n, _, _ in rows],
-                         "removed_layers": pd.array([layers for _, _, layers, _ in rows], dtype=object)})
-    sel = frame[frame["task"].isin(tasks)]
-    for (task, metric), _ in sel.groupby(["task", "metric"], sort=False):
-        for column, suffix in (("value", ""), ("stderr", "_stderr"), ("delta", "_delta"),
-                               ("delta_stderr", "_delta_stderr"), ("verdict", "_verdict")):
-            cells = []
-            for _s, _n, _l, part in rows:
-                r = _row(part, task, metric)
-                cells.append(None if r is None else r[column])
-            wide[f"{task}/{metric}{suffix}"] = pd.array(cells, dtype=object) if suffix == "_verdict" else \
-                pd.to_numeric(pd.Series(cells, dtype=object), errors="coerce")
-    return wide
-
+# --- LaTeX --------------------------------------------------------------------------------------------
 
 def shrink_latex(frame: pd.DataFrame, tasks: list[str], caption: str = "") -> str:
     """value ± stderr per strategy and n for each headline metric; the best at each n in bold, dead removals
@@ -323,11 +258,11 @@ def shrink_latex(frame: pd.DataFrame, tasks: list[str], caption: str = "") -> st
     heads = headline_metrics(frame, tasks)
     best = {head: _best(frame, *head) for head in heads}
     records = []
-    for name, n, layers, part in _rows(frame):
+    for name, n, layers, part in strategy_rows(frame):
         record: dict[str, Any] = {"strategy": "full model" if name == FULL else name, "n": n,
                                   "removed layers": LatexRaw(latex_escape(layer_runs(layers, "--") or "none"))}
         for task, metric in heads:
-            r = _row(part, task, metric)
+            r = metric_row(part, task, metric)
             column = f"{task} {metric}" if task != metric else task
             if r is None or not _finite(r["value"]):
                 record[column] = ""
@@ -348,29 +283,12 @@ def shrink_latex(frame: pd.DataFrame, tasks: list[str], caption: str = "") -> st
     return frame_to_latex(pd.DataFrame(records, dtype=object), caption=caption, label="tab:shrink")
 
 
-def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
-    out = frame[[c for c in COLUMNS if c in frame] + [c for c in frame if c not in COLUMNS]].copy()
-    out["removed_layers"] = pd.array([_layers_text(v) for v in out["removed_layers"]], dtype=object)
-    return out
-
-
-def read_shrink(path: str | Path) -> pd.DataFrame:
-    """shrink.csv as written, ``removed_layers`` kept as text ("3,4,7"; "" for the full model)."""
-    frame = pd.read_csv(path, dtype={"removed_layers": str, "strategy": str, "task": str, "metric": str,
-                                     "verdict": str}, keep_default_na=True)
-    frame["removed_layers"] = frame["removed_layers"].fillna("").astype(object)
-    return frame
-
-
-def write_shrink(frame: pd.DataFrame, tasks: list[str], out: Path, meta: dict[str, Any], *, plots: bool = True,
-                 title: str = "") -> list[Path]:
-    """shrink.csv (tidy), shrink_wide.csv, shrink.tex, shrink.png/pdf and meta.json."""
-    files = [write_csv(out / "shrink.csv", _ordered(frame)),
-             write_csv(out / "shrink_wide.csv", wide_shrink_frame(frame, tasks)),
-             atomic_write(out / "shrink.tex", shrink_latex(frame, tasks))]
-    if plots and (~_is_full(frame)).any() and headline_metrics(frame, tasks):
+def write_shrink_report(frame: pd.DataFrame, tasks: list[str], out: Path, *, plots: bool = True,
+                        title: str = "") -> list[Path]:
+    """shrink.tex and (with ``plots``, once something is removed) shrink.png/pdf: what a person reads."""
+    files = [atomic_write(out / "shrink.tex", shrink_latex(frame, tasks))]
+    if plots and (~is_full(frame)).any() and headline_metrics(frame, tasks):
         files += plot_shrink(frame, tasks, out / "shrink", title)
-    files.append(write_json(out / "meta.json", meta))
     return files
 
 
@@ -393,7 +311,7 @@ def _curve_panel(ax: Any, frame: pd.DataFrame, task: str, metric: str, top: int,
     from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter
 
     rows = frame[(frame["task"] == task) & (frame["metric"] == metric)]
-    full = rows[_is_full(rows)]
+    full = rows[is_full(rows)]
     base = rows["baseline"].dropna()
     baseline = float(full["value"].iloc[0]) if len(full) else float(base.iloc[0]) if len(base) else math.nan
     margin = rows["margin"].dropna()
@@ -401,7 +319,7 @@ def _curve_panel(ax: Any, frame: pd.DataFrame, task: str, metric: str, top: int,
     spread = [baseline]
     step = 0.07 if len(strategies) > 1 else 0.0
     for k, strategy in enumerate(strategies):
-        part = rows[(rows["strategy"] == strategy) & ~_is_full(rows)].sort_values("n_removed")
+        part = rows[(rows["strategy"] == strategy) & ~is_full(rows)].sort_values("n_removed")
         if part.empty:
             continue
         color, marker, _label = _mark(strategy, strategies)
@@ -462,8 +380,8 @@ def shrink_figure(frame: pd.DataFrame, tasks: list[str], title: str = "") -> Any
     from matplotlib.patches import Patch
 
     heads = headline_metrics(frame, tasks)
-    strategies = _strategies(frame)
-    removed = frame.loc[~_is_full(frame), "n_removed"]
+    strategies = strategies_in(frame)
+    removed = frame.loc[~is_full(frame), "n_removed"]
     top = int(removed.max()) if len(removed) else 1
     panels = max(len(heads), 1)
     ncols = 1 if panels == 1 else 2 if panels in (2, 4) else 3

@@ -19,121 +19,37 @@ from typing import Any
 
 import pandas as pd
 
-from ..data.text import TextSource, from_dataset, from_file, resolve_text
-from ..data.windows import TokenWindows, check_batch_size
-from ..distributed import is_main
+from ..data.text import TextSource
 from ..engine.naive import run_naive
 from ..engine.outcome import SweepOutcome
 from ..engine.sweep import run_fast
-from ..errors import Interrupted, UserError
+from ..errors import Interrupted
 from ..interventions.units import Removal
 from ..model.load import LoadedModel
 from ..model.placement import norm_placement
 from ..model.structure import find_layers, parse_layer_spec
 from ..progress import SILENT, Progress
+from ..results.files import RunFiles, write_tables
 from ..results.store import ResultStore, VariantResult, plan_variants
 from ..results.verdict import BOOTSTRAP_CAP, BOOTSTRAP_FLOOR, PYTHON_CAP, Margins, prune_frame, rule_text
-from ..runs import Timer, read_json, run_record, write_csv, write_json
-from ..scoring.base import Scorer
-from ..scoring.lmeval.tasks import DEFAULT_BOOTSTRAP, TaskSet, check_num_fewshot, load_tasks, parse_limit
-from ..scoring.registry import ScoringSetup, build_scorers
+from ..runs import Timer, run_record
+from .angular_cache import AngularCache, cached_angular
+from .scoring import ScoringConfig, ScoringInputs, prepare_scoring
 
-ENGINES = ("fast", "naive")
 #: How the L comparisons of one metric are adjusted, for meta.json.
 MULTIPLICITY = ("hurts/helps: Holm-adjusted p-values over the removed layers of each (task, metric); dead: "
                 "two one-sided tests at alpha 0.05 per layer, not adjusted (each layer's equivalence is its own claim)")
-NOTHING_TO_SCORE = "nothing to score: give --tasks and/or --ppl-text / --ppl-dataset"
 #: Files a run writes into its folder (``fresh`` removes them with the stored variants).
 OUTPUTS = ("angular.csv", "angular_settings.json", "prune.csv", "prune_wide.csv", "prune.tex", "prune.png",
            "prune.pdf", "meta.json")
 
 
 @dataclass(frozen=True)
-class PruneConfig:
-    """Everything ``lnsdiag prune`` can be told, checked when built.
+class PruneConfig(ScoringConfig):
+    """Everything ``lnsdiag prune`` can be told, checked when built: the scoring options
+    (:class:`~.scoring.ScoringConfig`) and which layers to remove, one at a time."""
 
-    ``tasks`` defaults to MMLU unless only a perplexity text is given; ``limit`` is a count of
-    documents per task or a fraction (strings as typed on the command line are parsed).
-    """
-
-    tasks: tuple[str, ...] | None = None
-    include_path: str | None = None
-    num_fewshot: int | None = None
-    limit: int | float | str | None = None
-    seed: int = 1234
-    bootstrap_iters: int = DEFAULT_BOOTSTRAP
-    ppl_text: str | None = None
-    ppl_dataset: str | None = None
-    ppl_dataset_config: str | None = None
-    ppl_split: str | None = None
-    ppl_field: str = "text"
-    ppl_max_tokens: int = 65_536
-    seq_len: int | None = None
     layers: str = "all"
-    angular: bool = True
-    margin: str | None = None
-    batch_size: int = 8
-    engine: str = "fast"
-    batch_tokens: int | None = None
-    fresh: bool = False
-    samples: bool = True
-
-    def __post_init__(self) -> None:
-        if self.ppl_text is not None and self.ppl_dataset is not None:
-            raise UserError("give --ppl-text or --ppl-dataset, not both")
-        names = self.tasks if self.tasks is not None else (() if self.wants_ppl else ("mmlu",))
-        if isinstance(names, str):
-            names = tuple(names.split(","))
-        object.__setattr__(self, "tasks", tuple(t.strip() for t in names if t.strip()))
-        object.__setattr__(self, "limit", parse_limit(self.limit))
-        check_num_fewshot(self.num_fewshot)
-        check_batch_size(self.batch_size)
-        if self.engine not in ENGINES:
-            raise UserError(f"--engine must be fast or naive, not {self.engine!r}")
-        if self.batch_tokens is not None and self.batch_tokens < 1:
-            raise UserError(f"--batch-tokens must be positive, not {self.batch_tokens}")
-        if self.ppl_max_tokens < 1:
-            raise UserError(f"--ppl-max-tokens must be positive, not {self.ppl_max_tokens}")
-        if not self.tasks and not self.wants_ppl:
-            raise UserError(NOTHING_TO_SCORE)
-        Margins.parse(self.margin)  # a malformed --margin fails here, before any output
-
-    @property
-    def margins(self) -> Margins:
-        return Margins.parse(self.margin)
-
-    @property
-    def wants_ppl(self) -> bool:
-        return self.ppl_text is not None or self.ppl_dataset is not None
-
-    def load_tasks(self) -> TaskSet | None:
-        """The lm-eval tasks, loaded and checked (a command does it before loading the model,
-        so a typo in a task name fails in seconds)."""
-        return load_tasks(list(self.tasks), self.include_path, self.num_fewshot) if self.tasks else None
-
-    def load_text(self) -> TextSource | None:
-        """The perplexity text, if one is asked for."""
-        if self.ppl_text is not None:
-            return from_file(self.ppl_text, self.ppl_field)
-        if self.ppl_dataset is not None:
-            return from_dataset(self.ppl_dataset, self.ppl_dataset_config, self.ppl_split or "test", self.ppl_field)
-        return None
-
-    def load_inputs(self) -> PruneInputs:
-        """Tasks and perplexity text together (:meth:`load_tasks`, :meth:`load_text`)."""
-        return PruneInputs(self.load_tasks(), self.load_text())
-
-
-@dataclass
-class PruneInputs:
-    """What a sweep scores on: lm-eval tasks and/or a perplexity text."""
-
-    tasks: TaskSet | None = None
-    ppl_text: TextSource | None = None
-
-    def __post_init__(self) -> None:
-        if self.tasks is None and self.ppl_text is None:
-            raise UserError(NOTHING_TO_SCORE)
 
 
 @dataclass
@@ -146,15 +62,32 @@ class PruneRun:
     folder: Path
     margins: Margins
 
+    def write(self) -> RunFiles:
+        """prune.csv (tidy), prune_wide.csv (a row per variant) and meta.json, into the run's folder."""
+        return write_tables(self.folder, {"prune.csv": self.frame,
+                                          "prune_wide.csv": wide_frame(self.frame, self.tasks)}, self.meta)
 
-def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: PruneInputs | None = None,
+
+def wide_frame(frame: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """One row per variant, ``task/metric`` value, stderr, Δ and dead columns, for spreadsheets."""
+    wide = frame.drop_duplicates("variant")[["variant", "removed_layer", "angular_distance"]].reset_index(drop=True)
+    sel = frame[frame["task"].isin(tasks)]
+    for (task, metric), part in sel.groupby(["task", "metric"], sort=False):
+        part = part.set_index("variant")
+        for column, suffix in (("value", ""), ("stderr", "_stderr"), ("delta", "_delta"),
+                               ("delta_stderr", "_delta_stderr"), ("verdict", "_verdict"), ("dead", "_dead")):
+            wide[f"{task}/{metric}{suffix}"] = wide["variant"].map(part[column])
+    return wide
+
+
+def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: ScoringInputs | None = None,
         layers_path: str | None = None, progress: Progress = SILENT, timer: Timer | None = None,
         angular_text: TextSource | None = None, angular_frame: pd.DataFrame | None = None,
         on_update: Callable[[PruneRun], None] | None = None) -> PruneRun:
     """Sweep ``loaded`` into the folder ``out`` (resuming what is there) and return the results.
 
     ``on_update`` sees the results so far after every finished variant (the command line
-    rewrites its CSVs). Ctrl-C raises :class:`~lnsdiag.errors.Interrupted` saying what is saved.
+    writes them: ``partial.write()``). Ctrl-C raises :class:`~lnsdiag.errors.Interrupted` saying what is saved.
     """
 
     timer = timer or Timer()
@@ -164,7 +97,7 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
     stack = find_layers(model, layers_path)
     selected = Removal.each(parse_layer_spec(config.layers, len(stack)))
     scoring = prepare_scoring(loaded, config, inputs, stack, progress)
-    scorers, windows, settings = scoring.scorers, scoring.windows, scoring.settings
+    scorers, settings = scoring.scorers, scoring.settings
     store = ResultStore(folder, settings, fresh=config.fresh, outputs=OUTPUTS, samples=config.samples)
     done = store.done()
     todo = plan_variants(selected, done)
@@ -174,11 +107,11 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
         progress.note(f"all {len(selected) + 1} variants are already in {folder} (use --fresh to redo them)")
 
     if config.angular and angular_frame is None:
-        angular_frame = _angular_column(loaded, folder, stack, angular_text, windows, settings, config, progress,
-                                        timer)
-    shown = [t for scorer in scorers for t in scorer.tasks]
-    meta_fields = {"settings": settings, "tasks": inputs.tasks.describe() if inputs.tasks else None,
-                   "ppl_text": inputs.ppl_text.name if inputs.ppl_text else None, "layer_stack": stack.path,
+        with timer("angular"):
+            angular_frame = cached_angular(loaded, stack, scoring, AngularCache(folder, "layers", settings),
+                                           text=angular_text, batch_size=config.batch_size, progress=progress)
+    shown = scoring.tasks
+    meta_fields = {"settings": settings, **inputs.describe(), "layer_stack": stack.path,
                    "num_layers": len(stack), "layers": [s.first for s in selected], "margins": config.margins.as_json(),
                    "dead_rule": rule_text(config.margins), "multiplicity": MULTIPLICITY,
                    "bootstrap": {"resamples": min(max(config.bootstrap_iters, BOOTSTRAP_FLOOR), BOOTSTRAP_CAP),
@@ -222,55 +155,3 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Pr
             progress.note(f"generation tasks ({', '.join(outcome.stats['naive_tasks'])}) were scored by the naive "
                           "engine: they need the model to generate, not just log-likelihoods")
     return current()
-
-
-@dataclass
-class Scoring:
-    """What every variant is scored with, and the settings that make two runs' numbers comparable."""
-
-    scorers: list[Scorer]
-    windows: TokenWindows | None
-    settings: dict[str, Any]
-
-
-def prepare_scoring(loaded: LoadedModel, config: PruneConfig, inputs: PruneInputs, stack: Any,
-                    progress: Progress = SILENT) -> Scoring:
-    """The registered scorers this sweep asks for, and its fingerprint: the run's own settings
-    followed by each scorer's ``settings()``. Shared by ``prune`` and ``shrink``."""
-    setup = ScoringSetup(loaded, inputs.tasks, inputs.ppl_text, limit=config.limit, seed=config.seed,
-                         bootstrap_iters=config.bootstrap_iters, batch_size=config.batch_size, seq_len=config.seq_len,
-                         max_tokens=config.ppl_max_tokens, note=progress.note)
-    scorers = build_scorers(setup)
-    settings: dict[str, Any] = {
-        "model": loaded.source, "revision": loaded.revision, "weights": loaded.weights_identity(),
-        "dtype": str(loaded.dtype).replace("torch.", ""), "limit": config.limit, "seed": config.seed,
-        "bootstrap_iters": config.bootstrap_iters, "layers_path": stack.path, "softmax_dtype": "float32"}
-    for scorer in scorers:
-        settings.update(scorer.settings())
-    windows = next((w for w in (s.token_windows() for s in scorers) if w is not None), None)
-    return Scoring(scorers, windows, settings)
-
-
-def _angular_column(loaded: LoadedModel, folder: Path, stack: Any, text: TextSource | None,
-                    windows: TokenWindows | None, settings: dict[str, Any], config: PruneConfig, progress: Progress,
-                    timer: Timer) -> pd.DataFrame:
-    """Angular distances for the table's last column, on ``text`` if given, else on the perplexity
-    windows, else on the default text; reused from a previous run of the same sweep."""
-    from ..measure.angular import AngularConfig, angular_on_windows
-    from ..measure.stream import default_seq_len
-
-    path, stamp = folder / "angular.csv", folder / "angular_settings.json"
-    if path.is_file() and stamp.is_file() and read_json(stamp) == settings:
-        return pd.read_csv(path)
-    if text is not None or windows is None:
-        text = text or resolve_text(note=progress.note)
-        seq_len = default_seq_len(loaded.model, settings.get("seq_len"))
-        windows = TokenWindows.of(loaded.tokenizer, text.texts, seq_len=seq_len,
-                                  max_tokens=settings.get("ppl_max_tokens") or 65_536, name=text.name)
-    with timer("angular"):
-        result = angular_on_windows(loaded.model, windows, AngularConfig(max_block=1, batch_size=config.batch_size),
-                                    stack=stack, progress=progress)
-    if is_main():  # every rank has the result; one writes it
-        write_csv(path, result.layers)
-        write_json(stamp, settings)
-    return result.layers

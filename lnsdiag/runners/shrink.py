@@ -36,23 +36,24 @@ import pandas as pd
 
 from ..checkpoint.card import model_card
 from ..checkpoint.save import SavedCheckpoint, save_without_layers
-from ..data.text import TextSource, resolve_text
-from ..data.windows import TokenWindows
+from ..data.text import TextSource
 from ..distributed import on_main
 from ..engine.naive import run_naive
 from ..engine.sweep import run_fast
-from ..errors import Interrupted, UserError
+from ..errors import Interrupted, OptionError, UserError
 from ..interventions.removal import removed_layers
 from ..interventions.units import Removal
-from ..measure.angular import AngularConfig, AngularResult, angular_on_windows
-from ..measure.stream import default_seq_len
+from ..measure.angular import AngularResult
 from ..model.load import LoadedModel
 from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
+from ..results.files import RunFiles, write_tables
 from ..results.store import ResultStore, VariantResult
 from ..results.verdict import headline_metrics, prune_frame, rule_text
-from ..runs import Timer, atomic_write, read_json, run_record, write_csv, write_json
-from .prune import PruneConfig, PruneInputs, Scoring, prepare_scoring
+from ..runs import Timer, atomic_write, read_json, run_record
+from .angular_cache import AngularCache, cached_angular
+from .scoring import Scoring, ScoringConfig, ScoringInputs, prepare_scoring
+from .shrink_table import COLUMNS, FULL, tidy_frame, wide_shrink_frame
 from .strategies import (
     GIVEN,
     Evidence,
@@ -65,16 +66,9 @@ from .strategies import (
     registered,
 )
 
-#: The strategy name of the full model's rows.
-FULL = "full"
 #: Files a run writes into its folder (``fresh`` removes them with the stored results).
 OUTPUTS = ("angular_blocks.csv", "angular_settings.json", "shrink.csv", "shrink_wide.csv", "shrink.tex",
            "shrink.png", "shrink.pdf", "meta.json")
-#: Columns of the tidy table, in order.
-COLUMNS = ["strategy", "n_removed", "removed_layers", "task", "metric", "value", "stderr", "baseline",
-           "baseline_stderr", "delta", "delta_stderr", "paired", "ci90_low", "ci90_high", "ci95_low", "ci95_high",
-           "margin", "p_value", "p_holm", "verdict", "retention", "chance", "higher_is_better", "group", "samples",
-           "selection"]
 
 
 def parse_strategies(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -95,7 +89,7 @@ class ShrinkConfig:
     """Everything ``lnsdiag shrink`` can be told, checked when built (the layer count is checked
     against the model by :meth:`check_model`).
 
-    ``scoring`` holds what ``prune`` is told (tasks, perplexity text, margin, engine, ...).
+    ``scoring`` holds the options ``prune`` shares (tasks, perplexity text, margin, engine, ...).
     ``rank_by`` (``"task/metric"``) is what ``sweep`` and ``greedy`` minimise the harm on
     [default: the first task's main metric, else perplexity].
     """
@@ -104,11 +98,11 @@ class ShrinkConfig:
     strategies: tuple[str, ...] | str | None = None
     layers: Removal | Sequence[int] | str | None = None
     rank_by: str | None = None
-    scoring: PruneConfig = field(default_factory=PruneConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
     def __post_init__(self) -> None:
         if self.layers is not None and self.strategies is not None:
-            raise UserError("give --layers or --strategy, not both: --layers scores that one set as it is")
+            raise OptionError("give {layers} or {strategies}, not both: {layers} scores that one set as it is")
         if self.layers is not None:
             layers = Removal.parse(self.layers)
             object.__setattr__(self, "layers", layers)
@@ -117,11 +111,12 @@ class ShrinkConfig:
         else:
             object.__setattr__(self, "strategies", parse_strategies(self.strategies))
             if not isinstance(self.remove, int) or self.remove < 1:
-                raise UserError(f"--remove must be at least 1, not {self.remove}")
+                raise OptionError("{remove} must be at least 1, not {value}", value=self.remove)
         if self.rank_by is not None and "/" not in self.rank_by:
-            raise UserError(f"--rank-by must be TASK/METRIC (e.g. arc_easy/acc or ppl/ppl), not {self.rank_by!r}")
+            raise OptionError("{rank_by} must be TASK/METRIC (e.g. arc_easy/acc or ppl/ppl), not {value!r}",
+                              value=self.rank_by)
         if any(Need.ANGULAR in s.needs for s in self.chosen()) and not self.scoring.angular:
-            raise UserError(f"{_needing_angular()} angular distances: drop --no-angular")
+            raise OptionError("{needing} angular distances: turn {angular} on", needing=_needing_angular())
 
     def chosen(self) -> list[Strategy]:
         """The registered strategies to run, in registry order (none for an explicit set)."""
@@ -130,12 +125,13 @@ class ShrinkConfig:
     def check_model(self, num_layers: int) -> None:
         """The removal must leave at least one layer and name real ones."""
         if self.remove >= num_layers:
-            raise UserError(f"--remove {self.remove} leaves no layer: the model has {num_layers} "
-                            f"(remove at most {num_layers - 1})")
+            raise OptionError("{remove} {value} leaves no layer: the model has {count} (remove at most {most})",
+                              value=self.remove, count=num_layers, most=num_layers - 1)
         if self.layers is not None:
             bad = [i for i in self.layers.blocks if not 0 <= i < num_layers]
             if bad:
-                raise UserError(f"--layers {bad[0]} is out of range: the model has layers 0-{num_layers - 1}")
+                raise OptionError("{layers} {value} is out of range: the model has layers 0-{last}", value=bad[0],
+                                  last=num_layers - 1)
 
 
 def _needing_angular() -> str:
@@ -155,6 +151,11 @@ class ShrinkRun:
     meta: dict[str, Any]
     folder: Path
     rank_by: tuple[str, str]
+
+    def write(self) -> RunFiles:
+        """shrink.csv (tidy), shrink_wide.csv (a row per strategy and n) and meta.json, into the run's folder."""
+        return write_tables(self.folder, {"shrink.csv": tidy_frame(self.frame),
+                                          "shrink_wide.csv": wide_shrink_frame(self.frame, self.tasks)}, self.meta)
 
     def best(self, n: int | None = None) -> Pick:
         """The pick with the best value on the ranking metric for n removed (default: the largest n)."""
@@ -185,7 +186,7 @@ def _rank_metric(config: ShrinkConfig, baseline: VariantResult, tasks: list[str]
     frame = pd.DataFrame([{"task": r.task, "metric": r.metric} for r in baseline.rows])
     heads = headline_metrics(frame, tasks)
     if not heads:
-        raise UserError("nothing to rank layers by: give --rank-by TASK/METRIC")
+        raise OptionError("nothing to rank layers by: give {rank_by} TASK/METRIC")
     return heads[0]
 
 
@@ -236,7 +237,7 @@ class _Scorer:
         return {s: done[s] for s in wanted}
 
 
-def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: PruneInputs | None = None,
+def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: ScoringInputs | None = None,
         layers_path: str | None = None, progress: Progress = SILENT, timer: Timer | None = None,
         angular_text: TextSource | None = None, angular: AngularResult | None = None,
         reuse: str | Path | None = None) -> ShrinkRun:
@@ -264,10 +265,10 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: P
     scorer = _Scorer(loaded, stack, scoring, store, config, progress)
     if scorer.done():
         progress.note(f"resuming: {len(scorer.done())} removal set(s) already scored in {folder}")
-    tasks = [t for s in scoring.scorers for t in s.tasks]
+    tasks = scoring.tasks
     if config.rank_by is not None and config.rank_by.split("/", 1)[0] not in tasks:
-        raise UserError(f"--rank-by {config.rank_by}: {config.rank_by.split('/', 1)[0]!r} is not scored in this run "
-                        f"(scored: {', '.join(tasks)})")
+        raise OptionError("{rank_by} {value}: {task!r} is not scored in this run (scored: {scored})",
+                          value=config.rank_by, task=config.rank_by.split("/", 1)[0], scored=", ".join(tasks))
     N = config.remove
     try:
         with timer("scoring"):
@@ -288,8 +289,7 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: P
                                         "removed_layers": list(p.removal.blocks),
                                         "selection": None if math.isnan(p.selection) else p.selection}
                                        for p in picks],
-        tasks=inputs.tasks.describe() if inputs.tasks else None,
-        ppl_text=inputs.ppl_text.name if inputs.ppl_text else None, layer_stack=stack.path, num_layers=L,
+        **inputs.describe(), layer_stack=stack.path, num_layers=L,
         margins=scoring_config.margins.as_json(), dead_rule=rule_text(scoring_config.margins, "removal set",
                                                                   "distinct removal sets of the run"),
         multiplicity=("hurts/helps: Holm-adjusted p-values over the distinct removal sets of this run, per (task, "
@@ -334,15 +334,21 @@ def _angular_evidence(angular: AngularResult | None, loaded: LoadedModel, folder
         return _angular(loaded, folder, stack, text, scoring, config, progress)
 
 
+def check_reuse(reuse: str | Path) -> Path:
+    """``reuse`` if it is a result folder (it holds settings.json): checked before any slow work."""
+    source = Path(reuse)
+    if not (source / "settings.json").is_file():
+        raise OptionError("{reuse} {value}: not a prune or shrink folder (no settings.json)", value=source)
+    return source
+
+
 def _reuse(source: Path, store: ResultStore) -> int:
     """Copy the stored results of another run of the same settings into ``store``; how many."""
-    settings = source / "settings.json"
-    if not settings.is_file():
-        raise UserError(f"--reuse {source}: not a prune or shrink folder (no settings.json)")
-    differ = store.differing(read_json(settings))
+    check_reuse(source)
+    differ = store.differing(read_json(source / "settings.json"))
     if differ:
-        raise UserError(f"--reuse {source}: made with other settings ({', '.join(differ[:3])}); its results would "
-                        "not be comparable")
+        raise OptionError("{reuse} {value}: made with other settings ({differ}); its results would not be comparable",
+                          value=source, differ=", ".join(differ[:3]))
     copied = 0
     for path in sorted((source / "variants").glob("*.json")):
         target = store.variants / path.name
@@ -357,31 +363,14 @@ def _angular(loaded: LoadedModel, folder: Path, stack: LayerStack, text: TextSou
     """Per-block angular distances d(x_l, x_{l+n}) for n ≤ N and per-layer Block Influence, on
     ``text`` if given, else on the perplexity windows, else on the default text; reused from a
     previous run of the same settings."""
-    path, stamp = folder / "angular_blocks.csv", folder / "angular_settings.json"
-    wanted = {**scoring.settings, "max_block": config.remove, "text": text.name if text is not None else None}
-    if on_main(lambda: path.is_file() and stamp.is_file() and read_json(stamp) == wanted):
-        blocks = pd.read_csv(path)
-    else:
-        windows = scoring.windows
-        if text is not None or windows is None:
-            text = text or resolve_text(note=progress.note)
-            seq_len = default_seq_len(loaded.model, scoring.settings.get("seq_len"))
-            windows = TokenWindows.of(loaded.tokenizer, text.texts, seq_len=seq_len,
-                                      max_tokens=scoring.settings.get("ppl_max_tokens") or 65_536, name=text.name)
-        result = angular_on_windows(loaded.model, windows,
-                                    AngularConfig(max_block=config.remove, batch_size=config.scoring.batch_size),
-                                    stack=stack, progress=progress)
-        def write() -> None:
-            write_csv(path, result.blocks)
-            write_json(stamp, wanted)
-
-        on_main(write)  # every rank measured the same sums (gathered); one writes them
-        blocks = pd.read_csv(path)  # as a resumed run will read them: the same picks, digit for digit
+    stamp = {**scoring.settings, "max_block": config.remove, "text": text.name if text is not None else None}
+    blocks = cached_angular(loaded, stack, scoring, AngularCache(folder, "blocks", stamp, max_block=config.remove),
+                            text=text, batch_size=config.scoring.batch_size, progress=progress)
     ones = blocks[blocks["block_size"] == 1].rename(columns={"start_layer": "layer"})
     return blocks, ones[["layer", "angular_distance", "block_influence"]].reset_index(drop=True)
 
 
-def shrink_frame(results: dict[Removal, VariantResult], picks: Sequence[Pick], config: PruneConfig,
+def shrink_frame(results: dict[Removal, VariantResult], picks: Sequence[Pick], config: ScoringConfig,
                  rank: tuple[str, str] | None = None) -> pd.DataFrame:
     """One row per (strategy, n, task, metric): ``prune``'s paired comparison of each pick with
     the full model (value, Δ, intervals, verdict, retention), Holm-adjusted over the distinct
@@ -406,16 +395,17 @@ def _tagged(part: pd.DataFrame, strategy: str, n: int, removal: Removal, selecti
 
 # --- the smaller model as a checkpoint ------------------------------------------------------
 
-def check_save_target(folder: str | Path, overwrite: bool, config: ShrinkConfig, strategy: str = "best") -> None:
-    """Fail before any work when ``--save`` could not be honoured."""
-    folder = Path(folder)
+def check_save_target(save: str | Path, overwrite: bool, config: ShrinkConfig, save_strategy: str = "best") -> None:
+    """Fail before any work when :func:`save_pick` could not write ``save`` with ``save_strategy``'s pick."""
+    folder = Path(save)
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"--save {folder} is a file, not a folder")
+        raise OptionError("{save} {value} is a file, not a folder", value=folder)
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise UserError(f"--save {folder} is not empty: give --overwrite to replace it, or another folder")
-    if strategy != "best" and strategy not in config.strategies:
-        raise UserError(f"--save-strategy {strategy!r} is not among the strategies run "
-                        f"({', '.join(config.strategies)}; or best)")
+        raise OptionError("{save} {value} is not empty: give {overwrite} to replace it, or another folder",
+                          value=folder)
+    if save_strategy != "best" and save_strategy not in config.strategies:
+        raise OptionError("{save_strategy} {value!r} is not among the strategies run ({run}; or best)",
+                          value=save_strategy, run=", ".join(config.strategies))
 
 
 def save_pick(run: ShrinkRun, loaded: LoadedModel, folder: str | Path, *, strategy: str = "best",

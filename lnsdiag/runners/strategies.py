@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from ..errors import UserError
+from ..errors import OptionError
 from ..interventions.units import Removal
 
 if TYPE_CHECKING:
@@ -135,8 +135,8 @@ def harm(result: VariantResult, task: str, metric: str) -> float:
     for row in result.rows:
         if row.task == task and row.metric == metric:
             return -row.value if row.higher_is_better else row.value
-    raise UserError(f"--rank-by {task}/{metric}: no such metric in the results (have: "
-                    f"{', '.join(sorted({f'{r.task}/{r.metric}' for r in result.rows}))})")
+    raise OptionError("{rank_by} {task}/{metric}: no such metric in the results (have: {have})", task=task,
+                      metric=metric, have=", ".join(sorted({f"{r.task}/{r.metric}" for r in result.rows})))
 
 
 # --- the strategies ---------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def registered(name: str) -> Strategy:
     for s in STRATEGIES:
         if s.name == name:
             return s
-    raise UserError(f"unknown --strategy {name!r} (use {', '.join(names())} or all)")
+    raise OptionError("unknown {strategies} {value!r} (use {names} or all)", value=name, names=", ".join(names()))
 
 
 def output_order() -> tuple[str, ...]:
