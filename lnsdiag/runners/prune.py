@@ -256,8 +256,8 @@ def _angular_column(loaded: LoadedModel, folder: Path, stack: Any, text: TextSou
                     timer: Timer) -> pd.DataFrame:
     """Angular distances for the table's last column, on ``text`` if given, else on the perplexity
     windows, else on the default text; reused from a previous run of the same sweep."""
+    from ..data.windows import default_seq_len
     from ..measure.angular import AngularConfig, angular_on_windows
-    from ..measure.stream import default_seq_len
 
     path, stamp = folder / "angular.csv", folder / "angular_settings.json"
     if path.is_file() and stamp.is_file() and read_json(stamp) == settings:

@@ -37,7 +37,7 @@ import pandas as pd
 from ..checkpoint.card import model_card
 from ..checkpoint.save import SavedCheckpoint, save_without_layers
 from ..data.text import TextSource, resolve_text
-from ..data.windows import TokenWindows
+from ..data.windows import TokenWindows, default_seq_len
 from ..distributed import on_main
 from ..engine.naive import run_naive
 from ..engine.sweep import run_fast
@@ -45,7 +45,6 @@ from ..engine.variants import removal_set
 from ..errors import Interrupted, UserError
 from ..interventions.removal import removed_layers
 from ..measure.angular import AngularConfig, AngularResult, angular_on_windows
-from ..measure.stream import default_seq_len
 from ..model.load import LoadedModel
 from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
