@@ -185,7 +185,7 @@ def test_demo_trains_caches_and_diagnoses(tmp_path):
 @pytest.mark.retrain
 def test_retrained_demo_models_match_the_shipped_ones(tmp_path, capsys):
     """The shipped weights are what the recipe gives: retrain both from scratch and measure both
-    (about 10 minutes on 2 cores; LNSDIAG_SLOW=1). Same as ``python -m lnsdiag.demo.model compare``."""
+    (about 10 minutes on 2 cores; LNSDIAG_SLOW=1). Same as ``python -m lnsdiag.demo compare``."""
     comparison = demo.compare_with_shipped()
     (tmp_path / "comparison.json").write_text(json.dumps(comparison, indent=2, default=str))
     with capsys.disabled():

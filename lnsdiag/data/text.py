@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import UserError
+from ..model.load import hub_offline
 from ..runs import atomic_write, cache_dir
 
 DEFAULT_DATASET = ("wikitext", "wikitext-2-raw-v1", "test")
@@ -112,8 +113,6 @@ def resolve_text(
         return from_file(text_file, field)
     if dataset is not None:
         return from_dataset(dataset, dataset_config, split or "test", field)
-    from ..model.load import hub_offline
-
     name, config, default_split = DEFAULT_DATASET
     try:
         if hub_offline() and not _dataset_cached(name):

@@ -83,6 +83,23 @@ def _encode(tokenizer: Any, docs: list[str], continued: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def default_seq_len(model: torch.nn.Module, wanted: int | None = None, cap: int = 2048) -> int:
+    """``wanted``, else the model's context length capped at ``cap`` (2048, as in the paper)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or cap
+    if wanted is None:
+        return min(cap, int(limit))
+    check_seq_len(wanted)
+    if wanted > limit:
+        raise UserError(f"--seq-len {wanted} exceeds the model's context length ({limit})")
+    return wanted
+
+
+def check_seq_len(seq_len: int) -> None:
+    """A window needs a token of context and one to measure or predict."""
+    if seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2, not {seq_len}")
+
+
 def check_batch_size(batch_size: int) -> int:
     """``--batch-size``: sequences per forward pass, at least 1."""
     if batch_size < 1:

@@ -6,20 +6,17 @@ runs the diagnostics on its own model, through the same functions and the same l
 
 Training it takes minutes on a CPU, so the default model and its LNS twin ship with the
 package (``weights/``: float16 weights, tokenizer, config, training record and a SHA-256
-manifest), written by ``python -m lnsdiag.demo.model export`` from this very recipe. They are
+manifest), written by ``python -m lnsdiag.demo export`` from this very recipe. They are
 checked and copied into the cache as float32; ``lnsdiag demo --retrain`` trains them from
-scratch instead, and ``python -m lnsdiag.demo.model compare`` shows the two agree.
+scratch instead, and ``python -m lnsdiag.demo compare`` shows the two agree.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 import platform
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,6 +27,7 @@ import torch
 from ..data.text import TextSource, stdlib_corpus
 from ..data.windows import special_tokens_around
 from ..errors import UserError
+from ..interventions import lns, postln
 from ..progress import SILENT, Progress
 from ..runs import cache_dir, write_json
 from .training import TrainLog, train_causal_lm
@@ -183,7 +181,7 @@ def _put_in_place(staging: Path, target: Path) -> None:
     staging.rename(target)
 
 
-def _materialise(folder: Path, manifest: dict[str, Any], target: Path) -> dict[str, Any]:
+def materialise(folder: Path, manifest: dict[str, Any], target: Path) -> dict[str, Any]:
     """Copy a verified shipped model into the cache, its float16 weights as float32.
 
     The cache then holds exactly what the shipped weights give (upcasting is exact), in the
@@ -227,8 +225,6 @@ def _check_cached(target: Path, record: dict[str, Any]) -> None:
 
 def prepare_model(model: Any, spec: DemoSpec) -> Any:
     """Give a freshly built model the spec's init and norm placement (before training)."""
-    from ..interventions import lns, postln
-
     if spec.norm not in NORMS:
         raise UserError(f"unknown norm {spec.norm!r} (use {', '.join(NORMS)})")
     lns.initialize(model, spec.init)
@@ -269,7 +265,7 @@ def ensure_demo_model(
         return target, record
     source = shipped_dir(spec, text) if shipped and not fresh else None
     if source is not None:  # a fraction of a second: no progress phase
-        return target, _materialise(source, verify_shipped(source), target)
+        return target, materialise(source, verify_shipped(source), target)
     texts = text.texts if text is not None else stdlib_corpus("train").texts
     corpus = text.name if text is not None else "stdlib-docstrings[train]"
     progress.phase(f"training a tokenizer on {'the stdlib docstrings' if text is None else corpus}")
@@ -352,7 +348,7 @@ def write_shipped(model_dir: Path, dest: Path) -> dict[str, Any]:
             "name": model_dir.name, "spec": record["spec"], "recipe": record["recipe"],
             "stored_dtype": "float16", "dtype": "float32",
             "float16_max_rounding": worst,  # largest |float16 - float32| over each tensor's largest |weight|
-            "command": "python -m lnsdiag.demo.model export",
+            "command": "python -m lnsdiag.demo export",
             "trained_on": {"python": record.get("python"), "corpus": record["corpus"],
                            "corpus_tokens": record["corpus_tokens"], "corpus_digest": record.get("corpus_digest"),
                            "torch": torch.__version__, "transformers": transformers.__version__,
@@ -380,42 +376,3 @@ def export_shipped(spec: DemoSpec | None = None, dest: Path = SHIPPED, *, progre
         written.append(dest / path.name)
         write_shipped(path, written[-1])
     return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lnsdiag.demo.model export|compare``: regenerate the shipped weights, or check them."""
-    parser = argparse.ArgumentParser(prog="python -m lnsdiag.demo.model", description="Regenerate the demo's "
-                                     "shipped weights (export), or retrain them and compare (compare).")
-    sub = parser.add_subparsers(dest="action", required=True)
-    export = sub.add_parser("export", help="train the default Pre-LN and LNS demo models from scratch (minutes) "
-                                           "and write them, float16 with a manifest, into the package")
-    export.add_argument("--dest", type=Path, default=SHIPPED, help="folder to write into [%(default)s]")
-    compare = sub.add_parser("compare", help="retrain both shipped models from scratch in a temporary cache and "
-                                             "measure retrained and shipped models the same way")
-    compare.add_argument("--json", type=Path, help="also write the comparison here")
-    args = parser.parse_args(argv)
-    from ..cli import ui
-
-    with tempfile.TemporaryDirectory(prefix="lnsdiag-demo-") as tmp:
-        os.environ["LNSDIAG_CACHE"] = tmp  # never touch the user's cache; trains from scratch
-        try:
-            with ui.RichProgress() as progress:
-                if args.action == "export":
-                    for folder in export_shipped(dest=args.dest, progress=progress):
-                        size = sum(p.stat().st_size for p in folder.iterdir())
-                        print(f"wrote {folder} ({size / 1e6:.1f} MB)", file=sys.stderr)
-                    return 0
-                from ..runners.demo import compare_with_shipped, comparison_lines
-
-                comparison = compare_with_shipped(progress=progress)
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print("\n".join(comparison_lines(comparison)))
-        if args.json:
-            write_json(args.json, comparison)
-        return 0 if comparison["agree"] else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
-from ..data.windows import TokenWindows, check_batch_size
+from ..data.windows import TokenWindows, check_batch_size, check_seq_len, default_seq_len
 from ..distributed import all_gather, my_share, world
 from ..errors import UserError
 from ..model.patch import patched
@@ -40,23 +40,6 @@ def check_tokens(tokens: str) -> TokenMode:
     if tokens not in TOKEN_MODES:
         raise UserError(f"--tokens must be all or last, not {tokens!r}")
     return tokens  # type: ignore[return-value]
-
-
-def default_seq_len(model: torch.nn.Module, wanted: int | None = None, cap: int = 2048) -> int:
-    """``wanted``, else the model's context length capped at ``cap`` (2048, as in the paper)."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or cap
-    if wanted is None:
-        return min(cap, int(limit))
-    check_seq_len(wanted)
-    if wanted > limit:
-        raise UserError(f"--seq-len {wanted} exceeds the model's context length ({limit})")
-    return wanted
-
-
-def check_seq_len(seq_len: int) -> None:
-    """A window needs a token of context and one to measure or predict."""
-    if seq_len < 2:
-        raise UserError(f"--seq-len must be at least 2, not {seq_len}")
 
 
 @dataclass(frozen=True)

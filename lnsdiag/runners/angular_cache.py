@@ -16,10 +16,9 @@ from typing import Any, Literal
 import pandas as pd
 
 from ..data.text import TextSource, resolve_text
-from ..data.windows import TokenWindows
+from ..data.windows import TokenWindows, default_seq_len
 from ..distributed import on_main
 from ..measure.angular import AngularConfig, angular_on_windows
-from ..measure.stream import default_seq_len
 from ..model.load import LoadedModel
 from ..model.structure import LayerStack
 from ..progress import SILENT, Progress

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
+from ..model.load import model_slug
 from ..runs import Timer, run_record
 
 #: File, and the per-layer metrics compare takes from it.
@@ -267,8 +268,6 @@ class CompareRun:
     @property
     def slug(self) -> str:
         """A folder name naming the runs compared (``A-vs-B``)."""
-        from ..model.load import model_slug
-
         return "-vs-".join(model_slug(r.label) for r in self.comparison.runs)[:120] or "runs"
 
 

@@ -19,7 +19,16 @@ from typing import Any
 import pandas as pd
 
 from ..data.text import stdlib_corpus
-from ..demo.model import SHIPPED_NORMS, DemoSpec, demo_dir, ensure_demo_model, shipped_dir
+from ..demo.model import (
+    SHIPPED_NORMS,
+    WEIGHTS,
+    DemoSpec,
+    demo_dir,
+    ensure_demo_model,
+    materialise,
+    shipped_dir,
+    verify_shipped,
+)
 from ..errors import UserError
 from ..measure import angular
 from ..model.load import load_model, pick_device
@@ -167,16 +176,14 @@ def compare_with_shipped(*, eval_tokens: int = DEMO_TOKENS, device: str = "cpu",
     import torch
     from safetensors.torch import load_file
 
-    from ..demo.model import WEIGHTS, _materialise, verify_shipped
-
     spec = DemoSpec()
     shipped: dict[str, Any] = {}
     for norm in SHIPPED_NORMS:  # the shipped weights, whatever the cache holds
         twin = spec.with_(norm=norm)
         folder = shipped_dir(twin)
         if folder is None:
-            raise UserError(f"no shipped weights for {twin.name}: run `python -m lnsdiag.demo.model export` first")
-        _materialise(folder, verify_shipped(folder), demo_dir(twin))
+            raise UserError(f"no shipped weights for {twin.name}: run `python -m lnsdiag.demo export` first")
+        materialise(folder, verify_shipped(folder), demo_dir(twin))
         shipped[norm] = load_file(folder / WEIGHTS)
     measure = {"eval_tokens": eval_tokens, "batch_size": DEMO_BATCH, "device": device, "progress": progress}
     before = reproduce.reproduce(spec, SHIPPED_NORMS, fresh=False, **measure)

@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..interventions.lns import check_init
 from ..measure.angular import AngularConfig, AngularResult, angular_on_windows
 from ..measure.variance import VarianceResult, variance_on_windows
+from ..model.load import load_model
 from ..model.placement import norm_placement
 from ..model.structure import find_layers
 from ..progress import SILENT, Labelled, Progress
@@ -261,8 +262,6 @@ class Measured:
 def _measure_twins(config: ReproduceConfig, *, text: TextSource | None, eval_text: TextSource | None,
                    device: str | torch.device, fresh: bool | Collection[str], progress: Progress,
                    measured: Mapping[str, Measured] | None = None) -> ReproduceResult:
-    from ..model.load import load_model
-
     spec, measuring = config.spec, config.measuring()
     train_text, held = eval_text_for(text, eval_text, config.held_out)
     runs: list[TwinRun] = []

@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.windows import TokenWindows
-from ..measure.stream import default_seq_len
+from ..data.windows import TokenWindows, default_seq_len
 from ..model.structure import no_cache_kwargs
 from ..progress import SILENT, Progress
 from .base import MetricRow, PairedUnits, Scorer, Scores, TokenRequest, paired_units
