@@ -12,8 +12,9 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,21 @@ def run_record(command: str, *, model: dict[str, Any] | None = None, **fields: A
         **fields,
         "versions": versions(),
     }
+
+
+@dataclass
+class RunFiles:
+    """What a result wrote: its tables and its records, each list in the order written."""
+
+    tables: list[Path]
+    records: list[Path]
+
+    def around(self, presented: Sequence[Path]) -> list[Path]:
+        """Every file in the order a command lists them: the tables, ``presented``, the records."""
+        return [*self.tables, *presented, *self.records]
+
+
+def write_tables(folder: Path, tables: Mapping[str, Any], meta: dict[str, Any]) -> RunFiles:
+    """Each table as ``folder/name`` (CSV, atomically), then ``meta.json``: the usual run's files."""
+    written = [write_csv(folder / name, frame) for name, frame in tables.items()]
+    return RunFiles(written, [write_json(folder / "meta.json", meta)])

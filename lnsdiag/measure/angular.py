@@ -23,8 +23,7 @@ from ..data.windows import TokenWindows
 from ..errors import UserError
 from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
-from ..results.files import RunFiles, write_tables
-from ..runs import Timer
+from ..runs import RunFiles, Timer, write_tables
 from .stream import MeasureRun, StreamConfig, TokenMode, check_tokens, measure_batches, measure_text, stream_states
 
 if TYPE_CHECKING:

@@ -25,6 +25,7 @@ from .. import stats
 from ..errors import UserError
 from ..interventions.units import Removal
 from ..scoring.base import MetricRow, PairedUnits, main_metric
+from ..scoring.lmeval.aggregate import aggregation_function
 from .store import VariantResult
 
 #: Metrics judged on the ratio variant/baseline (a relative margin), not on an absolute scale.
@@ -215,8 +216,6 @@ def compare(baseline: VariantResult, variant: VariantResult, row: MetricRow, ref
         b_pairs, v_pairs = stats.binary_pairs(base_items), stats.binary_pairs(var_items)
         if b_pairs is not None and v_pairs is not None:
             return _from_bootstrap(stats.paired_bootstrap_confusion(b_pairs, v_pairs, aggregation, iters, seed))
-    from ..scoring.lmeval.aggregate import aggregation_function
-
     function = aggregation_function(aggregation) if aggregation else None
     if function is None:
         return _unpaired(row, ref)

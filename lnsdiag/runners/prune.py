@@ -29,10 +29,9 @@ from ..model.load import LoadedModel
 from ..model.placement import norm_placement
 from ..model.structure import find_layers, parse_layer_spec
 from ..progress import SILENT, Progress
-from ..results.files import RunFiles, write_tables
 from ..results.store import ResultStore, VariantResult, plan_variants
 from ..results.verdict import BOOTSTRAP_CAP, BOOTSTRAP_FLOOR, PYTHON_CAP, Margins, prune_frame, rule_text
-from ..runs import Timer, run_record
+from ..runs import RunFiles, Timer, run_record, write_tables
 from .angular_cache import AngularCache, cached_angular
 from .scoring import ScoringConfig, ScoringInputs, prepare_scoring
 

@@ -47,10 +47,9 @@ from ..measure.angular import AngularResult
 from ..model.load import LoadedModel
 from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
-from ..results.files import RunFiles, write_tables
 from ..results.store import ResultStore, VariantResult
 from ..results.verdict import headline_metrics, prune_frame, rule_text
-from ..runs import Timer, atomic_write, read_json, run_record
+from ..runs import RunFiles, Timer, atomic_write, read_json, run_record, write_tables
 from .angular_cache import AngularCache, cached_angular
 from .scoring import Scoring, ScoringConfig, ScoringInputs, prepare_scoring
 from .shrink_table import COLUMNS, FULL, tidy_frame, wide_shrink_frame
