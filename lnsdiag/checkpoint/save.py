@@ -4,7 +4,8 @@
 safetensors shards under their new names (tied aliases left out, as ``save_pretrained`` does),
 beside the config :mod:`.reference` reduces, the tokenizer, and the model card and provenance
 record of :mod:`.card`. Everything is written into a hidden staging folder renamed into place at
-the end, so a failure leaves nothing half-written.
+the end, so a failure leaves nothing half-written; a staging folder a killed process left
+behind is removed by the next save into the same parent folder.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..interventions.lns import has_lns_hooks, is_lns
 from ..model.load import LoadedModel
 from ..model.structure import LayerStack, find_layers, parse_layer_spec
+from ..runs import file_mode, remove_stale_staging, staging_folder, unmark
 from .card import PROVENANCE_FILE, model_card, provenance_record, recorded_norm_scheme
 from .reference import config_without
 
@@ -319,9 +320,11 @@ def _as_saved(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file, with the user's umask (safetensors writes it ``-rw-------``)."""
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, file_mode())
 
 
 def _write_weights(model: nn.Module, stack: LayerStack, keep: list[int], folder: Path, max_bytes: int,
@@ -366,11 +369,13 @@ def _write_weights(model: nn.Module, stack: LayerStack, keep: list[int], folder:
 
 @contextmanager
 def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
-    """A hidden temporary sibling of ``target`` to write into, renamed into place on success and
-    removed on any exception (Ctrl-C included). Replacing an old folder renames it aside first and
-    deletes it only once the new one is in place."""
+    """A hidden sibling of ``target`` to write into (the user's umask, marked as this process's),
+    renamed into place on success and removed on any exception (Ctrl-C included). What an
+    earlier process killed mid-save left beside it is removed first. Replacing an old folder
+    moves it into a marked sibling first and deletes it only once the new one is in place."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_staging(target.parent)
+    tmp = staging_folder(target.parent, target.name)
     try:
         yield tmp
         for path in tmp.iterdir():  # on disk before the rename makes them visible
@@ -378,18 +383,26 @@ def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
                 with open(path, "rb") as fh:
                     os.fsync(fh.fileno())
         _check_target(target, overwrite)  # nobody filled it meanwhile
-        old = None
-        if target.exists():
-            old = target.parent / f"{tmp.name.removesuffix('.tmp')}.old"
-            os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            if old is not None:
-                os.rename(old, target)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        unmark(tmp)
+        _publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside into a marked folder
+    first (put back should the rename fail) and removed once the new one is in place."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    aside = staging_folder(target.parent, target.name, suffix=".old", replaces=target.name)
+    old = aside / "previous"
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

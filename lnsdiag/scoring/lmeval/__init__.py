@@ -16,6 +16,9 @@ One module per step, in the order a run uses them:
   answers into lm-eval's results dict with the tasks' own filters and ``process_results``.
 - :mod:`.aggregate` applies lm-eval's aggregations and stderrs to per-document items, names
   them by lm-eval's registry, and turns results dicts into tidy rows (:func:`~.aggregate.scores_of`).
+- :mod:`.fingerprint` digests what the tasks really are (configs after includes, request texts,
+  gold targets: :func:`~.fingerprint.task_data_digest`), so a task edited in place is never
+  resumed into a folder made with its old data.
 - :mod:`.scorer` puts these together as :class:`~.scorer.LmEvalScorer`, the
   :class:`~lnsdiag.scoring.base.Scorer` both sweep engines call.
 

@@ -15,6 +15,7 @@ import numpy as np
 from ..base import Scorer, Scores, TokenRequest
 from ..registry import ScoringSetup
 from .aggregate import results_difference, scores_of
+from .fingerprint import generation_request_args, task_data_digest
 from .requests import RequestLog, collect_requests
 from .tasks import DEFAULT_BOOTSTRAP, TaskSet, evaluate_tasks, seed_everything
 
@@ -57,6 +58,7 @@ class LmEvalScorer(Scorer):
         self.fallback: str | None = None
         self._log: RequestLog | None = None
         self._checked = False
+        self._task_data: str | None = None
 
     @functools.cached_property
     def _split(self) -> tuple[TaskSet | None, TaskSet | None]:
@@ -79,14 +81,19 @@ class LmEvalScorer(Scorer):
         return self._evaluate(self.taskset)
 
     def requests(self) -> list[TokenRequest]:
-        fast = self._split[0]
-        if fast is None:
+        log = self._request_log()
+        if log is None:
             return []
-        if self._log is None:
+        if log.built is None and self.fallback is None:
+            self._fall_back(log.unsupported or "no instances were kept")
+        return log.token_requests()
+
+    def _request_log(self) -> RequestLog | None:
+        """The log-likelihood tasks' requests, collected once (None when there are none)."""
+        fast = self._split[0]
+        if fast is not None and self._log is None:
             self._log = collect_requests(self.lm, fast, limit=self.limit, seed=self.seed)
-            if self._log.built is None:
-                self._fall_back(self._log.unsupported or "no instances were kept")
-        return self._log.token_requests()
+        return self._log
 
     def _fall_back(self, why: str) -> None:
         self.aggregation_path, self.fallback = "replay", why
@@ -139,7 +146,20 @@ class LmEvalScorer(Scorer):
         return {"tasks": self.taskset.names, "task_versions": self.taskset.describe()["versions"],
                 "include_path": self.taskset.include_path, "num_fewshot": self.taskset.num_fewshot,
                 "limit": self.limit, "seed": self.seed, "bootstrap_iters": self.bootstrap_iters,
-                "max_length": self.context_limit()}
+                "max_length": self.context_limit(), "task_data": self.task_data()}
+
+    def task_data(self) -> str:
+        """A digest of what the tasks are (configs, request texts, gold targets): a task edited in
+        place under the same name must not resume into another run's folder. The log-likelihood
+        tasks' requests are the ones :meth:`requests` serves (collected here, once); generation
+        tasks' are built for it."""
+        if self._task_data is None:
+            log, slow = self._request_log(), self._split[1]
+            args = dict(log.args) if log is not None else {}
+            if slow is not None:
+                args.update(generation_request_args(slow, limit=self.limit, seed=self.seed))
+            self._task_data = task_data_digest(self.taskset, args, limit=self.limit)
+        return self._task_data
 
 
 def build(setup: ScoringSetup) -> LmEvalScorer | None:
