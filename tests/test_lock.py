@@ -20,6 +20,7 @@ from lnsdiag.distributed import MirroredError
 from lnsdiag.errors import UserError
 from lnsdiag.results import lock
 from lnsdiag.results.lock import EXCLUSIVE_NAME, LOCK_NAME, LockHolder, folder_lock
+from lnsdiag.runners import prune, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,3 +138,34 @@ def test_under_a_launcher_rank_0_holds_the_lock_for_the_job(monkeypatch, tmp_pat
 def _record(folder: Path, mechanism: str) -> dict:
     name = LOCK_NAME if mechanism == "flock" else EXCLUSIVE_NAME
     return json.loads((folder / name).read_text())
+
+
+def test_prune_and_shrink_hold_their_folder_while_they_run(tmp_path):
+    """The runners are locked by folder: a second run into a folder in use is refused at once
+    (here the holder is another thread, which the lock treats like another process)."""
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with folder_lock(tmp_path):
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(60)
+        for runner in (prune.run, shrink.run):
+            with pytest.raises(UserError, match="in use by another lnsdiag run"):
+                runner(None, None, tmp_path)  # refused before the model or config is touched
+    finally:
+        release.set()
+        thread.join()
+    calls = []
+
+    @lock.holds_folder_lock("out")
+    def sweep(model: object, out: Path) -> str:
+        calls.append((tmp_path / LOCK_NAME).exists() or (tmp_path / EXCLUSIVE_NAME).exists())
+        return "done"
+
+    assert sweep(None, out=tmp_path) == "done" and calls == [True]
+    assert not (tmp_path / LOCK_NAME).exists()

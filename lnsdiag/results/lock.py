@@ -12,18 +12,22 @@ reaches them all.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..distributed import on_main
 from ..errors import UserError
 from ..runs import file_mode, output_dir, process_gone, process_stamp
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 try:
     import fcntl as _fcntl
@@ -196,3 +200,21 @@ def _read_record(lock_file: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def holds_folder_lock(param: str = "out", *, what: str = "--out") -> Callable[[F], F]:
+    """Decorate a runner so the folder passed as ``param`` is locked while it runs: two runs
+    into one folder never mix their results (the second is refused at once, naming the first)."""
+
+    def decorate(function: F) -> F:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            folder = signature.bind(*args, **kwargs).arguments[param]
+            with folder_lock(folder, what=what):
+                return function(*args, **kwargs)
+
+        return locked  # type: ignore[return-value]
+
+    return decorate

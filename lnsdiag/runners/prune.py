@@ -29,6 +29,7 @@ from ..model.load import LoadedModel
 from ..model.placement import norm_placement
 from ..model.structure import find_layers, parse_layer_spec
 from ..progress import SILENT, Progress
+from ..results.lock import holds_folder_lock
 from ..results.store import ResultStore, VariantResult, plan_variants
 from ..results.verdict import BOOTSTRAP_CAP, BOOTSTRAP_FLOOR, PYTHON_CAP, Margins, prune_frame, rule_text
 from ..runs import RunFiles, Timer, run_record, write_tables
@@ -79,6 +80,7 @@ def wide_frame(frame: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     return wide
 
 
+@holds_folder_lock("out")
 def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: ScoringInputs | None = None,
         layers_path: str | None = None, progress: Progress = SILENT, timer: Timer | None = None,
         angular_text: TextSource | None = None, angular_frame: pd.DataFrame | None = None,

@@ -47,6 +47,7 @@ from ..measure.angular import AngularResult
 from ..model.load import LoadedModel
 from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
+from ..results.lock import holds_folder_lock
 from ..results.store import ResultStore, VariantResult
 from ..results.verdict import headline_metrics, prune_frame, rule_text
 from ..runs import RunFiles, Timer, atomic_write, read_json, run_record, write_tables
@@ -236,6 +237,7 @@ class _Scorer:
         return {s: done[s] for s in wanted}
 
 
+@holds_folder_lock("out")
 def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: ScoringInputs | None = None,
         layers_path: str | None = None, progress: Progress = SILENT, timer: Timer | None = None,
         angular_text: TextSource | None = None, angular: AngularResult | None = None,
