@@ -15,11 +15,11 @@ from lnsdiag.engine.checkpoint import _variant_codes, _variants_from_codes
 from lnsdiag.errors import UserError
 from lnsdiag.interventions.units import Block, Removal, Unit
 from lnsdiag.model.structure import parse_layer_spec
-from lnsdiag.report.shrink import _layers, _layers_text, read_shrink
 from lnsdiag.results.store import ResultStore, VariantResult, plan_variants
 from lnsdiag.results.verdict import prune_frame
 from lnsdiag.runners.prune import PruneConfig
 from lnsdiag.runners.shrink import ShrinkConfig, shrink_frame
+from lnsdiag.runners.shrink_table import layer_list, layers_text, read_shrink
 from lnsdiag.runners.strategies import Pick
 from lnsdiag.runs import write_csv
 from lnsdiag.scoring.base import MetricRow
@@ -118,7 +118,7 @@ def test_shrinks_set_grammar_and_its_messages():
     assert config.layers == Removal((1, 3, 4)) and config.remove == 3
     with pytest.raises(UserError) as err:
         ShrinkConfig(layers="2,9,12").check_model(6)
-    assert str(err.value) == "--layers 9 is out of range: the model has layers 0-5"
+    assert str(err.value) == "layers 9 is out of range: the model has layers 0-5"
 
 
 def test_prunes_one_at_a_time_grammar():
@@ -210,8 +210,8 @@ def test_cells():
                           (np.float64("nan"), FULL), (31, Removal.of(31)), (31.0, Removal.of(31)),
                           (np.int64(31), Removal.of(31)), ("3, 4", Removal((3, 4)))):
         assert Removal.from_cell(cell) == removal, cell
-    assert _layers(31.0) == [31] and _layers_text(31.0) == "31" and _layers_text(math.nan) == ""
-    assert _layers_text("3,4,7") == "3,4,7" and _layers("7,3") == [3, 7]
+    assert layer_list(31.0) == [31] and layers_text(31.0) == "31" and layers_text(math.nan) == ""
+    assert layers_text("3,4,7") == "3,4,7" and layer_list("7,3") == [3, 7]
 
 
 def _variant(removal, value, n=40):
