@@ -249,3 +249,29 @@ metadata:
   version: 1.0
 """)
     return folder
+
+
+def write_generation_task(folder: Path, answer: str = "stream") -> Path:
+    """``tiny_gen`` (generate_until, exact_match) in ``folder``: 4 questions whose answer is ``answer``."""
+    (folder / "gen.jsonl").write_text("".join(f'{{"q": "residual {i}", "a": "{answer}"}}\n' for i in range(4)))
+    (folder / "tiny_gen.yaml").write_text(f"""task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / "gen.jsonl"}
+output_type: generate_until
+test_split: test
+doc_to_text: "Q: {{{{q}}}}\\nA:"
+doc_to_target: "{{{{a}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 4
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+""")
+    return folder

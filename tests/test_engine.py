@@ -28,7 +28,7 @@ from lnsdiag.scoring.lmeval.tasks import load_tasks
 from lnsdiag.scoring.perplexity import PerplexityScorer
 from tests.conftest import SAMPLE_TEXT, ProgressLog
 from tests.families import tiny_model
-from tests.lmeval_tasks import write_tasks
+from tests.lmeval_tasks import write_generation_task, write_tasks
 
 FULL = Removal()
 VARIANTS = [FULL, *Removal.each([0, 2, 3])]
@@ -37,28 +37,7 @@ VARIANTS = [FULL, *Removal.each([0, 2, 3])]
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory):
     folder = write_tasks(tmp_path_factory.mktemp("tasks"), docs=10)
-    (folder / "gen.jsonl").write_text("".join(f'{{"q": "residual {i}", "a": "stream"}}\n' for i in range(4)))
-    (folder / "tiny_gen.yaml").write_text(f"""task: tiny_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / "gen.jsonl"}
-output_type: generate_until
-test_split: test
-doc_to_text: "Q: {{{{q}}}}\\nA:"
-doc_to_target: "{{{{a}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 4
-  do_sample: false
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-""")
-    return folder
+    return write_generation_task(folder)
 
 
 def _hflm_answers(lm, requests):

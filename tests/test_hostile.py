@@ -26,7 +26,7 @@ from lnsdiag.runs import STAGING_MARKER, atomic_write, current_umask, process_go
 from lnsdiag.scoring.lmeval.scorer import LmEvalScorer
 from lnsdiag.scoring.lmeval.tasks import load_tasks
 from tests.families import tiny_model
-from tests.lmeval_tasks import write_tasks
+from tests.lmeval_tasks import write_generation_task, write_tasks
 from tests.test_cli_basic import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,34 +101,11 @@ def _digest(small_loaded, folder: Path, names: list[str], **kwargs) -> str:
     return LmEvalScorer(small_loaded, taskset, batch_size=4, **kwargs).settings()["task_data"]
 
 
-def _write_generation_task(folder: Path, answer: str = "stream") -> None:
-    (folder / "gen.jsonl").write_text("".join(f'{{"q": "residual {i}", "a": "{answer}"}}\n' for i in range(4)))
-    (folder / "tiny_gen.yaml").write_text(f"""task: tiny_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / "gen.jsonl"}
-output_type: generate_until
-test_split: test
-doc_to_text: "Q: {{{{q}}}}\\nA:"
-doc_to_target: "{{{{a}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 4
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-""")
-
-
 def test_the_task_data_digest_sees_every_edit_that_changes_a_number(small_loaded, tmp_path):
     """Labels, few-shot examples, the prompt template, a generation task's targets: each edit in
     place changes the digest; loading the same files again does not."""
     folder = write_tasks(tmp_path / "tasks", docs=6)
-    _write_generation_task(folder)
+    write_generation_task(folder)
     names = ["tiny_mc", "tiny_ppl", "tiny_gen"]
     first = _digest(small_loaded, folder, names)
     assert len(first) == 16 and _digest(small_loaded, folder, names) == first
@@ -146,7 +123,7 @@ def test_the_task_data_digest_sees_every_edit_that_changes_a_number(small_loaded
     changed(lambda: _rotate_labels(folder / "mc_train.jsonl"))  # only seen through the few-shot prompts
     yaml = folder / "tiny_mc.yaml"
     changed(lambda: yaml.write_text(yaml.read_text().replace("Answer:", "A:")))
-    changed(lambda: _write_generation_task(folder, answer="norm"))
+    changed(lambda: write_generation_task(folder, answer="norm"))
     ppl = folder / "ppl.jsonl"
     changed(lambda: ppl.write_text(ppl.read_text().replace("the", "a")))
 

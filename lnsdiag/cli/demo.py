@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from ..demo.model import shipped_dir
-from ..runners.demo import DemoConfig, DemoRun, run
+from ..runners import demo as demo_runner
+from ..runners.demo import DemoConfig, DemoRun
 from ..runs import output_dir
 from . import ui
 from .common import Debug, Device, app, command
@@ -63,7 +64,7 @@ def demo_cmd(
                                f"{name}: Pre-LN vs LNS (same seed, data and steps; held-out docstrings)")
 
     with ui.progress_display() as progress:
-        run(config, folder, progress=progress, on_part=show)
+        demo_runner.run(config, folder, progress=progress, on_part=show)
 
 
 def model_line(result: DemoRun) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from lnsdiag.interventions.units import Removal
 from lnsdiag.results.store import VariantResult
 from lnsdiag.results.verdict import Margins, chance_level, prune_frame
 from lnsdiag.scoring.base import MetricRow
@@ -33,8 +34,8 @@ def test_chance_level_of_a_group_follows_its_weighting():
                              choices=choices, aggregations={("a", "acc"): "mean", ("b", "acc"): "mean"},
                              groups={"g": ["a", "b"]})
 
-    assert chance_level(result(None, 0.6), "g", "acc") == pytest.approx(0.45)
-    assert chance_level(result(None, 0.75), "g", "acc", "means") == pytest.approx(0.375)
+    assert chance_level(result(Removal(), 0.6), "g", "acc") == pytest.approx(0.45)
+    assert chance_level(result(Removal(), 0.75), "g", "acc", "means") == pytest.approx(0.375)
     for value, chance in ((0.6, 0.45), (0.75, 0.375)):
-        frame = prune_frame({None: result(None, value), 1: result(1, value)})
+        frame = prune_frame({Removal(): result(Removal(), value), Removal.of(1): result(Removal.of(1), value)})
         assert frame.set_index(["variant", "task"]).loc[("layer_001", "g"), "chance"] == pytest.approx(chance)
