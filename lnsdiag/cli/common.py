@@ -115,7 +115,7 @@ def _rank_tag() -> str:
     return f"rank {here.rank}: " if here.parallel else ""
 
 
-def _exit_for(exc: BaseException, debug: bool, fn: Callable[..., Any]) -> typing.NoReturn:
+def _exit_for(exc: BaseException, debug: bool, fn: Callable[..., Any] | None = None) -> typing.NoReturn:
     """One line and an exit code for what a command raised: 2 user error, 130 interrupt, 1 bug."""
     if isinstance(exc, (typer.Exit, typer.Abort, SystemExit)):
         raise exc
@@ -139,10 +139,10 @@ def _exit_for(exc: BaseException, debug: bool, fn: Callable[..., Any]) -> typing
     raise typer.Exit(1) from None
 
 
-def user_message(exc: UserError, command_fn: Callable[..., Any]) -> str:
+def user_message(exc: UserError, command_fn: Callable[..., Any] | None) -> str:
     """A user error as the command line says it: the config fields an :class:`OptionError` names shown
-    as the flags of ``command_fn`` that set them (``layers`` as ``--layers``)."""
-    if not isinstance(exc, OptionError):
+    as the flags of ``command_fn`` that set them (``layers`` as ``--layers``; no command: as fields)."""
+    if not isinstance(exc, OptionError) or command_fn is None:
         return str(exc)
     flags = option_flags(command_fn)
     return exc.render(lambda field: flags.get(field, field))
