@@ -222,7 +222,7 @@ def process_results(doc, results):
     assert scorer.aggregation_path == "replay" and "stateful" in scorer.fallback
     assert len(notes) == 1 and "evaluate for every variant" in notes[0] and "calls" in notes[0]
     assert {r.task for r in scores.rows} == {"stateful", "tiny_mc"}
-    assert scorer.aggregation_stats() == {"lm_eval_aggregation": "replay",
+    assert scorer.run_stats() == {"lm_eval_aggregation": "replay",
                                           "lm_eval_aggregation_fallback": scorer.fallback}
     scorer.aggregate(loglik, greedy)  # replayed again, no second note
     assert len(notes) == 1

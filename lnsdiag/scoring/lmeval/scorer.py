@@ -100,9 +100,6 @@ class LmEvalScorer(Scorer):
         self.note(f"lm-eval metrics are aggregated through lm-eval's evaluate for every variant (slower): {why}")
 
     def run_stats(self) -> dict[str, Any]:
-        return self.aggregation_stats()
-
-    def aggregation_stats(self) -> dict[str, Any]:
         """For the run's record: how variants were aggregated, and why not directly if not."""
         return {"lm_eval_aggregation": self.aggregation_path, "lm_eval_aggregation_fallback": self.fallback}
 
