@@ -360,7 +360,7 @@ def test_builtin_perplexity_delta_uses_paired_noise():
     tokens = [50] * 6
     base = Perplexity([100.0, 150.0, 200.0, 120.0, 180.0, 90.0], tokens, [200] * 6)
     shift = [0.4, 0.6, 0.5, 0.45, 0.55, 0.5]
-    variant = Perplexity([b + d for b, d in zip(base.window_nll, shift, strict=True)], tokens, [200] * 6)
+    variant = Perplexity([b + d for b, d in zip(base.unit_nll, shift, strict=True)], tokens, [200] * 6)
     se = variant.paired_delta_stderr(base)
     mean_shift = sum(shift) / 300
     resid = sum((d - mean_shift * 50) ** 2 for d in shift)

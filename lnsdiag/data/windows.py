@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
+from itertools import pairwise
 from typing import Any
 
 import torch
 
 from ..errors import UserError
+from ..stats.blocks import token_blocks
 
 
 def token_windows(
@@ -169,6 +171,30 @@ class TokenWindows:
         """UTF-8 bytes of the text each window predicts (at least 1), for bits per byte."""
         return [len(self.tokenizer.decode(w[self.context:].tolist(), skip_special_tokens=True).encode("utf-8")) or 1
                 for w in self.windows]
+
+    @cached_property
+    def cuts(self) -> list[list[int]]:
+        """Each window's scored tokens cut into the units of a paired comparison: the window
+        itself when there are many windows, blocks of it on a short text (:func:`token_blocks`)."""
+        return token_blocks(self.scored_tokens)
+
+    @cached_property
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """``(window, start, end)`` of every unit, in scored-token coordinates, in text order."""
+        return [(k, a, b) for k, cut in enumerate(self.cuts) for a, b in pairwise(cut)]
+
+    @cached_property
+    def block_bytes(self) -> list[int]:
+        """UTF-8 bytes each unit predicts; a window's units add up to its :attr:`scored_bytes`
+        (prefix decodes, so a character split between two blocks is counted once)."""
+        out: list[int] = []
+        for k, cut in enumerate(self.cuts):
+            scored = self.windows[k][self.context:].tolist()
+            done = [len(self.tokenizer.decode(scored[:c], skip_special_tokens=True).encode("utf-8"))
+                    for c in cut[1:-1]]
+            ends = [0, *done, self.scored_bytes[k]]
+            out += [b - a for a, b in pairwise(ends)]
+        return out
 
     @cached_property
     def digest(self) -> str:

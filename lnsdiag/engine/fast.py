@@ -85,8 +85,11 @@ class SweepEngine:
     # --- the pass ---------------------------------------------------------------------------
 
     def run(self, requests: Sequence[TokenRequest], max_length: int, *, progress: Progress = SILENT,
-            checkpoint: Checkpoint | None = None) -> EngineResult:
+            checkpoint: Checkpoint | None = None, naive: Sequence[TokenRequest] | None = None) -> EngineResult:
         """Every variant's log-likelihood and greedy flag for every request; progress counts tokens.
+
+        ``naive``: the requests the naive engine would run instead (default ``requests``), for
+        the work count only (:meth:`~lnsdiag.scoring.base.Scorer.naive_requests`).
 
         Under a launcher every rank plans the same rows and cuts the same batches (rank 0 decides
         the sharing check and the budget, and resumes from the partial files), takes a share of the
@@ -100,7 +103,8 @@ class SweepEngine:
         state: PassState = on_main(lambda: self._start(rows, (len(self.variants), len(requests)), checkpoint))
         empty = [n for n, r in enumerate(requests) if not r.continuation]
         state.greedy[:, empty] = True  # an empty continuation: log-likelihood 0, trivially greedy
-        self.stats = self._planned_stats(requests, rows, max_length, state.budget, sharing, checked)
+        self.stats = self._planned_stats(requests, rows, max_length, state.budget, sharing, checked,
+                                         requests if naive is None else naive)
         share = _Share.of(rows, state)
         total = self.stats["tokens"]
         already = total - share.computed
@@ -115,12 +119,12 @@ class SweepEngine:
         return EngineResult(self.variants, state.loglik, state.greedy)
 
     def _planned_stats(self, requests: Sequence[TokenRequest], rows: list[Row], max_length: int, budget: int,
-                       sharing: str, checked: int) -> dict[str, Any]:
+                       sharing: str, checked: int, naive: Sequence[TokenRequest]) -> dict[str, Any]:
         """What the pass is about to do (for meta.json): rows, tokens, sharing, counted work."""
         return {"requests": len(requests), "rows": len(rows), "shared_rows": sum(r.shared for r in rows),
                 "budget": budget, "row_tokens": self._row_tokens(max_length), "tokens": sum(len(r.ids) for r in rows),
-                "sharing": sharing, "unshared_tokens": naive_tokens(requests, max_length),
-                **count_work(requests, rows, max_length, len(self.stack), self.variants, checked)}
+                "sharing": sharing, "unshared_tokens": naive_tokens(naive, max_length),
+                **count_work(naive, rows, max_length, len(self.stack), self.variants, checked)}
 
     def _run_share(self, rows: list[Row], share: _Share, state: PassState, progress: Progress,
                    checkpoint: Checkpoint | None) -> None:

@@ -76,6 +76,10 @@ def plan_rows(requests: Sequence[TokenRequest], max_length: int, share: bool = F
     begin with the same tokens share shared rows of at most ``row_tokens`` tokens (default
     ``max_length``), chosen to hold as few tokens as possible (:func:`_cut_rows`). With a
     sliding ``window``, inputs longer than it stay plain rows on the model's own mask.
+
+    Always, an input that is a prefix of another is answered from the longer one's plain row
+    (a causal model's logits at a position never see later tokens): a short text's blocks
+    (each request the window up to a block) cost one row per window, as the naive engine does.
     """
     by_input: dict[tuple[int, ...], list[tuple[int, int, tuple[int, ...]]]] = {}
     for n, req in enumerate(requests):
@@ -88,12 +92,15 @@ def plan_rows(requests: Sequence[TokenRequest], max_length: int, share: bool = F
     budget = max_length if row_tokens is None else row_tokens
     fits = [share and (window is None or len(ids) <= window) for ids in inputs]
     group: list[tuple[int, ...]] = []
+    chain = True  # the group is one path: each input a prefix of the next
     for k, ids in enumerate(inputs + [()]):
-        joins = k < len(inputs) and fits[k] and bool(group) and fits[k - 1] and \
-            _common(group[-1], ids) >= MIN_SHARED_CONTEXT
+        extends = k < len(inputs) and bool(group) and chain and ids[:len(group[-1])] == group[-1]
+        joins = extends or (k < len(inputs) and fits[k] and bool(group) and fits[k - 1] and
+                            _common(group[-1], ids) >= MIN_SHARED_CONTEXT)
         if not joins and group:
             rows += [_build_row(part, by_input) for part in _cut_rows(group, budget)]
             group = []
+        chain = extends or not group
         group.append(ids)
     for row in rows:
         row.own_mask = window is not None and not row.shared and len(row.ids) > window

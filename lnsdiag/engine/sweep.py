@@ -54,7 +54,9 @@ def run_fast(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[R
     checkpoint, variants = _resumable_pass(store, todo, requests, max_length)
     engine = SweepEngine(model, stack, variants, batch_tokens=batch_tokens, pad_id=0)
     start = time.perf_counter()
-    result = engine.run(requests, max_length, progress=progress, checkpoint=checkpoint) if requests else None
+    naive = [r for scorer in scorers for r in scorer.naive_requests()]
+    result = engine.run(requests, max_length, progress=progress, checkpoint=checkpoint,
+                        naive=naive) if requests else None
     engine_seconds = time.perf_counter() - start
     share = engine_seconds / max(1, len(variants))  # each variant's part of the pass
     outcome = SweepOutcome()

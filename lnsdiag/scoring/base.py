@@ -141,6 +141,8 @@ class Scorer(ABC):
       built once, in a fixed order. The fast engine answers them for every variant.
     * :meth:`aggregate` turns one variant's answers to :meth:`requests` (same order) into
       the same :class:`Scores` that :meth:`score` gives for that variant.
+    * :meth:`naive_requests`: the requests :meth:`score` runs, for counting the naive
+      engine's work (:meth:`requests` unless it scores them otherwise, e.g. whole windows).
     * :meth:`score_rest` scores what log-likelihoods cannot serve (text generation) on the
       model as it is now, inside ``removed_layers``; empty when there is nothing.
     * :meth:`settings` are what changes the numbers, for a result store's fingerprint.
@@ -163,6 +165,10 @@ class Scorer(ABC):
 
     @abstractmethod
     def aggregate(self, loglik: np.ndarray, greedy: np.ndarray) -> Scores: ...
+
+    def naive_requests(self) -> list[TokenRequest]:
+        """The requests :meth:`score` feeds the model, as HFLM would (for the work count)."""
+        return self.requests()
 
     def score_rest(self) -> Scores:
         return Scores()
