@@ -85,9 +85,9 @@ class ScoringConfig:
         return self.ppl_text is not None or self.ppl_dataset is not None
 
     def load_tasks(self) -> TaskSet | None:
-        """The lm-eval tasks, loaded and checked (a command does it before loading the model,
-        so a typo in a task name fails in seconds)."""
-        return load_tasks(list(self.tasks), self.include_path, self.num_fewshot) if self.tasks else None
+        """The lm-eval tasks, loaded and checked, their documents too (a command does it before
+        loading the model, so a typo in a task name or a bad document fails in seconds)."""
+        return load_tasks(list(self.tasks), self.include_path, self.num_fewshot, self.limit) if self.tasks else None
 
     def load_text(self) -> TextSource | None:
         """The perplexity text, if one is asked for."""

@@ -46,6 +46,7 @@ class LmEvalScorer(Scorer):
                  check_direct: bool = True, note: Callable[[str], None] | None = None) -> None:
         from .lm import make_lm  # lm-eval, torch and transformers: imported once a scorer is built
 
+        tasks.check(limit)  # done by load_tasks for its limit; a task set scored on more documents is checked here
         self.taskset, self.limit, self.seed, self.bootstrap_iters = tasks, limit, seed, bootstrap_iters
         self.documents = documents  # keep each document's metric items (for paired comparisons)
         self.tasks = list(tasks.names)

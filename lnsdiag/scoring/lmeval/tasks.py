@@ -4,7 +4,9 @@
 Pitfalls handled here (lm-eval 0.4.x): ``simple_evaluate`` ignores ``batch_size`` for a model
 object and re-indexes all 14k tasks per call, so we call ``evaluate`` with a prebuilt task
 dict; few-shot samplers are reseeded before every call (they advance otherwise); a task YAML
-lm-eval cannot read is named with its error instead of being reported as an unknown task.
+lm-eval cannot read is named with its error instead of being reported as an unknown task; the
+documents a run scores are checked when loaded (:mod:`.checks`: a gold label that is not a choice,
+a missing field, too many few-shot examples, an empty data file are refused in one line).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import UserError
+from .checks import check_tasks, load_error
 
 DEFAULT_BOOTSTRAP = 100_000  # lm-eval's own default; mean metrics use a closed form anyway
 
@@ -79,6 +82,16 @@ class TaskSet:
     num_fewshot: int | None
     include_path: str | None
     manager: Any = field(default=None, repr=False)
+    #: Documents checked per leaf task (None: all of them), see :meth:`check`.
+    checked: dict[str, int | None] = field(default_factory=dict, repr=False, compare=False)
+
+    def check(self, limit: int | float | None = None) -> None:
+        """Refuse (:class:`~lnsdiag.errors.UserError`, one line naming the task, document and
+        field) tasks lm-eval would score wrongly without a word or fail on inside ``evaluate``:
+        a gold label that is not one of its document's choices, a document with fewer than two
+        choices or without a field the task reads, more few-shot examples than its split holds.
+        Covers the documents ``limit`` scores; documents already checked are not read again."""
+        check_tasks(self, limit, self.checked)
 
     def leaves_of(self, name: str) -> list[str] | None:
         """Leaf tasks under a requested name (None for a tag, whose members are not recorded)."""
@@ -133,8 +146,9 @@ class TaskSet:
 # --- loading ----------------------------------------------------------------------------------
 
 def load_tasks(names: Sequence[str], include_path: str | Path | None = None,
-               num_fewshot: int | None = None) -> TaskSet:
-    """Resolve task/group names (with local YAMLs first) and build the task objects once.
+               num_fewshot: int | None = None, limit: int | float | None = None) -> TaskSet:
+    """Resolve task/group names (with local YAMLs first), build the task objects once, and
+    check the documents ``limit`` scores (:meth:`TaskSet.check`).
 
     Indexing lm-eval's ~14k built-in tasks takes ~15 s, so a run whose tasks all come from
     ``include_path`` never does it.
@@ -150,11 +164,12 @@ def load_tasks(names: Sequence[str], include_path: str | Path | None = None,
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             task_dict = manager.load(list(names))
-    except Exception as exc:  # a task whose dataset cannot be fetched, a broken YAML...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
-        raise UserError(f"cannot load tasks {', '.join(names)}: {first}") from exc
+    except Exception as exc:  # a task whose dataset cannot be fetched, an empty data file, a broken YAML...
+        raise load_error(names, exc) from exc
     _configure_fewshot(task_dict, num_fewshot)
-    return TaskSet(list(names), task_dict, num_fewshot, include, manager)
+    tasks = TaskSet(list(names), task_dict, num_fewshot, include, manager)
+    tasks.check(parse_limit(limit))
+    return tasks
 
 
 def _check_include_path(include_path: str | Path | None) -> str | None:
