@@ -178,6 +178,11 @@ class TokenWindows:
         itself when there are many windows, blocks of it on a short text (:func:`token_blocks`)."""
         return token_blocks(self.scored_tokens)
 
+    @property
+    def units_are_windows(self) -> bool:
+        """Whether each window (with tokens to score) is one unit, rather than cut into blocks."""
+        return all(len(cut) <= 2 for cut in self.cuts)
+
     @cached_property
     def blocks(self) -> list[tuple[int, int, int]]:
         """``(window, start, end)`` of every unit, in scored-token coordinates, in text order."""
@@ -189,6 +194,8 @@ class TokenWindows:
         (prefix decodes, so a character split between two blocks is counted once)."""
         out: list[int] = []
         for k, cut in enumerate(self.cuts):
+            if len(cut) < 2:
+                continue  # nothing to score: no unit
             scored = self.windows[k][self.context:].tolist()
             done = [len(self.tokenizer.decode(scored[:c], skip_special_tokens=True).encode("utf-8"))
                     for c in cut[1:-1]]

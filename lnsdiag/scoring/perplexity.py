@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..data.windows import TokenWindows, default_seq_len
+from ..errors import UserError
 from ..model.structure import no_cache_kwargs
 from ..progress import SILENT, Progress
 from ..stats.blocks import BLOCK_TOKENS, ratio_stderr
@@ -124,9 +125,8 @@ class Perplexity(PairedUnits):
     def of(cls, nll: Sequence[float], windows: TokenWindows) -> Perplexity:
         """The NLL of each of ``windows``' units (:attr:`~lnsdiag.data.windows.TokenWindows.blocks`)."""
         blocks = windows.blocks
-        by_window = len(blocks) == len(windows)
         return cls([float(x) for x in nll], [b - a for _, a, b in blocks], list(windows.block_bytes),
-                   None if by_window else [k for k, _, _ in blocks])
+                   None if windows.units_are_windows else [k for k, _, _ in blocks])
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -201,7 +201,7 @@ class PerplexityScorer(Scorer):
 
     def unit_rule(self) -> str:
         """How the text is cut into units (part of the fingerprint: units of another rule never pair)."""
-        return "windows" if len(self.windows.blocks) == len(self.windows) else f"blocks of >= {BLOCK_TOKENS} tokens"
+        return "windows" if self.windows.units_are_windows else f"blocks of >= {BLOCK_TOKENS} tokens"
 
 
 def build(setup: ScoringSetup) -> PerplexityScorer | None:
@@ -212,4 +212,7 @@ def build(setup: ScoringSetup) -> PerplexityScorer | None:
     seq_len = default_seq_len(model, setup.seq_len)
     windows = TokenWindows.of(setup.loaded.tokenizer, setup.text.texts, seq_len=seq_len,
                               max_tokens=setup.max_tokens, name=setup.text.name)
+    if not windows.blocks:
+        raise UserError(f"the perplexity text {setup.text.name} has no token to predict: its {len(windows)} "
+                        f"window(s) hold only the {windows.context} context token(s) each; give a longer text")
     return PerplexityScorer(model, windows, batch_size=setup.batch_size, seq_len=seq_len, max_tokens=setup.max_tokens)

@@ -16,7 +16,9 @@ can be tested and reused anywhere. One concept per module, each importing only t
 * :mod:`.proportions` — 0/1 scores: Tango's score interval and test, exact McNemar;
 * :mod:`.intervals` — the interval and p-value of Δ, whichever estimate it came from;
 * :mod:`.decisions` — the verdict rule (TOST, then significance) and Holm's adjustment;
-* :mod:`.planning` — documents needed when the answer is inconclusive.
+* :mod:`.planning` — documents needed when the answer is inconclusive;
+* :mod:`.blocks` — the unit of a per-token metric on one text (windows, or blocks of ≥ 64
+  tokens on a short text: batch means) and the stderr of a ratio of sums over units.
 
 Which tool fits which metric:
 
@@ -40,6 +42,7 @@ bootstrap, DLMF §8.17 for the incomplete beta behind Student's t.
 
 from __future__ import annotations
 
+from .blocks import BLOCK_TOKENS, MIN_WINDOWS, ratio_stderr, token_blocks
 from .bootstrap import (
     CONFUSION_SCORES,
     BootstrapEstimate,
@@ -67,8 +70,10 @@ from .proportions import (
 )
 
 __all__ = [
+    "BLOCK_TOKENS",
     "CONFUSION_SCORES",
     "EXACT_BELOW",
+    "MIN_WINDOWS",
     "VERDICTS",
     "BootstrapEstimate",
     "PairedEstimate",
@@ -91,11 +96,13 @@ __all__ = [
     "paired_proportion_interval",
     "paired_proportion_pvalue",
     "pooled_group",
+    "ratio_stderr",
     "relative_to_absolute",
     "student_t_quantile",
     "student_t_sf",
     "tango_interval",
     "tango_pvalue",
     "tango_statistic",
+    "token_blocks",
     "verdict",
 ]

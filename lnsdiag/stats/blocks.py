@@ -49,14 +49,14 @@ def token_blocks(lengths: Sequence[int], *, min_windows: int = MIN_WINDOWS,
     One unit per window when there are at least ``min_windows`` of them; else each window is
     cut into ``max(1, length // block_tokens)`` consecutive blocks of near-equal size (sizes
     differ by at most one token; every block has at least ``block_tokens`` tokens unless the
-    window itself is shorter).
+    window itself is shorter). A window with nothing to score has no unit (``[0]``).
     """
     if len(lengths) >= min_windows:
-        return [[0, int(n)] for n in lengths]
+        return [[0, int(n)] if n else [0] for n in lengths]
     cuts = []
-    for n in lengths:
-        parts = max(1, int(n) // block_tokens)
-        cuts.append([(int(n) * k) // parts for k in range(parts + 1)])
+    for n in map(int, lengths):
+        parts = max(1, n // block_tokens) if n else 0
+        cuts.append([(n * k) // parts for k in range(parts + 1)] if parts else [0])
     return cuts
 
 
