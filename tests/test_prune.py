@@ -300,7 +300,15 @@ def _prune_process(model_dir, tasks_dir, out, engine, stop: str | None = None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "LNSDIAG_CHECKPOINT_SECONDS": "0"}
     if stop:
         env["LNSDIAG_TEST_SIGNAL"] = f"{'variants' if engine == 'naive' else PASS_PHASE}:2:{stop}"
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            preexec_fn=_ctrl_c_reaches_python)
+
+
+def _ctrl_c_reaches_python() -> None:
+    """A Ctrl-C must reach the child however the suite was launched: a shell starts a background
+    job (``pytest &``, ``nohup``, some CI runners) with SIGINT ignored, every child inherits
+    that, and Python then installs no KeyboardInterrupt handler. Restore the default first."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.slow
