@@ -115,12 +115,15 @@ def test_fast_equals_naive(family, limit, fewshot, tokenizer, tasks_dir, tmp_pat
 
 
 def test_one_token_choices_share_a_row_and_truncation_matches_hflm():
+    """HFLM's rows, except that an input which is a prefix of another is answered from the longer
+    one's row (a causal model's logits at a position never see later tokens)."""
     ctx = tuple(range(3, 13))
     requests = [TokenRequest(ctx, (20 + k,)) for k in range(4)] + [TokenRequest(ctx, (30, 31))]
-    rows = plan_rows(requests, max_length=64)
-    assert len(rows) == 2  # four one-token choices share the context's row; the two-token one has its own
-    shared = next(r for r in rows if len(r.members) == 4)
-    assert shared.positions == {9}
+    rows = plan_rows(requests[:4], max_length=64)
+    assert len(rows) == 1 and rows[0].ids == ctx and rows[0].positions == {9}  # one-token choices: one row
+    (row,) = plan_rows(requests, max_length=64)  # the context is a prefix of the two-token choice's input
+    assert row.ids == (*ctx, 30) and not row.shared and row.positions == {9, 10}
+    assert sorted(row.members) == [(k, (9,), (20 + k,)) for k in range(4)] + [(4, (9, 10), (30, 31))]
     long = TokenRequest(tuple(range(3, 80)), (5, 6))
     (row,) = plan_rows([long], max_length=16)
     whole = (long.context + long.continuation)[-17:]

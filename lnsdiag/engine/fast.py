@@ -248,7 +248,7 @@ class SweepEngine:
         shared, alone, together = (np.zeros((1, len(requests))) for _ in range(3))
         for row, _ in probes:
             self._batch([row], shared, flags, baseline_only=True)
-        batched = plan_rows([requests[n] for n in members], max_length)
+        batched = plan_rows([requests[n] for n in members], max_length, prefixes=False)  # each alone
         for row in batched:
             row.members = [(members[i], *rest) for i, *rest in row.members]
             self._batch([row], alone, flags, baseline_only=True)

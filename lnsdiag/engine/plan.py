@@ -67,7 +67,7 @@ MIN_SHARED_CONTEXT = 4
 
 
 def plan_rows(requests: Sequence[TokenRequest], max_length: int, share: bool = False,
-              window: int | None = None, row_tokens: int | None = None) -> list[Row]:
+              window: int | None = None, row_tokens: int | None = None, prefixes: bool = True) -> list[Row]:
     """Group requests into model rows, longest first (lm-eval's order).
 
     A request's input is ``(context + continuation)[-(max_length+1):][:-1]`` and it scores its
@@ -77,9 +77,10 @@ def plan_rows(requests: Sequence[TokenRequest], max_length: int, share: bool = F
     ``max_length``), chosen to hold as few tokens as possible (:func:`_cut_rows`). With a
     sliding ``window``, inputs longer than it stay plain rows on the model's own mask.
 
-    Always, an input that is a prefix of another is answered from the longer one's plain row
-    (a causal model's logits at a position never see later tokens): a short text's blocks
-    (each request the window up to a block) cost one row per window, as the naive engine does.
+    With ``prefixes`` (the default), an input that is a prefix of another is answered from the
+    longer one's plain row (a causal model's logits at a position never see later tokens): a
+    short text's blocks (each request the window up to a block) cost one row per window, as the
+    naive engine does. Without, every distinct input has a row (the sharing check's reference).
     """
     by_input: dict[tuple[int, ...], list[tuple[int, int, tuple[int, ...]]]] = {}
     for n, req in enumerate(requests):
@@ -94,7 +95,7 @@ def plan_rows(requests: Sequence[TokenRequest], max_length: int, share: bool = F
     group: list[tuple[int, ...]] = []
     chain = True  # the group is one path: each input a prefix of the next
     for k, ids in enumerate(inputs + [()]):
-        extends = k < len(inputs) and bool(group) and chain and ids[:len(group[-1])] == group[-1]
+        extends = prefixes and k < len(inputs) and bool(group) and chain and ids[:len(group[-1])] == group[-1]
         joins = extends or (k < len(inputs) and fits[k] and bool(group) and fits[k - 1] and
                             _common(group[-1], ids) >= MIN_SHARED_CONTEXT)
         if not joins and group:

@@ -78,7 +78,7 @@ def check_tokens(probes: Sequence[tuple[Row, list[int]]], requests: Sequence[Tok
     request's own input (twice with ``noise``: alone, then batched through the explicit-mask
     path, to measure rounding noise)."""
     members = sorted({n for _, chosen in probes for n in chosen})
-    alone = sum(len(r.ids) for r in plan_rows([requests[n] for n in members], max_length))
+    alone = sum(len(r.ids) for r in plan_rows([requests[n] for n in members], max_length, prefixes=False))
     return sum(len(row.ids) for row, _ in probes) + (2 if noise else 1) * alone
 
 
