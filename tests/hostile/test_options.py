@@ -76,7 +76,7 @@ def test_margins_in_the_library():
 def test_builtin_perplexity_metrics_are_the_scorers():
     from lnsdiag.scoring.perplexity import PPL_TASK, Perplexity
 
-    rows = Perplexity(window_nll=[2.0, 3.0], window_tokens=[4, 4], window_bytes=[10, 12]).rows()
+    rows = Perplexity([2.0, 3.0], [4, 4], [10, 12]).rows()  # nll, tokens, bytes per unit
     assert (PPL_TASK, tuple(r.metric for r in rows)) == (BUILTIN_PPL_TASK, BUILTIN_PPL_METRICS)
 
 
