@@ -102,7 +102,7 @@ def test_option_errors(tiny_llama_dir, text_file, tmp_path):
     assert_one_line_error(invoke(*base, "--max-block", 9, "--out", tmp_path), "--max-block 9")
     assert_one_line_error(invoke(*base, "--tokens", "first", "--out", tmp_path), "--tokens")
     assert_one_line_error(invoke(*base, "--layers-path", "model.nothing", "--out", tmp_path), "--layers-path")
-    assert_one_line_error(invoke(*base, "--seq-len", 100000, "--out", tmp_path), "context length")
+    assert_one_line_error(invoke(*base[:4], "--seq-len", 100000, "--out", tmp_path), "context length")
 
 
 def test_unwritable_out(tiny_llama_dir, text_file, tmp_path):

@@ -70,8 +70,8 @@ def test_task_data_edited_in_place_is_refused_not_mixed(tiny_llama_dir, tmp_path
     tasks = write_tasks(tmp_path / "tasks", docs=12)
     out = tmp_path / "out"
     base = ["prune", tiny_llama_dir, "--tasks", "tiny_mc", "--include-path", tasks, "--no-angular",
-            "--limit", 10, "--layers", "1"]
-    assert invoke(*base, "--out", out).exit_code == 0
+            "--limit", 10]
+    assert invoke(*base, "--out", out, "--layers", "1").exit_code == 0
     before = {p.name: p.read_bytes() for p in (out / "variants").iterdir()}
     _rotate_labels(tasks / "mc.jsonl")
 

@@ -225,8 +225,9 @@ def test_cli_reproduce_writes_everything(corpus_file, tmp_path, twins):
     (["--text-file", "/no/such/file.txt"], "no such text file"),
 ])
 def test_cli_reproduce_errors(args, fragment, tmp_path):
-    base = ["reproduce", "--layers", 2, "--hidden", 32, "--heads", 4, "--seq-len", 32, "--out", tmp_path]
-    assert_one_line_error(invoke(*base, *args), fragment)
+    options = {"--layers": 2, "--hidden": 32, "--heads": 4, "--seq-len": 32, "--out": tmp_path}
+    options.update(zip(args[::2], args[1::2], strict=True))  # an option given once: the case's value
+    assert_one_line_error(invoke("reproduce", *[x for pair in options.items() for x in pair]), fragment)
 
 
 def test_cli_reproduce_text_too_short(tmp_path):

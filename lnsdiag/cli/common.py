@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 from typer.models import OptionInfo
 from typer.utils import get_params_from_function
 
@@ -23,7 +24,69 @@ from ..model.load import LoadedModel, ModelOptions, hub_offline, shadowed_alias
 from ..runs import discard_empty_outputs
 from . import ui
 
-app = typer.Typer(
+
+class _Strict:
+    """Refuse, before any option is converted, what the parser would silently resolve: an option given
+    twice that keeps only one value (``--out a --out b``), and an empty value that names nothing
+    (``--out ""``, ``--tasks ""``). One ``error:`` line and exit 2, as for every user error."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if not ctx.resilient_parsing and args:
+            try:
+                opts, _, order = self.make_parser(ctx).parse_args(args=list(args))  # type: ignore[attr-defined]
+            except Exception:  # a malformed line: the parser proper says what is wrong
+                opts, order = {}, []
+            try:
+                _check_given(opts, order)
+            except UserError as exc:
+                _exit_for(exc, _STATE["debug"] or "--debug" in args)
+        return super().parse_args(ctx, args)  # type: ignore[misc]
+
+
+def _check_given(opts: dict[str, Any], order: list[Any]) -> None:
+    seen: set[str] = set()
+    for param in order:
+        if not getattr(param, "expose_value", True) or param.name in seen:
+            continue
+        seen.add(param.name)
+        is_option = param.param_type_name == "option"
+        flag = _flag(param) if is_option else (param.metavar or param.name or "").upper()
+        times = sum(1 for p in order if p is param)
+        if is_option and times > 1 and not param.multiple and not getattr(param, "count", False):
+            raise UserError(f"{flag} given {_times(times)}: give it once")
+        value = opts.get(param.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, str) and not v.strip() for v in values):
+            raise UserError(f"{flag} is empty: give it a value, or leave it out" if is_option
+                            else f"the {flag} argument is empty")
+
+
+def _flag(param: Any) -> str:
+    """An option as the user knows it: its first long name (``--out``), else its first name."""
+    return next((o for o in param.opts if o.startswith("--")), param.opts[0])
+
+
+def _times(n: int) -> str:
+    return {2: "twice", 3: "three times"}.get(n, f"{n} times")
+
+
+class StrictCommand(_Strict, TyperCommand):
+    """Every lnsdiag command: see :class:`_Strict`."""
+
+
+class StrictGroup(_Strict, TyperGroup):
+    """The ``lnsdiag`` group itself (``--debug``): see :class:`_Strict`."""
+
+
+class _App(typer.Typer):
+    """Typer whose commands are :class:`StrictCommand` unless told otherwise: one place for all of them."""
+
+    def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or StrictCommand, **kwargs)
+
+
+app = _App(
+    cls=StrictGroup,
     name="lnsdiag",
     help="Find the dead weight in large language models (The Curse of Depth, arXiv 2502.05795).",
     no_args_is_help=True,
@@ -219,8 +282,22 @@ def model_choice(model: str | None, model_opt: str | None, **options: Any) -> Mo
 
 #: Model options (MODEL, --revision, --dtype, ...) as one ``model: ModelOptions`` parameter.
 model_options = _shared_options(_MODEL_PARAMS, "model", model_choice)
+def text_choice(text_file: Path | None = None, text_field: str = "text", dataset: str | None = None,
+                dataset_config: str | None = None, split: str | None = None) -> TextOptions:
+    """The text options, refusing those that would be silently ignored: a file and a dataset, a
+    dataset's config or split with a file, a config without its dataset (the default has its own)."""
+    if text_file is not None and dataset is not None:
+        raise OptionError("give {text_file} or {dataset}, not both")
+    if text_file is not None and (dataset_config is not None or split is not None):
+        raise OptionError("{named} a dataset, not to {text_file}: drop it or give {dataset} instead of {text_file}",
+                          named="--dataset-config applies to" if dataset_config is not None else "--split applies to")
+    if dataset_config is not None and dataset is None:
+        raise OptionError("{dataset_config} needs {dataset} (the default text has its own config)")
+    return TextOptions(text_file, text_field, dataset, dataset_config, split)
+
+
 #: Text options (--text-file, --dataset, ...) as one ``text: TextOptions`` parameter.
-text_options = _shared_options(_TEXT_PARAMS, "text", TextOptions)
+text_options = _shared_options(_TEXT_PARAMS, "text", text_choice)
 
 
 def load(options: ModelOptions) -> LoadedModel:

@@ -30,6 +30,7 @@ from .scoring import (
     PplText,
     Seed,
     Tasks,
+    check_resumable,
     load_inputs,
     scoring_config,
 )
@@ -72,7 +73,7 @@ def prune_cmd(
         ppl_dataset_config=ppl_dataset_config, ppl_split=ppl_split, ppl_field=ppl_field, ppl_max_tokens=ppl_max_tokens,
         seq_len=seq_len, layers=layers, angular=not no_angular, margin=margin, batch_size=batch_size, engine=engine,
         batch_tokens=batch_tokens, fresh=fresh, samples=not no_samples)
-    output_dir(out, model.slug, "prune", create=False)
+    check_resumable(output_dir(out, model.slug, "prune", create=False), config)
     timer = Timer()
     inputs, loaded = load_inputs(config, model, timer)
     folder = output_dir(out, model.slug, "prune")

@@ -4,11 +4,15 @@ verdicts are reached), as Typer option types, and the step from them to a checke
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
+from ..errors import OptionError
+from ..results.store import read_settings
+from ..results.verdict import Margins, scored_metrics
 from ..runners.scoring import ScoringConfig, ScoringInputs
 from . import ui
 from .common import load
@@ -19,9 +23,9 @@ if TYPE_CHECKING:
 
 Config = TypeVar("Config", bound=ScoringConfig)
 
-Tasks = Annotated[str | None, typer.Option(
-    "--tasks", "-t", help="lm-eval task or group names, comma-separated \\[default: mmlu, unless only --ppl-* "
-    "is given].", show_default=False)]
+Tasks = Annotated[list[str] | None, typer.Option(
+    "--tasks", "-t", metavar="<str>", help="lm-eval task or group names, comma-separated or repeated "
+    "\\[default: mmlu, unless only --ppl-* is given].", show_default=False)]
 IncludePath = Annotated[Path | None, typer.Option("--include-path", help="Folder of extra lm-eval task YAMLs.",
                                                   show_default=False)]
 NumFewshot = Annotated[int | None, typer.Option("--num-fewshot", help="Few-shot examples \\[default: the "
@@ -54,22 +58,53 @@ BatchTokens = Annotated[int | None, typer.Option("--batch-tokens", help="Fast en
                                                  show_default=False)]
 
 
-def scoring_config(kind: type[Config], *, tasks: str | None, include_path: Path | None, ppl_text: Path | None,
-                   **options: object) -> Config:
-    """A checked config of ``kind`` from the options as typed (paths and comma lists converted)."""
-    return kind(tasks=tuple(tasks.split(",")) if tasks else None,
-                include_path=str(include_path) if include_path else None,
+def scoring_config(kind: type[Config], *, tasks: str | Sequence[str] | None, include_path: Path | None,
+                   ppl_text: Path | None, **options: object) -> Config:
+    """A checked config of ``kind`` from the options as typed (paths converted; ``--tasks`` comma-separated
+    and/or repeated), refusing options that would be silently ignored."""
+    names = None
+    if tasks is not None:
+        given = [tasks] if isinstance(tasks, str) else list(tasks)
+        names = tuple(dict.fromkeys(t.strip() for value in given for t in value.split(",") if t.strip()))
+        if not names and given:
+            raise OptionError("{tasks} {value!r} names no task", value=",".join(given))
+        names = names or None
+    if options.get("ppl_dataset") is None:
+        for field in ("ppl_dataset_config", "ppl_split"):
+            if options.get(field) is not None:
+                fix = ("give {ppl_dataset} too, or drop it" if ppl_text is None
+                       else "drop it with {ppl_text}, or give {ppl_dataset} instead")
+                raise OptionError("{" + field + "} applies to {ppl_dataset}: " + fix)
+    return kind(tasks=names, include_path=str(include_path) if include_path else None,
                 ppl_text=str(ppl_text) if ppl_text else None, **options)  # type: ignore[arg-type]
 
 
-def load_inputs(config: ScoringConfig, model: ModelOptions, timer: Timer) -> tuple[ScoringInputs, LoadedModel]:
-    """Tasks and text first (a typo fails in seconds), then the model: what a scoring command
-    needs before its runner."""
+def check_resumable(folder: Path, config: ScoringConfig) -> None:
+    """A folder a run would resume from must have readable settings (unless ``--fresh`` replaces them):
+    said before the model loads, not after."""
+    if not config.fresh and (folder / "settings.json").is_file():
+        read_settings(folder / "settings.json")
+
+
+def check_margins(config: ScoringConfig) -> Callable[[dict[str, list[str]] | None], None]:
+    """What ``prune`` checks once its tasks are loaded: the margins against the metrics they report."""
+    def check(scored: dict[str, list[str]] | None) -> None:
+        if scored is not None:
+            Margins.parse(config.margin, [m for metrics in scored.values() for m in metrics])
+    return check
+
+
+def load_inputs(config: ScoringConfig, model: ModelOptions, timer: Timer,
+                check: Callable[[dict[str, list[str]] | None], None] | None = None,
+                ) -> tuple[ScoringInputs, LoadedModel]:
+    """Tasks and text first (a typo fails in seconds), then ``check`` on what they score (task ->
+    metrics; default: the margins), then the model: what a scoring command needs before its runner."""
     tasks = None
     if config.tasks:
         with ui.status(f"loading tasks {', '.join(config.tasks)}"), timer("tasks"):
             tasks = config.load_tasks()
     inputs = ScoringInputs(tasks, config.load_text())
+    (check or check_margins(config))(scored_metrics(inputs.tasks, inputs.ppl_text is not None))
     with timer("load"):
         loaded = load(model)
     return inputs, loaded

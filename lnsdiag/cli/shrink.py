@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import OptionError
 from ..model.load import ModelOptions
 from ..model.structure import find_layers
 from ..runners.scoring import ScoringConfig
@@ -21,7 +22,7 @@ from .show import show_shrink
 
 #: ``--strategy``'s help: every registered strategy, described as the registry describes it.
 STRATEGY_HELP = (", ".join(f"{s.name} ({s.help})" for s in STRATEGIES)
-                 + "; comma-separated \\[default: all].")
+                 + "; comma-separated or repeated \\[default: all].")
 
 
 @app.command("shrink")
@@ -29,9 +30,10 @@ STRATEGY_HELP = (", ".join(f"{s.name} ({s.help})" for s in STRATEGIES)
 @model_options
 def shrink_cmd(
     model: ModelOptions,
-    remove: Annotated[int, typer.Option("--remove", "-n", help="Remove n = 1..N layers at once.")] = 4,
-    strategies: Annotated[str | None, typer.Option(
-        "--strategy", "-s", help=STRATEGY_HELP, show_default=False)] = None,
+    remove: Annotated[int | None, typer.Option(
+        "--remove", "-n", help="Remove n = 1..N layers at once \\[default: 4].", show_default=False)] = None,
+    strategies: Annotated[list[str] | None, typer.Option(
+        "--strategy", "-s", metavar="<str>", help=STRATEGY_HELP, show_default=False)] = None,
     layers: Annotated[str | None, typer.Option(
         "--layers", "-l", help="Score this one set instead of strategies: 3,4,7 or 20-27.", show_default=False)] = None,
     rank_by: Annotated[str | None, typer.Option(
@@ -40,9 +42,9 @@ def shrink_cmd(
     save: Annotated[Path | None, typer.Option(
         "--save", help="Write the pruned model (N removed) to this folder as a Hugging Face checkpoint.",
         show_default=False)] = None,
-    save_strategy: Annotated[str, typer.Option(
+    save_strategy: Annotated[str | None, typer.Option(
         "--save-strategy", help="Which strategy's N-layer removal --save writes: best (on --rank-by) or a "
-        "strategy name.")] = "best",
+        "strategy name \\[default: best].", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --save replace a non-empty folder.")] = False,
     reuse: Annotated[Path | None, typer.Option(
         "--reuse", help="A prune (or shrink) folder of the same model and scoring settings: its stored results (the "
@@ -76,14 +78,21 @@ def shrink_cmd(
         ppl_dataset_config=ppl_dataset_config, ppl_split=ppl_split, ppl_field=ppl_field, ppl_max_tokens=ppl_max_tokens,
         seq_len=seq_len, margin=margin, batch_size=batch_size, engine=engine, batch_tokens=batch_tokens,
         fresh=fresh, samples=not no_samples)
-    config = ShrinkConfig(remove=remove, strategies=strategies, layers=layers, rank_by=rank_by, scoring=scoring)
+    config = ShrinkConfig(remove=remove, strategies=strategies or None, layers=layers, rank_by=rank_by,
+                          scoring=scoring)
+    if save is None:
+        for field, given in (("save_strategy", save_strategy is not None), ("overwrite", overwrite)):
+            if given:
+                raise OptionError("{" + field + "} applies to {save}: give {save} DIR too, or drop it")
+    save_strategy = save_strategy or "best"
+    planned = output_dir(out, model.slug, "shrink", create=False)
+    opt.check_resumable(planned, scoring)
     if save is not None:
-        check_save_target(save, overwrite, config, save_strategy)
+        check_save_target(save, overwrite, config, save_strategy, out=planned)
     if reuse is not None:
         check_reuse(reuse)
-    output_dir(out, model.slug, "shrink", create=False)
     timer = Timer()
-    inputs, loaded = opt.load_inputs(scoring, model, timer)
+    inputs, loaded = opt.load_inputs(scoring, model, timer, check=config.check_scored)
     config.check_model(len(find_layers(loaded.model, model.layers_path)))  # before any output exists
     folder = output_dir(out, model.slug, "shrink")
     with ui.progress_display() as progress:

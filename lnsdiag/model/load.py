@@ -140,6 +140,30 @@ def resolve_model(name: str) -> tuple[str, bool]:
     return name, False
 
 
+#: Files one of which a tokenizer saved with ``save_pretrained`` (any kind) leaves in its folder.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "merges.txt", "spiece.model", "sentencepiece.bpe.model", "special_tokens_map.json")
+
+
+def check_tokenizer_files(source: str | Path) -> None:
+    """A local model folder must hold its tokenizer: refused before the weights load, naming the
+    folder and what it lacks (transformers' own error is several lines about backends)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    if any((folder / name).is_file() for name in _TOKENIZER_FILES) or any(folder.glob("*.tiktoken")):
+        return
+    raise UserError(f"cannot load the tokenizer of {folder}: the folder holds no tokenizer files (tokenizer.json, "
+                    "tokenizer_config.json, tokenizer.model, vocab.json + merges.txt or vocab.txt); copy them from the "
+                    "model it was made from (tokenizer.save_pretrained(folder))")
+
+
+def _whole(exc: BaseException, limit: int = 400) -> str:
+    """An exception's whole message on one line (a tokenizer's error lists its alternatives over several)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def shadowed_alias(name: str) -> str | None:
     """A line saying so when a local directory named like an alias (or hub id) is used instead."""
     source, is_local = resolve_model(name)
@@ -302,6 +326,8 @@ def load_model(
     torch_dtype = pick_dtype(dtype, dev)
     common = {"revision": revision, "trust_remote_code": trust_remote_code}
     where = source if is_local else f"{source!r} from the Hugging Face hub"
+    if is_local:
+        check_tokenizer_files(source)  # before the weights, which may take minutes
     try:
         config = AutoConfig.from_pretrained(source, **common)
     except ValueError as exc:
@@ -349,7 +375,7 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except Exception as exc:  # tokenizers' Rust errors are plain Exceptions; every one here is about the files
-        raise UserError(f"cannot load the tokenizer of {where}: {_short(exc)}") from exc
+        raise UserError(f"cannot load the tokenizer of {where}: {_whole(exc)}") from exc
     prepare_tokenizer(tokenizer)
 
     first = next(model.parameters())
@@ -399,7 +425,9 @@ class ModelOptions:
     gpus_per_replica: int = 1
 
     def __post_init__(self) -> None:
-        resolve_model(self.name)
+        source, is_local = resolve_model(self.name)
+        if is_local:
+            check_tokenizer_files(source)
         pick_dtype(self.dtype)
         if self.gpus_per_replica < 1:
             raise UserError(f"--gpus-per-replica must be at least 1, not {self.gpus_per_replica}")

@@ -138,7 +138,7 @@ class ResultStore:
             for partial in partial_files(self.checkpoint):
                 partial.unlink(missing_ok=True)
         if settings_path.is_file():
-            self._check_compatible(read_json(settings_path))
+            self._check_compatible(read_settings(settings_path))
         if not samples:  # an earlier run's export would no longer match the variants
             shutil.rmtree(self.folder / "samples", ignore_errors=True)
         self.variants.mkdir(parents=True, exist_ok=True)
@@ -146,9 +146,7 @@ class ResultStore:
 
     def differing(self, stored: dict[str, Any]) -> list[str]:
         """The settings in which ``stored`` (another run's settings.json) differs from this store's."""
-        keys = list(dict.fromkeys([*self.settings, *stored]))
-        return [k for k in keys if json.dumps(stored.get(k), sort_keys=True, default=str)
-                != json.dumps(self.settings.get(k), sort_keys=True, default=str)]
+        return settings_differ(self.settings, stored)
 
     def _check_compatible(self, stored: dict[str, Any]) -> None:
         differ = self.differing(stored)
@@ -202,6 +200,30 @@ class ResultStore:
                 text = frame.to_csv(index=False, float_format="%.10g", lineterminator="\n")
                 atomic_write(self.samples / f"{name}.csv.gz", gzip.compress(text.encode("utf-8"), mtime=0))
         return write_json(self.variants / f"{name}.json", result.to_json())
+
+
+def settings_differ(settings: Mapping[str, Any], stored: Mapping[str, Any]) -> list[str]:
+    """The keys in which two runs' settings (``settings.json`` fingerprints) differ."""
+    keys = list(dict.fromkeys([*settings, *stored]))
+    return [k for k in keys if json.dumps(stored.get(k), sort_keys=True, default=str)
+            != json.dumps(settings.get(k), sort_keys=True, default=str)]
+
+
+def read_settings(path: str | Path, what: str = "--out") -> dict[str, Any]:
+    """A run folder's ``settings.json``; one that cannot be read (a run cut off while writing it, an
+    edit) is a :class:`~lnsdiag.errors.UserError` naming it, not a JSON traceback. ``what`` is the option
+    that chose the folder, for the message."""
+    path = Path(path)
+    hint = ("rerun with --fresh to start the folder over, or --out DIR to write elsewhere" if what == "--out"
+            else f"give {what} the folder of a run that finished")
+    try:
+        settings = read_json(path)
+    except (OSError, ValueError) as exc:
+        reason = "not valid JSON" if isinstance(exc, ValueError) else (exc.strerror or type(exc).__name__)
+        raise UserError(f"cannot read {path} ({reason}): {hint}") from exc
+    if not isinstance(settings, dict):
+        raise UserError(f"cannot read {path} (not a JSON object): {hint}")
+    return settings
 
 
 def partial_files(checkpoint: Path) -> list[Path]:

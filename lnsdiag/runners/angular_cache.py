@@ -47,7 +47,14 @@ class AngularCache:
     def stored(self) -> bool:
         """Whether the folder holds the table, made with these settings (rank 0 looks; every rank hears)."""
         stamp = self.folder / STAMP
-        return on_main(lambda: self.path.is_file() and stamp.is_file() and read_json(stamp) == self.stamp)
+
+        def matches() -> bool:
+            try:
+                return self.path.is_file() and read_json(stamp) == self.stamp
+            except (OSError, ValueError):  # no stamp, or a damaged one: measured again, never trusted
+                return False
+
+        return on_main(matches)
 
     def save(self, frame: pd.DataFrame) -> None:
         """The table and its stamp, written by one rank (every rank measured the same gathered sums)."""

@@ -11,6 +11,7 @@ average of the layers overlapping it, weighted by the overlap. With equal layer 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -56,9 +57,25 @@ class RunResults:
 
 def _read_csv(path: Path) -> pd.DataFrame:
     try:
-        return pd.read_csv(path)
+        data = path.read_bytes()
+        frame = pd.read_csv(io.BytesIO(data))
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise UserError(f"cannot read {path}: {str(exc).splitlines()[0][:200]}") from exc
+    if data and not data.endswith(b"\n"):  # every table lnsdiag writes ends with one: a copy that stopped short
+        raise UserError(f"{path} is truncated (its last line is cut off): copy it again, or rerun the command that "
+                        "wrote it")
+    return frame
+
+
+def _check_complete(path: Path, layers: pd.Series, expected: Any) -> None:
+    """Refuse a table lacking layers its run's meta.json says it measured (a truncated copy)."""
+    if not isinstance(expected, list) or not all(isinstance(i, int) for i in expected):
+        return
+    missing = sorted(set(expected) - {int(v) for v in layers.dropna()})
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        raise UserError(f"{path} is truncated: it lacks layer(s) {shown} that its meta.json lists; copy it again, "
+                        "or rerun the command that wrote it")
 
 
 def _meta(folder: Path) -> dict[str, Any]:
@@ -120,6 +137,8 @@ def load_run(folder: str | Path, label: str | None = None) -> RunResults:
             missing = {"layer", *metrics} - set(frame.columns)
             if missing:
                 raise UserError(f"{path} lacks columns {', '.join(sorted(missing))}")
+            if name == "angular.csv" and isinstance(sub_meta.get("num_layers"), int):
+                _check_complete(path, frame["layer"], list(range(sub_meta["num_layers"])))
             if name == "variance.csv":  # the extra last row is the final output, not a layer
                 last = int(frame["layer"].max())
                 counts.append(last)
@@ -132,7 +151,11 @@ def load_run(folder: str | Path, label: str | None = None) -> RunResults:
         for name in TIDY_FILES:
             path = sub / name
             if path.is_file():
-                tidy = _tidy_metrics(_read_csv(path), path)
+                table = _read_csv(path)
+                tidy = _tidy_metrics(table, path)
+                if name == "prune.csv":
+                    removed = pd.to_numeric(table["removed_layer"], errors="coerce")
+                    _check_complete(path, removed, sub_meta.get("layers"))
                 if len(tidy):
                     counts.append(int(tidy["layer"].max()) + 1)
                 parts.append(tidy)

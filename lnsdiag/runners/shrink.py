@@ -27,7 +27,7 @@ model's remaining layers. Statistics and verdicts are ``prune``'s (paired, again
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,9 +48,9 @@ from ..model.load import LoadedModel
 from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
 from ..results.lock import holds_folder_lock
-from ..results.store import ResultStore, VariantResult
-from ..results.verdict import headline_metrics, prune_frame, rule_text
-from ..runs import RunFiles, Timer, atomic_write, read_json, run_record, write_tables
+from ..results.store import ResultStore, VariantResult, read_settings, settings_differ
+from ..results.verdict import Margins, headline_metrics, prune_frame, rule_text, scored_metrics
+from ..runs import RunFiles, Timer, atomic_write, run_record, write_tables
 from .angular_cache import AngularCache, cached_angular
 from .scoring import Scoring, ScoringConfig, ScoringInputs, prepare_scoring
 from .shrink_table import COLUMNS, FULL, tidy_frame, wide_shrink_frame
@@ -71,12 +71,17 @@ OUTPUTS = ("angular_blocks.csv", "angular_settings.json", "shrink.csv", "shrink_
            "shrink.png", "shrink.pdf", "meta.json")
 
 
+#: Layers removed at once when neither ``remove`` nor ``layers`` is given.
+DEFAULT_REMOVE = 4
+
+
 def parse_strategies(value: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``"angular,greedy"`` or a sequence → a checked tuple (``None`` or ``"all"``: every strategy)."""
+    """``"angular,greedy"`` or a sequence of such (``--strategy`` repeated) → a checked tuple (``None`` or
+    ``"all"``: every strategy)."""
     if value is None:
         return names()
-    wanted = value.split(",") if isinstance(value, str) else list(value)
-    wanted = [n.strip().lower() for n in wanted if n.strip()]
+    given = [value] if isinstance(value, str) else list(value)
+    wanted = [n.strip().lower() for part in given for n in str(part).split(",") if n.strip()]
     if not wanted or wanted == ["all"]:
         return names()
     for name in wanted:
@@ -89,12 +94,13 @@ class ShrinkConfig:
     """Everything ``lnsdiag shrink`` can be told, checked when built (the layer count is checked
     against the model by :meth:`check_model`).
 
-    ``scoring`` holds the options ``prune`` shares (tasks, perplexity text, margin, engine, ...).
-    ``rank_by`` (``"task/metric"``) is what ``sweep`` and ``greedy`` minimise the harm on
+    ``remove`` is N [default: 4]; ``layers`` one set scored as it is instead (N is its size: give
+    one of the two). ``scoring`` holds the options ``prune`` shares (tasks, perplexity text, margin,
+    engine, ...). ``rank_by`` (``"task/metric"``) is what ``sweep`` and ``greedy`` minimise the harm on
     [default: the first task's main metric, else perplexity].
     """
 
-    remove: int = 4
+    remove: int | None = None
     strategies: tuple[str, ...] | str | None = None
     layers: Removal | Sequence[int] | str | None = None
     rank_by: str | None = None
@@ -103,6 +109,9 @@ class ShrinkConfig:
     def __post_init__(self) -> None:
         if self.layers is not None and self.strategies is not None:
             raise OptionError("give {layers} or {strategies}, not both: {layers} scores that one set as it is")
+        if self.layers is not None and self.remove is not None:
+            raise OptionError("give {layers} or {remove}, not both: {layers} scores that one set as it is (its "
+                              "size is the number removed)")
         if self.layers is not None:
             layers = Removal.parse(self.layers)
             object.__setattr__(self, "layers", layers)
@@ -110,7 +119,9 @@ class ShrinkConfig:
             object.__setattr__(self, "strategies", (GIVEN,))
         else:
             object.__setattr__(self, "strategies", parse_strategies(self.strategies))
-            if not isinstance(self.remove, int) or self.remove < 1:
+            if self.remove is None:
+                object.__setattr__(self, "remove", DEFAULT_REMOVE)
+            if not isinstance(self.remove, int) or isinstance(self.remove, bool) or self.remove < 1:
                 raise OptionError("{remove} must be at least 1, not {value}", value=self.remove)
         if self.rank_by is not None and "/" not in self.rank_by:
             raise OptionError("{rank_by} must be TASK/METRIC (e.g. arc_easy/acc or ppl/ppl), not {value!r}",
@@ -121,6 +132,23 @@ class ShrinkConfig:
     def chosen(self) -> list[Strategy]:
         """The registered strategies to run, in registry order (none for an explicit set)."""
         return [registered(name) for name in names() if name in self.strategies]
+
+    def check_scored(self, scored: Mapping[str, Sequence[str]] | None) -> None:
+        """``rank_by`` and the margins against what the run scores (task -> metrics,
+        :func:`~lnsdiag.results.verdict.scored_metrics`), known once the tasks are loaded: before the
+        model loads, and before any output exists. None: not known, nothing checked."""
+        if scored is None:
+            return
+        Margins.parse(self.scoring.margin, [m for metrics in scored.values() for m in metrics])
+        if self.rank_by is None:
+            return
+        task, metric = self.rank_by.split("/", 1)
+        if task not in scored:
+            raise OptionError("{rank_by} {value}: {task!r} is not scored in this run (scored: {have})",
+                              value=self.rank_by, task=task, have=", ".join(scored) or "nothing")
+        if metric not in scored[task]:
+            raise OptionError("{rank_by} {value}: task {task!r} reports no metric {metric!r} (it reports: {have})",
+                              value=self.rank_by, task=task, metric=metric, have=", ".join(scored[task]))
 
     def check_model(self, num_layers: int) -> None:
         """The removal must leave at least one layer and name real ones."""
@@ -253,10 +281,17 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
     folder = Path(out)
     scoring_config = config.scoring
     inputs = inputs or scoring_config.load_inputs()
+    config.check_scored(scored_metrics(inputs.tasks, inputs.ppl_text is not None))
     stack = find_layers(loaded.model, layers_path)
     L = len(stack)
     config.check_model(L)
     scoring = prepare_scoring(loaded, scoring_config, inputs, stack, progress)
+    tasks = scoring.tasks
+    if config.rank_by is not None and config.rank_by.split("/", 1)[0] not in tasks:
+        raise OptionError("{rank_by} {value}: {task!r} is not scored in this run (scored: {scored})",
+                          value=config.rank_by, task=config.rank_by.split("/", 1)[0], scored=", ".join(tasks))
+    if reuse is not None:  # refused before the store writes anything into the folder
+        on_main(lambda: check_reuse(reuse, scoring.settings))
     store = ResultStore(folder, scoring.settings, fresh=scoring_config.fresh, outputs=OUTPUTS,
                         samples=scoring_config.samples)
     if reuse is not None:
@@ -266,10 +301,6 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
     scorer = _Scorer(loaded, stack, scoring, store, config, progress)
     if scorer.done():
         progress.note(f"resuming: {len(scorer.done())} removal set(s) already scored in {folder}")
-    tasks = scoring.tasks
-    if config.rank_by is not None and config.rank_by.split("/", 1)[0] not in tasks:
-        raise OptionError("{rank_by} {value}: {task!r} is not scored in this run (scored: {scored})",
-                          value=config.rank_by, task=config.rank_by.split("/", 1)[0], scored=", ".join(tasks))
     N = config.remove
     try:
         with timer("scoring"):
@@ -335,21 +366,23 @@ def _angular_evidence(angular: AngularResult | None, loaded: LoadedModel, folder
         return _angular(loaded, folder, stack, text, scoring, config, progress)
 
 
-def check_reuse(reuse: str | Path) -> Path:
-    """``reuse`` if it is a result folder (it holds settings.json): checked before any slow work."""
+def check_reuse(reuse: str | Path, settings: Mapping[str, Any] | None = None) -> Path:
+    """``reuse`` if it is a result folder (it holds a readable settings.json) and, given this run's
+    ``settings``, one made with the same: checked before any slow work, and before any output."""
     source = Path(reuse)
     if not (source / "settings.json").is_file():
         raise OptionError("{reuse} {value}: not a prune or shrink folder (no settings.json)", value=source)
+    stored = read_settings(source / "settings.json", what="--reuse")
+    differ = settings_differ(settings, stored) if settings is not None else []
+    if differ:
+        raise OptionError("{reuse} {value}: made with other settings ({differ}); its results would not be comparable",
+                          value=source, differ=", ".join(differ[:3]))
     return source
 
 
 def _reuse(source: Path, store: ResultStore) -> int:
     """Copy the stored results of another run of the same settings into ``store``; how many."""
-    check_reuse(source)
-    differ = store.differing(read_json(source / "settings.json"))
-    if differ:
-        raise OptionError("{reuse} {value}: made with other settings ({differ}); its results would not be comparable",
-                          value=source, differ=", ".join(differ[:3]))
+    check_reuse(source, store.settings)
     copied = 0
     for path in sorted((source / "variants").glob("*.json")):
         target = store.variants / path.name
@@ -396,9 +429,16 @@ def _tagged(part: pd.DataFrame, strategy: str, n: int, removal: Removal, selecti
 
 # --- the smaller model as a checkpoint ------------------------------------------------------
 
-def check_save_target(save: str | Path, overwrite: bool, config: ShrinkConfig, save_strategy: str = "best") -> None:
-    """Fail before any work when :func:`save_pick` could not write ``save`` with ``save_strategy``'s pick."""
+def check_save_target(save: str | Path, overwrite: bool, config: ShrinkConfig, save_strategy: str = "best",
+                      out: str | Path | None = None) -> None:
+    """Fail before any work when :func:`save_pick` could not write ``save`` with ``save_strategy``'s pick
+    (``out``: the run's own folder, which the checkpoint must not share)."""
     folder = Path(save)
+    if out is not None:
+        here, there = folder.expanduser().resolve(), Path(out).expanduser().resolve()
+        if here == there or here in there.parents:
+            raise OptionError("{save} {value} would hold the run's own results ({out} {there}): give the pruned "
+                              "model a folder of its own", value=folder, there=Path(out))
     if folder.exists() and not folder.is_dir():
         raise OptionError("{save} {value} is a file, not a folder", value=folder)
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
