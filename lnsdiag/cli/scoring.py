@@ -12,7 +12,7 @@ import typer
 
 from ..errors import OptionError
 from ..results.store import read_settings
-from ..results.verdict import Margins, scored_metrics
+from ..results.verdict import scored_metrics
 from ..runners.scoring import ScoringConfig, ScoringInputs
 from . import ui
 from .common import load
@@ -86,14 +86,6 @@ def check_resumable(folder: Path, config: ScoringConfig) -> None:
         read_settings(folder / "settings.json")
 
 
-def check_margins(config: ScoringConfig) -> Callable[[dict[str, list[str]] | None], None]:
-    """What ``prune`` checks once its tasks are loaded: the margins against the metrics they report."""
-    def check(scored: dict[str, list[str]] | None) -> None:
-        if scored is not None:
-            Margins.parse(config.margin, [m for metrics in scored.values() for m in metrics])
-    return check
-
-
 def load_inputs(config: ScoringConfig, model: ModelOptions, timer: Timer,
                 check: Callable[[dict[str, list[str]] | None], None] | None = None,
                 ) -> tuple[ScoringInputs, LoadedModel]:
@@ -104,7 +96,7 @@ def load_inputs(config: ScoringConfig, model: ModelOptions, timer: Timer,
         with ui.status(f"loading tasks {', '.join(config.tasks)}"), timer("tasks"):
             tasks = config.load_tasks()
     inputs = ScoringInputs(tasks, config.load_text())
-    (check or check_margins(config))(scored_metrics(inputs.tasks, inputs.ppl_text is not None))
+    (check or config.check_scored)(scored_metrics(inputs.tasks, inputs.ppl_text is not None))
     with timer("load"):
         loaded = load(model)
     return inputs, loaded

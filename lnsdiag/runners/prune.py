@@ -31,7 +31,15 @@ from ..model.structure import find_layers, parse_layer_spec
 from ..progress import SILENT, Progress
 from ..results.lock import holds_folder_lock
 from ..results.store import ResultStore, VariantResult, plan_variants
-from ..results.verdict import BOOTSTRAP_CAP, BOOTSTRAP_FLOOR, PYTHON_CAP, Margins, prune_frame, rule_text
+from ..results.verdict import (
+    BOOTSTRAP_CAP,
+    BOOTSTRAP_FLOOR,
+    PYTHON_CAP,
+    Margins,
+    prune_frame,
+    rule_text,
+    scored_metrics,
+)
 from ..runs import RunFiles, Timer, run_record, write_tables
 from .angular_cache import AngularCache, cached_angular
 from .scoring import ScoringConfig, ScoringInputs, prepare_scoring
@@ -94,6 +102,7 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Sc
     timer = timer or Timer()
     folder = Path(out)
     inputs = inputs or config.load_inputs()
+    config.check_scored(scored_metrics(inputs.tasks, inputs.ppl_text is not None))
     model = loaded.model
     stack = find_layers(model, layers_path)
     selected = Removal.each(parse_layer_spec(config.layers, len(stack)))

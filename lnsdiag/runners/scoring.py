@@ -7,6 +7,7 @@ fingerprint that makes two runs' numbers comparable (a result store refuses anot
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +80,13 @@ class ScoringConfig:
     @property
     def margins(self) -> Margins:
         return Margins.parse(self.margin)
+
+    def check_scored(self, scored: Mapping[str, Sequence[str]] | None) -> None:
+        """The margins against the metrics the run scores (task -> metrics,
+        :func:`~lnsdiag.results.verdict.scored_metrics`), known once the tasks are loaded: before the
+        model loads and before any output exists. None: not known, nothing checked."""
+        if scored is not None:
+            Margins.parse(self.margin, [m for metrics in scored.values() for m in metrics])
 
     @property
     def wants_ppl(self) -> bool:

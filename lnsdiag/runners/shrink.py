@@ -49,7 +49,7 @@ from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
 from ..results.lock import holds_folder_lock
 from ..results.store import ResultStore, VariantResult, read_settings, settings_differ
-from ..results.verdict import Margins, headline_metrics, prune_frame, rule_text, scored_metrics
+from ..results.verdict import headline_metrics, prune_frame, rule_text, scored_metrics
 from ..runs import RunFiles, Timer, atomic_write, run_record, write_tables
 from .angular_cache import AngularCache, cached_angular
 from .scoring import Scoring, ScoringConfig, ScoringInputs, prepare_scoring
@@ -139,7 +139,7 @@ class ShrinkConfig:
         model loads, and before any output exists. None: not known, nothing checked."""
         if scored is None:
             return
-        Margins.parse(self.scoring.margin, [m for metrics in scored.values() for m in metrics])
+        self.scoring.check_scored(scored)
         if self.rank_by is None:
             return
         task, metric = self.rank_by.split("/", 1)

@@ -1,4 +1,4 @@
-"""Hostile inputs: what a careless user does, and what lnsdiag must do then (refuse with one line,
+"""Hostile inputs that could mix results: what a careless user does, and what lnsdiag must do then (refuse with one line,
 or recompute, but never mix results or leave a mess). Each case is one a real user hit; new
 ones belong here.
 """
