@@ -1,7 +1,5 @@
-"""Hostile inputs that could mix results: what a careless user does, and what lnsdiag must do then (refuse with one line,
-or recompute, but never mix results or leave a mess). Each case is one a real user hit; new
-ones belong here.
-"""
+"""Results that cannot mix: task data edited in place is refused, files keep the user's umask,
+a killed save's staging folder is cleaned by the next one (see the package docstring)."""
 
 from __future__ import annotations
 
