@@ -27,7 +27,7 @@ from tests.families import tiny_model
 from tests.lmeval_tasks import write_generation_task, write_tasks
 from tests.test_cli_basic import assert_one_line_error
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 
