@@ -136,3 +136,34 @@ def test_library_refusals_write_nothing(tmp_path):
     saved = export_checkpoint(already, tmp_path / "folded")
     assert saved.folded_norms == 0 and "already folded" in saved.note
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folded"]
+
+
+def test_trained_twins_are_written_folded(tmp_path, monkeypatch):
+    """A reproduce twin trained with LNS (hooks during training) is written folded: plain transformers
+    computes the trained LNS model; reproduce says which twins are folded."""
+    import copy
+
+    from lnsdiag.data.text import TextSource
+    from lnsdiag.demo import model as demo_model
+    from lnsdiag.runners import reproduce
+    from tests.conftest import SAMPLE_TEXT
+
+    trained = {}
+    real = demo_model.train_causal_lm
+
+    def keep(model, stream, **kwargs):
+        log = real(model, stream, **kwargs)
+        trained["model"] = copy.deepcopy(model).eval()  # as trained: with its hooks
+        return log
+
+    monkeypatch.setattr(demo_model, "train_causal_lm", keep)
+    text = TextSource("tiny", [f"{SAMPLE_TEXT} Paragraph {i} says {i * 7 % 13}.\n" for i in range(40)])
+    spec = DemoSpec(layers=3, hidden=32, heads=4, intermediate=64, vocab=300, seq_len=32, batch_size=4, steps=3,
+                    norm="lns")
+    path, _ = demo_model.ensure_demo_model(spec, text=text)
+    assert lns.has_lns_hooks(trained["model"])
+    assert json.loads((path / "config.json").read_text())["lns"]["folded"] is True
+    ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(_plain(path), ids), _logits(trained["model"], ids), rtol=0, atol=1e-5)
+    result = reproduce.reproduce(spec, ["lns"], text=text, eval_tokens=256, batch_size=4)
+    assert [r.lns_weights for r in result.runs] == ["folded"] and result.runs[0].placement == "pre-LN+LNS"

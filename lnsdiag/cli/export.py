@@ -56,9 +56,21 @@ def show_export(result: export.ExportRun, name: str) -> None:
             f"{saved.fold_rounding:.2g}; {size}", highlight=False, soft_wrap=True)
     else:
         ui.console.print(f"exported {name} to {saved.folder}: {size}", highlight=False, soft_wrap=True)
+    eps = _eps(saved.record.get("dtype"))
+    if saved.fold_rounding is not None and eps is not None and saved.fold_rounding > eps:
+        ui.note(f"stored in {saved.record.get('dtype')}, a folded norm weight is off its exact value by up to "
+                f"{saved.fold_rounding:.2g} of its factor (more than {saved.record.get('dtype')}'s own {eps:.2g}); "
+                "--dtype float32 writes the folded weights exactly")
     if result.max_abs_logit_diff is not None:
         ui.console.print(f"checked: plain transformers on {saved.folder} vs lnsdiag's model, {result.check_tokens} "
                          f"random tokens: max |Δlogits| = {result.max_abs_logit_diff:.3g} (logits up to "
                          f"{result.max_abs_logit:.3g})", highlight=False, soft_wrap=True)
     ui.console.print(f"load it anywhere: AutoModelForCausalLM.from_pretrained({str(saved.folder)!r}), vLLM, "
                      f"lm-eval --model_args pretrained={saved.folder}", highlight=False, soft_wrap=True)
+
+
+def _eps(dtype: str | None) -> float | None:
+    import torch
+
+    value = getattr(torch, str(dtype), None)
+    return float(torch.finfo(value).eps) if isinstance(value, torch.dtype) and value.is_floating_point else None
