@@ -385,7 +385,7 @@ def test_norms_that_cannot_carry_the_scale_are_one_clear_error():
     for block in find_layers(model).layers:
         block.post_attention_layernorm = SquaredNorm(block.post_attention_layernorm)
     lns.apply_lns(model)
-    with pytest.raises(UserError, match="neither w·x̂ \\+ b nor \\(1 \\+ w\\)·x̂"):
+    with pytest.raises(UserError, match="neither w·x̂ \\+ b nor \\(1 \\+ w\\)·x̂ \\+ b"):
         lns.fold_plan(model)
 
     shared = tiny_model("llama")  # one norm module in two blocks cannot carry two scales

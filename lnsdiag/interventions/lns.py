@@ -340,7 +340,11 @@ def fold_kind(module: nn.Module, where: str = "the norm") -> FoldKind:
         return (out[0] if isinstance(out, tuple) else out).float()
 
     with torch.no_grad():
-        reference = run()
+        try:
+            reference = run()
+        except Exception as exc:  # a norm whose input is not shaped like its weight: not one of the two formulas
+            raise UserError(f"cannot fold LayerNorm Scaling into {where}: a copy of it did not run on an input shaped "
+                            f"like its weight ({type(exc).__name__}); only lnsdiag's hooks compute it") from exc
         originals = {name: probe.get_parameter(name).detach().clone() for name in params}
         tolerance = 1e-5 * float(reference.abs().max()) + 1e-7
         for kind in ("scale", "one_plus"):
@@ -348,8 +352,8 @@ def fold_kind(module: nn.Module, where: str = "the norm") -> FoldKind:
                 probe.get_parameter(name).copy_(_apply(originals[name], 0.5, kind if name == "weight" else "scale"))
             if torch.allclose(run(), 0.5 * reference, rtol=1e-4, atol=tolerance):
                 return kind  # type: ignore[return-value]
-    raise UserError(f"cannot fold LayerNorm Scaling into {where}: its output is neither w·x̂ + b nor (1 + w)·x̂ "
-                    "in its weight, so only lnsdiag's hooks can compute it (load it with lnsdiag's load_model)")
+    raise UserError(f"cannot fold LayerNorm Scaling into {where}: its output is neither w·x̂ + b nor (1 + w)·x̂ + b, "
+                    "so only lnsdiag's hooks compute it (load it with lnsdiag's load_model)")
 
 
 def fold_plan(model: nn.Module, stack: LayerStack | None = None) -> list[NormFold]:
