@@ -54,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "compare_folders": "runners.compare", "load_run": "runners.compare",
     # LayerNorm Scaling and the twins
     "apply_lns": "interventions.lns", "remove_lns": "interventions.lns", "restore_lns": "interventions.lns",
+    "fold_lns": "interventions.lns", "unfold_lns": "interventions.lns", "export_checkpoint": "checkpoint.export",
     "apply_post_ln": "interventions.postln", "DemoSpec": "demo.model", "ensure_demo_model": "demo.model",
     # progress and errors
     "Progress": "progress", "UserError": "errors",

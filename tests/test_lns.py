@@ -289,3 +289,110 @@ def test_post_ln_saves_reloads_and_removes_exactly(tmp_path, tokenizer):
     assert torch.equal(_logits(model, ids, mask), _logits(plain, ids, mask))
     with pytest.raises(UserError, match="Post-LN is supported"):
         postln.apply_post_ln(tiny_model("gemma2"))
+
+
+# --- folding the scales into the norm weights ----------------------------------------------
+
+#: Llama (RMSNorm, w·x̂), families whose LayerNorms have biases (w·x̂ + b), Gemma's (1 + w)·x̂.
+FOLD_FAMILIES = {"llama": "scale", "gpt_neox": "scale", "gpt2": "scale", "opt": "scale", "gemma2": "one_plus",
+                 "gemma3": "one_plus"}
+
+
+@pytest.mark.parametrize("family", list(FOLD_FAMILIES))
+def test_folded_weights_compute_the_hooked_model(family):
+    """fold_lns: no hook left, the scales in the weights (and biases), the same logits within float32 rounding."""
+    model = lns.apply_lns(tiny_model(family))
+    ids, mask = padded_batch()
+    expected = _logits(model, ids, mask)
+    plan = lns.fold_plan(model)
+    assert {fold.kind for fold in plan} == {FOLD_FAMILIES[family]}
+    assert [(f.block, f.norm, f.layer) for f in plan] == [
+        (i, n, i + 1) for i in range(4) for n in model.config.lns["norms"]]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = lns.fold_lns(model)
+    assert folded is model and not lns.has_lns_hooks(model) and _scale_hooks(model) == []
+    assert model.config.lns == {"scale": "1/sqrt(l)", "norms": lns.find_pre_norms(model),
+                                "layers": [1, 2, 3, 4], "version": 2, "folded": True}
+    assert lns.is_lns(model) and lns.is_folded(model) and lns.fold_plan(model) == []
+    got = _logits(model, ids, mask)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # exactly the named norms changed, each by its own block's factor
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    prefix = find_layers(model).path
+    named = {f"{prefix}.{f.block}.{f.norm}.{p}" for f in plan for p, _ in f.module.named_parameters(recurse=False)}
+    assert changed == {k for k in named if not k.startswith(f"{prefix}.0.")}  # l = 1: factor 1
+    for f in plan:
+        key = f"{prefix}.{f.block}.{f.norm}.weight"
+        w, s = before[key].double(), 1 / math.sqrt(f.layer)
+        want = s * w if f.kind == "scale" else s * (1 + w) - 1
+        torch.testing.assert_close(model.state_dict()[key].double(), want, rtol=0, atol=1e-7)
+        if f"{prefix}.{f.block}.{f.norm}.bias" in before:
+            bias = before[f"{prefix}.{f.block}.{f.norm}.bias"]
+            assert bias.abs().max() > 0.01  # a real bias, scaled too
+            torch.testing.assert_close(model.state_dict()[f"{prefix}.{f.block}.{f.norm}.bias"].double(),
+                                       s * bias.double(), rtol=0, atol=1e-7)
+    assert lns.restore_lns(model) is True and not lns.has_lns_hooks(model)  # never scaled twice
+    assert torch.equal(_logits(model, ids, mask), got)
+
+
+def test_unfold_goes_back_to_hooks():
+    plain = tiny_model("gemma2")
+    model = lns.apply_lns(copy.deepcopy(plain))
+    ids, mask = padded_batch()
+    expected = _logits(model, ids, mask)
+    lns.fold_lns(model)
+    with pytest.raises(UserError, match="unfold_lns"):
+        lns.remove_lns(model)
+    lns.unfold_lns(model)
+    assert lns.has_lns_hooks(model) and model.config.lns["version"] == 1 and "folded" not in model.config.lns
+    torch.testing.assert_close(_logits(model, ids, mask), expected, rtol=0, atol=1e-5)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-6)
+    with pytest.raises(UserError, match="no LayerNorm Scaling to fold"):
+        lns.fold_lns(plain)
+
+
+def test_a_folded_record_of_a_newer_lnsdiag_is_refused():
+    model = lns.fold_lns(lns.apply_lns(tiny_model("llama")))
+    model.config.lns = {**model.config.lns, "version": 3}
+    with pytest.raises(UserError, match="newer lnsdiag"):
+        lns.restore_lns(model)
+
+
+def test_norms_that_cannot_carry_the_scale_are_one_clear_error():
+    import transformers as tf
+
+    from tests.families import tiny_config
+
+    olmo = tf.OlmoConfig(**{k: getattr(tiny_config("llama"), k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings")})
+    model = lns.apply_lns(tf.AutoModelForCausalLM.from_config(olmo).eval())  # LayerNorm without parameters
+    with pytest.raises(UserError, match=r"OlmoLayerNorm 'input_layernorm' of OlmoForCausalLM \(olmo\): the norm "
+                                        "has no learnable weight") as info:
+        lns.fold_lns(model)
+    assert "\n" not in str(info.value) and lns.has_lns_hooks(model) and not lns.is_folded(model)
+
+    class SquaredNorm(torch.nn.Module):  # w² · x̂: neither formula
+        def __init__(self, norm):
+            super().__init__()
+            self.weight, self.eps = norm.weight, norm.variance_epsilon
+
+        def forward(self, x):
+            return self.weight ** 2 * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    model = tiny_model("llama")
+    for block in find_layers(model).layers:
+        block.post_attention_layernorm = SquaredNorm(block.post_attention_layernorm)
+    lns.apply_lns(model)
+    with pytest.raises(UserError, match="neither w·x̂ \\+ b nor \\(1 \\+ w\\)·x̂ \\+ b"):
+        lns.fold_plan(model)
+
+    shared = tiny_model("llama")  # one norm module in two blocks cannot carry two scales
+    blocks = find_layers(shared).layers
+    blocks[2].input_layernorm = blocks[1].input_layernorm
+    lns.apply_lns(shared, norms=_LLAMA_NORMS)
+    before = shared.state_dict()["model.layers.1.input_layernorm.weight"].clone()
+    with pytest.raises(UserError, match="same tensor"):
+        lns.fold_lns(shared)
+    assert torch.equal(shared.state_dict()["model.layers.1.input_layernorm.weight"], before)  # nothing changed

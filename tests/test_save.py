@@ -313,24 +313,91 @@ def test_an_exception_midway_leaves_nothing_behind(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_layernorm_scaling_model(tokenizer, tmp_path):
-    """The LNS record stays in the config, each kept block with its original l: lnsdiag's load
-    re-installs it and computes exactly the pruned original; plain transformers cannot (the card says so)."""
-    model = apply_lns(tiny_model("llama"))
+def _close(got, want):
+    """float32 logits equal up to the rounding of folding (the scale times the weight vs times the output)."""
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_layernorm_scaling_model_is_written_folded(tokenizer, tmp_path):
+    """An LNS model without two of its 8 blocks: each kept block's norm weights carry its ORIGINAL 1/sqrt(l)
+    (block 7 becomes the 5th block and keeps 1/sqrt(8)); plain transformers computes the pruned LNS model,
+    lnsdiag's load installs no hook on top, the original in memory is untouched."""
+    from lnsdiag.interventions.lns import has_lns_hooks
+
+    model = apply_lns(tiny_model("llama", num_hidden_layers=8))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     ids, mask = padded_batch()
     expected = _expected(model, [1, 2], ids, mask)
     folder = tmp_path / "lns"
-    save_without_layers(model, [1, 2], folder, tokenizer=tokenizer)
+    saved = save_without_layers(model, [1, 2], folder, tokenizer=tokenizer)
+    assert saved.folded_norms == 12 and saved.fold_rounding < 1e-6
     config = json.loads((folder / "config.json").read_text())
-    assert config["lns"]["layers"] == [1, 4] and config["lns"]["norms"] == model.config.lns["norms"]
-    assert model.config.lns["layers"] == [1, 2, 3, 4]  # the original's record is untouched
-    loaded = load_model(str(folder), dtype="float32", device="cpu")
-    assert torch.equal(_logits(loaded.model, ids, mask), expected)
+    assert config["lns"] == {"scale": "1/sqrt(l)", "norms": ["input_layernorm", "post_attention_layernorm"],
+                             "layers": [1, 4, 5, 6, 7, 8], "version": 2, "folded": True}
+    written = load_file(folder / "model.safetensors")
+    for new, old in enumerate([0, 3, 4, 5, 6, 7]):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            want = (state[f"model.layers.{old}.{norm}.weight"].double() / (old + 1) ** 0.5).float()
+            assert torch.equal(written[f"model.layers.{new}.{norm}.weight"], want), (new, norm)
+        assert torch.equal(written[f"model.layers.{new}.mlp.down_proj.weight"],
+                           state[f"model.layers.{old}.mlp.down_proj.weight"])  # nothing else changed
     plain = _plain_load(folder, dtype=torch.float32)
-    assert not torch.equal(_logits(plain, ids, mask), expected)  # why the card says: load with lnsdiag
+    _close(_logits(plain, ids, mask), expected)
+    loaded = load_model(str(folder), dtype="float32", device="cpu")
+    assert not has_lns_hooks(loaded.model)
+    assert torch.equal(_logits(loaded.model, ids, mask), _logits(plain, ids, mask))  # never scaled twice
+    assert model.config.lns["layers"] == list(range(1, 9)) and "folded" not in model.config.lns
+    assert has_lns_hooks(model) and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     card = (folder / "README.md").read_text()
-    assert "LayerNorm Scaling" in card and "load_model(" in card
-    assert read_provenance(folder)["norm_scheme"] == "LayerNorm Scaling"
+    assert "folded into the norm weights" in card and "Plain transformers, vLLM and lm-eval compute it" in card
+    assert "load_model(" not in card
+    record = read_provenance(folder)
+    assert record["norm_scheme"] == "LayerNorm Scaling (folded)" and record["lns"]["layers"] == [1, 4, 5, 6, 7, 8]
+
+    again = tmp_path / "again"  # the folded checkpoint pruned once more: nothing folded twice, l kept
+    save_without_layers(loaded, [0], again)
+    assert json.loads((again / "config.json").read_text())["lns"]["layers"] == [4, 5, 6, 7, 8]
+    with removed_layers(loaded.model, [0]):
+        _close(_logits(_plain_load(again, dtype=torch.float32), ids, mask), _logits(loaded.model, ids, mask))
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "opt", "gemma2"])
+def test_layernorm_scaling_with_biases_and_one_plus_norms(family, tmp_path):
+    """LayerNorms with biases (GPT-NeoX, OPT: w·x̂ + b, both scaled) and Gemma's (1 + w)·x̂ (w' = s(1 + w) − 1)."""
+    model = apply_lns(tiny_model(family))
+    ids, mask = padded_batch()
+    expected = _expected(model, [1], ids, mask)
+    save_without_layers(model, [1], tmp_path / family)
+    _close(_logits(_plain_load(tmp_path / family, dtype=torch.float32), ids, mask), expected)
+
+
+def test_an_unfolded_lns_checkpoint_still_loads_and_is_saved_folded(tmp_path):
+    """The shipped demo LNS twin predates folding (config.lns without "folded"): lnsdiag still loads it with
+    its hooks; pruned and saved, it is written folded, and plain transformers computes the pruned LNS model."""
+    from lnsdiag.demo.model import DemoSpec, shipped_dir
+    from lnsdiag.interventions.lns import has_lns_hooks
+
+    shipped = shipped_dir(DemoSpec(norm="lns"))
+    assert "folded" not in json.loads((shipped / "config.json").read_text())["lns"]
+    loaded = load_model(str(shipped), dtype="float32", device="cpu")
+    assert has_lns_hooks(loaded.model)
+    ids = torch.randint(3, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
+    lns_logits = _logits(loaded.model, ids)
+    unscaled = _plain_load(shipped, dtype=torch.float32)
+    assert (_logits(unscaled, ids) - lns_logits).abs().max() > 1.0  # what plain transformers made of it before
+    expected = _expected(loaded.model, [4, 9], ids)
+    save_without_layers(loaded, [4, 9], tmp_path / "pruned")
+    plain = _plain_load(tmp_path / "pruned", dtype=torch.float32)
+    _close(_logits(plain, ids), expected)
+    again = load_model(str(tmp_path / "pruned"), dtype="float32", device="cpu")
+    assert not has_lns_hooks(again.model) and torch.equal(_logits(again.model, ids), _logits(plain, ids))
+
+
+def test_a_callers_card_gets_the_folding_paragraph(tmp_path):
+    model = apply_lns(tiny_model("llama"))
+    save_without_layers(model, [2], tmp_path / "out", card="# My pruned model\n\nScores: fine.\n")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.startswith("# My pruned model") and card.count("folded into the norm weights") == 1
 
 
 def test_inspect_shows_a_pruned_checkpoint(tokenizer, tmp_path):
@@ -345,3 +412,15 @@ def test_inspect_shows_a_pruned_checkpoint(tokenizer, tmp_path):
     assert "model.layers (2 ×" in text and "pre-LN" in text
     assert "checkpoint pruned from meta-llama/Llama-2-7b-hf @ main: layers 0, 2 of 4 removed (original numbering) " \
            "by angular" in text
+
+
+def test_inspect_shows_a_folded_lns_checkpoint(tokenizer, tmp_path):
+    from lnsdiag.cli import app
+
+    folder = tmp_path / "pruned"
+    save_without_layers(apply_lns(tiny_model("llama", vocab_size=len(tokenizer))), [1], folder, tokenizer=tokenizer,
+                        source="my/lns-model")
+    result = CliRunner().invoke(app, ["inspect", str(folder)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "pre-LN+LNS" in text and "LayerNorm Scaling folded into the norm weights (every runtime computes it)" in text

@@ -1,9 +1,12 @@
-"""The model card and the provenance record of a pruned checkpoint.
+"""The model card and the provenance record of a checkpoint lnsdiag writes.
 
-:func:`model_card` writes the ``README.md`` people read (what was removed, how, what it scored, how to
-load it); :func:`provenance_record` the ``lnsdiag_pruned.json`` programs read (source, revision,
-removed and kept layers, strategy, versions), which :func:`read_provenance` reads back and
-:func:`provenance_line` states in one line for ``lnsdiag inspect``.
+:func:`model_card` writes the ``README.md`` people read of a pruned checkpoint (what was removed, how,
+what it scored, how to load it), :func:`export_card` that of an exported one; :func:`provenance_record`
+the ``lnsdiag_pruned.json`` programs read (source, revision, removed and kept layers, strategy,
+versions), :func:`export_record` the ``lnsdiag_export.json``; :func:`read_provenance` reads either back
+and :func:`provenance_line` states it in one line for ``lnsdiag inspect``. :func:`norm_note` is the
+paragraph saying what a recorded norm scheme means for whoever loads the checkpoint (LayerNorm Scaling
+folded into the weights: nothing to do; Post-LN: load it with lnsdiag).
 """
 
 from __future__ import annotations
@@ -27,30 +30,70 @@ if TYPE_CHECKING:
 #: The machine-readable record of where a pruned checkpoint comes from, beside its config.
 PROVENANCE_FILE = "lnsdiag_pruned.json"
 PROVENANCE_VERSION = 1
+#: The same for a checkpoint ``lnsdiag export`` wrote.
+EXPORT_FILE = "lnsdiag_export.json"
+
+#: What :func:`recorded_norm_scheme` says.
+LNS = "LayerNorm Scaling"
+LNS_FOLDED = "LayerNorm Scaling (folded)"
+POST_LN = "Post-LN"
 
 
 def recorded_norm_scheme(config: Any) -> str | None:
-    """The norm scheme a config records that plain transformers does not run, if any."""
-    if isinstance(getattr(config, "lns", None), dict) and config.lns:
-        return "LayerNorm Scaling"
+    """The norm scheme a config records, if any: ``LayerNorm Scaling (folded)`` (in the weights: every
+    runtime computes it), ``LayerNorm Scaling`` (hooks: only lnsdiag computes it) or ``Post-LN`` (only
+    lnsdiag)."""
+    record = getattr(config, "lns", None)
+    if isinstance(record, dict) and record:
+        return LNS_FOLDED if record.get("folded") else LNS
     if getattr(config, "post_ln", None):
-        return "Post-LN"
+        return POST_LN
     return None
+
+
+def norm_note(norm_scheme: str | None, path: str = "path/to/this/folder") -> str:
+    """The card's paragraph on a recorded norm scheme ('' for none): folded LayerNorm Scaling needs
+    nothing from whoever loads it; hooks and Post-LN need lnsdiag."""
+    if not norm_scheme:
+        return ""
+    if norm_scheme == LNS_FOLDED:
+        return (
+            "**This model uses LayerNorm Scaling** (each block's pre-sublayer norm output × 1/sqrt(l), "
+            "arXiv 2502.05795), **folded into the norm weights**: each scaled norm's weight (and bias) carries "
+            "its block's factor (w' = s·w, or s·(1 + w) − 1 for norms computing (1 + w)·x̂), each kept block "
+            "with its original l. Plain transformers, vLLM and lm-eval compute it exactly, with no custom code. "
+            "`config.json` keeps `lns` only as a record (`\"folded\": true`); lnsdiag's `load_model` does not "
+            "apply it again.\n"
+        )
+    key = "lns" if norm_scheme == LNS else "post_ln"
+    return "\n".join([
+        f"**This model uses {norm_scheme}**, recorded in `config.json` (`{key}`), each kept block with its "
+        "original setting. Plain transformers ignores that record and runs the blocks without it, which gives "
+        "wrong outputs. Load it with lnsdiag, which re-installs it:",
+        "",
+        "```python",
+        "from lnsdiag import load_model",
+        "",
+        f'loaded = load_model("{path}")  # or lnsdiag.restore_norms(model) after from_pretrained',
+        "```",
+        "",
+    ])
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return None
 
 
 def provenance_record(model: nn.Module, stack: LayerStack, removed: list[int], keep: list[int], *,
                       source: str | None, revision: str | None, strategy: str | None,
-                      extra: Mapping[str, Any] | None, dtype: Any) -> dict[str, Any]:
+                      extra: Mapping[str, Any] | None, dtype: Any, config: Any = None) -> dict[str, Any]:
     """What ``lnsdiag_pruned.json`` holds for ``model`` without ``removed`` (``extra``: fields of the caller's
-    own, which may not replace lnsdiag's)."""
-
-    def version(pkg: str) -> str | None:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    config = model.config
+    own, which may not replace lnsdiag's; ``config``: the checkpoint's, default the model's)."""
+    config = model.config if config is None else config
+    version = _version
     record: dict[str, Any] = {
         "format": "lnsdiag-pruned",
         "version": PROVENANCE_VERSION,
@@ -66,6 +109,7 @@ def provenance_record(model: nn.Module, stack: LayerStack, removed: list[int], k
         "num_layers": len(keep),
         "strategy": strategy,
         "norm_scheme": recorded_norm_scheme(config),
+        "lns": getattr(config, "lns", None) or None,
         "dtype": str(dtype).removeprefix("torch."),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "lnsdiag": __version__,
@@ -112,8 +156,8 @@ def model_card(
     ``source``/``revision``: the model the layers were removed from; ``removed``: 0-based, original
     numbering; ``num_layers``: the original depth; ``strategy`` and ``n``: how the layers were chosen
     (N defaults to the number removed); ``scores``: rows of a small table (dicts, their keys the
-    columns); ``norm_scheme``: a norm scheme the config records that only lnsdiag re-installs
-    (``LayerNorm Scaling``, ``Post-LN``); ``path``: the folder, for the loading snippet.
+    columns); ``norm_scheme``: the norm scheme the config records (:func:`recorded_norm_scheme`), said
+    by :func:`norm_note`; ``path``: the folder, for the loading snippet.
     """
     if version is None:
         version = __version__
@@ -128,12 +172,14 @@ def model_card(
     if source:  # the hub's base_model takes hub ids only: a local path is recorded as a comment
         front.append(f"base_model: {source}" if hub else f"# base model: {source}")
     front += ["library_name: transformers", "tags: [lnsdiag, pruned]", "---", ""]
+    changed = ("No weight was changed but the scaled norms' (LayerNorm Scaling folded in, below)"
+               if norm_scheme == LNS_FOLDED else "No weight was changed")
     lines = [
         *front,
         f"# {short}, without layers {_layer_list(removed)}",
         "",
         f"{link}{at} with {len(removed)} of its {num_layers} transformer blocks removed by "
-        f"lnsdiag {version}. No weight was changed: the {kept} remaining blocks are the "
+        f"lnsdiag {version}. {changed}: the {kept} remaining blocks are the "
         "original ones, renumbered from 0, and the config describes them (each kept block keeps its role).",
         "",
         "| | |",
@@ -168,30 +214,89 @@ def model_card(
         "",
     ]
     if norm_scheme:
-        lines += [
-            f"**This model uses {norm_scheme}**, recorded in `config.json` "
-            f"(`{'lns' if norm_scheme == 'LayerNorm Scaling' else 'post_ln'}`), each kept block with its original "
-            "setting. Plain transformers ignores that record and runs the blocks without it, which gives wrong "
-            "outputs. Load it with lnsdiag, which re-installs it:",
-            "",
-            "```python",
-            "from lnsdiag import load_model",
-            "",
-            f'loaded = load_model("{path}")  # or lnsdiag.restore_norms(model) after from_pretrained',
-            "```",
-            "",
-        ]
+        lines += [norm_note(norm_scheme, path)]
     lines += [f"`{PROVENANCE_FILE}` records the same provenance for programs; `lnsdiag inspect` shows it.", ""]
     if notes:
         lines += [notes.strip(), ""]
     return "\n".join(lines)
 
 
-def read_provenance(folder: str | Path) -> dict[str, Any] | None:
-    """The ``lnsdiag_pruned.json`` record of a checkpoint folder, or None if it has none."""
-    path = Path(folder) / PROVENANCE_FILE
-    if not path.is_file():
-        return None
+def export_record(model: nn.Module, stack: LayerStack, *, config: Any, source: str | None, revision: str | None,
+                  dtype: Any, folded_norms: int, fold_rounding: float | None, kinds: Sequence[str] = (),
+                  source_record: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What ``lnsdiag_export.json`` holds: where the checkpoint comes from and what folding did
+    (``source_record``: the provenance record the source folder had, kept inside)."""
+    record: dict[str, Any] = {
+        "format": "lnsdiag-export",
+        "version": PROVENANCE_VERSION,
+        "source": source,
+        "revision": revision,
+        "commit": getattr(model.config, "_commit_hash", None),
+        "architecture": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "layer_stack": stack.path,
+        "num_layers": len(stack),
+        "norm_scheme": recorded_norm_scheme(config),
+        "lns": getattr(config, "lns", None) or None,
+        "folded_norms": folded_norms,
+        "fold_formulas": sorted(set(kinds)),
+        "fold_rounding": fold_rounding,
+        "dtype": str(dtype).removeprefix("torch."),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "lnsdiag": __version__,
+        "transformers": _version("transformers"),
+        "torch": _version("torch"),
+    }
+    if source_record:
+        record["source_provenance"] = dict(source_record)
+    return record
+
+
+def export_card(*, source: str | None, num_layers: int, norm_scheme: str | None, lns: Mapping[str, Any] | None,
+                folded_norms: int, dtype: Any, revision: str | None = None, fold_rounding: float | None = None,
+                path: str | None = None, version: str | None = None, note: str | None = None) -> str:
+    """The Markdown model card (``README.md``) of a checkpoint ``lnsdiag export`` wrote."""
+    version = version or __version__
+    path = path or "path/to/this/folder"
+    hub = bool(source) and _is_hub_id(source)
+    short = (source or "").rstrip("/").rsplit("/", 1)[-1] or "Exported model"
+    front = ["---"]
+    if source:
+        front.append(f"base_model: {source}" if hub else f"# base model: {source}")
+    front += ["library_name: transformers", "tags: [lnsdiag, layernorm-scaling]", "---", ""]
+    at = f" @ `{revision}`" if revision else ""
+    if norm_scheme == LNS_FOLDED:
+        title = f"# {short}, LayerNorm Scaling folded into the weights"
+        what = (f"{f'`{source}`' if source else 'A model'}{at} written by lnsdiag {version} with its LayerNorm Scaling "
+                f"folded into the weights of its {folded_norms} scaled norms" if folded_norms else
+                f"{f'`{source}`' if source else 'A model'}{at} written by lnsdiag {version}; its LayerNorm Scaling was "
+                "already folded into its norm weights")
+        what += ": any runtime computes the LayerNorm-Scaling model exactly."
+    else:
+        title = f"# {short}"
+        what = (f"{f'`{source}`' if source else 'A model'}{at} written as it is by lnsdiag {version}: it has no "
+                "LayerNorm Scaling, so there was nothing to fold.")
+    rows = ["| | |", "|---|---|", f"| Source model | {f'`{source}`' if source else 'not recorded'}{at} |",
+            f"| Blocks | {num_layers} |", f"| Weights | {str(dtype).removeprefix('torch.')} |"]
+    if lns:
+        rows.append(f"| Scaled norms | {', '.join(lns.get('norms') or [])} |")
+        rows.append(f"| l of each block (scale 1/sqrt(l)) | {_layer_list(lns.get('layers') or [])} |")
+    if fold_rounding is not None:
+        rows.append(f"| Largest relative rounding of a folded norm weight | {fold_rounding:.2g} |")
+    rows.append(f"| Made with | lnsdiag {version} |")
+    lines = [*front, title, "", what, "", *rows, "", "## How to load", "", "```python",
+             "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+             f'model = AutoModelForCausalLM.from_pretrained("{path}")',
+             f'tokenizer = AutoTokenizer.from_pretrained("{path}")', "```", ""]
+    if norm_scheme:
+        lines.append(norm_note(norm_scheme, path))
+    if note:
+        lines += [note.strip(), ""]
+    lines += [f"`{EXPORT_FILE}` records the same provenance for programs; `lnsdiag inspect` shows it.", ""]
+    return "\n".join(lines)
+
+
+def _read_record(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -201,10 +306,34 @@ def read_provenance(folder: str | Path) -> dict[str, Any] | None:
     return record
 
 
+def read_provenance(folder: str | Path) -> dict[str, Any] | None:
+    """The provenance record of a checkpoint folder lnsdiag wrote: ``lnsdiag_pruned.json``, else
+    ``lnsdiag_export.json``; None if it has neither."""
+    for name in (PROVENANCE_FILE, EXPORT_FILE):
+        path = Path(folder) / name
+        if path.is_file():
+            return _read_record(path)
+    return None
+
+
+def _scheme_words(scheme: str) -> str:
+    if scheme == LNS_FOLDED:
+        return f"{LNS} folded into the norm weights (every runtime computes it)"
+    return f"{scheme} kept (lnsdiag re-installs it, plain transformers does not)"
+
+
 def provenance_line(record: Mapping[str, Any]) -> str:
-    """One line saying what a pruned checkpoint is, for ``lnsdiag inspect``."""
+    """One line saying what a checkpoint lnsdiag wrote is, for ``lnsdiag inspect``."""
     source = record.get("source") or "an unnamed model"
     pin = record.get("revision") or (str(record["commit"])[:12] if record.get("commit") else None)
+    if record.get("format") == "lnsdiag-export":
+        line = f"exported from {source}{f' @ {pin}' if pin else ''}"
+        if record.get("norm_scheme"):
+            line += f"; {_scheme_words(record['norm_scheme'])}"
+        inner = record.get("source_provenance")
+        if isinstance(inner, Mapping) and inner.get("format") != "lnsdiag-export":
+            line += f"; that model was {provenance_line({**inner, 'norm_scheme': None})}"
+        return line
     removed = record.get("removed_layers") or []
     total = record.get("original_layers")
     line = (f"pruned from {source}{f' @ {pin}' if pin else ''}: layers {_layer_list(removed)}"
@@ -212,5 +341,5 @@ def provenance_line(record: Mapping[str, Any]) -> str:
     if record.get("strategy"):
         line += f" by {record['strategy']}"
     if record.get("norm_scheme"):
-        line += f"; {record['norm_scheme']} kept (lnsdiag re-installs it, plain transformers does not)"
+        line += f"; {_scheme_words(record['norm_scheme'])}"
     return line

@@ -25,15 +25,15 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..interventions.lns import has_lns_hooks, is_lns
+from ..interventions.lns import NormFold, fold_plan, folded_record, has_lns_hooks, is_lns
 from ..model.load import LoadedModel
 from ..model.structure import LayerStack, find_layers, parse_layer_spec
 from ..runs import file_mode, remove_stale_staging, staging_folder, unmark
-from .card import PROVENANCE_FILE, model_card, provenance_record, recorded_norm_scheme
+from .card import EXPORT_FILE, PROVENANCE_FILE, model_card, norm_note, provenance_record, recorded_norm_scheme
 from .reference import config_without
 
 #: Files :func:`save_without_layers` writes itself; ``extra_files`` may not replace them.
-_RESERVED = ("config.json", "generation_config.json", "README.md", PROVENANCE_FILE, "model.safetensors",
+_RESERVED = ("config.json", "generation_config.json", "README.md", PROVENANCE_FILE, EXPORT_FILE, "model.safetensors",
              "model.safetensors.index.json")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -50,6 +50,8 @@ class SavedCheckpoint:
     num_parameters: int
     total_bytes: int  #: of the weights written
     provenance: dict[str, Any]  #: what ``lnsdiag_pruned.json`` holds
+    folded_norms: int = 0  #: norms whose weights were written with their LayerNorm-Scaling factor folded in
+    fold_rounding: float | None = None  #: largest relative rounding a folded norm weight took (its dtype's)
 
     @property
     def sharded(self) -> bool:
@@ -103,9 +105,11 @@ def save_without_layers(
     ``model`` may be a :class:`~lnsdiag.model.load.LoadedModel`: its tokenizer, source and revision
     are then the defaults.
 
-    A model whose config records LayerNorm Scaling (``lns``) or Post-LN (``post_ln``) keeps the
-    record, with each kept block's original scale: lnsdiag's ``load_model`` re-installs it and
-    gives the same logits; plain transformers would load the blocks without it (the card says so).
+    A LayerNorm-Scaling model (``config.lns``) is written folded (each scaled norm's weight and bias
+    times its block's original 1/sqrt(l)): plain transformers computes it; ``config.lns`` stays as a
+    record marked ``folded``. A Post-LN model keeps its ``post_ln`` record: lnsdiag's ``load_model``
+    re-installs it, plain transformers cannot (the card says so; a caller's ``card`` gets that paragraph
+    appended).
 
     Atomic: everything is written into a hidden sibling folder renamed into place at the end;
     an exception leaves neither a partial ``folder`` nor the temporary one. A non-empty ``folder``
@@ -123,24 +127,60 @@ def save_without_layers(
     target = Path(folder).expanduser()
     _check_target(target, overwrite)
     _check_savable(model, stack)
+    folds = fold_plan(model, stack)  # every scaled norm checked foldable before anything is written
     max_bytes = parse_size(max_shard_size)
     extras = _check_extra_files(extra_files)
 
-    config = config_without(model.config, keep, total)
     dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype  # transformers: first float weight's
-    _set_dtype(config, dtype)
-    config.architectures = [type(model).__name__]
+    config = checkpoint_config(model, config_without(model.config, keep, total), dtype)
     source = source or _name_or_path(model) or None
     record = provenance_record(model, stack, removed, keep, source=source, revision=revision, strategy=strategy,
-                               extra=provenance, dtype=dtype)
+                               extra=provenance, dtype=dtype, config=config)
+    scheme = recorded_norm_scheme(config)
     if card is None:
         card = model_card(source=source, revision=revision or record.get("commit"), removed=removed,
-                          num_layers=total, strategy=strategy, norm_scheme=recorded_norm_scheme(config),
-                          path=str(target))
+                          num_layers=total, strategy=strategy, norm_scheme=scheme, path=str(target))
+    elif scheme and norm_note(scheme, str(target)) not in card:
+        card = card.rstrip("\n") + "\n\n" + norm_note(scheme, str(target))
 
     num_parameters = _kept_parameters(model, stack, removed)
+    written = write_checkpoint(model, stack, keep, target, config=config, card=card, record=record,
+                               record_file=PROVENANCE_FILE, tokenizer=tokenizer, extras=extras, overwrite=overwrite,
+                               max_bytes=max_bytes, num_parameters=num_parameters, folds=folds)
+    return SavedCheckpoint(folder=target, removed=tuple(removed), kept=tuple(keep), weight_files=written.files,
+                           num_parameters=num_parameters, total_bytes=written.total_bytes,
+                           provenance=written.record, folded_norms=len([f for f in folds if f.block in keep]),
+                           fold_rounding=fold_rounding([f for f in folds if f.block in keep]))
+
+
+def checkpoint_config(model: nn.Module, config: Any, dtype: Any) -> Any:
+    """``config`` (a copy the caller owns) made the config of a written checkpoint of ``model``: the weights'
+    dtype and the model's class recorded as ``save_pretrained`` records them, an LNS record marked folded."""
+    _set_dtype(config, dtype)
+    config.architectures = [type(model).__name__]
+    if isinstance(getattr(config, "lns", None), dict) and config.lns:
+        config.lns = folded_record(config.lns)
+    return config
+
+
+@dataclass(frozen=True)
+class Written:
+    """What :func:`write_checkpoint` wrote."""
+
+    files: tuple[str, ...]
+    total_bytes: int
+    record: dict[str, Any]
+
+
+def write_checkpoint(model: nn.Module, stack: LayerStack, keep: list[int], target: Path, *, config: Any, card: str,
+                     record: dict[str, Any], record_file: str, tokenizer: Any, extras: Mapping[str, str],
+                     overwrite: bool, max_bytes: int, num_parameters: int, folds: list[NormFold]) -> Written:
+    """Write the ``keep`` blocks of ``model`` (renumbered) and everything outside the stack into ``target``,
+    atomically, as a Hugging Face checkpoint: the weights shard by shard (the norms of ``folds`` with their
+    scale folded in), ``config``, generation config, tokenizer, ``extras``, ``card`` as ``README.md`` and
+    ``record`` (plus its ``weight_files``) as ``record_file``. The caller has checked the target and the model."""
     with _staging(target, overwrite) as tmp:
-        files, total_bytes = _write_weights(model, stack, keep, tmp, max_bytes, num_parameters)
+        files, total_bytes = _write_weights(model, stack, keep, tmp, max_bytes, num_parameters, folds)
         if getattr(model, "is_remote_code", lambda: False)():  # the checkpoint's own code, as save_pretrained
             from transformers.dynamic_module_utils import custom_object_save
 
@@ -158,10 +198,8 @@ def save_without_layers(
             (tmp / name).write_text(text, encoding="utf-8")
         (tmp / "README.md").write_text(card if card.endswith("\n") else card + "\n", encoding="utf-8")
         record["weight_files"] = files
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    return SavedCheckpoint(folder=target, removed=tuple(removed), kept=tuple(keep), weight_files=tuple(files),
-                           num_parameters=num_parameters, total_bytes=total_bytes,
-                           provenance=record)
+        (tmp / record_file).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    return Written(tuple(files), total_bytes, record)
 
 
 def _removed_and_kept(layers: Iterable[int], total: int) -> tuple[list[int], list[int]]:
@@ -282,17 +320,48 @@ def _without_aliases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     return {k: v for k, v in state.items() if k not in drop}
 
 
-def _renumbered_groups(model: nn.Module, stack: LayerStack, keep: list[int]) -> list[dict[str, torch.Tensor]]:
+def _fold_targets(stack: LayerStack, folds: list[NormFold]) -> dict[str, tuple[NormFold, str]]:
+    """State-dict name -> (fold, parameter) of every norm tensor that carries an LNS factor."""
+    return {f"{stack.path}.{fold.block}.{fold.norm}.{param}": (fold, param)
+            for fold in folds for param, _ in fold.module.named_parameters(recurse=False)}
+
+
+def fold_rounding(folds: list[NormFold]) -> float | None:
+    """The largest relative rounding a folded norm tensor takes when stored in its dtype (of its largest
+    entry; of 1 + w for a ``(1 + w)·x̂`` weight): ~6e-8 in float32, ~4e-3 in bfloat16, more for a
+    ``(1 + w)`` weight in a deep block. None when nothing is folded."""
+    worst = None
+    for fold in folds:
+        for param, tensor in fold.module.named_parameters(recurse=False):
+            if tensor.device.type in ("mps", "meta") or not tensor.numel():
+                continue
+            exact = fold.folded(param, tensor.detach().double())
+            stored = fold.folded(param, tensor.detach()).double()
+            if fold.kind == "one_plus" and param == "weight":
+                exact, stored = exact + 1.0, stored + 1.0
+            error = float((stored - exact).abs().max() / exact.abs().max().clamp_min(1e-30))
+            worst = error if worst is None else max(worst, error)
+    return worst
+
+
+def _renumbered_groups(model: nn.Module, stack: LayerStack, keep: list[int],
+                       folds: list[NormFold] | None = None) -> list[dict[str, torch.Tensor]]:
     """The kept tensors under their new names, in groups a weight conversion never spans: everything
-    outside the stack, then each kept block. References to the model's tensors, not copies."""
+    outside the stack, then each kept block. References to the model's tensors, not copies, but for the
+    norm tensors of ``folds``: new tensors with the LNS factor folded in."""
     prefix = stack.path + "."
     new_index = {old: new for new, old in enumerate(keep)}
     ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    targets = _fold_targets(stack, folds or [])
     state: dict[str, torch.Tensor] = {}
     group_of: dict[str, int] = {}
     for key, value in model.state_dict().items():
         if key in ignored:
             continue
+        if key in targets:
+            fold, param = targets.pop(key)
+            if fold.block in new_index:
+                value = fold.folded(param, value)
         group = -1
         if key.startswith(prefix):
             idx, _, rest = key[len(prefix):].partition(".")
@@ -302,6 +371,9 @@ def _renumbered_groups(model: nn.Module, stack: LayerStack, keep: list[int]) -> 
             key = f"{prefix}{group}.{rest}"
         state[key] = value
         group_of[key] = group
+    if targets:
+        raise UserError(f"cannot fold LayerNorm Scaling: the norm weights {', '.join(sorted(targets)[:3])} are not "
+                        "in the model's state_dict under these names")
     state = _without_aliases(model, state)
     groups: list[dict[str, torch.Tensor]] = [{} for _ in range(len(keep) + 1)]
     for key, value in state.items():
@@ -328,9 +400,10 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _write_weights(model: nn.Module, stack: LayerStack, keep: list[int], folder: Path, max_bytes: int,
-                   num_parameters: int) -> tuple[list[str], int]:
+                   num_parameters: int, folds: list[NormFold] | None = None) -> tuple[list[str], int]:
     """Write the kept weights into ``folder`` as safetensors shards of at most ``max_bytes`` (a tensor
-    larger than that gets a shard of its own); returns the file names and the bytes written."""
+    larger than that gets a shard of its own), the norms of ``folds`` with their LNS factor folded in;
+    returns the file names and the bytes written."""
     shards: list[list[str]] = []
     current: dict[str, torch.Tensor] = {}
     size = total = 0
@@ -342,7 +415,7 @@ def _write_weights(model: nn.Module, stack: LayerStack, keep: list[int], folder:
             shards.append(list(current))
             current, size = {}, 0
 
-    for group in _renumbered_groups(model, stack, keep):
+    for group in _renumbered_groups(model, stack, keep, folds):
         for name, tensor in _as_saved(model, group).items():
             nbytes = tensor.numel() * tensor.element_size()
             if current and size + nbytes > max_bytes:

@@ -297,7 +297,10 @@ def ensure_demo_model(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        model.cpu().save_pretrained(staging)
+        model.cpu()
+        if lns.is_lns(model):
+            lns.fold_lns(model)  # trained with the hooks, written with the scales in the norm weights: any runtime
+        model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         weights = staging / WEIGHTS  # absent if a large model was saved in shards: then nothing to check
         record["weights"] = {"source": "trained", "dtype": "float32",

@@ -269,7 +269,9 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
 
 def restore_norms(model: Any) -> bool:
     """Re-install the norm scheme a checkpoint's config records (LayerNorm Scaling or Post-LN);
-    True if it records one. Needed after a plain ``from_pretrained``; ``load_model`` does it."""
+    True if it records one. Needed after a plain ``from_pretrained``; ``load_model`` does it.
+    LayerNorm Scaling recorded as folded (the checkpoints lnsdiag writes) is already in the norm
+    weights: nothing is installed, so it is never applied twice; an older, unfolded record gets its hooks."""
     post = restore_post_ln(model)
     return restore_lns(model) or post
 
@@ -370,7 +372,7 @@ def load_model(
                             ) from exc
         raise
     model.eval()
-    restore_norms(model)  # a checkpoint that records LayerNorm Scaling (or Post-LN) runs as trained
+    restore_norms(model)  # a checkpoint that records LayerNorm Scaling (unfolded) or Post-LN runs as trained
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)

@@ -8,6 +8,12 @@ checkpoint goes through (so an LNS checkpoint must come back as LNS), and measur
 held-out text: angular distance per layer, residual-stream variance, perplexity, and the
 perplexity after removing each layer in turn.
 
+A twin's folder (``TwinRun.path``) is a checkpoint any runtime loads. An LNS twin trained here is
+trained with the scale hooks and written with the scales folded into its norm weights, so plain
+transformers, vLLM and lm-eval compute it; the shipped demo LNS twin (copied into the cache as
+shipped) predates folding, lnsdiag loads it with hooks, and ``lnsdiag export PATH DIR`` writes a
+folded copy. ``TwinRun.lns_weights`` and ``meta.json`` say which.
+
 Whatever comes out is reported as it is; nothing here is tuned to agree with the paper.
 """
 
@@ -26,7 +32,7 @@ from ..data.windows import TokenWindows
 from ..demo.model import NORMS, DemoSpec, ensure_demo_model
 from ..engine.sweep import perplexity_sweep
 from ..errors import UserError
-from ..interventions.lns import check_init
+from ..interventions.lns import check_init, lns_config
 from ..measure.angular import AngularConfig, AngularResult, angular_on_windows
 from ..measure.variance import VarianceResult, variance_on_windows
 from ..model.load import load_model
@@ -103,6 +109,9 @@ class TwinRun:
     angular: AngularResult
     variance: VarianceResult
     sweep: pd.DataFrame
+    #: LNS twins: ``folded`` (scales in the norm weights: any runtime computes it) or ``hooks`` (an older
+    #: checkpoint only lnsdiag computes; ``lnsdiag export`` folds it); None for the others.
+    lns_weights: str | None = None
 
     @property
     def label(self) -> str:
@@ -295,10 +304,12 @@ def _measure_twins(config: ReproduceConfig, *, text: TextSource | None, eval_tex
         placement = norm_placement(loaded.model, stack)
         if placement != EXPECTED_PLACEMENT[norm]:
             notes.append(f"{LABELS[norm]} loaded as {placement}, not {EXPECTED_PLACEMENT[norm]}")
+        recorded = lns_config(loaded.model)
         runs.append(TwinRun(
             norm=norm, name=twin.name, path=path, record=record, placement=placement,
             parameters=loaded.num_parameters, perplexity=float(sweep["value"].iloc[0]), angular=angular,
             variance=variance, sweep=sweep,
+            lns_weights=None if recorded is None else "folded" if recorded.get("folded") else "hooks",
         ))
         del loaded
     same = all(v == vocabularies[0] for v in vocabularies)
@@ -359,7 +370,8 @@ def run(config: ReproduceConfig, *, text: TextSource | None = None, eval_text: T
         eval_text=result.eval_text, eval_tokens=result.eval_tokens, same_tokenizer=result.same_tokenizer,
         settings={"batch_size": config.batch_size, "threshold": config.threshold, "device": str(device)},
         models=[{"norm": r.norm, "name": r.name, "path": str(r.path), "placement": r.placement,
-                 "train": r.record.get("train"), "weights": r.record.get("weights")} for r in result.runs],
+                 "train": r.record.get("train"), "weights": r.record.get("weights"),
+                 **({"lns_weights": r.lns_weights} if r.lns_weights else {})} for r in result.runs],
         summary=result.summary().to_dict(orient="records"), headline=result.headline(), **reused,
         timings={**timer.seconds, "total": timer.total()},
     )
