@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from lnsdiag.checkpoint.reference import build_without_layers
 from lnsdiag.cli import app
+from lnsdiag.interventions.removal import removed_layers
 from lnsdiag.interventions.units import Removal
 from lnsdiag.model.patch import patched_forward
 from lnsdiag.model.structure import find_layers
@@ -223,3 +224,22 @@ def test_cli_help_is_lm_evals(lm_eval_logging):
     res = _lnsdiag("lm-eval", "run", "--help")
     assert res.exit_code == 0 and "--model_args" in res.output and "--log_samples" in res.output
     assert "remove=20-27" in res.output
+
+
+def test_lns_checkpoint_gets_its_norms_back(tiny_llama_dir, tokenizer, tmp_path):
+    """A LayerNorm-Scaling checkpoint is evaluated with its scaling, as lnsdiag's load_model loads it
+    (stock HFLM's from_pretrained drops it), and the record says so."""
+    import transformers as tf
+
+    from lnsdiag.interventions.lns import apply_lns
+
+    model = apply_lns(tf.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval())
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    lm = RemovalHFLM(pretrained=str(tmp_path), remove="3", device="cpu", dtype="float32")
+    ids = torch.tensor([[1, 5, 9, 14, 30, 2, 7]])
+    with torch.no_grad(), removed_layers(model, [3]):
+        want = model(ids, use_cache=False).logits
+    assert torch.equal(lm._model_call(ids), want)
+    info = lm.get_model_info()
+    assert info["lnsdiag_norms_restored"] is True and info["lnsdiag_removed"] == "3"
