@@ -45,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "Scorer": "scoring.base", "Scores": "scoring.base", "MetricRow": "scoring.base", "TokenRequest": "scoring.base",
     "TaskSet": "scoring.lmeval.tasks", "load_tasks": "scoring.lmeval.tasks", "make_lm": "scoring.lmeval.lm",
     "evaluate_tasks": "scoring.lmeval.tasks", "LmEvalScorer": "scoring.lmeval.scorer",
+    "RemovalHFLM": "scoring.lmeval.model_type",  # lm-eval's model type "lnsdiag", registered on first use
     "Perplexity": "scoring.perplexity", "perplexity": "scoring.perplexity", "PerplexityScorer": "scoring.perplexity",
     "SweepEngine": "engine.fast", "Removal": "interventions.units", "run_naive": "engine.naive",
     "run_fast": "engine.sweep", "perplexity_sweep": "engine.sweep",

@@ -37,6 +37,8 @@ LAYERS: list[tuple[str, ...]] = [
 LAZY_ALLOWED = {
     # lm-eval's HFLM subclass imports lm_eval, transformers and torch at import time
     ("scoring.lmeval.scorer", "scoring.lmeval.lm"),
+    # lm-eval's model type "lnsdiag" (registered on import): `lnsdiag lm-eval` imports it when it runs
+    ("cli.lm_eval", "scoring.lmeval.model_type"),
 }
 
 

@@ -12,7 +12,8 @@ import importlib
 from .common import app
 
 #: Command modules, in the order ``lnsdiag --help`` lists their commands.
-COMMANDS = ("angular", "prune", "shrink", "demo", "variance", "reproduce", "compare", "inspect", "export")
+COMMANDS = ("angular", "prune", "shrink", "demo", "variance", "reproduce", "compare", "inspect", "export",
+            "lm_eval")
 
 for _module in COMMANDS:
     importlib.import_module(f"{__name__}.{_module}")
