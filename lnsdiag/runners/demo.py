@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from ..data.text import stdlib_corpus
 from ..demo.model import (
@@ -30,6 +31,7 @@ from ..demo.model import (
     verify_shipped,
 )
 from ..errors import UserError
+from ..interventions.lns import is_folded, unfold_lns
 from ..measure import angular
 from ..model.load import load_model, pick_device
 from ..progress import SILENT, Progress
@@ -191,7 +193,7 @@ def compare_with_shipped(*, eval_tokens: int = DEMO_TOKENS, device: str = "cpu",
     twins: dict[str, Any] = {}
     for old, new in zip(before.runs, after.runs, strict=True):
         assert (old.record.get("weights") or {}).get("source") == "shipped", old.record.get("weights")
-        retrained = load_file(new.path / WEIGHTS)
+        retrained = _hook_form_weights(new.path, load_file)
         diff = max(float((retrained[k].half().float() - v.float()).abs().max()) for k, v in shipped[old.norm].items())
         old_pct, new_pct = _removal_pct(old.sweep), _removal_pct(new.sweep)
         old_verdicts, new_verdicts = _verdicts(old.sweep), _verdicts(new.sweep)
@@ -255,3 +257,17 @@ def comparison_lines(comparison: dict[str, Any]) -> list[str]:
                  f"{tol['removal_pp']:.1f} pp or {100 * tol['removal_relative']:.0f}% of the shipped Δ, "
                  "LNS vs Pre-LN ordering the same.")
     return lines
+
+
+def _hook_form_weights(folder: Path, load_file: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """A retrained twin's weights as the shipped ones hold them: an LNS twin is written with its
+    scales folded into the norm weights, the shipped weights keep them in hooks (unfolded here)."""
+    weights = load_file(folder / WEIGHTS)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if not is_folded(model):
+        return weights
+    unfold_lns(model)
+    state = model.state_dict()
+    return {k: state[k] for k in weights}
