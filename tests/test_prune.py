@@ -291,12 +291,23 @@ def deep_llama_dir(tmp_path_factory, tokenizer):
     return path
 
 
+def _sweep_args(model_dir, tasks_dir, out, engine) -> list[str]:
+    return ["prune", str(model_dir), "--tasks", "tiny_mc,tiny_ppl", "--include-path", str(tasks_dir), "--out", str(out),
+            "--no-angular", "--batch-size", "2", "--engine", engine, "--batch-tokens", "48"]
+
+
+def _prune_here(model_dir, tasks_dir, out, engine) -> str:
+    """The same sweep in this process (no interpreter start-up: these runs need no signal)."""
+    res = runner.invoke(app, _sweep_args(model_dir, tasks_dir, out, engine), catch_exceptions=False,
+                        env={"COLUMNS": "200", "LNSDIAG_CHECKPOINT_SECONDS": "0"})
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
 def _prune_process(model_dir, tasks_dir, out, engine, stop: str | None = None):
     """The sweep in a subprocess; ``stop`` ("KILL", "INT") makes it signal itself after two units of
     progress (two saved variants; two checkpointed batches), via the progress bar's test hook."""
-    cmd = [sys.executable, "-m", "lnsdiag", "prune", str(model_dir), "--tasks", "tiny_mc,tiny_ppl",
-           "--include-path", str(tasks_dir), "--out", str(out), "--no-angular", "--batch-size", "2",
-           "--engine", engine, "--batch-tokens", "48"]
+    cmd = [sys.executable, "-m", "lnsdiag", *_sweep_args(model_dir, tasks_dir, out, engine)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "LNSDIAG_CHECKPOINT_SECONDS": "0"}
     if stop:
         env["LNSDIAG_TEST_SIGNAL"] = f"{'variants' if engine == 'naive' else PASS_PHASE}:2:{stop}"
@@ -316,8 +327,7 @@ def _ctrl_c_reaches_python() -> None:
 def test_interrupted_sweeps_resume_to_the_same_csv(engine, deep_llama_dir, tasks_dir, tmp_path):
     """kill -9 loses at most the work in progress; Ctrl-C stops cleanly; both resume exactly."""
     reference = tmp_path / "whole"
-    proc = _prune_process(deep_llama_dir, tasks_dir, reference, engine)
-    assert proc.wait(timeout=600) == 0, proc.stdout.read()
+    _prune_here(deep_llama_dir, tasks_dir, reference, engine)
 
     killed = tmp_path / "killed"
     proc = _prune_process(deep_llama_dir, tasks_dir, killed, engine, stop="KILL")
@@ -338,9 +348,7 @@ def test_interrupted_sweeps_resume_to_the_same_csv(engine, deep_llama_dir, tasks
     assert "interrupted" in output and "Traceback" not in output
 
     for folder in (killed, interrupted):
-        proc = _prune_process(deep_llama_dir, tasks_dir, folder, engine)
-        output = proc.communicate(timeout=600)[0]
-        assert proc.returncode == 0, output
+        output = _prune_here(deep_llama_dir, tasks_dir, folder, engine)
         if engine == "naive":
             assert "resuming" in output
         assert (folder / "prune.csv").read_text() == (reference / "prune.csv").read_text()
