@@ -8,30 +8,15 @@ import json
 import pytest
 import torch
 import transformers as tf
-from typer.testing import CliRunner
 
 from lnsdiag.checkpoint.card import EXPORT_FILE, read_provenance
 from lnsdiag.checkpoint.export import export_checkpoint
-from lnsdiag.cli import app
 from lnsdiag.demo.model import DemoSpec, shipped_dir
 from lnsdiag.errors import UserError
 from lnsdiag.interventions import lns, postln
 from lnsdiag.model.load import LoadedModel, load_model
 from tests.families import padded_batch, tiny_model
-
-runner = CliRunner()
-
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    text = result.output.strip()
-    assert "Traceback" not in text and text.count("error:") == 1 and len(text.splitlines()) == 1, text
-    for fragment in fragments:
-        assert fragment in text, text
+from tests.test_demo import assert_one_line_error, invoke
 
 
 def _logits(model, ids, mask=None):

@@ -18,7 +18,6 @@ from typing import Any
 
 from ..errors import UserError
 from ..interventions.lns import fold_plan, is_folded, is_lns
-from ..model.load import LoadedModel
 from ..model.structure import LayerStack, find_layers
 from .card import EXPORT_FILE, export_card, export_record, read_provenance, recorded_norm_scheme
 from .save import (
@@ -29,6 +28,7 @@ from .save import (
     checkpoint_config,
     fold_rounding,
     parse_size,
+    unwrap_loaded,
     write_checkpoint,
 )
 
@@ -76,11 +76,7 @@ def export_checkpoint(
     record, a non-LNS norm that cannot be folded: UserErrors, before anything is written. A non-empty
     ``folder`` needs ``overwrite=True`` (only a model folder is replaced).
     """
-    if isinstance(model, LoadedModel):
-        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        source = source or model.source
-        revision = revision or model.revision
-        model = model.model
+    model, tokenizer, source, revision = unwrap_loaded(model, tokenizer, source, revision)
     stack = stack or find_layers(model)
     target = check_export_target(folder, overwrite)
     _check_savable(model, stack)

@@ -116,11 +116,7 @@ def save_without_layers(
     is refused unless ``overwrite=True``, which replaces it (only a model folder, one with a
     ``config.json``) once the new checkpoint is complete.
     """
-    if isinstance(model, LoadedModel):
-        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        source = source or model.source
-        revision = revision or model.revision
-        model = model.model
+    model, tokenizer, source, revision = unwrap_loaded(model, tokenizer, source, revision)
     stack = stack or find_layers(model)
     total = len(stack)
     removed, keep = _removed_and_kept(layers, total)
@@ -225,6 +221,16 @@ def _check_target(target: Path, overwrite: bool) -> None:
     parent = next(p for p in (target.parent, *target.parent.parents) if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write the checkpoint to {target}: {parent} is not a writable folder")
+
+
+def unwrap_loaded(model: Any, tokenizer: Any, source: str | None,
+                  revision: str | None) -> tuple[Any, Any, str | None, str | None]:
+    """A :class:`~lnsdiag.model.load.LoadedModel`'s module, with its tokenizer, source and revision as
+    the defaults of those not given; a bare module as it is."""
+    if not isinstance(model, LoadedModel):
+        return model, tokenizer, source, revision
+    return (model.model, tokenizer if tokenizer is not None else model.tokenizer, source or model.source,
+            revision or model.revision)
 
 
 def _check_savable(model: nn.Module, stack: LayerStack) -> None:
