@@ -184,7 +184,7 @@ def test_group_rows_pool_their_subtasks_documents():
 
 def test_margins_parse_and_apply():
     from lnsdiag.errors import UserError
-    from lnsdiag.results.verdict import Margins
+    from lnsdiag.results.margins import Margins
 
     default = Margins.parse(None)
     assert default.of("acc", 0.6) == 0.01 and default.of("word_perplexity", 20.0) == pytest.approx(0.2)
@@ -505,7 +505,7 @@ def test_unweighted_groups_are_judged_on_the_mean_of_their_leaf_means():
 
 
 def test_log_likelihood_margins_follow_the_perplexity_ratio_and_bootstrap_iters_zero_works():
-    from lnsdiag.results.verdict import Margins
+    from lnsdiag.results.margins import Margins
 
     margins = Margins()
     assert margins.of("nll", 2.8) == pytest.approx(math.log1p(0.01))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from lnsdiag.interventions.units import Removal
+from lnsdiag.results.margins import Margins
 from lnsdiag.results.store import VariantResult
-from lnsdiag.results.verdict import Margins, chance_level, prune_frame
+from lnsdiag.results.verdict import chance_level, prune_frame
 from lnsdiag.scoring.base import MetricRow
 
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 import typer
 
 from ..errors import OptionError
+from ..results.margins import scored_metrics
 from ..results.store import read_settings
-from ..results.verdict import scored_metrics
 from ..runners.scoring import ScoringConfig, ScoringInputs
 from . import ui
 from .common import load

@@ -23,8 +23,9 @@ from ..interventions.removal import removed_layers
 from ..interventions.units import Removal
 from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
+from ..results.margins import Margins
 from ..results.store import ResultStore, VariantResult
-from ..results.verdict import Margins, prune_frame
+from ..results.verdict import prune_frame
 from ..scoring.base import Scorer, Scores, TokenRequest
 from ..scoring.perplexity import PerplexityScorer
 from .checkpoint import Checkpoint, fingerprint

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..results.verdict import LOG_LIKELIHOOD, PERPLEXITY_LIKE, base_metric, headline_metrics, layers_with
+from ..results.margins import LOG_LIKELIHOOD, PERPLEXITY_LIKE, base_metric
+from ..results.verdict import headline_metrics, layers_with
 from ..runs import atomic_write
 from .common import (
     DOUBLE_COLUMN,

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..results.verdict import PERPLEXITY_LIKE, base_metric, headline_metrics
+from ..results.margins import PERPLEXITY_LIKE, base_metric
+from ..results.verdict import headline_metrics
 from ..runners.shrink_table import FULL, is_full, layer_list, metric_row, strategies_in, strategy_rows
 from ..runners.strategies import GIVEN, names, registered
 from ..runs import atomic_write

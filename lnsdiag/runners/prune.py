@@ -30,16 +30,9 @@ from ..model.placement import norm_placement
 from ..model.structure import find_layers, parse_layer_spec
 from ..progress import SILENT, Progress
 from ..results.lock import holds_folder_lock
+from ..results.margins import Margins, rule_text, scored_metrics
 from ..results.store import ResultStore, VariantResult, plan_variants
-from ..results.verdict import (
-    BOOTSTRAP_CAP,
-    BOOTSTRAP_FLOOR,
-    PYTHON_CAP,
-    Margins,
-    prune_frame,
-    rule_text,
-    scored_metrics,
-)
+from ..results.verdict import BOOTSTRAP_CAP, BOOTSTRAP_FLOOR, PYTHON_CAP, prune_frame
 from ..runs import RunFiles, Timer, run_record, write_tables
 from .angular_cache import AngularCache, cached_angular
 from .scoring import ScoringConfig, ScoringInputs, prepare_scoring

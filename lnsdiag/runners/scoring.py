@@ -17,7 +17,7 @@ from ..errors import OptionError
 from ..model.load import LoadedModel
 from ..model.structure import LayerStack
 from ..progress import SILENT, Progress
-from ..results.verdict import Margins
+from ..results.margins import Margins
 from ..scoring.base import Scorer
 from ..scoring.lmeval.tasks import DEFAULT_BOOTSTRAP, TaskSet, check_num_fewshot, load_tasks, parse_limit
 from ..scoring.registry import ScoringSetup, build_scorers
@@ -83,7 +83,7 @@ class ScoringConfig:
 
     def check_scored(self, scored: Mapping[str, Sequence[str]] | None) -> None:
         """The margins against the metrics the run scores (task -> metrics,
-        :func:`~lnsdiag.results.verdict.scored_metrics`), known once the tasks are loaded: before the
+        :func:`~lnsdiag.results.margins.scored_metrics`), known once the tasks are loaded: before the
         model loads and before any output exists. None: not known, nothing checked."""
         if scored is not None:
             Margins.parse(self.margin, [m for metrics in scored.values() for m in metrics])

@@ -48,8 +48,9 @@ from ..model.load import LoadedModel
 from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
 from ..results.lock import holds_folder_lock
+from ..results.margins import rule_text, scored_metrics
 from ..results.store import ResultStore, VariantResult, read_settings, settings_differ
-from ..results.verdict import headline_metrics, prune_frame, rule_text, scored_metrics
+from ..results.verdict import headline_metrics, prune_frame
 from ..runs import RunFiles, Timer, atomic_write, run_record, write_tables
 from .angular_cache import AngularCache, cached_angular
 from .scoring import Scoring, ScoringConfig, ScoringInputs, prepare_scoring
@@ -135,7 +136,7 @@ class ShrinkConfig:
 
     def check_scored(self, scored: Mapping[str, Sequence[str]] | None) -> None:
         """``rank_by`` and the margins against what the run scores (task -> metrics,
-        :func:`~lnsdiag.results.verdict.scored_metrics`), known once the tasks are loaded: before the
+        :func:`~lnsdiag.results.margins.scored_metrics`), known once the tasks are loaded: before the
         model loads, and before any output exists. None: not known, nothing checked."""
         if scored is None:
             return

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from lnsdiag.cli import app
 from lnsdiag.errors import OptionError, UserError
-from lnsdiag.results.verdict import BUILTIN_PPL_METRICS, BUILTIN_PPL_TASK, Margins
+from lnsdiag.results.margins import BUILTIN_PPL_METRICS, BUILTIN_PPL_TASK, Margins
 from lnsdiag.runners.shrink import ShrinkConfig
 from tests.lmeval_tasks import write_tasks
 from tests.test_cli_basic import assert_one_line_error
