@@ -65,7 +65,8 @@ def test_fast_equals_naive(family, limit, fewshot, tokenizer, tasks_dir, tmp_pat
     for variant in VARIANTS:
         with removed_layers(model, variant, stack=stack):
             expected = _hflm_answers(scorer.lm, requests)
-        loglik, greedy = result.of(variant)
+        answers = result.of(variant)
+        loglik, greedy = answers.loglik, answers.greedy
         reference = np.array([e[0] for e in expected])
         # 1e-4, plus the float32 rounding of HFLM's own sum over a long rolling window (one ulp
         # of a sum near -1460 is 1.2e-4); the engine accumulates in float64.
@@ -186,14 +187,14 @@ def test_out_of_memory_splits_the_batch(monkeypatch):
     real = engine._batch
     tried, ran = [], []
 
-    def fussy(rows, loglik, greedy, baseline_only=False):
+    def fussy(rows, state, baseline_only=False):
         if baseline_only:  # the packing check's reference, not a batch of the pass
-            return real(rows, loglik, greedy, baseline_only)
+            return real(rows, state, baseline_only)
         tried.append(len(rows))
         if len(rows) > 3:
             raise torch.OutOfMemoryError("pretend")
         ran.append(len(rows))
-        return real(rows, loglik, greedy)
+        return real(rows, state)
 
     monkeypatch.setattr(engine, "_batch", fussy)
     got = engine.run(requests, 32)
@@ -209,7 +210,7 @@ def test_resume_without_baseline_stops_early():
     part = SweepEngine(model, stack, [Removal.of(1)], batch_tokens=256)
     assert part.layer_passes() == 1 + 2  # up to block 1's input, then blocks 2..3
     got = part.run(requests, 32)
-    assert np.allclose(got.of(Removal.of(1))[0], full.of(Removal.of(1))[0], atol=1e-6)
+    assert np.allclose(got.of(Removal.of(1)).loglik, full.of(Removal.of(1)).loglik, atol=1e-6)
 
 
 def test_generation_tasks_fall_back_to_naive(tiny_llama_dir, tasks_dir, tmp_path):
@@ -327,7 +328,7 @@ def test_blocks_that_update_their_input_in_place():
     for variant in VARIANTS:
         with removed_layers(model, variant, stack=stack):
             want = SweepEngine(model, stack, [FULL], batch_tokens=128).run(requests, 32)
-        assert np.abs(got.of(variant)[0] - want.of(FULL)[0]).max() < 1e-5, variant
+        assert np.abs(got.of(variant).loglik - want.of(FULL).loglik).max() < 1e-5, variant
 
 
 def test_a_damaged_or_foreign_checkpoint_is_ignored(tmp_path):

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from lnsdiag.cli import app
 from lnsdiag.errors import UserError
 from lnsdiag.model.load import LoadedModel
-from lnsdiag.scoring.base import Scores
+from lnsdiag.scoring.base import Answers, Scores
 from lnsdiag.scoring.lmeval.aggregate import scores_of
 from lnsdiag.scoring.lmeval.lm import replay_metrics
 from lnsdiag.scoring.lmeval.requests import collect_requests
@@ -101,7 +101,7 @@ def test_direct_equals_evaluate_on_random_answers(case, loaded, shapes_dir):
         want = replay_metrics(taskset, single, rolling, limit=limit, bootstrap_iters=BOOTSTRAP, log_samples=True)
         got = log.built.results(loglik, greedy, bootstrap_iters=BOOTSTRAP, log_samples=True)
         _same_results(got, want)
-        _same_scores(scorer.aggregate(loglik, greedy), scores_of(want, taskset))
+        _same_scores(scorer.aggregate(Answers(loglik, greedy)), scores_of(want, taskset))
     assert scorer.aggregation_path == "direct"
 
 
@@ -110,7 +110,7 @@ def test_groups_weighted_and_unweighted(loaded, shapes_dir):
     taskset = load_tasks(["mm", "hs"], shapes_dir, num_fewshot=0)
     scorer = LmEvalScorer(loaded, taskset, bootstrap_iters=0, batch_size=4)
     loglik, greedy = _answers(len(scorer.requests()), seed=5)
-    rows = {(r.task, r.metric): r for r in scorer.aggregate(loglik, greedy).rows}
+    rows = {(r.task, r.metric): r for r in scorer.aggregate(Answers(loglik, greedy)).rows}
     size = {t: rows[(t, "acc")].samples for t in ("hs_a", "hs_b", "mm_subject0", "mm_subject2")}
     assert rows[("hs", "acc")].value == pytest.approx((rows[("hs_a", "acc")].value + rows[("hs_b", "acc")].value) / 2)
     weighted = (rows[("hs_a", "acc_norm")].value * size["hs_a"] + rows[("hs_b", "acc_norm")].value * size["hs_b"])
@@ -151,7 +151,7 @@ def test_direct_equals_evaluate_on_the_model(loaded, shapes_dir):
     seed_everything(1234)
     evaluated = evaluate_tasks(scorer.lm, taskset, limit=4, bootstrap_iters=BOOTSTRAP, log_samples=True)
     loglik, greedy = _answers_of(evaluated, scorer._log)
-    _same_scores(scorer.aggregate(loglik, greedy), scores_of(evaluated, taskset))
+    _same_scores(scorer.aggregate(Answers(loglik, greedy)), scores_of(evaluated, taskset))
     _same_results(scorer._log.built.results(loglik, greedy, bootstrap_iters=BOOTSTRAP, log_samples=True), evaluated)
     assert scorer.aggregation_path == "direct"
 
@@ -172,7 +172,7 @@ def test_limit_and_fewshot_seeding(loaded, shapes_dir):
     assert all(ids == list(range(math.ceil(sizes[name] * 0.5))) for name, ids in docs.items())
     counted = LmEvalScorer(loaded, taskset, limit=2, batch_size=4)
     loglik, greedy = _answers(len(counted.requests()), seed=1)
-    scores = counted.aggregate(loglik, greedy)
+    scores = counted.aggregate(Answers(loglik, greedy))
     assert all(len(items) == 2 for items in scores.documents.values())
 
 
@@ -218,13 +218,13 @@ def process_results(doc, results):
     scorer = LmEvalScorer(loaded, taskset, bootstrap_iters=0, batch_size=4, note=notes.append)
     loglik, greedy = _answers(len(scorer.requests()), seed=0)
     assert not notes and scorer.aggregation_path == "direct"
-    scores = scorer.aggregate(loglik, greedy)
+    scores = scorer.aggregate(Answers(loglik, greedy))
     assert scorer.aggregation_path == "replay" and "stateful" in scorer.fallback
     assert len(notes) == 1 and "evaluate for every variant" in notes[0] and "calls" in notes[0]
     assert {r.task for r in scores.rows} == {"stateful", "tiny_mc"}
     assert scorer.run_stats() == {"lm_eval_aggregation": "replay",
                                           "lm_eval_aggregation_fallback": scorer.fallback}
-    scorer.aggregate(loglik, greedy)  # replayed again, no second note
+    scorer.aggregate(Answers(loglik, greedy))  # replayed again, no second note
     assert len(notes) == 1
 
 

@@ -37,12 +37,13 @@ def cut_batches(rows: list[Row], budget: int, max_rows: int = 512) -> list[list[
     return out
 
 
-def default_budget(model: torch.nn.Module, kept_states: int, rows: Sequence[Row]) -> int:
+def default_budget(model: torch.nn.Module, kept_states: int, rows: Sequence[Row], compare: bool = False) -> int:
     """Tokens per batch that fit the free memory of the model's device (CPU: 8192).
 
     Per token: the kept block inputs (copies), a forward's working set, the logits of the
     scored positions (model dtype plus float32 for the log-sum-exp), and for shared rows the
-    row's share of its boolean attention mask.
+    row's share of its boolean attention mask; with ``compare``, the full model's float32
+    log-probabilities of the scored positions, kept while the variants resume.
     """
     device = model.get_input_embeddings().weight.device
     if device.type != "cuda":
@@ -57,7 +58,7 @@ def default_budget(model: torch.nn.Module, kept_states: int, rows: Sequence[Row]
     scored = sum(len(r.positions) for r in rows) / tokens
     widest = max((len(r.ids) for r in rows if r.shared), default=0)
     per_token = (kept_states + 1) * hidden * elem + (12 * hidden + 3 * inter) * elem
-    per_token += scored * vocab * (elem + 8) + widest
+    per_token += scored * vocab * (elem + 8 + (4 if compare else 0)) + widest
     return int(max(512, min(131_072, 0.6 * free / per_token)))
 
 

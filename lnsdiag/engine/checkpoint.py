@@ -32,17 +32,41 @@ class PassState:
     """What a checkpoint holds: results so far, which rows are done, and the batch budget
     (kept so a resumed pass cuts the same batches and gives bitwise the same numbers).
     ``have`` marks the requests whose values are present (those of done rows): under a
-    launcher each rank's file holds its own rows, and files are merged by it."""
+    launcher each rank's file holds its own rows, and files are merged by it.
+
+    When requests are compared with the full model: ``kl`` / ``agree`` per (variant, request)
+    and ``token_kl`` per (variant, compared token), the compared requests' tokens laid end to
+    end (``token_start``); None otherwise."""
 
     loglik: np.ndarray
     greedy: np.ndarray
     done: np.ndarray
     budget: int
     have: np.ndarray | None = None
+    kl: np.ndarray | None = None
+    agree: np.ndarray | None = None
+    token_kl: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.have is None:
             self.have = np.zeros(self.loglik.shape[1], dtype=bool)
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int], rows: int, budget: int, compared_tokens: int | None = None) -> PassState:
+        """Nothing done yet; with ``compared_tokens`` (not None), room for the comparison's values."""
+        extra = {} if compared_tokens is None else {
+            "kl": np.zeros(shape), "agree": np.zeros(shape, dtype=np.int64),
+            "token_kl": np.zeros((shape[0], compared_tokens), dtype=np.float32)}
+        return cls(np.zeros(shape), np.zeros(shape, dtype=bool), np.zeros(rows, dtype=bool), budget, **extra)
+
+    def take(self, other: PassState, have: np.ndarray, tokens: np.ndarray | None) -> None:
+        """Copy ``other``'s values of the requests in ``have`` (and of their compared ``tokens``)."""
+        self.loglik[:, have] = other.loglik[:, have]
+        self.greedy[:, have] = other.greedy[:, have]
+        if self.kl is not None and other.kl is not None:
+            self.kl[:, have] = other.kl[:, have]
+            self.agree[:, have] = other.agree[:, have]
+            self.token_kl[:, tokens] = other.token_kl[:, tokens]
 
 
 def _variant_codes(variants: Sequence[Removal]) -> np.ndarray:
@@ -106,7 +130,8 @@ class Checkpoint:
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
             return None  # missing, foreign or damaged: start the pass over
 
-    def load(self, shape: tuple[int, int], rows: int) -> PassState | None:
+    def load(self, shape: tuple[int, int], rows: int, token_start: np.ndarray | None = None,
+             compared_tokens: int | None = None) -> PassState | None:
         """Every matching partial file merged (done rows, and their requests' values), or None.
 
         Files of another batch budget are left out: their batches were cut differently. A file
@@ -117,6 +142,8 @@ class Checkpoint:
             data = self._read(path)
             if data is None or data["loglik"].shape != shape or data["done"].shape != (rows,):
                 continue
+            if compared_tokens is not None and ("token_kl" not in data or data["token_kl"].shape[1] != compared_tokens):
+                continue
             if str(data["variants"]) != str(_variant_codes(self.variants)) or str(data["plan"]) != self.plan:
                 continue
             found.append(data)
@@ -124,13 +151,14 @@ class Checkpoint:
             return None
         found.sort(key=lambda d: "have" in d)
         budget = int(found[0]["budget"])
-        state = PassState(np.zeros(shape), np.zeros(shape, dtype=bool), np.zeros(rows, dtype=bool), budget)
+        state = PassState.empty(shape, rows, budget, compared_tokens)
         for data in found:
             if int(data["budget"]) != budget:
                 continue
             have = data["have"].astype(bool) if "have" in data else np.ones(shape[1], dtype=bool)
-            state.loglik[:, have] = data["loglik"][:, have]
-            state.greedy[:, have] = data["greedy"][:, have]
+            saved = PassState(data["loglik"], data["greedy"], data["done"], budget, have, data.get("kl"),
+                              data.get("agree"), data.get("token_kl"))
+            state.take(saved, have, compared_token_mask(token_start, have, compared_tokens))
             state.done |= data["done"].astype(bool)
             state.have |= have
         return state
@@ -139,9 +167,10 @@ class Checkpoint:
         if not force and time.monotonic() - self._last < self.every:
             return
         buf = io.BytesIO()
+        compared = {} if state.kl is None else {"kl": state.kl, "agree": state.agree, "token_kl": state.token_kl}
         np.savez(buf, fingerprint=np.array(self.fingerprint), loglik=state.loglik, greedy=state.greedy,
                  done=state.done, budget=np.array(state.budget), variants=_variant_codes(self.variants),
-                 plan=np.array(self.plan), have=state.have)
+                 plan=np.array(self.plan), have=state.have, **compared)
         self.own.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.own, buf.getvalue())
         self._last = time.monotonic()
@@ -150,6 +179,21 @@ class Checkpoint:
         """Delete every partial file of the pass (rank 0, once the pass's results are stored)."""
         for path in self.files():
             path.unlink(missing_ok=True)
+
+
+def compared_token_mask(token_start: np.ndarray | None, have: np.ndarray, compared_tokens: int | None
+                        ) -> np.ndarray | None:
+    """Which compared tokens belong to the requests in ``have`` (``token_start``: each request's
+    first token, −1 when not compared; tokens of request n run to the next compared start)."""
+    if token_start is None or compared_tokens is None:
+        return None
+    mask = np.zeros(compared_tokens, dtype=bool)
+    starts = [(int(s), n) for n, s in enumerate(token_start) if s >= 0]
+    ends = [s for s, _ in starts[1:]] + [compared_tokens]
+    for (start, n), end in zip(starts, ends, strict=True):
+        if have[n]:
+            mask[start:end] = True
+    return mask
 
 
 def fingerprint(requests: Sequence[TokenRequest], max_length: int, extra: dict[str, Any] | None = None) -> str:

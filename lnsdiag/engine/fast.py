@@ -37,10 +37,12 @@ from ..interventions.units import Removal
 from ..model.patch import patched
 from ..model.structure import LayerStack, block_input, no_cache_kwargs, text_config
 from ..progress import SILENT, Progress
-from ..scoring.base import TokenRequest
+from ..scoring.base import Answers, TokenRequest
+from ..scoring.divergence import Reference
 from .budget import attention_limit, cut_batches, default_budget, default_row_tokens
-from .checkpoint import Checkpoint, PassState
+from .checkpoint import Checkpoint, PassState, compared_token_mask
 from .plan import Row, plan_digest, plan_rows
+from .readout import ScoredIndex, read_out
 from .work import check_tokens, count_work, layer_passes, naive_tokens, probe_plan
 
 #: The progress phase of an engine pass (counted in tokens).
@@ -49,15 +51,49 @@ PASS_PHASE = "one pass, all variants"
 
 @dataclass
 class EngineResult:
-    """``loglik[v, n]`` and ``greedy[v, n]`` for variant v (see ``variants``) and request n."""
+    """``loglik[v, n]`` and ``greedy[v, n]`` for variant v (see ``variants``) and request n; for the
+    requests compared with the full model also ``kl[v, n]``, ``agree[v, n]`` and each of their
+    tokens' KL (``token_kl[v]``, request n's tokens from ``token_start[n]``)."""
 
     variants: list[Removal]
     loglik: np.ndarray
     greedy: np.ndarray
+    kl: np.ndarray | None = None
+    agree: np.ndarray | None = None
+    token_kl: np.ndarray | None = None
+    token_start: np.ndarray | None = None
 
-    def of(self, variant: Removal) -> tuple[np.ndarray, np.ndarray]:
+    def of(self, variant: Removal) -> Answers:
+        """One variant's answers to every request (per-token KL split by request)."""
         v = self.variants.index(variant)
-        return self.loglik[v], self.greedy[v]
+        if self.kl is None or self.token_start is None:
+            return Answers(self.loglik[v], self.greedy[v])
+        ends = _token_ends(self.token_start, self.token_kl.shape[1])
+        token_kl = [self.token_kl[v, s:e] if s >= 0 else np.zeros(0, dtype=np.float32)
+                    for s, e in zip(self.token_start, ends, strict=True)]
+        return Answers(self.loglik[v], self.greedy[v], self.kl[v], self.agree[v], token_kl)
+
+
+def _token_ends(token_start: np.ndarray, total: int) -> list[int]:
+    """Where each compared request's tokens end (the next compared request's start)."""
+    ends, following = [0] * len(token_start), total
+    for n in range(len(token_start) - 1, -1, -1):
+        ends[n] = following if token_start[n] >= 0 else -1
+        if token_start[n] >= 0:
+            following = int(token_start[n])
+    return ends
+
+
+def compared_tokens(requests: Sequence[TokenRequest], compared: Sequence[bool] | None) -> np.ndarray | None:
+    """Where each compared request's tokens start in the per-token arrays (−1: not compared)."""
+    if compared is None or not any(compared):
+        return None
+    starts, at = np.full(len(requests), -1, dtype=np.int64), 0
+    for n, (req, wanted) in enumerate(zip(requests, compared, strict=True)):
+        if wanted:
+            starts[n] = at
+            at += len(req.continuation)
+    return starts
 
 
 class SweepEngine:
@@ -77,6 +113,7 @@ class SweepEngine:
         self.share = share
         self.row_tokens = row_tokens
         self.stats: dict[str, Any] = {}
+        self.token_start: np.ndarray | None = None  # set by :meth:`run` when requests are compared
 
     def layer_passes(self, rows: int = 1) -> int:
         """Block passes per row: the baseline (or up to the deepest kept input) plus each resume."""
@@ -85,11 +122,15 @@ class SweepEngine:
     # --- the pass ---------------------------------------------------------------------------
 
     def run(self, requests: Sequence[TokenRequest], max_length: int, *, progress: Progress = SILENT,
-            checkpoint: Checkpoint | None = None, naive: Sequence[TokenRequest] | None = None) -> EngineResult:
+            checkpoint: Checkpoint | None = None, naive: Sequence[TokenRequest] | None = None,
+            compared: Sequence[bool] | None = None) -> EngineResult:
         """Every variant's log-likelihood and greedy flag for every request; progress counts tokens.
 
         ``naive``: the requests the naive engine would run instead (default ``requests``), for
         the work count only (:meth:`~lnsdiag.scoring.base.Scorer.naive_requests`).
+        ``compared[n]``: also measure how far each variant's distributions at request n's scored
+        tokens moved from the full model's (KL, top-1 agreement), from the same pass: the full
+        model's distributions of the batch in flight are kept while its variants resume.
 
         Under a launcher every rank plans the same rows and cuts the same batches (rank 0 decides
         the sharing check and the budget, and resumes from the partial files), takes a share of the
@@ -100,7 +141,10 @@ class SweepEngine:
         rows, sharing, checked = self._agreed_plan(requests, max_length)
         if checkpoint is not None:
             checkpoint.variants, checkpoint.plan = self.variants, plan_digest(rows)
-        state: PassState = on_main(lambda: self._start(rows, (len(self.variants), len(requests)), checkpoint))
+        self.token_start = compared_tokens(requests, compared)
+        tokens = None if self.token_start is None else sum(
+            len(r.continuation) for r, wanted in zip(requests, compared or (), strict=True) if wanted)
+        state: PassState = on_main(lambda: self._start(rows, (len(self.variants), len(requests)), checkpoint, tokens))
         empty = [n for n, r in enumerate(requests) if not r.continuation]
         state.greedy[:, empty] = True  # an empty continuation: log-likelihood 0, trivially greedy
         self.stats = self._planned_stats(requests, rows, max_length, state.budget, sharing, checked,
@@ -116,7 +160,8 @@ class SweepEngine:
             self._merge(state, all_gather(self._part(state, rows, [share.batches[k] for k in share.mine])))
             if not share.mine:
                 progress.advance(total - already)
-        return EngineResult(self.variants, state.loglik, state.greedy)
+        return EngineResult(self.variants, state.loglik, state.greedy, state.kl, state.agree, state.token_kl,
+                            self.token_start)
 
     def _planned_stats(self, requests: Sequence[TokenRequest], rows: list[Row], max_length: int, budget: int,
                        sharing: str, checked: int, naive: Sequence[TokenRequest]) -> dict[str, Any]:
@@ -133,7 +178,7 @@ class SweepEngine:
         try:
             for k in share.mine:
                 batch = share.batches[k]
-                self._run_rows([rows[i] for i in batch], state.loglik, state.greedy)
+                self._run_rows([rows[i] for i in batch], state)
                 state.done[batch] = True
                 state.have[[n for i in batch for n, _, _ in rows[i].members]] = True
                 if checkpoint is not None:
@@ -143,29 +188,39 @@ class SweepEngine:
             if checkpoint is not None:
                 checkpoint.save(state, force=True)
 
-    def _start(self, rows: list[Row], shape: tuple[int, int], checkpoint: Checkpoint | None) -> PassState:
+    def _start(self, rows: list[Row], shape: tuple[int, int], checkpoint: Checkpoint | None,
+               tokens: int | None) -> PassState:
         """Where the pass starts (rank 0 decides): the merged partial files, or nothing done with
         a budget sized from free memory."""
-        state = checkpoint.load(shape, len(rows)) if checkpoint is not None else None
+        state = checkpoint.load(shape, len(rows), self.token_start, tokens) if checkpoint is not None else None
         if state is None:
-            budget = self.batch_tokens or default_budget(self.model, len(self.layers), rows)
-            state = PassState(np.zeros(shape), np.zeros(shape, dtype=bool), np.zeros(len(rows), dtype=bool), budget)
+            budget = self.batch_tokens or default_budget(self.model, len(self.layers), rows, compare=tokens is not None)
+            state = PassState.empty(shape, len(rows), budget, tokens)
         return state
 
-    @staticmethod
-    def _part(state: PassState, rows: list[Row], batches: list[list[int]]) -> tuple:
+    def _part(self, state: PassState, rows: list[Row], batches: list[list[int]]) -> tuple:
         """What this rank computed: its rows, their requests and those requests' values."""
         done = sorted(i for batch in batches for i in batch)
-        cols = np.array(sorted({n for i in done for n, _, _ in rows[i].members}), dtype=np.int64)
-        return done, cols, state.loglik[:, cols], state.greedy[:, cols]
+        have = np.zeros(state.loglik.shape[1], dtype=bool)
+        have[[n for i in done for n, _, _ in rows[i].members]] = True
+        tokens = self._token_mask(state, have)
+        compared = () if state.kl is None else (state.kl[:, have], state.agree[:, have], state.token_kl[:, tokens])
+        return done, have, tokens, state.loglik[:, have], state.greedy[:, have], compared
+
+    def _token_mask(self, state: PassState, have: np.ndarray) -> np.ndarray | None:
+        if state.token_kl is None:
+            return None
+        return compared_token_mask(self.token_start, have, state.token_kl.shape[1])
 
     @staticmethod
     def _merge(state: PassState, parts: list[tuple]) -> None:
-        for done, cols, loglik, greedy in parts:
+        for done, have, tokens, loglik, greedy, compared in parts:
             state.done[done] = True
-            state.have[cols] = True
-            state.loglik[:, cols] = loglik
-            state.greedy[:, cols] = greedy
+            state.have |= have
+            state.loglik[:, have] = loglik
+            state.greedy[:, have] = greedy
+            if compared:
+                state.kl[:, have], state.agree[:, have], state.token_kl[:, tokens] = compared
 
     # --- the plan ---------------------------------------------------------------------------
 
@@ -244,25 +299,24 @@ class SweepEngine:
         """Max |Δ log-likelihood| shared vs unshared, and (with ``noise``) unshared alone vs
         unshared batched through the explicit-mask path."""
         members = sorted({n for _, chosen in probes for n in chosen})
-        flags = np.zeros((1, len(requests)), dtype=bool)
-        shared, alone, together = (np.zeros((1, len(requests))) for _ in range(3))
+        shared, alone, together = (PassState.empty((1, len(requests)), 0, 0) for _ in range(3))
         for row, _ in probes:
-            self._batch([row], shared, flags, baseline_only=True)
+            self._batch([row], shared, baseline_only=True)
         batched = plan_rows([requests[n] for n in members], max_length, prefixes=False)  # each alone
         for row in batched:
             row.members = [(members[i], *rest) for i, *rest in row.members]
-            self._batch([row], alone, flags, baseline_only=True)
+            self._batch([row], alone, baseline_only=True)
         if noise:
-            self._batch(batched, together, flags, baseline_only=True, explicit_mask=True)
-        worst = float(np.abs(shared[0, members] - alone[0, members]).max())
-        spread = float(np.abs(together[0, members] - alone[0, members]).max()) if noise else 0.0
+            self._batch(batched, together, baseline_only=True, explicit_mask=True)
+        worst = float(np.abs(shared.loglik[0, members] - alone.loglik[0, members]).max())
+        spread = float(np.abs(together.loglik[0, members] - alone.loglik[0, members]).max()) if noise else 0.0
         return worst, spread, len(members)
 
-    # --- one batch --------------------------------------------------------------------------
+    # --- one batch ---------------------------------------------------------------------------
 
-    def _run_rows(self, rows: list[Row], loglik: np.ndarray, greedy: np.ndarray) -> None:
+    def _run_rows(self, rows: list[Row], state: PassState) -> None:
         try:
-            self._batch(rows, loglik, greedy)
+            self._batch(rows, state)
             return
         except torch.OutOfMemoryError:
             if len(rows) == 1:
@@ -271,85 +325,75 @@ class SweepEngine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         half = len(rows) // 2
-        self._run_rows(rows[:half], loglik, greedy)
-        self._run_rows(rows[half:], loglik, greedy)
+        self._run_rows(rows[:half], state)
+        self._run_rows(rows[half:], state)
 
-    def _batch(self, rows: list[Row], loglik: np.ndarray, greedy: np.ndarray, baseline_only: bool = False,
+    def _batch(self, rows: list[Row], state: PassState, baseline_only: bool = False,
                explicit_mask: bool = False) -> None:
-        """Score ``rows`` for every variant into ``loglik``/``greedy`` (rows: variants). With
+        """Score ``rows`` for every variant into ``state`` (its rows: variants). With
         ``baseline_only``, only the full model, into row 0 (the packing check's reference);
         ``explicit_mask`` gives plain rows the 4D mask shared rows get (the check's noise)."""
         variants = [Removal()] if baseline_only else self.variants
         layers = [] if baseline_only else self.layers
-        batch = self._inputs(rows, explicit_mask)
-        kept = self._full_pass(batch, variants, layers, loglik, greedy)
+        batch = self._inputs(rows, explicit_mask, None if baseline_only else self.token_start)
+        kept, reference = self._full_pass(batch, variants, layers, state)
         for layer in layers:
-            state = kept.pop(layer)
-            self._resume(batch, layer, state, loglik, greedy)
-            del state
+            kept_state = kept.pop(layer)
+            self._resume(batch, layer, kept_state, state, reference)
+            del kept_state
+        del reference
 
-    def _inputs(self, rows: list[Row], explicit_mask: bool) -> _Batch:
+    def _inputs(self, rows: list[Row], explicit_mask: bool, token_start: np.ndarray | None) -> _Batch:
         """The batch on the model's device: ids, forward kwargs (a 4D mask and position ids for
         shared rows), the positions the head sees and where each scored token goes."""
         ids, gather = _padded_ids(rows, self.pad_id)
-        index = _Index.of(rows, self.device)
+        index = ScoredIndex.of(rows, self.device, token_start)
         ids, gather = ids.to(self.device), gather.to(self.device)
         kwargs: dict[str, Any] = dict(no_cache_kwargs(self.model))
         if explicit_mask or any(r.shared for r in rows):
             kwargs.update(_shared_inputs(rows, ids.shape[1], self.model, self.device))
         return _Batch(ids, kwargs, gather, index)
 
-    def _full_pass(self, batch: _Batch, variants: list[Removal], layers: list[int], loglik: np.ndarray,
-                   greedy: np.ndarray) -> dict[int, torch.Tensor]:
+    def _full_pass(self, batch: _Batch, variants: list[Removal], layers: list[int], state: PassState
+                   ) -> tuple[dict[int, torch.Tensor], Reference | None]:
         """The full model over the batch, keeping the inputs of ``layers``: scored as the baseline
-        when that is asked for, else stopped once the deepest kept input is taken."""
+        when that is asked for, else stopped once the deepest kept input is taken. When the batch
+        holds compared requests, the full model always runs to its logits and its distributions
+        are kept (the :class:`~lnsdiag.scoring.divergence.Reference` the variants are compared with)."""
         kept: dict[int, torch.Tensor] = {}
-        stop_after = None if Removal() in variants or not layers else layers[-1]
+        compare = batch.index.compared.size > 0 and state.kl is not None
+        scored = Removal() in variants
+        stop_after = None if scored or compare or not layers else layers[-1]
+        reference = None
         with torch.no_grad(), patched() as patches:
             for i in layers:
                 patches.pre_hook(self.stack.layers[i], _keeper(i, kept, stop_after), with_kwargs=True)
             if stop_after is None:
-                self._score(self._logits(batch), batch.index, variants.index(Removal()), loglik, greedy)
+                logits = self._logits(batch)
+                reference = Reference.of(logits) if compare else None
+                if scored:
+                    read_out(logits, batch.index, variants.index(Removal()), state, reference, is_full=True)
+                del logits
             else:  # the baseline is already scored: run only as deep as the last kept input
                 with suppress(_Captured):
                     self.model(input_ids=batch.ids, **batch.kwargs)
-        return kept
+        return kept, reference
 
-    def _resume(self, batch: _Batch, layer: int, state: torch.Tensor, loglik: np.ndarray, greedy: np.ndarray) -> None:
-        """Every variant whose first removed block is ``layer``: from its kept input ``state``,
-        skipping the variant's other removed blocks."""
+    def _resume(self, batch: _Batch, layer: int, kept: torch.Tensor, state: PassState,
+                reference: Reference | None) -> None:
+        """Every variant whose first removed block is ``layer``: from its kept input, skipping
+        the variant's other removed blocks."""
         for variant in self.resumes[layer]:
-            with torch.no_grad(), resumed_at(self.model, layer, state, stack=self.stack), \
+            with torch.no_grad(), resumed_at(self.model, layer, kept, stack=self.stack), \
                     removed_layers(self.model, variant.without_first(), mode="skip", stack=self.stack):
                 logits = self._logits(batch)
-            self._score(logits, batch.index, self.variants.index(variant), loglik, greedy)
+            read_out(logits, batch.index, self.variants.index(variant), state, reference)
             del logits
 
     def _logits(self, batch: _Batch) -> torch.Tensor:
         """The model's logits at the batch's scored positions only ([rows, slots, vocab])."""
         with head_at(self.model, batch.gather):
             return _checked(self.model(input_ids=batch.ids, **batch.kwargs).logits, batch.gather)
-
-    @staticmethod
-    def _score(logits: torch.Tensor, index: _Index, v: int, loglik: np.ndarray, greedy: np.ndarray) -> None:
-        """Sum each request's float32 log-probs (logit − logsumexp: the full log-softmax is never
-        written out); greedy if every target is the argmax."""
-        rows, slots, vocab = logits.shape
-        sums = torch.zeros(index.members, dtype=torch.float64, device=logits.device)
-        misses = torch.zeros(index.members, dtype=torch.int32, device=logits.device)
-        step = max(1, (1 << 27) // max(1, slots * vocab))  # ≤ 512 MiB of float32 at a time
-        for r0 in range(0, rows, step):
-            sel = (index.row >= r0) & (index.row < r0 + step)
-            if not bool(sel.any()):
-                continue
-            chunk = logits[r0:r0 + step].float()
-            norm = torch.logsumexp(chunk, dim=-1)
-            r, k, t, m = index.row[sel] - r0, index.slot[sel], index.target[sel], index.member[sel]
-            sums.index_add_(0, m, (chunk[r, k, t] - norm[r, k]).double())
-            misses.index_add_(0, m, (chunk[r, k].argmax(dim=-1) != t).int())
-            del chunk, norm
-        loglik[v, index.requests] = sums.cpu().numpy()
-        greedy[v, index.requests] = (misses == 0).cpu().numpy()
 
 
 def _distinct_variants(variants: Sequence[Removal], n_layers: int) -> list[Removal]:
@@ -403,44 +447,13 @@ class _Share:
 
 
 @dataclass
-class _Index:
-    """Flattened (row, slot, target token, request) of every scored position in a batch."""
-
-    row: torch.Tensor
-    slot: torch.Tensor
-    target: torch.Tensor
-    member: torch.Tensor
-    members: int
-    requests: np.ndarray
-
-    @classmethod
-    def of(cls, rows: list[Row], device: torch.device) -> _Index:
-        """Slots count each row's scored positions in order (the columns :func:`head_at` keeps)."""
-        row_idx, slot_idx, targets, member = [], [], [], []
-        requests: list[int] = []
-        for b, row in enumerate(rows):
-            slot_of = {p: k for k, p in enumerate(sorted(row.positions))}
-            for n, at, cont in row.members:
-                m = len(requests)
-                requests.append(n)
-                for pos, tok in zip(at, cont, strict=True):
-                    row_idx.append(b)
-                    slot_idx.append(slot_of[pos])
-                    targets.append(tok)
-                    member.append(m)
-        return cls(torch.tensor(row_idx, device=device), torch.tensor(slot_idx, device=device),
-                   torch.tensor(targets, device=device), torch.tensor(member, device=device), len(requests),
-                   np.asarray(requests))
-
-
-@dataclass
 class _Batch:
     """One batch on the model's device: input ids, forward kwargs, gathered positions, scoring index."""
 
     ids: torch.Tensor
     kwargs: dict[str, Any]
     gather: torch.Tensor
-    index: _Index
+    index: ScoredIndex
 
 
 def _padded_ids(rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

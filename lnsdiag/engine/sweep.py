@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -26,7 +27,7 @@ from ..progress import SILENT, Progress
 from ..results.margins import Margins
 from ..results.store import ResultStore, VariantResult
 from ..results.verdict import prune_frame
-from ..scoring.base import Scorer, Scores, TokenRequest
+from ..scoring.base import Answers, Scorer, Scores, TokenRequest
 from ..scoring.perplexity import PerplexityScorer
 from .checkpoint import Checkpoint, fingerprint
 from .fast import EngineResult, SweepEngine
@@ -56,8 +57,10 @@ def run_fast(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[R
     engine = SweepEngine(model, stack, variants, batch_tokens=batch_tokens, pad_id=0)
     start = time.perf_counter()
     naive = [r for scorer in scorers for r in scorer.naive_requests()]
-    result = engine.run(requests, max_length, progress=progress, checkpoint=checkpoint,
-                        naive=naive) if requests else None
+    compared = [scorer.compares_to_full for scorer, span in zip(scorers, spans, strict=True)
+                for _ in range(span.stop - span.start)]
+    result = engine.run(requests, max_length, progress=progress, checkpoint=checkpoint, naive=naive,
+                        compared=compared) if requests else None
     engine_seconds = time.perf_counter() - start
     share = engine_seconds / max(1, len(variants))  # each variant's part of the pass
     outcome = SweepOutcome()
@@ -102,9 +105,9 @@ def _aggregated(model: torch.nn.Module, stack: LayerStack, scorers: Sequence[Sco
     """One variant's scores: each scorer's aggregation of its answers, plus what it scores with
     the model itself (generation tasks), the variant's blocks removed."""
     scores = Scores()
-    loglik, greedy = result.of(variant) if result is not None else ((), ())
+    answers = result.of(variant) if result is not None else Answers(np.zeros(0), np.zeros(0, dtype=bool))
     for scorer, span in zip(scorers, spans, strict=True):
-        scores += scorer.aggregate(loglik[span], greedy[span])
+        scores += scorer.aggregate(answers[span])
         if scorer.needs_model_per_variant():
             with removed_layers(model, variant, stack=stack):
                 scores += scorer.score_rest()

@@ -36,6 +36,29 @@ class TokenRequest:
 
 
 @dataclass
+class Answers:
+    """One variant's answers to a scorer's requests, in the requests' order.
+
+    ``loglik[n]``: the log-likelihood of request n's continuation; ``greedy[n]``: whether each of
+    its tokens is the argmax. For a scorer that ``compares_to_full``: ``kl[n]``, the sum over its
+    scored tokens of KL(p_full ‖ p_variant) in nats; ``agree[n]``, how many of them have the full
+    model's argmax as the variant's argmax; ``token_kl[n]``, each token's KL (float32).
+    """
+
+    loglik: np.ndarray
+    greedy: np.ndarray
+    kl: np.ndarray | None = None
+    agree: np.ndarray | None = None
+    token_kl: list[np.ndarray] | None = None
+
+    def __getitem__(self, span: slice) -> Answers:
+        """The answers of the requests in ``span`` (one scorer's part of a pass)."""
+        return Answers(self.loglik[span], self.greedy[span], None if self.kl is None else self.kl[span],
+                       None if self.agree is None else self.agree[span],
+                       None if self.token_kl is None else self.token_kl[span])
+
+
+@dataclass
 class MetricRow:
     """One number of one task for one model variant."""
 
@@ -139,8 +162,10 @@ class Scorer(ABC):
       ``removed_layers``. Every metric and stderr comes from here or from :meth:`aggregate`.
     * :meth:`requests` lists the token-level log-likelihood requests the metrics depend on,
       built once, in a fixed order. The fast engine answers them for every variant.
-    * :meth:`aggregate` turns one variant's answers to :meth:`requests` (same order) into
-      the same :class:`Scores` that :meth:`score` gives for that variant.
+    * :meth:`aggregate` turns one variant's :class:`Answers` to :meth:`requests` (same order)
+      into the same :class:`Scores` that :meth:`score` gives for that variant. A scorer with
+      ``compares_to_full`` also gets, per request, how far the variant's next-token
+      distributions moved from the full model's (KL, top-1 agreement), from the same pass.
     * :meth:`naive_requests`: the requests :meth:`score` runs, for counting the naive
       engine's work (:meth:`requests` unless it scores them otherwise, e.g. whole windows).
     * :meth:`score_rest` scores what log-likelihoods cannot serve (text generation) on the
@@ -156,6 +181,9 @@ class Scorer(ABC):
 
     #: Names of the tasks this scorer reports, in the order a table shows them.
     tasks: list[str]
+    #: Whether :meth:`aggregate` needs :attr:`Answers.kl` / ``agree`` / ``token_kl`` (the engine
+    #: then keeps the full model's distributions for the batch in flight).
+    compares_to_full: ClassVar[bool] = False
 
     @abstractmethod
     def score(self) -> Scores: ...
@@ -164,7 +192,7 @@ class Scorer(ABC):
     def requests(self) -> list[TokenRequest]: ...
 
     @abstractmethod
-    def aggregate(self, loglik: np.ndarray, greedy: np.ndarray) -> Scores: ...
+    def aggregate(self, answers: Answers) -> Scores: ...
 
     def naive_requests(self) -> list[TokenRequest]:
         """The requests :meth:`score` feeds the model, as HFLM would (for the work count)."""

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..data.windows import TokenWindows, default_seq_len
@@ -19,7 +18,7 @@ from ..errors import UserError
 from ..model.structure import no_cache_kwargs
 from ..progress import SILENT, Progress
 from ..stats.blocks import BLOCK_TOKENS, ratio_stderr
-from .base import MetricRow, PairedUnits, Scorer, Scores, TokenRequest, paired_units
+from .base import Answers, MetricRow, PairedUnits, Scorer, Scores, TokenRequest, paired_units
 from .registry import ScoringSetup
 
 PPL_TASK = "ppl"
@@ -185,8 +184,8 @@ class PerplexityScorer(Scorer):
         c = self.windows.context
         return [TokenRequest(tuple(w[:c].tolist()), tuple(w[c:].tolist())) for w in self.windows.windows]
 
-    def aggregate(self, loglik: np.ndarray, greedy: np.ndarray) -> Scores:
-        ppl = Perplexity.of([-float(x) for x in loglik], self.windows)
+    def aggregate(self, answers: Answers) -> Scores:
+        ppl = Perplexity.of([-float(x) for x in answers.loglik], self.windows)
         return Scores(ppl.rows(), {PPL_TASK: ppl})
 
     def token_windows(self) -> TokenWindows:

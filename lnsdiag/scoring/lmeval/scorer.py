@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..base import Scorer, Scores, TokenRequest
+from ..base import Answers, Scorer, Scores, TokenRequest
 from ..registry import ScoringSetup
 from .aggregate import results_difference, scores_of
 from .fingerprint import generation_request_args, task_data_digest
@@ -112,7 +112,8 @@ class LmEvalScorer(Scorer):
         return replay_metrics(fast, single, rolling, limit=self.limit, seed=self.seed,
                               bootstrap_iters=bootstrap_iters, log_samples=log_samples)
 
-    def aggregate(self, loglik: np.ndarray, greedy: np.ndarray) -> Scores:
+    def aggregate(self, answers: Answers) -> Scores:
+        loglik, greedy = answers.loglik, answers.greedy
         fast = self._split[0]
         if fast is None:
             return Scores()
