@@ -20,6 +20,7 @@ from .scoring import (
     IncludePath,
     Limit,
     Margin,
+    NoKl,
     NoSamples,
     NumFewshot,
     PplDataset,
@@ -58,6 +59,7 @@ def prune_cmd(
     layers: Annotated[str, typer.Option("--layers", "-l", help="Layers to remove, one at a time: 0-31, 0,4,8, "
                                         "28- or all.")] = "all",
     no_angular: Annotated[bool, typer.Option("--no-angular", help="Skip the angular distances.")] = False,
+    no_kl: NoKl = False,
     margin: Margin = None,
     batch_size: BatchSize = 8,
     fresh: Fresh = False,
@@ -71,7 +73,8 @@ def prune_cmd(
         PruneConfig, tasks=tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed,
         bootstrap_iters=bootstrap_iters, ppl_text=ppl_text, ppl_dataset=ppl_dataset,
         ppl_dataset_config=ppl_dataset_config, ppl_split=ppl_split, ppl_field=ppl_field, ppl_max_tokens=ppl_max_tokens,
-        seq_len=seq_len, layers=layers, angular=not no_angular, margin=margin, batch_size=batch_size, engine=engine,
+        seq_len=seq_len, layers=layers, angular=not no_angular, margin=margin, kl=not no_kl, batch_size=batch_size,
+        engine=engine,
         batch_tokens=batch_tokens, fresh=fresh, samples=not no_samples)
     check_resumable(output_dir(out, model.slug, "prune", create=False), config)
     timer = Timer()

@@ -43,6 +43,8 @@ PplDatasetConfig = Annotated[str | None, typer.Option("--ppl-dataset-config", sh
 PplSplit = Annotated[str | None, typer.Option("--ppl-split", show_default=False)]
 PplField = Annotated[str, typer.Option("--ppl-field", help="Field of JSONL records holding the text.")]
 PplMaxTokens = Annotated[int, typer.Option("--ppl-max-tokens", help="Tokens of perplexity text.")]
+NoKl = Annotated[bool, typer.Option("--no-kl", help="Skip the KL divergence and top-1 agreement of every variant "
+                                    "with the full model on the perplexity text.")]
 Margin = Annotated[str | None, typer.Option(
     help="Margin of practical equivalence: a removal is dead only if the 90% interval of Δ lies within it. "
     "0.02 (bounded metrics, absolute), 2% (perplexity-like, relative) or acc=0.02,ppl=2% \\[default: 0.01 "
@@ -75,6 +77,8 @@ def scoring_config(kind: type[Config], *, tasks: str | Sequence[str] | None, inc
                 fix = ("give {ppl_dataset} too, or drop it" if ppl_text is None
                        else "drop it with {ppl_text}, or give {ppl_dataset} instead")
                 raise OptionError("{" + field + "} applies to {ppl_dataset}: " + fix)
+    if options.get("kl") is False and ppl_text is None and options.get("ppl_dataset") is None:
+        raise OptionError("{no_kl} applies to the perplexity text: give {ppl_text} / {ppl_dataset}, or drop it")
     return kind(tasks=names, include_path=str(include_path) if include_path else None,
                 ppl_text=str(ppl_text) if ppl_text else None, **options)  # type: ignore[arg-type]
 
@@ -96,7 +100,8 @@ def load_inputs(config: ScoringConfig, model: ModelOptions, timer: Timer,
         with ui.status(f"loading tasks {', '.join(config.tasks)}"), timer("tasks"):
             tasks = config.load_tasks()
     inputs = ScoringInputs(tasks, config.load_text())
-    (check or config.check_scored)(scored_metrics(inputs.tasks, inputs.ppl_text is not None))
+    (check or config.check_scored)(scored_metrics(inputs.tasks, inputs.ppl_text is not None,
+                                                  kl=inputs.ppl_text is not None and config.kl))
     with timer("load"):
         loaded = load(model)
     return inputs, loaded

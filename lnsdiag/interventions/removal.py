@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..model.families import CACHE_KWARGS
-from ..model.patch import patched, patched_forward
+from ..model.patch import overrides_lifted, patched, patched_forward
 from ..model.structure import LayerStack, block_input, find_layers, parse_layer_spec
 from .units import Removal
 
@@ -135,4 +135,18 @@ def resumed_at(model: nn.Module, index: int, state: torch.Tensor, *, stack: Laye
 
     with removed_layers(model, range(index), mode="skip", stack=stack), patched() as patches:
         patches.forward(module, forward, tag=RESUMED)
+        yield stack
+
+
+@contextmanager
+def removals_suspended(model: nn.Module, *, stack: LayerStack | None = None) -> Iterator[LayerStack]:
+    """The full model for the duration, inside a removal: every removed block's own forward is
+    back until the ``with`` block ends, then removed again (exceptions included).
+
+    The naive engine scores a variant with its blocks removed; a scorer that compares the
+    variant with the full model (KL, top-1 agreement) runs the full model on the same batch here.
+    Only removals are suspended: what the model is (LayerNorm Scaling, Post-LN) stays.
+    """
+    stack = stack or find_layers(model)
+    with overrides_lifted(list(stack.layers), (REMOVED, RESUMED)):
         yield stack

@@ -31,11 +31,13 @@ _KEPT_PREFIX = "_lnsdiag_patches_"
 
 
 class _Override:
-    """A forward installed on a module instance: calls ``forward``; ``tag`` says who installed it."""
+    """A forward installed on a module instance: calls ``forward``; ``tag`` says who installed it;
+    ``previous`` is the instance's own forward it covers (an accelerate wrapper...), or None."""
 
-    def __init__(self, forward: Callable[..., Any], tag: str) -> None:
+    def __init__(self, forward: Callable[..., Any], tag: str, previous: Any = None) -> None:
         self.forward = forward
         self.tag = tag
+        self.previous = previous
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
@@ -68,7 +70,7 @@ class Patches:
     def forward(self, module: nn.Module, forward: Callable[..., Any], *, tag: str = "patched") -> None:
         """Replace ``module.forward`` on this instance (not its class) until restored."""
         undo = _RestoreForward(module)
-        module.forward = _Override(forward, tag)
+        module.forward = _Override(forward, tag, module.__dict__.get("forward"))
         self._undo.append(undo)
 
     def pre_hook(self, module: nn.Module, hook: Callable[..., Any], *, with_kwargs: bool = False) -> None:
@@ -112,6 +114,23 @@ def patched_forward(module: nn.Module) -> str | None:
     """The tag of a forward installed on this module by :class:`Patches` (``None``: its own)."""
     forward = module.__dict__.get("forward")
     return forward.tag if isinstance(forward, _Override) else None
+
+
+@contextmanager
+def overrides_lifted(modules: list[nn.Module], tags: tuple[str, ...]) -> Iterator[None]:
+    """Each module's forward as it was before an override tagged one of ``tags`` (its own, or the
+    instance forward the override covers) for the duration; the overrides are back afterwards."""
+    held = [(m, m.__dict__["forward"]) for m in modules if patched_forward(m) in tags]
+    for module, override in held:
+        if override.previous is None:
+            del module.__dict__["forward"]
+        else:
+            module.__dict__["forward"] = override.previous
+    try:
+        yield
+    finally:
+        for module, override in held:
+            module.__dict__["forward"] = override
 
 
 def kept(owner: nn.Module, name: str) -> Patches | None:

@@ -36,6 +36,16 @@ def base_metric(metric: str) -> str:
 #: The task and metrics of the built-in perplexity (``--ppl-text`` / ``--ppl-dataset``), as its scorer reports
 #: them (:mod:`lnsdiag.scoring.perplexity`, not imported here: it loads torch; a test keeps the two equal).
 BUILTIN_PPL_TASK, BUILTIN_PPL_METRICS = "ppl", ("ppl", "bits_per_byte", "nll")
+#: The same for the comparison with the full model on that text (:mod:`lnsdiag.scoring.fidelity`).
+BUILTIN_FIDELITY_TASK, BUILTIN_FIDELITY_METRICS = "fidelity", ("kl", "top1", "kl_p90", "kl_p99")
+#: Divergences from the full model (nats, 0 for the full model): an absolute margin, default
+#: :data:`KL_MARGIN`; "hurts" needs the divergence shown *above* its margin (a minimum-effect test),
+#: since every change, however small, moves it above 0.
+DIVERGENCE = frozenset({"kl"})
+#: About what 4-to-5-bit weight quantization costs a 7B model (llama.cpp's KL measurements).
+KL_MARGIN = 0.01
+#: Metrics reported without a test (percentiles of per-token KL): no interval, no verdict.
+DESCRIPTIVE = frozenset({"kl_p90", "kl_p99"})
 #: Metrics scored in [0, 1] (accuracies, exact match, f1, mcc): an absolute margin on them must be below 1.
 _UNIT_SCALE = re.compile(r"^(acc\w*|\w+_acc|exact_match|em|f1|mcc)$")
 _MARGIN_FORMS = "0.02, 2% or acc=0.02,ppl=2%"
@@ -43,10 +53,15 @@ _MARGIN_FORMS = "0.02, 2% or acc=0.02,ppl=2%"
 
 def margin_kind(metric: str) -> str:
     """How a margin applies to ``metric``: ``relative`` (perplexity-like and their logs: a percentage of
-    the baseline), ``percent`` (lm-eval's 0–100 metrics: bleu, chrf, ter, rouge), else ``bounded``."""
+    the baseline), ``percent`` (lm-eval's 0–100 metrics: bleu, chrf, ter, rouge), ``divergence`` (KL
+    from the full model, nats), ``descriptive`` (no margin: reported without a test), else ``bounded``."""
     name = base_metric(metric)
     if name in PERPLEXITY_LIKE or name in LOG_LIKELIHOOD:
         return "relative"
+    if name in DIVERGENCE:
+        return "divergence"
+    if name in DESCRIPTIVE:
+        return "descriptive"
     return "percent" if _PERCENT_SCALE.match(name) else "bounded"
 
 
@@ -90,6 +105,7 @@ class Margins:
                                                  else "an absolute margin (bounded metrics)")
                 raise OptionError("{margin} {value!r} gives {what} twice: give it once", value=text, what=what)
             if name:
+                _check_named(name, is_relative, text)
                 if not is_relative:
                     _check_absolute(value, margin_kind(name), text, name)
                 named[name] = (value, is_relative)
@@ -130,11 +146,13 @@ class Margins:
                 value=self.text, listed=listed)
 
     def of(self, metric: str, baseline: float) -> float:
-        """The absolute margin for ``metric`` around ``baseline``."""
+        """The absolute margin for ``metric`` around ``baseline`` (NaN for a descriptive metric)."""
         name = base_metric(metric)
-        value, relative = next(((v, r) for n, v, r in self.per_metric if n in (metric, name)),
-                               (self.relative, True) if name in PERPLEXITY_LIKE or name in LOG_LIKELIHOOD
-                               else (self.bounded, False))
+        kind = margin_kind(metric)
+        if kind == "descriptive":
+            return math.nan
+        default = {"relative": (self.relative, True), "divergence": (KL_MARGIN, False)}.get(kind, (self.bounded, False))
+        value, relative = next(((v, r) for n, v, r in self.per_metric if n in (metric, name)), default)
         if not relative:
             return value * 100 if _PERCENT_SCALE.match(name) and not self._named(metric) else value
         if name in LOG_LIKELIHOOD:
@@ -148,6 +166,8 @@ class Margins:
         text = (f"±{self.bounded:g} for bounded metrics (±{100 * self.bounded:g} points for 0–100 ones: bleu, chrf, "
                 f"ter, rouge), ±{100 * self.relative:g}% for perplexity-like ones (nll and bits per byte: the same "
                 "ratio of the perplexity they are the log of)")
+        if not any(n in DIVERGENCE for n, _, _ in self.per_metric):
+            text += f", kl (KL from the full model) {KL_MARGIN:g} nats"
         named = ", ".join(f"{n} ±{100 * v:g}%" if r else f"{n} ±{v:g}" for n, v, r in self.per_metric)
         return text + (f"; {named}" if named else "")
 
@@ -169,6 +189,18 @@ def _margin_value(raw: str, text: str) -> tuple[float, bool]:
     return (value / 100 if relative else value), relative
 
 
+def _check_named(name: str, is_relative: bool, text: str) -> None:
+    """A named margin that can apply: none on a descriptive metric, none relative on a divergence
+    (the full model's KL is 0: a percentage of it is 0)."""
+    kind = margin_kind(name)
+    if kind == "descriptive":
+        raise OptionError("{margin} {value!r}: {name} is reported without a test (a percentile of per-token KL): "
+                          "it takes no margin; set one on kl", value=text, name=name)
+    if kind == "divergence" and is_relative:
+        raise OptionError("{margin} {value!r}: {name} is a divergence from the full model, which scores 0: give its "
+                          "margin in nats ({name}=0.05), not a percentage", value=text, name=name)
+
+
 def _check_absolute(value: float, kind: str, text: str, name: str | None) -> None:
     """An absolute margin within its metric's range: below 1 on [0, 1] metrics, below 100 on 0–100 ones."""
     if name is None and value >= 1:
@@ -184,7 +216,7 @@ def _check_absolute(value: float, kind: str, text: str, name: str | None) -> Non
                           "(0.02 = 2 points), or give a percentage of the baseline ({name}=2%)", value=text, name=name)
 
 
-def scored_metrics(tasks: Any | None, ppl: bool) -> dict[str, list[str]] | None:
+def scored_metrics(tasks: Any | None, ppl: bool, kl: bool = False) -> dict[str, list[str]] | None:
     """Each task of a run and the metrics it will report, known once its lm-eval tasks are loaded
     (before any model): lm-eval's ``metric[filter]`` names, and the built-in perplexity's. None when
     a task does not say (an unusual task class): then nothing is checked against them."""
@@ -203,6 +235,8 @@ def scored_metrics(tasks: Any | None, ppl: bool) -> dict[str, list[str]] | None:
             return None
     if ppl:
         out[BUILTIN_PPL_TASK] = list(BUILTIN_PPL_METRICS)
+    if ppl and kl:
+        out[BUILTIN_FIDELITY_TASK] = list(BUILTIN_FIDELITY_METRICS)
     return out
 
 

@@ -24,7 +24,7 @@ from .. import stats
 from ..interventions.units import Removal
 from ..scoring.base import MetricRow, PairedUnits, main_metric
 from ..scoring.lmeval.aggregate import aggregation_function
-from .margins import ALPHA, LOG_LIKELIHOOD, PERPLEXITY_LIKE, Margins, base_metric
+from .margins import ALPHA, LOG_LIKELIHOOD, PERPLEXITY_LIKE, Margins, base_metric, margin_kind
 from .store import VariantResult
 
 #: Resamples of the paired bootstrap: ``--bootstrap-iters`` within these bounds (per layer and metric);
@@ -135,8 +135,8 @@ def compare(baseline: VariantResult, variant: VariantResult, row: MetricRow, ref
 def _from_units(units: PairedUnits, base: PairedUnits, row: MetricRow, ref: MetricRow, on_ratio: bool,
                 log_ratio: float) -> Comparison:
     """A task paired unit by unit (the built-in perplexity's windows), on the log ratio if ``on_ratio``."""
-    n = units.units()
     se = units.delta_stderr(base, row.metric, on_ratio)
+    n = units.no_change_count(row.metric) if se == 0 else units.units()
     if on_ratio:
         c = _from_estimate(stats.PairedEstimate(log_ratio, se, n, se * math.sqrt(n)))
         return _to_delta(c, ref.value, row.value)
@@ -242,6 +242,17 @@ def _from_estimate(estimate: Any, paired: bool = True, floor_scale: float = 1.0)
 
 
 
+def _above_margin(c: Comparison, delta: float, margin: float) -> Comparison:
+    """A divergence from the full model (KL ≥ 0): its intervals cut at 0, and its p-value the one-sided
+    test of "more than the margin" (a minimum-effect test: every change moves KL above 0, so
+    "hurts" must mean above the margin, shown)."""
+    if not math.isfinite(c.se):
+        return c
+    shown = c.se > 0 and c.n > 1
+    p = stats.student_t_sf((delta - margin) / c.se, c.n - 1) if shown else float(delta <= margin)
+    return Comparison(c.se, max(c.lo90, 0.0), c.hi90, max(c.lo95, 0.0), c.hi95, p, c.paired, c.n, c.sd, c.counts)
+
+
 def _documents_needed(c: Comparison, delta: float, margin: float) -> int | None:
     if not math.isfinite(margin) or margin <= 0:
         return None
@@ -308,6 +319,10 @@ def prune_frame(results: Mapping[Removal, VariantResult], *, margins: Margins | 
                     c = compare(baseline, variant, row, ref, bootstrap_iters=bootstrap_iters, seed=seed)
                     if cache is not None:
                         cache[key] = c
+            kind = margin_kind(row.metric)
+            margin = margins.of(row.metric, ref.value)
+            if removal and kind == "divergence":
+                c = _above_margin(c, row.value - ref.value, margin)
             chance = chance_level(baseline, row.task, row.metric, _weighting_of(baseline, ref))
             removals.append(removal)
             records.append({
@@ -315,7 +330,7 @@ def prune_frame(results: Mapping[Removal, VariantResult], *, margins: Margins | 
                 "value": row.value, "stderr": row.stderr, "baseline": ref.value, "baseline_stderr": ref.stderr,
                 "delta": row.value - ref.value, "delta_stderr": c.se, "paired": c.paired if removal else None,
                 "ci90_low": c.lo90, "ci90_high": c.hi90, "ci95_low": c.lo95, "ci95_high": c.hi95,
-                "margin": margins.of(row.metric, ref.value), "p_value": c.p, "_comparison": c,
+                "margin": margin, "p_value": c.p, "_comparison": c, "_descriptive": kind == "descriptive",
                 "retention": retention(row.value, ref.value, row.higher_is_better, chance), "chance": chance,
                 "higher_is_better": row.higher_is_better, "group": row.group, "samples": row.samples,
                 "angular_distance": angle.get(removal.single_block, math.nan) if removal else math.nan,
@@ -328,7 +343,7 @@ def prune_frame(results: Mapping[Removal, VariantResult], *, margins: Margins | 
         frame.loc[part.index, "p_holm"] = stats.holm(part["p_value"].to_numpy())
     verdicts, needed = [], []
     for (_, r), removal in zip(frame.iterrows(), removals, strict=True):
-        if not removal:
+        if not removal or r["_descriptive"]:
             verdicts.append(None)
             needed.append(None)
             continue

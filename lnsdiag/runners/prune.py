@@ -95,7 +95,7 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Sc
     timer = timer or Timer()
     folder = Path(out)
     inputs = inputs or config.load_inputs()
-    config.check_scored(scored_metrics(inputs.tasks, inputs.ppl_text is not None))
+    config.check_scored(scored_metrics(inputs.tasks, inputs.ppl_text is not None, kl=config.kl))
     model = loaded.model
     stack = find_layers(model, layers_path)
     selected = Removal.each(parse_layer_spec(config.layers, len(stack)))

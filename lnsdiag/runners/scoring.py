@@ -34,6 +34,8 @@ class ScoringConfig:
     ``tasks`` defaults to MMLU unless only a perplexity text is given; ``limit`` is a count of
     documents per task or a fraction (strings as typed on the command line are parsed).
     ``angular``: also measure angular distances (``prune``'s column, ``shrink``'s angular strategies).
+    ``kl``: with a perplexity text, also compare every variant's next-token distributions with the
+    full model's there (KL, top-1 agreement: :mod:`lnsdiag.scoring.fidelity`).
     """
 
     tasks: tuple[str, ...] | None = None
@@ -50,6 +52,7 @@ class ScoringConfig:
     ppl_max_tokens: int = 65_536
     seq_len: int | None = None
     angular: bool = True
+    kl: bool = True
     margin: str | None = None
     batch_size: int = 8
     engine: str = "fast"
@@ -147,7 +150,7 @@ def prepare_scoring(loaded: LoadedModel, config: ScoringConfig, inputs: ScoringI
     followed by each scorer's ``settings()``."""
     setup = ScoringSetup(loaded, inputs.tasks, inputs.ppl_text, limit=config.limit, seed=config.seed,
                          bootstrap_iters=config.bootstrap_iters, batch_size=config.batch_size, seq_len=config.seq_len,
-                         max_tokens=config.ppl_max_tokens, note=progress.note)
+                         max_tokens=config.ppl_max_tokens, kl=config.kl, note=progress.note)
     scorers = build_scorers(setup)
     settings: dict[str, Any] = {
         "model": loaded.source, "revision": loaded.revision, "weights": loaded.weights_identity(),

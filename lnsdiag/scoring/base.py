@@ -111,6 +111,11 @@ class PairedUnits(ABC):
         """Rows of the per-document export (``task, metric, doc_id, value, item, choices``)."""
         return []
 
+    def no_change_count(self, metric: str) -> int:
+        """How many things could have changed, when none did (no spread at all): the count behind
+        the interval of "nothing changed" (default: the units)."""
+        return self.units()
+
 
 #: kind -> class of every registered :class:`PairedUnits`.
 UNIT_KINDS: dict[str, type[PairedUnits]] = {}

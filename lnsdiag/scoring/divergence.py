@@ -7,10 +7,11 @@ the batch in flight and compares every variant's logits with it; the naive refer
 computes the full model's logits next to each variant's (:mod:`lnsdiag.scoring.fidelity`).
 
 Accuracy: a KL between close distributions is a small difference of large numbers. The
-log-sum-exp of the variant is accumulated in float64 around its maximum, each term is taken
-against the variant's log-probabilities *relative to its maximum* (so the terms that carry the
-probability are small), and the result is normalised by the reference's own probability mass
-in float64: KL agrees with a float64 computation to ~1e-7 nats, whatever the logits' offset.
+logits of both are shifted by their maximum (the terms that carry the probability are then
+small), the log-sum-exps are accumulated in float64, and the full model's float32 exp(shifted)
+is normalised by its own float64 sum, so the rounding of a stored value moves the KL only to
+second order. Identical logits give exactly 0. Measured on the tests' tiny models: within 1e-6
+relative of a float64 computation from the same logits (a direct float32 one is off by ~1e-5).
 """
 
 from __future__ import annotations
@@ -27,30 +28,34 @@ CHUNK_ELEMENTS = 1 << 25
 class Reference:
     """The full model's distributions at a batch's positions ([rows, slots, vocab] logits in).
 
-    ``logp``: float32 log-probabilities; ``mass``: Σ exp(logp) per position in float64 (1 up to
-    float32 rounding; dividing by it makes the KL invariant to that rounding); ``top``: argmax.
+    ``shifted``: float32 logits minus their maximum (the one tensor of the batch's size kept);
+    ``log_mass``: log Σ exp(shifted) per position, summed in float64; ``top``: argmax.
     """
 
-    logp: torch.Tensor
-    mass: torch.Tensor
+    shifted: torch.Tensor
+    log_mass: torch.Tensor
     top: torch.Tensor
     impossible: bool = False  #: some token has probability exactly 0 (a masked logit)
 
     @classmethod
     def of(cls, logits: torch.Tensor) -> Reference:
         rows, slots, vocab = logits.shape
-        logp = torch.empty((rows, slots, vocab), dtype=torch.float32, device=logits.device)
-        mass = torch.empty((rows, slots), dtype=torch.float64, device=logits.device)
+        shifted = torch.empty((rows, slots, vocab), dtype=torch.float32, device=logits.device)
+        log_mass = torch.empty((rows, slots), dtype=torch.float64, device=logits.device)
         top = torch.empty((rows, slots), dtype=torch.long, device=logits.device)
         for r0, r1 in row_chunks(rows, slots * vocab):
-            chunk = logits[r0:r1].float()
-            peak, top[r0:r1] = chunk.max(dim=-1)
-            shifted = chunk - peak.unsqueeze(-1)
-            lse = torch.log(torch.exp(shifted).sum(dim=-1, dtype=torch.float64))
-            torch.sub(shifted, lse.float().unsqueeze(-1), out=logp[r0:r1])
-            mass[r0:r1] = torch.exp(logp[r0:r1]).sum(dim=-1, dtype=torch.float64)
-            del chunk, shifted
-        return cls(logp, mass, top, bool(torch.isneginf(logp).any()))
+            shifted[r0:r1], top[r0:r1], log_mass[r0:r1] = _shifted(logits[r0:r1])
+        return cls(shifted, log_mass, top, bool(torch.isneginf(shifted).any()))
+
+
+def _shifted(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 logits minus their maximum, the argmax, and log Σ exp of the shifted logits (float64
+    sum). The full model and its variants go through these same operations, so identical logits
+    give bitwise identical results (and a KL of exactly 0)."""
+    chunk = logits.float()
+    peak, top = chunk.max(dim=-1)
+    shifted = chunk - peak.unsqueeze(-1)
+    return shifted, top, torch.log(torch.exp(shifted).sum(dim=-1, dtype=torch.float64))
 
 
 def row_chunks(rows: int, per_row: int, limit: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
@@ -61,17 +66,17 @@ def row_chunks(rows: int, per_row: int, limit: int = CHUNK_ELEMENTS) -> list[tup
 
 def divergence(reference: Reference, logits: torch.Tensor, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(p_full ‖ p_variant) in nats (float64) and top-1 agreement (bool), per position of rows
-    ``r0:r1``; ``logits`` are the variant's logits of those rows ([r1 − r0, slots, vocab])."""
-    chunk = logits.float()
-    peak, top = chunk.max(dim=-1)
-    relative = chunk - peak.unsqueeze(-1)  # logp_variant + log Σ exp(relative)
-    log_sum = torch.log(torch.exp(relative).sum(dim=-1, dtype=torch.float64))
-    ref_logp = reference.logp[r0:r1]
-    relative.neg_().add_(ref_logp)  # logp_full − (logp_variant + log_sum), small where p_full is large
-    relative.mul_(torch.exp(ref_logp))
+    ``r0:r1``; ``logits`` are the variant's logits of those rows ([r1 − r0, slots, vocab]).
+
+    With s the shifted logits and S = Σ exp(s): KL = Σ p_full (s_full − s_variant) − log S_full + log S_variant.
+    """
+    shifted, top, log_mass = _shifted(logits)
+    ref_shifted, ref_log_mass = reference.shifted[r0:r1], reference.log_mass[r0:r1]
+    weights = torch.exp(ref_shifted)
+    terms = shifted.neg_().add_(ref_shifted).mul_(weights)  # in place: the variant's shifted logits are done
     if reference.impossible:  # 0 · (−inf − x) is NaN: a token the full model cannot emit adds nothing
-        relative.masked_fill_(torch.isneginf(ref_logp), 0.0)
-    kl = relative.sum(dim=-1, dtype=torch.float64) / reference.mass[r0:r1] + log_sum
+        terms.masked_fill_(weights == 0, 0.0)
+    kl = terms.sum(dim=-1, dtype=torch.float64) / torch.exp(ref_log_mass) - ref_log_mass + log_mass
     return kl.clamp_(min=0.0), top == reference.top[r0:r1]
 
 

@@ -172,17 +172,11 @@ class PerplexityScorer(Scorer):
         return Scores(ppl.rows(), {PPL_TASK: ppl})
 
     def requests(self) -> list[TokenRequest]:
-        """Each unit as one request: the window up to the unit, then the unit's tokens (the
-        engine answers a window's units from one row: each is a prefix of the next)."""
-        c = self.windows.context
-        return [TokenRequest(tuple(w[:c + a].tolist()), tuple(w[c + a:c + b].tolist()))
-                for w, cut in zip(self.windows.windows, self.windows.cuts, strict=True)
-                for a, b in pairwise(cut)]
+        return unit_requests(self.windows)
 
     def naive_requests(self) -> list[TokenRequest]:
         """The naive engine scores each window whole, whatever its units."""
-        c = self.windows.context
-        return [TokenRequest(tuple(w[:c].tolist()), tuple(w[c:].tolist())) for w in self.windows.windows]
+        return whole_windows(self.windows)
 
     def aggregate(self, answers: Answers) -> Scores:
         ppl = Perplexity.of([-float(x) for x in answers.loglik], self.windows)
@@ -203,15 +197,41 @@ class PerplexityScorer(Scorer):
         return "windows" if self.windows.units_are_windows else f"blocks of >= {BLOCK_TOKENS} tokens"
 
 
-def build(setup: ScoringSetup) -> PerplexityScorer | None:
-    """The built-in perplexity when the run gives a text (``--ppl-text`` / ``--ppl-dataset``)."""
+def unit_requests(windows: TokenWindows) -> list[TokenRequest]:
+    """Each unit as one request: the window up to the unit, then the unit's tokens (the engine
+    answers a window's units from one row: each is a prefix of the next)."""
+    c = windows.context
+    return [TokenRequest(tuple(w[:c + a].tolist()), tuple(w[c + a:c + b].tolist()))
+            for w, cut in zip(windows.windows, windows.cuts, strict=True) for a, b in pairwise(cut)]
+
+
+def whole_windows(windows: TokenWindows) -> list[TokenRequest]:
+    """Each window as one request (its context, then all its scored tokens)."""
+    c = windows.context
+    return [TokenRequest(tuple(w[:c].tolist()), tuple(w[c:].tolist())) for w in windows.windows]
+
+
+def windows_of(setup: ScoringSetup) -> TokenWindows | None:
+    """The perplexity text's windows (built once per setup: every scorer of the text shares them)."""
     if setup.text is None:
         return None
-    model = setup.loaded.model
-    seq_len = default_seq_len(model, setup.seq_len)
+    cached = setup.cache.get("windows")
+    if cached is not None:
+        return cached
+    seq_len = default_seq_len(setup.loaded.model, setup.seq_len)
     windows = TokenWindows.of(setup.loaded.tokenizer, setup.text.texts, seq_len=seq_len,
                               max_tokens=setup.max_tokens, name=setup.text.name)
     if not windows.blocks:
         raise UserError(f"the perplexity text {setup.text.name} has no token to predict: its {len(windows)} "
                         f"window(s) hold only the {windows.context} context token(s) each; give a longer text")
-    return PerplexityScorer(model, windows, batch_size=setup.batch_size, seq_len=seq_len, max_tokens=setup.max_tokens)
+    setup.cache["windows"] = windows
+    return windows
+
+
+def build(setup: ScoringSetup) -> PerplexityScorer | None:
+    """The built-in perplexity when the run gives a text (``--ppl-text`` / ``--ppl-dataset``)."""
+    windows = windows_of(setup)
+    if windows is None:
+        return None
+    return PerplexityScorer(setup.loaded.model, windows, batch_size=setup.batch_size,
+                            seq_len=default_seq_len(setup.loaded.model, setup.seq_len), max_tokens=setup.max_tokens)

@@ -23,6 +23,7 @@ from .base import Scorer
 SCORERS: dict[str, str] = {
     "lm-eval": ".lmeval.scorer:build",
     "perplexity": ".perplexity:build",
+    "fidelity": ".fidelity:build",
 }
 
 
@@ -39,7 +40,10 @@ class ScoringSetup:
     batch_size: int = 8
     seq_len: int | None = None
     max_tokens: int = 65_536
+    kl: bool = True  #: compare every variant's distributions with the full model's on the text
     note: Callable[[str], None] = field(default=lambda _message: None)
+    #: what builders share (the perplexity text's token windows, built once)
+    cache: dict[str, Any] = field(default_factory=dict)
 
 
 def builder(name: str) -> Callable[[ScoringSetup], Scorer | None]:

@@ -1,0 +1,187 @@
+"""How far each removal moves the output distribution: KL(p_full ‖ p_variant) and top-1
+agreement with the full model on the built-in text, per scored token, from the same pass.
+
+Perplexity averages gains and losses; accuracy moves in whole answers. The quantization
+community judges a changed model by how far its next-token distribution moves from the
+original's (llama.cpp's ``perplexity --kl-divergence``, mlx-lm's ``kld``); FinerCut ranks
+removals by it. Here, on the perplexity text's windows and units (:mod:`.perplexity`):
+
+* ``kl``: mean over scored tokens of KL(p_full ‖ p_variant), nats; paired unit by unit (the full
+  model's KL is 0 on every unit), with a minimum-effect test for "hurts" (KL above its margin);
+* ``top1``: share of scored tokens whose argmax is the full model's;
+* ``kl_p90`` / ``kl_p99``: the 90th / 99th percentile of per-token KL (the tail, where
+  generation breaks), descriptive: no interval, no verdict.
+
+The fast engine computes these from the same pass (the full model's distributions of the batch
+in flight are kept while its variants resume); :meth:`FidelityScorer.score`, the naive reference,
+runs the full model beside the variant on each batch (:func:`~..interventions.removal.removals_suspended`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.windows import TokenWindows
+from ..interventions.removal import removals_suspended
+from ..model.structure import no_cache_kwargs
+from ..stats.blocks import ratio_stderr
+from .base import Answers, MetricRow, PairedUnits, Scorer, Scores, TokenRequest, paired_units
+from .divergence import full_divergence
+from .perplexity import unit_requests, whole_windows, windows_of
+from .registry import ScoringSetup
+
+FIDELITY_TASK = "fidelity"
+#: The metrics this scorer reports, in the order tables show them.
+FIDELITY_METRICS = ("kl", "top1", "kl_p90", "kl_p99")
+#: Percentiles of per-token KL reported (descriptive).
+PERCENTILES = {"kl_p90": 90.0, "kl_p99": 99.0}
+
+
+@paired_units
+@dataclass
+class Fidelity(PairedUnits):
+    """Per unit (a window, or a block of one on a short text): summed KL to the full model, the
+    tokens whose argmax agrees with the full model's, and the unit's scored tokens; plus the
+    percentiles of per-token KL over the whole text."""
+
+    kind = "fidelity"
+
+    unit_kl: list[float]
+    unit_agree: list[int]
+    unit_tokens: list[int]
+    percentiles: dict[str, float]
+    unit_window: list[int] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.unit_tokens)
+
+    def rows(self, task: str = FIDELITY_TASK) -> list[MetricRow]:
+        n = len(self.unit_kl)
+        kl = sum(self.unit_kl) / self.tokens
+        top1 = sum(self.unit_agree) / self.tokens
+        return [MetricRow(task, "kl", kl, ratio_stderr(self.unit_kl, self.unit_tokens), False, n),
+                MetricRow(task, "top1", top1, ratio_stderr(self.unit_agree, self.unit_tokens), True, n),
+                *(MetricRow(task, name, self.percentiles[name], math.nan, False, n) for name in PERCENTILES)]
+
+    def units(self) -> int:
+        return len(self.unit_kl)
+
+    def no_change_count(self, metric: str) -> int:
+        """A variant that moved no token's distribution at all: the count behind "nothing changed"
+        is the scored tokens, each of which could have moved (see the verdict's floor)."""
+        return self.tokens
+
+    def delta_stderr(self, base: PairedUnits, metric: str, on_log_ratio: bool) -> float:
+        """The paired Δ (variant − full model, unit by unit) of ``kl`` or ``top1``; NaN for the
+        percentiles (descriptive) and for units that do not pair."""
+        if (not isinstance(base, Fidelity) or base.unit_tokens != self.unit_tokens
+                or base.unit_window != self.unit_window or metric not in ("kl", "top1")):
+            return math.nan
+        mine, theirs = (self.unit_kl, base.unit_kl) if metric == "kl" else (self.unit_agree, base.unit_agree)
+        return ratio_stderr([a - b for a, b in zip(mine, theirs, strict=True)], self.unit_tokens)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"unit_kl": self.unit_kl, "unit_agree": self.unit_agree, "unit_tokens": self.unit_tokens,
+                "percentiles": self.percentiles, "unit_window": self.unit_window}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Fidelity:
+        return cls(**data)
+
+    def sample_rows(self, task: str) -> list[dict[str, Any]]:
+        """Each unit as metric ``unit_kl`` with ``[tokens, agreeing tokens, window]`` as item."""
+        windows = self.unit_window or list(range(len(self.unit_kl)))
+        return [{"task": task, "metric": "unit_kl", "doc_id": i, "value": kl, "item": json.dumps([t, a, w]),
+                 "choices": None}
+                for i, (kl, a, t, w) in enumerate(zip(self.unit_kl, self.unit_agree, self.unit_tokens, windows,
+                                                      strict=True))]
+
+    @classmethod
+    def of(cls, unit_kl: list[float], unit_agree: list[int], token_kl: np.ndarray, windows: TokenWindows) -> Fidelity:
+        blocks = windows.blocks
+        values = np.asarray(token_kl, dtype=np.float64)
+        percentiles = {name: float(np.percentile(values, q)) if values.size else math.nan
+                       for name, q in PERCENTILES.items()}
+        return cls([float(x) for x in unit_kl], [int(x) for x in unit_agree], [b - a for _, a, b in blocks],
+                   percentiles, None if windows.units_are_windows else [k for k, _, _ in blocks])
+
+
+def fidelity(model: torch.nn.Module, windows: TokenWindows, *, batch_size: int = 8) -> Fidelity:
+    """KL and top-1 of the model as it is now (inside a removal) against the full model, the
+    naive way: each batch of windows through the variant and through the full model."""
+    skip = windows.context
+    device = model.get_input_embeddings().weight.device
+    unit_kl: list[float] = []
+    unit_agree: list[int] = []
+    token_kl: list[np.ndarray] = []
+    cuts = iter(windows.cuts)
+    for ids, mask in windows.batches(batch_size):
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            variant = model(input_ids=ids, attention_mask=mask, **no_cache_kwargs(model)).logits
+            with removals_suspended(model):
+                full = model(input_ids=ids, attention_mask=mask, **no_cache_kwargs(model)).logits
+            kl, agree = full_divergence(full[:, skip - 1:-1], variant[:, skip - 1:-1])
+        del variant, full
+        scored = mask[:, skip:].bool().cpu()
+        kl, agree = kl.cpu(), agree.cpu()
+        for row_kl, row_agree, row_mask in zip(kl, agree, scored, strict=True):
+            cut = next(cuts)
+            row_kl, row_agree = row_kl[row_mask], row_agree[row_mask]
+            unit_kl += [float(row_kl[a:b].sum()) for a, b in pairwise(cut)]
+            unit_agree += [int(row_agree[a:b].sum()) for a, b in pairwise(cut)]
+            token_kl.append(row_kl.float().numpy())
+    tokens = np.concatenate(token_kl) if token_kl else np.zeros(0, dtype=np.float32)
+    return Fidelity.of(unit_kl, unit_agree, tokens, windows)
+
+
+class FidelityScorer(Scorer):
+    """KL and top-1 agreement with the full model on the perplexity text, as a registered scorer:
+    the same requests as the perplexity (the engine answers both from the same rows)."""
+
+    compares_to_full = True
+
+    def __init__(self, model: torch.nn.Module, windows: TokenWindows, *, batch_size: int = 8) -> None:
+        self.tasks = [FIDELITY_TASK]
+        self.model, self.windows, self.batch_size = model, windows, batch_size
+
+    def score(self) -> Scores:
+        result = fidelity(self.model, self.windows, batch_size=self.batch_size)
+        return Scores(result.rows(), {FIDELITY_TASK: result})
+
+    def requests(self) -> list[TokenRequest]:
+        return unit_requests(self.windows)
+
+    def naive_requests(self) -> list[TokenRequest]:
+        """The variant's pass over each window (the naive reference also runs the full model
+        beside it; a naive tool could keep those distributions on disk instead: not counted)."""
+        return whole_windows(self.windows)
+
+    def aggregate(self, answers: Answers) -> Scores:
+        if answers.kl is None or answers.agree is None or answers.token_kl is None:
+            raise ValueError("the fidelity scorer needs the engine's comparison with the full model")
+        tokens = np.concatenate(answers.token_kl) if len(answers.token_kl) else np.zeros(0, dtype=np.float32)
+        result = Fidelity.of(list(answers.kl), list(answers.agree), tokens, self.windows)
+        return Scores(result.rows(), {FIDELITY_TASK: result})
+
+    def context_needed(self) -> int:
+        return self.windows.longest - 1
+
+    def settings(self) -> dict[str, Any]:
+        return {"fidelity": f"kl, top1 against the full model; {', '.join(PERCENTILES)} of per-token kl"}
+
+
+def build(setup: ScoringSetup) -> FidelityScorer | None:
+    """KL and top-1 on the perplexity text, unless the run switches them off (``--no-kl``)."""
+    windows = windows_of(setup)
+    if windows is None or not setup.kl:
+        return None
+    return FidelityScorer(setup.loaded.model, windows, batch_size=setup.batch_size)
