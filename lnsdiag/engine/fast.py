@@ -42,7 +42,7 @@ from ..scoring.divergence import Reference
 from .budget import attention_limit, cut_batches, default_budget, default_row_tokens
 from .checkpoint import Checkpoint, PassState, compared_token_mask
 from .plan import Row, plan_digest, plan_rows
-from .readout import ScoredIndex, read_out
+from .readout import ScoredIndex, read_out, reference_of
 from .work import check_tokens, count_work, layer_passes, naive_tokens, probe_plan
 
 #: The progress phase of an engine pass (counted in tokens).
@@ -370,7 +370,7 @@ class SweepEngine:
                 patches.pre_hook(self.stack.layers[i], _keeper(i, kept, stop_after), with_kwargs=True)
             if stop_after is None:
                 logits = self._logits(batch)
-                reference = Reference.of(logits) if compare else None
+                reference = reference_of(logits) if compare else None
                 if scored:
                     read_out(logits, batch.index, variants.index(Removal()), state, reference, is_full=True)
                 del logits

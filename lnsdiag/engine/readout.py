@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..scoring.divergence import CHUNK_ELEMENTS, Reference, divergence, row_chunks
+from ..scoring.divergence import CHUNK_ELEMENTS, Reference, chunks, divergence
 from .checkpoint import PassState
 from .plan import Row
 
@@ -67,27 +67,32 @@ def read_out(logits: torch.Tensor, index: ScoredIndex, v: int, state: PassState,
              reference: Reference | None = None, *, is_full: bool = False) -> None:
     """Write variant ``v``'s answers for the batch into ``state``: each request's summed float32
     log-probs (logit − logsumexp) and whether every target is the argmax; with a ``reference``
-    (the full model's distributions of this batch), each compared request's summed KL, its
-    top-1 agreements and every token's KL. ``is_full``: ``v`` is the full model (KL exactly 0)."""
+    (the full model's distributions of this batch, :func:`reference_of`), each compared request's
+    summed KL, its top-1 agreements and every token's KL. ``is_full``: ``v`` is the full model (KL 0).
+
+    Positions (row × slot) are taken a chunk at a time, so temporaries stay bounded however long
+    a row or large the vocabulary."""
     rows, slots, vocab = logits.shape
+    flat = logits.reshape(rows * slots, vocab)
+    position = index.row * slots + index.slot
     device = logits.device
     sums = torch.zeros(index.members, dtype=torch.float64, device=device)
     misses = torch.zeros(index.members, dtype=torch.int32, device=device)
     compare = reference is not None and index.compared.size > 0 and state.kl is not None
     kl_sums = torch.zeros(index.members, dtype=torch.float64, device=device)
     agreed = torch.zeros(index.members, dtype=torch.int32, device=device)
-    for r0, r1 in row_chunks(rows, slots * vocab, CHUNK_ELEMENTS if compare else PLAIN_CHUNK):
-        sel = (index.row >= r0) & (index.row < r1)
+    for p0, p1 in chunks(rows * slots, vocab, CHUNK_ELEMENTS if compare else PLAIN_CHUNK):
+        sel = (position >= p0) & (position < p1)
         if not bool(sel.any()):
             continue
-        chunk = logits[r0:r1].float()
+        chunk = flat[p0:p1].float()
         norm = torch.logsumexp(chunk, dim=-1)
-        r, k, t, m = index.row[sel] - r0, index.slot[sel], index.target[sel], index.member[sel]
-        sums.index_add_(0, m, (chunk[r, k, t] - norm[r, k]).double())
-        misses.index_add_(0, m, (chunk[r, k].argmax(dim=-1) != t).int())
+        at, t, m = position[sel] - p0, index.target[sel], index.member[sel]
+        sums.index_add_(0, m, (chunk[at, t] - norm[at]).double())
+        top = _compare(flat[p0:p1], reference, p0, p1, (at, m, index.token[sel]), is_full, kl_sums, agreed, state,
+                       v) if compare else chunk[at].argmax(dim=-1)
+        misses.index_add_(0, m, (top != t).int())
         del chunk, norm
-        if compare:
-            _compare(logits[r0:r1], reference, r0, r1, (r, k, m, index.token[sel]), is_full, kl_sums, agreed, state, v)
     state.loglik[v, index.requests] = sums.cpu().numpy()
     state.greedy[v, index.requests] = (misses == 0).cpu().numpy()
     if compare:
@@ -96,17 +101,27 @@ def read_out(logits: torch.Tensor, index: ScoredIndex, v: int, state: PassState,
         state.agree[v, cols] = agreed.cpu().numpy()[index.compared]
 
 
-def _compare(logits: torch.Tensor, reference: Reference, r0: int, r1: int, entries: tuple, is_full: bool,
-             kl_sums: torch.Tensor, agreed: torch.Tensor, state: PassState, v: int) -> None:
-    """Accumulate one chunk's KL and top-1 agreement per request, and keep each compared token's KL."""
-    r, k, m, token = entries
+def reference_of(logits: torch.Tensor) -> Reference:
+    """The full model's distributions at a batch's scored positions ([rows, slots, vocab] logits)."""
+    rows, slots, vocab = logits.shape
+    return Reference.of(logits.reshape(rows * slots, vocab))
+
+
+def _compare(logits: torch.Tensor, reference: Reference, p0: int, p1: int, entries: tuple, is_full: bool,
+             kl_sums: torch.Tensor, agreed: torch.Tensor, state: PassState, v: int) -> torch.Tensor:
+    """Accumulate one chunk's KL and top-1 agreement per request, and keep each compared token's KL;
+    returns the variant's argmax at the scored positions (the greedy check's, computed once)."""
+    at, m, token = entries
     if is_full:  # the full model against itself: nothing moved
-        kl = torch.zeros(r.shape, dtype=torch.float64, device=logits.device)
-        agree = torch.ones(r.shape, dtype=torch.bool, device=logits.device)
+        kl = torch.zeros(at.shape, dtype=torch.float64, device=logits.device)
+        agree = torch.ones(at.shape, dtype=torch.bool, device=logits.device)
+        top = reference.top[p0:p1][at]
     else:
-        kl_pos, agree_pos = divergence(reference, logits, r0, r1)
-        kl, agree = kl_pos[r, k], agree_pos[r, k]
+        kl_pos, top_pos = divergence(reference, logits, p0, p1)
+        kl, top = kl_pos[at], top_pos[at]
+        agree = top == reference.top[p0:p1][at]
     kl_sums.index_add_(0, m, kl)
     agreed.index_add_(0, m, agree.int())
     keep = token >= 0
     state.token_kl[v, token[keep].cpu().numpy()] = kl[keep].float().cpu().numpy()
+    return top

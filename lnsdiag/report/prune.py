@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..results.margins import LOG_LIKELIHOOD, PERPLEXITY_LIKE, base_metric
+from ..results.margins import BUILTIN_FIDELITY_TASK as FIDELITY_TASK
+from ..results.margins import BUILTIN_PPL_TASK, LOG_LIKELIHOOD, PERPLEXITY_LIKE, base_metric
 from ..results.verdict import headline_metrics, layers_with
 from ..runs import atomic_write
 from .common import (
@@ -65,8 +66,9 @@ def _verdict(verdict: Any) -> str:
 
 def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer removal") -> Tables:
     """One table per task's main metric (value ± stderr, paired Δ ± stderr, verdict, retention, angle),
-    then, for several tasks, each layer's verdicts side by side: split, never squeezed, to fit the width."""
-    heads = headline_metrics(frame, tasks)
+    then, for several tasks, each layer's verdicts side by side: split, never squeezed, to fit the width.
+    KL and top-1 agreement with the full model (``fidelity``) are columns of the perplexity's table."""
+    heads = [(t, m) for t, m in headline_metrics(frame, tasks) if t != FIDELITY_TASK]
     variants = list(frame.groupby("variant", sort=False))
     layers = [part["removed_layer"].iloc[0] for _, part in variants]
     removed = Col("removed", ["baseline" if pd.isna(layer) else str(int(layer)) for layer in layers])
@@ -75,6 +77,11 @@ def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer remov
                                  for (_, part), layer in zip(variants, layers, strict=True)])
     specs = []
     verdicts: dict[str, list[str | None]] = {}
+    fidelity = _fidelity_cols(frame, variants, layers)
+    if fidelity:
+        verdicts[f"{FIDELITY_TASK} (kl)"] = [v for v, layer in zip(fidelity[1].cells, layers, strict=True)
+                                             if pd.notna(layer)]
+        fidelity[1] = Col("KL verdict", [_verdict(v) for v in fidelity[1].cells], "left")
     for task, metric in heads:
         cells: list[tuple[str, str, str, str]] = []  # value, Δ, verdict, kept
         for (_, part), layer in zip(variants, layers, strict=True):
@@ -91,14 +98,37 @@ def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer remov
             verdicts.setdefault(task, []).append(r["verdict"] if isinstance(r["verdict"], str) else None)
         value, delta, verdict, kept = (list(c) for c in zip(*cells, strict=True))
         name = task if task == metric else f"{task} ({metric})"
-        specs.append(TableSpec(
-            f"{title} — {name}" if len(heads) > 1 or task != metric else title, [removed],
-            [[Col(f"{metric} ±stderr", value), Col("Δ ±stderr (paired)", delta), Col("verdict", verdict, "left")],
-             [Col("kept %", kept)], [angular]],
-            sections=sections))
-    if len(heads) > 1:
+        groups = [[Col(f"{metric} ±stderr", value), Col("Δ ±stderr (paired)", delta), Col("verdict", verdict, "left")],
+                  [Col("kept %", kept)]]
+        if fidelity and task == BUILTIN_PPL_TASK:  # how far the output moved, beside the perplexity of the same text
+            groups.append(fidelity)
+        specs.append(TableSpec(f"{title} — {name}" if len(heads) > 1 or task != metric else title, [removed],
+                               [*groups, [angular]], sections=sections))
+    if len(verdicts) > 1:
         specs.append(_across_tasks(title, removed, layers, verdicts))
     return Tables(*specs)
+
+
+def _fidelity_cols(frame: pd.DataFrame, variants: list[tuple[Any, pd.DataFrame]], layers: list[Any]) -> list[Col]:
+    """KL to the full model (its verdict) and top-1 agreement per variant, when the run measured them."""
+    if not (frame["task"] == FIDELITY_TASK).any():
+        return []
+    kl, verdict, top1 = [], [], []
+    for (_, part), layer in zip(variants, layers, strict=True):
+        rows = {r["metric"]: r for _, r in part[part["task"] == FIDELITY_TASK].iterrows()}
+        k, t = rows.get("kl"), rows.get("top1")
+        kl.append("" if k is None or pd.isna(layer) else _kl_text(k["value"], k["delta_stderr"]))
+        verdict.append(None if k is None or pd.isna(layer) else k["verdict"])
+        top1.append("" if t is None or pd.isna(layer) else f"{100 * t['value']:.1f}")
+    return [Col("KL nats ±stderr", kl), Col("KL verdict", verdict, "left"), Col("top-1 %", top1)]
+
+
+def _kl_text(value: float, stderr: float) -> str:
+    """A KL in nats with 3 significant digits (they span decades: 1e-4 for a dead layer, 1 for the first)."""
+    if not math.isfinite(value):
+        return "–"
+    text = f"{value:.3g}"
+    return text + (f" ±{stderr:.2g}" if math.isfinite(stderr) else "")
 
 
 def _across_tasks(title: str, removed: Col, layers: list[Any],
@@ -197,13 +227,51 @@ def _removal_panel(ax: Any, part: pd.DataFrame, metric: str, num_layers: int) ->
     return counts
 
 
+def _kl_panel(ax: Any, part: pd.DataFrame, metric: str, num_layers: int) -> dict[str, int]:
+    """KL to the full model per removed layer on a log axis (it spans decades), its paired 90% interval
+    (a lower bound at or below 0 drawn to the bottom), the margin under which a layer can be dead shaded."""
+    x = part["removed_layer"].astype(int).to_numpy()
+    kl = part["value"].to_numpy(dtype=float)
+    high = part["ci90_high"].to_numpy(dtype=float)
+    low = part["ci90_low"].to_numpy(dtype=float)
+    margin = float(part["margin"].iloc[0])
+    positive = kl[np.isfinite(kl) & (kl > 0)]
+    floor = min([margin / 10, *(positive / 3)]) if math.isfinite(margin) and margin > 0 else (
+        float(positive.min()) / 3 if positive.size else 1e-6)
+    shown = np.maximum(kl, floor)
+    ax.set_yscale("log")
+    if math.isfinite(margin) and margin > 0:
+        ax.axhspan(floor / 2, margin, color=PALETTE["green"], alpha=0.13, lw=0, zorder=0)
+    ax.plot(x, shown, color="0.75", lw=0.6, zorder=1)
+    known = np.isfinite(high) & np.isfinite(low)
+    if known.any():
+        bottom = np.maximum(low[known], floor / 2)
+        ax.errorbar(x[known], shown[known], yerr=np.vstack([np.maximum(shown[known] - bottom, 0),
+                                                            np.maximum(high[known] - shown[known], 0)]),
+                    fmt="none", ecolor="0.2", elinewidth=0.8, capsize=1.5, zorder=4)
+    verdicts = part["verdict"].fillna("").to_numpy(dtype=str)
+    counts = {}
+    for verdict, (color, marker, filled, _label) in VERDICT_MARK.items():
+        sel = verdicts == verdict
+        counts[verdict] = int(sel.sum())
+        if sel.any():
+            ax.plot(x[sel], shown[sel], ls="none", marker=marker, ms=4, mec=color, mew=0.9,
+                    mfc=color if filled else "white", zorder=3)
+    ax.set_ylabel("KL (nats), log scale")
+    ax.set_xlim(-0.6, num_layers - 0.4)
+    layer_axis(ax.xaxis, num_layers)
+    ax.grid(True, axis="x", which="major", alpha=0.15)
+    return counts
+
+
 @styled
 def prune_figure(frame: pd.DataFrame, tasks: list[str], title: str = "") -> Any:
     """Δ per removed layer, one panel per task, each layer marked with its verdict (dead / hurts / helps /
     inconclusive), its paired 90% interval as the error bar and the margin of equivalence shaded.
 
     Perplexity-like metrics are drawn as % of the baseline, accuracy in points; on a symmetric-log axis
-    (linear within the margin) when one removal dwarfs the others, so every layer stays readable.
+    (linear within the margin) when one removal dwarfs the others, so every layer stays readable. KL to
+    the full model (``fidelity``) gets a panel on a log axis; its percentiles and top-1 stay in the CSV.
     """
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -214,8 +282,9 @@ def prune_figure(frame: pd.DataFrame, tasks: list[str], title: str = "") -> Any:
     fig, axes = figure(DOUBLE_COLUMN, 0.7 + 2.1 * len(heads), nrows=len(heads), sharex=True)
     for ax, (task, metric) in zip(axes[:, 0], heads, strict=True):
         part = frame[(frame["task"] == task) & (frame["metric"] == metric) & frame["removed_layer"].notna()]
-        counts = _removal_panel(ax, part, metric, num_layers) if len(part) else {}
-        name = task if task == metric else f"{task} ({metric})"
+        panel = _kl_panel if task == FIDELITY_TASK else _removal_panel
+        counts = panel(ax, part, metric, num_layers) if len(part) else {}
+        name = "KL(full ‖ variant)" if task == FIDELITY_TASK else task if task == metric else f"{task} ({metric})"
         ax.set_title(f"{name}: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
     axes[-1, 0].set_xlabel("removed layer ℓ (0-based)")
     handles = [Line2D([], [], ls="none", marker=m, ms=4, mec=c, mfc=c if f else "white", label=lab)

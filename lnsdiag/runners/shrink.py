@@ -282,7 +282,7 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
     folder = Path(out)
     scoring_config = config.scoring
     inputs = inputs or scoring_config.load_inputs()
-    config.check_scored(scored_metrics(inputs.tasks, inputs.ppl_text is not None, kl=config.kl))
+    config.check_scored(scored_metrics(inputs.tasks, inputs.ppl_text is not None, kl=config.scoring.kl))
     stack = find_layers(loaded.model, layers_path)
     L = len(stack)
     config.check_model(L)
