@@ -108,6 +108,10 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Same as the
                                               show_default=False)]
 Revision = Annotated[str | None, typer.Option(help="Hub branch, tag or commit.", show_default=False)]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32.")]
+Quantize = Annotated[str | None, typer.Option(
+    "--quantize", help="Load the blocks' linear layers quantized: 8bit (LLM.int8) or 4bit (NF4), by bitsandbytes "
+    "(pip install bitsandbytes), on the CPU or a GPU, for models larger than memory. Not with --save or export.",
+    show_default=False)]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DeviceMap = Annotated[str | None, typer.Option(
     "--device-map", help="Spread a model over devices (e.g. auto) for models larger than one GPU.",
@@ -231,8 +235,9 @@ def _root(debug: Debug = False) -> None:
 #: The shared model options, in the order --help lists them: (parameter, Typer annotation, default).
 _MODEL_PARAMS = (
     ("model", ModelArg, None), ("model_opt", ModelOpt, None), ("revision", Revision, None), ("dtype", Dtype, "auto"),
-    ("device", Device, "auto"), ("device_map", DeviceMap, None), ("trust_remote_code", TrustRemote, False),
-    ("layers_path", LayersPath, None), ("gpus_per_replica", GpusPerReplica, 1),
+    ("quantize", Quantize, None), ("device", Device, "auto"), ("device_map", DeviceMap, None),
+    ("trust_remote_code", TrustRemote, False), ("layers_path", LayersPath, None),
+    ("gpus_per_replica", GpusPerReplica, 1),
 )
 #: The shared text options of the measuring commands.
 _TEXT_PARAMS = (
