@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 from typer.models import OptionInfo
 from typer.utils import get_params_from_function
@@ -197,8 +198,8 @@ def _exit_for(exc: BaseException, debug: bool, fn: Callable[..., Any] | None = N
     if debug or not isinstance(exc, Exception):
         raise exc
     if isinstance(exc, UserError):
-        ui.err_console.print(f"{tag}[bold red]error:[/] {user_message(exc, fn)}", highlight=False,
-                             soft_wrap=True)
+        ui.err_console.print(f"{tag}[bold red]error:[/] {escape(user_message(exc, fn))}", highlight=False,
+                             soft_wrap=True)  # escaped: a message's [brackets] (lnsdiag[quantize]) are text
         raise typer.Exit(2) from None
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     ui.err_console.print(f"{tag}[bold red]error:[/] {type(exc).__name__}: {first} (rerun with --debug for the "
