@@ -103,8 +103,8 @@ def test_fast_engine_equals_naive_on_the_quantized_model(quantized, tokenizer, m
     assert np.abs(got.loglik - want.loglik).max() < 1e-4 and np.array_equal(got.greedy, want.greedy)
     # 2. metrics: the fast sweep (variants resumed from the kept block inputs) equals one evaluation per
     # variant with the blocks removed by hooks
-    windows = TokenWindows.of(tokenizer, [SAMPLE_TEXT * 3], seq_len=40, max_tokens=240)
-    scorers = [PerplexityScorer(model, windows, batch_size=3)]
+    windows = TokenWindows.of(tokenizer, [SAMPLE_TEXT * 3], seq_len=40, max_tokens=160)
+    scorers = [PerplexityScorer(model, windows, batch_size=4)]
     fast, naive = ResultStore(tmp_path / "fast", {}), ResultStore(tmp_path / "naive", {})
     run_fast(model, scorers, VARIANTS, stack=stack, store=fast, batch_tokens=128)
     run_naive(model, scorers, VARIANTS, stack=stack, store=naive)
@@ -151,14 +151,20 @@ def test_cli_prune_quantized_records_it_and_refuses_other_settings(tiny_llama_di
     assert meta["settings"]["quantize"] == "8bit" and meta["model"]["quantize"] == "8bit"
     assert meta["model"]["quantization"]["mode"] == "8bit" and meta["model"]["quantization"]["int8_threshold"] == 6
     assert json.loads((out / "settings.json").read_text())["quantize"] == "8bit"
-    for other in ([], ["--quantize", "4bit"]):  # the numbers of another model: not mixed in
-        refused = invoke(*base, *other)
-        assert refused.exit_code == 2 and refused.output.count("error:") == 1, refused.output
-        assert "other settings (quantize: '8bit' there" in refused.output, refused.output
+    refused = invoke(*base, "--quantize", "4bit")  # the numbers of another model: not mixed in
+    assert refused.exit_code == 2 and refused.output.count("error:") == 1, refused.output
+    assert "other settings (quantize: '8bit' there, '4bit' now)" in refused.output, refused.output
     plain = tmp_path / "plain"
     assert invoke(*base[:-6], "--out", plain, "--no-angular", "--no-samples", "--layers", "1").exit_code == 0
     assert "quantize" not in json.loads((plain / "settings.json").read_text())  # older folders stay resumable
     assert json.loads((plain / "meta.json").read_text())["model"]["quantize"] is None
+
+
+@needs_bitsandbytes
+def test_cli_inspect_shows_the_quantization(tiny_llama_dir):
+    res = invoke("inspect", tiny_llama_dir, "--quantize", "nf4", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "mode 4bit, backend bitsandbytes" in res.output and "quant_type nf4" in res.output
 
 
 @pytest.mark.parametrize("value,fragment", [("3bit", "did you mean 8bit or 4bit?"), ("8bits", "did you mean 8bit?"),
