@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import UserError
 from ..interventions.lns import NormFold, fold_plan, folded_record, has_lns_hooks, is_lns
 from ..model.load import LoadedModel
+from ..model.quantize import quantized_mode, refuse_save
 from ..model.structure import LayerStack, find_layers, parse_layer_spec
 from ..runs import file_mode, remove_stale_staging, staging_folder, unmark
 from .card import EXPORT_FILE, PROVENANCE_FILE, model_card, norm_note, provenance_record, recorded_norm_scheme
@@ -234,8 +235,7 @@ def unwrap_loaded(model: Any, tokenizer: Any, source: str | None,
 
 
 def _check_savable(model: nn.Module, stack: LayerStack) -> None:
-    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
-        raise UserError("cannot save a quantized model without layers: load it unquantized")
+    refuse_save(quantized_mode(model))
     if any(p.device.type == "meta" for p in model.parameters()):
         raise UserError("some weights are offloaded (on the meta device): load the model without disk/CPU "
                         "offload to save it")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 from typer.models import OptionInfo
 from typer.utils import get_params_from_function
@@ -108,6 +109,10 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Same as the
                                               show_default=False)]
 Revision = Annotated[str | None, typer.Option(help="Hub branch, tag or commit.", show_default=False)]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32.")]
+Quantize = Annotated[str | None, typer.Option(
+    "--quantize", help="Load the blocks' linear layers quantized: 8bit (LLM.int8) or 4bit (NF4), by bitsandbytes "
+    "(pip install bitsandbytes), on the CPU or a GPU, for models larger than memory. Not with --save or export.",
+    show_default=False)]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DeviceMap = Annotated[str | None, typer.Option(
     "--device-map", help="Spread a model over devices (e.g. auto) for models larger than one GPU.",
@@ -193,8 +198,8 @@ def _exit_for(exc: BaseException, debug: bool, fn: Callable[..., Any] | None = N
     if debug or not isinstance(exc, Exception):
         raise exc
     if isinstance(exc, UserError):
-        ui.err_console.print(f"{tag}[bold red]error:[/] {user_message(exc, fn)}", highlight=False,
-                             soft_wrap=True)
+        ui.err_console.print(f"{tag}[bold red]error:[/] {escape(user_message(exc, fn))}", highlight=False,
+                             soft_wrap=True)  # escaped: a message's [brackets] (lnsdiag[quantize]) are text
         raise typer.Exit(2) from None
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     ui.err_console.print(f"{tag}[bold red]error:[/] {type(exc).__name__}: {first} (rerun with --debug for the "
@@ -231,8 +236,9 @@ def _root(debug: Debug = False) -> None:
 #: The shared model options, in the order --help lists them: (parameter, Typer annotation, default).
 _MODEL_PARAMS = (
     ("model", ModelArg, None), ("model_opt", ModelOpt, None), ("revision", Revision, None), ("dtype", Dtype, "auto"),
-    ("device", Device, "auto"), ("device_map", DeviceMap, None), ("trust_remote_code", TrustRemote, False),
-    ("layers_path", LayersPath, None), ("gpus_per_replica", GpusPerReplica, 1),
+    ("quantize", Quantize, None), ("device", Device, "auto"), ("device_map", DeviceMap, None),
+    ("trust_remote_code", TrustRemote, False), ("layers_path", LayersPath, None),
+    ("gpus_per_replica", GpusPerReplica, 1),
 )
 #: The shared text options of the measuring commands.
 _TEXT_PARAMS = (

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..model import quantize
 from ..model.load import ModelOptions
 from ..runners import export
 from . import ui
@@ -32,6 +33,7 @@ def export_cmd(
     """Write MODEL as a checkpoint plain transformers, vLLM and lm-eval compute exactly: LayerNorm Scaling
     folded into the scaled norms' weights (and biases); a model without it is written as it is."""
     target = export.check_target(folder, overwrite, model, max_shard_size)  # before the model loads
+    quantize.refuse_save(model.quantize, "export", "rerun without --quantize")
     loaded = load(model)
     with ui.status(f"writing {target}"):
         result = export.run(loaded, target, overwrite=overwrite, max_shard_size=max_shard_size,

@@ -39,6 +39,8 @@ def inspect_cmd(model: ModelOptions, debug: Debug = False) -> None:
     info = loaded.describe()
     for key in ("source", "architecture", "model_type", "dtype", "device"):
         table.add_row(key, str(info[key]))
+    if info["quantization"]:
+        table.add_row("quantized", ", ".join(f"{k} {v}" for k, v in info["quantization"].items() if v is not None))
     table.add_row("parameters", f"{info['parameters'] / 1e6:,.1f}M")
     table.add_row("layer stack", f"{shape['layer_stack']} ({shape['num_layers']} × {shape['block']})")
     if shape["sublayers"]:

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import OptionError
+from ..model import quantize
 from ..model.load import ModelOptions
 from ..model.structure import find_layers
 from ..runners.scoring import ScoringConfig
@@ -23,6 +24,10 @@ from .show import show_shrink
 #: ``--strategy``'s help: every registered strategy, described as the registry describes it.
 STRATEGY_HELP = (", ".join(f"{s.name} ({s.help})" for s in STRATEGIES)
                  + "; comma-separated or repeated \\[default: all].")
+
+#: What to do instead of ``--save`` on a quantized model.
+SAVE_HINT = ("drop --save to score it quantized, then write the chosen set without --quantize (--device cpu if "
+             "it does not fit the GPU): lnsdiag shrink MODEL --layers SET --save DIR")
 
 
 @app.command("shrink")
@@ -90,11 +95,14 @@ def shrink_cmd(
     opt.check_resumable(planned, scoring)
     if save is not None:
         check_save_target(save, overwrite, config, save_strategy, out=planned)
+        quantize.refuse_save(model.quantize, "--save", SAVE_HINT)
     if reuse is not None:
         check_reuse(reuse)
     timer = Timer()
     inputs, loaded = opt.load_inputs(scoring, model, timer, check=config.check_scored)
     config.check_model(len(find_layers(loaded.model, model.layers_path)))  # before any output exists
+    if save is not None:
+        quantize.refuse_save(loaded.quantize, "--save", SAVE_HINT)  # a checkpoint saved quantized, loaded as is
     folder = output_dir(out, model.slug, "shrink")
     with ui.progress_display() as progress:
         result = run(loaded, config, folder, inputs=inputs, layers_path=model.layers_path, progress=progress,

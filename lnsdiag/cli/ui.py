@@ -33,7 +33,7 @@ console = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COL
 err_console = Console(stderr=True)
 
 _NOISY_LOGGERS = ("transformers", "lm_eval", "lm-eval", "datasets", "accelerate", "evaluate", "huggingface_hub",
-                  "urllib3", "filelock", "fsspec", "torch.distributed")
+                  "urllib3", "filelock", "fsspec", "torch.distributed", "bitsandbytes")
 
 
 def quiet_libraries(debug: bool = False) -> None:

@@ -18,6 +18,7 @@ from ..distributed import replica_gpus, replica_max_memory, world
 from ..errors import UserError
 from ..interventions.lns import restore_lns
 from ..interventions.postln import restore_post_ln
+from . import quantize as quant
 from .families import ALIASES, ENCODER_ONLY_ARCHITECTURES, ENCODER_ONLY_MODEL_TYPES
 
 DTYPES: dict[str, torch.dtype] = {
@@ -48,6 +49,7 @@ class LoadedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     device_map: str | None = None
     trust_remote_code: bool = False
+    quantize: str | None = None  #: ``8bit``/``4bit`` (bitsandbytes), another method's name, or None
 
     @classmethod
     def wrap(cls, model: Any, tokenizer: Any, name: str = "model") -> LoadedModel:
@@ -55,7 +57,8 @@ class LoadedModel:
         prepare_tokenizer(tokenizer)
         model.eval()
         param = next(model.parameters())
-        return cls(model, tokenizer, name=name, source=name, dtype=param.dtype, device=param.device)
+        return cls(model, tokenizer, name=name, source=name, dtype=param.dtype, device=param.device,
+                   quantize=quant.quantized_mode(model))
 
     @property
     def slug(self) -> str:
@@ -65,7 +68,7 @@ class LoadedModel:
 
     @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return quant.parameter_count(self.model)
 
     def weights_identity(self) -> str | None:
         """What pins the weights: the hub commit, or name/size/mtime of a local directory's
@@ -98,6 +101,8 @@ class LoadedModel:
             "device": str(self.device),
             "device_map": self.device_map,
             "trust_remote_code": self.trust_remote_code,
+            "quantize": self.quantize,
+            "quantization": quant.describe(self.model),
         }
 
 
@@ -309,6 +314,7 @@ def load_model(
     device_map: str | None = None,
     trust_remote_code: bool = False,
     gpus_per_replica: int = 1,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Load a checkpoint (hub id, alias or local directory) and its tokenizer, ready to run.
 
@@ -320,6 +326,8 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     source, is_local = resolve_model(name)
+    quantize = quant.parse_quantize(quantize)
+    quant.check_quantize(quantize, device)
     placement: dict[str, Any] = {}
     if gpus_per_replica != 1:
         placement = replica_placement(gpus_per_replica, device_map)
@@ -353,9 +361,13 @@ def load_model(
     load_kwargs: dict[str, Any] = {"dtype": torch_dtype, **common}
     load_kwargs["device_map"] = device_map if device_map else {"": dev}
     load_kwargs.update(placement)
+    if quantize:
+        load_kwargs["quantization_config"] = quant.quantization_config(quantize, torch_dtype)
     try:
         model = auto_cls.from_pretrained(source, config=config, **load_kwargs)
     except ValueError as exc:
+        if quantize:  # transformers' checks of a quantized load (e.g. 8-bit layers offloaded to the CPU)
+            raise _quantized_load_failed(where, quantize, exc) from exc
         raise UserError(
             f"{type(config).__name__} ({getattr(config, 'model_type', '?')}) is not supported as "
             f"{auto_cls.__name__.replace('AutoModelFor', '')} by transformers "
@@ -368,10 +380,14 @@ def load_model(
             raise UserError(f"the weights of {where} are unreadable (corrupt or truncated file? re-download or "
                             f"re-save them): {type(exc).__name__}: {_short(exc)}") from exc
         if isinstance(exc, torch.OutOfMemoryError):
-            raise UserError(f"{where} does not fit in memory on {dev}: try --dtype bfloat16 or --device-map auto"
-                            ) from exc
+            hint = "--device-map auto" if quantize == "4bit" else "--quantize 4bit or --device-map auto"
+            raise UserError(f"{where} does not fit in memory on {dev}: try --dtype bfloat16, {hint}") from exc
+        if quantize and (isinstance(exc, ImportError) or "bitsandbytes" in str(exc)):
+            raise _quantized_load_failed(where, quantize, exc) from exc
         raise
     model.eval()
+    if quantize:
+        quant.prepare(model)
     restore_norms(model)  # a checkpoint that records LayerNorm Scaling (unfolded) or Post-LN runs as trained
 
     try:
@@ -391,7 +407,13 @@ def load_model(
         device=model.get_input_embeddings().weight.device if device_map else dev,
         device_map=device_map or placement.get("device_map"),
         trust_remote_code=trust_remote_code,
+        quantize=quant.quantized_mode(model),
     )
+
+
+def _quantized_load_failed(where: str, quantize: str, exc: BaseException) -> UserError:
+    return UserError(f"cannot load {where} quantized ({quantize}, bitsandbytes {quant.backend_version()}): "
+                     f"{_short(exc)}")
 
 
 def replica_placement(per_replica: int, device_map: str | None = None, visible: int | None = None,
@@ -425,12 +447,15 @@ class ModelOptions:
     trust_remote_code: bool = False
     layers_path: str | None = None
     gpus_per_replica: int = 1
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         source, is_local = resolve_model(self.name)
         if is_local:
             check_tokenizer_files(source)
         pick_dtype(self.dtype)
+        object.__setattr__(self, "quantize", quant.parse_quantize(self.quantize))  # nf4 -> 4bit
+        quant.check_quantize(self.quantize, self.device)
         if self.gpus_per_replica < 1:
             raise UserError(f"--gpus-per-replica must be at least 1, not {self.gpus_per_replica}")
         if self.gpus_per_replica > 1 and self.device_map:
@@ -448,4 +473,4 @@ class ModelOptions:
     def load(self) -> LoadedModel:
         return load_model(self.name, revision=self.revision, dtype=self.dtype, device=self.device,
                           device_map=self.device_map, trust_remote_code=self.trust_remote_code,
-                          gpus_per_replica=self.gpus_per_replica)
+                          gpus_per_replica=self.gpus_per_replica, quantize=self.quantize)
