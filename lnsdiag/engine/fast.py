@@ -35,6 +35,7 @@ from ..distributed import all_gather, my_share, on_main, world
 from ..interventions.removal import removed_layers, resumed_at
 from ..interventions.units import Removal
 from ..model.patch import patched
+from ..model.quantize import quantized_mode
 from ..model.structure import LayerStack, block_input, no_cache_kwargs, text_config
 from ..progress import SILENT, Progress
 from ..scoring.base import Answers, TokenRequest
@@ -281,7 +282,8 @@ class SweepEngine:
         take (on a GPU that changes the attention kernel, which in bf16 moves a deep model's
         log-likelihoods as much as sharing itself does).
         """
-        fp32 = next(self.model.parameters()).dtype == torch.float32
+        # a quantized model's matmuls (8-bit outlier handling) depend on the batch: judged as half precision
+        fp32 = next(self.model.parameters()).dtype == torch.float32 and quantized_mode(self.model) is None
         probes = probe_plan(rows, len(self.stack), self.variants)
         checked = check_tokens(probes, requests, max_length, noise=not fp32)
         try:

@@ -25,7 +25,6 @@ from ..engine.outcome import SweepOutcome
 from ..engine.sweep import run_fast
 from ..errors import Interrupted
 from ..interventions.units import Removal
-from ..model import quantize
 from ..model.load import LoadedModel
 from ..model.placement import norm_placement
 from ..model.structure import find_layers, parse_layer_spec
@@ -101,7 +100,6 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Sc
     stack = find_layers(model, layers_path)
     selected = Removal.each(parse_layer_spec(config.layers, len(stack)))
     scoring = prepare_scoring(loaded, config, inputs, stack, progress)
-    scoring.settings.update(quantize.settings(loaded.quantize))  # a quantized model's numbers are its own
     scorers, settings = scoring.scorers, scoring.settings
     store = ResultStore(folder, settings, fresh=config.fresh, outputs=OUTPUTS, samples=config.samples)
     done = store.done()

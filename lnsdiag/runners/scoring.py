@@ -14,6 +14,7 @@ from typing import Any
 from ..data.text import TextSource, from_dataset, from_file
 from ..data.windows import TokenWindows, check_batch_size
 from ..errors import OptionError
+from ..model import quantize
 from ..model.load import LoadedModel
 from ..model.structure import LayerStack
 from ..progress import SILENT, Progress
@@ -155,7 +156,8 @@ def prepare_scoring(loaded: LoadedModel, config: ScoringConfig, inputs: ScoringI
     settings: dict[str, Any] = {
         "model": loaded.source, "revision": loaded.revision, "weights": loaded.weights_identity(),
         "dtype": str(loaded.dtype).replace("torch.", ""), "limit": config.limit, "seed": config.seed,
-        "bootstrap_iters": config.bootstrap_iters, "layers_path": stack.path, "softmax_dtype": "float32"}
+        "bootstrap_iters": config.bootstrap_iters, "layers_path": stack.path, "softmax_dtype": "float32",
+        **quantize.settings(loaded.quantize)}  # a quantized model's numbers are its own
     for scorer in scorers:
         settings.update(scorer.settings())
     windows = next((w for w in (s.token_windows() for s in scorers) if w is not None), None)

@@ -44,7 +44,6 @@ from ..errors import Interrupted, OptionError, UserError
 from ..interventions.removal import removed_layers
 from ..interventions.units import Removal
 from ..measure.angular import AngularResult
-from ..model import quantize
 from ..model.load import LoadedModel
 from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
@@ -288,7 +287,6 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
     L = len(stack)
     config.check_model(L)
     scoring = prepare_scoring(loaded, scoring_config, inputs, stack, progress)
-    scoring.settings.update(quantize.settings(loaded.quantize))  # a quantized model's numbers are its own
     tasks = scoring.tasks
     if config.rank_by is not None and config.rank_by.split("/", 1)[0] not in tasks:
         raise OptionError("{rank_by} {value}: {task!r} is not scored in this run (scored: {scored})",
