@@ -141,7 +141,7 @@ def test_removals_suspended_gives_the_full_model_and_removes_again(tokenizer):
         assert torch.equal(model(input_ids=ids).logits, full)
 
 
-def test_an_interrupted_pass_resumes_the_comparison_bitwise(tokenizer, tmp_path):
+def test_the_comparison_leaves_loglik_bitwise_and_an_interrupted_pass_resumes_it_bitwise(tokenizer, tmp_path):
     model = _peaked("qwen2", tokenizer)
     stack = find_layers(model)
     windows = TokenWindows.of(tokenizer, [SAMPLE_TEXT * 3], seq_len=40, max_tokens=300)
@@ -152,6 +152,9 @@ def test_an_interrupted_pass_resumes_the_comparison_bitwise(tokenizer, tmp_path)
     from lnsdiag.engine.fast import SweepEngine
 
     whole = SweepEngine(model, stack, variants, batch_tokens=64).run(requests, 64, compared=compared)
+    plain = SweepEngine(model, stack, variants, batch_tokens=64).run(requests, 64)
+    # comparing changes no log-likelihood: its log-sum-exp and argmax are torch's, bit for bit
+    assert np.array_equal(whole.loglik, plain.loglik) and np.array_equal(whole.greedy, plain.greedy)
     checkpoint = Checkpoint(tmp_path / "partial.npz", "fp", every_seconds=0)
     with pytest.raises(KeyboardInterrupt):
         SweepEngine(model, stack, variants, batch_tokens=64).run(requests, 64, compared=compared,

@@ -85,14 +85,18 @@ def read_out(logits: torch.Tensor, index: ScoredIndex, v: int, state: PassState,
         sel = (position >= p0) & (position < p1)
         if not bool(sel.any()):
             continue
-        chunk = flat[p0:p1].float()
-        norm = torch.logsumexp(chunk, dim=-1)
         at, t, m = position[sel] - p0, index.target[sel], index.member[sel]
-        sums.index_add_(0, m, (chunk[at, t] - norm[at]).double())
-        top = _compare(flat[p0:p1], reference, p0, p1, (at, m, index.token[sel]), is_full, kl_sums, agreed, state,
-                       v) if compare else chunk[at].argmax(dim=-1)
+        if compare:  # the comparison's pass over the logits also gives the log-sum-exp and the argmax
+            norm, top = _compare(flat[p0:p1], reference, p0, p1, (at, m, index.token[sel]), is_full, kl_sums, agreed,
+                                 state, v)
+            sums.index_add_(0, m, (flat[p0:p1][at, t].float() - norm).double())
+        else:
+            chunk = flat[p0:p1].float()
+            norm = torch.logsumexp(chunk, dim=-1)
+            sums.index_add_(0, m, (chunk[at, t] - norm[at]).double())
+            top = chunk[at].argmax(dim=-1)
+            del chunk, norm
         misses.index_add_(0, m, (top != t).int())
-        del chunk, norm
     state.loglik[v, index.requests] = sums.cpu().numpy()
     state.greedy[v, index.requests] = (misses == 0).cpu().numpy()
     if compare:
@@ -108,20 +112,22 @@ def reference_of(logits: torch.Tensor) -> Reference:
 
 
 def _compare(logits: torch.Tensor, reference: Reference, p0: int, p1: int, entries: tuple, is_full: bool,
-             kl_sums: torch.Tensor, agreed: torch.Tensor, state: PassState, v: int) -> torch.Tensor:
+             kl_sums: torch.Tensor, agreed: torch.Tensor, state: PassState, v: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate one chunk's KL and top-1 agreement per request, and keep each compared token's KL;
-    returns the variant's argmax at the scored positions (the greedy check's, computed once)."""
+    returns the log-sum-exp and the argmax at the scored positions (bitwise ``torch.logsumexp``'s
+    and ``argmax``'s: the log-likelihoods are those of a pass that compares nothing)."""
     at, m, token = entries
-    if is_full:  # the full model against itself: nothing moved
+    if is_full:  # the full model against itself: nothing moved; its summary is the reference
         kl = torch.zeros(at.shape, dtype=torch.float64, device=logits.device)
+        norm, top = reference.lse[p0:p1][at], reference.top[p0:p1][at]
         agree = torch.ones(at.shape, dtype=torch.bool, device=logits.device)
-        top = reference.top[p0:p1][at]
     else:
-        kl_pos, top_pos = divergence(reference, logits, p0, p1)
-        kl, top = kl_pos[at], top_pos[at]
+        kl_pos, top_pos, lse = divergence(reference, logits, p0, p1)
+        kl, top, norm = kl_pos[at], top_pos[at], lse[at]
         agree = top == reference.top[p0:p1][at]
     kl_sums.index_add_(0, m, kl)
     agreed.index_add_(0, m, agree.int())
     keep = token >= 0
     state.token_kl[v, token[keep].cpu().numpy()] = kl[keep].float().cpu().numpy()
-    return top
+    return norm, top

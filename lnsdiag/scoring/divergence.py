@@ -32,33 +32,41 @@ class Reference:
     """The full model's distributions at a batch's positions ([positions, vocab] logits in).
 
     ``shifted``: float32 logits minus their maximum (the one tensor of the batch's size kept);
-    ``log_mass``: log Σ exp(shifted) per position, summed in float64; ``top``: argmax.
+    ``log_mass``: log Σ exp(shifted) per position (float64); ``top``: argmax; ``lse``: the float32
+    log-sum-exp, bitwise what ``torch.logsumexp`` gives (the log-likelihoods' normaliser).
     """
 
     shifted: torch.Tensor
     log_mass: torch.Tensor
     top: torch.Tensor
+    lse: torch.Tensor
     impossible: bool = False  #: some token has probability exactly 0 (a masked logit)
 
     @classmethod
     def of(cls, logits: torch.Tensor) -> Reference:
         positions, vocab = logits.shape
-        shifted = torch.empty((positions, vocab), dtype=torch.float32, device=logits.device)
-        log_mass = torch.empty(positions, dtype=torch.float64, device=logits.device)
-        top = torch.empty(positions, dtype=torch.long, device=logits.device)
+        device = logits.device
+        shifted = torch.empty((positions, vocab), dtype=torch.float32, device=device)
+        log_mass = torch.empty(positions, dtype=torch.float64, device=device)
+        top = torch.empty(positions, dtype=torch.long, device=device)
+        lse = torch.empty(positions, dtype=torch.float32, device=device)
         for p0, p1 in chunks(positions, vocab):
-            shifted[p0:p1], top[p0:p1], log_mass[p0:p1] = _shifted(logits[p0:p1])
-        return cls(shifted, log_mass, top, bool(torch.isneginf(shifted).any()))
+            shifted[p0:p1], top[p0:p1], lse[p0:p1], log_mass[p0:p1] = summary(logits[p0:p1])
+        return cls(shifted, log_mass, top, lse, bool(torch.isneginf(shifted).any()))
 
 
-def _shifted(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float32 logits minus their maximum, the argmax, and log Σ exp of the shifted logits (float64
-    sum). The full model and its variants go through these same operations, so identical logits
-    give bitwise identical results (and a KL of exactly 0)."""
+def summary(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 logits minus their maximum, the argmax, the float32 log-sum-exp and log Σ exp of the
+    shifted logits in float64. The log-sum-exp is computed as ``torch.logsumexp`` computes it
+    (maximum, exp of the difference, sum, log, maximum added back), so log-likelihoods are bitwise
+    the same whether a pass compares with the full model or not; the full model and its variants
+    go through these same operations, so identical logits give a KL of exactly 0."""
     chunk = logits.float()
     peak, top = chunk.max(dim=-1)
+    peak.masked_fill_(peak.abs() == float("inf"), 0.0)  # as torch.logsumexp does
     shifted = chunk - peak.unsqueeze(-1)
-    return shifted, top, torch.log(torch.exp(shifted).sum(dim=-1).double())
+    mass = torch.exp(shifted).sum(dim=-1)
+    return shifted, top, mass.log().add_(peak), mass.double().log_()
 
 
 def chunks(positions: int, vocab: int, limit: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
@@ -67,13 +75,15 @@ def chunks(positions: int, vocab: int, limit: int = CHUNK_ELEMENTS) -> list[tupl
     return [(p0, min(positions, p0 + step)) for p0 in range(0, positions, step)]
 
 
-def divergence(reference: Reference, logits: torch.Tensor, p0: int, p1: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(p_full ‖ p_variant) in nats (float64) and the variant's argmax at positions ``p0:p1`` (the
-    first of tied maxima, as ``argmax``); ``logits`` are the variant's logits there ([p1 − p0, vocab]).
+def divergence(reference: Reference, logits: torch.Tensor, p0: int, p1: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KL(p_full ‖ p_variant) in nats (float64), the variant's argmax (the first of tied maxima, as
+    ``argmax``) and its float32 log-sum-exp (as ``torch.logsumexp``) at positions ``p0:p1``;
+    ``logits`` are the variant's logits there ([p1 − p0, vocab]).
 
     With s the shifted logits and S = Σ exp(s): KL = Σ p_full (s_full − s_variant) − log S_full + log S_variant.
     """
-    shifted, top, log_mass = _shifted(logits)
+    shifted, top, lse, log_mass = summary(logits)
     ref_shifted, ref_log_mass = reference.shifted[p0:p1], reference.log_mass[p0:p1]
     weights = torch.exp(ref_shifted)
     terms = torch.sub(ref_shifted, shifted, out=shifted).mul_(weights)  # in place: the variant's logits are done
@@ -81,7 +91,7 @@ def divergence(reference: Reference, logits: torch.Tensor, p0: int, p1: int) -> 
     if reference.impossible:  # 0 · (−inf − x) is NaN: a token the full model cannot emit adds nothing
         terms.masked_fill_(torch.isneginf(ref_shifted), 0.0)
     kl = terms.sum(dim=-1).double() / torch.exp(ref_log_mass) - ref_log_mass + log_mass
-    return kl.clamp_(min=0.0), top
+    return kl.clamp_(min=0.0), top, lse
 
 
 def full_divergence(full: torch.Tensor, variant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +102,6 @@ def full_divergence(full: torch.Tensor, variant: torch.Tensor) -> tuple[torch.Te
     kl = torch.empty(rows * positions, dtype=torch.float64, device=variant.device)
     agree = torch.empty(rows * positions, dtype=torch.bool, device=variant.device)
     for p0, p1 in chunks(rows * positions, vocab):
-        kl[p0:p1], top = divergence(reference, variant[p0:p1], p0, p1)
+        kl[p0:p1], top, _ = divergence(reference, variant[p0:p1], p0, p1)
         agree[p0:p1] = top == reference.top[p0:p1]
     return kl.view(rows, positions), agree.view(rows, positions)
