@@ -3,8 +3,10 @@
 The same one-layer-removal sweep of perplexity windows (every block removed in turn, and the full
 model), once plain and once with every request compared with the full model (what ``prune
 --ppl-text`` does unless ``--no-kl``), alternated ``--repeats`` times so that drift of a busy
-machine hits both alike; the ratio of the medians is the overhead. Random weights (speed does not
-depend on their values) and random token windows (no tokenizer needed at this level).
+machine hits both alike; the ratio of the medians is the overhead, in wall time and in the
+process's CPU time (all threads; steadier than wall time when other work shares the cores).
+Random weights (speed does not depend on their values) and random token windows (no tokenizer
+needed at this level).
 
     python3 bench/kl_overhead.py --vocab 32000 --tokens 8192            # the CPU figure in RESULTS.md
     python3 bench/kl_overhead.py --tiny                                  # smoke test (timings meaningless)
@@ -69,18 +71,22 @@ def main() -> None:
     variants = [Removal(), *Removal.each(range(len(stack)))]
     requests = windows(tokens, seq_len, vocab)
     seconds: dict[str, list[float]] = {"plain": [], "kl": []}
+    cpu: dict[str, list[float]] = {"plain": [], "kl": []}
     for _ in range(args.repeats):
         for name in ("plain", "kl"):
             engine = SweepEngine(model, stack, variants, batch_tokens=args.batch_tokens, share=False)
             compared = [True] * len(requests) if name == "kl" else None
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             engine.run(requests, seq_len, compared=compared)
             seconds[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     plain, kl = statistics.median(seconds["plain"]), statistics.median(seconds["kl"])
+    plain_cpu, kl_cpu = statistics.median(cpu["plain"]), statistics.median(cpu["kl"])
     result = {"vocab": vocab, "model": shape, "scored_tokens": sum(len(r.continuation) for r in requests),
               "variants": len(variants), "threads": torch.get_num_threads(), "seconds": seconds,
               "median_plain_s": round(plain, 3), "median_kl_s": round(kl, 3),
-              "kl_overhead_pct": round(100 * (kl / plain - 1), 1), "tiny": args.tiny}
+              "kl_overhead_pct": round(100 * (kl / plain - 1), 1), "cpu_seconds": cpu,
+              "kl_overhead_cpu_pct": round(100 * (kl_cpu / plain_cpu - 1), 1), "tiny": args.tiny}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
