@@ -3,19 +3,24 @@ and printing, a killed rank failing the job quickly, and a relaunch with another
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import typer
+from typer.testing import CliRunner
 
 from lnsdiag import distributed
+from lnsdiag.cli import app, ui
 from lnsdiag.distributed import World, balanced_shares, replica_gpus, replica_max_memory
 from lnsdiag.engine.fast import PASS_PHASE
 from lnsdiag.errors import UserError
@@ -29,6 +34,8 @@ LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_AD
 #: The collectives' timeout in these runs: far above any healthy wait on a loaded machine, so it is
 #: never hit unless something hangs; a job whose rank died must end before it (no hang).
 TIMEOUT_S = 600
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
 
 
 def _free_port() -> int:
@@ -37,16 +44,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _launch(args: list, ranks: int = 1, **env_extra: str) -> subprocess.Popen:
-    """``python -m lnsdiag ARGS`` as one plain process, or under torchrun with ``ranks`` processes."""
+def _torchrun(target: list, ranks: int = 2, **env_extra: str) -> subprocess.Popen:
+    """``torchrun --nproc-per-node RANKS TARGET`` (from the repository's root), in the background."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", COLUMNS="200",
-               LNSDIAG_DIST_TIMEOUT=str(TIMEOUT_S), **env_extra)
-    head = [sys.executable, "-m", "lnsdiag"] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
-        str(_free_port()), "-m", "lnsdiag"]
-    return subprocess.Popen([*head, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            text=True)
+    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200",
+                "LNSDIAG_DIST_TIMEOUT": str(TIMEOUT_S), **env_extra})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
+           str(_free_port()), *map(str, target)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=ROOT)
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
@@ -54,15 +59,25 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-def _one_and_two(args: list, one: Path, two: Path) -> tuple[str, str]:
-    """The command as one process and with two ranks, side by side; both must succeed. Their stdout."""
-    procs = [_launch([*args, "--out", one]), _launch([*args, "--out", two], ranks=2)]
-    outs = []
-    for proc in procs:
-        code, out, err = _finish(proc)
-        assert code == 0, out + err
-        outs.append(out)
-    return outs[0], outs[1]
+@contextlib.contextmanager
+def _one_thread():
+    """One intra-op thread, as OMP_NUM_THREADS=1 gives each rank (and gave the one-process runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _one_process(args: list):
+    """``lnsdiag ARGS`` as one plain process, run in this one (no launcher in its environment: a
+    single process without a world; no interpreter start-up). Must succeed; its result (stdout, stderr)."""
+    assert not any(os.environ.get(name) for name in ("WORLD_SIZE", "RANK"))
+    with _one_thread():
+        res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -78,39 +93,92 @@ def _prune_args(model: Path, inputs: dict[str, Path], *extra: str) -> list:
             "--batch-size", "2", "--batch-tokens", "64", *extra]
 
 
+def _commands(model: Path, inputs: dict[str, Path]) -> dict[str, list]:
+    """The command lines run both ways: as one process and with two ranks."""
+    measure = ["--text-file", inputs["text"], "--seq-len", "32", "--batch-size", "2"]
+    return {
+        # prune, fast engine: a task and built-in perplexity, angular column
+        "fast": _prune_args(model, inputs),
+        # prune, naive engine: one evaluation per variant
+        "naive": _prune_args(model, inputs, "--engine", "naive", "--no-angular"),
+        "angular": ["angular", model, *measure],
+        "variance": ["variance", model, *measure],
+        "shrink": ["shrink", model, "--remove", "2", "--tasks", "tiny_mc", "--include-path", inputs["tasks"],
+                   "--ppl-text", inputs["text"], "--batch-size", "2", "--batch-tokens", "64"],
+    }
+
+
+@dataclass
+class Pair:
+    """One command line's two runs: folders ``one`` and ``two``, the one process's stdout, and
+    each rank's stdout, stderr and exit status (None: not reached, an earlier command failed)."""
+
+    one: Path
+    two: Path
+    out1: str
+    rank_out: list[str]
+    rank_err: list[str]
+    rank_code: list[int | None]
+    launcher: str
+
+    def check_two_ranks_succeeded(self) -> None:
+        assert self.rank_code == [0, 0], "\n".join([*map(str, self.rank_err), self.launcher])
+
+
 @pytest.fixture(scope="module")
-def fast_runs(tiny_llama_dir, inputs, tmp_path_factory) -> dict[str, object]:
-    """prune (fast engine, a task and built-in perplexity, angular column) as 1 and 2 processes."""
-    base = tmp_path_factory.mktemp("fast")
-    out1, out2 = _one_and_two(_prune_args(tiny_llama_dir, inputs), base / "one", base / "two")
-    return {"one": base / "one", "two": base / "two", "out1": out1, "out2": out2}
+def runs(tiny_llama_dir, inputs, tmp_path_factory) -> dict[str, Pair]:
+    """Every command line of :func:`_commands` as one process and with two ranks, side by side: the
+    two-rank runs in one torchrun launch (tests/dist_driver.py: each rank runs them in turn through
+    the CLI's entry point, its stdout and stderr per command in files), the one-process runs here
+    meanwhile."""
+    base = tmp_path_factory.mktemp("runs")
+    commands = _commands(tiny_llama_dir, inputs)
+    plan = [{"name": name, "args": [*map(str, args), "--out", str(base / name / "two")], "logs": str(base / name)}
+            for name, args in commands.items()]
+    (base / "plan.json").write_text(json.dumps(plan))
+    # the ranks print as wide a page as this process's console (its width is fixed when lnsdiag is imported)
+    proc = _torchrun(["-m", "tests.dist_driver", base / "plan.json"], COLUMNS=str(ui.console.width))
+    try:
+        out1 = {name: _one_process([*args, "--out", base / name / "one"]).stdout for name, args in commands.items()}
+    except BaseException:
+        proc.terminate()  # torchrun stops its workers
+        _finish(proc)
+        raise
+    code, stdout, stderr = _finish(proc)
+
+    def read(name: str, suffix: str) -> list:
+        paths = [base / f"{name}.rank-{rank}.{suffix}" for rank in range(2)]
+        return [p.read_text(errors="replace") if p.exists() else None for p in paths]
+
+    pairs = {name: Pair(base / name / "one", base / name / "two", out1[name], read(name, "out"), read(name, "err"),
+                        [None if c is None else int(c) for c in read(name, "code")], stdout + stderr)
+             for name in commands}
+    assert code == 0 or any(p.rank_code not in ([0, 0], [None, None]) for p in pairs.values()), stdout + stderr
+    return pairs
 
 
 # --- the same results as one process ---------------------------------------------------------
 
-def test_prune_fast_engine_two_ranks_write_what_one_process_writes(fast_runs):
-    one, two = fast_runs["one"], fast_runs["two"]
+def test_prune_fast_engine_two_ranks_write_what_one_process_writes(runs):
+    run = runs["fast"]
+    run.check_two_ranks_succeeded()
+    one, two = run.one, run.two
     for name in ("prune.csv", "prune_wide.csv", "angular.csv"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
     stats = json.loads((two / "meta.json").read_text())["engine_stats"]
     assert stats["ranks"] == 2 and stats["computed_tokens"] == stats["tokens"]
     assert json.loads((one / "meta.json").read_text())["engine_stats"]["ranks"] == 1
     # rank 0 alone printed (one table, one list of files) and wrote (no partial file of any rank left)
-    assert fast_runs["out2"].replace(str(two), "OUT") == fast_runs["out1"].replace(str(one), "OUT")
-    assert fast_runs["out2"].count("prune.csv") == 1
+    assert run.rank_out[1] == ""
+    assert run.rank_out[0].replace(str(two), "OUT") == run.out1.replace(str(one), "OUT")
+    assert run.rank_out[0].count("prune.csv") == 1
     assert not list(two.glob("engine-partial*")) and not list(two.glob(".*.tmp"))
 
 
-@pytest.fixture(scope="module")
-def naive_runs(tiny_llama_dir, inputs, tmp_path_factory) -> dict[str, Path]:
-    """prune with the naive engine (one evaluation per variant) as 1 and 2 processes."""
-    base = tmp_path_factory.mktemp("naive")
-    _one_and_two(_prune_args(tiny_llama_dir, inputs, "--engine", "naive", "--no-angular"), base / "one", base / "two")
-    return {"one": base / "one", "two": base / "two"}
-
-
-def test_prune_naive_engine_two_ranks_write_what_one_process_writes(naive_runs):
-    one, two = naive_runs["one"], naive_runs["two"]
+def test_prune_naive_engine_two_ranks_write_what_one_process_writes(runs):
+    run = runs["naive"]
+    run.check_two_ranks_succeeded()
+    one, two = run.one, run.two
     for name in ("prune.csv", "prune_wide.csv"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
     assert sorted(p.name for p in (two / "variants").iterdir()) == sorted(p.name for p in (one / "variants").iterdir())
@@ -118,34 +186,32 @@ def test_prune_naive_engine_two_ranks_write_what_one_process_writes(naive_runs):
 
 @pytest.mark.parametrize("command, files", [("angular", ("angular.csv", "angular_blocks.csv")),
                                             ("variance", ("variance.csv",))])
-def test_measurements_two_ranks_sum_to_the_same_bits(command, files, tiny_llama_dir, inputs, tmp_path):
+def test_measurements_two_ranks_sum_to_the_same_bits(command, files, runs):
     """Batches shared over ranks, sums made in one process's order: bitwise the same CSVs."""
-    _, out2 = _one_and_two([command, tiny_llama_dir, "--text-file", inputs["text"], "--seq-len", "32",
-                            "--batch-size", "2"], tmp_path / "one", tmp_path / "two")
+    run = runs[command]
+    run.check_two_ranks_succeeded()
     for name in files:
-        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
-    assert out2.count(f"{command}.csv") == 1
+        assert (run.two / name).read_bytes() == (run.one / name).read_bytes(), name
+    assert "".join(run.rank_out).count(f"{command}.csv") == 1
 
 
-def test_shrink_two_ranks_write_what_one_process_writes(tiny_llama_dir, inputs, tmp_path):
-    _one_and_two(["shrink", tiny_llama_dir, "--remove", "2", "--tasks", "tiny_mc", "--include-path", inputs["tasks"],
-                  "--ppl-text", inputs["text"], "--batch-size", "2", "--batch-tokens", "64"],
-                 tmp_path / "one", tmp_path / "two")
-    assert (tmp_path / "two" / "shrink.csv").read_bytes() == (tmp_path / "one" / "shrink.csv").read_bytes()
+def test_shrink_two_ranks_write_what_one_process_writes(runs):
+    run = runs["shrink"]
+    run.check_two_ranks_succeeded()
+    assert (run.two / "shrink.csv").read_bytes() == (run.one / "shrink.csv").read_bytes()
 
 
 # --- faults ----------------------------------------------------------------------------------
 
-def test_a_killed_rank_fails_the_job_fast_and_one_process_resumes_its_work(fast_runs, tiny_llama_dir, inputs,
-                                                                           tmp_path):
+def test_a_killed_rank_fails_the_job_fast_and_one_process_resumes_its_work(runs, tiny_llama_dir, inputs, tmp_path):
     """Rank 1 kills itself after its second batch (the progress hook): the job exits non-zero
     before the collectives' timeout (no hang), both ranks' partial files stay, and a plain one-process rerun
     merges them, computes only the rest, and writes the uninterrupted run's prune.csv."""
     out = tmp_path / "killed"
     args = [*_prune_args(tiny_llama_dir, inputs), "--out", out]
     start = time.monotonic()
-    code, stdout, stderr = _finish(_launch(args, ranks=2, LNSDIAG_CHECKPOINT_SECONDS="0",
-                                           LNSDIAG_TEST_SIGNAL=f"{PASS_PHASE}:2:KILL", LNSDIAG_TEST_SIGNAL_RANK="1"))
+    code, stdout, stderr = _finish(_torchrun(["-m", "lnsdiag", *args], LNSDIAG_CHECKPOINT_SECONDS="0",
+                                             LNSDIAG_TEST_SIGNAL=f"{PASS_PHASE}:2:KILL", LNSDIAG_TEST_SIGNAL_RANK="1"))
     elapsed = time.monotonic() - start
     assert code != 0, stdout + stderr
     assert elapsed < TIMEOUT_S, elapsed  # rank 0 did not sit out a collective's timeout: torchrun ended it
@@ -155,30 +221,28 @@ def test_a_killed_rank_fails_the_job_fast_and_one_process_resumes_its_work(fast_
         assert 2 <= saved["done"].sum() < len(saved["done"])
     assert not (out / "prune.csv").exists()
 
-    code, stdout, stderr = _finish(_launch(args))
-    assert code == 0, stdout + stderr
-    assert (out / "prune.csv").read_bytes() == (fast_runs["one"] / "prune.csv").read_bytes()
+    _one_process(args)
+    assert (out / "prune.csv").read_bytes() == (runs["fast"].one / "prune.csv").read_bytes()
     stats = json.loads((out / "meta.json").read_text())["engine_stats"]
     assert stats["ranks"] == 1 and stats["resumed_tokens"] > 0
     assert stats["resumed_tokens"] + stats["computed_tokens"] == stats["tokens"]
     assert not list(out.glob("engine-partial*"))
 
 
-def test_a_killed_naive_rank_keeps_the_variants_each_rank_saved(naive_runs, tiny_llama_dir, inputs, tmp_path):
+def test_a_killed_naive_rank_keeps_the_variants_each_rank_saved(runs, tiny_llama_dir, inputs, tmp_path):
     """Naive engine: each rank stores its variants as it finishes them, so a relaunch with one
     process scores only the rest."""
     out = tmp_path / "killed"
     args = [*_prune_args(tiny_llama_dir, inputs, "--engine", "naive", "--no-angular"), "--out", out]
-    code, stdout, stderr = _finish(_launch(args, ranks=2, LNSDIAG_TEST_SIGNAL="variants:2:KILL",
-                                           LNSDIAG_TEST_SIGNAL_RANK="1"))
+    code, stdout, stderr = _finish(_torchrun(["-m", "lnsdiag", *args], LNSDIAG_TEST_SIGNAL="variants:2:KILL",
+                                             LNSDIAG_TEST_SIGNAL_RANK="1"))
     assert code != 0, stdout + stderr
     kept = sorted(p.name for p in (out / "variants").glob("*.json"))
     # rank 1's share is layers 0, 1, 3 (balanced by blocks run: the baseline runs one more): it stopped after two
     assert {"layer_000.json", "layer_001.json"} <= set(kept) and "layer_003.json" not in kept, kept
-    code, stdout, stderr = _finish(_launch(args))
-    assert code == 0, stdout + stderr
-    assert f"resuming: {len(kept)} variant(s)" in stderr
-    assert (out / "prune.csv").read_bytes() == (naive_runs["one"] / "prune.csv").read_bytes()
+    res = _one_process(args)
+    assert f"resuming: {len(kept)} variant(s)" in res.stderr
+    assert (out / "prune.csv").read_bytes() == (runs["naive"].one / "prune.csv").read_bytes()
 
 
 def test_errors_say_their_rank_and_rank_0s_error_is_said_once(monkeypatch, capsys):

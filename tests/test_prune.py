@@ -297,22 +297,27 @@ def _sweep_args(model_dir, tasks_dir, out, engine) -> list[str]:
 
 
 def _prune_here(model_dir, tasks_dir, out, engine) -> str:
-    """The same sweep in this process (no interpreter start-up: these runs need no signal)."""
-    res = runner.invoke(app, _sweep_args(model_dir, tasks_dir, out, engine), catch_exceptions=False,
-                        env={"COLUMNS": "200", "LNSDIAG_CHECKPOINT_SECONDS": "0"})
+    """The same sweep in this process (no interpreter start-up: these runs need no signal), on one
+    intra-op thread as the subprocesses (OMP_NUM_THREADS=1): every run computes the same bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = runner.invoke(app, _sweep_args(model_dir, tasks_dir, out, engine), catch_exceptions=False,
+                            env={"COLUMNS": "200", "LNSDIAG_CHECKPOINT_SECONDS": "0"})
+    finally:
+        torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
     return res.output
 
 
-def _prune_process(model_dir, tasks_dir, out, engine, stop: str | None = None):
-    """The sweep in a subprocess; ``stop`` ("KILL", "INT") makes it signal itself after two units of
-    progress (two saved variants; two checkpointed batches), via the progress bar's test hook."""
+def _prune_process(model_dir, tasks_dir, out, engine, stop: str, log) -> subprocess.Popen:
+    """The sweep in a subprocess, in the background, its stdout and stderr in the open file ``log``
+    (no pipe to fill while nobody reads it); ``stop`` ("KILL", "INT") makes it signal itself after two units
+    of progress (two saved variants; two checkpointed batches), via the progress bar's test hook."""
     cmd = [sys.executable, "-m", "lnsdiag", *_sweep_args(model_dir, tasks_dir, out, engine)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "LNSDIAG_CHECKPOINT_SECONDS": "0"}
-    if stop:
-        env["LNSDIAG_TEST_SIGNAL"] = f"{'variants' if engine == 'naive' else PASS_PHASE}:2:{stop}"
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                            preexec_fn=_ctrl_c_reaches_python)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "LNSDIAG_CHECKPOINT_SECONDS": "0",
+           "OMP_NUM_THREADS": "1", "LNSDIAG_TEST_SIGNAL": f"{'variants' if engine == 'naive' else PASS_PHASE}:2:{stop}"}
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_ctrl_c_reaches_python)
 
 
 def _ctrl_c_reaches_python() -> None:
@@ -325,14 +330,28 @@ def _ctrl_c_reaches_python() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["naive", "fast"])
 def test_interrupted_sweeps_resume_to_the_same_csv(engine, deep_llama_dir, tasks_dir, tmp_path):
-    """kill -9 loses at most the work in progress; Ctrl-C stops cleanly; both resume exactly."""
-    reference = tmp_path / "whole"
-    _prune_here(deep_llama_dir, tasks_dir, reference, engine)
+    """kill -9 loses at most the work in progress; Ctrl-C stops cleanly; both resume exactly.
 
-    killed = tmp_path / "killed"
-    proc = _prune_process(deep_llama_dir, tasks_dir, killed, engine, stop="KILL")
-    output = proc.communicate(timeout=600)[0]
-    assert proc.returncode == -signal.SIGKILL, output
+    The killed and the interrupted sweeps run side by side in the background while the
+    uninterrupted reference runs here (each on one thread): the signals come from each run's own
+    progress, so the overlap changes no outcome."""
+    reference, killed, interrupted = tmp_path / "whole", tmp_path / "killed", tmp_path / "interrupted"
+    logs = [tmp_path / "killed.log", tmp_path / "interrupted.log"]
+    with logs[0].open("wb") as kill_log, logs[1].open("wb") as int_log:
+        procs = [_prune_process(deep_llama_dir, tasks_dir, killed, engine, "KILL", kill_log),
+                 _prune_process(deep_llama_dir, tasks_dir, interrupted, engine, "INT", int_log)]
+    try:
+        _prune_here(deep_llama_dir, tasks_dir, reference, engine)
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        raise
+    for proc in procs:
+        proc.wait(timeout=600)
+    killed_output, interrupted_output = (log.read_text(errors="replace") for log in logs)
+
+    assert procs[0].returncode == -signal.SIGKILL, killed_output
     if engine == "naive":
         assert 2 <= len(list((killed / "variants").glob("*.json"))) < 9
     else:
@@ -341,11 +360,8 @@ def test_interrupted_sweeps_resume_to_the_same_csv(engine, deep_llama_dir, tasks
     for path in (killed / "variants").glob("*.json"):  # whatever is visible is whole
         json.loads(path.read_text())
 
-    interrupted = tmp_path / "interrupted"
-    proc = _prune_process(deep_llama_dir, tasks_dir, interrupted, engine, stop="INT")
-    output = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 130, output
-    assert "interrupted" in output and "Traceback" not in output
+    assert procs[1].returncode == 130, interrupted_output
+    assert "interrupted" in interrupted_output and "Traceback" not in interrupted_output
 
     for folder in (killed, interrupted):
         output = _prune_here(deep_llama_dir, tasks_dir, folder, engine)
