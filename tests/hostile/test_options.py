@@ -170,7 +170,7 @@ def test_empty_out_is_not_the_current_folder(tiny_llama_dir, text_file, tmp_path
 # --- 5. late refusals, now early ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("rank_by,fragment", [
-    ("foo/bar", "--rank-by foo/bar: 'foo' is not scored in this run (scored: ppl)"),
+    ("foo/bar", "--rank-by foo/bar: 'foo' is not scored in this run (scored: ppl, fidelity)"),
     ("ppl/acc", "--rank-by ppl/acc: task 'ppl' reports no metric 'acc' (it reports: ppl, bits_per_byte, nll)"),
 ])
 def test_rank_by_what_the_run_does_not_score(rank_by, fragment, tiny_llama_dir, text_file, tmp_path, no_model_load):
