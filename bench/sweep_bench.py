@@ -223,20 +223,20 @@ def bench_workload(model, stack, lm, requests, max_length: int, naive_layers: li
     result = engine.run(requests, max_length)
     sync()
     fast_seconds = time.perf_counter() - start
-    worst = max(float(np.abs(result.of(v)[0] - naive[v]).max()) for v in timed)
+    worst = max(float(np.abs(result.of(v).loglik - naive[v]).max()) for v in timed)
     names = [str(v.to_json()) for v in timed]  # "None", "0", ...
     got = {"requests": len(requests), "naive_seconds_each": dict(zip(names, seconds, strict=True)),
            "naive_seconds_extrapolated": naive_seconds, "fast_seconds": fast_seconds,
            "wall_ratio": naive_seconds / fast_seconds, "max_abs_delta_loglik": worst,
-           "mean_abs_delta_loglik": float(np.mean([np.abs(result.of(v)[0] - naive[v]).mean() for v in timed])),
+           "mean_abs_delta_loglik": float(np.mean([np.abs(result.of(v).loglik - naive[v]).mean() for v in timed])),
            **engine.stats}
     if group:
-        got["answer_flips"] = sum(flips(result.of(v)[0], naive[v], group) for v in timed)
+        got["answer_flips"] = sum(flips(result.of(v).loglik, naive[v], group) for v in timed)
         got["answers_compared"] = len(timed) * (len(requests) // group)
     if fp32_model is not None and group:
         full = Removal()
         got["fp32_reference"] = fp32_reference(fp32_model, requests[: fp32_questions * group], max_length, group,
-                                               {"naive bf16": naive[full], "fast bf16": result.of(full)[0]}, model)
+                                               {"naive bf16": naive[full], "fast bf16": result.of(full).loglik}, model)
     return got
 
 
@@ -251,11 +251,11 @@ def fp32_reference(model32, requests, max_length: int, group: int, bf16: dict[st
     """The baseline of the first questions in float32 (unshared rows): how far each bf16 engine
     is from the exact answer, and on how many questions its choice differs from float32's."""
     engine = SweepEngine(model32, find_layers(model32), [Removal()], share=False)
-    exact = engine.run(requests, max_length).of(Removal())[0]
+    exact = engine.run(requests, max_length).of(Removal()).loglik
     if model is not None:  # shared rows in bf16 with the run-time check skipped: a diagnosis only
         forced = SweepEngine(model, find_layers(model), [Removal()])
         forced._check_sharing = lambda *a, **k: (0.0, 0.0, 0)
-        bf16 = {**bf16, "fast bf16, sharing forced on": forced.run(requests, max_length).of(Removal())[0]}
+        bf16 = {**bf16, "fast bf16, sharing forced on": forced.run(requests, max_length).of(Removal()).loglik}
     n = len(requests)
     return {"questions": n // group, **{name: {"max_abs_delta_loglik": float(np.abs(v[:n] - exact).max()),
                                               "mean_abs_delta_loglik": float(np.abs(v[:n] - exact).mean()),
@@ -449,7 +449,7 @@ def lmeval_workload(args, record: dict, model, loaded, stack, tokenizer, naive_l
         with removed_layers(model, variant, stack=stack):
             ref = scorer.lm._loglikelihood_tokens([(None, list(r.context), list(r.continuation)) for r in requests],
                                                   disable_tqdm=True)
-        worst = max(worst, float(np.abs(both.of(variant)[0] - np.array([x[0] for x in ref])).max()))
+        worst = max(worst, float(np.abs(both.of(variant).loglik - np.array([x[0] for x in ref])).max()))
     metric_diff = {}
     for variant in timed:
         fast_rows = {(r.task, r.metric): r.value for r in fast_store.done()[variant].rows}
