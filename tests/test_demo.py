@@ -166,7 +166,7 @@ def test_demo_trains_caches_and_diagnoses(tmp_path, monkeypatch):
     assert (cached / "config.json").is_file() and (cached / "train_log.json").is_file()
     assert json.loads((cached / "train_log.json").read_text())["weights"]["source"] == "trained"
     stamp = (cached / "model.safetensors").stat().st_mtime_ns
-    for part in ("Angular distance per layer", "Removing one layer of", "KL nats", "Pre-LN vs LNS"):
+    for part in ("Angular distance per layer", "Removing one layer of", "Pre-LN vs LNS"):
         assert part in first.output
     angular = pd.read_csv(out / "angular" / "angular.csv")
     assert list(angular["layer"]) == [0, 1]
