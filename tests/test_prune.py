@@ -222,7 +222,7 @@ def test_cli_prune_outputs(tiny_llama_dir, tasks_dir, text_file, tmp_path):
     needed = {"removed_layer", "task", "metric", "value", "stderr", "baseline", "delta", "delta_stderr",
               "ci90_low", "ci90_high", "margin", "verdict", "retention", "dead", "angular_distance"}
     assert needed <= set(tidy.columns)
-    assert set(tidy["task"]) == {"tiny_mc", "tiny_ppl", "ppl"}
+    assert set(tidy["task"]) == {"tiny_mc", "tiny_ppl", "ppl", "fidelity"}
     assert tidy["removed_layer"].isna().sum() == tidy[tidy.removed_layer.isna()].shape[0] > 0
     assert sorted(tidy["removed_layer"].dropna().unique()) == [0, 1, 2, 3]
     assert tidy.loc[tidy.removed_layer.notna(), "angular_distance"].notna().all()
