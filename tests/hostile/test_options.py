@@ -132,6 +132,10 @@ def test_tasks_and_strategies_repeat_as_lists(tiny_llama_dir, text_file, tmp_pat
     (["prune", "{m}", "--ppl-text", "{t}", "--ppl-dataset", "stdlib"], "give --ppl-text or --ppl-dataset, not both"),
     (["shrink", "{m}", "--ppl-text", "{t}", "--overwrite"], "--overwrite applies to --save"),
     (["shrink", "{m}", "--ppl-text", "{t}", "--save-strategy", "last"], "--save-strategy applies to --save"),
+    (["prune", "{m}", "--tasks", "mmlu", "--no-kl"], "--no-kl applies to the perplexity text"),
+    (["prune", "{m}", "--ppl-text", "{t}", "--margin", "kl=5%"], "--margin 'kl=5%': kl is a divergence from the full "
+                                                                "model"),
+    (["shrink", "{m}", "--ppl-text", "{t}", "--margin", "kl_p99=0.1"], "kl_p99 is reported without a test"),
 ])
 def test_conflicting_options(args, fragment, tiny_llama_dir, text_file, tmp_path, no_model_load):
     out = tmp_path / "results" / "run"
