@@ -181,18 +181,28 @@ class Checkpoint:
             path.unlink(missing_ok=True)
 
 
+def token_spans(token_start: np.ndarray, total: int) -> list[tuple[int, int] | None]:
+    """Each request's tokens in the per-token arrays, ``(start, end)`` (None: not compared).
+    ``token_start[n]`` is request n's first token (−1 when not compared); its tokens run to the next
+    compared request's start, the last one's to ``total``."""
+    spans: list[tuple[int, int] | None] = [None] * len(token_start)
+    end = total
+    for n in range(len(token_start) - 1, -1, -1):
+        if token_start[n] >= 0:
+            spans[n] = (int(token_start[n]), end)
+            end = int(token_start[n])
+    return spans
+
+
 def compared_token_mask(token_start: np.ndarray | None, have: np.ndarray, compared_tokens: int | None
                         ) -> np.ndarray | None:
-    """Which compared tokens belong to the requests in ``have`` (``token_start``: each request's
-    first token, −1 when not compared; tokens of request n run to the next compared start)."""
+    """Which compared tokens belong to the requests in ``have`` (see :func:`token_spans`)."""
     if token_start is None or compared_tokens is None:
         return None
     mask = np.zeros(compared_tokens, dtype=bool)
-    starts = [(int(s), n) for n, s in enumerate(token_start) if s >= 0]
-    ends = [s for s, _ in starts[1:]] + [compared_tokens]
-    for (start, n), end in zip(starts, ends, strict=True):
-        if have[n]:
-            mask[start:end] = True
+    for n, span in enumerate(token_spans(token_start, compared_tokens)):
+        if span is not None and have[n]:
+            mask[span[0]:span[1]] = True
     return mask
 
 

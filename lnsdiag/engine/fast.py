@@ -41,7 +41,7 @@ from ..progress import SILENT, Progress
 from ..scoring.base import Answers, TokenRequest
 from ..scoring.divergence import Reference
 from .budget import attention_limit, cut_batches, default_budget, default_row_tokens
-from .checkpoint import Checkpoint, PassState, compared_token_mask
+from .checkpoint import Checkpoint, PassState, compared_token_mask, token_spans
 from .plan import Row, plan_digest, plan_rows
 from .readout import ScoredIndex, read_out, reference_of
 from .work import check_tokens, count_work, layer_passes, naive_tokens, probe_plan
@@ -69,32 +69,24 @@ class EngineResult:
         v = self.variants.index(variant)
         if self.kl is None or self.token_start is None:
             return Answers(self.loglik[v], self.greedy[v])
-        ends = _token_ends(self.token_start, self.token_kl.shape[1])
-        token_kl = [self.token_kl[v, s:e] if s >= 0 else np.zeros(0, dtype=np.float32)
-                    for s, e in zip(self.token_start, ends, strict=True)]
+        spans = token_spans(self.token_start, self.token_kl.shape[1])
+        token_kl = [np.zeros(0, dtype=np.float32) if span is None else self.token_kl[v, span[0]:span[1]]
+                    for span in spans]
         return Answers(self.loglik[v], self.greedy[v], self.kl[v], self.agree[v], token_kl)
 
 
-def _token_ends(token_start: np.ndarray, total: int) -> list[int]:
-    """Where each compared request's tokens end (the next compared request's start)."""
-    ends, following = [0] * len(token_start), total
-    for n in range(len(token_start) - 1, -1, -1):
-        ends[n] = following if token_start[n] >= 0 else -1
-        if token_start[n] >= 0:
-            following = int(token_start[n])
-    return ends
-
-
-def compared_tokens(requests: Sequence[TokenRequest], compared: Sequence[bool] | None) -> np.ndarray | None:
-    """Where each compared request's tokens start in the per-token arrays (−1: not compared)."""
+def compared_tokens(requests: Sequence[TokenRequest], compared: Sequence[bool] | None
+                    ) -> tuple[np.ndarray | None, int | None]:
+    """Where each compared request's tokens start in the per-token arrays (−1: not compared), and
+    how many tokens the compared requests hold; (None, None) when nothing is compared."""
     if compared is None or not any(compared):
-        return None
+        return None, None
     starts, at = np.full(len(requests), -1, dtype=np.int64), 0
     for n, (req, wanted) in enumerate(zip(requests, compared, strict=True)):
         if wanted:
             starts[n] = at
             at += len(req.continuation)
-    return starts
+    return starts, at
 
 
 class SweepEngine:
@@ -142,9 +134,7 @@ class SweepEngine:
         rows, sharing, checked = self._agreed_plan(requests, max_length)
         if checkpoint is not None:
             checkpoint.variants, checkpoint.plan = self.variants, plan_digest(rows)
-        self.token_start = compared_tokens(requests, compared)
-        tokens = None if self.token_start is None else sum(
-            len(r.continuation) for r, wanted in zip(requests, compared or (), strict=True) if wanted)
+        self.token_start, tokens = compared_tokens(requests, compared)
         state: PassState = on_main(lambda: self._start(rows, (len(self.variants), len(requests)), checkpoint, tokens))
         empty = [n for n, r in enumerate(requests) if not r.continuation]
         state.greedy[:, empty] = True  # an empty continuation: log-likelihood 0, trivially greedy

@@ -202,14 +202,7 @@ def _removal_panel(ax: Any, part: pd.DataFrame, metric: str, num_layers: int) ->
     if known.any():
         ax.errorbar(x[known], delta[known], yerr=np.vstack([delta[known] - low[known], high[known] - delta[known]]),
                     fmt="none", ecolor="0.2", elinewidth=0.8, capsize=1.5, zorder=4)
-    verdicts = part["verdict"].fillna("").to_numpy(dtype=str)
-    counts = {}
-    for verdict, (color, marker, filled, _label) in VERDICT_MARK.items():
-        sel = verdicts == verdict
-        counts[verdict] = int(sel.sum())
-        if sel.any():
-            ax.plot(x[sel], delta[sel], ls="none", marker=marker, ms=4, mec=color, mew=0.9,
-                    mfc=color if filled else "white", zorder=3)
+    counts = _verdict_marks(ax, x, delta, part)
     spread = np.concatenate([delta, low[known], high[known]])
     floor = margin if math.isfinite(margin) else 0.0
     unit = {"relative": "% of baseline", "points": "points", "units": metric}[kind]
@@ -220,10 +213,8 @@ def _removal_panel(ax: Any, part: pd.DataFrame, metric: str, num_layers: int) ->
         label += f"\nsymlog, linear within ±{linthresh:.3g}{'%' if kind == 'relative' else ''}"
     ax.yaxis.set_major_formatter(signed_formatter("%" if kind == "relative" else ""))
     ax.set_ylabel(label)
-    ax.set_xlim(-0.6, num_layers - 0.4)
     ax.margins(y=0.08)
-    layer_axis(ax.xaxis, num_layers)
-    ax.grid(True, axis="x", which="major", alpha=0.15)
+    _layers_along_x(ax, num_layers)
     return counts
 
 
@@ -249,19 +240,30 @@ def _kl_panel(ax: Any, part: pd.DataFrame, metric: str, num_layers: int) -> dict
         ax.errorbar(x[known], shown[known], yerr=np.vstack([np.maximum(shown[known] - bottom, 0),
                                                             np.maximum(high[known] - shown[known], 0)]),
                     fmt="none", ecolor="0.2", elinewidth=0.8, capsize=1.5, zorder=4)
+    counts = _verdict_marks(ax, x, shown, part)
+    ax.set_ylabel("KL (nats), log scale")
+    _layers_along_x(ax, num_layers)
+    return counts
+
+
+def _verdict_marks(ax: Any, x: np.ndarray, y: np.ndarray, part: pd.DataFrame) -> dict[str, int]:
+    """Each removed layer's point drawn with its verdict's marker; how many layers got each verdict."""
     verdicts = part["verdict"].fillna("").to_numpy(dtype=str)
     counts = {}
     for verdict, (color, marker, filled, _label) in VERDICT_MARK.items():
         sel = verdicts == verdict
         counts[verdict] = int(sel.sum())
         if sel.any():
-            ax.plot(x[sel], shown[sel], ls="none", marker=marker, ms=4, mec=color, mew=0.9,
+            ax.plot(x[sel], y[sel], ls="none", marker=marker, ms=4, mec=color, mew=0.9,
                     mfc=color if filled else "white", zorder=3)
-    ax.set_ylabel("KL (nats), log scale")
+    return counts
+
+
+def _layers_along_x(ax: Any, num_layers: int) -> None:
+    """The removed layer on the x axis: one tick per layer, light vertical grid."""
     ax.set_xlim(-0.6, num_layers - 0.4)
     layer_axis(ax.xaxis, num_layers)
     ax.grid(True, axis="x", which="major", alpha=0.15)
-    return counts
 
 
 @styled

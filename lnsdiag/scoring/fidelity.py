@@ -32,9 +32,9 @@ from ..data.windows import TokenWindows
 from ..interventions.removal import removals_suspended
 from ..model.structure import no_cache_kwargs
 from ..stats.blocks import ratio_stderr
-from .base import Answers, MetricRow, PairedUnits, Scorer, Scores, TokenRequest, paired_units
+from .base import Answers, MetricRow, PairedUnits, Scores, paired_units
 from .divergence import full_divergence
-from .perplexity import unit_requests, whole_windows, windows_of
+from .perplexity import TextScorer, windows_of
 from .registry import ScoringSetup
 
 FIDELITY_TASK = "fidelity"
@@ -143,27 +143,21 @@ def fidelity(model: torch.nn.Module, windows: TokenWindows, *, batch_size: int =
     return Fidelity.of(unit_kl, unit_agree, tokens, windows)
 
 
-class FidelityScorer(Scorer):
+class FidelityScorer(TextScorer):
     """KL and top-1 agreement with the full model on the perplexity text, as a registered scorer:
-    the same requests as the perplexity (the engine answers both from the same rows)."""
+    the same requests as the perplexity (the engine answers both from the same rows). The naive
+    work counted is the variant's pass over each window; the naive reference also runs the full
+    model beside it (a naive tool could keep those distributions on disk instead: not counted)."""
 
     compares_to_full = True
 
     def __init__(self, model: torch.nn.Module, windows: TokenWindows, *, batch_size: int = 8) -> None:
+        super().__init__(model, windows, batch_size=batch_size)
         self.tasks = [FIDELITY_TASK]
-        self.model, self.windows, self.batch_size = model, windows, batch_size
 
     def score(self) -> Scores:
         result = fidelity(self.model, self.windows, batch_size=self.batch_size)
         return Scores(result.rows(), {FIDELITY_TASK: result})
-
-    def requests(self) -> list[TokenRequest]:
-        return unit_requests(self.windows)
-
-    def naive_requests(self) -> list[TokenRequest]:
-        """The variant's pass over each window (the naive reference also runs the full model
-        beside it; a naive tool could keep those distributions on disk instead: not counted)."""
-        return whole_windows(self.windows)
 
     def aggregate(self, answers: Answers) -> Scores:
         if answers.kl is None or answers.agree is None or answers.token_kl is None:
@@ -171,9 +165,6 @@ class FidelityScorer(Scorer):
         tokens = np.concatenate(answers.token_kl) if len(answers.token_kl) else np.zeros(0, dtype=np.float32)
         result = Fidelity.of(list(answers.kl), list(answers.agree), tokens, self.windows)
         return Scores(result.rows(), {FIDELITY_TASK: result})
-
-    def context_needed(self) -> int:
-        return self.windows.longest - 1
 
     def settings(self) -> dict[str, Any]:
         return {"fidelity": f"kl, top1 against the full model; {', '.join(PERCENTILES)} of per-token kl"}

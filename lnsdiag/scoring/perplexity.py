@@ -157,19 +157,13 @@ def perplexity(model: torch.nn.Module, windows: TokenWindows, *, batch_size: int
     return Perplexity.of(nll, windows)
 
 
-class PerplexityScorer(Scorer):
-    """The built-in perplexity as a :class:`~lnsdiag.scoring.Scorer`: each window is one
-    request (its context, then its scored tokens), so both engines see the same windows."""
+class TextScorer(Scorer):
+    """A scorer of the perplexity text's windows: one request per unit (the window up to the unit,
+    then the unit's tokens), each window scored whole by the naive engine, so every scorer of the
+    text asks the engine for the same rows."""
 
-    def __init__(self, model: torch.nn.Module, windows: TokenWindows, *, batch_size: int = 8,
-                 seq_len: int | None = None, max_tokens: int | None = None) -> None:
-        self.tasks = [PPL_TASK]
+    def __init__(self, model: torch.nn.Module, windows: TokenWindows, *, batch_size: int = 8) -> None:
         self.model, self.windows, self.batch_size = model, windows, batch_size
-        self.seq_len, self.max_tokens = seq_len, max_tokens  # as asked: part of the fingerprint
-
-    def score(self) -> Scores:
-        ppl = perplexity(self.model, self.windows, batch_size=self.batch_size)
-        return Scores(ppl.rows(), {PPL_TASK: ppl})
 
     def requests(self) -> list[TokenRequest]:
         return unit_requests(self.windows)
@@ -178,15 +172,30 @@ class PerplexityScorer(Scorer):
         """The naive engine scores each window whole, whatever its units."""
         return whole_windows(self.windows)
 
+    def context_needed(self) -> int:
+        return self.windows.longest - 1  # a window is scored whole: its last token is never an input
+
+
+class PerplexityScorer(TextScorer):
+    """The built-in perplexity as a :class:`~lnsdiag.scoring.Scorer`: each window is one
+    request (its context, then its scored tokens), so both engines see the same windows."""
+
+    def __init__(self, model: torch.nn.Module, windows: TokenWindows, *, batch_size: int = 8,
+                 seq_len: int | None = None, max_tokens: int | None = None) -> None:
+        super().__init__(model, windows, batch_size=batch_size)
+        self.tasks = [PPL_TASK]
+        self.seq_len, self.max_tokens = seq_len, max_tokens  # as asked: part of the fingerprint
+
+    def score(self) -> Scores:
+        ppl = perplexity(self.model, self.windows, batch_size=self.batch_size)
+        return Scores(ppl.rows(), {PPL_TASK: ppl})
+
     def aggregate(self, answers: Answers) -> Scores:
         ppl = Perplexity.of([-float(x) for x in answers.loglik], self.windows)
         return Scores(ppl.rows(), {PPL_TASK: ppl})
 
     def token_windows(self) -> TokenWindows:
         return self.windows
-
-    def context_needed(self) -> int:
-        return self.windows.longest - 1  # a window is scored whole: its last token is never an input
 
     def settings(self) -> dict[str, Any]:
         return {"ppl_text": f"{self.windows.name}#{self.windows.digest}", "ppl_max_tokens": self.max_tokens,
