@@ -16,7 +16,9 @@ from .scoring import (
     BatchTokens,
     BootstrapIters,
     Engine,
+    FidelityTasks,
     Fresh,
+    Generate,
     IncludePath,
     Limit,
     Margin,
@@ -60,6 +62,8 @@ def prune_cmd(
                                         "28- or all.")] = "all",
     no_angular: Annotated[bool, typer.Option("--no-angular", help="Skip the angular distances.")] = False,
     no_kl: NoKl = False,
+    fidelity_tasks: FidelityTasks = False,
+    generate: Generate = 0,
     margin: Margin = None,
     batch_size: BatchSize = 8,
     fresh: Fresh = False,
@@ -74,7 +78,7 @@ def prune_cmd(
         bootstrap_iters=bootstrap_iters, ppl_text=ppl_text, ppl_dataset=ppl_dataset,
         ppl_dataset_config=ppl_dataset_config, ppl_split=ppl_split, ppl_field=ppl_field, ppl_max_tokens=ppl_max_tokens,
         seq_len=seq_len, layers=layers, angular=not no_angular, margin=margin, kl=not no_kl, batch_size=batch_size,
-        engine=engine,
+        fidelity_tasks=fidelity_tasks, generate=generate, engine=engine,
         batch_tokens=batch_tokens, fresh=fresh, samples=not no_samples)
     check_resumable(output_dir(out, model.slug, "prune", create=False), config)
     timer = Timer()

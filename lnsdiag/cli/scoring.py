@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 import typer
 
 from ..errors import OptionError
-from ..results.margins import scored_metrics
 from ..results.store import read_settings
 from ..runners.scoring import ScoringConfig, ScoringInputs
 from . import ui
@@ -45,6 +44,13 @@ PplField = Annotated[str, typer.Option("--ppl-field", help="Field of JSONL recor
 PplMaxTokens = Annotated[int, typer.Option("--ppl-max-tokens", help="Tokens of perplexity text.")]
 NoKl = Annotated[bool, typer.Option("--no-kl", help="Skip the KL divergence and top-1 agreement of every variant "
                                     "with the full model on the perplexity text.")]
+FidelityTasks = Annotated[bool, typer.Option(
+    "--fidelity-tasks", help="Also compare every variant's next-token distributions with the full model's on "
+    "every token of the lm-eval tasks' requests (KL, top-1 agreement; a document is a unit).")]
+Generate = Annotated[int, typer.Option(
+    "--generate", metavar="N", help="Let the full model continue each text window's opening and each task "
+    "context greedily for N tokens (once); score every variant along them: KL, top-1 agreement, tokens "
+    "reproduced before the first disagreement \\[default: 0, off].", show_default=False)]
 Margin = Annotated[str | None, typer.Option(
     help="Margin of practical equivalence: a removal is dead only if the 90% interval of Δ lies within it. "
     "0.02 (bounded metrics, absolute), 2% (perplexity-like, relative) or acc=0.02,ppl=2% \\[default: 0.01 "
@@ -100,8 +106,7 @@ def load_inputs(config: ScoringConfig, model: ModelOptions, timer: Timer,
         with ui.status(f"loading tasks {', '.join(config.tasks)}"), timer("tasks"):
             tasks = config.load_tasks()
     inputs = ScoringInputs(tasks, config.load_text())
-    (check or config.check_scored)(scored_metrics(inputs.tasks, inputs.ppl_text is not None,
-                                                  kl=inputs.ppl_text is not None and config.kl))
+    (check or config.check_scored)(config.scored(inputs))
     with timer("load"):
         loaded = load(model)
     return inputs, loaded

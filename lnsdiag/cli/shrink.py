@@ -68,6 +68,8 @@ def shrink_cmd(
     ppl_max_tokens: opt.PplMaxTokens = 65_536,
     seq_len: SeqLen = None,
     no_kl: opt.NoKl = False,
+    fidelity_tasks: opt.FidelityTasks = False,
+    generate: opt.Generate = 0,
     margin: opt.Margin = None,
     batch_size: opt.BatchSize = 8,
     fresh: opt.Fresh = False,
@@ -82,7 +84,8 @@ def shrink_cmd(
         ScoringConfig, tasks=tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed,
         bootstrap_iters=bootstrap_iters, ppl_text=ppl_text, ppl_dataset=ppl_dataset,
         ppl_dataset_config=ppl_dataset_config, ppl_split=ppl_split, ppl_field=ppl_field, ppl_max_tokens=ppl_max_tokens,
-        seq_len=seq_len, margin=margin, kl=not no_kl, batch_size=batch_size, engine=engine, batch_tokens=batch_tokens,
+        seq_len=seq_len, margin=margin, kl=not no_kl, fidelity_tasks=fidelity_tasks, generate=generate,
+        batch_size=batch_size, engine=engine, batch_tokens=batch_tokens,
         fresh=fresh, samples=not no_samples)
     config = ShrinkConfig(remove=remove, strategies=strategies or None, layers=layers, rank_by=rank_by,
                           scoring=scoring)

@@ -35,8 +35,8 @@ class PassState:
     launcher each rank's file holds its own rows, and files are merged by it.
 
     When requests are compared with the full model: ``kl`` / ``agree`` per (variant, request)
-    and ``token_kl`` per (variant, compared token), the compared requests' tokens laid end to
-    end (``token_start``); None otherwise."""
+    and ``token_kl`` / ``token_agree`` per (variant, compared token), the compared requests' tokens
+    laid end to end (``token_start``); None otherwise."""
 
     loglik: np.ndarray
     greedy: np.ndarray
@@ -46,6 +46,7 @@ class PassState:
     kl: np.ndarray | None = None
     agree: np.ndarray | None = None
     token_kl: np.ndarray | None = None
+    token_agree: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.have is None:
@@ -56,7 +57,8 @@ class PassState:
         """Nothing done yet; with ``compared_tokens`` (not None), room for the comparison's values."""
         extra = {} if compared_tokens is None else {
             "kl": np.zeros(shape), "agree": np.zeros(shape, dtype=np.int64),
-            "token_kl": np.zeros((shape[0], compared_tokens), dtype=np.float32)}
+            "token_kl": np.zeros((shape[0], compared_tokens), dtype=np.float32),
+            "token_agree": np.zeros((shape[0], compared_tokens), dtype=bool)}
         return cls(np.zeros(shape), np.zeros(shape, dtype=bool), np.zeros(rows, dtype=bool), budget, **extra)
 
     def take(self, other: PassState, have: np.ndarray, tokens: np.ndarray | None) -> None:
@@ -67,6 +69,7 @@ class PassState:
             self.kl[:, have] = other.kl[:, have]
             self.agree[:, have] = other.agree[:, have]
             self.token_kl[:, tokens] = other.token_kl[:, tokens]
+            self.token_agree[:, tokens] = other.token_agree[:, tokens]
 
 
 def _variant_codes(variants: Sequence[Removal]) -> np.ndarray:
@@ -142,7 +145,8 @@ class Checkpoint:
             data = self._read(path)
             if data is None or data["loglik"].shape != shape or data["done"].shape != (rows,):
                 continue
-            if compared_tokens is not None and ("token_kl" not in data or data["token_kl"].shape[1] != compared_tokens):
+            if compared_tokens is not None and any(
+                    key not in data or data[key].shape[1] != compared_tokens for key in ("token_kl", "token_agree")):
                 continue
             if str(data["variants"]) != str(_variant_codes(self.variants)) or str(data["plan"]) != self.plan:
                 continue
@@ -157,7 +161,7 @@ class Checkpoint:
                 continue
             have = data["have"].astype(bool) if "have" in data else np.ones(shape[1], dtype=bool)
             saved = PassState(data["loglik"], data["greedy"], data["done"], budget, have, data.get("kl"),
-                              data.get("agree"), data.get("token_kl"))
+                              data.get("agree"), data.get("token_kl"), data.get("token_agree"))
             state.take(saved, have, compared_token_mask(token_start, have, compared_tokens))
             state.done |= data["done"].astype(bool)
             state.have |= have
@@ -167,7 +171,8 @@ class Checkpoint:
         if not force and time.monotonic() - self._last < self.every:
             return
         buf = io.BytesIO()
-        compared = {} if state.kl is None else {"kl": state.kl, "agree": state.agree, "token_kl": state.token_kl}
+        compared = {} if state.kl is None else {"kl": state.kl, "agree": state.agree, "token_kl": state.token_kl,
+                                                "token_agree": state.token_agree}
         np.savez(buf, fingerprint=np.array(self.fingerprint), loglik=state.loglik, greedy=state.greedy,
                  done=state.done, budget=np.array(state.budget), variants=_variant_codes(self.variants),
                  plan=np.array(self.plan), have=state.have, **compared)

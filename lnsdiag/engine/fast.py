@@ -54,7 +54,8 @@ PASS_PHASE = "one pass, all variants"
 class EngineResult:
     """``loglik[v, n]`` and ``greedy[v, n]`` for variant v (see ``variants``) and request n; for the
     requests compared with the full model also ``kl[v, n]``, ``agree[v, n]`` and each of their
-    tokens' KL (``token_kl[v]``, request n's tokens from ``token_start[n]``)."""
+    tokens' KL and top-1 agreement (``token_kl[v]``, ``token_agree[v]``: request n's tokens from
+    ``token_start[n]``)."""
 
     variants: list[Removal]
     loglik: np.ndarray
@@ -63,16 +64,20 @@ class EngineResult:
     agree: np.ndarray | None = None
     token_kl: np.ndarray | None = None
     token_start: np.ndarray | None = None
+    token_agree: np.ndarray | None = None
 
     def of(self, variant: Removal) -> Answers:
-        """One variant's answers to every request (per-token KL split by request)."""
+        """One variant's answers to every request (per-token values split by request)."""
         v = self.variants.index(variant)
         if self.kl is None or self.token_start is None:
             return Answers(self.loglik[v], self.greedy[v])
         spans = token_spans(self.token_start, self.token_kl.shape[1])
-        token_kl = [np.zeros(0, dtype=np.float32) if span is None else self.token_kl[v, span[0]:span[1]]
-                    for span in spans]
-        return Answers(self.loglik[v], self.greedy[v], self.kl[v], self.agree[v], token_kl)
+
+        def split(values: np.ndarray) -> list[np.ndarray]:
+            return [values[v, :0] if span is None else values[v, span[0]:span[1]] for span in spans]
+
+        return Answers(self.loglik[v], self.greedy[v], self.kl[v], self.agree[v], split(self.token_kl),
+                       split(self.token_agree))
 
 
 def compared_tokens(requests: Sequence[TokenRequest], compared: Sequence[bool] | None
@@ -152,7 +157,7 @@ class SweepEngine:
             if not share.mine:
                 progress.advance(total - already)
         return EngineResult(self.variants, state.loglik, state.greedy, state.kl, state.agree, state.token_kl,
-                            self.token_start)
+                            self.token_start, state.token_agree)
 
     def _planned_stats(self, requests: Sequence[TokenRequest], rows: list[Row], max_length: int, budget: int,
                        sharing: str, checked: int, naive: Sequence[TokenRequest]) -> dict[str, Any]:
@@ -195,7 +200,8 @@ class SweepEngine:
         have = np.zeros(state.loglik.shape[1], dtype=bool)
         have[[n for i in done for n, _, _ in rows[i].members]] = True
         tokens = self._token_mask(state, have)
-        compared = () if state.kl is None else (state.kl[:, have], state.agree[:, have], state.token_kl[:, tokens])
+        compared = () if state.kl is None else (state.kl[:, have], state.agree[:, have], state.token_kl[:, tokens],
+                                                state.token_agree[:, tokens])
         return done, have, tokens, state.loglik[:, have], state.greedy[:, have], compared
 
     def _token_mask(self, state: PassState, have: np.ndarray) -> np.ndarray | None:
@@ -211,7 +217,9 @@ class SweepEngine:
             state.loglik[:, have] = loglik
             state.greedy[:, have] = greedy
             if compared:
-                state.kl[:, have], state.agree[:, have], state.token_kl[:, tokens] = compared
+                kl, agree, token_kl, token_agree = compared
+                state.kl[:, have], state.agree[:, have] = kl, agree
+                state.token_kl[:, tokens], state.token_agree[:, tokens] = token_kl, token_agree
 
     # --- the plan ---------------------------------------------------------------------------
 

@@ -114,7 +114,7 @@ def reference_of(logits: torch.Tensor) -> Reference:
 def _compare(logits: torch.Tensor, reference: Reference, p0: int, p1: int, entries: tuple, is_full: bool,
              kl_sums: torch.Tensor, agreed: torch.Tensor, state: PassState, v: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate one chunk's KL and top-1 agreement per request, and keep each compared token's KL;
+    """Accumulate one chunk's KL and top-1 agreement per request, and keep each compared token's;
     returns the log-sum-exp and the argmax at the scored positions (bitwise ``torch.logsumexp``'s
     and ``argmax``'s: the log-likelihoods are those of a pass that compares nothing)."""
     at, m, token = entries
@@ -129,5 +129,7 @@ def _compare(logits: torch.Tensor, reference: Reference, p0: int, p1: int, entri
     kl_sums.index_add_(0, m, kl)
     agreed.index_add_(0, m, agree.int())
     keep = token >= 0
-    state.token_kl[v, token[keep].cpu().numpy()] = kl[keep].float().cpu().numpy()
+    where = token[keep].cpu().numpy()
+    state.token_kl[v, where] = kl[keep].float().cpu().numpy()
+    state.token_agree[v, where] = agree[keep].cpu().numpy()
     return norm, top

@@ -38,14 +38,19 @@ def base_metric(metric: str) -> str:
 BUILTIN_PPL_TASK, BUILTIN_PPL_METRICS = "ppl", ("ppl", "bits_per_byte", "nll")
 #: The same for the comparison with the full model on that text (:mod:`lnsdiag.scoring.fidelity`).
 BUILTIN_FIDELITY_TASK, BUILTIN_FIDELITY_METRICS = "fidelity", ("kl", "top1", "kl_p90", "kl_p99")
+#: The same along the full model's own greedy continuations (:mod:`lnsdiag.scoring.generation`), and the
+#: prefixes of the comparison tasks on lm-eval tasks' tokens and contexts (``fidelity:mmlu``, ``generation:mmlu``).
+BUILTIN_GENERATION_TASK, GENERATION_METRICS = "generation", ("kl", "top1", "first_miss")
+COMPARISON_TASKS = (BUILTIN_FIDELITY_TASK, BUILTIN_GENERATION_TASK)
 #: Divergences from the full model (nats, 0 for the full model): an absolute margin, default
 #: :data:`KL_MARGIN`; "hurts" needs the divergence shown *above* its margin (a minimum-effect test),
 #: since every change, however small, moves it above 0.
 DIVERGENCE = frozenset({"kl"})
 #: About what 4-to-5-bit weight quantization costs a 7B model (llama.cpp's KL measurements).
 KL_MARGIN = 0.01
-#: Metrics reported without a test (percentiles of per-token KL): no interval, no verdict.
-DESCRIPTIVE = frozenset({"kl_p90", "kl_p99"})
+#: Metrics reported without a test (percentiles of per-token KL, tokens reproduced before the first
+#: disagreement): no interval of Δ, no verdict.
+DESCRIPTIVE = frozenset({"kl_p90", "kl_p99", "first_miss"})
 #: Metrics scored in [0, 1] (accuracies, exact match, f1, mcc): an absolute margin on them must be below 1.
 _UNIT_SCALE = re.compile(r"^(acc\w*|\w+_acc|exact_match|em|f1|mcc)$")
 _MARGIN_FORMS = "0.02, 2% or acc=0.02,ppl=2%"
@@ -216,10 +221,13 @@ def _check_absolute(value: float, kind: str, text: str, name: str | None) -> Non
                           "(0.02 = 2 points), or give a percentage of the baseline ({name}=2%)", value=text, name=name)
 
 
-def scored_metrics(tasks: Any | None, ppl: bool, kl: bool = False) -> dict[str, list[str]] | None:
+def scored_metrics(tasks: Any | None, ppl: bool, kl: bool = False, fidelity_tasks: bool = False,
+                   generate: bool = False) -> dict[str, list[str]] | None:
     """Each task of a run and the metrics it will report, known once its lm-eval tasks are loaded
-    (before any model): lm-eval's ``metric[filter]`` names, and the built-in perplexity's. None when
-    a task does not say (an unusual task class): then nothing is checked against them."""
+    (before any model): lm-eval's ``metric[filter]`` names, the built-in perplexity's, and those of the
+    comparisons with the full model (``kl``: on the text; ``fidelity_tasks``: on the log-likelihood
+    tasks' tokens; ``generate``: along continuations of the text and of those tasks' contexts). None
+    when a task does not say (an unusual task class): then nothing is checked against them."""
     out: dict[str, list[str]] = {}
     if tasks is not None:
         try:
@@ -237,7 +245,24 @@ def scored_metrics(tasks: Any | None, ppl: bool, kl: bool = False) -> dict[str, 
         out[BUILTIN_PPL_TASK] = list(BUILTIN_PPL_METRICS)
     if ppl and kl:
         out[BUILTIN_FIDELITY_TASK] = list(BUILTIN_FIDELITY_METRICS)
+    if ppl and generate:
+        out[BUILTIN_GENERATION_TASK] = list(GENERATION_METRICS)
+    loglik = tasks.split_by_output()[0] if tasks is not None and (fidelity_tasks or generate) else []
+    for name in loglik:
+        if fidelity_tasks:
+            out[f"{BUILTIN_FIDELITY_TASK}:{name}"] = list(BUILTIN_FIDELITY_METRICS)
+        if generate:
+            out[f"{BUILTIN_GENERATION_TASK}:{name}"] = list(GENERATION_METRICS)
     return out
+
+
+def comparison_of(task: str) -> tuple[str, str] | None:
+    """``(kind, scored task)`` of a comparison with the full model: ``("fidelity", "ppl")`` for the text's
+    KL, ``("generation", "mmlu")`` for continuations of MMLU's contexts; None for any other task."""
+    kind, _, on = task.partition(":")
+    if kind not in COMPARISON_TASKS:
+        return None
+    return kind, on or BUILTIN_PPL_TASK
 
 
 def rule_text(margins: Margins, unit: str = "layer", family: str = "removed layers") -> str:

@@ -30,7 +30,7 @@ from ..model.placement import norm_placement
 from ..model.structure import find_layers, parse_layer_spec
 from ..progress import SILENT, Progress
 from ..results.lock import holds_folder_lock
-from ..results.margins import Margins, rule_text, scored_metrics
+from ..results.margins import Margins, rule_text
 from ..results.store import ResultStore, VariantResult, plan_variants
 from ..results.verdict import BOOTSTRAP_CAP, BOOTSTRAP_FLOOR, PYTHON_CAP, prune_frame
 from ..runs import RunFiles, Timer, run_record, write_tables
@@ -95,7 +95,7 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Sc
     timer = timer or Timer()
     folder = Path(out)
     inputs = inputs or config.load_inputs()
-    config.check_scored(scored_metrics(inputs.tasks, inputs.ppl_text is not None, kl=config.kl))
+    config.check_scored(config.scored(inputs))
     model = loaded.model
     stack = find_layers(model, layers_path)
     selected = Removal.each(parse_layer_spec(config.layers, len(stack)))

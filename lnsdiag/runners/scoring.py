@@ -18,7 +18,7 @@ from ..model import quantize
 from ..model.load import LoadedModel
 from ..model.structure import LayerStack
 from ..progress import SILENT, Progress
-from ..results.margins import Margins
+from ..results.margins import Margins, scored_metrics
 from ..scoring.base import Scorer
 from ..scoring.lmeval.tasks import DEFAULT_BOOTSTRAP, TaskSet, check_num_fewshot, load_tasks, parse_limit
 from ..scoring.registry import ScoringSetup, build_scorers
@@ -36,7 +36,9 @@ class ScoringConfig:
     documents per task or a fraction (strings as typed on the command line are parsed).
     ``angular``: also measure angular distances (``prune``'s column, ``shrink``'s angular strategies).
     ``kl``: with a perplexity text, also compare every variant's next-token distributions with the
-    full model's there (KL, top-1 agreement: :mod:`lnsdiag.scoring.fidelity`).
+    full model's there (KL, top-1 agreement: :mod:`lnsdiag.scoring.fidelity`); ``fidelity_tasks``: also on
+    every token of the lm-eval tasks' requests (:mod:`lnsdiag.scoring.lmeval.fidelity`); ``generate``: also
+    along the full model's greedy continuations of that many tokens (:mod:`lnsdiag.scoring.generation`).
     """
 
     tasks: tuple[str, ...] | None = None
@@ -54,6 +56,8 @@ class ScoringConfig:
     seq_len: int | None = None
     angular: bool = True
     kl: bool = True
+    fidelity_tasks: bool = False
+    generate: int = 0
     margin: str | None = None
     batch_size: int = 8
     engine: str = "fast"
@@ -79,11 +83,25 @@ class ScoringConfig:
             raise OptionError("{ppl_max_tokens} must be positive, not {value}", value=self.ppl_max_tokens)
         if not self.tasks and not self.wants_ppl:
             raise OptionError(NOTHING_TO_SCORE)
+        if self.generate < 0:
+            raise OptionError("{generate} must be a count of tokens (0: off), not {value}", value=self.generate)
+        if self.fidelity_tasks and not self.tasks:
+            raise OptionError("{fidelity_tasks} compares on the lm-eval tasks' tokens: give {tasks} too, or drop it")
         Margins.parse(self.margin)  # a malformed margin fails here, before any output
 
     @property
     def margins(self) -> Margins:
         return Margins.parse(self.margin)
+
+    def scored(self, inputs: ScoringInputs) -> dict[str, list[str]] | None:
+        """Each task the run reports and its metrics (:func:`~lnsdiag.results.margins.scored_metrics`),
+        once the inputs are loaded; refuses ``fidelity_tasks`` on tasks that only generate."""
+        if self.fidelity_tasks and inputs.tasks is not None and not inputs.tasks.split_by_output()[0]:
+            raise OptionError("{fidelity_tasks} compares on log-likelihood tasks' requests; "
+                              f"{', '.join(inputs.tasks.names)} only generate (use " + "{generate} N)")
+        text = inputs.ppl_text is not None
+        return scored_metrics(inputs.tasks, text, kl=text and self.kl, fidelity_tasks=self.fidelity_tasks,
+                              generate=self.generate > 0)
 
     def check_scored(self, scored: Mapping[str, Sequence[str]] | None) -> None:
         """The margins against the metrics the run scores (task -> metrics,
@@ -151,7 +169,8 @@ def prepare_scoring(loaded: LoadedModel, config: ScoringConfig, inputs: ScoringI
     followed by each scorer's ``settings()``."""
     setup = ScoringSetup(loaded, inputs.tasks, inputs.ppl_text, limit=config.limit, seed=config.seed,
                          bootstrap_iters=config.bootstrap_iters, batch_size=config.batch_size, seq_len=config.seq_len,
-                         max_tokens=config.ppl_max_tokens, kl=config.kl, note=progress.note)
+                         max_tokens=config.ppl_max_tokens, kl=config.kl, fidelity_tasks=config.fidelity_tasks,
+                         generate=config.generate, note=progress.note)
     scorers = build_scorers(setup)
     settings: dict[str, Any] = {
         "model": loaded.source, "revision": loaded.revision, "weights": loaded.weights_identity(),

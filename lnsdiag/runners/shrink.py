@@ -48,7 +48,7 @@ from ..model.load import LoadedModel
 from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
 from ..results.lock import holds_folder_lock
-from ..results.margins import rule_text, scored_metrics
+from ..results.margins import rule_text
 from ..results.store import ResultStore, VariantResult, read_settings, settings_differ
 from ..results.verdict import headline_metrics, prune_frame
 from ..runs import RunFiles, Timer, atomic_write, run_record, write_tables
@@ -282,7 +282,7 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
     folder = Path(out)
     scoring_config = config.scoring
     inputs = inputs or scoring_config.load_inputs()
-    config.check_scored(scored_metrics(inputs.tasks, inputs.ppl_text is not None, kl=config.scoring.kl))
+    config.check_scored(scoring_config.scored(inputs))
     stack = find_layers(loaded.model, layers_path)
     L = len(stack)
     config.check_model(L)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 #: Metrics shown first when a task has several (the paper reports accuracy).
 MAIN_METRICS = ("acc", "acc_norm", "exact_match", "em", "f1", "mcc", "ppl", "word_perplexity", "perplexity",
-                "bits_per_byte", "byte_perplexity")
+                "bits_per_byte", "byte_perplexity", "kl")
 LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ppl", "nll"}
 
 
@@ -42,7 +42,8 @@ class Answers:
     ``loglik[n]``: the log-likelihood of request n's continuation; ``greedy[n]``: whether each of
     its tokens is the argmax. For a scorer that ``compares_to_full``: ``kl[n]``, the sum over its
     scored tokens of KL(p_full ‖ p_variant) in nats; ``agree[n]``, how many of them have the full
-    model's argmax as the variant's argmax; ``token_kl[n]``, each token's KL (float32).
+    model's argmax as the variant's argmax; ``token_kl[n]``, each token's KL (float32);
+    ``token_agree[n]``, whether each token's argmax is the full model's.
     """
 
     loglik: np.ndarray
@@ -50,12 +51,14 @@ class Answers:
     kl: np.ndarray | None = None
     agree: np.ndarray | None = None
     token_kl: list[np.ndarray] | None = None
+    token_agree: list[np.ndarray] | None = None
 
     def __getitem__(self, span: slice) -> Answers:
         """The answers of the requests in ``span`` (one scorer's part of a pass)."""
         return Answers(self.loglik[span], self.greedy[span], None if self.kl is None else self.kl[span],
                        None if self.agree is None else self.agree[span],
-                       None if self.token_kl is None else self.token_kl[span])
+                       None if self.token_kl is None else self.token_kl[span],
+                       None if self.token_agree is None else self.token_agree[span])
 
 
 @dataclass

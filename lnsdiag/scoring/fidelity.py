@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -32,7 +33,7 @@ from ..data.windows import TokenWindows
 from ..interventions.removal import removals_suspended
 from ..model.structure import no_cache_kwargs
 from ..stats.blocks import ratio_stderr
-from .base import Answers, MetricRow, PairedUnits, Scores, paired_units
+from .base import Answers, MetricRow, PairedUnits, Scorer, Scores, TokenRequest, paired_units
 from .divergence import full_divergence
 from .perplexity import TextScorer, windows_of
 from .registry import ScoringSetup
@@ -106,12 +107,21 @@ class Fidelity(PairedUnits):
 
     @classmethod
     def of(cls, unit_kl: list[float], unit_agree: list[int], token_kl: np.ndarray, windows: TokenWindows) -> Fidelity:
+        """The units of a text's windows (:attr:`~lnsdiag.data.windows.TokenWindows.blocks`)."""
         blocks = windows.blocks
+        return cls.of_units(unit_kl, unit_agree, [b - a for _, a, b in blocks], token_kl,
+                            None if windows.units_are_windows else [k for k, _, _ in blocks])
+
+    @classmethod
+    def of_units(cls, unit_kl: Sequence[float], unit_agree: Sequence[int], unit_tokens: Sequence[int],
+                 token_kl: np.ndarray, unit_window: list[int] | None = None) -> Fidelity:
+        """Units given directly (a task's documents, a generation's prompts); ``token_kl``: every
+        scored token's KL, for the percentiles."""
         values = np.asarray(token_kl, dtype=np.float64)
         percentiles = {name: float(np.percentile(values, q)) if values.size else math.nan
                        for name, q in PERCENTILES.items()}
-        return cls([float(x) for x in unit_kl], [int(x) for x in unit_agree], [b - a for _, a, b in blocks],
-                   percentiles, None if windows.units_are_windows else [k for k, _, _ in blocks])
+        return cls([float(x) for x in unit_kl], [int(x) for x in unit_agree], [int(t) for t in unit_tokens],
+                   percentiles, unit_window)
 
 
 def fidelity(model: torch.nn.Module, windows: TokenWindows, *, batch_size: int = 8) -> Fidelity:
@@ -143,6 +153,48 @@ def fidelity(model: torch.nn.Module, windows: TokenWindows, *, batch_size: int =
     return Fidelity.of(unit_kl, unit_agree, tokens, windows)
 
 
+@dataclass
+class Compared:
+    """One request's comparison with the full model: summed KL (float64), agreeing tokens, and each
+    scored token's KL (float32) and agreement."""
+
+    kl: float
+    agree: int
+    token_kl: np.ndarray
+    token_agree: np.ndarray
+
+
+def compare_requests(model: torch.nn.Module, requests: Sequence[TokenRequest], *, max_length: int,
+                     batch_size: int = 8) -> list[Compared]:
+    """Each request's continuation compared with the full model the naive way: the variant (the
+    model as it is now) and the full model each run on the request's own input, as HFLM builds it
+    (``(context + continuation)[-(max_length + 1):][:-1]``), in right-padded batches."""
+    device = model.get_input_embeddings().weight.device
+    out: list[Compared | None] = [None] * len(requests)
+    inputs = [(r.context + r.continuation)[-(max_length + 1):][:-1] for r in requests]
+    order = sorted(range(len(requests)), key=lambda n: -len(inputs[n]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = max(1, max(len(inputs[n]) for n in batch))
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, n in enumerate(batch):
+            ids[b, :len(inputs[n])] = torch.tensor(inputs[n], dtype=torch.long)
+            mask[b, :len(inputs[n])] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            variant = model(input_ids=ids, attention_mask=mask, **no_cache_kwargs(model)).logits
+            with removals_suspended(model):
+                full = model(input_ids=ids, attention_mask=mask, **no_cache_kwargs(model)).logits
+        for b, n in enumerate(batch):
+            scored = len(requests[n].continuation)
+            end = len(inputs[n])
+            kl, agree = full_divergence(full[b:b + 1, end - scored:end], variant[b:b + 1, end - scored:end])
+            out[n] = Compared(float(kl.sum()), int(agree.sum()), kl[0].float().cpu().numpy(), agree[0].cpu().numpy())
+        del variant, full
+    return [c for c in out if c is not None]
+
+
 class FidelityScorer(TextScorer):
     """KL and top-1 agreement with the full model on the perplexity text, as a registered scorer:
     the same requests as the perplexity (the engine answers both from the same rows). The naive
@@ -168,6 +220,79 @@ class FidelityScorer(TextScorer):
 
     def settings(self) -> dict[str, Any]:
         return {"fidelity": f"kl, top1 against the full model; {', '.join(PERCENTILES)} of per-token kl"}
+
+
+def fold_units(layout: Sequence[tuple[int, int]], units: Sequence[int], kl: Sequence[float], agree: Sequence[int],
+         tokens: Sequence[int], token_kl: Sequence[np.ndarray]) -> list[Fidelity]:
+    """Per-request comparisons summed into each task's units: ``layout[n]`` = (task, unit) of
+    request n, ``units[t]`` the units of task t."""
+    unit_kl = [[0.0] * u for u in units]
+    unit_agree = [[0] * u for u in units]
+    unit_tokens = [[0] * u for u in units]
+    values: list[list[np.ndarray]] = [[] for _ in units]
+    for n, (t, u) in enumerate(layout):
+        unit_kl[t][u] += float(kl[n])
+        unit_agree[t][u] += int(agree[n])
+        unit_tokens[t][u] += int(tokens[n])
+        values[t].append(np.asarray(token_kl[n]))
+    return [Fidelity.of_units(unit_kl[t], unit_agree[t], unit_tokens[t],
+                              np.concatenate(values[t]) if values[t] else np.zeros(0, dtype=np.float32))
+            for t in range(len(units))]
+
+
+class ComparedRequests(Scorer):
+    """Requests grouped into units per task, each compared with the full model from the same pass
+    (the naive reference: :func:`~lnsdiag.scoring.fidelity.compare_requests`), reported as a
+    :class:`~lnsdiag.scoring.fidelity.Fidelity` per task."""
+
+    compares_to_full = True
+
+    def __init__(self, model: torch.nn.Module, tasks: list[str], units: list[list[list[TokenRequest]]], *,
+                 max_length: int, batch_size: int = 8, settings: dict[str, Any] | None = None) -> None:
+        self.model, self.tasks, self.max_length, self.batch_size = model, tasks, max_length, batch_size
+        self._settings = settings or {}
+        self._requests: list[TokenRequest] = []
+        self.layout: list[tuple[int, int]] = []
+        self.units = [len(task_units) for task_units in units]
+        for t, task_units in enumerate(units):
+            for u, requests in enumerate(task_units):
+                self._requests += requests
+                self.layout += [(t, u)] * len(requests)
+
+    def requests(self) -> list[TokenRequest]:
+        return self._requests
+
+    def context_needed(self) -> int:
+        """The longest input (``max_length`` cuts them already: the tasks' own limit)."""
+        return max((min(len(r.context) + len(r.continuation), self.max_length + 1) - 1 for r in self._requests),
+                   default=0)
+
+    def _scores(self, results: list[Any]) -> Scores:
+        scores = Scores()
+        for task, result in zip(self.tasks, results, strict=True):
+            scores += Scores(self.rows_of(result, task), {task: result})
+        return scores
+
+    def rows_of(self, result: Any, task: str) -> list:
+        return result.rows(task)
+
+    def score(self) -> Scores:
+        compared = compare_requests(self.model, self._requests, max_length=self.max_length,
+                                    batch_size=self.batch_size)
+        return self._scores(self.fold([c.kl for c in compared], [c.agree for c in compared],
+                                      [c.token_kl for c in compared], [c.token_agree for c in compared]))
+
+    def aggregate(self, answers: Answers) -> Scores:
+        if answers.kl is None or answers.agree is None or answers.token_kl is None or answers.token_agree is None:
+            raise ValueError(f"{type(self).__name__} needs the engine's comparison with the full model")
+        return self._scores(self.fold(answers.kl, answers.agree, answers.token_kl, answers.token_agree))
+
+    def fold(self, kl: Sequence[float], agree: Sequence[int], token_kl: Sequence[np.ndarray],
+             token_agree: Sequence[np.ndarray]) -> list[Any]:
+        return fold_units(self.layout, self.units, kl, agree, [len(r.continuation) for r in self._requests], token_kl)
+
+    def settings(self) -> dict[str, Any]:
+        return dict(self._settings)
 
 
 def build(setup: ScoringSetup) -> FidelityScorer | None:

@@ -24,6 +24,8 @@ SCORERS: dict[str, str] = {
     "lm-eval": ".lmeval.scorer:build",
     "perplexity": ".perplexity:build",
     "fidelity": ".fidelity:build",
+    "task-fidelity": ".lmeval.fidelity:build",
+    "generation": ".generation:build",
 }
 
 
@@ -41,8 +43,10 @@ class ScoringSetup:
     seq_len: int | None = None
     max_tokens: int = 65_536
     kl: bool = True  #: compare every variant's distributions with the full model's on the text
+    fidelity_tasks: bool = False  #: ... and on the lm-eval tasks' tokens
+    generate: int = 0  #: tokens of the full model's greedy continuations to score every variant along (0: none)
     note: Callable[[str], None] = field(default=lambda _message: None)
-    #: what builders share (the perplexity text's token windows, built once)
+    #: what builders share (the perplexity text's token windows, the lm-eval scorer: built once)
     cache: dict[str, Any] = field(default_factory=dict)
 
 

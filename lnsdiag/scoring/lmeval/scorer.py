@@ -82,14 +82,14 @@ class LmEvalScorer(Scorer):
         return self._evaluate(self.taskset)
 
     def requests(self) -> list[TokenRequest]:
-        log = self._request_log()
+        log = self.request_log()
         if log is None:
             return []
         if log.built is None and self.fallback is None:
             self._fall_back(log.unsupported or "no instances were kept")
         return log.token_requests()
 
-    def _request_log(self) -> RequestLog | None:
+    def request_log(self) -> RequestLog | None:
         """The log-likelihood tasks' requests, collected once (None when there are none)."""
         fast = self._split[0]
         if fast is not None and self._log is None:
@@ -153,7 +153,7 @@ class LmEvalScorer(Scorer):
         tasks' requests are the ones :meth:`requests` serves (collected here, once); generation
         tasks' are built for it."""
         if self._task_data is None:
-            log, slow = self._request_log(), self._split[1]
+            log, slow = self.request_log(), self._split[1]
             args = dict(log.args) if log is not None else {}
             if slow is not None:
                 args.update(generation_request_args(slow, limit=self.limit, seed=self.seed))
@@ -165,5 +165,7 @@ def build(setup: ScoringSetup) -> LmEvalScorer | None:
     """lm-eval's tasks when the run names some (``--tasks``)."""
     if setup.tasks is None:
         return None
-    return LmEvalScorer(setup.loaded, setup.tasks, limit=setup.limit, seed=setup.seed,
-                        bootstrap_iters=setup.bootstrap_iters, batch_size=setup.batch_size, note=setup.note)
+    scorer = LmEvalScorer(setup.loaded, setup.tasks, limit=setup.limit, seed=setup.seed,
+                          bootstrap_iters=setup.bootstrap_iters, batch_size=setup.batch_size, note=setup.note)
+    setup.cache["lm-eval"] = scorer  # the task fidelity and generation scorers read its requests
+    return scorer
