@@ -79,6 +79,20 @@ def tiny_model(family: str, seed: int = 0, **overrides: object) -> torch.nn.Modu
     return model.eval()
 
 
+def peaked_model(family: str, vocab_size: int, scale: float = 12.0) -> torch.nn.Module:
+    """:func:`tiny_model` whose next-token distributions are peaked, as a trained model's are (a random
+    head gives near-uniform ones, where KL is tiny and top-1 a coin toss between near-ties)."""
+    model = tiny_model(family, vocab_size=vocab_size)
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        if head is model.get_input_embeddings().weight and hasattr(model, "transformer"):  # GPT-2: tied, ln_f
+            model.transformer.ln_f.weight.mul_(scale)
+            model.transformer.ln_f.bias.mul_(scale)
+        else:
+            head.mul_(scale)
+    return model
+
+
 def padded_batch(seed: int = 1, lengths: tuple[int, ...] = (12, 7), side: str = "right"):
     """Token ids and attention mask for sequences of different lengths, padded with 0."""
     gen = torch.Generator().manual_seed(seed)

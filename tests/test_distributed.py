@@ -90,14 +90,15 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 def _prune_args(model: Path, inputs: dict[str, Path], *extra: str) -> list:
     return ["prune", model, "--tasks", "tiny_mc", "--include-path", inputs["tasks"], "--ppl-text", inputs["text"],
-            "--batch-size", "2", "--batch-tokens", "64", *extra]
+            "--batch-size", "2", "--batch-tokens", "64", "--fidelity-tasks", "--generate", "4", *extra]
 
 
 def _commands(model: Path, inputs: dict[str, Path]) -> dict[str, list]:
     """The command lines run both ways: as one process and with two ranks."""
     measure = ["--text-file", inputs["text"], "--seq-len", "32", "--batch-size", "2"]
     return {
-        # prune, fast engine: a task and built-in perplexity, angular column
+        # prune, fast engine: a task and built-in perplexity, angular column, KL on the text and the task's
+        # tokens, and along the full model's continuations (generated on rank 0 only)
         "fast": _prune_args(model, inputs),
         # prune, naive engine: one evaluation per variant
         "naive": _prune_args(model, inputs, "--engine", "naive", "--no-angular"),

@@ -33,23 +33,13 @@ from lnsdiag.scoring.base import MetricRow
 from lnsdiag.scoring.fidelity import FIDELITY_METRICS, FIDELITY_TASK, Fidelity, FidelityScorer
 from lnsdiag.scoring.perplexity import PerplexityScorer
 from tests.conftest import SAMPLE_TEXT, ProgressLog
-from tests.families import tiny_model
+from tests.families import peaked_model
 
 FULL = Removal()
 
 
 def _peaked(family: str, tokenizer, scale: float = 12.0) -> torch.nn.Module:
-    """A tiny random model whose next-token distributions are peaked, as a trained model's are (a
-    random head gives near-uniform ones, where KL is tiny and top-1 a coin toss between near-ties)."""
-    model = tiny_model(family, vocab_size=len(tokenizer))
-    head = model.get_output_embeddings().weight
-    with torch.no_grad():
-        if head is model.get_input_embeddings().weight and hasattr(model, "transformer"):  # GPT-2: tied, ln_f
-            model.transformer.ln_f.weight.mul_(scale)
-            model.transformer.ln_f.bias.mul_(scale)
-        else:
-            head.mul_(scale)
-    return model
+    return peaked_model(family, len(tokenizer), scale)
 
 
 def _direct(model: torch.nn.Module, blocks: list[int], windows: TokenWindows) -> tuple[list[float], list[int]]:
@@ -164,7 +154,7 @@ def test_the_comparison_leaves_loglik_bitwise_and_an_interrupted_pass_resumes_it
     resumed = SweepEngine(model, stack, variants, batch_tokens=64).run(requests, 64, compared=compared,
                                                                        progress=seen, checkpoint=checkpoint)
     assert seen.after(PASS_PHASE)[1][1] > 0  # started where it stopped
-    for name in ("loglik", "kl", "agree", "token_kl"):
+    for name in ("loglik", "kl", "agree", "token_kl", "token_agree"):
         assert np.array_equal(getattr(resumed, name), getattr(whole, name)), name
 
 

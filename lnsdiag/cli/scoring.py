@@ -109,4 +109,5 @@ def load_inputs(config: ScoringConfig, model: ModelOptions, timer: Timer,
     (check or config.check_scored)(config.scored(inputs))
     with timer("load"):
         loaded = load(model)
+    config.check_loaded(loaded)
     return inputs, loaded

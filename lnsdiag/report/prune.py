@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..results.margins import BUILTIN_FIDELITY_TASK as FIDELITY_TASK
-from ..results.margins import BUILTIN_PPL_TASK, LOG_LIKELIHOOD, PERPLEXITY_LIKE, base_metric
+from ..results.margins import BUILTIN_GENERATION_TASK, LOG_LIKELIHOOD, PERPLEXITY_LIKE, base_metric, comparison_of
 from ..results.verdict import headline_metrics, layers_with
 from ..runs import atomic_write
 from .common import (
@@ -67,8 +66,10 @@ def _verdict(verdict: Any) -> str:
 def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer removal") -> Tables:
     """One table per task's main metric (value ± stderr, paired Δ ± stderr, verdict, retention, angle),
     then, for several tasks, each layer's verdicts side by side: split, never squeezed, to fit the width.
-    KL and top-1 agreement with the full model (``fidelity``) are columns of the perplexity's table."""
-    heads = [(t, m) for t, m in headline_metrics(frame, tasks) if t != FIDELITY_TASK]
+    How far the output moved from the full model's (``fidelity``, ``generation``: KL, its verdict, top-1
+    agreement) are columns of the table of what was scored on the same tokens (the perplexity, a task),
+    or a table of their own when that task is not shown."""
+    heads = headline_metrics(frame, tasks)
     variants = list(frame.groupby("variant", sort=False))
     layers = [part["removed_layer"].iloc[0] for _, part in variants]
     removed = Col("removed", ["baseline" if pd.isna(layer) else str(int(layer)) for layer in layers])
@@ -77,12 +78,21 @@ def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer remov
                                  for (_, part), layer in zip(variants, layers, strict=True)])
     specs = []
     verdicts: dict[str, list[str | None]] = {}
-    fidelity = _fidelity_cols(frame, variants, layers)
-    if fidelity:
-        verdicts[f"{FIDELITY_TASK} (kl)"] = [v for v, layer in zip(fidelity[1].cells, layers, strict=True)
-                                             if pd.notna(layer)]
-        fidelity[1] = Col("KL verdict", [_verdict(v) for v in fidelity[1].cells], "left")
+    scored = {task for task, _ in heads if comparison_of(task) is None}
+    beside: dict[str, list[list[Col]]] = {}
+    for task, _ in heads:
+        if comparison_of(task) is not None:
+            cols = _comparison_cols(frame, variants, layers, task)
+            verdicts[f"{task} (kl)"] = [v for v, layer in zip(cols[1].cells, layers, strict=True) if pd.notna(layer)]
+            cols[1] = Col(cols[1].header, [_verdict(v) for v in cols[1].cells], "left")
+            on = comparison_of(task)[1]
+            if on in scored:
+                beside.setdefault(on, []).append(cols)
+            else:
+                specs.append(TableSpec(f"{title} — {task}", [removed], [cols, [angular]], sections=sections))
     for task, metric in heads:
+        if comparison_of(task) is not None:
+            continue
         cells: list[tuple[str, str, str, str]] = []  # value, Δ, verdict, kept
         for (_, part), layer in zip(variants, layers, strict=True):
             row = part[(part["task"] == task) & (part["metric"] == metric)]
@@ -99,28 +109,33 @@ def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer remov
         value, delta, verdict, kept = (list(c) for c in zip(*cells, strict=True))
         name = task if task == metric else f"{task} ({metric})"
         groups = [[Col(f"{metric} ±stderr", value), Col("Δ ±stderr (paired)", delta), Col("verdict", verdict, "left")],
-                  [Col("kept %", kept)]]
-        if fidelity and task == BUILTIN_PPL_TASK:  # how far the output moved, beside the perplexity of the same text
-            groups.append(fidelity)
-        specs.append(TableSpec(f"{title} — {name}" if len(heads) > 1 or task != metric else title, [removed],
-                               [*groups, [angular]], sections=sections))
+                  [Col("kept %", kept)], *beside.get(task, [])]  # how far the output moved, on the same tokens
+        specs.append(TableSpec(f"{title} — {name}" if len(heads) > 1 or task != metric else title,
+                               [removed], [*groups, [angular]], sections=sections))
     if len(verdicts) > 1:
         specs.append(_across_tasks(title, removed, layers, verdicts))
     return Tables(*specs)
 
 
-def _fidelity_cols(frame: pd.DataFrame, variants: list[tuple[Any, pd.DataFrame]], layers: list[Any]) -> list[Col]:
-    """KL to the full model (its verdict) and top-1 agreement per variant, when the run measured them."""
-    if not (frame["task"] == FIDELITY_TASK).any():
-        return []
-    kl, verdict, top1 = [], [], []
+def _comparison_cols(frame: pd.DataFrame, variants: list[tuple[Any, pd.DataFrame]], layers: list[Any],
+                     task: str) -> list[Col]:
+    """KL to the full model (its verdict) and top-1 agreement per variant on a comparison task; along
+    generated continuations also the tokens reproduced before the first disagreement."""
+    kind = comparison_of(task)[0]
+    label = "gen. " if kind == BUILTIN_GENERATION_TASK else ""
+    kl, verdict, top1, run = [], [], [], []
     for (_, part), layer in zip(variants, layers, strict=True):
-        rows = {r["metric"]: r for _, r in part[part["task"] == FIDELITY_TASK].iterrows()}
-        k, t = rows.get("kl"), rows.get("top1")
+        rows = {r["metric"]: r for _, r in part[part["task"] == task].iterrows()}
+        k, t, f = rows.get("kl"), rows.get("top1"), rows.get("first_miss")
         kl.append("" if k is None or pd.isna(layer) else _kl_text(k["value"], k["delta_stderr"]))
         verdict.append(None if k is None or pd.isna(layer) else k["verdict"])
         top1.append("" if t is None or pd.isna(layer) else f"{100 * t['value']:.1f}")
-    return [Col("KL nats ±stderr", kl), Col("KL verdict", verdict, "left"), Col("top-1 %", top1)]
+        run.append("" if f is None else f"{f['value']:.1f}")
+    cols = [Col(f"{label}KL nats ±stderr", kl), Col(f"{label}KL verdict", verdict, "left"),
+            Col(f"{label}top-1 %", top1)]
+    if kind == BUILTIN_GENERATION_TASK:
+        cols.append(Col("tokens to 1st miss", run))
+    return cols
 
 
 def _kl_text(value: float, stderr: float) -> str:
@@ -273,7 +288,8 @@ def prune_figure(frame: pd.DataFrame, tasks: list[str], title: str = "") -> Any:
 
     Perplexity-like metrics are drawn as % of the baseline, accuracy in points; on a symmetric-log axis
     (linear within the margin) when one removal dwarfs the others, so every layer stays readable. KL to
-    the full model (``fidelity``) gets a panel on a log axis; its percentiles and top-1 stay in the CSV.
+    the full model (``fidelity``, ``generation``) gets a panel on a log axis; its percentiles, top-1 and
+    first disagreement stay in the CSV.
     """
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -284,9 +300,10 @@ def prune_figure(frame: pd.DataFrame, tasks: list[str], title: str = "") -> Any:
     fig, axes = figure(DOUBLE_COLUMN, 0.7 + 2.1 * len(heads), nrows=len(heads), sharex=True)
     for ax, (task, metric) in zip(axes[:, 0], heads, strict=True):
         part = frame[(frame["task"] == task) & (frame["metric"] == metric) & frame["removed_layer"].notna()]
-        panel = _kl_panel if task == FIDELITY_TASK else _removal_panel
+        compared = comparison_of(task)
+        panel = _kl_panel if compared is not None else _removal_panel
         counts = panel(ax, part, metric, num_layers) if len(part) else {}
-        name = "KL(full ‖ variant)" if task == FIDELITY_TASK else task if task == metric else f"{task} ({metric})"
+        name = (task if task == metric else f"{task} ({metric})") if compared is None else _kl_title(*compared)
         ax.set_title(f"{name}: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
     axes[-1, 0].set_xlabel("removed layer ℓ (0-based)")
     handles = [Line2D([], [], ls="none", marker=m, ms=4, mec=c, mfc=c if f else "white", label=lab)
@@ -297,6 +314,12 @@ def prune_figure(frame: pd.DataFrame, tasks: list[str], title: str = "") -> Any:
     if title:
         fig.suptitle(wrap(title, DOUBLE_COLUMN, 9))
     return fig
+
+
+def _kl_title(kind: str, on: str) -> str:
+    """A KL panel's title: on the perplexity text, along continuations, on a task's tokens."""
+    where = "the text" if on == "ppl" else on
+    return f"KL(full ‖ variant) {'along continuations of ' if kind == BUILTIN_GENERATION_TASK else 'on '}{where}"
 
 
 def plot_prune(frame: pd.DataFrame, tasks: list[str], stem: Path, title: str = "") -> list[Path]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data.text import TextSource, from_dataset, from_file
-from ..data.windows import TokenWindows, check_batch_size
+from ..data.windows import TokenWindows, check_batch_size, default_seq_len
 from ..errors import OptionError
 from ..model import quantize
 from ..model.load import LoadedModel
@@ -102,6 +102,15 @@ class ScoringConfig:
         text = inputs.ppl_text is not None
         return scored_metrics(inputs.tasks, text, kl=text and self.kl, fidelity_tasks=self.fidelity_tasks,
                               generate=self.generate > 0)
+
+    def check_loaded(self, loaded: LoadedModel) -> None:
+        """What needs the model, before any output exists: room for ``generate`` tokens after a prompt in
+        the text's windows (the scorer checks the tasks' context length too, when it is built)."""
+        if self.generate and self.wants_ppl:
+            longest = default_seq_len(loaded.model, self.seq_len)
+            if self.generate >= longest:
+                raise OptionError("{generate} " + f"{self.generate} leaves no room for a prompt in the text's "
+                                  f"{longest}-token windows: ask fewer tokens or a longer " + "{seq_len}")
 
     def check_scored(self, scored: Mapping[str, Sequence[str]] | None) -> None:
         """The margins against the metrics the run scores (task -> metrics,

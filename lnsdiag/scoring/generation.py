@@ -18,6 +18,7 @@ resumed run never mixes variants scored along other continuations.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,13 +91,27 @@ def greedy_continuations(model: torch.nn.Module, prompts: Sequence[tuple[int, ..
 
 
 def _greedy(model: torch.nn.Module, ids: torch.Tensor, tokens: int) -> torch.Tensor:
+    name = _cache_argument(model)
     with torch.no_grad():
         step = model(input_ids=ids, use_cache=True)
         chosen = [step.logits[:, -1].argmax(dim=-1)]
         for _ in range(tokens - 1):
-            step = model(input_ids=chosen[-1][:, None], past_key_values=step.past_key_values, use_cache=True)
+            step = model(input_ids=chosen[-1][:, None], use_cache=True, **{name: _cache_of(step)})
             chosen.append(step.logits[:, -1].argmax(dim=-1))
     return torch.stack(chosen, dim=1).cpu()
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """``cache`` (transformers 5) or ``past_key_values`` (before): what the model's forward takes."""
+    try:
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
+def _cache_of(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 class GenerationScorer(ComparedRequests):
@@ -166,7 +181,7 @@ def _sources(setup: ScoringSetup) -> tuple[list[str], list[list[tuple[int, ...]]
                 names.append(f"{GENERATION_TASK}:{name}")
                 prompts.append(chosen)
         limits.append(max_length)
-    return names, prompts, min(limits) if limits else 0
+    return names, prompts, max(limits, default=0)  # every request fits the longest: nothing is cut
 
 
 def build(setup: ScoringSetup) -> GenerationScorer | None:

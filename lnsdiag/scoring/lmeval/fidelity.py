@@ -54,12 +54,13 @@ def _common(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def new_positions(sequences: Sequence[tuple[int, ...]]) -> list[TokenRequest]:
-    """Requests that cover every prediction of ``sequences`` once: a prediction depends only on the
-    tokens before it, so a sequence adds those after its longest common prefix with an earlier one."""
+    """Requests that make every prediction of ``sequences`` once. A prediction is the distribution
+    after a prefix, whatever token follows it; a sequence makes those after its prefixes of length
+    1 .. len − 1, so it adds the ones after prefixes longer than any earlier sequence has made."""
     out: list[TokenRequest] = []
     for k, seq in enumerate(sequences):
-        shared = max((_common(seq, earlier) for earlier in sequences[:k]), default=0)
-        start = max(shared, 0) + 1  # predictions from prefixes longer than the shared one
+        made = max((min(_common(seq, earlier), len(earlier) - 1) for earlier in sequences[:k]), default=0)
+        start = max(made, 0) + 1
         if start < len(seq):
             out.append(TokenRequest(seq[:start], seq[start:]))
     return out
