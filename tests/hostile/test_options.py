@@ -136,6 +136,12 @@ def test_tasks_and_strategies_repeat_as_lists(tiny_llama_dir, text_file, tmp_pat
     (["prune", "{m}", "--ppl-text", "{t}", "--margin", "kl=5%"], "--margin 'kl=5%': kl is a divergence from the full "
                                                                 "model"),
     (["shrink", "{m}", "--ppl-text", "{t}", "--margin", "kl_p99=0.1"], "kl_p99 is reported without a test"),
+    (["prune", "{m}", "--ppl-text", "{t}", "--fidelity-tasks"], "--fidelity-tasks compares on the lm-eval tasks' "
+                                                                "tokens: give --tasks too, or drop it"),
+    (["shrink", "{m}", "--ppl-text", "{t}", "--generate", "-1"], "--generate must be a count of tokens (0: off), "
+                                                                 "not -1"),
+    (["prune", "{m}", "--ppl-text", "{t}", "--generate", "8", "--margin", "first_miss=2"],
+     "first_miss is reported without a test"),
 ])
 def test_conflicting_options(args, fragment, tiny_llama_dir, text_file, tmp_path, no_model_load):
     out = tmp_path / "results" / "run"
@@ -181,6 +187,24 @@ def test_rank_by_what_the_run_does_not_score(rank_by, fragment, tiny_llama_dir, 
     out = tmp_path / "results" / "run"
     result = invoke("shrink", tiny_llama_dir, "--ppl-text", text_file, "--rank-by", rank_by, "--out", out)
     refused(result, fragment, out)
+
+
+def test_a_continuation_longer_than_the_windows_is_refused_before_any_output(tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "results" / "run"
+    result = invoke("prune", tiny_llama_dir, "--ppl-text", text_file, "--seq-len", 32, "--generate", 32, "--out", out)
+    refused(result, "--generate 32 leaves no room for a prompt in the text's 32-token windows: ask fewer tokens or "
+                    "a longer --seq-len", out)
+
+
+def test_task_fidelity_on_tasks_that_only_generate(tiny_llama_dir, tmp_path, no_model_load):
+    from tests.lmeval_tasks import write_generation_task
+
+    tasks = write_generation_task(tmp_path / "tasks")
+    out = tmp_path / "results" / "run"
+    result = invoke("prune", tiny_llama_dir, "--tasks", "tiny_gen", "--include-path", tasks, "--fidelity-tasks",
+                    "--out", out)
+    refused(result, "--fidelity-tasks compares on log-likelihood tasks' requests; tiny_gen only generate "
+                    "(use --generate N)", out)
 
 
 def test_reuse_of_other_settings_writes_nothing(tiny_llama_dir, text_file, tmp_path):
