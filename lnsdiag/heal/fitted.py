@@ -82,14 +82,14 @@ class LinearPatch:
     @classmethod
     def load(cls, path: str | Path) -> LinearPatch:
         """Read a patch :meth:`save` wrote; refuses (one line) a file that is not one."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path).expanduser()
         try:
             with safe_open(str(path), framework="pt") as f:
                 record = json.loads((f.metadata() or {})[_META_KEY])
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iteration)
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, SafetensorError) as exc:
             raise UserError(f"{path} is not a linear heal lnsdiag saved ({exc})") from None
         return cls._from_record(record, tensors)
 

@@ -127,6 +127,6 @@ def _span_fit(sums: NormalEquations, first: int, last: int, site: int, ridge: fl
     t = sums.solve(ridge)
     scale = max(sums.hh, 1e-300) ** 0.5
     healed_error = sums.residual(t) ** 0.5
-    return SpanFit(first=first, last=last, site=site, transform=t.to("cpu", torch.float32), ridge=ridge,
+    return SpanFit(first=first, last=last, site=site, transform=t.to("cpu", torch.float32).contiguous(), ridge=ridge,
                    penalty=sums.penalty(ridge), tokens=sums.tokens, error_unhealed=sums.rr**0.5 / scale,
                    error_healed=healed_error / scale, fit_error=healed_error / max(sums.rr, 1e-300) ** 0.5)
