@@ -296,7 +296,15 @@ def test_shared_document_refused_in_one_line():
 
 def test_evaluation_tokens_inside_the_calibration_text_refused():
     calib, evaluation = random_documents(2), random_documents(1)
-    calib[4] = calib[4][:50] + evaluation[2][60:150] + calib[4][50:]  # part of a document, inside another
-    with pytest.raises(UserError, match="tokens of evaluation window") as caught:
+    calib[4] = calib[4][:50] + evaluation[2] + calib[4][50:]  # a document inside another, packed differently
+    with pytest.raises(UserError, match="63 tokens in a row of evaluation window") as caught:
         check_disjoint(calib, _windows(calib, "calib"), evaluation, _windows(evaluation, "eval"))
     assert "\n" not in str(caught.value)
+
+
+def test_a_shared_passage_refused_at_the_length_asked():
+    calib, evaluation = random_documents(2), random_documents(1)
+    calib[4] = calib[4][:50] + evaluation[2][60:100] + calib[4][50:]  # 40 characters in common
+    check_disjoint(calib, _windows(calib, "calib"), evaluation, _windows(evaluation, "eval"))  # under 63: fine
+    with pytest.raises(UserError, match="32 tokens in a row"):
+        check_disjoint(calib, _windows(calib, "calib"), evaluation, _windows(evaluation, "eval"), ngram=32)

@@ -6,9 +6,10 @@ refuses, in one line naming the overlap, when
 * a source document of the evaluation text is also one of the calibration text (compared by a
   hash of its whitespace-normalised text; documents shorter than :data:`MIN_DOCUMENT_CHARS`
   are too generic to count), or
-* any :data:`NGRAM` consecutive tokens of an evaluation window (taken every ``NGRAM`` tokens)
-  occur anywhere in the calibration tokens: a window, or a document contained in a larger one,
-  shared by both texts (hashes of every calibration n-gram; nothing but hashes is kept).
+* any :data:`NGRAM` tokens in a row of an evaluation window (all of a shorter window) occur
+  anywhere in the calibration tokens: a window, a passage, or a document contained in a larger
+  one, shared by both texts, however each text was cut into windows (hashes of every run of
+  ``NGRAM`` tokens on both sides; nothing but hashes is kept).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 from ..data.windows import TokenWindows, special_tokens_around
 from ..errors import UserError
 
-#: Tokens in a row that, found in both texts, make them overlap.
-NGRAM = 32
+#: Tokens in a row that, found in both texts, make them overlap: a paragraph, longer than the boilerplate
+#: distinct documents share (the stdlib docstrings share runs of 64 tokens, none of 128).
+NGRAM = 128
 #: Documents shorter than this (characters, normalised) are not compared as documents.
 MIN_DOCUMENT_CHARS = 64
 _BASE = np.uint64(0x9E3779B97F4A7C15)
@@ -64,15 +66,30 @@ def _check_documents(calibration: Sequence[str], evaluation: Sequence[str]) -> N
 
 
 def _check_tokens(calibration: TokenWindows, evaluation: TokenWindows, ngram: int) -> None:
-    known = np.unique(np.concatenate([_ngram_hashes(body, ngram, 1) for body in _bodies(calibration)]))
-    for k, body in enumerate(_bodies(evaluation)):
-        hashes = _ngram_hashes(body, ngram, ngram if len(body) >= ngram else 1)
-        hit = np.flatnonzero(np.isin(hashes, known))
+    """Every ``ngram`` tokens in a row of each evaluation window (a shorter window: all of it) looked up
+    among the hashes of every run of as many tokens in the calibration stream (windows joined)."""
+    stream = torch.cat(_bodies(calibration))
+    bodies = _bodies(evaluation)
+    lengths = sorted({min(ngram, len(b)) for b in bodies if len(b)})
+    for n in lengths:
+        known = np.unique(_ngram_hashes(stream, n))
+        picked = [(k, b) for k, b in enumerate(bodies) if min(ngram, len(b)) == n]
+        hashes = [_ngram_hashes(b, n) for _, b in picked]
+        hit = np.flatnonzero(np.isin(np.concatenate(hashes), known))
         if hit.size:
-            start = int(hit[0]) * (ngram if len(body) >= ngram else 1)
-            text = evaluation.tokenizer.decode(body[start:start + ngram].tolist())
-            raise UserError(f"the calibration text contains tokens of evaluation window {k} ({_snippet(text)}): "
-                            "calibrate on other text")
+            _refuse_tokens(evaluation, picked, hashes, int(hit[0]), n)
+
+
+def _refuse_tokens(evaluation: TokenWindows, picked: list[tuple[int, torch.Tensor]], hashes: list[np.ndarray],
+                   position: int, n: int) -> None:
+    """The one-line refusal naming the first evaluation window (and its tokens) found in the calibration text."""
+    offsets = np.cumsum([len(h) for h in hashes])
+    which = int(np.searchsorted(offsets, position, side="right"))
+    start = position - (int(offsets[which - 1]) if which else 0)
+    k, body = picked[which]
+    text = evaluation.tokenizer.decode(body[start:start + n].tolist())
+    raise UserError(f"the calibration text contains {n} tokens in a row of evaluation window {k} ({_snippet(text)}): "
+                    "calibrate on other text")
 
 
 def _bodies(windows: TokenWindows) -> list[torch.Tensor]:
@@ -81,9 +98,9 @@ def _bodies(windows: TokenWindows) -> list[torch.Tensor]:
     return [w[len(prefix):len(w) - len(suffix)] for w in windows.windows]
 
 
-def _ngram_hashes(tokens: torch.Tensor, n: int, stride: int) -> np.ndarray:
-    """A 64-bit polynomial hash (wrapping arithmetic) of every ``n`` tokens in a row, every ``stride``
-    tokens; a sequence shorter than ``n``: one hash of all of it. Vectorised: the prefix sums of
+def _ngram_hashes(tokens: torch.Tensor, n: int) -> np.ndarray:
+    """A 64-bit polynomial hash (wrapping arithmetic) of every ``n`` tokens in a row (a sequence shorter
+    than ``n``: one hash of all of it). Vectorised: the prefix sums of
     ``v_t · B^-t`` times ``B^i`` are the prefix hashes (B is odd, so invertible mod 2^64)."""
     ids = tokens.numpy().astype(np.uint64) + np.uint64(1)
     n = min(n, len(ids))
@@ -94,7 +111,7 @@ def _ngram_hashes(tokens: torch.Tensor, n: int, stride: int) -> np.ndarray:
         inverse = np.cumprod(np.full(len(ids), _BASE_INVERSE, dtype=np.uint64))  # B^-1 .. B^-len
         prefix = np.concatenate([[np.uint64(0)], np.cumsum(ids * inverse, dtype=np.uint64) * powers])
         hashes = prefix[n:] - prefix[:-n] * powers[n - 1]
-    return hashes[::stride] ^ np.uint64(n)
+    return hashes ^ np.uint64(n)
 
 
 def _snippet(text: str, width: int = 48) -> str:
