@@ -147,6 +147,12 @@ def test_bert_has_no_output_projection_in_its_mlp():
         fold_site(tiny_model("bert"), find_layers(tiny_model("bert")), 1)
 
 
+def test_fit_inside_a_removal_refused():
+    model = tiny_model("llama")
+    with removed_layers(model, [2]), pytest.raises(UserError, match="blocks 2 are removed"):
+        fit_linear_patch(model, Removal((2,)), random_windows(0))
+
+
 def test_patch_for_another_model_refused():
     patch = fit_linear_patch(tiny_model("llama"), Removal((2,)), random_windows(0))
     with pytest.raises(UserError, match="fitted on a model of 4 blocks"), healed(tiny_model("gpt2", n_embd=16), patch):

@@ -23,12 +23,22 @@ from torch import nn
 
 from ..data.windows import TokenWindows
 from ..errors import UserError
-from ..interventions.removal import removed_layers
+from ..interventions.removal import REMOVED, RESUMED, removed_layers
 from ..interventions.units import Removal
+from ..model.patch import patched_forward
 from ..model.structure import LayerStack, find_layers
 from .apply import healed
 from .fitted import LinearPatch, SpanFit, contiguous_spans
-from .sites import EMBEDDINGS, FoldSite, block_output, check_foldable, fold_site, model_hidden, site_activations
+from .sites import (
+    EMBEDDINGS,
+    FoldSite,
+    block_output,
+    check_foldable,
+    fold_site,
+    model_device,
+    model_hidden,
+    site_activations,
+)
 
 #: The default ridge, relative to the mean eigenvalue of XᵀX (trace / d).
 RIDGE = 1e-4
@@ -85,6 +95,7 @@ def fit_linear_patch(model: nn.Module, removal: Removal | list[int], windows: To
         raise UserError("nothing is removed: there is nothing to heal")
     if ridge < 0:
         raise UserError(f"the ridge must be 0 or more, not {ridge}")
+    _check_full(stack)
     spans = contiguous_spans(removal.blocks)
     sites = [fold_site(model, stack, first - 1 if first else EMBEDDINGS) for first, _ in spans]
     for site in sites:
@@ -113,14 +124,24 @@ def _accumulate(model: nn.Module, stack: LayerStack, patch: LinearPatch, site: F
                 windows: TokenWindows, batch_size: int) -> NormalEquations:
     """The sums of one span over the calibration windows: ``X`` and the pruned stream from the pruned
     model healed so far (``patch``), the target from the full model."""
-    sums = NormalEquations(patch.hidden_size)
+    device = model_device(model)
+    sums = NormalEquations(patch.hidden_size, "cpu" if device.type == "mps" else device)  # MPS has no float64
     for ids, mask in windows.batches(batch_size):
         target = block_output(model, stack, last, ids, mask)
         with removed_layers(model, patch.removal, mode="skip", stack=stack), healed(model, patch, stack=stack):
             x, h = site_activations(model, stack, site, ids, mask)
-        keep = mask.to(x.device).bool()
-        sums.add(x[keep], (target - h)[keep], target[keep])
+        keep = mask.to(sums.xtx.device).bool()
+        x, h, target = (v.to(sums.xtx.device, torch.float64)[keep] for v in (x, h, target))
+        sums.add(x, target - h, target)  # R in float64, whatever the model's dtype
     return sums
+
+
+def _check_full(stack: LayerStack) -> None:
+    """The fit reads the full model too: refuse one whose blocks are removed at the moment."""
+    removed = [i for i, block in enumerate(stack.layers) if patched_forward(block) in (REMOVED, RESUMED)]
+    if removed:
+        raise UserError(f"fit the heal on the full model: blocks {', '.join(map(str, removed))} are removed "
+                        "(call it outside removed_layers)")
 
 
 def _span_fit(sums: NormalEquations, first: int, last: int, site: int, ridge: float) -> SpanFit:
