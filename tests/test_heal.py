@@ -147,6 +147,15 @@ def test_bert_has_no_output_projection_in_its_mlp():
         fold_site(tiny_model("bert"), find_layers(tiny_model("bert")), 1)
 
 
+def test_bfloat16_models_healed_and_sandwich_norms_still_refused():
+    model = tiny_model("mixtral").to(torch.bfloat16)
+    patch = fit_linear_patch(model, Removal((2,)), random_windows(0))
+    assert patch.spans[0].error_healed < patch.spans[0].error_unhealed
+    assert patch.spans[0].transform.dtype == torch.float32
+    with pytest.raises(UserError, match="norm after the MLP"):
+        fit_linear_patch(tiny_model("gemma2").to(torch.bfloat16), Removal((2,)), random_windows(0))
+
+
 def test_fit_inside_a_removal_refused():
     model = tiny_model("llama")
     with removed_layers(model, [2]), pytest.raises(UserError, match="blocks 2 are removed"):
