@@ -184,6 +184,16 @@ def test_least_squares_recovers_a_known_transform():
     assert sums.residual(torch.zeros(d, d)) == pytest.approx(sums.rr)
 
 
+def test_rank_deficient_statistics_need_a_ridge():
+    sums = NormalEquations(4)
+    x = torch.zeros(10, 4, dtype=torch.float64)
+    x[:, 0] = 1.0  # one direction only
+    sums.add(x, x, x)
+    with pytest.raises(UserError, match="rank-deficient"):
+        sums.solve(ridge=0.0)
+    assert torch.isfinite(sums.solve(ridge=1e-4)).all()
+
+
 def _error_after_cut(model, stack, patch, windows, heal: bool) -> float:
     """‖stream after the kept block before the cut − full model's after the span‖ / ‖full‖, measured."""
     (first, last), = contiguous_spans(patch.removal.blocks)

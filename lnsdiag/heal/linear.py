@@ -73,7 +73,11 @@ class NormalEquations:
         if self.tokens == 0:
             raise UserError("no calibration tokens to fit the heal on")
         eye = torch.eye(self.xtx.shape[0], dtype=torch.float64, device=self.xtx.device)
-        return torch.linalg.solve(self.xtx + self.penalty(ridge) * eye, self.xtr)
+        try:
+            return torch.linalg.solve(self.xtx + self.penalty(ridge) * eye, self.xtr)
+        except torch.linalg.LinAlgError:
+            raise UserError(f"the calibration activations are rank-deficient (ridge {ridge}): use a ridge above 0 "
+                            "or more calibration text") from None
 
     def residual(self, t: torch.Tensor) -> float:
         """``‖X T − R‖²`` from the sums alone: ``tr(Tᵀ XᵀX T) − 2 tr(Tᵀ XᵀR) + ‖R‖²``."""
@@ -93,6 +97,8 @@ def fit_linear_patch(model: nn.Module, removal: Removal | list[int], windows: To
     stack = stack or find_layers(model)
     if not removal.blocks:
         raise UserError("nothing is removed: there is nothing to heal")
+    if len(removal.blocks) != len(removal):
+        raise UserError(f"a linear heal replaces whole blocks only, not {removal.cell}")
     if ridge < 0:
         raise UserError(f"the ridge must be 0 or more, not {ridge}")
     _check_full(stack)
