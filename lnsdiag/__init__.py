@@ -57,6 +57,9 @@ _EXPORTS: dict[str, str] = {
     "apply_lns": "interventions.lns", "remove_lns": "interventions.lns", "restore_lns": "interventions.lns",
     "fold_lns": "interventions.lns", "unfold_lns": "interventions.lns", "export_checkpoint": "checkpoint.export",
     "apply_post_ln": "interventions.postln", "DemoSpec": "demo.model", "ensure_demo_model": "demo.model",
+    # a training-free linear heal of a pruned model
+    "LinearPatch": "heal.fitted", "fit_linear_patch": "heal.linear", "healed": "heal.apply",
+    "build_healed": "heal.apply", "save_healed": "heal.apply", "calibration_windows": "heal.calibration",
     # progress and errors
     "Progress": "progress", "UserError": "errors",
 }

@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("model.load", "model"),  # loading restores LNS / Post-LN recorded in a checkpoint
     ("data",),
     ("checkpoint", "measure", "scoring"),
+    ("heal",),  # a linear heal of a pruned model: builds on checkpoint's reference and writer
     ("results",),
     ("engine",),
     ("demo",),

@@ -18,6 +18,7 @@ table                       what it answers                                     
 ``ENCODER_ONLY_*``          which checkpoints load with their masked-LM head    ``model.load``
 ``POST_LN_BLOCKS``          blocks whose forward is Llama's (Post-LN twins)     ``interventions.postln``
 ``OUTPUT_PROJECTIONS``      sub-layer output projections (scaled init)          ``interventions.lns.initialize``
+``MLP_OUTPUT_PROJECTIONS``  an MLP's (or expert's) output projection            ``heal.sites``
 ``ALIASES``                 the paper's models by the short names of its plots  ``model.load``, ``cli``
 ==========================  ==================================================  ================================
 """
@@ -88,6 +89,12 @@ POST_LN_BLOCKS: tuple[str, ...] = ("LlamaDecoderLayer", "MistralDecoderLayer", "
 #: Names of the sub-layers' output projections (what depth-scaled initialisation shrinks).
 OUTPUT_PROJECTIONS: tuple[str, ...] = ("o_proj", "down_proj", "out_proj", "c_proj", "dense_4h_to_h", "fc2", "w2",
                                        "wo")
+
+#: Names of an MLP's output projection, where a linear heal is folded: a module (``nn.Linear``,
+#: GPT-2's ``Conv1D``) or a fused experts' 3-D parameter, anywhere inside the block's MLP child (each
+#: routed and shared expert of a mixture); a direct child of the block where the MLP has no child of its
+#: own (OPT's ``fc2``).
+MLP_OUTPUT_PROJECTIONS: tuple[str, ...] = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo")
 
 #: The paper's models, by the short names its figures use.
 ALIASES: dict[str, str] = {
