@@ -31,6 +31,7 @@ from ..distributed import on_main
 from ..errors import OptionError
 from .base import MetricRow, PairedUnits, TokenRequest, paired_units
 from .fidelity import ComparedRequests, Fidelity, fold_units
+from .lmeval.fidelity import task_documents
 from .perplexity import windows_of
 from .registry import ScoringSetup
 
@@ -169,8 +170,6 @@ def _sources(setup: ScoringSetup) -> tuple[list[str], list[list[tuple[int, ...]]
     lm_eval = setup.cache.get("lm-eval")
     log = lm_eval.request_log() if lm_eval is not None else None
     if log is not None:
-        from .lmeval.fidelity import task_documents  # lm-eval is loaded already when its scorer is
-
         max_length = lm_eval.context_limit()
         if max_length - tokens < 1:
             raise OptionError("{generate} " + f"{tokens} leaves no room for a task's context in the model's "

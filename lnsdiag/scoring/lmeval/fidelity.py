@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..base import TokenRequest
 from ..fidelity import ComparedRequests
 from ..registry import ScoringSetup
-from .requests import RequestLog
-from .tasks import TaskSet
+
+if TYPE_CHECKING:
+    from .requests import RequestLog
+    from .tasks import TaskSet
 
 #: Prefix of the task names of these rows (``fidelity:mmlu``).
 PREFIX = "fidelity:"
