@@ -112,11 +112,21 @@ def show_shrink(run: ShrinkRun, saved: SavedCheckpoint | None = None, title: str
     _verdicts(report.shrink_table(run.frame, run.tasks, title or f"Removing layers together — {name}"),
               report.shrink_summary(run.frame, run.tasks), run.meta["dead_rule"])
     _say(f"[dim]sweep, greedy and --save-strategy best rank removals by {'/'.join(run.rank_by)}[/dim]")
+    for method in (list(dict.fromkeys(run.healed["heal"])) if len(run.healed) else []):
+        ui.console.print(report.shrink_table(report.healed_rows(run.frame, run.healed, method), run.tasks,
+                                             f"Healed ({method}, no training) — {name}"))
+    for line in report.heal_summary(run.frame, run.healed, run.tasks):
+        _say(line)
+    for removal, why in ((r, w) for h in run.heals.values() for r, w in h.skipped.items()):
+        _say(f"[yellow]not healed: {removal.label}: {why}[/yellow]")
     passes = run.meta["passes"]
     _say_work(sum(p.get("block_tokens") or 0 for p in passes), sum(p.get("naive_block_tokens") or 0 for p in passes),
               f"{run.meta['sets_scored']} removal sets in {len(passes)} pass(es)")
-    print_files(run.write().around(report.write_shrink_report(run.frame, run.tasks, run.folder, title=title)))
+    print_files(run.write().around(report.write_shrink_report(run.frame, run.tasks, run.folder, title=title,
+                                                              healed=run.healed)))
     if saved is not None:
-        _say(f"saved the model without layers {','.join(map(str, saved.removed))} "
+        heal = saved.provenance.get("heal")
+        _say(f"saved the model without layers {','.join(map(str, saved.removed))}"
+             f"{' healed (' + heal.get('method', '') + ')' if isinstance(heal, dict) else ''} "
              f"({saved.provenance.get('strategy')}) to {saved.folder}: {len(saved.kept)} layers, "
              f"{saved.num_parameters / 1e6:,.1f}M parameters; load it with AutoModelForCausalLM.from_pretrained")

@@ -9,9 +9,11 @@ from typing import Annotated
 import typer
 
 from ..errors import OptionError
+from ..heal import RIDGE
 from ..model import quantize
 from ..model.load import ModelOptions
 from ..model.structure import find_layers
+from ..runners.heal import CALIB_TOKENS, METHODS, HealConfig, check_calibration
 from ..runners.scoring import ScoringConfig
 from ..runners.shrink import ShrinkConfig, check_reuse, check_save_target, run, save_pick
 from ..runners.strategies import STRATEGIES
@@ -71,6 +73,25 @@ def shrink_cmd(
     fidelity_tasks: opt.FidelityTasks = False,
     generate: opt.Generate = 0,
     margin: opt.Margin = None,
+    heal: Annotated[list[str] | None, typer.Option(
+        "--heal", metavar="<str>", help="Also heal every pick without training and score it healed: linear (a "
+        "least-squares map per removed span, fitted on calibration text, folded into the MLP before the cut).",
+        show_default=False)] = None,
+    calib_text: Annotated[Path | None, typer.Option(
+        "--calib-text", help="Calibration text of --heal (plain or JSONL; never the evaluation text) \\[default: "
+        "wikitext-2's training split].", show_default=False)] = None,
+    calib_dataset: Annotated[str | None, typer.Option(
+        "--calib-dataset", help="Calibration text from a `datasets` dataset (or `stdlib`).",
+        show_default=False)] = None,
+    calib_dataset_config: Annotated[str | None, typer.Option("--calib-dataset-config", show_default=False)] = None,
+    calib_split: Annotated[str | None, typer.Option("--calib-split", help="\\[default: train]",
+                                                     show_default=False)] = None,
+    calib_max_tokens: Annotated[int, typer.Option("--calib-max-tokens", help="Calibration tokens.")] = CALIB_TOKENS,
+    heal_ridge: Annotated[float, typer.Option("--heal-ridge", help="Ridge of the least squares, relative to the "
+                                              "activations' mean square.")] = RIDGE,
+    save_heal: Annotated[str | None, typer.Option(
+        "--save-heal", help="What --save writes: the healed model (the run's heal) or none (unhealed) \\[default: "
+        "the heal, with --heal].", show_default=False)] = None,
     batch_size: opt.BatchSize = 8,
     fresh: opt.Fresh = False,
     no_samples: opt.NoSamples = False,
@@ -79,7 +100,7 @@ def shrink_cmd(
     out: Out = None, debug: Debug = False,
 ) -> None:
     """Remove 1..N layers at once by each strategy, score every choice against the full model, draw the
-    pruning curves, and optionally save the smaller model."""
+    pruning curves, and optionally heal and save the smaller model."""
     scoring = opt.scoring_config(
         ScoringConfig, tasks=tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed,
         bootstrap_iters=bootstrap_iters, ppl_text=ppl_text, ppl_dataset=ppl_dataset,
@@ -87,10 +108,17 @@ def shrink_cmd(
         seq_len=seq_len, margin=margin, kl=not no_kl, fidelity_tasks=fidelity_tasks, generate=generate,
         batch_size=batch_size, engine=engine, batch_tokens=batch_tokens,
         fresh=fresh, samples=not no_samples)
+    heals = HealConfig(methods=heal or (), calib_text=str(calib_text) if calib_text else None,
+                       calib_dataset=calib_dataset, calib_dataset_config=calib_dataset_config, calib_split=calib_split,
+                       calib_max_tokens=calib_max_tokens, ridge=heal_ridge)
     config = ShrinkConfig(remove=remove, strategies=strategies or None, layers=layers, rank_by=rank_by,
-                          scoring=scoring)
+                          scoring=scoring, heal=heals)
+    if save_heal is not None and save_heal not in ("none", *heals.methods):
+        raise OptionError("{save_heal} {value!r}: give none, or a heal the run makes (--heal {known})",
+                          value=save_heal, known=", ".join(METHODS))
     if save is None:
-        for field, given in (("save_strategy", save_strategy is not None), ("overwrite", overwrite)):
+        for field, given in (("save_strategy", save_strategy is not None), ("overwrite", overwrite),
+                             ("save_heal", save_heal is not None)):
             if given:
                 raise OptionError("{" + field + "} applies to {save}: give {save} DIR too, or drop it")
     save_strategy = save_strategy or "best"
@@ -102,17 +130,23 @@ def shrink_cmd(
     if reuse is not None:
         check_reuse(reuse)
     timer = Timer()
+    calibration = None
+    if heals.methods:  # a missing calibration file or dataset fails before the model loads
+        with ui.status("loading the calibration text"), timer("calibration"):
+            calibration = heals.load_calibration()
     inputs, loaded = opt.load_inputs(scoring, model, timer, check=config.check_scored)
     config.check_model(len(find_layers(loaded.model, model.layers_path)))  # before any output exists
+    if calibration is not None:  # calibration that overlaps the evaluation text: refused before any output
+        check_calibration(loaded, heals, calibration, inputs.ppl_text, scoring.seq_len, scoring.ppl_max_tokens)
     if save is not None:
         quantize.refuse_save(loaded.quantize, "--save", SAVE_HINT)  # a checkpoint saved quantized, loaded as is
     folder = output_dir(out, model.slug, "shrink")
     with ui.progress_display() as progress:
         result = run(loaded, config, folder, inputs=inputs, layers_path=model.layers_path, progress=progress,
-                     timer=timer, reuse=reuse)
+                     timer=timer, reuse=reuse, calibration=calibration)
     saved = None
     if save is not None:
         with ui.status(f"saving the pruned model to {save}"), timer("save"):
             saved = save_pick(result, loaded, save, strategy=save_strategy, overwrite=overwrite,
-                              layers_path=model.layers_path)
+                              layers_path=model.layers_path, heal=save_heal)
     show_shrink(result, saved)

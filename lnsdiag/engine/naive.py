@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
@@ -23,8 +25,12 @@ VARIANTS_PHASE = "variants"
 
 def run_naive(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[Removal], *,
               stack: LayerStack, store: ResultStore | None = None, progress: Progress = SILENT,
-              on_saved: Callable[[VariantResult], None] | None = None) -> SweepOutcome:
+              on_saved: Callable[[VariantResult], None] | None = None,
+              variant: Callable[[Removal], AbstractContextManager[Any]] | None = None) -> SweepOutcome:
     """One full scoring pass per variant (the reference engine; works for every task type).
+
+    ``variant(removal)``: the model as that variant for a ``with`` block (default: its blocks removed;
+    a healed pruned model: removed and its heal folded in).
 
     Under a launcher the variants are dealt to the ranks (weighted by the blocks each runs);
     each rank saves the variants it scored as it finishes them (one file each: a relaunch with
@@ -36,14 +42,14 @@ def run_naive(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[
     scale = len(todo) / max(1, len(mine)) if world().parallel else 1
     outcome = SweepOutcome()
     progress.phase(VARIANTS_PHASE, total=len(todo))
-    for variant in mine:
-        progress.advance(0, detail=variant.label)
+    for removal in mine:
+        progress.advance(0, detail=removal.label)
         start = time.perf_counter()
         scores = Scores()
-        with removed_layers(model, variant, stack=stack):
+        with variant(removal) if variant is not None else removed_layers(model, removal, stack=stack):
             for scorer in scorers:
                 scores += scorer.score()
-        finish_variant(VariantResult.of(variant, scores, time.perf_counter() - start, "naive"), outcome, store,
+        finish_variant(VariantResult.of(removal, scores, time.perf_counter() - start, "naive"), outcome, store,
                        on_saved, progress, amount=scale, any_rank=True)
     if world().parallel:
         _meet(outcome, todo, mine, store)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..interventions.removal import VARIANT_WEIGHTS
 from ..model.families import MLP_OUTPUT_PROJECTIONS
 from ..model.patch import patched
 from ..model.structure import LayerStack, block_input, first_tensor, no_cache_kwargs, sublayers
@@ -174,16 +175,12 @@ def _fold_weight(weight: torch.Tensor, t: torch.Tensor, out_last: bool) -> torch
 @contextmanager
 def swapped(pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> Iterator[None]:
     """Each parameter holds its new tensor for the duration; its own tensor object is back on exit,
-    exceptions included (so the model is restored bit for bit)."""
-    held: list[tuple[nn.Parameter, torch.Tensor]] = []
-    try:
+    exceptions included (so the model is restored bit for bit). The tensors are part of the variant
+    (:data:`~lnsdiag.interventions.removal.VARIANT_WEIGHTS`): a comparison with the full model lifts them."""
+    with patched() as patches:
         for param, new in pairs:
-            held.append((param, param.data))
-            param.data = new
+            patches.tensor(param, new, tag=VARIANT_WEIGHTS)
         yield
-    finally:
-        for param, old in reversed(held):
-            param.data = old
 
 
 # --- reading activations -------------------------------------------------------------------------

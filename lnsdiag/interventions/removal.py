@@ -29,13 +29,16 @@ import torch
 from torch import nn
 
 from ..model.families import CACHE_KWARGS
-from ..model.patch import overrides_lifted, patched, patched_forward
+from ..model.patch import overrides_lifted, patched, patched_forward, tensors_lifted
 from ..model.structure import LayerStack, block_input, find_layers, parse_layer_spec
 from .units import Removal
 
 RemovalMode = Literal["auto", "skip", "passthrough"]
 #: Tags of the forwards installed here: a block removed, and the block a pass resumes at.
 REMOVED, RESUMED = "removed", "resumed"
+#: Tag of weights a variant holds beyond its removal (a heal folded into the kept blocks): they are
+#: part of the variant, so :func:`removals_suspended` lifts them with the removals.
+VARIANT_WEIGHTS = "variant-weights"
 
 
 #: Whether a block class returns a tuple (older transformers) or the hidden states (5.x).
@@ -145,8 +148,9 @@ def removals_suspended(model: nn.Module, *, stack: LayerStack | None = None) -> 
 
     The naive engine scores a variant with its blocks removed; a scorer that compares the
     variant with the full model (KL, top-1 agreement) runs the full model on the same batch here.
-    Only removals are suspended: what the model is (LayerNorm Scaling, Post-LN) stays.
+    Only the variant is suspended (its removals, and weights it holds: a heal's,
+    :data:`VARIANT_WEIGHTS`): what the model is (LayerNorm Scaling, Post-LN) stays.
     """
     stack = stack or find_layers(model)
-    with overrides_lifted(list(stack.layers), (REMOVED, RESUMED)):
+    with overrides_lifted(list(stack.layers), (REMOVED, RESUMED)), tensors_lifted(model, (VARIANT_WEIGHTS,)):
         yield stack

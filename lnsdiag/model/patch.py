@@ -1,8 +1,9 @@
 """The one way lnsdiag changes a loaded model: patches installed on a handle, restored from it.
 
 Every intervention — removing a block, resuming the fast engine from a kept state, LayerNorm
-Scaling, Post-LN, the measuring probes — installs what it needs through a :class:`Patches`
-handle: a forward override on one module instance, or a forward (pre-)hook. The handle knows
+Scaling, Post-LN, the measuring probes, a heal folded into a weight — installs what it needs
+through a :class:`Patches` handle: a forward override on one module instance, a forward
+(pre-)hook, or another tensor held by a parameter (its own tensor object put back on restore). The handle knows
 exactly what it installed, so restoring it never scans torch's private hook dictionaries and
 never touches what someone else installed. Used as a context manager it restores on any exit,
 exceptions included::
@@ -24,10 +25,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 #: Prefix of the attribute a kept handle lives under on its owner module.
 _KEPT_PREFIX = "_lnsdiag_patches_"
+#: Tensors installed on parameters, newest last: id(parameter) -> [(its tensor before, installed, tag)]
+#: (by id: a tensor compares element by element; an entry lives only while its handle holds the parameter).
+_TENSORS: dict[int, list[tuple[torch.Tensor, torch.Tensor, str]]] = {}
 
 
 class _Override:
@@ -58,6 +63,21 @@ class _RestoreForward:
             self.module.__dict__.pop("forward", None)
 
 
+class _RestoreTensor:
+    """Undo of one installed tensor: the parameter's earlier tensor back, the record dropped."""
+
+    def __init__(self, param: nn.Parameter, own: torch.Tensor) -> None:
+        self.param, self.own = param, own
+
+    def __call__(self) -> None:
+        self.param.data = self.own
+        held = _TENSORS.get(id(self.param), [])
+        if held:
+            held.pop()
+        if not held:
+            _TENSORS.pop(id(self.param), None)
+
+
 class Patches:
     """What one intervention installed on a model, restorable in reverse order."""
 
@@ -80,6 +100,13 @@ class Patches:
     def hook(self, module: nn.Module, hook: Callable[..., Any]) -> None:
         """A forward hook on ``module`` (``hook(module, args, output)``) until restored."""
         self._undo.append(module.register_forward_hook(hook).remove)
+
+    def tensor(self, param: nn.Parameter, new: torch.Tensor, *, tag: str = "patched") -> None:
+        """``param`` holds ``new`` until restored; then its own tensor object again (bit for bit)."""
+        own = param.data
+        param.data = new
+        _TENSORS.setdefault(id(param), []).append((own, new, tag))
+        self._undo.append(_RestoreTensor(param, own))
 
     def restore(self) -> None:
         """Undo everything installed, last first; the handle is empty (and reusable) afterwards."""
@@ -131,6 +158,20 @@ def overrides_lifted(modules: list[nn.Module], tags: tuple[str, ...]) -> Iterato
     finally:
         for module, override in held:
             module.__dict__["forward"] = override
+
+
+@contextmanager
+def tensors_lifted(model: nn.Module, tags: tuple[str, ...]) -> Iterator[None]:
+    """Each parameter of ``model`` holding a tensor installed with one of ``tags`` (the newest) holds
+    the one it had before for the duration; the installed tensors are back afterwards."""
+    held = [(p, stack[-1]) for p in model.parameters() if (stack := _TENSORS.get(id(p))) and stack[-1][2] in tags]
+    for param, (own, _, _) in held:
+        param.data = own
+    try:
+        yield
+    finally:
+        for param, (_, installed, _) in held:
+            param.data = installed
 
 
 def kept(owner: nn.Module, name: str) -> Patches | None:

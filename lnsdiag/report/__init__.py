@@ -41,7 +41,16 @@ __all__ = [
 
 from .compare import compare_figure, compare_tables, latex_tables, plot_compare, write_compare
 from .reproduce import plot_reproduce, reproduce_figure, reproduce_layers_table, reproduce_table, write_reproduce
-from .shrink import plot_shrink, shrink_figure, shrink_latex, shrink_summary, shrink_table, write_shrink_report
+from .shrink import (
+    heal_summary,
+    healed_rows,
+    plot_shrink,
+    shrink_figure,
+    shrink_latex,
+    shrink_summary,
+    shrink_table,
+    write_shrink_report,
+)
 from .variance import plot_variance, variance_figure, variance_summary, variance_table, write_variance
 
 __all__ += [
@@ -51,5 +60,6 @@ __all__ += [
 ]
 
 __all__ += [
-    "plot_shrink", "shrink_figure", "shrink_latex", "shrink_summary", "shrink_table", "write_shrink_report",
+    "heal_summary", "healed_rows", "plot_shrink", "shrink_figure",
+    "shrink_latex", "shrink_summary", "shrink_table", "write_shrink_report",
 ]

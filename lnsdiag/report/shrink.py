@@ -251,6 +251,44 @@ def shrink_summary(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
     return lines
 
 
+def heal_summary(frame: pd.DataFrame, healed: pd.DataFrame, tasks: list[str]) -> list[str]:
+    """Per headline metric and heal: each strategy's Δ at its largest n without and with the heal, and how
+    much of the loss the heal recovered ("+3.8% → +1.2%"); every n is in shrink.csv."""
+    if healed is None or healed.empty:
+        return []
+    lines = []
+    for method, rows in healed.groupby("heal", sort=False):
+        for task, metric in headline_metrics(frame, tasks):
+            parts = []
+            for strategy in strategies_in(rows):
+                mine = rows[(rows["strategy"] == strategy) & (rows["task"] == task) & (rows["metric"] == metric)]
+                if mine.empty:
+                    continue
+                n = int(mine["n_removed"].max())
+                after = mine[mine["n_removed"] == n].iloc[0]
+                plain = frame[(frame["strategy"] == strategy) & (frame["n_removed"] == n) & (frame["task"] == task)
+                              & (frame["metric"] == metric)]
+                if plain.empty:
+                    continue
+                before = plain.iloc[0]
+                unit, _ = _delta_unit(metric, before["baseline"])
+                kept = ""
+                if _finite(before["delta"]) and _finite(after["delta"]) and float(before["delta"]) != 0:
+                    kept = f", {100 * (1 - float(after['delta']) / float(before['delta'])):.0f}% of the loss recovered"
+                was = _delta_text(before["delta"], metric, before["baseline"])
+                now = _delta_text(after["delta"], metric, after["baseline"])
+                parts.append(f"{strategy} n = {n}: {was} → {now}{unit} ({after['verdict']}{kept})")
+            if parts:
+                lines.append(f"{_name(task, metric)} healed ({method}), Δ to the full model without → with the heal: "
+                             + "; ".join(parts) + ".")
+    return lines
+
+
+def healed_rows(frame: pd.DataFrame, healed: pd.DataFrame, method: str) -> pd.DataFrame:
+    """The full model's rows and the picks healed by ``method``: what the healed table and curves show."""
+    return pd.concat([frame[is_full(frame)], healed[healed["heal"] == method]], ignore_index=True)
+
+
 # --- LaTeX --------------------------------------------------------------------------------------------
 
 def shrink_latex(frame: pd.DataFrame, tasks: list[str], caption: str = "") -> str:
@@ -285,11 +323,19 @@ def shrink_latex(frame: pd.DataFrame, tasks: list[str], caption: str = "") -> st
 
 
 def write_shrink_report(frame: pd.DataFrame, tasks: list[str], out: Path, *, plots: bool = True,
-                        title: str = "") -> list[Path]:
-    """shrink.tex and (with ``plots``, once something is removed) shrink.png/pdf: what a person reads."""
-    files = [atomic_write(out / "shrink.tex", shrink_latex(frame, tasks))]
+                        title: str = "", healed: pd.DataFrame | None = None) -> list[Path]:
+    """shrink.tex and (with ``plots``, once something is removed) shrink.png/pdf: what a person reads; the
+    healed picks as a second LaTeX table and dashed curves."""
+    latex = shrink_latex(frame, tasks)
+    if healed is not None and len(healed):
+        for method in pd.unique(healed["heal"]):
+            latex += "\n" + shrink_latex(healed_rows(frame, healed, method), tasks, caption=(
+                rf"Removing $n$ layers at once, each pick healed ({method}, no training): metric $\pm$ stderr. "
+                r"Bold: the best at each $n$; $^\dagger$: dead (the paired 90\% interval of $\Delta$ to the full "
+                r"model lies within the margin of equivalence).")).replace("tab:shrink", f"tab:shrink-healed-{method}")
+    files = [atomic_write(out / "shrink.tex", latex)]
     if plots and (~is_full(frame)).any() and headline_metrics(frame, tasks):
-        files += plot_shrink(frame, tasks, out / "shrink", title)
+        files += plot_shrink(frame, tasks, out / "shrink", title, healed)
     return files
 
 
@@ -306,9 +352,11 @@ def _near_chance(values: np.ndarray, baseline: float, chance: float) -> bool:
         baseline - chance)
 
 
-def _curve_panel(ax: Any, frame: pd.DataFrame, task: str, metric: str, top: int, strategies: list[str]) -> bool:
+def _curve_panel(ax: Any, frame: pd.DataFrame, task: str, metric: str, top: int, strategies: list[str],
+                 healed: pd.DataFrame | None = None) -> bool:
     """One headline metric: a line per strategy from the full model (n = 0) on, dead removals filled, error
-    bars of the paired 90% interval; returns whether a chance level was drawn."""
+    bars of the paired 90% interval; each healed strategy dashed beside it; returns whether a chance level
+    was drawn."""
     from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter
 
     rows = frame[(frame["task"] == task) & (frame["metric"] == metric)]
@@ -343,6 +391,9 @@ def _curve_panel(ax: Any, frame: pd.DataFrame, task: str, metric: str, top: int,
             if sel.any():
                 ax.plot(x[sel], y[sel], ls="none", marker=marker, ms=4, mec=color, mew=0.9,
                         mfc=color if filled else "white", zorder=4)
+        if healed is not None and len(healed):
+            dodge = step * (k - (len(strategies) - 1) / 2)
+            spread += _healed_curve(ax, healed, task, metric, strategy, baseline, dodge, color, marker)
     if math.isfinite(baseline):
         if math.isfinite(margin) and margin > 0:
             ax.axhspan(baseline - margin, baseline + margin, color=PALETTE["green"], alpha=0.13, lw=0, zorder=0)
@@ -371,8 +422,26 @@ def _curve_panel(ax: Any, frame: pd.DataFrame, task: str, metric: str, top: int,
     return drew_chance
 
 
+def _healed_curve(ax: Any, healed: pd.DataFrame, task: str, metric: str, strategy: str, baseline: float,
+                  dodge: float, color: str, marker: str) -> list[float]:
+    """A strategy's healed picks, dashed in its colour (dead filled, the rest hollow); their values."""
+    part = healed[(healed["strategy"] == strategy) & (healed["task"] == task)
+                  & (healed["metric"] == metric)].sort_values("n_removed")
+    if part.empty:
+        return []
+    x = part["n_removed"].to_numpy(dtype=float) + dodge
+    y = part["value"].to_numpy(dtype=float)
+    ax.plot(np.r_[dodge, x], np.r_[baseline, y], color=color, lw=1.0, ls="--", alpha=0.9, zorder=3)
+    dead = (part["verdict"] == "dead").to_numpy(dtype=bool)
+    for sel, filled in ((dead, True), (~dead, False)):
+        if sel.any():
+            ax.plot(x[sel], y[sel], ls="none", marker=marker, ms=3.5, mec=color, mew=0.8,
+                    mfc=color if filled else "white", zorder=4)
+    return list(y)
+
+
 @styled
-def shrink_figure(frame: pd.DataFrame, tasks: list[str], title: str = "") -> Any:
+def shrink_figure(frame: pd.DataFrame, tasks: list[str], title: str = "", healed: pd.DataFrame | None = None) -> Any:
     """Pruning curves: the metric after removing n layers, one panel per headline metric, one line per
     strategy (its own colour and marker) from the full model at n = 0. Dead removals (equivalent to the full
     model within the margin, shaded) are filled markers, the rest hollow; error bars are the full model plus
@@ -407,20 +476,25 @@ def shrink_figure(frame: pd.DataFrame, tasks: list[str], title: str = "") -> Any
                        nrows=nrows, ncols=ncols)
     chance = False
     for i, (ax, (task, metric)) in enumerate(zip(axes.flat, heads, strict=False)):
-        chance |= _curve_panel(ax, frame, task, metric, top, strategies)
+        chance |= _curve_panel(ax, frame, task, metric, top, strategies, healed)
         if i + ncols >= len(heads):  # the lowest panel of its column
             ax.set_xlabel("layers removed n")
     for ax in list(axes.flat)[len(heads):]:
         fig.delaxes(ax)
     if chance:
         handles.append(Line2D([], [], ls=":", color=PALETTE["grey"], lw=0.9, label="chance"))
+    if healed is not None and len(healed):
+        methods = ", ".join(pd.unique(healed["heal"]))
+        handles.append(Line2D([], [], ls="--", color="0.2", lw=1.0,
+                              label=wrap(f"dashed: healed ({methods})", width / legend_cols - 0.35, 7)))
     fig.legend(handles=handles, loc="outside lower center", ncols=legend_cols, columnspacing=1.0)
     if title:
         fig.suptitle(wrap(title, width - (TITLE_INSET if panels == 1 else 0), 9))
     return fig
 
 
-def plot_shrink(frame: pd.DataFrame, tasks: list[str], stem: Path, title: str = "") -> list[Path]:
+def plot_shrink(frame: pd.DataFrame, tasks: list[str], stem: Path, title: str = "",
+                healed: pd.DataFrame | None = None) -> list[Path]:
     """:func:`shrink_figure` as ``stem``.png (a glance) and .pdf (vector, for a paper)."""
-    return save_figure(shrink_figure(frame, tasks, title), stem)
+    return save_figure(shrink_figure(frame, tasks, title, healed), stem)
 

@@ -41,6 +41,7 @@ from ..distributed import on_main
 from ..engine.naive import run_naive
 from ..engine.sweep import run_fast
 from ..errors import Interrupted, OptionError, UserError
+from ..heal import save_healed
 from ..interventions.removal import removed_layers
 from ..interventions.units import Removal
 from ..measure.angular import AngularResult
@@ -53,6 +54,7 @@ from ..results.store import ResultStore, VariantResult, read_settings, settings_
 from ..results.verdict import headline_metrics, prune_frame
 from ..runs import RunFiles, Timer, atomic_write, run_record, write_tables
 from .angular_cache import AngularCache, cached_angular
+from .heal import HealConfig, HealOutcome, calibration_of, heal_sets, heal_store, healed_frame
 from .scoring import Scoring, ScoringConfig, ScoringInputs, prepare_scoring
 from .shrink_table import COLUMNS, FULL, tidy_frame, wide_shrink_frame
 from .strategies import (
@@ -97,7 +99,8 @@ class ShrinkConfig:
 
     ``remove`` is N [default: 4]; ``layers`` one set scored as it is instead (N is its size: give
     one of the two). ``scoring`` holds the options ``prune`` shares (tasks, perplexity text, margin,
-    engine, ...). ``rank_by`` (``"task/metric"``) is what ``sweep`` and ``greedy`` minimise the harm on
+    engine, ...); ``heal`` how each pick is also healed and scored healed (:mod:`.heal`). ``rank_by``
+    (``"task/metric"``) is what ``sweep`` and ``greedy`` minimise the harm on
     [default: the first task's main metric, else perplexity].
     """
 
@@ -106,6 +109,7 @@ class ShrinkConfig:
     layers: Removal | Sequence[int] | str | None = None
     rank_by: str | None = None
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    heal: HealConfig = field(default_factory=HealConfig)
 
     def __post_init__(self) -> None:
         if self.layers is not None and self.strategies is not None:
@@ -180,11 +184,21 @@ class ShrinkRun:
     meta: dict[str, Any]
     folder: Path
     rank_by: tuple[str, str]
+    #: each healed pick's rows (``heal``: the method), and the heals themselves (empty without ``--heal``)
+    healed: pd.DataFrame = field(default_factory=pd.DataFrame)
+    heals: dict[str, HealOutcome] = field(default_factory=dict)
 
     def write(self) -> RunFiles:
-        """shrink.csv (tidy), shrink_wide.csv (a row per strategy and n) and meta.json, into the run's folder."""
-        return write_tables(self.folder, {"shrink.csv": tidy_frame(self.frame),
-                                          "shrink_wide.csv": wide_shrink_frame(self.frame, self.tasks)}, self.meta)
+        """shrink.csv (tidy: the unhealed rows, then the healed ones), shrink_wide.csv (a row per strategy,
+        n and heal) and meta.json, into the run's folder."""
+        both = pd.concat([self.frame, self.healed], ignore_index=True) if len(self.healed) else self.frame
+        wide = wide_shrink_frame(self.frame, self.tasks)
+        if len(self.healed):
+            full = self.frame[self.frame["strategy"] == FULL]
+            healed = wide_shrink_frame(pd.concat([full, self.healed], ignore_index=True), self.tasks)
+            wide = pd.concat([wide.assign(heal="none"), healed[healed["strategy"] != FULL].assign(
+                heal=self.healed["heal"].iloc[0])], ignore_index=True)
+        return write_tables(self.folder, {"shrink.csv": tidy_frame(both), "shrink_wide.csv": wide}, self.meta)
 
     def best(self, n: int | None = None) -> Pick:
         """The pick with the best value on the ranking metric for n removed (default: the largest n)."""
@@ -270,17 +284,20 @@ class _Scorer:
 def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: ScoringInputs | None = None,
         layers_path: str | None = None, progress: Progress = SILENT, timer: Timer | None = None,
         angular_text: TextSource | None = None, angular: AngularResult | None = None,
-        reuse: str | Path | None = None) -> ShrinkRun:
+        reuse: str | Path | None = None, calibration: TextSource | None = None) -> ShrinkRun:
     """Pick, score and compare the removal sets of every strategy into ``out`` (resuming what is there).
 
     ``angular``: block angular distances already measured (n up to at least N) instead of measuring
     them. ``reuse``: a ``prune`` (or ``shrink``) folder made with the same scoring settings whose
     stored results (the full model, single layers, sets) are copied in instead of scored again.
+    ``calibration``: the heal's calibration text, if already loaded (``config.heal`` says where from).
     Ctrl-C raises :class:`~lnsdiag.errors.Interrupted` saying what is saved.
     """
     timer = timer or Timer()
     folder = Path(out)
     scoring_config = config.scoring
+    if config.heal.methods and calibration is None:
+        calibration = config.heal.load_calibration()
     inputs = inputs or scoring_config.load_inputs()
     config.check_scored(scoring_config.scored(inputs))
     stack = find_layers(loaded.model, layers_path)
@@ -291,10 +308,16 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
     if config.rank_by is not None and config.rank_by.split("/", 1)[0] not in tasks:
         raise OptionError("{rank_by} {value}: {task!r} is not scored in this run (scored: {scored})",
                           value=config.rank_by, task=config.rank_by.split("/", 1)[0], scored=", ".join(tasks))
+    calib = None
+    if config.heal.methods:  # refused before the store writes anything, if it overlaps the evaluation text
+        calib = calibration_of(loaded, config.heal, calibration, inputs.ppl_text, scoring.windows,
+                               scoring_config.seq_len)
     if reuse is not None:  # refused before the store writes anything into the folder
         on_main(lambda: check_reuse(reuse, scoring.settings))
     store = ResultStore(folder, scoring.settings, fresh=scoring_config.fresh, outputs=OUTPUTS,
                         samples=scoring_config.samples)
+    heal_stores = {method: heal_store(folder, scoring, config.heal, calib, method, fresh=scoring_config.fresh,
+                                      samples=scoring_config.samples) for method in config.heal.methods}
     if reuse is not None:
         copied = on_main(lambda: _reuse(Path(reuse), store))  # one rank copies; every rank then reads
         if copied:
@@ -310,12 +333,21 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
                 evidence.blocks, evidence.per_layer = _angular_evidence(angular, loaded, folder, stack, angular_text,
                                                                         scoring, config, progress, timer)
             picks, rank = _choose_and_score(config, scorer, evidence, tasks)
+        heals = {}
+        if calib is not None:
+            with timer("heal"):
+                checked = inputs.ppl_text.name if inputs.ppl_text is not None else None
+                heals["linear"] = heal_sets(loaded, stack, scoring, config.heal, [p.removal for p in picks], calib,
+                                            heal_stores["linear"], progress=progress, checked_against=checked)
     except KeyboardInterrupt as exc:
         raise Interrupted(f"{len(store.done())} removal sets are saved in {folder}; rerun the same command to "
                           "resume.") from exc
     position = {name: k for k, name in enumerate(output_order())}
     picks.sort(key=lambda p: (position[p.strategy], p.n))
     frame = shrink_frame(scorer.done(), picks, scoring_config, rank)
+    compare = lambda results, chosen: shrink_frame(results, chosen, scoring_config, rank)  # noqa: E731
+    healed = pd.concat([healed_frame(scorer.done()[Removal()], h, picks, compare) for h in heals.values()],
+                       ignore_index=True) if heals else pd.DataFrame()
     meta = run_record(
         "shrink", model=loaded.describe(), settings=scoring.settings, remove=N, strategies=list(config.strategies),
         rank_by="/".join(rank), picks=[{"strategy": p.strategy, "n_removed": p.n,
@@ -328,8 +360,8 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
         multiplicity=("hurts/helps: Holm-adjusted p-values over the distinct removal sets of this run, per (task, "
                       "metric); dead: two one-sided tests at alpha 0.05 per set, not adjusted"),
         engine=scoring_config.engine, passes=scorer.passes, sets_scored=len(scorer.done()) - 1,
-        timings=dict(timer.seconds))
-    return ShrinkRun(frame, picks, tasks, meta, folder, rank)
+        heal={name: h.describe() for name, h in heals.items()} or None, timings=dict(timer.seconds))
+    return ShrinkRun(frame, picks, tasks, meta, folder, rank, healed, heals)
 
 
 def _choose_and_score(config: ShrinkConfig, scorer: _Scorer, evidence: Evidence, tasks: list[str]
@@ -416,7 +448,7 @@ def shrink_frame(results: dict[Removal, VariantResult], picks: Sequence[Pick], c
     by_set = dict(list(compared.groupby("variant", sort=False)))  # a variant's name is its removal's
     parts = [_tagged(by_set[Removal().name], FULL, 0, Removal(), math.nan)]
     parts += [_tagged(by_set[p.removal.name], p.strategy, p.n, p.removal, p.selection) for p in picks]
-    return pd.concat(parts, ignore_index=True)[COLUMNS]
+    return pd.concat(parts, ignore_index=True).assign(heal="none")[COLUMNS]
 
 
 def _tagged(part: pd.DataFrame, strategy: str, n: int, removal: Removal, selection: float) -> pd.DataFrame:
@@ -451,23 +483,54 @@ def check_save_target(save: str | Path, overwrite: bool, config: ShrinkConfig, s
 
 
 def save_pick(run: ShrinkRun, loaded: LoadedModel, folder: str | Path, *, strategy: str = "best",
-              overwrite: bool = False, layers_path: str | None = None) -> SavedCheckpoint:
+              overwrite: bool = False, layers_path: str | None = None, heal: str | None = None) -> SavedCheckpoint:
     """Write the model without the N layers ``strategy`` picked (``best``: the best value on the
     ranking metric) as a Hugging Face checkpoint with a model card stating what was removed, how,
-    and what it scored."""
+    and what it scored. ``heal``: the heal folded into it (default: the run's, when it healed that
+    pick; ``"none"``: the unhealed model)."""
     pick = run.best() if strategy == "best" else run.pick(strategy)
+    outcome = _heal_to_save(run, pick, heal)
     rows = run.frame[(run.frame["strategy"] == pick.strategy) & (run.frame["n_removed"] == pick.n)]
+    if outcome is not None:
+        rows = run.healed[(run.healed["strategy"] == pick.strategy) & (run.healed["n_removed"] == pick.n)
+                          & (run.healed["heal"] == outcome.method)]
     heads = headline_metrics(rows, run.tasks)
     scores = [{"task": t, "metric": m, "value": f"{r['value']:.4g}", "full model": f"{r['baseline']:.4g}",
                "Δ": f"{r['delta']:+.3g} ± {r['delta_stderr']:.2g}", "verdict vs the full model": r["verdict"]}
               for t, m in heads for _, r in rows[(rows["task"] == t) & (rows["metric"] == m)].iterrows()]
     describe = loaded.describe()
+    notes = f"Scores from `lnsdiag shrink` ({run.folder}); verdicts: {run.meta['dead_rule']}"
+    if outcome is not None:
+        calib = outcome.calibration
+        notes = (f"Healed without training ({outcome.method}): after the removal, a d×d linear map per removed span "
+                 f"was fitted by least squares (ridge {calib['ridge']:g}) on {calib['tokens']:,} tokens of "
+                 f"{calib['name']} (calibration text, disjoint from the evaluation text) and folded into the MLP "
+                 f"output projection before the cut, so the architecture is the standard one. The scores above are "
+                 f"the healed model's. {notes}")
     card = model_card(source=describe.get("source"), revision=describe.get("revision"),
                       removed=list(pick.removal.blocks), num_layers=run.meta["num_layers"], strategy=pick.strategy,
-                      n=pick.n, scores=scores,
-                      notes=f"Scores from `lnsdiag shrink` ({run.folder}); verdicts: {run.meta['dead_rule']}")
+                      n=pick.n, scores=scores, notes=notes)
+    options = dict(tokenizer=loaded.tokenizer, card=card, overwrite=overwrite,
+                   stack=find_layers(loaded.model, layers_path), strategy=pick.strategy, source=describe.get("source"),
+                   revision=describe.get("revision"),
+                   provenance={"rank_by": "/".join(run.rank_by), "scores": run.folder.as_posix()})
+    if outcome is not None:
+        patch = outcome.patches[pick.removal]
+        return on_main(lambda: save_healed(loaded.model, patch, folder, **options))
     return on_main(lambda: save_without_layers(  # one rank writes the checkpoint; the others wait for it
-        loaded.model, pick.removal.blocks, folder, tokenizer=loaded.tokenizer, card=card, overwrite=overwrite,
-        stack=find_layers(loaded.model, layers_path), strategy=pick.strategy, source=describe.get("source"),
-        revision=describe.get("revision"),
-        provenance={"rank_by": "/".join(run.rank_by), "scores": run.folder.as_posix()}))
+        loaded.model, pick.removal.blocks, folder, **options))
+
+
+def _heal_to_save(run: ShrinkRun, pick: Pick, heal: str | None) -> HealOutcome | None:
+    """The heal ``save_pick`` folds in: ``heal`` if named (refused if the run did not heal that pick), the
+    run's own by default when it healed the pick, else none."""
+    if heal == "none":
+        return None
+    if heal is None:
+        return next((h for h in run.heals.values() if pick.removal in h.patches), None)
+    outcome = run.heals.get(heal)
+    if outcome is None or pick.removal not in outcome.patches:
+        why = outcome.skipped.get(pick.removal) if outcome is not None else None
+        raise UserError(f"--save-heal {heal}: the run did not heal {pick.strategy}'s {pick.n}-layer pick"
+                        + (f" ({why})" if why else " (give --heal " + heal + ")"))
+    return outcome

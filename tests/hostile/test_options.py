@@ -142,6 +142,17 @@ def test_tasks_and_strategies_repeat_as_lists(tiny_llama_dir, text_file, tmp_pat
                                                                  "not -1"),
     (["prune", "{m}", "--ppl-text", "{t}", "--generate", "8", "--margin", "first_miss=2"],
      "first_miss is reported without a test"),
+    (["shrink", "{m}", "--ppl-text", "{t}", "--calib-text", "{t}"], "--calib-text applies to --heal: give --heal "
+                                                                    "linear too, or drop it"),
+    (["shrink", "{m}", "--ppl-text", "{t}", "--heal", "lora"], "--heal lora: LoRA distillation is not built yet"),
+    (["shrink", "{m}", "--ppl-text", "{t}", "--heal", "linaer"], "--heal 'linaer' is not a heal: the heals are "
+                                                                 "linear"),
+    (["shrink", "{m}", "--ppl-text", "{t}", "--heal", "linear", "--save-heal", "linear"], "--save-heal applies "
+                                                                                          "to --save"),
+    (["shrink", "{m}", "--ppl-text", "{t}", "--heal", "linear", "--calib-text", "{t}", "--calib-dataset", "stdlib"],
+     "give --calib-text or --calib-dataset, not both"),
+    (["shrink", "{m}", "--ppl-text", "{t}", "--heal", "linear", "--heal-ridge", "-1"], "--heal-ridge must be 0 or "
+                                                                                       "more, not -1"),
 ])
 def test_conflicting_options(args, fragment, tiny_llama_dir, text_file, tmp_path, no_model_load):
     out = tmp_path / "results" / "run"
@@ -196,9 +207,18 @@ def test_a_continuation_longer_than_the_windows_is_refused_before_any_output(tin
                     "a longer --seq-len", out)
 
 
+def test_calibration_text_that_is_the_evaluation_text_is_refused_before_any_output(tiny_llama_dir, text_file,
+                                                                                     tmp_path):
+    out = tmp_path / "results" / "run"
+    result = invoke("shrink", tiny_llama_dir, "--ppl-text", text_file, "--seq-len", 32, "--remove", 1, "--heal",
+                    "linear", "--calib-text", text_file, "--out", out)
+    refused(result, "the calibration text contains 1 document(s) of the evaluation text", out)
+
+
 def test_task_fidelity_on_tasks_that_only_generate(tiny_llama_dir, tmp_path, no_model_load):
     from tests.lmeval_tasks import write_generation_task
 
+    (tmp_path / "tasks").mkdir()
     tasks = write_generation_task(tmp_path / "tasks")
     out = tmp_path / "results" / "run"
     result = invoke("prune", tiny_llama_dir, "--tasks", "tiny_gen", "--include-path", tasks, "--fidelity-tasks",
