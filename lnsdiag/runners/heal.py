@@ -167,7 +167,7 @@ def heal_sets(loaded: LoadedModel, stack: LayerStack, scoring: Scoring, config: 
     done = store.done()
     todo = [s for s in patches if s not in done]
     if todo:
-        progress.phase(f"scoring the healed sets ({method})", total=len(todo))
+        progress.note(f"scoring {len(todo)} healed set(s) ({method}), one evaluation each")
         run_naive(loaded.model, scoring.scorers, todo, stack=stack, store=store, progress=progress,
                   variant=lambda removal: healed(loaded.model, patches[removal], remove=True, stack=stack))
     done = store.done()
