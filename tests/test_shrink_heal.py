@@ -132,3 +132,80 @@ def test_a_heal_on_other_calibration_text_is_not_mixed_in(tiny_llama_dir, text_f
     other.write_text(_salad(7), encoding="utf-8")
     res = CliRunner().invoke(app, [*args, "--calib-text", str(other)])
     assert res.exit_code == 2 and "settings" in res.output and "calibration" in res.output, res.output
+
+
+# --- LoRA distilled from the full model ------------------------------------------------------------------
+
+def _held_out_kl(model, windows: TokenWindows, variant) -> float:
+    total, count = 0.0, 0
+    for ids, mask in windows.batches(8):
+        with torch.no_grad():
+            full = model(input_ids=ids, attention_mask=mask).logits.double().log_softmax(-1)
+            with variant():
+                moved = model(input_ids=ids, attention_mask=mask).logits.double().log_softmax(-1)
+        kl = (full.exp() * (full - moved)).sum(-1)[mask.bool()]
+        total, count = total + float(kl.sum()), count + kl.numel()
+    return total / count
+
+
+def test_lora_distillation_lowers_held_out_kl_is_seeded_and_leaves_the_model_intact(tokenizer, tmp_path):
+    from lnsdiag.heal import LoraPatch, lora_healed, save_lora_healed, train_lora
+    from lnsdiag.interventions.removal import removed_layers
+
+    model = peaked_model("llama", len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m) for m in model.modules()]
+    calib = TokenWindows.of(tokenizer, [_salad(3)], seq_len=32, max_tokens=2048, name="salad")
+    held_out = TokenWindows.of(tokenizer, [SAMPLE_TEXT * 4], seq_len=32, max_tokens=2048, name="sample")
+    patch = train_lora(model, [1, 2], calib, steps=30, lr=2e-3, seed=5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # restored bit for bit
+    assert [type(m) for m in model.modules()] == modules and all(p.requires_grad for p in model.parameters())
+    assert "peft_config" not in model.__dict__  # nothing of peft's left on the model
+    unhealed = _held_out_kl(model, held_out, lambda: removed_layers(model, [1, 2]))
+    healed_kl = _held_out_kl(model, held_out, lambda: lora_healed(model, patch, remove=True))
+    assert healed_kl < 0.7 * unhealed, (unhealed, healed_kl)  # the distillation carries over to unseen text
+    again = train_lora(model, [1, 2], calib, steps=30, lr=2e-3, seed=5)
+    assert all(torch.equal(patch.factors[n][1], again.factors[n][1]) for n in patch.factors)  # seeded
+    # saved: plain transformers computes the merged, pruned model
+    patch.save(tmp_path / "p.safetensors")
+    loaded_patch = LoraPatch.load(tmp_path / "p.safetensors")
+    save_lora_healed(LoadedModel.wrap(model, tokenizer, name="llama"), loaded_patch, tmp_path / "small")
+    small = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "small").eval()
+    ids = torch.tensor([[1, 17, 42, 99, 7, 3, 250, 31]])
+    with torch.no_grad(), lora_healed(model, patch, remove=True):
+        want = model(input_ids=ids, use_cache=False).logits
+    with torch.no_grad():
+        assert torch.allclose(small(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_ctrl_c_during_lora_keeps_the_best_adapters_so_far(tokenizer):
+    from lnsdiag.heal import train_lora
+
+    model = peaked_model("qwen2", len(tokenizer))
+    calib = TokenWindows.of(tokenizer, [_salad(4)], seq_len=32, max_tokens=1024, name="salad")
+    seen = []
+
+    def interrupt_at_the_fourth_report(message: str) -> None:
+        seen.append(message)
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+
+    patch = train_lora(model, [2], calib, steps=20, lr=1e-3, progress=interrupt_at_the_fourth_report)
+    assert patch.record["interrupted_at"] == 8 and patch.record["trained_steps"] == 8
+    assert any(float(b.abs().max()) > 0 for _, b in patch.factors.values())  # trained, not the zero start
+    assert "keeping the best adapters so far" in seen[-1]
+
+
+def test_cli_heals_with_lora_and_linear_side_by_side(tiny_llama_dir, text_file, calib_file, tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["shrink", str(tiny_llama_dir), "--ppl-text", str(text_file), "--seq-len", "32",
+                                   "--remove", "1", "--strategy", "last", "--heal", "linear,lora", "--heal-steps", "6",
+                                   "--calib-text", str(calib_file), "--calib-max-tokens", "1024", "--no-kl",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    tidy = (out / "shrink.csv").read_text()
+    assert ",linear," in tidy and ",lora," in tidy
+    settings = json.loads((out / "heal-lora" / "settings.json").read_text())
+    assert settings["heal"] == "lora" and settings["heal_steps"] == 6 and settings["heal_loss"] == "kd"
+    assert "Healed (lora, no training)" not in res.output and "Healed (lora" in res.output

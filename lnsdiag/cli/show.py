@@ -114,7 +114,8 @@ def show_shrink(run: ShrinkRun, saved: SavedCheckpoint | None = None, title: str
     _say(f"[dim]sweep, greedy and --save-strategy best rank removals by {'/'.join(run.rank_by)}[/dim]")
     for method in (list(dict.fromkeys(run.healed["heal"])) if len(run.healed) else []):
         ui.console.print(report.shrink_table(report.healed_rows(run.frame, run.healed, method), run.tasks,
-                                             f"Healed ({method}, no training) — {name}"))
+                                             f"Healed ({method}{', no training' if method == 'linear' else ''})"
+                                             f" — {name}"))
     for line in report.heal_summary(run.frame, run.healed, run.tasks):
         _say(line)
     for removal, why in ((r, w) for h in run.heals.values() for r, w in h.skipped.items()):

@@ -10,10 +10,11 @@ import typer
 
 from ..errors import OptionError
 from ..heal import RIDGE
+from ..heal.lora import LR, RANK
 from ..model import quantize
 from ..model.load import ModelOptions
 from ..model.structure import find_layers
-from ..runners.heal import CALIB_TOKENS, METHODS, HealConfig, check_calibration
+from ..runners.heal import CALIB_TOKENS, HEAL_STEPS, METHODS, HealConfig, check_calibration
 from ..runners.scoring import ScoringConfig
 from ..runners.shrink import ShrinkConfig, check_reuse, check_save_target, run, save_pick
 from ..runners.strategies import STRATEGIES
@@ -74,9 +75,9 @@ def shrink_cmd(
     generate: opt.Generate = 0,
     margin: opt.Margin = None,
     heal: Annotated[list[str] | None, typer.Option(
-        "--heal", metavar="<str>", help="Also heal every pick without training and score it healed: linear (a "
-        "least-squares map per removed span, fitted on calibration text, folded into the MLP before the cut).",
-        show_default=False)] = None,
+        "--heal", metavar="<str>", help="Also heal every pick and score it healed: linear (no training: a "
+        "least-squares map per removed span, folded into the MLP before the cut) and/or lora (adapters distilled "
+        "from the full model's logits, merged); comma-separated or repeated.", show_default=False)] = None,
     calib_text: Annotated[Path | None, typer.Option(
         "--calib-text", help="Calibration text of --heal (plain or JSONL; never the evaluation text) \\[default: "
         "wikitext-2's training split].", show_default=False)] = None,
@@ -89,9 +90,15 @@ def shrink_cmd(
     calib_max_tokens: Annotated[int, typer.Option("--calib-max-tokens", help="Calibration tokens.")] = CALIB_TOKENS,
     heal_ridge: Annotated[float, typer.Option("--heal-ridge", help="Ridge of the least squares, relative to the "
                                               "activations' mean square.")] = RIDGE,
+    heal_steps: Annotated[int, typer.Option("--heal-steps", help="lora: training steps (batches of calibration "
+                                            "windows).")] = HEAL_STEPS,
+    heal_loss: Annotated[str, typer.Option("--heal-loss", help="lora: kd (KL to the full model's distributions) or "
+                                           "lm (next token).")] = "kd",
+    heal_rank: Annotated[int, typer.Option("--heal-rank", help="lora: adapter rank (alpha = 2 × rank).")] = RANK,
+    heal_lr: Annotated[float, typer.Option("--heal-lr", help="lora: AdamW learning rate.")] = LR,
     save_heal: Annotated[str | None, typer.Option(
-        "--save-heal", help="What --save writes: the healed model (the run's heal) or none (unhealed) \\[default: "
-        "the heal, with --heal].", show_default=False)] = None,
+        "--save-heal", help="What --save writes: the model healed by linear or lora, or none (unhealed) "
+        "\\[default: the run's first heal, with --heal].", show_default=False)] = None,
     batch_size: opt.BatchSize = 8,
     fresh: opt.Fresh = False,
     no_samples: opt.NoSamples = False,
@@ -110,7 +117,8 @@ def shrink_cmd(
         fresh=fresh, samples=not no_samples)
     heals = HealConfig(methods=heal or (), calib_text=str(calib_text) if calib_text else None,
                        calib_dataset=calib_dataset, calib_dataset_config=calib_dataset_config, calib_split=calib_split,
-                       calib_max_tokens=calib_max_tokens, ridge=heal_ridge)
+                       calib_max_tokens=calib_max_tokens, ridge=heal_ridge, steps=heal_steps, loss=heal_loss,
+                       rank=heal_rank, lr=heal_lr)
     config = ShrinkConfig(remove=remove, strategies=strategies or None, layers=layers, rank_by=rank_by,
                           scoring=scoring, heal=heals)
     if save_heal is not None and save_heal not in ("none", *heals.methods):

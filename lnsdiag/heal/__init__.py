@@ -15,7 +15,8 @@ output projection of the MLP before the cut, so the healed model has the pruned 
 Modules: ``sites.py`` (where and how a transform folds, checked exact by running the model),
 ``fitted.py`` (``LinearPatch``: plain data, saved as safetensors), ``linear.py`` (the fit),
 ``apply.py`` (``healed``, ``build_healed``, ``save_healed``), ``calibration.py`` (calibration
-windows, disjoint from the evaluation text).
+windows, disjoint from the evaluation text); ``lora.py``, the trained heal: LoRA adapters (peft)
+distilled from the full model's logits, merged as weight deltas (``train_lora``, ``lora_healed``).
 """
 
 from __future__ import annotations
@@ -24,8 +25,25 @@ from .apply import build_healed, healed, save_healed
 from .calibration import calibration_windows, check_disjoint
 from .fitted import LinearPatch, SpanFit, contiguous_spans
 from .linear import RIDGE, NormalEquations, fit_linear_patch
+from .lora import LoraPatch, lora_healed, save_lora_healed, train_lora
 from .sites import check_foldable, fold_site
 
-__all__ = ["RIDGE", "LinearPatch", "NormalEquations", "SpanFit", "build_healed", "calibration_windows",
-           "check_disjoint", "check_foldable", "contiguous_spans", "fit_linear_patch", "fold_site", "healed",
-           "save_healed"]
+__all__ = [
+           "RIDGE",
+           "LinearPatch",
+           "LoraPatch",
+           "NormalEquations",
+           "SpanFit",
+           "build_healed",
+           "calibration_windows",
+           "check_disjoint",
+           "check_foldable",
+           "contiguous_spans",
+           "fit_linear_patch",
+           "fold_site",
+           "healed",
+           "lora_healed",
+           "save_healed",
+           "save_lora_healed",
+           "train_lora",
+]

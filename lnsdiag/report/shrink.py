@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..results.margins import PERPLEXITY_LIKE, base_metric
+from ..results.margins import PERPLEXITY_LIKE, base_metric, margin_kind
 from ..results.verdict import headline_metrics
 from ..runners.shrink_table import FULL, is_full, layer_list, metric_row, strategies_in, strategy_rows
 from ..runners.strategies import GIVEN, names, registered
@@ -396,7 +396,8 @@ def _curve_panel(ax: Any, frame: pd.DataFrame, task: str, metric: str, top: int,
             spread += _healed_curve(ax, healed, task, metric, strategy, baseline, dodge, color, marker)
     if math.isfinite(baseline):
         if math.isfinite(margin) and margin > 0:
-            ax.axhspan(baseline - margin, baseline + margin, color=PALETTE["green"], alpha=0.13, lw=0, zorder=0)
+            low = baseline if margin_kind(metric) == "divergence" else baseline - margin  # a KL is never below 0
+            ax.axhspan(low, baseline + margin, color=PALETTE["green"], alpha=0.13, lw=0, zorder=0)
         ax.axhline(baseline, ls="--", color="0.25", lw=0.8, label="full model", zorder=1)
     chance = rows["chance"].dropna() if "chance" in rows else pd.Series(dtype=float)
     drew_chance = bool(len(chance)) and math.isfinite(float(chance.iloc[0])) and _near_chance(

@@ -1,19 +1,22 @@
-"""Healing ``shrink``'s picks: each removal set fitted a training-free linear heal on calibration text
-(:mod:`lnsdiag.heal`), and the healed pruned model scored like every removal, against the same full model.
+"""Healing ``shrink``'s picks: each removal set healed on calibration text (:mod:`lnsdiag.heal`) — a
+training-free linear map (``linear``) and/or LoRA adapters distilled from the full model (``lora``) — and
+the healed pruned model scored like every removal, against the same full model.
 
 The calibration text is never the evaluation text: its documents and its token runs are checked
 against the perplexity text's before any output (:func:`~lnsdiag.heal.calibration.check_disjoint`).
-Healed results live in a store of their own (``heal-linear/`` in the run's folder) whose settings add
-the heal's (method, ridge, the calibration text's digest) to the run's: resumable, and never mixed with
-a heal fitted on other text. Each fitted patch is kept there too (``patches/<set>.safetensors``), so a
-resumed run does not fit again. A healed variant is scored by the naive engine (the heal changes the
-block before the cut, so no kept state of the full model resumes it), with the scorers the run uses.
+Healed results live in a store of their own per method (``heal-linear/``, ``heal-lora/`` in the run's
+folder) whose settings add the heal's (method, ridge or training settings, the calibration text's
+digest) to the run's: resumable, and never mixed with a heal fitted on other text. Each fitted patch is
+kept there too (``patches/<set>.safetensors``), so a resumed run does not fit again. A healed variant
+is scored by the naive engine (a heal changes kept blocks, so no kept state of the full model resumes
+it), with the scorers the run uses.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,19 @@ from ..data.windows import TokenWindows, default_seq_len
 from ..distributed import on_main
 from ..engine.naive import run_naive
 from ..errors import OptionError, UserError
-from ..heal import RIDGE, LinearPatch, calibration_windows, fit_linear_patch, healed
+from ..heal import (
+    RIDGE,
+    LinearPatch,
+    LoraPatch,
+    calibration_windows,
+    fit_linear_patch,
+    healed,
+    lora_healed,
+    save_healed,
+    save_lora_healed,
+    train_lora,
+)
+from ..heal.lora import LOSSES, LR, RANK
 from ..interventions.units import Removal
 from ..model.load import LoadedModel
 from ..model.structure import LayerStack
@@ -33,9 +48,11 @@ from ..progress import SILENT, Progress
 from ..results.store import ResultStore, VariantResult
 from .scoring import Scoring
 
-#: Heal methods ``--heal`` takes; ``lora`` (distillation) is the next one.
-METHODS = ("linear",)
-PLANNED = {"lora": "LoRA distillation is not built yet: --heal linear is the training-free heal available"}
+#: Heal methods ``--heal`` takes.
+METHODS = ("linear", "lora")
+PLANNED: dict[str, str] = {}
+#: LoRA training steps by default (batches of the calibration windows).
+HEAL_STEPS = 100
 #: The calibration text when none is given: wikitext-2's training split (ReplaceMe and LinearPatch use it).
 DEFAULT_CALIBRATION = ("wikitext", "wikitext-2-raw-v1", "train")
 #: Calibration tokens by default (the demo's fit is as good at 16k; 64k costs a minute on a CPU).
@@ -55,6 +72,10 @@ class HealConfig:
     calib_field: str = "text"
     calib_max_tokens: int = CALIB_TOKENS
     ridge: float = RIDGE
+    steps: int = HEAL_STEPS
+    loss: str = "kd"
+    rank: int = RANK
+    lr: float = LR
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", parse_methods(self.methods))
@@ -70,6 +91,17 @@ class HealConfig:
             raise OptionError("{calib_max_tokens} must be positive, not {value}", value=self.calib_max_tokens)
         if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0):
             raise OptionError("{heal_ridge} must be 0 or more, not {value}", value=self.ridge)
+        if self.steps < 1:
+            raise OptionError("{heal_steps} must be at least 1, not {value}", value=self.steps)
+        if self.loss not in LOSSES:
+            raise OptionError("{heal_loss} must be kd (distil the full model) or lm (next token), not {value!r}",
+                              value=self.loss)
+        if self.rank < 1:
+            raise OptionError("{heal_rank} must be at least 1, not {value}", value=self.rank)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise OptionError("{heal_lr} must be positive, not {value}", value=self.lr)
+        if "lora" in self.methods and importlib.util.find_spec("peft") is None:
+            raise OptionError("{heal} lora needs peft: pip install 'lnsdiag[heal]' (or peft)")
 
     def load_calibration(self) -> TextSource:
         """The calibration text (before the model loads: a missing file or dataset fails in seconds)."""
@@ -148,19 +180,22 @@ def heal_store(folder: Path, scoring: Scoring, config: HealConfig, windows: Toke
 
 def heal_settings(config: HealConfig, windows: TokenWindows, method: str) -> dict[str, Any]:
     """What makes two heals' numbers comparable: joined to the run's settings in the heal's store."""
-    return {"heal": method, "heal_ridge": config.ridge, "calibration": f"{windows.name}#{windows.digest}",
+    own = {"heal_ridge": config.ridge} if method == "linear" else {
+        "heal_steps": config.steps, "heal_loss": config.loss, "lora_rank": config.rank, "lora_alpha": 2.0 * config.rank,
+        "heal_lr": config.lr}
+    return {"heal": method, **own, "calibration": f"{windows.name}#{windows.digest}",
             "calib_max_tokens": config.calib_max_tokens, "calib_seq_len": windows.longest}
 
 
 def heal_sets(loaded: LoadedModel, stack: LayerStack, scoring: Scoring, config: HealConfig, sets: Sequence[Removal],
-              windows: TokenWindows, store: ResultStore, *, progress: Progress = SILENT,
-              checked_against: str | None = None) -> HealOutcome:
-    """Fit (or read back) the heal of every set, then score each healed pruned model into ``store``
+              windows: TokenWindows, store: ResultStore, *, method: str = "linear", seed: int = 1234,
+              batch_size: int = 8, progress: Progress = SILENT, checked_against: str | None = None) -> HealOutcome:
+    """Fit (or read back) ``method``'s heal of every set, then score each healed pruned model into ``store``
     (:func:`heal_store`)."""
-    method = "linear"
     wanted = [s for s in dict.fromkeys(sets) if s]
-    fitted: tuple[dict[Removal, LinearPatch], dict[Removal, str]] = on_main(
-        lambda: _fit_all(loaded, stack, config, wanted, windows, store.folder / "patches", progress))
+    fit = _fitter(loaded, stack, config, windows, method, seed, batch_size, progress)
+    fitted: tuple[dict[Removal, Any], dict[Removal, str]] = on_main(
+        lambda: _fit_all(fit, PATCHES[method], wanted, store.folder / "patches"))
     patches, skipped = fitted
     for removal, why in skipped.items():
         progress.note(f"not healed: {removal.label}: {why}")
@@ -168,39 +203,71 @@ def heal_sets(loaded: LoadedModel, stack: LayerStack, scoring: Scoring, config: 
     todo = [s for s in patches if s not in done]
     if todo:
         progress.note(f"scoring {len(todo)} healed set(s) ({method}), one evaluation each")
+        apply = CONTEXTS[method]
         run_naive(loaded.model, scoring.scorers, todo, stack=stack, store=store, progress=progress,
-                  variant=lambda removal: healed(loaded.model, patches[removal], remove=True, stack=stack))
+                  variant=lambda removal: apply(loaded.model, patches[removal], remove=True, stack=stack))
     done = store.done()
     calibration = {"name": windows.name, "digest": windows.digest, "windows": len(windows),
-                   "tokens": sum(len(w) for w in windows.windows), "ridge": config.ridge,
-                   "checked_disjoint_from": checked_against}
+                   "tokens": sum(len(w) for w in windows.windows), "checked_disjoint_from": checked_against,
+                   **{k: v for k, v in heal_settings(config, windows, method).items()
+                      if k.startswith(("heal_", "lora_"))}}
     return HealOutcome(method, {s: done[s] for s in patches if s in done}, patches, skipped, calibration)
 
 
-def _fit_all(loaded: LoadedModel, stack: LayerStack, config: HealConfig, sets: list[Removal], windows: TokenWindows,
-             folder: Path, progress: Progress) -> tuple[dict[Removal, LinearPatch], dict[Removal, str]]:
+#: Each method's patch class (its ``load``), and the context that makes the loaded model the healed variant.
+PATCHES: dict[str, Any] = {"linear": LinearPatch, "lora": LoraPatch}
+CONTEXTS: dict[str, Callable[..., Any]] = {"linear": healed, "lora": lora_healed}
+SAVERS: dict[str, Callable[..., Any]] = {"linear": save_healed, "lora": save_lora_healed}
+
+
+def _fitter(loaded: LoadedModel, stack: LayerStack, config: HealConfig, windows: TokenWindows, method: str, seed: int,
+            batch_size: int, progress: Progress) -> Callable[[Removal], Any]:
+    """``method``'s heal of one removal set, fitted on ``windows``."""
+    if method == "linear":
+        return lambda removal: fit_linear_patch(loaded.model, removal, windows, ridge=config.ridge, stack=stack,
+                                                progress=progress.note)
+    return lambda removal: train_lora(loaded.model, removal, windows, steps=config.steps, loss=config.loss,
+                                      rank=config.rank, alpha=2.0 * config.rank, lr=config.lr, seed=seed,
+                                      batch_size=batch_size, stack=stack, progress=progress.note)
+
+
+def _fit_all(fit: Callable[[Removal], Any], kind: Any, sets: list[Removal], folder: Path
+             ) -> tuple[dict[Removal, Any], dict[Removal, str]]:
     """Each set's patch, read back when an earlier run of the same settings fitted it; a set the family
     cannot heal (a span at block 0 with tied embeddings, sandwich norms) is skipped with the reason."""
-    patches: dict[Removal, LinearPatch] = {}
+    patches: dict[Removal, Any] = {}
     skipped: dict[Removal, str] = {}
     folder.mkdir(parents=True, exist_ok=True)
     for removal in sets:
         path = folder / f"{removal.name}.safetensors"
         if path.is_file():
             try:
-                patches[removal] = LinearPatch.load(path)
+                patches[removal] = kind.load(path)
                 continue
             except (UserError, OSError, ValueError):
                 path.unlink(missing_ok=True)  # damaged: fitted again
         try:
-            patch = fit_linear_patch(loaded.model, removal, windows, ridge=config.ridge, stack=stack,
-                                     progress=progress.note)
+            patch = fit(removal)
         except UserError as exc:
             skipped[removal] = str(exc)
             continue
-        patch.save(path)
+        if getattr(patch, "record", {}).get("interrupted_at") is None:  # an interrupted training is used, not kept
+            patch.save(path)
         patches[removal] = patch
     return patches, skipped
+
+
+def heal_card_text(outcome: HealOutcome) -> str:
+    """How a saved model was healed, for its model card."""
+    c = outcome.calibration
+    where = f"{c['tokens']:,} tokens of {c['name']} (calibration text, disjoint from the evaluation text)"
+    if outcome.method == "linear":
+        return (f"Healed without training (linear): after the removal, a d×d linear map per removed span was fitted "
+                f"by least squares (ridge {c.get('heal_ridge', RIDGE):g}) on {where} and folded into the MLP output "
+                "projection before the cut, so the architecture is the standard one.")
+    return (f"Healed with LoRA (rank {c.get('lora_rank')}, {c.get('heal_steps')} steps of "
+            f"{'distillation from the full model (KL)' if c.get('heal_loss') == 'kd' else 'next-token loss'}, "
+            f"learning rate {c.get('heal_lr'):g}) on {where}; the adapters are merged into the weights.")
 
 
 def healed_frame(base: VariantResult, outcome: HealOutcome, picks: Sequence[Any], compare: Any) -> pd.DataFrame:

@@ -41,7 +41,6 @@ from ..distributed import on_main
 from ..engine.naive import run_naive
 from ..engine.sweep import run_fast
 from ..errors import Interrupted, OptionError, UserError
-from ..heal import save_healed
 from ..interventions.removal import removed_layers
 from ..interventions.units import Removal
 from ..measure.angular import AngularResult
@@ -54,7 +53,16 @@ from ..results.store import ResultStore, VariantResult, read_settings, settings_
 from ..results.verdict import headline_metrics, prune_frame
 from ..runs import RunFiles, Timer, atomic_write, run_record, write_tables
 from .angular_cache import AngularCache, cached_angular
-from .heal import HealConfig, HealOutcome, calibration_of, heal_sets, heal_store, healed_frame
+from .heal import (
+    SAVERS,
+    HealConfig,
+    HealOutcome,
+    calibration_of,
+    heal_card_text,
+    heal_sets,
+    heal_store,
+    healed_frame,
+)
 from .scoring import Scoring, ScoringConfig, ScoringInputs, prepare_scoring
 from .shrink_table import COLUMNS, FULL, tidy_frame, wide_shrink_frame
 from .strategies import (
@@ -195,9 +203,11 @@ class ShrinkRun:
         wide = wide_shrink_frame(self.frame, self.tasks)
         if len(self.healed):
             full = self.frame[self.frame["strategy"] == FULL]
-            healed = wide_shrink_frame(pd.concat([full, self.healed], ignore_index=True), self.tasks)
-            wide = pd.concat([wide.assign(heal="none"), healed[healed["strategy"] != FULL].assign(
-                heal=self.healed["heal"].iloc[0])], ignore_index=True)
+            parts = [wide.assign(heal="none")]
+            for method, rows in self.healed.groupby("heal", sort=False):
+                healed = wide_shrink_frame(pd.concat([full, rows], ignore_index=True), self.tasks)
+                parts.append(healed[healed["strategy"] != FULL].assign(heal=method))
+            wide = pd.concat(parts, ignore_index=True)
         return write_tables(self.folder, {"shrink.csv": tidy_frame(both), "shrink_wide.csv": wide}, self.meta)
 
     def best(self, n: int | None = None) -> Pick:
@@ -337,8 +347,11 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
         if calib is not None:
             with timer("heal"):
                 checked = inputs.ppl_text.name if inputs.ppl_text is not None else None
-                heals["linear"] = heal_sets(loaded, stack, scoring, config.heal, [p.removal for p in picks], calib,
-                                            heal_stores["linear"], progress=progress, checked_against=checked)
+                for method in config.heal.methods:
+                    heals[method] = heal_sets(loaded, stack, scoring, config.heal, [p.removal for p in picks], calib,
+                                              heal_stores[method], method=method, seed=scoring_config.seed,
+                                              batch_size=scoring_config.batch_size, progress=progress,
+                                              checked_against=checked)
     except KeyboardInterrupt as exc:
         raise Interrupted(f"{len(store.done())} removal sets are saved in {folder}; rerun the same command to "
                           "resume.") from exc
@@ -501,12 +514,7 @@ def save_pick(run: ShrinkRun, loaded: LoadedModel, folder: str | Path, *, strate
     describe = loaded.describe()
     notes = f"Scores from `lnsdiag shrink` ({run.folder}); verdicts: {run.meta['dead_rule']}"
     if outcome is not None:
-        calib = outcome.calibration
-        notes = (f"Healed without training ({outcome.method}): after the removal, a d×d linear map per removed span "
-                 f"was fitted by least squares (ridge {calib['ridge']:g}) on {calib['tokens']:,} tokens of "
-                 f"{calib['name']} (calibration text, disjoint from the evaluation text) and folded into the MLP "
-                 f"output projection before the cut, so the architecture is the standard one. The scores above are "
-                 f"the healed model's. {notes}")
+        notes = f"{heal_card_text(outcome)} The scores above are the healed model's. {notes}"
     card = model_card(source=describe.get("source"), revision=describe.get("revision"),
                       removed=list(pick.removal.blocks), num_layers=run.meta["num_layers"], strategy=pick.strategy,
                       n=pick.n, scores=scores, notes=notes)
@@ -515,8 +523,8 @@ def save_pick(run: ShrinkRun, loaded: LoadedModel, folder: str | Path, *, strate
                    revision=describe.get("revision"),
                    provenance={"rank_by": "/".join(run.rank_by), "scores": run.folder.as_posix()})
     if outcome is not None:
-        patch = outcome.patches[pick.removal]
-        return on_main(lambda: save_healed(loaded.model, patch, folder, **options))
+        patch, save = outcome.patches[pick.removal], SAVERS[outcome.method]
+        return on_main(lambda: save(loaded.model, patch, folder, **options))
     return on_main(lambda: save_without_layers(  # one rank writes the checkpoint; the others wait for it
         loaded.model, pick.removal.blocks, folder, **options))
 

@@ -144,9 +144,12 @@ def test_tasks_and_strategies_repeat_as_lists(tiny_llama_dir, text_file, tmp_pat
      "first_miss is reported without a test"),
     (["shrink", "{m}", "--ppl-text", "{t}", "--calib-text", "{t}"], "--calib-text applies to --heal: give --heal "
                                                                     "linear too, or drop it"),
-    (["shrink", "{m}", "--ppl-text", "{t}", "--heal", "lora"], "--heal lora: LoRA distillation is not built yet"),
+    (["shrink", "{m}", "--ppl-text", "{t}", "--heal", "lora", "--heal-loss", "ce"], "--heal-loss must be kd (distil "
+                                                                                "the full model) or lm"),
+    (["shrink", "{m}", "--ppl-text", "{t}", "--heal", "lora", "--heal-steps", "0"], "--heal-steps must be at least "
+                                                                                "1, not 0"),
     (["shrink", "{m}", "--ppl-text", "{t}", "--heal", "linaer"], "--heal 'linaer' is not a heal: the heals are "
-                                                                 "linear"),
+                                                                 "linear, lora"),
     (["shrink", "{m}", "--ppl-text", "{t}", "--heal", "linear", "--save-heal", "linear"], "--save-heal applies "
                                                                                           "to --save"),
     (["shrink", "{m}", "--ppl-text", "{t}", "--heal", "linear", "--calib-text", "{t}", "--calib-dataset", "stdlib"],
