@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -85,7 +86,10 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("dist-inputs")
     text = folder / "sample.txt"
     text.write_text(SAMPLE_TEXT * 20, encoding="utf-8")
-    return {"tasks": write_tasks(folder / "tasks", docs=10), "text": text}
+    calib = folder / "calib.txt"  # the sample's words in another order: no run of tokens in common with it
+    rng = random.Random(3)
+    calib.write_text(" ".join(rng.choice(SAMPLE_TEXT.split()) for _ in range(1500)), encoding="utf-8")
+    return {"tasks": write_tasks(folder / "tasks", docs=10), "text": text, "calib": calib}
 
 
 def _prune_args(model: Path, inputs: dict[str, Path], *extra: str) -> list:
@@ -104,8 +108,10 @@ def _commands(model: Path, inputs: dict[str, Path]) -> dict[str, list]:
         "naive": _prune_args(model, inputs, "--engine", "naive", "--no-angular"),
         "angular": ["angular", model, *measure],
         "variance": ["variance", model, *measure],
+        # shrink, every pick healed too (the fits dealt to the ranks, the healed sets scored by the naive engine)
         "shrink": ["shrink", model, "--remove", "2", "--tasks", "tiny_mc", "--include-path", inputs["tasks"],
-                   "--ppl-text", inputs["text"], "--batch-size", "2", "--batch-tokens", "64"],
+                   "--ppl-text", inputs["text"], "--batch-size", "2", "--batch-tokens", "64", "--heal", "linear",
+                   "--calib-text", inputs["calib"], "--calib-max-tokens", "1024"],
     }
 
 
@@ -200,6 +206,9 @@ def test_shrink_two_ranks_write_what_one_process_writes(runs):
     run = runs["shrink"]
     run.check_two_ranks_succeeded()
     assert (run.two / "shrink.csv").read_bytes() == (run.one / "shrink.csv").read_bytes()
+    assert b",linear," in (run.two / "shrink.csv").read_bytes()  # the healed picks, computed the same way
+    assert sorted(p.name for p in (run.two / "heal-linear" / "patches").iterdir()) == \
+        sorted(p.name for p in (run.one / "heal-linear" / "patches").iterdir())
 
 
 # --- faults ----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import pandas as pd
 
 from ..data.text import TextSource, from_dataset, from_file
 from ..data.windows import TokenWindows, default_seq_len
-from ..distributed import on_main
+from ..distributed import all_gather, my_share
 from ..engine.naive import run_naive
 from ..errors import OptionError, UserError
 from ..heal import (
@@ -194,9 +194,11 @@ def heal_sets(loaded: LoadedModel, stack: LayerStack, scoring: Scoring, config: 
     (:func:`heal_store`)."""
     wanted = [s for s in dict.fromkeys(sets) if s]
     fit = _fitter(loaded, stack, config, windows, method, seed, batch_size, progress)
-    fitted: tuple[dict[Removal, Any], dict[Removal, str]] = on_main(
-        lambda: _fit_all(fit, PATCHES[method], wanted, store.folder / "patches"))
-    patches, skipped = fitted
+    mine = [wanted[i] for i in my_share([len(s.blocks) for s in wanted])]  # under a launcher: a share each
+    fitted = all_gather(_fit_all(fit, PATCHES[method], mine, store.folder / "patches"))
+    patches = {s: p for part, _ in fitted for s, p in part.items()}
+    patches = {s: patches[s] for s in wanted if s in patches}  # one order on every rank
+    skipped = {s: why for _, part in fitted for s, why in part.items()}
     for removal, why in skipped.items():
         progress.note(f"not healed: {removal.label}: {why}")
     done = store.done()
