@@ -209,3 +209,13 @@ def test_cli_heals_with_lora_and_linear_side_by_side(tiny_llama_dir, text_file, 
     settings = json.loads((out / "heal-lora" / "settings.json").read_text())
     assert settings["heal"] == "lora" and settings["heal_steps"] == 6 and settings["heal_loss"] == "kd"
     assert "Healed (lora, no training)" not in res.output and "Healed (lora" in res.output
+
+
+def test_calibration_defaults_to_the_training_split_of_the_scored_dataset():
+    from lnsdiag.runners.heal import calibration_beside
+
+    assert calibration_beside(ScoringConfig(ppl_dataset="stdlib")) == ("stdlib", None)  # scored on test: train
+    assert calibration_beside(ScoringConfig(ppl_dataset="stdlib", ppl_split="train")) is None  # then wikitext-2
+    assert calibration_beside(ScoringConfig(ppl_text="x.txt")) is None
+    source = HealConfig(methods="linear").load_calibration(("stdlib", None))
+    assert source.name == "stdlib-docstrings[train]" and source.texts

@@ -14,7 +14,7 @@ from ..heal.lora import LR, RANK
 from ..model import quantize
 from ..model.load import ModelOptions
 from ..model.structure import find_layers
-from ..runners.heal import CALIB_TOKENS, HEAL_STEPS, METHODS, HealConfig, check_calibration
+from ..runners.heal import CALIB_TOKENS, HEAL_STEPS, METHODS, HealConfig, calibration_beside, check_calibration
 from ..runners.scoring import ScoringConfig
 from ..runners.shrink import ShrinkConfig, check_reuse, check_save_target, run, save_pick
 from ..runners.strategies import STRATEGIES
@@ -80,7 +80,7 @@ def shrink_cmd(
         "from the full model's logits, merged); comma-separated or repeated.", show_default=False)] = None,
     calib_text: Annotated[Path | None, typer.Option(
         "--calib-text", help="Calibration text of --heal (plain or JSONL; never the evaluation text) \\[default: "
-        "wikitext-2's training split].", show_default=False)] = None,
+        "the training split of --ppl-dataset, else wikitext-2's].", show_default=False)] = None,
     calib_dataset: Annotated[str | None, typer.Option(
         "--calib-dataset", help="Calibration text from a `datasets` dataset (or `stdlib`).",
         show_default=False)] = None,
@@ -141,7 +141,7 @@ def shrink_cmd(
     calibration = None
     if heals.methods:  # a missing calibration file or dataset fails before the model loads
         with ui.status("loading the calibration text"), timer("calibration"):
-            calibration = heals.load_calibration()
+            calibration = heals.load_calibration(calibration_beside(scoring))
     inputs, loaded = opt.load_inputs(scoring, model, timer, check=config.check_scored)
     config.check_model(len(find_layers(loaded.model, model.layers_path)))  # before any output exists
     if calibration is not None:  # calibration that overlaps the evaluation text: refused before any output

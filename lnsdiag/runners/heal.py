@@ -103,19 +103,31 @@ class HealConfig:
         if "lora" in self.methods and importlib.util.find_spec("peft") is None:
             raise OptionError("{heal} lora needs peft: pip install 'lnsdiag[heal]' (or peft)")
 
-    def load_calibration(self) -> TextSource:
-        """The calibration text (before the model loads: a missing file or dataset fails in seconds)."""
+    def load_calibration(self, beside: tuple[str, str | None] | None = None) -> TextSource:
+        """The calibration text (before the model loads: a missing file or dataset fails in seconds). Not given:
+        the training split of ``beside`` (the dataset the variants are scored on, when not on its training
+        split: the demo's docstrings), else wikitext-2's."""
         if self.calib_text is not None:
             return from_file(self.calib_text, self.calib_field)
         if self.calib_dataset is not None:
             return from_dataset(self.calib_dataset, self.calib_dataset_config, self.calib_split or "train",
                                 self.calib_field)
+        if beside is not None:
+            return from_dataset(beside[0], beside[1], "train", self.calib_field)
         try:
             return from_dataset(*DEFAULT_CALIBRATION, self.calib_field)
         except UserError as exc:
             reason = str(exc).split(" (offline?", 1)[0]  # its hint names the perplexity options, not these
             raise UserError(f"--heal needs calibration text, and its default is not reachable: {reason}; give "
                             "--calib-text FILE or --calib-dataset NAME (stdlib works offline)") from exc
+
+
+def calibration_beside(scoring: Any) -> tuple[str, str | None] | None:
+    """The dataset whose training split calibrates by default: the perplexity dataset, when the run scores
+    another split of it (``--ppl-dataset stdlib``: the stdlib docstrings' train split)."""
+    if scoring.ppl_dataset is None or (scoring.ppl_split or "test") == "train":
+        return None
+    return scoring.ppl_dataset, scoring.ppl_dataset_config
 
 
 def parse_methods(value: str | Sequence[str] | None) -> tuple[str, ...]:

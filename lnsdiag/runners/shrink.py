@@ -57,6 +57,7 @@ from .heal import (
     SAVERS,
     HealConfig,
     HealOutcome,
+    calibration_beside,
     calibration_of,
     heal_card_text,
     heal_sets,
@@ -307,7 +308,7 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
     folder = Path(out)
     scoring_config = config.scoring
     if config.heal.methods and calibration is None:
-        calibration = config.heal.load_calibration()
+        calibration = config.heal.load_calibration(calibration_beside(scoring_config))
     inputs = inputs or scoring_config.load_inputs()
     config.check_scored(scoring_config.scored(inputs))
     stack = find_layers(loaded.model, layers_path)
