@@ -68,6 +68,8 @@ def metric_row(part: pd.DataFrame, task: str, metric: str) -> pd.Series | None:
 
 def tidy_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """shrink.csv: :data:`COLUMNS` first, ``removed_layers`` as text (so "3,4,7" and "31" read back alike)."""
+    if "heal" not in frame:  # a frame built without the column: its rows are unhealed
+        frame = frame.assign(heal="none")
     out = frame[[c for c in COLUMNS if c in frame] + [c for c in frame if c not in COLUMNS]].copy()
     out["removed_layers"] = pd.array([layers_text(v) for v in out["removed_layers"]], dtype=object)
     return out
