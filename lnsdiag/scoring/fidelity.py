@@ -270,11 +270,8 @@ class ComparedRequests(Scorer):
     def _scores(self, results: list[Any]) -> Scores:
         scores = Scores()
         for task, result in zip(self.tasks, results, strict=True):
-            scores += Scores(self.rows_of(result, task), {task: result})
+            scores += Scores(result.rows(task), {task: result})
         return scores
-
-    def rows_of(self, result: Any, task: str) -> list:
-        return result.rows(task)
 
     def score(self) -> Scores:
         compared = compare_requests(self.model, self._requests, max_length=self.max_length,
