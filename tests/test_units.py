@@ -49,13 +49,14 @@ def _of(layer):
 
 # --- units ----------------------------------------------------------------------------------------
 
-def test_a_unit_is_a_block_for_now():
+def test_a_unit_is_a_block_or_a_sublayer():
     assert str(Block(3)) == "3" and Block(3).token == "003" and Block(3).to_json() == 3
     assert Block(3) == Block(3) and hash(Block(3)) == hash(Block(3)) and Block(3) != Block(4)
     assert sorted([Block(4), Block(0), Block(3)]) == [Block(0), Block(3), Block(4)]
     assert Block(2) < Block(3) <= Block(3) and Block(np.int64(5)).block == 5 and type(Block(np.int64(5)).block) is int
     assert Unit.parse("3") == Unit.parse(3) == Unit.parse(" 3 ") == Block(3)
-    for bad in ("3.", "3.attn", "x", "3.block", ""):
+    assert Unit.parse("3.attn").kind == "attn" and Unit.parse("3.mlp").kind == "mlp"
+    for bad in ("3.", "3.foo", "x", "3.block", ""):
         with pytest.raises(ValueError):
             Unit.parse(bad)
     with pytest.raises(TypeError):
@@ -103,10 +104,12 @@ def test_shrinks_set_grammar_and_its_messages():
     assert Removal.parse(" 3 ,, 5 ") == Removal((3, 5)) and Removal.parse([5, 3, 3]) == Removal((3, 5))
     assert Removal.parse(Removal.of(2)) == Removal.of(2)
     assert Removal.parse("-1").blocks == (-1,)  # checked against the model later ("out of range")
-    for bad in ("x", "3,a", "5-3", "3-", "3.5"):
+    for bad in ("x", "3,a", "5-3", "3-", "a.attn"):
         with pytest.raises(UserError) as err:
             Removal.parse(bad)
-        assert str(err.value) == f"--layers must be layer numbers like 3,4,7 or 3-5, not {bad!r}"
+        assert str(err.value) == f"--layers must be layer numbers like 3,4,7 or 3-5 (3.attn, 3.mlp: a sub-layer), not {bad!r}"
+    with pytest.raises(UserError, match=r"'3.5' names no unit"):
+        Removal.parse("3.5")
     for empty in ("", ",", " , "):
         with pytest.raises(UserError) as err:
             Removal.parse(empty)

@@ -1,4 +1,5 @@
-"""The reference for every removal: a model really built without some blocks.
+"""The reference for every removal: a model really built without some blocks (and, for a removed
+attention or MLP sub-layer, with its output projection zeroed).
 
 A fresh model of the same class is constructed from a config that really has fewer layers
 (each kept layer keeping its role: layer types, MoE/dense split, LNS scale), and the kept
@@ -12,11 +13,13 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..model.families import PER_LAYER_CONFIG_LISTS
+from ..interventions.units import Removal
+from ..model.families import ATTENTION_OUTPUT_PROJECTIONS, MLP_OUTPUT_PROJECTIONS, PER_LAYER_CONFIG_LISTS
 from ..model.load import restore_norms
-from ..model.structure import LayerStack, find_layers, parse_layer_spec, text_config
+from ..model.structure import LayerStack, find_layers, parse_layer_spec, sublayer_site, text_config
 
 
 def config_without(config: Any, keep: list[int], total: int) -> Any:
@@ -78,3 +81,34 @@ def build_without_layers(model: nn.Module, layers: Iterable[int], stack: LayerSt
     if getattr(model, "generation_config", None) is not None:
         new_model.generation_config = copy.deepcopy(model.generation_config)
     return new_model.eval()
+
+
+def zeroed_projections(block: nn.Module, kind: str) -> list[tuple[str, nn.Parameter]]:
+    """The parameters of ``block``'s ``kind`` sub-layer (``attn``, ``mlp``) that produce its update:
+    its output projection's weight and bias (every routed and shared expert's, fused 3-D expert
+    weights included), or all of its site's when the site is itself the projection (BERT, OPT's
+    ``fc2``). Zeroed, the sub-layer's update is exactly zero."""
+    site = sublayer_site(block, kind)
+    names = ATTENTION_OUTPUT_PROJECTIONS if kind == "attn" else MLP_OUTPUT_PROJECTIONS
+    own = isinstance(site.module, nn.Linear) or hasattr(site.module, "nf")
+    found = [(f"{site.name}.{n}", p) for n, p in site.module.named_parameters()
+             if own or any(part in names for part in n.split("."))]
+    if not found:
+        raise ValueError(f"no output projection named {', '.join(names)} in {site.name} of {type(block).__name__}")
+    return found
+
+
+def build_without_units(model: nn.Module, removal: Removal, stack: LayerStack | None = None) -> nn.Module:
+    """The reference of any removal: a copy of ``model`` with each removed sub-layer's output
+    projection zeroed (:func:`zeroed_projections`), then really built without the removed blocks
+    (:func:`build_without_layers`). The original is untouched."""
+    stack = stack or find_layers(model)
+    copied = copy.deepcopy(model)
+    copied_stack = find_layers(copied, stack.path)
+    with torch.no_grad():
+        for unit in removal.sublayers:
+            for _, param in zeroed_projections(copied_stack.layers[unit.block], unit.kind):
+                param.zero_()
+    if not removal.blocks:
+        return copied.eval()
+    return build_without_layers(copied, removal.blocks, copied_stack)

@@ -1,8 +1,12 @@
-"""Remove blocks from a model's stack, reversibly: context managers only.
+"""Remove blocks, or their attention / MLP sub-layers, from a model, reversibly: context managers only.
 
 Removal never touches weights: each removed block's ``forward`` is overridden (through a
 :class:`~lnsdiag.model.patch.Patches` handle) for the duration of a ``with removed_layers(...)``
-block and restored on exit, exceptions included.
+block and restored on exit, exceptions included. A removed sub-layer's site
+(:func:`~lnsdiag.model.structure.sublayer_site`: the module whose output is its update to the
+residual stream, and a sandwich norm after it) returns zeros of its output's shape instead, so
+the block adds nothing for it — the same computation as its output projection zeroed
+(:func:`lnsdiag.checkpoint.reference.build_without_units`).
 
 Two ways to remove a block, chosen per call (``mode``):
 
@@ -13,6 +17,9 @@ Two ways to remove a block, chosen per call (``mode``):
   (layer 0, the first sliding layer, ...) how long the context is, and a skipped block
   leaves its slot empty. Costs the block's compute.
 * ``auto`` (default) skips, unless the call carries a KV cache, then passes through.
+
+A removed MLP is always skipped (it writes no cache); a removed attention follows ``mode`` as a
+block does.
 
 What is removed is a :class:`~lnsdiag.interventions.units.Removal` (or plain block numbers).
 The reference every removal is tested against, a model really built without the blocks,
@@ -30,7 +37,7 @@ from torch import nn
 
 from ..model.families import CACHE_KWARGS
 from ..model.patch import overrides_lifted, patched, patched_forward, tensors_lifted
-from ..model.structure import LayerStack, block_input, find_layers, parse_layer_spec
+from ..model.structure import LayerStack, block_input, find_layers, parse_layer_spec, sublayer_site
 from .units import Removal
 
 RemovalMode = Literal["auto", "skip", "passthrough"]
@@ -78,6 +85,32 @@ def _removed_forward(module: nn.Module, mode: RemovalMode) -> Callable[..., Any]
     return forward
 
 
+#: A sub-layer site class's output form, learnt by running one once per class and process: the
+#: length of the tuple it returns, or None for a plain tensor.
+_SITE_FORM: dict[type, int | None] = {}
+
+
+def _silenced_forward(module: nn.Module, mode: RemovalMode) -> Callable[..., Any]:
+    """A sub-layer site's forward that returns zeros shaped as its update (a tuple's other entries
+    None: what a block discards, attention weights). Runs the real one (output discarded) when
+    ``mode`` asks to pass through or a KV cache is carried, so an attention still fills its cache."""
+    real = module.forward
+    cls = type(module)
+    width = getattr(module, "out_features", None) or getattr(module, "nf", None)  # Linear / GPT-2 Conv1D
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        hidden = block_input(args, kwargs)
+        if mode == "passthrough" or (mode == "auto" and _carries_cache(args, kwargs)) or cls not in _SITE_FORM:
+            out = real(*args, **kwargs)
+            _SITE_FORM[cls] = len(out) if isinstance(out, tuple) else None
+        shape = (*hidden.shape[:-1], width) if width else hidden.shape
+        zeros = hidden.new_zeros(shape)
+        form = _SITE_FORM[cls]
+        return zeros if form is None else (zeros, *([None] * (form - 1)))
+
+    return forward
+
+
 @contextmanager
 def removed_layers(
     model: nn.Module,
@@ -88,8 +121,8 @@ def removed_layers(
 ) -> Iterator[LayerStack]:
     """Remove ``layers`` from ``model`` inside the ``with`` block; restore on exit.
 
-    ``layers`` is a :class:`~lnsdiag.interventions.units.Removal`, or 0-based block numbers (one or
-    several; negative ones count from the end).
+    ``layers`` is a :class:`~lnsdiag.interventions.units.Removal` (blocks and sub-layers), or 0-based
+    block numbers (one or several; negative ones count from the end).
 
     >>> with removed_layers(model, [3]):
     ...     logits = model(ids, use_cache=False).logits
@@ -105,11 +138,22 @@ def removed_layers(
             if patched_forward(module) in (REMOVED, RESUMED):
                 raise RuntimeError(f"layer {i} is already removed (nested removal of the same layer)")
             patches.forward(module, _removed_forward(module, mode), tag=REMOVED)
+        for unit in layers.sublayers if isinstance(layers, Removal) else ():
+            if not 0 <= unit.block < len(stack):
+                raise IndexError(f"{unit}: the model has {len(stack)} layers (0-{len(stack) - 1})")
+            site = sublayer_site(stack.layers[unit.block], unit.kind)
+            if patched_forward(site.module) == REMOVED:
+                raise RuntimeError(f"{unit} is already removed (nested removal of the same sub-layer)")
+            patches.forward(site.module, _silenced_forward(site.module, mode if unit.kind == "attn" else "skip"),
+                            tag=REMOVED)
+            if site.post_norm is not None:
+                patches.forward(site.post_norm, torch.zeros_like, tag=REMOVED)
         yield stack
 
 
 def _blocks(layers: Removal | Iterable[int] | int, num_layers: int) -> list[int]:
-    """The blocks ``layers`` names, checked against a stack of ``num_layers``; none for the full model."""
+    """The whole blocks ``layers`` names, checked against a stack of ``num_layers``; none for the full
+    model (or a removal of sub-layers only)."""
     if isinstance(layers, Removal):
         wanted = list(layers.blocks)
     else:
@@ -152,5 +196,6 @@ def removals_suspended(model: nn.Module, *, stack: LayerStack | None = None) -> 
     :data:`VARIANT_WEIGHTS`): what the model is (LayerNorm Scaling, Post-LN) stays.
     """
     stack = stack or find_layers(model)
-    with overrides_lifted(list(stack.layers), (REMOVED, RESUMED)), tensors_lifted(model, (VARIANT_WEIGHTS,)):
+    modules = [m for layer in stack.layers for m in layer.modules()]
+    with overrides_lifted(modules, (REMOVED, RESUMED)), tensors_lifted(model, (VARIANT_WEIGHTS,)):
         yield stack

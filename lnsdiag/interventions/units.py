@@ -1,11 +1,12 @@
 """What a variant removes: units of a model, and sets of them — each form they take named once.
 
-A :class:`Unit` is one removable piece of a model (today a whole block, :class:`Block`); a
-:class:`Removal` is a set of units (empty: the full model). Every form a removal takes outside
+A :class:`Unit` is one removable piece of a model: a whole block (:class:`Block`), or one of its
+two sub-layers, its attention (:class:`Attention`, ``3.attn``) or its MLP (:class:`Mlp`, ``3.mlp``);
+a :class:`Removal` is a set of units (empty: the full model). Every form a removal takes outside
 the program is defined here and nowhere else, so result folders, checkpoints and CSVs agree
 (blocks 3, 4 and 7 / block 3 alone / the full model):
 
-* ``shrink --layers``: ``3,4,7`` or ``3-4,7`` / ``3`` (:meth:`Removal.parse`);
+* ``shrink --layers``: ``3,4,7`` or ``3-4,7`` / ``3`` / ``3,5.attn,7.mlp`` (:meth:`Removal.parse`);
 * the store key and file name: ``layers_003_004_007`` / ``layer_003`` / ``baseline`` (:attr:`Removal.name`);
 * JSON, in variant files and engine checkpoints: ``[3, 4, 7]`` / ``3`` / ``null`` (:meth:`Removal.to_json`);
 * a CSV cell: ``3,4,7`` / ``3`` / empty (:attr:`Removal.cell`);
@@ -15,15 +16,9 @@ the program is defined here and nowhere else, so result folders, checkpoints and
 the model's depth: :func:`lnsdiag.model.structure.parse_layer_spec` reads it, :meth:`Removal.each`
 makes each block one removal.
 
-**Adding a unit kind** (a block's attention or MLP sub-layer) is one class and one entry in
-:data:`KINDS`; its text is ``<block>.<part>`` (``3.attn``) in every form above, and it sorts after
-the whole block of the same number::
-
-    @dataclass(frozen=True)
-    class Attention(Unit):
-        part: ClassVar[str] = "attn"  # the attention sub-layer of a block
-
-    KINDS = (Block, Attention)
+**Adding a unit kind** is one class and one entry in :data:`KINDS`; its text is ``<block>.<part>``
+(``3.attn``) in every form above, and it sorts after the whole block of the same number. A set
+never holds a sub-layer of a block it removes whole (:meth:`Removal.parse` refuses ``3,3.attn``).
 
 How a unit is taken out of a model is :mod:`.removal`'s business: this module is plain values.
 """
@@ -70,6 +65,11 @@ class Unit:
         return f"{self.block}.{self.part}" if self.part else str(self.block)
 
     @property
+    def kind(self) -> str:
+        """The unit's kind as CSVs and ``--unit`` name it: ``block``, ``attn``, ``mlp``."""
+        return self.part or "block"
+
+    @property
     def token(self) -> str:
         """The unit in a store file name: ``003`` (``003attn``)."""
         return f"{self.block:03d}{self.part}"
@@ -90,14 +90,59 @@ class Unit:
             raise ValueError(f"not a unit: {text!r}")
         return kinds[part](int(block))
 
+    def of_kind(self, kind: str) -> Unit:
+        """The unit of kind ``kind`` (``block``, ``attn``, ``mlp``) in the same block."""
+        return KIND_NAMES[kind](self.block)
+
 
 @dataclass(frozen=True)
 class Block(Unit):
     """A whole block of the stack: removed, the block passes its input on unchanged."""
 
 
+@dataclass(frozen=True)
+class Attention(Unit):
+    """A block's attention sub-layer: removed, it adds nothing to the residual stream (the block
+    keeps its MLP)."""
+
+    part: ClassVar[str] = "attn"
+
+
+@dataclass(frozen=True)
+class Mlp(Unit):
+    """A block's MLP (or mixture-of-experts) sub-layer: removed, it adds nothing to the residual
+    stream (the block keeps its attention)."""
+
+    part: ClassVar[str] = "mlp"
+
+
 #: Every unit kind, in the order units of one block sort (a whole block first).
-KINDS: tuple[type[Unit], ...] = (Block,)
+KINDS: tuple[type[Unit], ...] = (Block, Attention, Mlp)
+#: The kinds by their names (``--unit block,attn,mlp``; the CSVs' ``unit`` column).
+KIND_NAMES: dict[str, type[Unit]] = {k.part or "block": k for k in KINDS}
+
+
+def parse_kinds(value: str | Iterable[str]) -> tuple[str, ...]:
+    """``--unit``: ``"block"``, ``"attn,mlp"`` → the kinds' names in :data:`KINDS` order. A name that
+    is none (``attention``) is refused in one line naming the close one."""
+    names = [v.strip().lower() for v in (value.split(",") if isinstance(value, str) else value)]
+    names = [n for n in names if n]
+    if not names:
+        raise UserError("--unit names no unit kind: use block, attn or mlp")
+    for name in names:
+        if name not in KIND_NAMES:
+            raise UserError(f"--unit {name!r} is no unit kind: {_kind_hint(name)}")
+    return tuple(k for k in KIND_NAMES if k in names)
+
+
+def _kind_hint(name: str) -> str:
+    """"did you mean attn?" for a near miss, else the list of kinds."""
+    import difflib
+
+    aliases = {"attention": "attn", "self_attn": "attn", "attn": "attn", "ffn": "mlp", "feed_forward": "mlp",
+               "mlp": "mlp", "moe": "mlp", "layer": "block", "layers": "block", "blocks": "block"}
+    close = aliases.get(name) or next(iter(difflib.get_close_matches(name, list(KIND_NAMES), n=1, cutoff=0.5)), None)
+    return f"did you mean {close}?" if close else "use block, attn or mlp"
 
 
 @dataclass(frozen=True, order=True)
@@ -112,6 +157,10 @@ class Removal:
 
     def __post_init__(self) -> None:
         units = {u if isinstance(u, Unit) else Block(u) for u in self.units}
+        whole = {u.block for u in units if isinstance(u, Block)}
+        inside = sorted(u for u in units if u.part and u.block in whole)
+        if inside:
+            raise ValueError(f"{inside[0]} is inside block {inside[0].block}, which the set removes whole")
         object.__setattr__(self, "units", tuple(sorted(units)))
 
     # --- building --------------------------------------------------------------------------------
@@ -126,38 +175,33 @@ class Removal:
         return cls(tuple(value))
 
     @classmethod
-    def each(cls, blocks: Iterable[int]) -> list[Removal]:
-        """One removal per block, in order: ``prune``'s one-at-a-time sweep of the blocks its
-        ``--layers`` selects (:func:`~lnsdiag.model.structure.parse_layer_spec`)."""
-        return [cls.of(b) for b in blocks]
+    def each(cls, blocks: Iterable[int], kinds: Iterable[str] = ("block",)) -> list[Removal]:
+        """One removal per block and unit kind, in order (block 3, 3.attn, 3.mlp, block 4, ...):
+        ``prune``'s one-at-a-time sweep of the blocks its ``--layers`` selects
+        (:func:`~lnsdiag.model.structure.parse_layer_spec`), for each of its ``--unit`` kinds."""
+        kinds = tuple(kinds)
+        return [cls.of(KIND_NAMES[k](b)) for b in blocks for k in KIND_NAMES if k in kinds]
 
     @classmethod
-    def parse(cls, value: str | Iterable[int] | Removal) -> Removal:
-        """``shrink``'s ``--layers``: ``"3,4,7"`` or ``"3-5,9"`` → blocks 3, 4, 5, 9 (checked against the
-        model later); a sequence of block numbers is taken as it is."""
+    def parse(cls, value: str | Iterable[int | Unit] | Removal) -> Removal:
+        """``shrink``'s ``--layers``: ``"3,4,7"``, ``"3-5,9"`` (blocks), ``"3.attn,5-6.mlp"`` (sub-layers)
+        → the set (blocks checked against the model later); a sequence of units or block numbers is
+        taken as it is."""
         if isinstance(value, Removal):
             return value
         if not isinstance(value, str):
-            return cls(tuple(int(i) for i in value))
-        out: set[int] = set()
+            return cls(tuple(value))
+        out: set[Unit] = set()
         for part in value.split(","):
             part = part.strip()
-            if not part:
-                continue
-            try:
-                if "-" in part[1:]:
-                    a, b = part.split("-", 1)
-                    lo, hi = int(a), int(b)
-                    if hi < lo:
-                        raise ValueError
-                    out.update(range(lo, hi + 1))
-                else:
-                    out.add(int(part))
-            except ValueError:
-                raise UserError(f"--layers must be layer numbers like 3,4,7 or 3-5, not {value!r}") from None
+            if part:
+                out.update(_parse_part(part, value))
         if not out:
             raise UserError("--layers names no layer")
-        return cls(tuple(out))
+        try:
+            return cls(tuple(out))
+        except ValueError as exc:
+            raise UserError(f"--layers {value!r}: {exc}") from None
 
     # --- its forms outside the program -----------------------------------------------------------
 
@@ -225,13 +269,31 @@ class Removal:
         return tuple(u.block for u in self.units if isinstance(u, Block))
 
     @property
+    def sublayers(self) -> tuple[Unit, ...]:
+        """The attention and MLP sub-layers it removes (of blocks it keeps), ascending."""
+        return tuple(u for u in self.units if not isinstance(u, Block))
+
+    @property
+    def single(self) -> Unit | None:
+        """The unit, when it removes exactly one (a one-at-a-time sweep's variant); else None."""
+        return self.units[0] if len(self.units) == 1 else None
+
+    @property
+    def kind(self) -> str:
+        """The kind of its units when they share one (``block``, ``attn``, ``mlp``), ``mixed`` when they
+        do not, empty for the full model: the CSVs' ``unit`` column."""
+        kinds = {u.kind for u in self.units}
+        return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "")
+
+    @property
     def single_block(self) -> int | None:
         """The block, when it removes exactly one whole block (a one-at-a-time sweep's variant); else None."""
         return self.units[0].block if len(self.units) == 1 and isinstance(self.units[0], Block) else None
 
     @property
     def first(self) -> int:
-        """The block of its first unit: where the fast engine resumes from the kept input."""
+        """The block of its first unit: the fast engine resumes from this block's kept input (after
+        the block when it is removed whole, at it when only a sub-layer of it is)."""
         if not self.units:
             raise ValueError("the full model removes nothing")
         return self.units[0].block
@@ -251,6 +313,27 @@ class Removal:
 
     def __contains__(self, unit: object) -> bool:
         return (Block(unit) if isinstance(unit, int) else unit) in self.units
+
+
+def _parse_part(part: str, value: str) -> list[Unit]:
+    """One comma-separated part of ``--layers``: ``3``, ``3-5``, ``3.attn`` or ``3-5.mlp``."""
+    span, dot, kind = part.partition(".")
+    if (dot and kind not in KIND_NAMES) or kind == "block":
+        hint = _kind_hint(kind) if kind else "write 3.attn or 3.mlp"
+        raise UserError(f"--layers {value!r}: {part!r} names no unit ({hint})")
+    try:
+        if "-" in span[1:]:
+            a, b = span.split("-", 1)
+            lo, hi = int(a), int(b)
+            if hi < lo:
+                raise ValueError
+            blocks = range(lo, hi + 1)
+        else:
+            blocks = range(int(span), int(span) + 1)
+    except ValueError:
+        raise UserError(f"--layers must be layer numbers like 3,4,7 or 3-5 (3.attn, 3.mlp: a sub-layer), "
+                        f"not {value!r}") from None
+    return [KIND_NAMES[kind or "block"](b) for b in blocks]
 
 
 def _json_unit(value: Any) -> int | str:

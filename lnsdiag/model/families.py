@@ -12,6 +12,9 @@ table                       what it answers                                     
 ``LAYER_COUNT_FIELDS``      the config field declaring the number of blocks     ``model.structure``
 ``ATTENTION_NAMES``         a block's attention child                           ``model.structure.sublayers``
 ``MLP_NAMES``               a block's MLP (or MoE) child                        ``model.structure.sublayers``
+``SUBLAYER_OUTPUTS``        where a sub-layer's update is, when not its child   ``model.structure.sublayer_site``
+``SUBLAYER_POST_NORMS``     norms applied to a sub-layer's output (sandwich)    ``model.structure.sublayer_site``
+``ATTENTION_OUTPUT_...``    an attention's output projection                    ``checkpoint.reference``
 ``CACHE_KWARGS``            the keyword a block receives its KV cache under     ``interventions.removal``
 ``WINDOW_FIELDS``           config fields bounding how far attention reaches    ``engine.budget``
 ``PER_LAYER_CONFIG_LISTS``  per-block config lists, cut with the blocks          ``checkpoint.reference``
@@ -49,6 +52,29 @@ LAYER_COUNT_FIELDS: tuple[str, ...] = ("num_hidden_layers", "n_layer", "num_laye
 ATTENTION_NAMES: tuple[str, ...] = ("self_attn", "attention", "attn", "self_attention")
 #: Child names of a block's MLP (or mixture-of-experts) sub-layer; the first one present wins.
 MLP_NAMES: tuple[str, ...] = ("mlp", "block_sparse_moe", "feed_forward", "ffn", "intermediate")
+
+#: Blocks whose sub-layer update to the residual stream is not their attention / MLP child's output, by
+#: class name: the module whose output is the update (dotted, relative to the block). BERT adds and
+#: normalises inside its attention child (``attention.output``), so the update is the projection
+#: before that add; OPT's MLP is inline (``fc1``, ``fc2`` are direct children of the block).
+SUBLAYER_OUTPUTS: dict[str, dict[str, str]] = {
+    "BertLayer": {"attn": "attention.output.dense", "mlp": "output.dense"},
+    "RobertaLayer": {"attn": "attention.output.dense", "mlp": "output.dense"},
+    "OPTDecoderLayer": {"mlp": "fc2"},
+}
+
+#: Sandwich-norm blocks: the norm each sub-layer's output passes through before the residual add (a
+#: removed sub-layer's norm is removed with it, so it adds exactly nothing even where a norm of zeros
+#: is not zero). Llama's ``post_attention_layernorm`` is the MLP's *input* norm, so this is by class.
+SUBLAYER_POST_NORMS: dict[str, dict[str, str]] = {
+    "Gemma2DecoderLayer": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+    "Gemma3DecoderLayer": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+    "Olmo2DecoderLayer": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+    "Olmo3DecoderLayer": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+}
+
+#: Names of an attention's output projection (the reference of a removed attention zeroes it).
+ATTENTION_OUTPUT_PROJECTIONS: tuple[str, ...] = ("o_proj", "out_proj", "c_proj", "dense", "wo")
 
 #: Keyword names under which blocks receive their KV cache (transformers 4.x and 5.x): a removed
 #: block still runs when a call carries one, so the cache it would have written is there.

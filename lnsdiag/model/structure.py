@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .families import ATTENTION_NAMES, LAYER_COUNT_FIELDS, LAYER_PATHS, MLP_NAMES
+from .families import (
+    ATTENTION_NAMES,
+    LAYER_COUNT_FIELDS,
+    LAYER_PATHS,
+    MLP_NAMES,
+    SUBLAYER_OUTPUTS,
+    SUBLAYER_POST_NORMS,
+)
 
 
 @dataclass
@@ -177,6 +184,32 @@ def sublayers(block: nn.Module) -> dict[str, str]:
         if found is not None:
             out[role] = found
     return out
+
+
+@dataclass(frozen=True)
+class SublayerSite:
+    """Where a block's sub-layer (``attn`` or ``mlp``) meets the residual stream: ``module``, whose
+    (first) output is the sub-layer's update before any ``post_norm`` (a sandwich norm) and the add.
+    ``name`` is ``module``'s dotted name in the block."""
+
+    kind: str
+    name: str
+    module: nn.Module
+    post_norm: nn.Module | None = None
+
+
+def sublayer_site(block: nn.Module, kind: str) -> SublayerSite:
+    """The site of ``block``'s ``kind`` sub-layer (``attn`` or ``mlp``): the family's table entry
+    (:data:`~.families.SUBLAYER_OUTPUTS`), else its attention / MLP child. A block where neither
+    names it cannot be split: one line, naming what was looked for."""
+    cls = type(block).__name__
+    dotted = SUBLAYER_OUTPUTS.get(cls, {}).get(kind) or sublayers(block).get("attention" if kind == "attn" else kind)
+    if dotted is None:
+        names = ATTENTION_NAMES if kind == "attn" else MLP_NAMES
+        raise UserError(f"cannot remove the {kind} sub-layer of {cls} blocks: none of their modules is named "
+                        f"{', '.join(names)} (lnsdiag.model.families.SUBLAYER_OUTPUTS tells it where it is)")
+    post = SUBLAYER_POST_NORMS.get(cls, {}).get(kind)
+    return SublayerSite(kind, dotted, _get(block, dotted), _get(block, post) if post else None)
 
 
 def no_cache_kwargs(model: nn.Module) -> dict[str, bool]:
