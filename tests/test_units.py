@@ -116,7 +116,7 @@ def test_shrinks_set_grammar_and_its_messages():
         assert str(err.value) == "--layers names no layer"
     with pytest.raises(UserError) as err:
         ShrinkConfig(layers="3-x")
-    assert str(err.value) == "--layers must be layer numbers like 3,4,7 or 3-5, not '3-x'"
+    assert str(err.value) == "--layers must be layer numbers like 3,4,7 or 3-5 (3.attn, 3.mlp: a sub-layer), not '3-x'"
     config = ShrinkConfig(layers="1,3-4")
     assert config.layers == Removal((1, 3, 4)) and config.remove == 3
     with pytest.raises(UserError) as err:
