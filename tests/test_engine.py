@@ -32,6 +32,8 @@ from tests.lmeval_tasks import write_generation_task, write_tasks
 
 FULL = Removal()
 VARIANTS = [FULL, *Removal.each([0, 2, 3])]
+#: Sub-layer variants: resumed at block 0 (no prefix), in the middle, mixed with a whole block.
+SUBLAYER_VARIANTS = [FULL, *Removal.each([0, 2], ("attn", "mlp")), Removal.parse("1.attn,3"), Removal.parse("2,3.mlp")]
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +48,12 @@ def _hflm_answers(lm, requests):
                                     disable_tqdm=True)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "mixtral"])
-@pytest.mark.parametrize("limit,fewshot", [(None, 0), (5, 2)])
-def test_fast_equals_naive(family, limit, fewshot, tokenizer, tasks_dir, tmp_path):
+@pytest.mark.parametrize("family,limit,fewshot,variants", [
+    *[(f, limit, shots, VARIANTS) for f in ("llama", "qwen2", "gemma2", "mixtral")
+      for limit, shots in ((None, 0), (5, 2))],
+    *[(f, 5, 2, SUBLAYER_VARIANTS) for f in ("llama", "gemma2", "gpt_neox", "deepseek_v3")],
+])
+def test_fast_equals_naive(family, limit, fewshot, variants, tokenizer, tasks_dir, tmp_path):
     model = tiny_model(family, vocab_size=len(tokenizer))
     loaded = LoadedModel.wrap(model, tokenizer, name=family)
     taskset = load_tasks(["tiny_mc", "tiny_ppl"], tasks_dir, num_fewshot=fewshot)
@@ -61,8 +66,8 @@ def test_fast_equals_naive(family, limit, fewshot, tokenizer, tasks_dir, tmp_pat
     log = collect_requests(scorer.lm, taskset, limit=limit)
     requests = log.token_requests()
     assert len(log.single) > 0 and len(log.rolling) > 0
-    result = SweepEngine(model, stack, VARIANTS, batch_tokens=96).run(requests, scorer.lm.max_length)
-    for variant in VARIANTS:
+    result = SweepEngine(model, stack, variants, batch_tokens=96).run(requests, scorer.lm.max_length)
+    for variant in variants:
         with removed_layers(model, variant, stack=stack):
             expected = _hflm_answers(scorer.lm, requests)
         answers = result.of(variant)
@@ -75,9 +80,9 @@ def test_fast_equals_naive(family, limit, fewshot, tokenizer, tasks_dir, tmp_pat
 
     # 2. metrics: the fast sweep equals the naive one (lm-eval per variant)
     fast, naive = ResultStore(tmp_path / "fast", {}), ResultStore(tmp_path / "naive", {})
-    run_fast(model, scorers, VARIANTS, stack=stack, store=fast, batch_tokens=128)
-    run_naive(model, scorers, VARIANTS, stack=stack, store=naive)
-    for variant in VARIANTS:
+    run_fast(model, scorers, variants, stack=stack, store=fast, batch_tokens=128)
+    run_naive(model, scorers, variants, stack=stack, store=naive)
+    for variant in variants:
         got = {(r.task, r.metric): r for r in fast.done()[variant].rows}
         want = {(r.task, r.metric): r for r in naive.done()[variant].rows}
         assert got.keys() == want.keys()
@@ -100,7 +105,7 @@ def test_fast_equals_naive(family, limit, fewshot, tokenizer, tasks_dir, tmp_pat
         known = ~np.isnan(want)
         assert (np.abs(got - want)[known] <= 1e-3 * np.abs(want[known]) + 1e-5 * scale[known]).all(), column
     assert by_fast["paired"].dropna().all()
-    for variant in VARIANTS:
+    for variant in variants:
         # 4. per-document scores (what paired statistics use): the same documents, items and choices
         got_docs, want_docs = fast.done()[variant], naive.done()[variant]
         assert got_docs.choices == want_docs.choices and got_docs.choices["tiny_mc"]

@@ -1,6 +1,7 @@
 """The fast sweep against an independent reference: lm-eval's own HFLM on a model really built
 without the layer, on the task shapes people sweep (MMLU-shaped k-shot groups, HellaSwag-shaped
-multi-token endings, rolling perplexity), for a dense, an MoE, a sliding-window and a GPT-2 model."""
+multi-token endings, rolling perplexity), for a dense, an MoE, a sliding-window and a GPT-2 model;
+a removed attention or MLP sub-layer against the model with its output projection really zeroed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import math
 
 import pytest
 
-from lnsdiag.checkpoint.reference import build_without_layers
+from lnsdiag.checkpoint.reference import build_without_units
 from lnsdiag.engine.sweep import run_fast
 from lnsdiag.interventions.units import Removal
 from lnsdiag.model.load import LoadedModel
@@ -22,7 +23,7 @@ from lnsdiag.scoring.lmeval.tasks import evaluate_tasks, load_tasks, seed_everyt
 from tests.families import tiny_model
 from tests.lmeval_tasks import write_mmlu_like, write_shapes, write_tasks
 
-VARIANTS = [Removal(), Removal.of(2)]
+VARIANTS = [Removal(), Removal.of(2), Removal.parse("1.attn"), Removal.parse("2.mlp,3")]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_fast_sweep_equals_lm_eval_on_rebuilt_models(family, tokenizer, shapes_d
         assert stats["shared_rows"] > 0
     max_length = scorers[0].lm.max_length
     for variant in VARIANTS:
-        reference_model = model if not variant else build_without_layers(model, variant.blocks)
+        reference_model = model if not variant else build_without_units(model, variant)
         want = {**_reference(reference_model, tokenizer, few_shot, max_length),
                 **_reference(reference_model, tokenizer, rolling, max_length)}
         got = {(r.task, r.metric): r for r in store.done()[variant].rows}

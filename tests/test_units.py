@@ -107,7 +107,8 @@ def test_shrinks_set_grammar_and_its_messages():
     for bad in ("x", "3,a", "5-3", "3-", "a.attn"):
         with pytest.raises(UserError) as err:
             Removal.parse(bad)
-        assert str(err.value) == f"--layers must be layer numbers like 3,4,7 or 3-5 (3.attn, 3.mlp: a sub-layer), not {bad!r}"
+        assert str(err.value) == ("--layers must be layer numbers like 3,4,7 or 3-5 (3.attn, 3.mlp: a sub-layer), "
+                                  f"not {bad!r}")
     with pytest.raises(UserError, match=r"'3.5' names no unit"):
         Removal.parse("3.5")
     for empty in ("", ",", " , "):

@@ -3,9 +3,11 @@
 Per batch, the full model runs once while the inputs x_i of the blocks to remove are kept;
 variant i then resumes from x_i at block i+1 (``removal.resumed_at``), so a sweep over all
 L blocks costs L + L(L−1)/2 block passes instead of ≈ L². A variant (a
-:class:`~lnsdiag.interventions.units.Removal`) may remove several blocks, as ``shrink`` scores: it
-resumes from the input of its first removed block and skips the others, so every candidate
-sharing a kept prefix reuses it. Every pass is the model's own forward (masks, rotary
+:class:`~lnsdiag.interventions.units.Removal`) may remove several units, as ``shrink`` scores: it
+resumes from the input of its first removed unit's block and skips the others, so every candidate
+sharing a kept prefix reuses it. A variant whose first unit is a sub-layer (``3.attn``) resumes from
+the same x_3, through block 3 without that sub-layer: a sweep of every block, attention and MLP
+(3L variants) shares one full pass. Every pass is the model's own forward (masks, rotary
 embeddings, final norm and head included), so every family works.
 
 Three more savings, all exact:
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +35,7 @@ import torch
 
 from ..distributed import all_gather, my_share, on_main, world
 from ..interventions.removal import removed_layers, resumed_at
-from ..interventions.units import Removal
+from ..interventions.units import Block, Removal
 from ..model.patch import patched
 from ..model.quantize import quantized_mode
 from ..model.structure import LayerStack, block_input, no_cache_kwargs, text_config
@@ -381,14 +383,29 @@ class SweepEngine:
 
     def _resume(self, batch: _Batch, layer: int, kept: torch.Tensor, state: PassState,
                 reference: Reference | None) -> None:
-        """Every variant whose first removed block is ``layer``: from its kept input, skipping
-        the variant's other removed blocks."""
+        """Every variant whose first removed unit is in block ``layer``, from the block's kept input:
+        after the block when it is removed whole, else through it without the removed sub-layer;
+        the variant's other removed units skipped."""
         for variant in self.resumes[layer]:
-            with torch.no_grad(), resumed_at(self.model, layer, kept, stack=self.stack), \
-                    removed_layers(self.model, variant.without_first(), mode="skip", stack=self.stack):
+            with torch.no_grad(), self._resumed(variant, kept):
                 logits = self._logits(batch)
             read_out(logits, batch.index, self.variants.index(variant), state, reference)
             del logits
+
+    @contextmanager
+    def _resumed(self, variant: Removal, kept: torch.Tensor) -> Iterator[None]:
+        """The model as ``variant``, its blocks before the first removed unit's replaced by their
+        output ``kept`` (block ``first``'s input)."""
+        first = variant.first
+        whole = isinstance(variant.units[0], Block)
+        rest = variant.without_first() if whole else variant
+        with ExitStack() as exits:
+            if whole:
+                exits.enter_context(resumed_at(self.model, first, kept, stack=self.stack))
+            elif first > 0:  # block ``first`` runs, without its removed sub-layer, from ``kept``
+                exits.enter_context(resumed_at(self.model, first - 1, kept, stack=self.stack))
+            exits.enter_context(removed_layers(self.model, rest, mode="skip", stack=self.stack))
+            yield
 
     def _logits(self, batch: _Batch) -> torch.Tensor:
         """The model's logits at the batch's scored positions only ([rows, slots, vocab])."""
@@ -402,15 +419,13 @@ def _distinct_variants(variants: Sequence[Removal], n_layers: int) -> list[Remov
     if len(set(out)) != len(out):
         raise ValueError("a variant is listed twice")
     for v in out:
-        if len(v.blocks) != len(v):
-            raise ValueError(f"variant {v!r} removes a unit that is no whole block: the fast engine resumes blocks")
-        if v and (v.blocks[0] < 0 or v.blocks[-1] >= n_layers):
+        if v and (v.units[0].block < 0 or v.units[-1].block >= n_layers):
             raise ValueError(f"variant {v!r} does not name blocks of a {n_layers}-block stack")
     return out
 
 
 def _resume_points(variants: Sequence[Removal]) -> dict[int, list[Removal]]:
-    """Each variant under its first removed block, whose input it resumes from."""
+    """Each variant under the block of its first removed unit, whose input it resumes from."""
     resumes: dict[int, list[Removal]] = {}
     for v in variants:
         if v:
