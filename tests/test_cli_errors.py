@@ -62,6 +62,13 @@ BAD_INPUTS = {
                                                                f"--reuse {tmp}: not a prune or shrink folder"),
     "prune: unknown engine": lambda m, t, tmp, c: (["prune", m, "--ppl-text", t, "--engine", "slow"],
                                                    "--engine must be fast or naive, not 'slow'"),
+    "prune: unit attention": lambda m, t, tmp, c: (["prune", m, "--ppl-text", t, "--unit", "attention"],
+                                                   "--unit 'attention' is no unit kind: did you mean attn?"),
+    "prune: unit empty": lambda m, t, tmp, c: (["prune", m, "--ppl-text", t, "--unit", ","], "names no unit kind"),
+    "shrink: bad sub-layer": lambda m, t, tmp, c: (["shrink", m, "--ppl-text", t, "--layers", "1,3.foo"],
+                                                   "'3.foo' names no unit"),
+    "shrink: sub-layer of a removed block": lambda m, t, tmp, c: (["shrink", m, "--ppl-text", t, "--layers",
+                                                                   "1,1.attn"], "inside block 1"),
     "prune: text and dataset": lambda m, t, tmp, c: (["prune", m, "--ppl-text", t, "--ppl-dataset", "stdlib"],
                                                      "give --ppl-text or --ppl-dataset, not both"),
 }

@@ -60,6 +60,9 @@ def prune_cmd(
     seq_len: SeqLen = None,
     layers: Annotated[str, typer.Option("--layers", "-l", help="Layers to remove, one at a time: 0-31, 0,4,8, "
                                         "28- or all.")] = "all",
+    units: Annotated[str, typer.Option("--unit", "-u", help="What to remove of each layer: block, attn (its "
+                                       "attention), mlp (its MLP); several comma-separated, e.g. block,attn,mlp.")
+                     ] = "block",
     no_angular: Annotated[bool, typer.Option("--no-angular", help="Skip the angular distances.")] = False,
     no_kl: NoKl = False,
     fidelity_tasks: FidelityTasks = False,
@@ -77,8 +80,8 @@ def prune_cmd(
         PruneConfig, tasks=tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed,
         bootstrap_iters=bootstrap_iters, ppl_text=ppl_text, ppl_dataset=ppl_dataset,
         ppl_dataset_config=ppl_dataset_config, ppl_split=ppl_split, ppl_field=ppl_field, ppl_max_tokens=ppl_max_tokens,
-        seq_len=seq_len, layers=layers, angular=not no_angular, margin=margin, kl=not no_kl, batch_size=batch_size,
-        fidelity_tasks=fidelity_tasks, generate=generate, engine=engine,
+        seq_len=seq_len, layers=layers, units=units, angular=not no_angular, margin=margin, kl=not no_kl,
+        batch_size=batch_size, fidelity_tasks=fidelity_tasks, generate=generate, engine=engine,
         batch_tokens=batch_tokens, fresh=fresh, samples=not no_samples)
     check_resumable(output_dir(out, model.slug, "prune", create=False), config)
     timer = Timer()

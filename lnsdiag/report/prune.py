@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..results.margins import BUILTIN_GENERATION_TASK, LOG_LIKELIHOOD, PERPLEXITY_LIKE, base_metric, comparison_of
-from ..results.verdict import headline_metrics, layers_with
+from ..results.verdict import headline_metrics, layers_with, of_unit, unit_kinds
 from ..runs import atomic_write
 from .common import (
     DOUBLE_COLUMN,
@@ -72,7 +72,7 @@ def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer remov
     heads = headline_metrics(frame, tasks)
     variants = list(frame.groupby("variant", sort=False))
     layers = [part["removed_layer"].iloc[0] for _, part in variants]
-    removed = Col("removed", ["baseline" if pd.isna(layer) else str(int(layer)) for layer in layers])
+    removed = Col("removed", [_removed_text(part) for _, part in variants])
     sections = frozenset(i for i, layer in enumerate(layers) if pd.isna(layer))
     angular = Col("ang. dist.", [_fmt(part["angular_distance"].iloc[0]) if pd.notna(layer) else ""
                                  for (_, part), layer in zip(variants, layers, strict=True)])
@@ -114,7 +114,49 @@ def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer remov
                                [removed], [*groups, [angular]], sections=sections))
     if len(verdicts) > 1:
         specs.append(_across_tasks(title, removed, layers, verdicts))
+    if len(unit_kinds(frame)) > 1:
+        specs += [_units_side_by_side(frame, task, metric, title) for task, metric in heads]
     return Tables(*specs)
+
+
+#: How a unit kind is named in tables, plots and summaries.
+UNIT_NAMES = {"block": "block", "attn": "attention", "mlp": "MLP"}
+
+
+def _removed_text(part: pd.DataFrame) -> str:
+    """A variant's row key: ``baseline``, ``3`` (block 3), ``3.attn``, ``3.mlp``."""
+    layer = part["removed_layer"].iloc[0]
+    if pd.isna(layer):
+        return "baseline"
+    unit = part["unit"].iloc[0] if "unit" in part else "block"
+    return str(int(layer)) if unit in ("block", None) or pd.isna(unit) else f"{int(layer)}.{unit}"
+
+
+def _units_side_by_side(frame: pd.DataFrame, task: str, metric: str, title: str) -> TableSpec:
+    """Each layer's block, attention and MLP removed side by side on one metric: Δ and verdict of each
+    (KL and its verdict on a comparison task) — where a block's harm lives."""
+    rows = frame[(frame["task"] == task) & (frame["metric"] == metric)]
+    kinds = unit_kinds(frame)
+    by_kind = {k: of_unit(rows, k).set_index(of_unit(rows, k)["removed_layer"].astype(int)) for k in kinds}
+    layers = sorted({int(i) for part in by_kind.values() for i in part.index})
+    groups = []
+    for kind in kinds:
+        part = by_kind[kind]
+        delta, verdict = [], []
+        for i in layers:
+            r = part.loc[i] if i in part.index else None
+            if r is None:
+                delta.append("")
+                verdict.append("")
+                continue
+            shown = _kl_text(r["value"], r["delta_stderr"]) if metric == "kl" else _signed(r["delta"], r["baseline"])
+            delta.append(shown)
+            verdict.append(_verdict(r["verdict"]))
+        head = "KL" if metric == "kl" else "Δ"
+        groups.append([Col(f"{UNIT_NAMES[kind]} {head}", delta), Col(f"{UNIT_NAMES[kind]} verdict", verdict, "left")])
+    name = task if task == metric else f"{task} ({metric})"
+    return TableSpec(f"{title} — {name}: block, attention and MLP side by side",
+                     [Col("layer", [str(i) for i in layers])], groups)
 
 
 def _comparison_cols(frame: pd.DataFrame, variants: list[tuple[Any, pd.DataFrame]], layers: list[Any],
@@ -159,23 +201,29 @@ def _across_tasks(title: str, removed: Col, layers: list[Any],
 
 
 def prune_summary(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
-    """Per headline metric: how many removed layers are dead / hurt / help / inconclusive, and which."""
-    lines = []
-    for task, metric in headline_metrics(frame, tasks):
-        part = frame[(frame["task"] == task) & (frame["metric"] == metric) & frame["removed_layer"].notna()]
-        counts = {v: layers_with(frame, task, metric, v) for v in VERDICT_STYLE}
-        line = (f"{task} ({metric}), {len(part)} removed layers: " +
-                ", ".join(f"{len(layers)} {name}" for name, layers in counts.items()))
-        if counts["dead"]:
-            line += f"; dead weight: {', '.join(map(str, counts['dead']))}"
-        if counts["helps"]:
-            line += f"; removing {', '.join(map(str, counts['helps']))} significantly improves it"
-        needed = part.loc[part["verdict"] == "inconclusive", "documents_needed"].dropna()
-        if len(needed):
-            line += (f"; inconclusive: the data cannot tell (≈{int(needed.median()):,} documents would show "
-                     "equivalence with 80% power at the observed spread, if it holds)")
-        lines.append(line)
-    return lines
+    """Per headline metric (and unit kind, when sub-layers were removed): how many removed units are dead /
+    hurt / help / inconclusive, and which."""
+    heads = headline_metrics(frame, tasks)
+    return [_summary_line(frame, task, metric, kind) for task, metric in heads for kind in unit_kinds(frame)]
+
+
+def _summary_line(frame: pd.DataFrame, task: str, metric: str, kind: str) -> str:
+    """One metric's verdicts over the removed units of one kind."""
+    part = of_unit(frame[(frame["task"] == task) & (frame["metric"] == metric)], kind)
+    counts = {v: layers_with(frame, task, metric, v, kind) for v in VERDICT_STYLE}
+    what = {"block": "removed layers", "attn": "removed attention sub-layers", "mlp": "removed MLP sub-layers"}[kind]
+    line = (f"{task} ({metric}), {len(part)} {what}: " +
+            ", ".join(f"{len(layers)} {name}" for name, layers in counts.items()))
+    dead_name = {"block": "dead weight", "attn": "dead attention", "mlp": "dead MLP"}[kind]
+    if counts["dead"]:
+        line += f"; {dead_name}: {', '.join(map(str, counts['dead']))}"
+    if counts["helps"]:
+        line += f"; removing {', '.join(map(str, counts['helps']))} significantly improves it"
+    needed = part.loc[part["verdict"] == "inconclusive", "documents_needed"].dropna()
+    if len(needed):
+        line += (f"; inconclusive: the data cannot tell (≈{int(needed.median()):,} documents would show "
+                 "equivalence with 80% power at the observed spread, if it holds)")
+    return line
 
 
 #: How each verdict is drawn: colour (Okabe-Ito), marker, filled, and its legend entry.
@@ -295,15 +343,20 @@ def prune_figure(frame: pd.DataFrame, tasks: list[str], title: str = "") -> Any:
     from matplotlib.patches import Patch
 
     heads = headline_metrics(frame, tasks)
-    removed = frame["removed_layer"].dropna()
+    kinds = unit_kinds(frame)
+    panels = [(task, metric, kind) for task, metric in heads for kind in kinds]  # block, attention, MLP per task
+    removed = pd.to_numeric(frame["removed_layer"], errors="coerce").dropna()
     num_layers = int(removed.max()) + 1 if len(removed) else 1
-    fig, axes = figure(DOUBLE_COLUMN, 0.7 + 2.1 * len(heads), nrows=len(heads), sharex=True)
-    for ax, (task, metric) in zip(axes[:, 0], heads, strict=True):
-        part = frame[(frame["task"] == task) & (frame["metric"] == metric) & frame["removed_layer"].notna()]
+    fig, axes = figure(DOUBLE_COLUMN, 0.7 + (2.1 if len(panels) <= 3 else 1.7) * len(panels), nrows=len(panels),
+                       sharex=True)
+    for ax, (task, metric, kind) in zip(axes[:, 0], panels, strict=True):
+        part = of_unit(frame[(frame["task"] == task) & (frame["metric"] == metric)], kind)
         compared = comparison_of(task)
         panel = _kl_panel if compared is not None else _removal_panel
         counts = panel(ax, part, metric, num_layers) if len(part) else {}
         name = (task if task == metric else f"{task} ({metric})") if compared is None else _kl_title(*compared)
+        if len(kinds) > 1 or kind != "block":
+            name += f", {UNIT_NAMES[kind]} removed"
         ax.set_title(f"{name}: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
     axes[-1, 0].set_xlabel("removed layer ℓ (0-based)")
     handles = [Line2D([], [], ls="none", marker=m, ms=4, mec=c, mfc=c if f else "white", label=lab)
@@ -332,7 +385,7 @@ def latex_table(frame: pd.DataFrame, tasks: list[str], caption: str = "") -> str
     rows = []
     for _, part in frame.groupby("variant", sort=False):
         layer = part["removed_layer"].iloc[0]
-        row: dict[str, Any] = {"removed layer": "none" if pd.isna(layer) else int(layer)}
+        row: dict[str, Any] = {"removed layer": "none" if pd.isna(layer) else _removed_text(part)}
         for task, metric in heads:
             r = part[(part["task"] == task) & (part["metric"] == metric)]
             if r.empty:
@@ -355,6 +408,6 @@ def write_prune_report(frame: pd.DataFrame, tasks: list[str], out: Path, *, plot
                        title: str = "") -> list[Path]:
     """prune.tex and (with ``plots``, once a layer is removed) prune.png/pdf: what a person reads."""
     files = [atomic_write(out / "prune.tex", latex_table(frame, tasks))]
-    if plots and frame["removed_layer"].notna().any():
+    if plots and any(len(of_unit(frame, kind)) for kind in unit_kinds(frame)):
         files += plot_prune(frame, tasks, out / "prune", title)
     return files

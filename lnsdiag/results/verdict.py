@@ -303,7 +303,7 @@ def prune_frame(results: Mapping[Removal, VariantResult], *, margins: Margins | 
     margins = margins or Margins()
     baseline = results[Removal()]
     base = {(r.task, r.metric): r for r in baseline.rows}
-    angle = {} if angular is None else dict(zip(angular["layer"], angular["angular_distance"], strict=True))
+    angle = {} if angular is None else _angles(angular)
     records, removals = [], []
     for removal in sorted(results):  # the full model first
         variant = results[removal]
@@ -333,10 +333,11 @@ def prune_frame(results: Mapping[Removal, VariantResult], *, margins: Margins | 
                 "margin": margin, "p_value": c.p, "_comparison": c, "_descriptive": kind == "descriptive",
                 "retention": retention(row.value, ref.value, row.higher_is_better, chance), "chance": chance,
                 "higher_is_better": row.higher_is_better, "group": row.group, "samples": row.samples,
-                "angular_distance": angle.get(removal.single_block, math.nan) if removal else math.nan,
+                "angular_distance": _angle_of(angle, removal),
             })
     frame = pd.DataFrame.from_records(records)
     frame["removed_layer"] = _removed_column(removals)
+    frame["unit"] = pd.array([r.kind or None for r in removals], dtype=object)
     frame["p_holm"] = math.nan
     removed = pd.Series([bool(r) for r in removals], index=frame.index, dtype=bool)
     for _, part in frame[removed].groupby(["task", "metric"], sort=False):
@@ -355,7 +356,7 @@ def prune_frame(results: Mapping[Removal, VariantResult], *, margins: Margins | 
     frame["verdict"] = verdicts
     frame["dead"] = pd.array([None if v is None else v == "dead" for v in verdicts], dtype="boolean")
     frame["documents_needed"] = pd.array(needed, dtype="Int64")
-    columns = ["variant", "removed_layer", "task", "metric", "value", "stderr", "baseline", "baseline_stderr",
+    columns = ["variant", "removed_layer", "unit", "task", "metric", "value", "stderr", "baseline", "baseline_stderr",
                "delta", "delta_stderr", "paired", "ci90_low", "ci90_high", "ci95_low", "ci95_high", "margin",
                "p_value", "p_holm", "verdict", "dead", "documents_needed", "retention", "chance", "higher_is_better",
                "group", "samples", "angular_distance"]
@@ -363,12 +364,26 @@ def prune_frame(results: Mapping[Removal, VariantResult], *, margins: Margins | 
 
 
 def _removed_column(removals: Sequence[Removal]) -> pd.api.extensions.ExtensionArray:
-    """prune.csv's ``removed_layer``: while every variant removes at most one whole block (a
-    one-at-a-time sweep), the block as a nullable int (empty for the full model); else each
-    removal's CSV cell. Either way the CSV shows :attr:`~lnsdiag.interventions.units.Removal.cell`."""
-    if all(r.single_block is not None for r in removals if r):
-        return pd.array([r.single_block for r in removals], dtype="Int64")
+    """prune.csv's ``removed_layer``: while every variant removes at most one unit (a one-at-a-time
+    sweep), the unit's block as a nullable int (empty for the full model; which part of it, the
+    ``unit`` column says); else each removal's CSV cell
+    (:attr:`~lnsdiag.interventions.units.Removal.cell`)."""
+    if all(r.single is not None for r in removals if r):
+        return pd.array([r.single.block if r else None for r in removals], dtype="Int64")
     return pd.array([r.cell or None for r in removals], dtype=object)
+
+
+def _angles(angular: pd.DataFrame) -> dict[tuple[int, str], float]:
+    """Angular distances by (layer, unit kind): a frame without a ``unit`` column holds blocks."""
+    units = angular["unit"] if "unit" in angular else ["block"] * len(angular)
+    return {(int(layer), str(unit)): float(d)
+            for layer, unit, d in zip(angular["layer"], units, angular["angular_distance"], strict=True)}
+
+
+def _angle_of(angle: dict[tuple[int, str], float], removal: Removal) -> float:
+    """The angular distance of a one-unit removal's unit (NaN for anything else)."""
+    unit = removal.single
+    return math.nan if unit is None else angle.get((unit.block, unit.kind), math.nan)
 
 
 def headline_metrics(frame: pd.DataFrame, tasks: list[str]) -> list[tuple[str, str]]:
@@ -381,7 +396,24 @@ def headline_metrics(frame: pd.DataFrame, tasks: list[str]) -> list[tuple[str, s
     return out
 
 
-def layers_with(frame: pd.DataFrame, task: str, metric: str, verdict: str) -> list[int]:
-    """The removed layers whose verdict on (task, metric) is ``verdict``."""
-    sel = frame[(frame["task"] == task) & (frame["metric"] == metric) & frame["removed_layer"].notna()]
+def layers_with(frame: pd.DataFrame, task: str, metric: str, verdict: str, unit: str = "block") -> list[int]:
+    """The removed layers whose ``unit`` (``block``, ``attn``, ``mlp``) has verdict ``verdict`` on (task, metric)."""
+    sel = of_unit(frame[(frame["task"] == task) & (frame["metric"] == metric)], unit)
     return [int(x) for x in sel.loc[sel["verdict"] == verdict, "removed_layer"]]
+
+
+def of_unit(frame: pd.DataFrame, unit: str = "block") -> pd.DataFrame:
+    """The rows of a prune table that remove one unit of kind ``unit``; a table without a ``unit`` column
+    (written before sub-layers) removes whole blocks."""
+    removed = frame[frame["removed_layer"].notna()]
+    if "unit" not in removed:
+        return removed if unit == "block" else removed.iloc[:0]
+    return removed[removed["unit"] == unit]
+
+
+def unit_kinds(frame: pd.DataFrame) -> list[str]:
+    """The unit kinds a prune table removes, in block, attn, mlp order (``block`` for an older table)."""
+    if "unit" not in frame:
+        return ["block"]
+    present = set(frame["unit"].dropna())
+    return [k for k in ("block", "attn", "mlp") if k in present]

@@ -24,10 +24,10 @@ from ..engine.naive import run_naive
 from ..engine.outcome import SweepOutcome
 from ..engine.sweep import run_fast
 from ..errors import Interrupted
-from ..interventions.units import Removal
+from ..interventions.units import Removal, parse_kinds
 from ..model.load import LoadedModel
 from ..model.placement import norm_placement
-from ..model.structure import find_layers, parse_layer_spec
+from ..model.structure import LayerStack, find_layers, parse_layer_spec, sublayer_site
 from ..progress import SILENT, Progress
 from ..results.lock import holds_folder_lock
 from ..results.margins import Margins, rule_text
@@ -38,8 +38,9 @@ from .angular_cache import AngularCache, cached_angular
 from .scoring import ScoringConfig, ScoringInputs, prepare_scoring
 
 #: How the L comparisons of one metric are adjusted, for meta.json.
-MULTIPLICITY = ("hurts/helps: Holm-adjusted p-values over the removed layers of each (task, metric); dead: "
-                "two one-sided tests at alpha 0.05 per layer, not adjusted (each layer's equivalence is its own claim)")
+MULTIPLICITY = ("hurts/helps: Holm-adjusted p-values over the removed units (blocks and sub-layers alike) of each "
+                "(task, metric); dead: two one-sided tests at alpha 0.05 per unit, not adjusted (each unit's "
+                "equivalence is its own claim)")
 #: Files a run writes into its folder (``fresh`` removes them with the stored variants).
 OUTPUTS = ("angular.csv", "angular_settings.json", "prune.csv", "prune_wide.csv", "prune.tex", "prune.png",
            "prune.pdf", "meta.json")
@@ -48,9 +49,25 @@ OUTPUTS = ("angular.csv", "angular_settings.json", "prune.csv", "prune_wide.csv"
 @dataclass(frozen=True)
 class PruneConfig(ScoringConfig):
     """Everything ``lnsdiag prune`` can be told, checked when built: the scoring options
-    (:class:`~.scoring.ScoringConfig`) and which layers to remove, one at a time."""
+    (:class:`~.scoring.ScoringConfig`), which layers to remove, one at a time, and which units of
+    each (``units``: ``block``, ``attn``, ``mlp``, several allowed as ``"attn,mlp"``)."""
 
     layers: str = "all"
+    units: tuple[str, ...] | str = ("block",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "units", parse_kinds(self.units))
+
+    def removals(self, stack: LayerStack) -> list[Removal]:
+        """The sweep's variants (the full model aside): each selected block's asked units, in order. A
+        sub-layer of a family whose blocks cannot be split is refused here, before any output."""
+        blocks = parse_layer_spec(self.layers, len(stack))
+        for kind in self.units:
+            if kind != "block":
+                for i in blocks:
+                    sublayer_site(stack.layers[i], kind)
+        return Removal.each(blocks, self.units)
 
 
 @dataclass
@@ -71,7 +88,8 @@ class PruneRun:
 
 def wide_frame(frame: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     """One row per variant, ``task/metric`` value, stderr, Δ and dead columns, for spreadsheets."""
-    wide = frame.drop_duplicates("variant")[["variant", "removed_layer", "angular_distance"]].reset_index(drop=True)
+    keys = [c for c in ("variant", "removed_layer", "unit", "angular_distance") if c in frame]  # no unit: older
+    wide = frame.drop_duplicates("variant")[keys].reset_index(drop=True)
     sel = frame[frame["task"].isin(tasks)]
     for (task, metric), part in sel.groupby(["task", "metric"], sort=False):
         part = part.set_index("variant")
@@ -98,7 +116,7 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Sc
     config.check_scored(config.scored(inputs))
     model = loaded.model
     stack = find_layers(model, layers_path)
-    selected = Removal.each(parse_layer_spec(config.layers, len(stack)))
+    selected = config.removals(stack)
     scoring = prepare_scoring(loaded, config, inputs, stack, progress)
     scorers, settings = scoring.scorers, scoring.settings
     store = ResultStore(folder, settings, fresh=config.fresh, outputs=OUTPUTS, samples=config.samples)
@@ -115,7 +133,8 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Sc
                                            text=angular_text, batch_size=config.batch_size, progress=progress)
     shown = scoring.tasks
     meta_fields = {"settings": settings, **inputs.describe(), "layer_stack": stack.path,
-                   "num_layers": len(stack), "layers": [s.first for s in selected], "margins": config.margins.as_json(),
+                   "num_layers": len(stack), "layers": sorted({s.first for s in selected}), "units": list(config.units),
+                   "margins": config.margins.as_json(),
                    "dead_rule": rule_text(config.margins), "multiplicity": MULTIPLICITY,
                    "bootstrap": {"resamples": min(max(config.bootstrap_iters, BOOTSTRAP_FLOOR), BOOTSTRAP_CAP),
                                  "python_aggregations_at_most": PYTHON_CAP, "seed": config.seed},
