@@ -43,7 +43,11 @@ def shrink_cmd(
     strategies: Annotated[list[str] | None, typer.Option(
         "--strategy", "-s", metavar="<str>", help=STRATEGY_HELP, show_default=False)] = None,
     layers: Annotated[str | None, typer.Option(
-        "--layers", "-l", help="Score this one set instead of strategies: 3,4,7 or 20-27.", show_default=False)] = None,
+        "--layers", "-l", help="Score this one set instead of strategies: 3,4,7 or 20-27; sub-layers as 3.attn, "
+        "5.mlp.", show_default=False)] = None,
+    units: Annotated[str, typer.Option("--unit", "-u", help="What strategies remove: block, attn (attention "
+                                       "sub-layers), mlp; several comma-separated let sweep/greedy mix them.")
+                     ] = "block",
     rank_by: Annotated[str | None, typer.Option(
         "--rank-by", help="TASK/METRIC that sweep, greedy and --save-strategy best rank by \\[default: the first "
         "task's main metric, else perplexity].", show_default=False)] = None,
@@ -120,7 +124,7 @@ def shrink_cmd(
                        calib_max_tokens=calib_max_tokens, ridge=heal_ridge, steps=heal_steps, loss=heal_loss,
                        rank=heal_rank, lr=heal_lr)
     config = ShrinkConfig(remove=remove, strategies=strategies or None, layers=layers, rank_by=rank_by,
-                          scoring=scoring, heal=heals)
+                          scoring=scoring, heal=heals, units=units)
     if save_heal is not None and save_heal not in ("none", *heals.methods):
         raise OptionError("{save_heal} {value!r}: give none, or a heal the run makes (--heal {known})",
                           value=save_heal, known=", ".join(METHODS))
@@ -143,7 +147,8 @@ def shrink_cmd(
         with ui.status("loading the calibration text"), timer("calibration"):
             calibration = heals.load_calibration(calibration_beside(scoring))
     inputs, loaded = opt.load_inputs(scoring, model, timer, check=config.check_scored)
-    config.check_model(len(find_layers(loaded.model, model.layers_path)))  # before any output exists
+    stack = find_layers(loaded.model, model.layers_path)
+    config.check_model(len(stack), stack)  # before any output exists
     if calibration is not None:  # calibration that overlaps the evaluation text: refused before any output
         check_calibration(loaded, heals, calibration, inputs.ppl_text, scoring.seq_len, scoring.ppl_max_tokens)
     if save is not None:

@@ -38,14 +38,11 @@ from ..checkpoint.card import model_card
 from ..checkpoint.save import SavedCheckpoint, save_without_layers
 from ..data.text import TextSource
 from ..distributed import on_main
-from ..engine.naive import run_naive
-from ..engine.sweep import run_fast
 from ..errors import Interrupted, OptionError, UserError
-from ..interventions.removal import removed_layers
-from ..interventions.units import Removal
+from ..interventions.units import KIND_NAMES, Removal, parse_kinds
 from ..measure.angular import AngularResult
 from ..model.load import LoadedModel
-from ..model.structure import LayerStack, find_layers
+from ..model.structure import LayerStack, find_layers, sublayer_site
 from ..progress import SILENT, Progress
 from ..results.lock import holds_folder_lock
 from ..results.margins import rule_text
@@ -65,6 +62,7 @@ from .heal import (
     healed_frame,
 )
 from .scoring import Scoring, ScoringConfig, ScoringInputs, prepare_scoring
+from .set_scorer import SetScores
 from .shrink_table import COLUMNS, FULL, tidy_frame, wide_shrink_frame
 from .strategies import (
     GIVEN,
@@ -119,8 +117,18 @@ class ShrinkConfig:
     rank_by: str | None = None
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     heal: HealConfig = field(default_factory=HealConfig)
+    units: tuple[str, ...] | str = ("block",)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "units", parse_kinds(self.units))
+        sublayers = self.units != ("block",)
+        if sublayers and self.layers is not None:
+            raise OptionError("{units} is what strategies choose among; {layers} names its units itself "
+                              "(e.g. 3.attn,5.mlp): drop {units}")
+        if sublayers and self.heal.methods:
+            raise OptionError("{heal} heals removed blocks; removed attention / MLP sub-layers ({units} "
+                              "{value}) are not healable yet", value=",".join(self.units))
+        explicit = self.strategies is not None and parse_strategies(self.strategies) != names()
         if self.layers is not None and self.strategies is not None:
             raise OptionError("give {layers} or {strategies}, not both: {layers} scores that one set as it is")
         if self.layers is not None and self.remove is not None:
@@ -133,6 +141,8 @@ class ShrinkConfig:
             object.__setattr__(self, "strategies", (GIVEN,))
         else:
             object.__setattr__(self, "strategies", parse_strategies(self.strategies))
+            if sublayers:
+                self._keep_sublayer_strategies(explicit)
             if self.remove is None:
                 object.__setattr__(self, "remove", DEFAULT_REMOVE)
             if not isinstance(self.remove, int) or isinstance(self.remove, bool) or self.remove < 1:
@@ -142,6 +152,15 @@ class ShrinkConfig:
                               value=self.rank_by)
         if any(Need.ANGULAR in s.needs for s in self.chosen()) and not self.scoring.angular:
             raise OptionError("{needing} angular distances: turn {angular} on", needing=_needing_angular())
+
+    def _keep_sublayer_strategies(self, explicit: bool) -> None:
+        """With sub-layer units, the strategies that choose among them: a named one that cannot is refused,
+        the default (all) drops it."""
+        blocks_only = [n for n in self.strategies if not registered(n).sublayers]
+        if blocks_only and explicit:
+            raise OptionError("{strategies} {value} removes contiguous whole blocks: it has no sub-layer form "
+                              "(drop it, or {units} block)", value=blocks_only[0])
+        object.__setattr__(self, "strategies", tuple(n for n in self.strategies if n not in blocks_only))
 
     def chosen(self) -> list[Strategy]:
         """The registered strategies to run, in registry order (none for an explicit set)."""
@@ -164,16 +183,23 @@ class ShrinkConfig:
             raise OptionError("{rank_by} {value}: task {task!r} reports no metric {metric!r} (it reports: {have})",
                               value=self.rank_by, task=task, metric=metric, have=", ".join(scored[task]))
 
-    def check_model(self, num_layers: int) -> None:
-        """The removal must leave at least one layer and name real ones."""
-        if self.remove >= num_layers:
+    def check_model(self, num_layers: int, stack: LayerStack | None = None) -> None:
+        """The removal must leave at least one layer and name real ones; sub-layers the model's blocks can
+        give up (checked on ``stack``, when given: a family that cannot split is refused in one line)."""
+        candidates = (num_layers - 1) * len(self.units)  # the final layer's units stay (the ``last`` baseline)
+        if self.remove > candidates:
             raise OptionError("{remove} {value} leaves no layer: the model has {count} (remove at most {most})",
-                              value=self.remove, count=num_layers, most=num_layers - 1)
+                              value=self.remove, count=num_layers, most=candidates)
         if self.layers is not None:
-            bad = [i for i in self.layers.blocks if not 0 <= i < num_layers]
+            bad = [u for u in self.layers if not 0 <= u.block < num_layers]
             if bad:
-                raise OptionError("{layers} {value} is out of range: the model has layers 0-{last}", value=bad[0],
+                raise OptionError("{layers} {value} is out of range: the model has layers 0-{last}", value=str(bad[0]),
                                   last=num_layers - 1)
+        if stack is not None:
+            asked = self.layers.sublayers if self.layers is not None else [
+                KIND_NAMES[k](i) for k in self.units if k != "block" for i in range(num_layers)]
+            for unit in asked:
+                sublayer_site(stack.layers[unit.block], unit.kind)
 
 
 def _needing_angular() -> str:
@@ -244,53 +270,6 @@ def _rank_metric(config: ShrinkConfig, baseline: VariantResult, tasks: list[str]
     return heads[0]
 
 
-class _Scorer:
-    """Scores removal sets into the store, once each, with the configured engine."""
-
-    def __init__(self, loaded: LoadedModel, stack: LayerStack, scoring: Scoring, store: ResultStore,
-                 config: ShrinkConfig, progress: Progress) -> None:
-        self.model, self.stack, self.scorers = loaded.model, stack, scoring.scorers
-        self.store, self.config, self.progress = store, config, progress
-        self.passes: list[dict[str, Any]] = []
-
-    def done(self) -> dict[Removal, VariantResult]:
-        return self.store.done()
-
-    def score(self, sets: Sequence[Removal], label: str) -> dict[Removal, VariantResult]:
-        """Score every set not yet stored (``Removal()``: the full model), all in one pass."""
-        done = self.done()
-        todo = [s for s in dict.fromkeys(sets) if s not in done]
-        if todo:
-            engine = run_naive if self.config.scoring.engine == "naive" else run_fast
-            extra = {"batch_tokens": self.config.scoring.batch_tokens} if engine is run_fast else {}
-            outcome = engine(self.model, self.scorers, todo, stack=self.stack, store=self.store,
-                             progress=self.progress, **extra)
-            self.passes.append({"pass": label, "sets": len(todo), **outcome.stats})
-        return self.done()
-
-    def greedy_step(self, removed: Removal, label: str) -> dict[Removal, VariantResult]:
-        """Every set ``removed`` + one more layer. Fast engine: one pass over the current model
-        (``removed`` taken out by the surgery), so each candidate resumes from its own layer."""
-        rest = [i for i in range(len(self.stack)) if i not in removed.blocks]
-        wanted = {removed | Removal.of(i): i for i in rest}
-        done = self.done()
-        missing = [s for s in wanted if s not in done]
-        if missing and (self.config.scoring.engine == "naive" or not removed):
-            self.score(missing, label)
-        elif missing:
-            view = LayerStack(self.stack.path, [self.stack.layers[i] for i in rest])
-            position = {i: k for k, i in enumerate(rest)}
-            with removed_layers(self.model, removed, stack=self.stack):
-                outcome = run_fast(self.model, self.scorers, [Removal.of(position[wanted[s]]) for s in missing],
-                                   stack=view, progress=self.progress, batch_tokens=self.config.scoring.batch_tokens)
-            for in_view, result in outcome.results.items():  # numbered in the view: back to the model's blocks
-                result.removal = removed | Removal.of(rest[in_view.first])
-                self.store.save(result)
-            self.passes.append({"pass": label, "sets": len(missing), **outcome.stats})
-        done = self.done()
-        return {s: done[s] for s in wanted}
-
-
 @holds_folder_lock("out")
 def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: ScoringInputs | None = None,
         layers_path: str | None = None, progress: Progress = SILENT, timer: Timer | None = None,
@@ -313,7 +292,7 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
     config.check_scored(scoring_config.scored(inputs))
     stack = find_layers(loaded.model, layers_path)
     L = len(stack)
-    config.check_model(L)
+    config.check_model(L, stack)
     scoring = prepare_scoring(loaded, scoring_config, inputs, stack, progress)
     tasks = scoring.tasks
     if config.rank_by is not None and config.rank_by.split("/", 1)[0] not in tasks:
@@ -333,13 +312,14 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
         copied = on_main(lambda: _reuse(Path(reuse), store))  # one rank copies; every rank then reads
         if copied:
             progress.note(f"reusing {copied} stored result(s) from {reuse}")
-    scorer = _Scorer(loaded, stack, scoring, store, config, progress)
+    scorer = SetScores(loaded, stack, scoring, store, engine=scoring_config.engine,
+                       batch_tokens=scoring_config.batch_tokens, units=config.units, progress=progress)
     if scorer.done():
         progress.note(f"resuming: {len(scorer.done())} removal set(s) already scored in {folder}")
     N = config.remove
     try:
         with timer("scoring"):
-            evidence = Evidence(num_layers=L, scorer=scorer)
+            evidence = Evidence(num_layers=L, scorer=scorer, units=config.units)
             if any(Need.ANGULAR in s.needs for s in config.chosen()):
                 evidence.blocks, evidence.per_layer = _angular_evidence(angular, loaded, folder, stack, angular_text,
                                                                         scoring, config, progress, timer)
@@ -364,8 +344,10 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
                        ignore_index=True) if heals else pd.DataFrame()
     meta = run_record(
         "shrink", model=loaded.describe(), settings=scoring.settings, remove=N, strategies=list(config.strategies),
+        units=list(config.units),
         rank_by="/".join(rank), picks=[{"strategy": p.strategy, "n_removed": p.n,
                                         "removed_layers": list(p.removal.blocks),
+                                        "removed_units": [str(u) for u in p.removal],
                                         "selection": None if math.isnan(p.selection) else p.selection}
                                        for p in picks],
         **inputs.describe(), layer_stack=stack.path, num_layers=L,
@@ -378,7 +360,7 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
     return ShrinkRun(frame, picks, tasks, meta, folder, rank, healed, heals)
 
 
-def _choose_and_score(config: ShrinkConfig, scorer: _Scorer, evidence: Evidence, tasks: list[str]
+def _choose_and_score(config: ShrinkConfig, scorer: SetScores, evidence: Evidence, tasks: list[str]
                       ) -> tuple[list[Pick], tuple[str, str]]:
     """Every chosen strategy's picks for n = 1..N, scored, and the ranking metric. Strategies that choose
     before any scoring go first and their picks join one pass with the full model and (when a strategy
@@ -389,12 +371,13 @@ def _choose_and_score(config: ShrinkConfig, scorer: _Scorer, evidence: Evidence,
         if not s.after_first_pass:
             picks += s.picks(evidence, N)
     sweep = any(Need.SWEEP in s.needs for s in chosen)
-    singles = Removal.each(range(evidence.num_layers)) if sweep else []
+    singles = [Removal.of(u) for u in evidence.candidates()] if sweep else []
     # one pass: the full model, every single layer the sweep needs, every pick chosen before scoring
     results = scorer.score([Removal(), *singles, *(p.removal for p in picks)], "full model and candidates")
     evidence.rank = _rank_metric(config, results[Removal()], tasks)
     if sweep:
-        evidence.singles = {s.single_block: r for s, r in results.items() if s.single_block is not None}
+        wanted = set(singles)
+        evidence.singles = {s.single: r for s, r in results.items() if s in wanted}
     for s in chosen:
         if s.after_first_pass:
             later = s.picks(evidence, N)

@@ -19,7 +19,7 @@ from .strategies import output_order
 #: The strategy name of the full model's rows.
 FULL = "full"
 #: shrink.csv's columns, in this order (any others the computation adds follow them).
-COLUMNS = ["strategy", "n_removed", "removed_layers", "heal", "task", "metric", "value", "stderr", "baseline",
+COLUMNS = ["strategy", "n_removed", "removed_layers", "unit", "heal", "task", "metric", "value", "stderr", "baseline",
            "baseline_stderr", "delta", "delta_stderr", "paired", "ci90_low", "ci90_high", "ci95_low", "ci95_high",
            "margin", "p_value", "p_holm", "verdict", "retention", "chance", "higher_is_better", "group", "samples",
            "selection"]

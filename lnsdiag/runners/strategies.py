@@ -1,9 +1,11 @@
 """How ``shrink`` chooses n layers to remove: every strategy, registered in the order outputs list them.
 
 A strategy is a function ``(evidence, n_max) -> [(layers, selection), ...]``: for n = 1..n_max the
-layers it removes (original 0-based block numbers, or a :class:`~lnsdiag.interventions.units.Removal`)
+units it removes (original 0-based block numbers, or a :class:`~lnsdiag.interventions.units.Removal`)
 and its own criterion for that choice (NaN when it has none), computed from the :class:`Evidence` it
-declared it needs. ``shrink`` gathers that evidence once for every strategy run, scores every choice
+declared it needs. It chooses among ``evidence.candidates()``: whole blocks, or with ``--unit attn``
+/ ``mlp`` the blocks' attention / MLP sub-layers (several kinds: mixed, BlockPruner-style).
+``shrink`` gathers that evidence once for every strategy run, scores every choice
 against the full model and reports them side by side.
 
 **Adding a strategy** is one function plus one registration::
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import OptionError
-from ..interventions.units import Removal
+from ..interventions.units import KIND_NAMES, Removal, Unit
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -82,7 +84,8 @@ class SetScorer(Protocol):
         ...
 
     def greedy_step(self, removed: Removal, label: str) -> Mapping[Removal, VariantResult]:
-        """Every set ``removed`` + one more layer, scored in one pass over the model without ``removed``."""
+        """Every set ``removed`` + one more candidate unit, scored in one pass over the model without
+        ``removed``."""
         ...
 
 
@@ -93,10 +96,15 @@ class Evidence:
 
     num_layers: int
     blocks: pd.DataFrame | None = None  #: start_layer, block_size, angular_distance, block_influence
-    per_layer: pd.DataFrame | None = None  #: layer, angular_distance, block_influence
-    singles: dict[int, VariantResult] | None = None  #: each layer's own removal, scored
+    per_layer: pd.DataFrame | None = None  #: layer, (unit,) angular_distance, block_influence
+    singles: dict[Unit, VariantResult] | None = None  #: each candidate's own removal, scored
     rank: tuple[str, str] | None = None  #: (task, metric) the harm is measured on
     scorer: SetScorer | None = None
+    units: tuple[str, ...] = ("block",)  #: the unit kinds strategies choose among
+
+    def candidates(self) -> list[Unit]:
+        """Every unit a strategy may remove: each block's unit of each asked kind, in model order."""
+        return [KIND_NAMES[k](i) for i in range(self.num_layers) for k in KIND_NAMES if k in self.units]
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,8 @@ class Strategy:
     legend: str
     needs: Need
     choose: Callable[[Evidence, int], Sequence[Choice]]
+    #: whether it chooses among attention / MLP sub-layers too (``--unit attn,mlp``), not only blocks
+    sublayers: bool = True
 
     @property
     def after_first_pass(self) -> bool:
@@ -123,7 +133,7 @@ class Strategy:
         picks = []
         for n, (layers, selection) in enumerate(chosen, start=1):
             removed = Removal.of(layers)
-            if len(removed) != n or not all(0 <= i < evidence.num_layers for i in removed.blocks):
+            if len(removed) != n or not all(0 <= u.block < evidence.num_layers for u in removed):
                 raise ValueError(f"strategy {self.name!r} chose {removed.cell or 'no layer'} for n = {n}: not {n} "
                                  f"distinct layers of {evidence.num_layers}")
             picks.append(Pick(self.name, n, removed, float(selection)))
@@ -152,23 +162,26 @@ def angular_picks(evidence: Evidence, n_max: int) -> list[Choice]:
 
 
 def bi_picks(evidence: Evidence, n_max: int) -> list[Choice]:
-    """ShortGPT: the n layers of lowest Block Influence (ties: the lower layer first)."""
-    layers = evidence.per_layer
-    chosen = [int(x) for x in layers.sort_values(["block_influence", "layer"])["layer"]]
-    bi = dict(zip(layers["layer"].astype(int), layers["block_influence"], strict=True))
-    return [(tuple(sorted(chosen[:n])), float(sum(bi[i] for i in chosen[:n]))) for n in range(1, n_max + 1)]
+    """ShortGPT: the n units of lowest Block Influence — of the block, or of a sub-layer's own update
+    (1 − cos(x, x + attn), 1 − cos(h, h + mlp)) — ties: the lower layer first."""
+    frame = evidence.per_layer
+    units = frame["unit"] if "unit" in frame else ["block"] * len(frame)
+    bi = {KIND_NAMES[str(k)](int(i)): float(b)
+          for i, k, b in zip(frame["layer"], units, frame["block_influence"], strict=True)}
+    chosen = sorted((u for u in evidence.candidates() if u in bi), key=lambda u: (bi[u], u))
+    return [(Removal(tuple(chosen[:n])), float(sum(bi[u] for u in chosen[:n]))) for n in range(1, n_max + 1)]
 
 
 def sweep_picks(evidence: Evidence, n_max: int) -> list[Choice]:
-    """The n layers whose single removal harmed the ranking metric least (ties: the lower layer)."""
-    cost = {i: harm(r, *evidence.rank) for i, r in evidence.singles.items()}
-    order = sorted(cost, key=lambda i: (cost[i], i))
-    return [(tuple(sorted(order[:n])), float(cost[order[n - 1]])) for n in range(1, n_max + 1)]
+    """The n units whose single removal harmed the ranking metric least (ties: the lower layer)."""
+    cost = {u: harm(r, *evidence.rank) for u, r in evidence.singles.items()}
+    order = sorted(cost, key=lambda u: (cost[u], u))
+    return [(Removal(tuple(order[:n])), float(cost[order[n - 1]])) for n in range(1, n_max + 1)]
 
 
 def greedy_picks(evidence: Evidence, n_max: int) -> list[Choice]:
-    """SLEB: each step removes the layer whose removal harms the ranking metric least, given the
-    layers already removed (ties: the lower layer)."""
+    """SLEB: each step removes the unit whose removal harms the ranking metric least, given the
+    units already removed (ties: the lower layer); with several kinds, BlockPruner's mixed search."""
     removed = Removal()
     picks = []
     for n in range(1, n_max + 1):
@@ -180,15 +193,15 @@ def greedy_picks(evidence: Evidence, n_max: int) -> list[Choice]:
 
 
 def last_picks(evidence: Evidence, n_max: int) -> list[Choice]:
-    """The n deepest layers before the final one."""
-    top = evidence.num_layers - 1
-    return [(tuple(range(top - n, top)), math.nan) for n in range(1, n_max + 1)]
+    """The n deepest units before the final layer."""
+    before = [u for u in evidence.candidates() if u.block < evidence.num_layers - 1]
+    return [(Removal(tuple(before[len(before) - n:])), math.nan) for n in range(1, n_max + 1)]
 
 
 #: Every strategy, in the order ``--strategy`` lists them and every output shows them.
 STRATEGIES: tuple[Strategy, ...] = (
     Strategy("angular", "contiguous block of least angular distance, Gromov et al.", "least-changing block",
-             Need.ANGULAR, angular_picks),
+             Need.ANGULAR, angular_picks, sublayers=False),
     Strategy("bi", "lowest Block Influence, ShortGPT", "lowest block influence", Need.ANGULAR, bi_picks),
     Strategy("sweep", "cheapest single removals", "smallest one-layer Δ", Need.SWEEP, sweep_picks),
     Strategy("greedy", "SLEB: re-scored after each removal", "one layer at a time", Need.SWEEP | Need.SCORER,

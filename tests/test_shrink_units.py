@@ -1,0 +1,93 @@
+"""`shrink --unit attn,mlp`: strategies choose among sub-layers (mixed, BlockPruner-style) and every pick is
+scored as the model with those sub-layers' output projections really zeroed."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from lnsdiag.checkpoint.reference import build_without_units
+from lnsdiag.errors import UserError
+from lnsdiag.interventions.units import Attention, Block, Mlp, Removal
+from lnsdiag.runners import shrink, strategies
+from lnsdiag.runners.heal import HealConfig
+from lnsdiag.runners.prune import PruneConfig
+from tests.test_cli_basic import invoke
+from tests.test_shrink import _config, _ppl_of, ppl_file, six_layers  # noqa: F401  (fixtures)
+
+
+def test_greedy_sweep_and_last_over_mixed_sublayers_follow_brute_force(six_layers, ppl_file, tmp_path):  # noqa: F811
+    model, tok = six_layers.model, six_layers.tokenizer
+    run = shrink.run(six_layers, _config(ppl_file, remove=3, strategies="sweep,greedy,last", units="attn,mlp"),
+                     tmp_path / "s")
+    brute: dict[Removal, float] = {}
+
+    def ppl(removal):
+        if removal not in brute:
+            brute[removal] = _ppl_of(build_without_units(model, removal), tok)
+        return brute[removal]
+
+    units = [kind(i) for i in range(6) for kind in (Attention, Mlp)]
+    removed = Removal()
+    picks = {(p.strategy, p.n): p.removal for p in run.picks}
+    for n in range(1, 4):
+        options = [removed | Removal.of(u) for u in units if u not in removed]
+        removed = min(options, key=lambda s: (ppl(s), s))
+        assert picks[("greedy", n)] == removed
+    singles = sorted(units, key=lambda u: (ppl(Removal.of(u)), u))
+    assert {n: picks[("sweep", n)] for n in range(1, 4)} == {n: Removal(tuple(singles[:n])) for n in range(1, 4)}
+    assert picks[("last", 2)] == Removal((Attention(4), Mlp(4)))  # the deepest units before the final layer
+    rows = run.frame[run.frame["metric"] == "ppl"]
+    for _, r in rows.iterrows():
+        removal = Removal.from_cell(r["removed_layers"])
+        assert math.isclose(r["value"], _ppl_of(model, tok) if not removal else ppl(removal), rel_tol=1e-5)
+    removed_rows = rows[rows["strategy"] != "full"]
+    assert set(removed_rows["unit"]) <= {"attn", "mlp", "mixed"}
+    assert rows["unit"][rows["strategy"] == "full"].isna().all()
+    assert run.meta["units"] == ["attn", "mlp"]
+    assert all(p["removed_units"] for p in run.meta["picks"])
+
+
+def test_strategies_choose_among_the_asked_kinds():
+    per_unit = pd.DataFrame({"layer": [0, 0, 1, 1, 2, 2], "unit": ["attn", "mlp"] * 3,
+                             "block_influence": [0.3, 0.2, 0.01, 0.5, 0.02, 0.4], "angular_distance": 0.0})
+    evidence = strategies.Evidence(num_layers=3, per_layer=per_unit, units=("attn",))
+    bi = strategies.registered("bi").picks(evidence, 2)
+    assert [p.removal for p in bi] == [Removal.of(Attention(1)), Removal((Attention(1), Attention(2)))]
+    mixed = strategies.Evidence(num_layers=3, per_layer=per_unit, units=("attn", "mlp"))
+    assert strategies.registered("bi").picks(mixed, 3)[2].removal == Removal((Attention(1), Attention(2), Mlp(0)))
+    assert [p.removal for p in strategies.registered("last").picks(mixed, 3)] == [
+        Removal.of(Mlp(1)), Removal((Attention(1), Mlp(1))), Removal((Mlp(0), Attention(1), Mlp(1)))]
+    assert strategies.Evidence(num_layers=2, units=("block", "mlp")).candidates() == [Block(0), Mlp(0), Block(1),
+                                                                                       Mlp(1)]
+
+
+def test_config_with_sublayers():
+    assert shrink.ShrinkConfig(units="attn").strategies == ("bi", "sweep", "greedy", "last")  # angular: blocks only
+    with pytest.raises(UserError, match="angular removes contiguous whole blocks"):
+        shrink.ShrinkConfig(units="attn", strategies="angular,bi")
+    with pytest.raises(UserError, match="names its units itself"):
+        shrink.ShrinkConfig(units="attn", layers="1.attn")
+    with pytest.raises(UserError, match="not healable yet"):
+        shrink.ShrinkConfig(units="mlp", heal=HealConfig(methods=("linear",)))
+    with pytest.raises(UserError, match="did you mean attn"):
+        shrink.ShrinkConfig(units="attention")
+    with pytest.raises(UserError, match="remove at most 10"):
+        shrink.ShrinkConfig(units="attn,mlp", remove=11, scoring=PruneConfig(angular=False),
+                            strategies="last").check_model(6)
+    given = shrink.ShrinkConfig(layers="1.attn,3.mlp,4")
+    assert given.remove == 3 and given.layers == Removal((Attention(1), Mlp(3), Block(4)))
+    with pytest.raises(UserError, match="out of range"):
+        shrink.ShrinkConfig(layers="1.attn,9.mlp").check_model(6)
+
+
+def test_cli_scores_a_given_sublayer_set(tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("shrink", tiny_llama_dir, "--ppl-text", text_file, "--seq-len", 64, "--ppl-max-tokens", 512,
+                    "--layers", "1.attn,2.mlp", "--out", out)
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out / "shrink.csv", dtype={"removed_layers": str})
+    given = frame[frame["strategy"] == "given"]
+    assert set(given["removed_layers"]) == {"1.attn,2.mlp"} and set(given["unit"]) == {"mixed"}
