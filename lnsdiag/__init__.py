@@ -31,7 +31,7 @@ _EXPORTS: dict[str, str] = {
     "LayerStack": "model.structure", "find_layers": "model.structure", "norm_placement": "model.placement",
     "parse_layer_spec": "model.structure", "removed_layers": "interventions.removal",
     "resumed_at": "interventions.removal", "build_without_layers": "checkpoint.reference",
-    "save_without_layers": "checkpoint.save", "model_card": "checkpoint.card",
+    "save_without_layers": "checkpoint.save", "model_card": "checkpoint.card", "removal_savings": "model.cost",
     # text and its token windows
     "TextSource": "data.text", "resolve_text": "data.text", "from_file": "data.text", "from_dataset": "data.text",
     "stdlib_corpus": "data.text", "TokenWindows": "data.windows", "token_windows": "data.windows",

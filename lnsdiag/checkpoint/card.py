@@ -6,7 +6,8 @@ the ``lnsdiag_pruned.json`` programs read (source, revision, removed and kept la
 versions), :func:`export_record` the ``lnsdiag_export.json``; :func:`read_provenance` reads either back
 and :func:`provenance_line` states it in one line for ``lnsdiag inspect``. :func:`norm_note` is the
 paragraph saying what a recorded norm scheme means for whoever loads the checkpoint (LayerNorm Scaling
-folded into the weights: nothing to do; Post-LN: load it with lnsdiag).
+folded into the weights: nothing to do; Post-LN: load it with lnsdiag), :func:`sublayer_note` the one
+on removed sub-layers (zeroed: exact anywhere, but only lnsdiag skips their compute).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import UserError
+from ..interventions.pruned import RECORD, renumbered
+from ..interventions.units import Removal, Unit
 
 if TYPE_CHECKING:
     from torch import nn
@@ -80,6 +83,38 @@ def norm_note(norm_scheme: str | None, path: str = "path/to/this/folder") -> str
     ])
 
 
+def sublayer_note(units: Sequence[str], path: str = "path/to/this/folder") -> str:
+    """The card's paragraph on removed sub-layers (``units``: the checkpoint's numbering; '' for none):
+    stored as zeroed output projections, so every runtime computes the pruned model exactly but spends
+    their compute; lnsdiag's loader skips them."""
+    if not units:
+        return ""
+    return "\n".join([
+        f"**Removed sub-layers are stored as zeroed output projections.** The sub-layers {', '.join(units)} "
+        "(this checkpoint's block numbering) are still in its weights, each with the projection that writes "
+        "its output to the residual stream (every expert's, in a mixture of experts) stored as zeros: they add "
+        "exactly nothing, so plain transformers, vLLM and lm-eval compute the pruned model exactly, **but still "
+        f"spend their compute and memory**. `config.json` records them (`{RECORD}`); lnsdiag's loader skips "
+        "them, so it does not spend that compute (with a KV cache, a skipped attention still runs to fill its "
+        "cache slot):",
+        "",
+        "```python",
+        "from lnsdiag import load_model",
+        "",
+        f'loaded = load_model("{path}")  # or lnsdiag.restore_norms(model) after from_pretrained',
+        "```",
+        "",
+    ])
+
+
+def with_notes(card: str, norm_scheme: str | None, units: Sequence[str], path: str) -> str:
+    """A caller's ``card`` with the paragraphs on the norm scheme and removed sub-layers it lacks appended."""
+    for note in (norm_note(norm_scheme, path), sublayer_note(units, path)):
+        if note and note not in card:
+            card = card.rstrip("\n") + "\n\n" + note
+    return card
+
+
 def _version(pkg: str) -> str | None:
     try:
         return md.version(pkg)
@@ -89,9 +124,12 @@ def _version(pkg: str) -> str | None:
 
 def provenance_record(model: nn.Module, stack: LayerStack, removed: list[int], keep: list[int], *,
                       source: str | None, revision: str | None, strategy: str | None,
-                      extra: Mapping[str, Any] | None, dtype: Any, config: Any = None) -> dict[str, Any]:
+                      extra: Mapping[str, Any] | None, dtype: Any, config: Any = None,
+                      units: Removal | None = None) -> dict[str, Any]:
     """What ``lnsdiag_pruned.json`` holds for ``model`` without ``removed`` (``extra``: fields of the caller's
-    own, which may not replace lnsdiag's; ``config``: the checkpoint's, default the model's)."""
+    own, which may not replace lnsdiag's; ``config``: the checkpoint's, default the model's; ``units``:
+    every unit removed, sub-layers included, default the ``removed`` blocks). ``removed_layers`` are the
+    whole blocks, ``removed_units`` every unit (``[2, "3.attn"]``), both in the original numbering."""
     config = model.config if config is None else config
     version = _version
     record: dict[str, Any] = {
@@ -105,6 +143,7 @@ def provenance_record(model: nn.Module, stack: LayerStack, removed: list[int], k
         "layer_stack": stack.path,
         "original_layers": len(stack),
         "removed_layers": removed,
+        "removed_units": [u.to_json() for u in units or Removal(tuple(removed))],
         "kept_layers": keep,
         "num_layers": len(keep),
         "strategy": strategy,
@@ -133,14 +172,44 @@ def _cell(value: Any) -> str:
     return str("" if value is None else value).replace("|", "\\|").replace("\n", " ")
 
 
-def _layer_list(layers: Iterable[int]) -> str:
+def _layer_list(layers: Iterable[int | str | Unit]) -> str:
     return ", ".join(str(i) for i in layers)
+
+
+def _as_removal(removed: Removal | Sequence[int | str | Unit]) -> Removal:
+    """Block numbers, unit texts (``3.attn``) or units, as the set of units they name."""
+    return removed if isinstance(removed, Removal) else Removal(tuple(
+        u if isinstance(u, Unit) else Unit.parse(u) for u in removed))
+
+
+def _title(short: str, removal: Removal) -> str:
+    """``# Model, without layers 3, 5``; sub-layers named as such."""
+    parts = [f"layers {_layer_list(removal.blocks)}"] if removal.blocks else []
+    parts += [f"sub-layers {_layer_list(removal.sublayers)}"] if removal.sublayers else []
+    return f"# {short}, without {' and '.join(parts)}"
+
+
+def _what_was_removed(removal: Removal, num_layers: int) -> str:
+    """``2 of its 32 transformer blocks and 3 attention or MLP sub-layers of the kept blocks``."""
+    blocks, subs = len(removal.blocks), len(removal.sublayers)
+    parts = [f"{blocks} of its {num_layers} transformer blocks"] if blocks else []
+    if subs:
+        whose = "the kept blocks" if blocks else f"its {num_layers} transformer blocks"
+        parts.append(f"{subs} attention or MLP sub-layer{'s' if subs > 1 else ''} of {whose}")
+    return " and ".join(parts)
+
+
+def _changed(norm_scheme: str | None, zeroed: bool) -> str:
+    """What the weights lost or gained beyond the removed blocks."""
+    changed = ["the scaled norms' (LayerNorm Scaling folded in, below)"] if norm_scheme == LNS_FOLDED else []
+    changed += ["the removed sub-layers' output projections (stored as zeros, below)"] if zeroed else []
+    return "No weight was changed" + (f" but {' and '.join(changed)}" if changed else "")
 
 
 def model_card(
     *,
     source: str | None,
-    removed: Sequence[int],
+    removed: Removal | Sequence[int | str | Unit],
     num_layers: int,
     revision: str | None = None,
     strategy: str | None = None,
@@ -150,19 +219,26 @@ def model_card(
     path: str | None = None,
     version: str | None = None,
     notes: str | None = None,
+    recorded: Sequence[str] | None = None,
 ) -> str:
     """The Markdown model card (``README.md``) of a pruned checkpoint.
 
     ``source``/``revision``: the model the layers were removed from; ``removed``: 0-based, original
-    numbering; ``num_layers``: the original depth; ``strategy`` and ``n``: how the layers were chosen
+    numbering, whole blocks and sub-layers (a Removal, or block numbers and ``"3.attn"`` texts);
+    ``num_layers``: the original depth; ``strategy`` and ``n``: how the layers were chosen
     (N defaults to the number removed); ``scores``: rows of a small table (dicts, their keys the
     columns); ``norm_scheme``: the norm scheme the config records (:func:`recorded_norm_scheme`), said
-    by :func:`norm_note`; ``path``: the folder, for the loading snippet.
+    by :func:`norm_note`; ``path``: the folder, for the loading snippet; ``recorded``: the sub-layers the
+    checkpoint's config records as removed, its numbering (default: ``removed``'s, renumbered), said by
+    :func:`sublayer_note`.
     """
     if version is None:
         version = __version__
-    removed = sorted(int(i) for i in removed)
+    removal = _as_removal(removed)
+    removed = list(removal.blocks)
     kept = num_layers - len(removed)
+    if recorded is None:
+        recorded = [str(u) for u in renumbered(removal.sublayers, [i for i in range(num_layers) if i not in removed])]
     path = path or "path/to/this/folder"
     hub = bool(source) and _is_hub_id(source)
     short = (source or "").rstrip("/").rsplit("/", 1)[-1] or "Pruned model"
@@ -172,23 +248,24 @@ def model_card(
     if source:  # the hub's base_model takes hub ids only: a local path is recorded as a comment
         front.append(f"base_model: {source}" if hub else f"# base model: {source}")
     front += ["library_name: transformers", "tags: [lnsdiag, pruned]", "---", ""]
-    changed = ("No weight was changed but the scaled norms' (LayerNorm Scaling folded in, below)"
-               if norm_scheme == LNS_FOLDED else "No weight was changed")
     lines = [
         *front,
-        f"# {short}, without layers {_layer_list(removed)}",
+        _title(short, removal),
         "",
-        f"{link}{at} with {len(removed)} of its {num_layers} transformer blocks removed by "
-        f"lnsdiag {version}. {changed}: the {kept} remaining blocks are the "
+        f"{link}{at} with {_what_was_removed(removal, num_layers)} removed by lnsdiag {version}. "
+        f"{_changed(norm_scheme, bool(removal.sublayers))}: the {kept} remaining blocks are the "
         "original ones, renumbered from 0, and the config describes them (each kept block keeps its role).",
         "",
         "| | |",
         "|---|---|",
         f"| Source model | {f'`{source}`' if source else 'not recorded'}{f' @ `{revision}`' if revision else ''} |",
-        f"| Removed layers (0-based, original numbering) | {_layer_list(removed)} |",
     ]
+    if removed:
+        lines.append(f"| Removed layers (0-based, original numbering) | {_layer_list(removed)} |")
+    if removal.sublayers:
+        lines.append(f"| Removed sub-layers (0-based, original numbering) | {_layer_list(removal.sublayers)} |")
     if strategy:
-        lines.append(f"| Strategy | {_cell(strategy)} (N = {n if n is not None else len(removed)}) |")
+        lines.append(f"| Strategy | {_cell(strategy)} (N = {n if n is not None else len(removal)}) |")
     lines += [
         f"| Layers kept | {kept} of {num_layers} |",
         f"| Made with | lnsdiag {version} |",
@@ -215,6 +292,8 @@ def model_card(
     ]
     if norm_scheme:
         lines += [norm_note(norm_scheme, path)]
+    if recorded:
+        lines += [sublayer_note(recorded, path)]
     lines += [f"`{PROVENANCE_FILE}` records the same provenance for programs; `lnsdiag inspect` shows it.", ""]
     if notes:
         lines += [notes.strip(), ""]
@@ -334,7 +413,7 @@ def provenance_line(record: Mapping[str, Any]) -> str:
         if isinstance(inner, Mapping) and inner.get("format") != "lnsdiag-export":
             line += f"; that model was {provenance_line({**inner, 'norm_scheme': None})}"
         return line
-    removed = record.get("removed_layers") or []
+    removed = record.get("removed_units") or record.get("removed_layers") or []
     total = record.get("original_layers")
     line = (f"pruned from {source}{f' @ {pin}' if pin else ''}: layers {_layer_list(removed)}"
             f"{f' of {total}' if total else ''} removed (original numbering)")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..interventions.pruned import recorded_units, renumbered, write_record
 from ..interventions.units import Removal
 from ..model.families import ATTENTION_OUTPUT_PROJECTIONS, MLP_OUTPUT_PROJECTIONS, PER_LAYER_CONFIG_LISTS
 from ..model.load import restore_norms
@@ -23,7 +24,8 @@ from ..model.structure import LayerStack, find_layers, parse_layer_spec, sublaye
 
 
 def config_without(config: Any, keep: list[int], total: int) -> Any:
-    """A copy of ``config`` describing only the ``keep`` layers, each with its old role."""
+    """A copy of ``config`` describing only the ``keep`` layers, each with its old role (its removed
+    sub-layers, ``lnsdiag_removed_units``, renumbered)."""
     new = copy.deepcopy(config)
     text = text_config(new)
     new_index = {old: new_i for new_i, old in enumerate(keep)}
@@ -48,6 +50,8 @@ def config_without(config: Any, keep: list[int], total: int) -> Any:
     if isinstance(lns, dict):
         scales = [int(i) for i in (lns.get("layers") or range(1, total + 1))]
         new.lns = {**lns, "layers": [scales[i] for i in keep]}
+    # Sub-layers a pruned checkpoint records as removed: renumbered, gone with their blocks.
+    write_record(new, renumbered(recorded_units(new), keep))
     text.num_hidden_layers = len(keep)
     return new
 

@@ -1,11 +1,11 @@
-"""A model without some blocks, written as a real Hugging Face checkpoint without ever building it.
+"""A model without some units, written as a real Hugging Face checkpoint without ever building it.
 
 :func:`save_without_layers` streams the kept tensors from the loaded model's ``state_dict`` into
 safetensors shards under their new names (tied aliases left out, as ``save_pretrained`` does),
 beside the config :mod:`.reference` reduces, the tokenizer, and the model card and provenance
 record of :mod:`.card`. Everything is written into a hidden staging folder renamed into place at
 the end, so a failure leaves nothing half-written; a staging folder a killed process left
-behind is removed by the next save into the same parent folder.
+behind is removed by the next save into the same parent folder. Sub-layers: :mod:`.sublayers`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,14 @@ from torch import nn
 
 from ..errors import UserError
 from ..interventions.lns import NormFold, fold_plan, folded_record, has_lns_hooks, is_lns
+from ..interventions.units import Removal, Unit
 from ..model.load import LoadedModel
 from ..model.quantize import quantized_mode, refuse_save
-from ..model.structure import LayerStack, find_layers, parse_layer_spec
+from ..model.structure import LayerStack, find_layers
 from ..runs import file_mode, remove_stale_staging, staging_folder, unmark
-from .card import EXPORT_FILE, PROVENANCE_FILE, model_card, norm_note, provenance_record, recorded_norm_scheme
+from .card import EXPORT_FILE, PROVENANCE_FILE, model_card, provenance_record, recorded_norm_scheme, with_notes
 from .reference import config_without
+from .sublayers import plan_pruning, record_sublayers, zeroed_names
 
 #: Files :func:`save_without_layers` writes itself; ``extra_files`` may not replace them.
 _RESERVED = ("config.json", "generation_config.json", "README.md", PROVENANCE_FILE, EXPORT_FILE, "model.safetensors",
@@ -53,6 +56,7 @@ class SavedCheckpoint:
     provenance: dict[str, Any]  #: what ``lnsdiag_pruned.json`` holds
     folded_norms: int = 0  #: norms whose weights were written with their LayerNorm-Scaling factor folded in
     fold_rounding: float | None = None  #: largest relative rounding a folded norm weight took (its dtype's)
+    removal: Removal = field(default_factory=Removal)  #: every unit removed (blocks, sub-layers), original numbering
 
     @property
     def sharded(self) -> bool:
@@ -75,7 +79,7 @@ def parse_size(value: int | str) -> int:
 
 def save_without_layers(
     model: Any,
-    layers: Iterable[int],
+    layers: Removal | Iterable[int | Unit] | int,
     folder: str | Path,
     *,
     tokenizer: Any = None,
@@ -89,7 +93,7 @@ def save_without_layers(
     stack: LayerStack | None = None,
     extra_files: Mapping[str, str] | None = None,
 ) -> SavedCheckpoint:
-    """Write ``model`` without ``layers`` (0-based) as a Hugging Face checkpoint in ``folder``.
+    """Write ``model`` without ``layers`` (0-based blocks, or a ``Removal`` of blocks and sub-layers) in ``folder``.
 
     The folder loads with plain ``AutoModelForCausalLM.from_pretrained(folder)``: the kept
     blocks' weights, renumbered (block 5 of 8 without 2 and 3 becomes block 3), under a config
@@ -101,7 +105,8 @@ def save_without_layers(
     it is left untouched. Also written: the tokenizer when given, the generation config, the
     model card ``README.md`` (``card``, else :func:`model_card` from what is known),
     ``lnsdiag_pruned.json`` (the provenance: ``source``, ``revision``, removed and kept layers,
-    ``strategy``, ``provenance``'s fields) and ``extra_files`` (name -> text).
+    ``removed_units``, ``strategy``, ``provenance``'s fields) and ``extra_files`` (name -> text).
+    A removed sub-layer of a kept block is written as zeroed output projections (:mod:`.sublayers`).
 
     ``model`` may be a :class:`~lnsdiag.model.load.LoadedModel`: its tokenizer, source and revision
     are then the defaults.
@@ -120,7 +125,8 @@ def save_without_layers(
     model, tokenizer, source, revision = unwrap_loaded(model, tokenizer, source, revision)
     stack = stack or find_layers(model)
     total = len(stack)
-    removed, keep = _removed_and_kept(layers, total)
+    pruning = plan_pruning(layers, total)
+    removed, keep = pruning.removed, pruning.keep
     target = Path(folder).expanduser()
     _check_target(target, overwrite)
     _check_savable(model, stack)
@@ -130,24 +136,26 @@ def save_without_layers(
 
     dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype  # transformers: first float weight's
     config = checkpoint_config(model, config_without(model.config, keep, total), dtype)
+    skipped = record_sublayers(config, pruning)
     source = source or _name_or_path(model) or None
     record = provenance_record(model, stack, removed, keep, source=source, revision=revision, strategy=strategy,
-                               extra=provenance, dtype=dtype, config=config)
+                               extra=provenance, dtype=dtype, config=config, units=pruning.removal)
     scheme = recorded_norm_scheme(config)
     if card is None:
-        card = model_card(source=source, revision=revision or record.get("commit"), removed=removed,
-                          num_layers=total, strategy=strategy, norm_scheme=scheme, path=str(target))
-    elif scheme and norm_note(scheme, str(target)) not in card:
-        card = card.rstrip("\n") + "\n\n" + norm_note(scheme, str(target))
+        card = model_card(source=source, revision=revision or record.get("commit"), removed=pruning.removal,
+                          num_layers=total, strategy=strategy, norm_scheme=scheme, path=str(target), recorded=skipped)
+    else:
+        card = with_notes(card, scheme, skipped, str(target))
 
     num_parameters = _kept_parameters(model, stack, removed)
     written = write_checkpoint(model, stack, keep, target, config=config, card=card, record=record,
                                record_file=PROVENANCE_FILE, tokenizer=tokenizer, extras=extras, overwrite=overwrite,
-                               max_bytes=max_bytes, num_parameters=num_parameters, folds=folds)
+                               max_bytes=max_bytes, num_parameters=num_parameters, folds=folds,
+                               zeroed=zeroed_names(model, stack, pruning.removal))
     return SavedCheckpoint(folder=target, removed=tuple(removed), kept=tuple(keep), weight_files=written.files,
                            num_parameters=num_parameters, total_bytes=written.total_bytes,
                            provenance=written.record, folded_norms=len([f for f in folds if f.block in keep]),
-                           fold_rounding=fold_rounding([f for f in folds if f.block in keep]))
+                           fold_rounding=fold_rounding([f for f in folds if f.block in keep]), removal=pruning.removal)
 
 
 def checkpoint_config(model: nn.Module, config: Any, dtype: Any) -> Any:
@@ -171,13 +179,15 @@ class Written:
 
 def write_checkpoint(model: nn.Module, stack: LayerStack, keep: list[int], target: Path, *, config: Any, card: str,
                      record: dict[str, Any], record_file: str, tokenizer: Any, extras: Mapping[str, str],
-                     overwrite: bool, max_bytes: int, num_parameters: int, folds: list[NormFold]) -> Written:
+                     overwrite: bool, max_bytes: int, num_parameters: int, folds: list[NormFold],
+                     zeroed: Collection[str] = ()) -> Written:
     """Write the ``keep`` blocks of ``model`` (renumbered) and everything outside the stack into ``target``,
     atomically, as a Hugging Face checkpoint: the weights shard by shard (the norms of ``folds`` with their
-    scale folded in), ``config``, generation config, tokenizer, ``extras``, ``card`` as ``README.md`` and
-    ``record`` (plus its ``weight_files``) as ``record_file``. The caller has checked the target and the model."""
+    scale folded in, the tensors named ``zeroed`` as zeros), ``config``, generation config, tokenizer,
+    ``extras``, ``card`` as ``README.md`` and ``record`` (plus its ``weight_files``) as ``record_file``. The
+    caller has checked the target and the model."""
     with _staging(target, overwrite) as tmp:
-        files, total_bytes = _write_weights(model, stack, keep, tmp, max_bytes, num_parameters, folds)
+        files, total_bytes = _write_weights(model, stack, keep, tmp, max_bytes, num_parameters, folds, zeroed)
         if getattr(model, "is_remote_code", lambda: False)():  # the checkpoint's own code, as save_pretrained
             from transformers.dynamic_module_utils import custom_object_save
 
@@ -197,16 +207,6 @@ def write_checkpoint(model: nn.Module, stack: LayerStack, keep: list[int], targe
         record["weight_files"] = files
         (tmp / record_file).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     return Written(tuple(files), total_bytes, record)
-
-
-def _removed_and_kept(layers: Iterable[int], total: int) -> tuple[list[int], list[int]]:
-    wanted = [layers] if isinstance(layers, int) else list(layers)
-    if not wanted:
-        raise UserError("no layer to remove: the pruned checkpoint would be the model itself")
-    removed = parse_layer_spec(wanted, total)
-    if len(removed) == total:
-        raise UserError(f"cannot remove all {total} layers: at least one block must remain")
-    return removed, [i for i in range(total) if i not in set(removed)]
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
@@ -326,10 +326,13 @@ def _without_aliases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     return {k: v for k, v in state.items() if k not in drop}
 
 
-def _fold_targets(stack: LayerStack, folds: list[NormFold]) -> dict[str, tuple[NormFold, str]]:
-    """State-dict name -> (fold, parameter) of every norm tensor that carries an LNS factor."""
-    return {f"{stack.path}.{fold.block}.{fold.norm}.{param}": (fold, param)
-            for fold in folds for param, _ in fold.module.named_parameters(recurse=False)}
+def _changes(stack: LayerStack, folds: list[NormFold], zeroed: Collection[str]) -> dict[str, Callable]:
+    """State-dict name -> what its tensor is written as: every norm tensor that carries an LNS factor
+    (folded in), every tensor of ``zeroed`` (zeros)."""
+    changes: dict[str, Callable] = dict.fromkeys(zeroed, torch.zeros_like)
+    changes.update({f"{stack.path}.{fold.block}.{fold.norm}.{param}": partial(fold.folded, param)
+                    for fold in folds for param, _ in fold.module.named_parameters(recurse=False)})
+    return changes
 
 
 def fold_rounding(folds: list[NormFold]) -> float | None:
@@ -350,36 +353,32 @@ def fold_rounding(folds: list[NormFold]) -> float | None:
     return worst
 
 
-def _renumbered_groups(model: nn.Module, stack: LayerStack, keep: list[int],
-                       folds: list[NormFold] | None = None) -> list[dict[str, torch.Tensor]]:
+def _renumbered_groups(model: nn.Module, stack: LayerStack, keep: list[int], folds: list[NormFold] | None = None,
+                       zeroed: Collection[str] = ()) -> list[dict[str, torch.Tensor]]:
     """The kept tensors under their new names, in groups a weight conversion never spans: everything
     outside the stack, then each kept block. References to the model's tensors, not copies, but for the
-    norm tensors of ``folds``: new tensors with the LNS factor folded in."""
+    norm tensors of ``folds`` (new tensors with the LNS factor folded in) and those of ``zeroed`` (zeros)."""
     prefix = stack.path + "."
     new_index = {old: new for new, old in enumerate(keep)}
     ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
-    targets = _fold_targets(stack, folds or [])
+    changes = _changes(stack, folds or [], zeroed)
     state: dict[str, torch.Tensor] = {}
     group_of: dict[str, int] = {}
     for key, value in model.state_dict().items():
         if key in ignored:
             continue
-        if key in targets:
-            fold, param = targets.pop(key)
-            if fold.block in new_index:
-                value = fold.folded(param, value)
-        group = -1
+        change, group = changes.pop(key, None), -1
         if key.startswith(prefix):
             idx, _, rest = key[len(prefix):].partition(".")
             if int(idx) not in new_index:
                 continue
             group = new_index[int(idx)]
             key = f"{prefix}{group}.{rest}"
-        state[key] = value
+        state[key] = value if change is None else change(value)
         group_of[key] = group
-    if targets:
-        raise UserError(f"cannot fold LayerNorm Scaling: the norm weights {', '.join(sorted(targets)[:3])} are not "
-                        "in the model's state_dict under these names")
+    if changes:
+        raise UserError(f"cannot fold LayerNorm Scaling or zero a removed sub-layer: the weights "
+                        f"{', '.join(sorted(changes)[:3])} are not in the model's state_dict under these names")
     state = _without_aliases(model, state)
     groups: list[dict[str, torch.Tensor]] = [{} for _ in range(len(keep) + 1)]
     for key, value in state.items():
@@ -406,10 +405,11 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _write_weights(model: nn.Module, stack: LayerStack, keep: list[int], folder: Path, max_bytes: int,
-                   num_parameters: int, folds: list[NormFold] | None = None) -> tuple[list[str], int]:
+                   num_parameters: int, folds: list[NormFold] | None = None,
+                   zeroed: Collection[str] = ()) -> tuple[list[str], int]:
     """Write the kept weights into ``folder`` as safetensors shards of at most ``max_bytes`` (a tensor
-    larger than that gets a shard of its own), the norms of ``folds`` with their LNS factor folded in;
-    returns the file names and the bytes written."""
+    larger than that gets a shard of its own), the norms of ``folds`` with their LNS factor folded in,
+    the tensors of ``zeroed`` as zeros; returns the file names and the bytes written."""
     shards: list[list[str]] = []
     current: dict[str, torch.Tensor] = {}
     size = total = 0
@@ -421,7 +421,7 @@ def _write_weights(model: nn.Module, stack: LayerStack, keep: list[int], folder:
             shards.append(list(current))
             current, size = {}, 0
 
-    for group in _renumbered_groups(model, stack, keep, folds):
+    for group in _renumbered_groups(model, stack, keep, folds, zeroed):
         for name, tensor in _as_saved(model, group).items():
             nbytes = tensor.numel() * tensor.element_size()
             if current and size + nbytes > max_bytes:

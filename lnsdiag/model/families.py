@@ -14,6 +14,7 @@ table                       what it answers                                     
 ``MLP_NAMES``               a block's MLP (or MoE) child                        ``model.structure.sublayers``
 ``SUBLAYER_OUTPUTS``        where a sub-layer's update is, when not its child   ``model.structure.sublayer_site``
 ``SUBLAYER_POST_NORMS``     norms applied to a sub-layer's output (sandwich)    ``model.structure.sublayer_site``
+``SUBLAYER_MODULES``        a sub-layer's modules, when not one child           ``model.cost``
 ``ATTENTION_OUTPUT_...``    an attention's output projection                    ``checkpoint.reference``
 ``CACHE_KWARGS``            the keyword a block receives its KV cache under     ``interventions.removal``
 ``WINDOW_FIELDS``           config fields bounding how far attention reaches    ``engine.budget``
@@ -71,6 +72,15 @@ SUBLAYER_POST_NORMS: dict[str, dict[str, str]] = {
     "Gemma3DecoderLayer": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
     "Olmo2DecoderLayer": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
     "Olmo3DecoderLayer": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+}
+
+#: The modules a sub-layer is made of where it is not one child of its block, by class name (dotted,
+#: relative to the block): what removing it saves. BERT's attention child also holds the post-add norm,
+#: which still runs; OPT's MLP is inline.
+SUBLAYER_MODULES: dict[str, dict[str, tuple[str, ...]]] = {
+    "BertLayer": {"attn": ("attention.self", "attention.output.dense"), "mlp": ("intermediate", "output.dense")},
+    "RobertaLayer": {"attn": ("attention.self", "attention.output.dense"), "mlp": ("intermediate", "output.dense")},
+    "OPTDecoderLayer": {"mlp": ("fc1", "fc2")},
 }
 
 #: Names of an attention's output projection (the reference of a removed attention zeroes it).

@@ -18,6 +18,7 @@ from ..distributed import replica_gpus, replica_max_memory, world
 from ..errors import UserError
 from ..interventions.lns import restore_lns
 from ..interventions.postln import restore_post_ln
+from ..interventions.pruned import restore_removed_units
 from . import quantize as quant
 from .families import ALIASES, ENCODER_ONLY_ARCHITECTURES, ENCODER_ONLY_MODEL_TYPES
 
@@ -273,11 +274,15 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
 
 
 def restore_norms(model: Any) -> bool:
-    """Re-install the norm scheme a checkpoint's config records (LayerNorm Scaling or Post-LN);
-    True if it records one. Needed after a plain ``from_pretrained``; ``load_model`` does it.
-    LayerNorm Scaling recorded as folded (the checkpoints lnsdiag writes) is already in the norm
-    weights: nothing is installed, so it is never applied twice; an older, unfolded record gets its hooks."""
+    """Re-install what a checkpoint's config records beyond its weights: its norm scheme (LayerNorm
+    Scaling or Post-LN, which plain transformers would compute wrongly) and the sub-layers it was
+    pruned of (``lnsdiag_removed_units``: skipped, which plain transformers computes as zeros at full
+    cost; :mod:`~lnsdiag.interventions.pruned`). True if it records a norm scheme. Needed after a plain
+    ``from_pretrained``; ``load_model`` does it. LayerNorm Scaling recorded as folded (the checkpoints
+    lnsdiag writes) is already in the norm weights: nothing is installed, so it is never applied twice;
+    an older, unfolded record gets its hooks."""
     post = restore_post_ln(model)
+    restore_removed_units(model)
     return restore_lns(model) or post
 
 
