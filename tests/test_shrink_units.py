@@ -91,3 +91,29 @@ def test_cli_scores_a_given_sublayer_set(tiny_llama_dir, text_file, tmp_path):
     frame = pd.read_csv(out / "shrink.csv", dtype={"removed_layers": str})
     given = frame[frame["strategy"] == "given"]
     assert set(given["removed_layers"]) == {"1.attn,2.mlp"} and set(given["unit"]) == {"mixed"}
+
+
+def test_cli_saves_a_sublayer_pick_that_plain_transformers_computes(tiny_llama_dir, text_file, tmp_path):
+    import torch
+    import transformers as tf
+
+    from lnsdiag.interventions.removal import removed_layers
+    from lnsdiag.model.load import load_model
+
+    save = tmp_path / "small"
+    result = invoke("shrink", tiny_llama_dir, "--ppl-text", text_file, "--seq-len", 64, "--ppl-max-tokens", 512,
+                    "--layers", "0.mlp,2.attn,3", "--out", tmp_path / "out", "--save", save)
+    assert result.exit_code == 0, result.output
+    plain = tf.AutoModelForCausalLM.from_pretrained(save, dtype=torch.float32).eval()
+    original = load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model
+    ids = torch.randint(3, 200, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), removed_layers(original, Removal.parse("0.mlp,2.attn,3")):
+        expected = original(input_ids=ids, use_cache=False).logits
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, expected)
+    assert plain.config.lnsdiag_removed_units == ["0.mlp", "2.attn"] and plain.config.num_hidden_layers == 3
+    card = (save / "README.md").read_text()
+    assert "2.attn" in card and "zero" in card
+    frame = pd.read_csv(tmp_path / "out" / "shrink.csv", dtype={"removed_layers": str})
+    given = frame[frame["strategy"] == "given"]
+    assert (given["params_removed_pct"] > 0).all() and (given["flops_saved_pct"] > 0).all()

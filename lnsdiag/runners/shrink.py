@@ -37,10 +37,12 @@ import pandas as pd
 from ..checkpoint.card import model_card
 from ..checkpoint.save import SavedCheckpoint, save_without_layers
 from ..data.text import TextSource
+from ..data.windows import default_seq_len
 from ..distributed import on_main
 from ..errors import Interrupted, OptionError, UserError
 from ..interventions.units import KIND_NAMES, Removal, parse_kinds
 from ..measure.angular import AngularResult
+from ..model.cost import Savings, removal_savings
 from ..model.load import LoadedModel
 from ..model.structure import LayerStack, find_layers, sublayer_site
 from ..progress import SILENT, Progress
@@ -338,8 +340,10 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
                           "resume.") from exc
     position = {name: k for k, name in enumerate(output_order())}
     picks.sort(key=lambda p: (position[p.strategy], p.n))
-    frame = shrink_frame(scorer.done(), picks, scoring_config, rank)
-    compare = lambda results, chosen: shrink_frame(results, chosen, scoring_config, rank)  # noqa: E731
+    context = default_seq_len(loaded.model, scoring_config.seq_len)
+    savings = {p.removal: removal_savings(loaded.model, p.removal, context=context, stack=stack) for p in picks}
+    frame = shrink_frame(scorer.done(), picks, scoring_config, rank, savings)
+    compare = lambda results, chosen: shrink_frame(results, chosen, scoring_config, rank, savings)  # noqa: E731
     healed = pd.concat([healed_frame(scorer.done()[Removal()], h, picks, compare) for h in heals.values()],
                        ignore_index=True) if heals else pd.DataFrame()
     meta = run_record(
@@ -348,6 +352,8 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
         rank_by="/".join(rank), picks=[{"strategy": p.strategy, "n_removed": p.n,
                                         "removed_layers": list(p.removal.blocks),
                                         "removed_units": [str(u) for u in p.removal],
+                                        "params_removed": savings[p.removal].params,
+                                        "flops_per_token_saved": savings[p.removal].flops,
                                         "selection": None if math.isnan(p.selection) else p.selection}
                                        for p in picks],
         **inputs.describe(), layer_stack=stack.path, num_layers=L,
@@ -355,7 +361,7 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
                                                                   "distinct removal sets of the run"),
         multiplicity=("hurts/helps: Holm-adjusted p-values over the distinct removal sets of this run, per (task, "
                       "metric); dead: two one-sided tests at alpha 0.05 per set, not adjusted"),
-        engine=scoring_config.engine, passes=scorer.passes, sets_scored=len(scorer.done()) - 1,
+        savings_context=context, engine=scoring_config.engine, passes=scorer.passes, sets_scored=len(scorer.done()) - 1,
         heal={name: h.describe() for name, h in heals.items()} or None, timings=dict(timer.seconds))
     return ShrinkRun(frame, picks, tasks, meta, folder, rank, healed, heals)
 
@@ -435,17 +441,24 @@ def _angular(loaded: LoadedModel, folder: Path, stack: LayerStack, text: TextSou
 
 
 def shrink_frame(results: dict[Removal, VariantResult], picks: Sequence[Pick], config: ScoringConfig,
-                 rank: tuple[str, str] | None = None) -> pd.DataFrame:
+                 rank: tuple[str, str] | None = None, savings: Mapping[Removal, Savings] | None = None
+                 ) -> pd.DataFrame:
     """One row per (strategy, n, task, metric): ``prune``'s paired comparison of each pick with
     the full model (value, Δ, intervals, verdict, retention), Holm-adjusted over the distinct
-    removal sets of the run per metric; the full model's rows first (strategy ``full``, n 0)."""
+    removal sets of the run per metric; the full model's rows first (strategy ``full``, n 0). With
+    ``savings``, each pick's share of the parameters and of the FLOPs per token it removes (%)."""
     asked = {Removal(), *(p.removal for p in picks)}
     compared = prune_frame({s: results[s] for s in asked}, margins=config.margins,
                            bootstrap_iters=config.bootstrap_iters, seed=config.seed)
     by_set = dict(list(compared.groupby("variant", sort=False)))  # a variant's name is its removal's
     parts = [_tagged(by_set[Removal().name], FULL, 0, Removal(), math.nan)]
     parts += [_tagged(by_set[p.removal.name], p.strategy, p.n, p.removal, p.selection) for p in picks]
-    return pd.concat(parts, ignore_index=True).assign(heal="none")[COLUMNS]
+    frame = pd.concat(parts, ignore_index=True).assign(heal="none")
+    saved = savings or {}
+    for column, share in (("params_removed_pct", "params_fraction"), ("flops_saved_pct", "flops_fraction")):
+        frame[column] = [100.0 * getattr(saved[r], share) if r in saved else (0.0 if not r else math.nan)
+                         for r in map(Removal.from_cell, frame["removed_layers"])]
+    return frame[COLUMNS]
 
 
 def _tagged(part: pd.DataFrame, strategy: str, n: int, removal: Removal, selection: float) -> pd.DataFrame:
@@ -500,7 +513,7 @@ def save_pick(run: ShrinkRun, loaded: LoadedModel, folder: str | Path, *, strate
     if outcome is not None:
         notes = f"{heal_card_text(outcome)} The scores above are the healed model's. {notes}"
     card = model_card(source=describe.get("source"), revision=describe.get("revision"),
-                      removed=list(pick.removal.blocks), num_layers=run.meta["num_layers"], strategy=pick.strategy,
+                      removed=pick.removal, num_layers=run.meta["num_layers"], strategy=pick.strategy,
                       n=pick.n, scores=scores, notes=notes)
     options = dict(tokenizer=loaded.tokenizer, card=card, overwrite=overwrite,
                    stack=find_layers(loaded.model, layers_path), strategy=pick.strategy, source=describe.get("source"),
@@ -510,7 +523,7 @@ def save_pick(run: ShrinkRun, loaded: LoadedModel, folder: str | Path, *, strate
         patch, save = outcome.patches[pick.removal], SAVERS[outcome.method]
         return on_main(lambda: save(loaded.model, patch, folder, **options))
     return on_main(lambda: save_without_layers(  # one rank writes the checkpoint; the others wait for it
-        loaded.model, pick.removal.blocks, folder, **options))
+        loaded.model, pick.removal, folder, **options))
 
 
 def _heal_to_save(run: ShrinkRun, pick: Pick, heal: str | None) -> HealOutcome | None:

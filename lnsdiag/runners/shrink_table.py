@@ -8,6 +8,7 @@ which is plain data (no torch), like the strategy registry whose order it follow
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ FULL = "full"
 COLUMNS = ["strategy", "n_removed", "removed_layers", "unit", "heal", "task", "metric", "value", "stderr", "baseline",
            "baseline_stderr", "delta", "delta_stderr", "paired", "ci90_low", "ci90_high", "ci95_low", "ci95_high",
            "margin", "p_value", "p_holm", "verdict", "retention", "chance", "higher_is_better", "group", "samples",
-           "selection"]
+           "selection", "params_removed_pct", "flops_saved_pct"]
 
 
 def layer_list(text: Any) -> list[int]:
@@ -70,6 +71,11 @@ def tidy_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """shrink.csv: :data:`COLUMNS` first, ``removed_layers`` as text (so "3,4,7" and "31" read back alike)."""
     if "heal" not in frame:  # a frame built without the column: its rows are unhealed
         frame = frame.assign(heal="none")
+    if "unit" not in frame:  # built before sub-layers: the kind its removal says
+        frame = frame.assign(unit=[Removal.from_cell(v).kind or None for v in frame["removed_layers"]])
+    for column in ("params_removed_pct", "flops_saved_pct"):  # not measured by whoever built it
+        if column not in frame:
+            frame = frame.assign(**{column: math.nan})
     out = frame[[c for c in COLUMNS if c in frame] + [c for c in frame if c not in COLUMNS]].copy()
     out["removed_layers"] = pd.array([layers_text(v) for v in out["removed_layers"]], dtype=object)
     return out
@@ -81,6 +87,9 @@ def wide_shrink_frame(frame: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     table = strategy_rows(frame)
     wide = pd.DataFrame({"strategy": [s for s, _, _, _ in table], "n_removed": [n for _, n, _, _ in table],
                          "removed_layers": pd.array([layers for _, _, layers, _ in table], dtype=object)})
+    for column in ("params_removed_pct", "flops_saved_pct"):  # what the pick saves, beside what it costs
+        if column in frame:
+            wide[column] = [part[column].iloc[0] for _, _, _, part in table]
     sel = frame[frame["task"].isin(tasks)]
     for (task, metric), _ in sel.groupby(["task", "metric"], sort=False):
         for column, suffix in (("value", ""), ("stderr", "_stderr"), ("delta", "_delta"),
