@@ -97,6 +97,10 @@ def _prune_args(model: Path, inputs: dict[str, Path], *extra: str) -> list:
             "--batch-size", "2", "--batch-tokens", "64", "--fidelity-tasks", "--generate", "4", *extra]
 
 
+#: The naive prune's own options: each variant scored by its own evaluation.
+NAIVE = ("--engine", "naive", "--no-angular")
+
+
 def _commands(model: Path, inputs: dict[str, Path]) -> dict[str, list]:
     """The command lines run both ways: as one process and with two ranks."""
     measure = ["--text-file", inputs["text"], "--seq-len", "32", "--batch-size", "2"]
@@ -105,7 +109,9 @@ def _commands(model: Path, inputs: dict[str, Path]) -> dict[str, list]:
         # tokens, and along the full model's continuations (generated on rank 0 only)
         "fast": _prune_args(model, inputs),
         # prune, naive engine: one evaluation per variant
-        "naive": _prune_args(model, inputs, "--engine", "naive", "--no-angular"),
+        "naive": _prune_args(model, inputs, *NAIVE),
+        # the same over the blocks' attention and MLP sub-layers
+        "sublayers": _prune_args(model, inputs, *NAIVE, "--unit", "attn,mlp", "--layers", "1-2"),
         "angular": ["angular", model, *measure],
         "variance": ["variance", model, *measure],
         # shrink, every pick healed too (the fits dealt to the ranks, the healed sets scored by the naive engine)
@@ -182,8 +188,9 @@ def test_prune_fast_engine_two_ranks_write_what_one_process_writes(runs):
     assert not list(two.glob("engine-partial*")) and not list(two.glob(".*.tmp"))
 
 
-def test_prune_naive_engine_two_ranks_write_what_one_process_writes(runs):
-    run = runs["naive"]
+@pytest.mark.parametrize("command", ["naive", "sublayers"])
+def test_prune_naive_engine_two_ranks_write_what_one_process_writes(runs, command):
+    run = runs[command]
     run.check_two_ranks_succeeded()
     one, two = run.one, run.two
     for name in ("prune.csv", "prune_wide.csv"):
@@ -243,7 +250,7 @@ def test_a_killed_naive_rank_keeps_the_variants_each_rank_saved(runs, tiny_llama
     """Naive engine: each rank stores its variants as it finishes them, so a relaunch with one
     process scores only the rest."""
     out = tmp_path / "killed"
-    args = [*_prune_args(tiny_llama_dir, inputs, "--engine", "naive", "--no-angular"), "--out", out]
+    args = [*_prune_args(tiny_llama_dir, inputs, *NAIVE), "--out", out]
     code, stdout, stderr = _finish(_torchrun(["-m", "lnsdiag", *args], LNSDIAG_TEST_SIGNAL="variants:2:KILL",
                                              LNSDIAG_TEST_SIGNAL_RANK="1"))
     assert code != 0, stdout + stderr
