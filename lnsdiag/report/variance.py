@@ -107,7 +107,7 @@ def plot_variance(result: VarianceResult, stem: Path, title: str = "") -> list[P
 
 def write_variance(result: VarianceResult, out: Path, meta: dict[str, Any], title: str = "") -> list[Path]:
     """variance.csv, meta.json, variance.png/pdf."""
-    files = [write_csv(out / "variance.csv", result.layers)]
+    files = [write_csv(out / "variance.csv", result.csv_frame())]
     files += plot_variance(result, out / "variance", title)
     files.append(write_json(out / "meta.json", meta))
     return files
