@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from lnsdiag import report
 from lnsdiag.errors import UserError
+from lnsdiag.interventions.postln import apply_post_ln
 from lnsdiag.interventions.removal import removed_layers
 from lnsdiag.interventions.units import KIND_NAMES, Removal
 from lnsdiag.measure.angular import AngularConfig, AngularResult, angular_distances
@@ -180,6 +181,9 @@ def test_post_ln_is_refused_in_one_line():
     with pytest.raises(UserError, match="Post-LN"):
         residual_variance(model, [(ids, mask)], units="mlp")
     assert angular_distances(model, [(ids, mask)]).num_layers == 4  # the blocks are measured as ever
+    twin = apply_post_ln(tiny_model("llama"))  # a Post-LN twin of a Pre-LN family
+    with pytest.raises(UserError, match="LlamaDecoderLayer blocks are Post-LN"):
+        angular_distances(twin, [(ids, mask)], units="attn,mlp")
 
 
 def test_a_block_its_updates_do_not_add_up_to_is_refused(monkeypatch):

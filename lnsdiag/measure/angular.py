@@ -74,7 +74,7 @@ class AngularResult:
     def csv_frame(self) -> pd.DataFrame:
         """angular.csv: :meth:`tidy` when sub-layers are asked; the blocks' table as it always was
         (no ``unit`` column) when only whole blocks are."""
-        return self.layers if self.units == ("block",) else self.tidy()
+        return self.layers if tuple(self.units) == ("block",) else self.tidy()
 
     def units_frame(self) -> pd.DataFrame:
         """Every asked unit as one frame, to rank units of any kind together: columns ``layer`` (the

@@ -86,7 +86,7 @@ class VarianceResult:
     def csv_frame(self) -> pd.DataFrame:
         """variance.csv: :meth:`tidy` when sub-layers are asked; the blocks' table as it always was
         (no ``unit`` column) when only whole blocks are."""
-        return self.layers if self.units == ("block",) else self.tidy()
+        return self.layers if tuple(self.units) == ("block",) else self.tidy()
 
 
 #: One state's statistics within one batch: (state index, tokens counted, entries, mean, M2, update-ratio sum).
