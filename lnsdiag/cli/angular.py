@@ -11,7 +11,7 @@ from ..measure import angular
 from ..model.load import ModelOptions
 from ..runs import Timer, output_dir
 from . import ui
-from .common import Debug, MaxTokens, Out, SeqLen, app, command, load, model_options, text_options, text_source
+from .common import Debug, MaxTokens, Out, SeqLen, Unit, app, command, load, model_options, text_options, text_source
 from .show import show_angular
 
 
@@ -29,11 +29,11 @@ def angular_cmd(
         show_default=False)] = None,
     threshold: Annotated[float, typer.Option(help="Flag layers below this angular distance.")] = 0.2,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per forward pass.")] = 4,
-    out: Out = None, debug: Debug = False,
+    unit: Unit = "block", out: Out = None, debug: Debug = False,
 ) -> None:
     """Angular distance between each layer's input and output: which layers are near-identity."""
     config = angular.AngularConfig(seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, tokens=tokens,
-                                   max_block=max_block, threshold=threshold)
+                                   max_block=max_block, threshold=threshold, units=unit)
     source = text_source(text)
     output_dir(out, model.slug, "angular", create=False)
     timer = Timer()

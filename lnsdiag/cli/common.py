@@ -137,6 +137,9 @@ Dataset = Annotated[str | None, typer.Option(
 DatasetConfig = Annotated[str | None, typer.Option("--dataset-config", show_default=False)]
 Split = Annotated[str | None, typer.Option("--split", help="Dataset split \\[default: test].", show_default=False)]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Tokens to average over (the paper used 256K).")]
+Unit = Annotated[str, typer.Option(
+    "--unit", help="What to measure, comma-separated: block (each whole block), attn, mlp (each block's "
+    "attention / MLP sub-layer: its own step of the residual stream).")]
 SeqLen = Annotated[int | None, typer.Option(
     "--seq-len", help="Tokens per sequence \\[default: min(2048, context length)].", show_default=False)]
 

@@ -11,7 +11,7 @@ from ..measure import variance
 from ..model.load import ModelOptions
 from ..runs import Timer, output_dir
 from . import ui
-from .common import Debug, MaxTokens, Out, SeqLen, app, command, load, model_options, text_options, text_source
+from .common import Debug, MaxTokens, Out, SeqLen, Unit, app, command, load, model_options, text_options, text_source
 from .show import show_variance
 
 
@@ -25,10 +25,11 @@ def variance_cmd(
     tokens: Annotated[str, typer.Option(help="all: every non-padding token; last: each sequence's last "
                                              "token.")] = "all",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per forward pass.")] = 4,
-    out: Out = None, debug: Debug = False,
+    unit: Unit = "block", out: Out = None, debug: Debug = False,
 ) -> None:
     """Residual-stream variance per layer and how much each layer changes its input (Pre-LN growth)."""
-    config = variance.VarianceConfig(seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, tokens=tokens)
+    config = variance.VarianceConfig(seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, tokens=tokens,
+                                     units=unit)
     source = text_source(text)
     output_dir(out, model.slug, "variance", create=False)
     timer = Timer()

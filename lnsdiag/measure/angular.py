@@ -3,6 +3,8 @@
 A block whose output points where its input did is close to the identity, and removing it
 changes little (Gromov et al.; ShortGPT's Block Influence is 1 − mean cosine). States come
 from :func:`lnsdiag.stream.stream_states`, so padding is excluded and memory stays bounded.
+Asked (``units``), each block's attention and MLP steps are measured in the same pass
+(:mod:`.sublayers`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,24 +23,41 @@ import torch.nn.functional as F
 from ..data.text import TextSource
 from ..data.windows import TokenWindows
 from ..errors import UserError
+from ..interventions.units import parse_kinds
 from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
 from ..runs import RunFiles, Timer, write_tables
-from .stream import MeasureRun, StreamConfig, TokenMode, check_tokens, measure_batches, measure_text, stream_states
+from .stream import MeasureRun, StreamConfig, TokenMode, angle_and_cosine, check_tokens, measure_batches, measure_text
+from .sublayers import SublayerPart, angular_rows, check_sublayers, measure_batch, merged, tidy
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel
 
 
+#: The columns of a per-layer table (``layers``, one row per block), after ``layer`` (and ``unit``).
+LAYER_COLUMNS: tuple[str, ...] = ("angular_distance", "block_influence", "cosine", "near_identity")
+
+
+def _no_sublayers() -> pd.DataFrame:
+    return pd.DataFrame(columns=["layer", "unit", *LAYER_COLUMNS])
+
+
 @dataclass
 class AngularResult:
-    """Per-layer and per-block angular distances of one model on one text."""
+    """Per-layer and per-block angular distances of one model on one text; the attention and MLP
+    sub-layers' too when ``units`` asks for them.
+
+    ``layers`` is always the whole blocks' table (what prune and shrink read); ``sublayers`` holds
+    the sub-layers' rows (``layer, unit, ...``; empty unless asked); :meth:`units_frame` and
+    :meth:`tidy` give the asked units together."""
 
     layers: pd.DataFrame  # layer, angular_distance, block_influence, cosine, near_identity
     blocks: pd.DataFrame  # start_layer, block_size, angular_distance, block_influence
     tokens: int
     token_mode: str
     threshold: float
+    units: tuple[str, ...] = ("block",)
+    sublayers: pd.DataFrame = field(default_factory=_no_sublayers)  # layer, unit, then as layers
 
     @property
     def num_layers(self) -> int:
@@ -46,6 +65,24 @@ class AngularResult:
 
     def near_identity(self) -> list[int]:
         return [int(i) for i in self.layers.loc[self.layers["near_identity"], "layer"]]
+
+    def tidy(self) -> pd.DataFrame:
+        """One row per layer and asked unit kind (``layer, unit, angular_distance,
+        block_influence, cosine, near_identity``), by layer, then kind (block, attn, mlp)."""
+        return tidy(self.layers, self.sublayers, self.units)
+
+    def csv_frame(self) -> pd.DataFrame:
+        """angular.csv: :meth:`tidy` when sub-layers are asked; the blocks' table as it always was
+        (no ``unit`` column) when only whole blocks are."""
+        return self.layers if tuple(self.units) == ("block",) else self.tidy()
+
+    def units_frame(self) -> pd.DataFrame:
+        """Every asked unit as one frame, to rank units of any kind together: columns ``layer`` (the
+        block, 0-based), ``unit`` (``block``, ``attn`` or ``mlp``, the kinds of
+        :data:`~lnsdiag.interventions.units.KIND_NAMES`), ``angular_distance`` (d over its own step, in
+        [0, 1]) and ``block_influence`` (1 − mean cosine); a row per block and asked kind, by layer,
+        then kind. ``KIND_NAMES[unit](layer)`` is the row's removable unit."""
+        return self.tidy()[["layer", "unit", "angular_distance", "block_influence"]]
 
 
 class _PairAccumulator:
@@ -67,38 +104,41 @@ class _PairAccumulator:
             self.window.clear()
             self.count += unit.shape[0]
         for start, previous in self.window:
-            cos = (previous * unit).sum(dim=-1).clamp(-1.0, 1.0)
+            angle, cos = angle_and_cosine(previous, unit)
             n = index - start
-            # arccos is ill-conditioned near cos = 1 (exactly where near-identity layers are);
-            # 2·atan2(|u−v|, |u+v|) is the same angle, accurate for small angles too.
-            angle = 2.0 * torch.atan2((previous - unit).norm(dim=-1), (previous + unit).norm(dim=-1))
             self.angle[start, n - 1] += angle.sum(dtype=torch.float64) / math.pi
             self.cosine[start, n - 1] += cos.sum(dtype=torch.float64)
         self.window.append((index, unit))
 
 
+#: One batch's part: sums of angle and cosine per (l, n), its token count, its sub-layers' sums (if asked).
+_PairPart = tuple[torch.Tensor, torch.Tensor, int, SublayerPart | None]
+
+
 def _pair_part(model: torch.nn.Module, stack: LayerStack, ids: torch.Tensor, mask: torch.Tensor, max_block: int,
-               tokens: TokenMode) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One batch's sums of angle and cosine (float64, on the CPU) and its token count.
+               tokens: TokenMode, units: tuple[str, ...] = ("block",)) -> _PairPart:
+    """One batch's sums of angle and cosine (float64, on the CPU), its token count, and its sub-layers'
+    sums when ``units`` asks for them.
 
     Each (l, n) gets exactly one addition per batch, so adding batches' parts in order is
     bitwise the running sum one accumulator makes over the same batches."""
     acc = _PairAccumulator(len(stack), max_block)
-    stream_states(model, stack, ids, mask, acc, tokens)
+    sub = measure_batch(model, stack, ids, mask, acc, tokens, units)
     if acc.angle is None or acc.cosine is None:
         empty = torch.zeros(len(stack), max_block, dtype=torch.float64)
-        return empty, empty.clone(), acc.count
-    return acc.angle.cpu(), acc.cosine.cpu(), acc.count
+        return empty, empty.clone(), acc.count, sub
+    return acc.angle.cpu(), acc.cosine.cpu(), acc.count, sub
 
 
 def _block_limit(model: torch.nn.Module, stack: LayerStack | None, max_block: int | None,
-                 tokens: str) -> tuple[LayerStack, int]:
+                 tokens: str, units: tuple[str, ...] = ("block",)) -> tuple[LayerStack, int]:
     check_tokens(tokens)
     stack = stack or find_layers(model)
     L = len(stack)
     max_block = L if max_block is None else max_block
     if not 1 <= max_block <= L:
         raise UserError(f"--max-block {max_block} must be between 1 and the layer count ({L})")
+    check_sublayers(model, stack, units)
     return stack, max_block
 
 
@@ -110,24 +150,27 @@ def angular_distances(
     max_block: int | None = 1,
     threshold: float = 0.2,
     stack: LayerStack | None = None,
+    units: str | Iterable[str] = ("block",),
 ) -> AngularResult:
     """Angular distance arccos(cos(x_l, x_{l+n}))/π for every block l and n = 1..max_block.
 
     The per-layer table (n = 1) also has Block Influence, 1 − mean cosine (ShortGPT), and a
     ``near_identity`` flag for distances below ``threshold``. ``max_block=None`` means all.
+    ``units`` with ``attn`` or ``mlp`` adds the sub-layers' steps (:mod:`.sublayers`).
     """
-    stack, max_block = _block_limit(model, stack, max_block, tokens)
-    parts = [_pair_part(model, stack, ids, mask, max_block, tokens) for ids, mask in batches]
-    return _angular_result(parts, len(stack), max_block, tokens, threshold)
+    units = parse_kinds(units)
+    stack, max_block = _block_limit(model, stack, max_block, tokens, units)
+    parts = [_pair_part(model, stack, ids, mask, max_block, tokens, units) for ids, mask in batches]
+    return _angular_result(parts, len(stack), max_block, tokens, threshold, units)
 
 
-def _angular_result(parts: list[tuple[torch.Tensor, torch.Tensor, int]], L: int, max_block: int, tokens: str,
-                    threshold: float) -> AngularResult:
+def _angular_result(parts: list[_PairPart], L: int, max_block: int, tokens: str, threshold: float,
+                    units: tuple[str, ...] = ("block",)) -> AngularResult:
     """The tables from per-batch parts, summed in batch order."""
     total_angle = torch.zeros(L, max_block, dtype=torch.float64)
     total_cosine = torch.zeros_like(total_angle)
     count = 0
-    for angle_b, cosine_b, count_b in parts:
+    for angle_b, cosine_b, count_b, _ in parts:
         total_angle += angle_b
         total_cosine += cosine_b
         count += count_b
@@ -148,7 +191,8 @@ def _angular_result(parts: list[tuple[torch.Tensor, torch.Tensor, int]], L: int,
         for n in range(1, max_block + 1) for s in range(L - n + 1)
     ]
     blocks = pd.DataFrame(rows, columns=["start_layer", "block_size", "angular_distance", "block_influence"])
-    return AngularResult(layers, blocks, count, tokens, threshold)
+    sublayers = angular_rows(merged((part[3] for part in parts), L), units, threshold)
+    return AngularResult(layers, blocks, count, tokens, threshold, units, sublayers)
 
 
 @dataclass(frozen=True)
@@ -172,11 +216,12 @@ def angular_on_windows(model: torch.nn.Module, windows: TokenWindows, config: An
                        stack: LayerStack | None = None, progress: Progress = SILENT) -> AngularResult:
     """Angular distances over a text's token windows, reporting windows done to ``progress``
     (under a launcher the batches are shared over the ranks, the sums made in one order)."""
-    stack, max_block = _block_limit(model, stack, config.max_block, config.tokens)
+    stack, max_block = _block_limit(model, stack, config.max_block, config.tokens, config.units)
     parts = measure_batches(windows, config.batch_size,
-                            lambda ids, mask: _pair_part(model, stack, ids, mask, max_block, config.tokens),
+                            lambda ids, mask: _pair_part(model, stack, ids, mask, max_block, config.tokens,
+                                                         config.units),
                             progress, "angular distances")
-    return _angular_result(parts, len(stack), max_block, config.tokens, config.threshold)
+    return _angular_result(parts, len(stack), max_block, config.tokens, config.threshold, config.units)
 
 
 def angular_on_text(
@@ -191,10 +236,11 @@ def angular_on_text(
     threshold: float = 0.2,
     stack: LayerStack | None = None,
     progress: Progress = SILENT,
+    units: str | Iterable[str] = ("block",),
 ) -> AngularResult:
     """Tokenise ``texts`` for a :class:`~lnsdiag.models.LoadedModel` and measure angular distances."""
     config = AngularConfig(seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, tokens=tokens,
-                           max_block=max_block, threshold=threshold)
+                           max_block=max_block, threshold=threshold, units=parse_kinds(units))
     return angular_on_windows(loaded.model, config.windows(loaded, texts), config, stack=stack, progress=progress)
 
 
@@ -202,9 +248,10 @@ class AngularRun(MeasureRun):
     """An ``angular`` run: the :class:`AngularResult` and its ``meta.json`` record."""
 
     def write(self, folder: str | Path) -> RunFiles:
-        """angular.csv (per layer), angular_blocks.csv (per block) and meta.json, into ``folder``."""
-        return write_tables(Path(folder), {"angular.csv": self.result.layers, "angular_blocks.csv": self.result.blocks},
-                            self.meta)
+        """angular.csv (per layer, and per asked unit: :meth:`AngularResult.csv_frame`), angular_blocks.csv
+        (per span of whole blocks) and meta.json, into ``folder``."""
+        return write_tables(Path(folder), {"angular.csv": self.result.csv_frame(),
+                                           "angular_blocks.csv": self.result.blocks}, self.meta)
 
 
 def run(loaded: LoadedModel, text: TextSource, config: AngularConfig, *, layers_path: str | None = None,

@@ -19,6 +19,7 @@ import torch
 from ..data.windows import TokenWindows, check_batch_size, check_seq_len, default_seq_len
 from ..distributed import all_gather, my_share, world
 from ..errors import UserError
+from ..interventions.units import parse_kinds
 from ..model.patch import patched
 from ..model.placement import norm_placement
 from ..model.structure import LayerStack, block_input, find_layers, first_tensor, no_cache_kwargs
@@ -44,20 +45,26 @@ def check_tokens(tokens: str) -> TokenMode:
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """How a text goes through the model: window length, how much of it, batch size, which tokens.
+    """How a text goes through the model: window length, how much of it, batch size, which tokens,
+    and which units are measured.
 
     Checked when built, so a command fails on a bad option before it creates any output.
     ``seq_len=None`` is the model's context length (capped at 2048), checked against the
-    model when it is known; ``max_tokens=None`` takes the whole text.
+    model when it is known; ``max_tokens=None`` takes the whole text. ``units`` (``--unit``) are
+    the kinds of unit whose rows the results hold: ``block`` (each whole block), ``attn`` and
+    ``mlp`` (each block's sub-layers, :mod:`.sublayers`); given as ``"attn,mlp"`` or a sequence,
+    kept as :func:`~lnsdiag.interventions.units.parse_kinds` orders them.
     """
 
     seq_len: int | None = None
     max_tokens: int | None = 65_536
     batch_size: int = 4
     tokens: TokenMode = "all"
+    units: tuple[str, ...] = ("block",)
 
     def __post_init__(self) -> None:
         check_tokens(self.tokens)
+        object.__setattr__(self, "units", parse_kinds(self.units))
         if self.seq_len is not None:
             check_seq_len(self.seq_len)
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -78,7 +85,7 @@ class _StopForward(Exception):
     """Raised after the last block: the final norm and LM head are not needed."""
 
 
-def _pick(hidden: torch.Tensor, mask: torch.Tensor, tokens: TokenMode) -> torch.Tensor:
+def pick_tokens(hidden: torch.Tensor, mask: torch.Tensor, tokens: TokenMode) -> torch.Tensor:
     """The states of real tokens: all of them, or each row's last (left or right padding alike)."""
     mask = mask.to(hidden.device).bool()
     if tokens == "all":
@@ -86,6 +93,15 @@ def _pick(hidden: torch.Tensor, mask: torch.Tensor, tokens: TokenMode) -> torch.
     positions = torch.arange(mask.shape[1], device=hidden.device).expand_as(mask)
     last = torch.where(mask, positions, -1).amax(dim=1)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def angle_and_cosine(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of two unit vectors: their angle (radians) and their cosine (clamped to [-1, 1]).
+
+    arccos is ill-conditioned near cos = 1 (exactly where near-identity layers are);
+    2·atan2(|u−v|, |u+v|) is the same angle, accurate for small angles too."""
+    cosine = (u * v).sum(dim=-1).clamp(-1.0, 1.0)
+    return 2.0 * torch.atan2((u - v).norm(dim=-1), (u + v).norm(dim=-1)), cosine
 
 
 def stream_states(
@@ -101,11 +117,11 @@ def stream_states(
 
     def before(index: int):
         def hook(_m: Any, args: tuple, kwargs: dict) -> None:
-            on_state(index, _pick(block_input(args, kwargs), mask, tokens))
+            on_state(index, pick_tokens(block_input(args, kwargs), mask, tokens))
         return hook
 
     def after_last(_m: Any, _a: tuple, out: Any) -> None:
-        on_state(last + 1, _pick(first_tensor(out), mask, tokens))
+        on_state(last + 1, pick_tokens(first_tensor(out), mask, tokens))
         raise _StopForward
 
     device = model.get_input_embeddings().weight.device
@@ -164,6 +180,17 @@ class MeasureRun:
         return str(self.meta.get("norm_placement", ""))
 
 
+def recorded_settings(config: StreamConfig) -> dict[str, Any]:
+    """The config as meta.json records it: ``units`` only when it asks for more than the whole blocks,
+    so a block-only run's record is what it always was."""
+    settings = asdict(config)
+    if config.units == ("block",):
+        del settings["units"]
+    else:
+        settings["units"] = list(config.units)
+    return settings
+
+
 def measure_text(command: str, loaded: LoadedModel, text: TextSource, config: StreamConfig,
                  measure: Callable[..., Any], *, layers_path: str | None = None, progress: Progress = SILENT,
                  timer: Timer | None = None, settings: Callable[[Any], dict[str, Any]] | None = None
@@ -181,7 +208,7 @@ def measure_text(command: str, loaded: LoadedModel, text: TextSource, config: St
     meta = run_record(
         command, model=loaded.describe(), text=text.name, tokens_used=result.tokens, layer_stack=stack.path,
         num_layers=len(stack), norm_placement=placement,
-        settings={**asdict(config), **(settings(result) if settings else {})},
+        settings={**recorded_settings(config), **(settings(result) if settings else {})},
         timings={**timer.seconds, "total": timer.total()},
     )
     return result, meta

@@ -13,12 +13,16 @@ block is close to the identity. Per layer l (0-based) on a text:
 One more row, ``layer = L``, holds the last block's output before the final norm (its
 ``update_ratio`` is empty). States come from :func:`lnsdiag.stream.stream_states`, so
 padding is excluded and memory stays bounded however long the text.
+
+Asked (``units``), the same pass measures each block's sub-layers (:mod:`.sublayers`): with
+h = x_l + a, the attention's row has ‖a‖/‖x_l‖ and the variance and RMS of x_l, the MLP's row
+‖m‖/‖h‖ and those of h.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -27,22 +31,31 @@ import torch
 from ..data.text import TextSource
 from ..data.windows import TokenWindows
 from ..errors import UserError
+from ..interventions.units import parse_kinds
 from ..model.structure import LayerStack, find_layers
 from ..progress import SILENT, Progress
 from ..runs import Timer
-from .stream import MeasureRun, StreamConfig, TokenMode, check_tokens, measure_batches, measure_text, stream_states
+from .stream import MeasureRun, StreamConfig, TokenMode, check_tokens, measure_batches, measure_text
+from .sublayers import SublayerPart, check_sublayers, measure_batch, merged, tidy, variance_rows
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel
 
 
+def _no_sublayers() -> pd.DataFrame:
+    return pd.DataFrame(columns=["layer", "unit", "variance", "rms", "update_ratio"])
+
+
 @dataclass
 class VarianceResult:
-    """Per-layer residual-stream statistics of one model on one text."""
+    """Per-layer residual-stream statistics of one model on one text; the attention and MLP
+    sub-layers' too when ``units`` asks for them (``sublayers``; ``layers`` is the blocks' always)."""
 
     layers: pd.DataFrame  # layer, variance, rms, update_ratio (row L: final output, no ratio)
     tokens: int
     token_mode: str
+    units: tuple[str, ...] = ("block",)
+    sublayers: pd.DataFrame = field(default_factory=_no_sublayers)  # layer, unit, variance, rms, update_ratio
 
     @property
     def num_layers(self) -> int:
@@ -54,12 +67,26 @@ class VarianceResult:
         var = self.layers["variance"]
         return float(var.iloc[-1] / var.iloc[0]) if var.iloc[0] > 0 else float("inf")
 
-    def mean_update_ratio(self, start: float = 0.5, stop: float = 1.0) -> float:
-        """Mean update ratio of the layers in a depth range (fractions of L; default deep half)."""
+    def mean_update_ratio(self, start: float = 0.5, stop: float = 1.0, unit: str = "block") -> float:
+        """Mean update ratio of the layers in a depth range (fractions of L; default deep half), of
+        the whole blocks or (``unit``) of their ``attn`` or ``mlp`` sub-layers."""
         L = self.num_layers
         lo = min(int(start * L), L - 1)
         hi = max(lo + 1, round(stop * L))
-        return float(self.layers["update_ratio"].iloc[lo:hi].mean())
+        if unit == "block":
+            return float(self.layers["update_ratio"].iloc[lo:hi].mean())
+        rows = self.sublayers[self.sublayers["unit"] == unit]
+        return float(rows.loc[(rows["layer"] >= lo) & (rows["layer"] < hi), "update_ratio"].astype(float).mean())
+
+    def tidy(self) -> pd.DataFrame:
+        """One row per layer and asked unit kind (``layer, unit, variance, rms, update_ratio``), by
+        layer, then kind (block, attn, mlp); the blocks' row L is the last block's output."""
+        return tidy(self.layers, self.sublayers, self.units)
+
+    def csv_frame(self) -> pd.DataFrame:
+        """variance.csv: :meth:`tidy` when sub-layers are asked; the blocks' table as it always was
+        (no ``unit`` column) when only whole blocks are."""
+        return self.layers if tuple(self.units) == ("block",) else self.tidy()
 
 
 #: One state's statistics within one batch: (state index, tokens counted, entries, mean, M2, update-ratio sum).
@@ -120,20 +147,26 @@ class _Moments:
         return pd.DataFrame({"layer": range(L + 1), "variance": variance, "rms": rms, "update_ratio": ratio})
 
 
+#: One batch's part: its states' steps, and its sub-layers' sums (if asked).
+_Part = tuple[list[_Step], SublayerPart | None]
+
+
 def _batch_steps(model: torch.nn.Module, stack: LayerStack, ids: torch.Tensor, mask: torch.Tensor,
-                 tokens: TokenMode) -> list[_Step]:
+                 tokens: TokenMode, units: tuple[str, ...] = ("block",)) -> _Part:
     steps = _BatchSteps()
-    stream_states(model, stack, ids, mask, steps, tokens)
-    return steps.steps
+    sub = measure_batch(model, stack, ids, mask, steps, tokens, units)
+    return steps.steps, sub
 
 
-def _variance_result(parts: list[list[_Step]], states: int, tokens: str) -> VarianceResult:
+def _variance_result(parts: list[_Part], states: int, tokens: str,
+                     units: tuple[str, ...] = ("block",)) -> VarianceResult:
     acc = _Moments(states)
-    for steps in parts:
+    for steps, _ in parts:
         acc.merge(steps)
     if acc.tokens == 0:
         raise UserError("no tokens to measure: the text is empty")
-    return VarianceResult(acc.frame(), acc.tokens, tokens)
+    sublayers = variance_rows(merged((sub for _, sub in parts), states - 1), units)
+    return VarianceResult(acc.frame(), acc.tokens, tokens, units, sublayers)
 
 
 def residual_variance(
@@ -142,18 +175,22 @@ def residual_variance(
     *,
     tokens: TokenMode = "all",
     stack: LayerStack | None = None,
+    units: str | Iterable[str] = ("block",),
 ) -> VarianceResult:
-    """Variance, RMS and update ratio of x_0..x_L over the batches' non-padding tokens."""
+    """Variance, RMS and update ratio of x_0..x_L over the batches' non-padding tokens; ``units``
+    with ``attn`` or ``mlp`` adds the sub-layers' rows (:mod:`.sublayers`)."""
     check_tokens(tokens)
+    units = parse_kinds(units)
     stack = stack or find_layers(model)
-    parts = [_batch_steps(model, stack, ids, mask, tokens) for ids, mask in batches]
-    return _variance_result(parts, len(stack) + 1, tokens)
+    check_sublayers(model, stack, units)
+    parts = [_batch_steps(model, stack, ids, mask, tokens, units) for ids, mask in batches]
+    return _variance_result(parts, len(stack) + 1, tokens, units)
 
 
 @dataclass(frozen=True)
 class VarianceConfig(StreamConfig):
     """What ``lnsdiag variance`` measures: only the text settings (window length, how many
-    tokens, batch size, which tokens)."""
+    tokens, batch size, which tokens) and which units."""
 
 
 def variance_on_windows(model: torch.nn.Module, windows: TokenWindows, config: StreamConfig, *,
@@ -162,10 +199,11 @@ def variance_on_windows(model: torch.nn.Module, windows: TokenWindows, config: S
     (under a launcher the batches are shared over the ranks, merged in one order)."""
     check_tokens(config.tokens)
     stack = stack or find_layers(model)
+    check_sublayers(model, stack, config.units)
     parts = measure_batches(windows, config.batch_size,
-                            lambda ids, mask: _batch_steps(model, stack, ids, mask, config.tokens),
+                            lambda ids, mask: _batch_steps(model, stack, ids, mask, config.tokens, config.units),
                             progress, "residual variance")
-    return _variance_result(parts, len(stack) + 1, config.tokens)
+    return _variance_result(parts, len(stack) + 1, config.tokens, config.units)
 
 
 def variance_on_text(
@@ -178,9 +216,11 @@ def variance_on_text(
     tokens: TokenMode = "all",
     stack: LayerStack | None = None,
     progress: Progress = SILENT,
+    units: str | Iterable[str] = ("block",),
 ) -> VarianceResult:
     """Tokenise ``texts`` for a :class:`~lnsdiag.models.LoadedModel` and measure the stream."""
-    config = VarianceConfig(seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, tokens=tokens)
+    config = VarianceConfig(seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, tokens=tokens,
+                            units=parse_kinds(units))
     return variance_on_windows(loaded.model, config.windows(loaded, texts), config, stack=stack, progress=progress)
 
 

@@ -138,6 +138,9 @@ DOUBLE_COLUMN = 6.8
 PALETTE = {"black": "#000000", "orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442",
            "blue": "#0072B2", "vermillion": "#D55E00", "purple": "#CC79A7", "grey": "#999999"}
 CYCLE = [PALETTE[c] for c in ("blue", "vermillion", "green", "orange", "purple", "sky", "black", "yellow")]
+#: The sub-layers' colours wherever they are drawn beside their blocks, and every unit kind's name in words.
+SUBLAYER_COLOURS = {"attn": PALETTE["orange"], "mlp": PALETTE["purple"]}
+UNIT_WORDS = {"block": "block", "attn": "attention", "mlp": "MLP"}
 #: Every plot is drawn under this style, so sizes and fonts match across figures; ``pdf.fonttype`` 42 embeds
 #: TrueType fonts (journals reject Type 3), ``constrained`` layout and a tight bbox keep labels inside.
 STYLE: dict[str, Any] = {
