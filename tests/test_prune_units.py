@@ -39,6 +39,11 @@ def test_every_unit_kind_gets_its_rows(swept):
                                     "layer_002attn", "layer_002mlp"]
     assert list(ppl["unit"].fillna("")) == ["", "block", "attn", "mlp", "block", "attn", "mlp"]
     assert list(ppl["removed_layer"].fillna(-1).astype(int)) == [-1, 1, 1, 1, 2, 2, 2]
+    assert ppl["angular_distance"].iloc[1:].notna().all()  # each unit's own step: block, attention, MLP
+    angular = pd.read_csv(out / "angular.csv")
+    for _, r in ppl.iloc[1:].iterrows():
+        row = angular[(angular["layer"] == r["removed_layer"]) & (angular["unit"] == r["unit"])]
+        assert row["angular_distance"].iloc[0] == pytest.approx(r["angular_distance"], rel=1e-12)
     wide = pd.read_csv(out / "prune_wide.csv")
     assert list(wide["unit"].fillna("")) == ["", "block", "attn", "mlp", "block", "attn", "mlp"]
     assert json.loads((out / "meta.json").read_text())["units"] == ["block", "attn", "mlp"]

@@ -117,3 +117,21 @@ def test_cli_saves_a_sublayer_pick_that_plain_transformers_computes(tiny_llama_d
     frame = pd.read_csv(tmp_path / "out" / "shrink.csv", dtype={"removed_layers": str})
     given = frame[frame["strategy"] == "given"]
     assert (given["params_removed_pct"] > 0).all() and (given["flops_saved_pct"] > 0).all()
+
+
+def test_bi_ranks_sublayers_by_their_own_block_influence(six_layers, ppl_file, tmp_path):  # noqa: F811
+    """ShortGPT over attention sub-layers: the n of lowest BI of their own step, as the angular measurement
+    gives it on the same windows."""
+    from lnsdiag.data.windows import TokenWindows
+    from lnsdiag.measure.angular import AngularConfig, angular_on_windows
+
+    run = shrink.run(six_layers, _config(ppl_file, remove=2, strategies="bi,last", units="attn"), tmp_path / "bi")
+    windows = TokenWindows.of(six_layers.tokenizer, [ppl_file.read_text()], seq_len=48, max_tokens=600, name="ppl")
+    measured = angular_on_windows(six_layers.model, windows, AngularConfig(units=("attn",), batch_size=4))
+    attn = measured.units_frame()
+    attn = attn[attn["unit"] == "attn"].sort_values(["block_influence", "layer"])
+    lowest = [Attention(int(i)) for i in attn["layer"]]
+    picks = {p.n: p.removal for p in run.picks if p.strategy == "bi"}
+    assert picks == {1: Removal(tuple(lowest[:1])), 2: Removal(tuple(lowest[:2]))}
+    stored = pd.read_csv(tmp_path / "bi" / "angular.csv")
+    assert set(stored["unit"]) >= {"attn"}

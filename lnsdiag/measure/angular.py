@@ -72,9 +72,8 @@ class AngularResult:
         return tidy(self.layers, self.sublayers, self.units)
 
     def csv_frame(self) -> pd.DataFrame:
-        """angular.csv: :meth:`tidy` when sub-layers are asked; the blocks' table as it always was
-        (no ``unit`` column) when only whole blocks are."""
-        return self.layers if tuple(self.units) == ("block",) else self.tidy()
+        """angular.csv: :meth:`tidy` (a ``unit`` column, as every tidy CSV of lnsdiag has)."""
+        return self.tidy()
 
     def units_frame(self) -> pd.DataFrame:
         """Every asked unit as one frame, to rank units of any kind together: columns ``layer`` (the

@@ -84,9 +84,8 @@ class VarianceResult:
         return tidy(self.layers, self.sublayers, self.units)
 
     def csv_frame(self) -> pd.DataFrame:
-        """variance.csv: :meth:`tidy` when sub-layers are asked; the blocks' table as it always was
-        (no ``unit`` column) when only whole blocks are."""
-        return self.layers if tuple(self.units) == ("block",) else self.tidy()
+        """variance.csv: :meth:`tidy` (a ``unit`` column, as every tidy CSV of lnsdiag has)."""
+        return self.tidy()
 
 
 #: One state's statistics within one batch: (state index, tokens counted, entries, mean, M2, update-ratio sum).

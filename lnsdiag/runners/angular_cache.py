@@ -39,6 +39,13 @@ class AngularCache:
     table: Literal["layers", "blocks"]
     stamp: Mapping[str, Any]
     max_block: int = 1
+    #: the unit kinds of the ``layers`` table (``attn``, ``mlp``: each sub-layer's own step, a ``unit`` column)
+    units: tuple[str, ...] = ("block",)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What the stored table must have been made with: the run's stamp, and its unit kinds beyond blocks."""
+        return {**self.stamp, "units": list(self.units)} if self.units != ("block",) else dict(self.stamp)
 
     @property
     def path(self) -> Path:
@@ -50,7 +57,7 @@ class AngularCache:
 
         def matches() -> bool:
             try:
-                return self.path.is_file() and read_json(stamp) == self.stamp
+                return self.path.is_file() and read_json(stamp) == self.settings
             except (OSError, ValueError):  # no stamp, or a damaged one: measured again, never trusted
                 return False
 
@@ -60,7 +67,7 @@ class AngularCache:
         """The table and its stamp, written by one rank (every rank measured the same gathered sums)."""
         def write() -> None:
             write_csv(self.path, frame)
-            write_json(self.folder / STAMP, dict(self.stamp))
+            write_json(self.folder / STAMP, self.settings)
 
         on_main(write)
 
@@ -73,9 +80,9 @@ def cached_angular(loaded: LoadedModel, stack: LayerStack, scoring: Scoring, cac
     if not cache.stored():
         windows = _windows(loaded, scoring, text, progress)
         result = angular_on_windows(loaded.model, windows,
-                                    AngularConfig(max_block=cache.max_block, batch_size=batch_size),
+                                    AngularConfig(max_block=cache.max_block, batch_size=batch_size, units=cache.units),
                                     stack=stack, progress=progress)
-        cache.save(result.layers if cache.table == "layers" else result.blocks)
+        cache.save(result.tidy() if cache.table == "layers" else result.blocks)
     return pd.read_csv(cache.path)
 
 

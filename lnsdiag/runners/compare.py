@@ -64,6 +64,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
     if data and not data.endswith(b"\n"):  # every table lnsdiag writes ends with one: a copy that stopped short
         raise UserError(f"{path} is truncated (its last line is cut off): copy it again, or rerun the command that "
                         "wrote it")
+    if "unit" in frame:  # layers are compared as whole blocks; a sweep's sub-layer rows stay in its own report
+        frame = frame[frame["unit"].isna() | (frame["unit"] == "block")].reset_index(drop=True)
     return frame
 
 

@@ -129,7 +129,8 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Sc
 
     if config.angular and angular_frame is None:
         with timer("angular"):
-            angular_frame = cached_angular(loaded, stack, scoring, AngularCache(folder, "layers", settings),
+            angular_frame = cached_angular(loaded, stack, scoring,
+                                           AngularCache(folder, "layers", settings, units=config.units),
                                            text=angular_text, batch_size=config.batch_size, progress=progress)
     shown = scoring.tasks
     meta_fields = {"settings": settings, **inputs.describe(), "layer_stack": stack.path,

@@ -79,7 +79,7 @@ from .strategies import (
 )
 
 #: Files a run writes into its folder (``fresh`` removes them with the stored results).
-OUTPUTS = ("angular_blocks.csv", "angular_settings.json", "shrink.csv", "shrink_wide.csv", "shrink.tex",
+OUTPUTS = ("angular.csv", "angular_blocks.csv", "angular_settings.json", "shrink.csv", "shrink_wide.csv", "shrink.tex",
            "shrink.png", "shrink.pdf", "meta.json")
 
 
@@ -394,9 +394,13 @@ def _choose_and_score(config: ShrinkConfig, scorer: SetScores, evidence: Evidenc
 
 def _angular_evidence(angular: AngularResult | None, loaded: LoadedModel, folder: Path, stack: LayerStack,
                       text: TextSource | None, scoring: Scoring, config: ShrinkConfig, progress: Progress,
-                      timer: Timer) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Block angular distances and per-layer Block Influence: those given when they reach N, else measured."""
-    if angular is not None and int(angular.blocks["block_size"].max()) >= config.remove:
+                      timer: Timer) -> tuple[pd.DataFrame | None, pd.DataFrame]:
+    """Block angular distances and per-layer Block Influence: those given when they reach N (and hold the
+    asked units), else measured."""
+    if angular is not None and config.units != ("block",) and set(config.units) <= set(angular.units):
+        units = angular.units_frame()
+        return None, units[units["unit"].isin(config.units)].reset_index(drop=True)
+    if angular is not None and config.units == ("block",) and int(angular.blocks["block_size"].max()) >= config.remove:
         return angular.blocks, angular.layers[["layer", "angular_distance", "block_influence"]]
     with timer("angular"):
         return _angular(loaded, folder, stack, text, scoring, config, progress)
@@ -429,13 +433,19 @@ def _reuse(source: Path, store: ResultStore) -> int:
 
 
 def _angular(loaded: LoadedModel, folder: Path, stack: LayerStack, text: TextSource | None, scoring: Scoring,
-             config: ShrinkConfig, progress: Progress) -> tuple[pd.DataFrame, pd.DataFrame]:
+             config: ShrinkConfig, progress: Progress) -> tuple[pd.DataFrame | None, pd.DataFrame]:
     """Per-block angular distances d(x_l, x_{l+n}) for n ≤ N and per-layer Block Influence, on
     ``text`` if given, else on the perplexity windows, else on the default text; reused from a
-    previous run of the same settings."""
+    previous run of the same settings. With sub-layer units, the Block Influence of each asked unit's
+    own step instead (no block table: the strategy reading it works on whole blocks only)."""
     stamp = {**scoring.settings, "max_block": config.remove, "text": text.name if text is not None else None}
+    options = dict(text=text, batch_size=config.scoring.batch_size, progress=progress)
+    if config.units != ("block",):
+        units = cached_angular(loaded, stack, scoring, AngularCache(folder, "layers", stamp, units=config.units),
+                               **options)
+        return None, units[units["unit"].isin(config.units)].reset_index(drop=True)
     blocks = cached_angular(loaded, stack, scoring, AngularCache(folder, "blocks", stamp, max_block=config.remove),
-                            text=text, batch_size=config.scoring.batch_size, progress=progress)
+                            **options)
     ones = blocks[blocks["block_size"] == 1].rename(columns={"start_layer": "layer"})
     return blocks, ones[["layer", "angular_distance", "block_influence"]].reset_index(drop=True)
 
