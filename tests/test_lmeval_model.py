@@ -1,7 +1,8 @@
 """lm-eval's model type ``lnsdiag`` (``--model lnsdiag --model_args pretrained=...,remove=1+2``) and
-``lnsdiag lm-eval``: the same numbers as stock HFLM on a model really built without the blocks,
-for log-likelihoods, rolling perplexity and cached generation; the model intact between calls;
-bad ``remove=`` values refused in one line."""
+``lnsdiag lm-eval``: the same numbers as stock HFLM on a model really built without the blocks (and,
+for removed attention / MLP sub-layers, ``remove=1.attn+2.mlp``, with their output projections
+zeroed), for log-likelihoods, rolling perplexity and cached generation; the model intact between
+calls; bad ``remove=`` values refused in one line."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lnsdiag.checkpoint.reference import build_without_layers
+from lnsdiag.checkpoint.reference import build_without_layers, build_without_units
 from lnsdiag.cli import app
 from lnsdiag.interventions.removal import removed_layers
 from lnsdiag.interventions.units import Removal
 from lnsdiag.model.patch import patched_forward
-from lnsdiag.model.structure import find_layers
+from lnsdiag.model.structure import find_layers, sublayer_site
 from lnsdiag.scoring.lmeval.model_type import RemovalHFLM, RemoveArgError, parse_remove
 from tests.lmeval_tasks import write_generation_task, write_tasks
 
@@ -67,26 +68,46 @@ def _evaluate(model, model_args=None, *, task_manager, tasks=TASKS, **kwargs):
 # --- remove= as lm-eval passes it ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("value", "blocks"), [
-    ("3+5+7", (3, 5, 7)), ("20-23", (20, 21, 22, 23)), ("3+20-21", (3, 20, 21)), (" 7 + 2 ", (7, 2)),
-    ("3,5", (3, 5)), (5, (5,)), (-1.0, (-1,)), ([3, "5-6"], (3, 5, 6)), (Removal((2, 4)), (2, 4)), (None, ()),
+@pytest.mark.parametrize(("value", "unit", "units"), [
+    ("3+5+7", "block", "3,5,7"), ("20-23", "block", "20-23"), ("3+20-21", None, "3,20,21"), (" 7 + 2 ", "block", "2,7"),
+    ("3,5", "layers", "3,5"), (5, "block", "5"), (-1.0, "block", "-1"), ([3, "5-6"], "block", "3,5-6"),
+    (Removal((2, 4)), "block", "2,4"), (None, "block", None),
+    ("3.attn+5.mlp+7", "block", "3.attn,5.mlp,7"), ("20-22.attn+3", "block", "3,20-22.attn"),
+    ("1.mlp+0-1.attn", "block", "0.attn,1.attn,1.mlp"), ([Removal.parse("2.mlp").units[0], 4], "block", "2.mlp,4"),
+    ("20-22", "attn", "20-22.attn"), ("3+5.attn", "mlp", "3.mlp,5.attn"), (4, "MLP", "4.mlp"),
+    (Removal.parse("1.attn,3"), "attn", "1.attn,3"),  # a Removal is taken as it is
 ])
-def test_remove_forms(value, blocks):
-    assert parse_remove(value) == blocks
+def test_remove_forms(value, unit, units):
+    """``remove=`` as a Removal: blocks, ranges, sub-layers (``3.attn``, ``20-27.mlp``), ``unit=``
+    for the kind of a bare number."""
+    got = parse_remove(value, unit)
+    assert isinstance(got, Removal)
+    assert got == (Removal.parse(units) if units else Removal())
 
 
 @pytest.mark.parametrize(("value", "unit", "message"), [
-    ("x", "block", "remove=x: 'x' is not a block number; write blocks as 3+5+7 and ranges as 20-27"),
+    ("x", "block", "remove=x: 'x' is not a block number; write blocks as 3+5+7, ranges as 20-27, sub-layers as "
+                   "3.attn or 20-27.mlp (0-based)"),
     ("3+3", "block", "remove=3+3 names block 3 twice"),
     ("2-4+3", "block", "remove=2-4+3 names block 3 twice"),
     ("5-3", "block", "the range 5-3 runs backwards"),
-    ("5.attn", "block", "removing sub-layers (5.attn) is not supported yet; only whole blocks (remove=5)"),
+    ("5-3.mlp", "block", "the range 5-3 runs backwards; write it 3-5"),
     ("", "block", "remove= is empty"),
     ("3-", "block", "'3-' is not a block number"),
     (2.5, "block", "2.5 is not a block number"),
     (True, "block", "True is not a block number"),
-    ("3", "attn", "unit=attn: removing sub-layers (attention, MLP) is not supported yet"),
-    ("3", "heads", "unit=heads is not a unit"),
+    ("3+3.attn", "block", "remove=3+3.attn: 3.attn is inside block 3, which it removes whole; name either 3 or 3.attn"),
+    ("2-4+3.mlp", "block", "3.mlp is inside block 3, which it removes whole"),
+    ("3.attn+3.attn", "block", "names 3.attn twice"),
+    ("3+3.attn", "attn", "names 3.attn twice"),
+    ("3.foo", "block", "remove=3.foo: '3.foo' names no unit (write 3.attn or 3.mlp)"),
+    ("3.attention", "block", "'3.attention' names no unit (did you mean 3.attn?)"),
+    ("20-27.ffn", "block", "'20-27.ffn' names no unit (did you mean 20-27.mlp?)"),
+    ("3.block", "block", "'3.block' names no unit (write 3 for whole blocks)"),
+    ("3.", "block", "'3.' names no unit (write 3.attn or 3.mlp)"),
+    ("3.attn.x", "block", "'3.attn.x' is not a block number"),
+    ("3", "heads", "unit=heads is not a unit: use block, attn or mlp"),
+    ("3", "attention", "unit=attention is not a unit: did you mean attn?"),
 ])
 def test_remove_refused(value, unit, message):
     with pytest.raises(RemoveArgError) as info:
@@ -158,12 +179,108 @@ def test_instance_removes_only_during_calls(tiny_llama_dir, tokenizer, task_mana
     ("remove=1,2", "lm-eval splits model_args at commas, so 2 reached the model as an argument of its own; "
                    "write remove=1+2"),
     ("remove=1+x", "remove=1+x: 'x' is not a block number"),
-    ("remove=1,unit=mlp", "unit=mlp: removing sub-layers"),
+    ("remove=1,unit=heads", "unit=heads is not a unit: use block, attn or mlp"),
+    ("remove=4.attn", "remove=4.attn: block 4 is out of range; the model has 4 blocks, numbered 0-3"),
+    ("remove=1-4.mlp+0", "remove=1-4.mlp+0: block 4 is out of range"),
+    ("remove=1+1.attn", "remove=1+1.attn: 1.attn is inside block 1, which it removes whole; name either 1 or 1.attn"),
+    ("remove=1.foo", "remove=1.foo: '1.foo' names no unit (write 1.attn or 1.mlp)"),
+    ("remove=1.attn,2.mlp", "lm-eval splits model_args at commas, so 2.mlp reached the model as an argument of its "
+                            "own; write remove=1.attn+2.mlp"),
 ])
 def test_bad_remove_through_simple_evaluate(args, message, tiny_llama_dir, task_manager):
     with pytest.raises(ValueError) as info:
         _evaluate("lnsdiag", f"pretrained={tiny_llama_dir},{args}", task_manager=task_manager, tasks=["tiny_mc"])
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+# --- attention and MLP sub-layers ------------------------------------------------------------------
+
+SUBLAYERS = "1.attn+2.mlp"  # of the tiny Llama's blocks 1 and 2: both blocks keep their other half
+
+
+def _load(path):
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _assert_same_numbers(ours, stock, tasks):
+    """acc exactly, perplexities and every log-likelihood to rel 1e-6, generated text exactly."""
+    for task in tasks:
+        mine, theirs = ours["results"][task], stock["results"][task]
+        assert mine.keys() == theirs.keys()
+        for key, value in theirs.items():
+            if key.startswith("acc"):
+                assert mine[key] == value, (task, key)
+            elif isinstance(value, float):
+                assert mine[key] == pytest.approx(value, rel=1e-6), (task, key)
+        a, b = ours["samples"][task], stock["samples"][task]
+        assert [s["doc_id"] for s in a] == [s["doc_id"] for s in b]
+        if task == "tiny_gen":
+            assert [s["resps"] for s in a] == [s["resps"] for s in b]
+            assert any(s["resps"][0][0] for s in b)  # text was generated, 16 tokens reading the KV cache
+        else:
+            for x, y in zip(a, b, strict=True):
+                got, want = torch.tensor(_loglikelihoods(x)), torch.tensor(_loglikelihoods(y))
+                assert torch.allclose(got, want, rtol=1e-6, atol=0), task
+
+
+def _loglikelihoods(sample):
+    """A sample's log-likelihoods (a rolling sum, or each choice's), whatever form lm-eval gives them."""
+    return [float(r[0][0]) if isinstance(r[0], (list, tuple)) else float(r[0]) for r in sample["resps"]]
+
+
+def test_sublayers_equal_stock_hflm_on_zeroed_projections(tiny_llama_dir, tokenizer, task_manager):
+    """``RemovalHFLM(remove="1.attn+2.mlp")`` gives the numbers of stock HFLM on the model with those
+    sub-layers' output projections zeroed (``build_without_units``): log-likelihoods, rolling
+    perplexity and cached generation (the removed attention still fills its KV-cache slot). During the
+    evaluation every forward sees exactly those sites removed; afterwards the model is intact."""
+    from lm_eval.models.huggingface import HFLM
+
+    model = _load(tiny_llama_dir)
+    reference = build_without_units(model, Removal.parse("1.attn,2.mlp"))
+    ids = torch.tensor([[1, 5, 9, 14, 30, 2, 7]])
+    with torch.no_grad():
+        before = model(ids).logits
+    stack = find_layers(model)
+    sites = [sublayer_site(stack.layers[1], "attn").module, sublayer_site(stack.layers[2], "mlp").module]
+    lm = RemovalHFLM(pretrained=model, tokenizer=tokenizer, remove=SUBLAYERS, device="cpu", batch_size=4)
+    seen: list[tuple] = []
+    hook = stack.layers[0].register_forward_pre_hook(
+        lambda *_: seen.append((*(patched_forward(b) for b in stack.layers), *map(patched_forward, sites))))
+    try:
+        ours = _evaluate(lm, task_manager=task_manager)
+    finally:
+        hook.remove()
+    stock = _evaluate(HFLM(pretrained=reference, tokenizer=tokenizer, device="cpu", batch_size=4),
+                      task_manager=task_manager)
+    _assert_same_numbers(ours, stock, TASKS)
+    assert set(seen) == {(None, None, None, None, "removed", "removed")}
+    assert all(patched_forward(m) is None for m in (*stack.layers, *sites))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    config = ours["config"]
+    assert config["lnsdiag_removed"] == "1.attn,2.mlp" and config["lnsdiag_removed_blocks"] == []
+    assert config["lnsdiag_removed_units"] == ["1.attn", "2.mlp"] and config["lnsdiag_layers_kept"] == 4
+    removed = sum(p.numel() for m in (stack.layers[1].self_attn, stack.layers[2].mlp) for p in m.parameters())
+    assert config["lnsdiag_num_parameters_kept"] == stock["config"]["model_num_parameters"] - removed
+
+
+def test_blocks_and_sublayers_by_name(tiny_llama_dir, tokenizer, task_manager, tmp_path):
+    """By its registered name, in lm-eval's model_args string, a block and sub-layers (a range of
+    attentions) at once: stock HFLM on the saved reference, built without block 3 and with 0.attn,
+    0.mlp and 1.attn zeroed, gives the same numbers."""
+    path = tmp_path / "reference"
+    build_without_units(_load(tiny_llama_dir), Removal.parse("0.attn,0.mlp,1.attn,3")).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    tasks = ["tiny_mc", "tiny_gen"]
+    ours = _evaluate("lnsdiag", f"pretrained={tiny_llama_dir},remove=3+0.mlp+0-1.attn,dtype=float32",
+                     task_manager=task_manager, tasks=tasks, limit=4)
+    stock = _evaluate("hf", f"pretrained={path},dtype=float32", task_manager=task_manager, tasks=tasks, limit=4)
+    _assert_same_numbers(ours, stock, tasks)
+    config = ours["config"]
+    assert (config["lnsdiag_removed"], config["lnsdiag_removed_blocks"]) == ("0.attn,0.mlp,1.attn,3", [3])
+    assert config["lnsdiag_removed_units"] == ["0.attn", "0.mlp", "1.attn"] and config["lnsdiag_layers_kept"] == 3
 
 
 # --- lnsdiag lm-eval ---------------------------------------------------------------------------
@@ -206,7 +323,10 @@ def test_cli_runs_lm_eval_and_writes_its_results(tiny_llama_dir, tasks_dir, tmp_
 @pytest.mark.parametrize(("remove", "message"), [
     ("9", "error: remove=9: block 9 is out of range; the model has 4 blocks, numbered 0-3"),
     ("1,2", "error: remove=1,2: lm-eval splits model_args at commas; write remove=1+2"),
-    ("2.attn", "error: remove=2.attn: removing sub-layers (2.attn) is not supported yet"),
+    ("4.attn", "error: remove=4.attn: block 4 is out of range; the model has 4 blocks, numbered 0-3"),
+    ("2+2.attn", "error: remove=2+2.attn: 2.attn is inside block 2, which it removes whole"),
+    ("2.atn", "error: remove=2.atn: '2.atn' names no unit (did you mean 2.attn?)"),
+    ("1.attn,2.mlp", "error: remove=1.attn,2.mlp: lm-eval splits model_args at commas; write remove=1.attn+2.mlp"),
 ])
 def test_cli_bad_remove_one_line_exit_2(remove, message, tiny_llama_dir, tasks_dir, lm_eval_logging):
     res = _lnsdiag("lm-eval", "--model", "lnsdiag", "--model_args", f"pretrained={tiny_llama_dir},remove={remove}",

@@ -2,8 +2,8 @@
 
 Every argument goes to lm-eval as it is (``--help`` included): its tasks, output path, samples,
 caching, W&B, ... — only ``--model lnsdiag`` is new (:mod:`lnsdiag.scoring.lmeval.model_type`).
-A bad ``remove=`` gets lnsdiag's one ``error:`` line and exit 2; lm-eval's own argument errors
-keep lm-eval's usage message (exit 2).
+A bad ``remove=`` (blocks, sub-layers: ``3.attn``) gets lnsdiag's one ``error:`` line and exit 2;
+lm-eval's own argument errors keep lm-eval's usage message (exit 2).
 """
 
 from __future__ import annotations
@@ -26,15 +26,17 @@ lnsdiag:
   --model lnsdiag --model_args pretrained=ID,remove=3+5+7[,unit=block] plus every HFLM argument
   (revision, dtype, batch_size, trust_remote_code, parallelize, ...). remove= names 0-based blocks
   joined by + and inclusive ranges: remove=3+5+7, remove=20-27, remove=3+20-27 (commas would end
-  lm-eval's model_args value). The blocks are removed by hooks around every forward lm-eval makes;
-  results record them (model_args, config.lnsdiag_removed).
+  lm-eval's model_args value); a sub-layer follows its block after a dot: remove=3.attn+5.mlp+7,
+  remove=20-27.attn (unit=attn or unit=mlp: a bare number is that sub-layer). They are removed by
+  hooks around every forward lm-eval makes; results record them (model_args, config.lnsdiag_removed).
 """
 
 
 @app.command("lm-eval", cls=TyperCommand, add_help_option=False,
              context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             help="lm-eval's own command line, with the model type `lnsdiag` (blocks removed by hooks): --model "
-                  "lnsdiag --model_args pretrained=ID,remove=20-27. Every lm-eval argument; --help shows lm-eval's.")
+             help="lm-eval's own command line, with the model type `lnsdiag` (blocks or sub-layers removed by hooks): "
+                  "--model lnsdiag --model_args pretrained=ID,remove=20-27 (or remove=3.attn+5.mlp+7). Every lm-eval "
+                  "argument; --help shows lm-eval's.")
 def lm_eval_cmd(ctx: typer.Context) -> None:
     try:
         run(list(ctx.args))

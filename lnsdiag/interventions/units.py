@@ -131,18 +131,23 @@ def parse_kinds(value: str | Iterable[str]) -> tuple[str, ...]:
         raise UserError("--unit names no unit kind: use block, attn or mlp")
     for name in names:
         if name not in KIND_NAMES:
-            raise UserError(f"--unit {name!r} is no unit kind: {_kind_hint(name)}")
+            raise UserError(f"--unit {name!r} is no unit kind: {kind_hint(name)}")
     return tuple(k for k in KIND_NAMES if k in names)
 
 
-def _kind_hint(name: str) -> str:
+def kind_hint(name: str) -> str:
     """"did you mean attn?" for a near miss, else the list of kinds."""
+    close = close_kind(name)
+    return f"did you mean {close}?" if close else "use block, attn or mlp"
+
+
+def close_kind(name: str) -> str | None:
+    """The kind a near miss or another name means (``attention`` → ``attn``), or None."""
     import difflib
 
     aliases = {"attention": "attn", "self_attn": "attn", "attn": "attn", "ffn": "mlp", "feed_forward": "mlp",
                "mlp": "mlp", "moe": "mlp", "layer": "block", "layers": "block", "blocks": "block"}
-    close = aliases.get(name) or next(iter(difflib.get_close_matches(name, list(KIND_NAMES), n=1, cutoff=0.5)), None)
-    return f"did you mean {close}?" if close else "use block, attn or mlp"
+    return aliases.get(name) or next(iter(difflib.get_close_matches(name, list(KIND_NAMES), n=1, cutoff=0.5)), None)
 
 
 @dataclass(frozen=True, order=True)
@@ -319,7 +324,7 @@ def _parse_part(part: str, value: str) -> list[Unit]:
     """One comma-separated part of ``--layers``: ``3``, ``3-5``, ``3.attn`` or ``3-5.mlp``."""
     span, dot, kind = part.partition(".")
     if (dot and kind not in KIND_NAMES) or kind == "block":
-        hint = _kind_hint(kind) if kind else "write 3.attn or 3.mlp"
+        hint = kind_hint(kind) if kind else "write 3.attn or 3.mlp"
         raise UserError(f"--layers {value!r}: {part!r} names no unit ({hint})")
     try:
         if "-" in span[1:]:

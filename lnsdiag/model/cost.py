@@ -65,7 +65,7 @@ def removal_savings(model: nn.Module, removal: Removal | Iterable[int | Unit] | 
     flops = 0
     for unit in removal:
         block = stack.layers[unit.block]
-        modules = [block] if not unit.part else _unit_modules(block, unit.kind)
+        modules = _removed_modules(block, unit)
         params.update({id(p): p.numel() for m in modules for p in m.parameters()})
         flops += 2 * _active_matmul(modules, config)
         if unit.kind in ("block", "attn"):
@@ -74,6 +74,21 @@ def removal_savings(model: nn.Module, removal: Removal | Iterable[int | Unit] | 
                       for i, b in enumerate(stack.layers)) + 2 * _head_params(model)
     total = sum(p.numel() for p in model.parameters())
     return Savings(sum(params.values()), total, flops, total_flops, context)
+
+
+def removed_parameters(model: nn.Module, removal: Removal | Iterable[int | Unit] | int, *,
+                       stack: LayerStack | None = None) -> int:
+    """The parameters :func:`removal_savings` counts as removed, alone: no FLOPs, so nothing about
+    the model is read beyond its modules (an evaluation's record can always say it)."""
+    stack = stack or find_layers(model)
+    params = {id(p): p.numel() for unit in Removal.of(removal)
+              for m in _removed_modules(stack.layers[unit.block], unit) for p in m.parameters()}
+    return sum(params.values())
+
+
+def _removed_modules(block: nn.Module, unit: Unit) -> list[nn.Module]:
+    """What removing ``unit`` of ``block`` takes out: the block, or the sub-layer's modules."""
+    return [block] if not unit.part else _unit_modules(block, unit.kind)
 
 
 def _unit_modules(block: nn.Module, kind: str) -> list[nn.Module]:

@@ -1,23 +1,29 @@
-"""lm-eval's model type ``lnsdiag``: stock HFLM with some blocks removed by lnsdiag's hooks.
+"""lm-eval's model type ``lnsdiag``: stock HFLM with some blocks, or their attention / MLP sub-layers,
+removed by lnsdiag's hooks.
 
 The evaluation is lm-eval's own, on the model as ``from_pretrained`` loads it (every HFLM
 argument: revision, dtype, batch size, device, parallelize, trust_remote_code, ...), with the
-blocks ``remove`` names taken out by :func:`~lnsdiag.interventions.removal.removed_layers` around
+units ``remove`` names taken out by :func:`~lnsdiag.interventions.removal.removed_layers` around
 each forward lm-eval makes (:meth:`RemovalHFLM._model_call` for log-likelihoods, rolling
 windows and batch-size detection; :meth:`RemovalHFLM._model_generate` for ``generate_until``,
-KV cache included). Weights are never touched, and between two calls the model is intact::
+KV cache included: a removed block or attention still runs there to fill its cache slot, its
+output discarded). Weights are never touched, and between two calls the model is intact::
 
     lnsdiag lm-eval --model lnsdiag --model_args pretrained=meta-llama/Llama-2-7b-hf,remove=20-27 \\
         --tasks mmlu --output_path results/ --log_samples
+    lnsdiag lm-eval --model lnsdiag --model_args pretrained=ID,remove=3.attn+5.mlp+7 --tasks gsm8k
 
     import lnsdiag.scoring.lmeval.model_type  # registers "lnsdiag" in lm-eval's model registry
     lm_eval.simple_evaluate(model="lnsdiag", model_args="pretrained=ID,remove=3+5+7", tasks=[...])
-    lm_eval.simple_evaluate(model=RemovalHFLM(pretrained=ID, remove="3+5+7"), tasks=[...])
+    lm_eval.simple_evaluate(model=RemovalHFLM(pretrained=ID, remove="20-27.attn+3"), tasks=[...])
 
-``remove`` is written so that it survives lm-eval's comma-separated ``model_args``: blocks
-joined by ``+`` and inclusive ranges, ``3+5+7``, ``20-27``, ``3+20-27`` (0-based, as
-``lnsdiag shrink --layers``); a list or a :class:`~lnsdiag.interventions.units.Removal` from
-Python. Left out, nothing is removed (the full model, for the baseline of the same run).
+``remove`` is written so that it survives lm-eval's comma-separated ``model_args``: units joined
+by ``+``, each a block, an inclusive range, or either with a sub-layer after a dot: ``3+5+7``,
+``20-27``, ``3.attn+5.mlp+7``, ``20-27.attn+3`` (0-based, as ``lnsdiag shrink --layers`` with ``+``
+for ``,``); a list or a :class:`~lnsdiag.interventions.units.Removal` from Python. ``unit=attn``
+(or ``mlp``) makes a bare number a sub-layer of that kind (``remove=20-27,unit=attn`` is
+``remove=20-27.attn``); ``unit=block`` is the default. Left out, nothing is removed (the full
+model, for the baseline of the same run).
 
 Importing this module imports lm-eval, torch and transformers and registers the model type:
 the light modules never import it at their top (``lnsdiag lm-eval`` imports it when it runs).
@@ -38,19 +44,20 @@ from lm_eval.models.huggingface import HFLM
 from ... import __version__
 from ...errors import UserError
 from ...interventions.removal import removed_layers
-from ...interventions.units import Block, Removal, Unit
+from ...interventions.units import KIND_NAMES, Removal, Unit, close_kind, kind_hint
+from ...model.cost import removed_parameters
 from ...model.load import restore_norms
-from ...model.structure import LayerStack, configured_layer_count, find_layers, no_cache_kwargs
+from ...model.structure import LayerStack, configured_layer_count, find_layers, no_cache_kwargs, sublayer_site
 
 #: The name lm-eval knows the model type by (``--model lnsdiag``).
 MODEL_TYPE = "lnsdiag"
-#: ``unit=`` values meaning whole blocks (the only unit removal supports today).
-BLOCK_UNITS = ("block", "blocks", "layer", "layers")
-#: ``unit=`` values meaning sub-layers (a later issue).
-SUBLAYER_UNITS = ("attn", "attention", "mlp", "ffn")
+#: ``unit=`` values and the unit kind they give a bare number in ``remove=`` (``block``: the default;
+#: its plural and ``layer(s)`` kept from when whole blocks were the only unit).
+UNIT_NAMES = {"block": "block", "blocks": "block", "layer": "block", "layers": "block", "attn": "attn", "mlp": "mlp"}
 
-_RANGE = re.compile(r"^(\d+)-(\d+)$")
-_SUBLAYER = re.compile(r"^-?\d+\.\w*$")
+#: One ``+``-separated part of ``remove=``: a block or an inclusive range, and a kind after a dot.
+_PART = re.compile(r"^(?P<lo>-?\d+)(?:-(?P<hi>\d+))?(?:\.(?P<kind>\w*))?$")
+_SYNTAX = "write blocks as 3+5+7, ranges as 20-27, sub-layers as 3.attn or 20-27.mlp (0-based)"
 
 
 class RemoveArgError(UserError, ValueError):
@@ -67,18 +74,20 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def parse_remove(value: Any, unit: str | None = "block") -> tuple[int, ...]:
-    """What ``remove=`` names: the blocks, distinct, in the order given (checked against the model's
-    depth later, :func:`check_blocks`). Accepts ``"3+5+7"``, ``"20-27"``, ``"3+20-27"`` (commas too when
-    the value does not pass through lm-eval's ``model_args`` string), an int, a list of those, or a
-    :class:`Removal`; ``None`` is the full model. Raises :class:`RemoveArgError`."""
-    _check_unit(unit)
+def parse_remove(value: Any, unit: str | None = "block") -> Removal:
+    """What ``remove=`` names: blocks and sub-layers (checked against the model's depth later,
+    :func:`check_removal`). Accepts ``"3+5+7"``, ``"20-27"``, ``"3.attn+5.mlp+7"``, ``"20-27.attn"``
+    (commas too when the value does not pass through lm-eval's ``model_args`` string), an int, a list
+    of those, or a :class:`Removal`; ``None`` is the full model. A bare number is a unit of kind
+    ``unit`` (``block``, ``attn``, ``mlp``), so ``remove=20-27,unit=attn`` is ``remove=20-27.attn``;
+    a :class:`Removal` or :class:`Unit` says its own kinds. Raises :class:`RemoveArgError`."""
+    kind = parse_unit(unit)
     shown = _shown(value)
     if value is None:
-        return ()
+        return Removal()
     if isinstance(value, Removal):
-        parts: list[Any] = list(value.units)
-    elif isinstance(value, (list, tuple)):
+        return value
+    if isinstance(value, (list, tuple)):
         parts = list(value)
     elif isinstance(value, str):
         if not value.strip():
@@ -87,65 +96,98 @@ def parse_remove(value: Any, unit: str | None = "block") -> tuple[int, ...]:
         parts = [p for p in re.split(r"[+,\s]+", value.strip()) if p]
     else:
         parts = [value]
-    blocks: list[int] = []
+    units: list[Unit] = []
     for part in parts:
-        for block in _part_blocks(part, shown):
-            if block in blocks:
-                raise RemoveArgError(f"remove={shown} names block {block} twice: name each block once")
-            blocks.append(block)
-    if not blocks:
-        raise RemoveArgError(f"remove={shown} names no block: write blocks as 3+5+7 and ranges as 20-27")
-    return tuple(blocks)
+        for each in _part_units(part, kind, shown):
+            if each in units:
+                raise RemoveArgError(f"remove={shown} names {_named(each)} twice: name each unit once")
+            units.append(each)
+    if not units:
+        raise RemoveArgError(f"remove={shown} names no block: {_SYNTAX}")
+    return _removal(units, shown)
 
 
-def _check_unit(unit: str | None) -> None:
+def parse_unit(unit: str | None) -> str:
+    """``unit=``: the kind of a bare number in ``remove=`` (``block``, ``attn``, ``mlp``)."""
     name = str(unit).strip().lower() if unit is not None else "block"
-    if name in BLOCK_UNITS:
-        return
-    if name in SUBLAYER_UNITS:
-        raise RemoveArgError(f"unit={unit}: removing sub-layers (attention, MLP) is not supported yet; "
-                             "only whole blocks (unit=block)")
-    raise RemoveArgError(f"unit={unit} is not a unit: use unit=block (whole blocks, the default)")
+    if name in UNIT_NAMES:
+        return UNIT_NAMES[name]
+    raise RemoveArgError(f"unit={unit} is not a unit: {kind_hint(name)} (block: whole blocks, the default)")
 
 
-def _part_blocks(part: Any, shown: str) -> range | list[int]:
-    """The blocks one ``+``-separated part names: a number or an inclusive range."""
-    if isinstance(part, Block):
-        return [part.block]
-    if isinstance(part, Unit):  # a sub-layer unit of a later kind (interventions.units.KINDS)
-        raise RemoveArgError(f"remove={shown}: removing sub-layers ({part}) is not supported yet; "
-                             f"only whole blocks (remove={part.block})")
+def _named(unit: Unit) -> str:
+    """``block 3`` or ``3.attn``, as a message names it."""
+    return str(unit) if unit.part else f"block {unit.block}"
+
+
+def _removal(units: list[Unit], shown: str) -> Removal:
+    """The set, refused when it names a sub-layer of a block it removes whole."""
+    whole = {u.block for u in units if not u.part}
+    inside = sorted(u for u in units if u.part and u.block in whole)
+    if inside:
+        raise RemoveArgError(f"remove={shown}: {inside[0]} is inside block {inside[0].block}, which it removes "
+                             f"whole; name either {inside[0].block} or {inside[0]}")
+    return Removal(tuple(units))
+
+
+def _part_units(part: Any, kind: str, shown: str) -> list[Unit]:
+    """The units one ``+``-separated part names: a unit, a number or an inclusive range, each of
+    kind ``kind`` unless the part says its own (``3.attn``, ``20-27.mlp``)."""
+    if isinstance(part, Unit):
+        return [part]
     if hasattr(part, "__index__") and not isinstance(part, bool):  # int, numpy integers
-        return [operator.index(part)]
+        return [KIND_NAMES[kind](operator.index(part))]
     if isinstance(part, float) and part.is_integer():  # lm-eval's command line reads remove=-1 as -1.0
-        return [int(part)]
+        return [KIND_NAMES[kind](int(part))]
     if not isinstance(part, str):
-        raise RemoveArgError(f"remove={shown}: {part!r} is not a block number; write blocks as 3+5+7 "
-                             "and ranges as 20-27 (0-based)")
+        raise RemoveArgError(f"remove={shown}: {part!r} is not a block number; {_SYNTAX}")
     text = part.strip()
-    if re.fullmatch(r"-?\d+", text):
-        return [int(text)]
-    if match := _RANGE.match(text):
-        lo, hi = int(match[1]), int(match[2])
-        if hi < lo:
-            raise RemoveArgError(f"remove={shown}: the range {text} runs backwards; write it {hi}-{lo}")
-        return range(lo, hi + 1)
-    if _SUBLAYER.match(text):
-        raise RemoveArgError(f"remove={shown}: removing sub-layers ({text}) is not supported yet; "
-                             f"only whole blocks (remove={text.partition('.')[0]})")
-    raise RemoveArgError(f"remove={shown}: {text!r} is not a block number; write blocks as 3+5+7 and "
-                         "ranges as 20-27 (0-based)")
+    match = _PART.match(text)
+    if not match:
+        raise RemoveArgError(f"remove={shown}: {text!r} is not a block number; {_SYNTAX}")
+    lo, hi = int(match["lo"]), int(match["hi"] if match["hi"] is not None else match["lo"])
+    if hi < lo:
+        span = text.partition(".")[0]
+        raise RemoveArgError(f"remove={shown}: the range {span} runs backwards; write it {hi}-{lo}")
+    if match["kind"] is not None:
+        kind = _suffix_kind(match["kind"], text, shown)
+    return [KIND_NAMES[kind](b) for b in range(lo, hi + 1)]
 
 
-def check_blocks(blocks: tuple[int, ...], num_layers: int, shown: str) -> None:
-    """Every block within the model's ``num_layers``, and at least one block kept."""
+def _suffix_kind(suffix: str, text: str, shown: str) -> str:
+    """The kind after the dot (``attn``, ``mlp``); anything else refused with the likely fix."""
+    if suffix in ("attn", "mlp"):
+        return suffix
+    span = text.partition(".")[0]
+    close = close_kind(suffix.lower()) if suffix else None
+    if close == "block":
+        hint = f"write {span} for whole blocks"
+    elif close:
+        hint = f"did you mean {span}.{close}?"
+    else:
+        hint = f"write {span}.attn or {span}.mlp"
+    raise RemoveArgError(f"remove={shown}: {text!r} names no unit ({hint})")
+
+
+def check_removal(removal: Removal, num_layers: int, shown: str) -> None:
+    """Every unit within the model's ``num_layers``, and at least one block kept."""
     last = num_layers - 1
-    for block in blocks:
-        if not 0 <= block <= last:
-            raise RemoveArgError(f"remove={shown}: block {block} is out of range; the model has {num_layers} "
-                                 f"blocks, numbered 0-{last}")
-    if len(blocks) >= num_layers:
+    for unit in removal:
+        if not 0 <= unit.block <= last:
+            raise RemoveArgError(f"remove={shown}: block {unit.block} is out of range; the model has "
+                                 f"{num_layers} blocks, numbered 0-{last}")
+    if len(removal.blocks) >= num_layers:
         raise RemoveArgError(f"remove={shown} removes all {num_layers} blocks of the model: keep at least one")
+
+
+def check_sites(removal: Removal, stack: LayerStack, shown: str) -> None:
+    """Every sub-layer found in its block (a family whose blocks cannot be split: one line, before
+    lm-eval's first request)."""
+    for unit in removal.sublayers:
+        try:
+            sublayer_site(stack.layers[unit.block], unit.kind)
+        except UserError as exc:
+            raise RemoveArgError(f"remove={shown}: {exc}") from None
 
 
 def check_model_args(model_args: dict[str, Any]) -> None:
@@ -154,9 +196,9 @@ def check_model_args(model_args: dict[str, Any]) -> None:
     folder whose config says the depth (a hub config is read, and checked, when the model loads)."""
     remove = model_args.get("remove")
     _stray_arguments({k: v for k, v in model_args.items() if k not in ("remove", "unit")}, _shown(remove))
-    blocks = parse_remove(remove, model_args.get("unit", "block"))
+    removal = parse_remove(remove, model_args.get("unit", "block"))
     pretrained = model_args.get("pretrained")
-    if not blocks or not isinstance(pretrained, str) or not os.path.isdir(pretrained):
+    if not removal or not isinstance(pretrained, str) or not os.path.isdir(pretrained):
         return
     try:
         from transformers import AutoConfig
@@ -167,15 +209,15 @@ def check_model_args(model_args: dict[str, Any]) -> None:
         return
     depth = configured_layer_count(SimpleNamespace(config=config))
     if depth:
-        check_blocks(blocks, depth, _shown(remove))
+        check_removal(removal, depth, _shown(remove))
 
 
 def _stray_arguments(kwargs: dict[str, Any], shown: str) -> None:
     """``remove=3,5`` in a model_args string reaches us as ``remove=3`` and an argument named ``5``."""
     stray = [key for key in kwargs if re.match(r"^-?\d", str(key))]
     if stray and shown == "None":
-        raise RemoveArgError(f"model_args: {', '.join(stray)} is not key=value (blocks to remove go in "
-                             "remove=3+5+7)")
+        raise RemoveArgError(f"model_args: {', '.join(stray)} is not key=value (blocks and sub-layers to "
+                             "remove go in remove=3+5.attn+7.mlp)")
     if stray:
         joined = "+".join([shown, *stray])
         raise RemoveArgError(f"remove={shown},{','.join(stray)}: lm-eval splits model_args at commas, so "
@@ -185,11 +227,12 @@ def _stray_arguments(kwargs: dict[str, Any], shown: str) -> None:
 
 @register_model(MODEL_TYPE)
 class RemovalHFLM(HFLM):
-    """lm-eval's HFLM with the blocks ``remove`` names taken out for every forward it makes.
+    """lm-eval's HFLM with the blocks and sub-layers ``remove`` names taken out for every forward it makes.
 
     Arguments: ``pretrained`` (hub id, local folder, or a model already loaded) and every HFLM
-    argument, plus ``remove`` (the blocks: ``3+5+7``, ``20-27``; left out: none), ``unit``
-    (``block``, the only unit supported yet) and ``layers_path`` (dotted path of the block list,
+    argument, plus ``remove`` (blocks and sub-layers: ``3+5+7``, ``20-27``, ``3.attn+5.mlp``,
+    ``20-27.attn``; left out: none), ``unit`` (the kind of a bare number in ``remove``: ``block``, the
+    default, ``attn`` or ``mlp``) and ``layers_path`` (dotted path of the block list,
     when discovery fails). A checkpoint that records LayerNorm Scaling or Post-LN (``config.lns``)
     gets its norms re-installed as lnsdiag's ``load_model`` does; other models load as they are.
     """
@@ -198,20 +241,20 @@ class RemovalHFLM(HFLM):
                  layers_path: str | None = None, **kwargs: Any) -> None:
         self._shown = _shown(remove)
         _stray_arguments(kwargs, self._shown)
-        self._blocks = parse_remove(remove, unit)  # before any download: a typo costs nothing
+        #: What is removed, as lnsdiag names it everywhere (store keys, CSV cells, model cards).
+        self.removal = parse_remove(remove, unit)  # before any download: a typo costs nothing
         self._layers_path = layers_path
         self._norms_restored: bool | None = None  # a model passed in is evaluated as it is
         super().__init__(pretrained=pretrained, **kwargs)
         self._stack: LayerStack = find_layers(self.model, layers_path)
-        check_blocks(self._blocks, len(self._stack), self._shown)
-        #: What is removed, as lnsdiag names it everywhere (store keys, CSV cells, model cards).
-        self.removal = Removal(self._blocks)
+        check_removal(self.removal, len(self._stack), self._shown)
+        check_sites(self.removal, self._stack, self._shown)
         self._no_cache = no_cache_kwargs(self.model)
 
     def _create_model(self, pretrained: str, *args: Any, **kwargs: Any) -> None:
         depth = configured_layer_count(self)  # the config is read, the weights not yet
         if depth:
-            check_blocks(self._blocks, depth, self._shown)
+            check_removal(self.removal, depth, self._shown)
         super()._create_model(pretrained, *args, **kwargs)
         self._norms_restored = restore_norms(self._model)
 
@@ -226,20 +269,23 @@ class RemovalHFLM(HFLM):
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any
                         ) -> torch.Tensor:
-        # generate() runs with a KV cache: removed blocks run for their cache slot, output discarded
+        # generate() runs with a KV cache: removed blocks and attentions run for their cache slot,
+        # output discarded (a removed MLP writes no cache: skipped)
         with removed_layers(self.model, self.removal, stack=self._stack):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def get_model_info(self) -> dict[str, Any]:
         """HFLM's record (results' ``config``), plus what was removed: two runs cannot be confused."""
         info = super().get_model_info()
-        removed = {id(p) for i in self.removal.blocks for p in self._stack.layers[i].parameters()}
-        kept = sum(p.numel() for p in self.model.parameters() if id(p) not in removed)
+        total = sum(p.numel() for p in self.model.parameters())
+        kept = total - removed_parameters(self.model, self.removal, stack=self._stack)
         info.update({
             "lnsdiag_removed": self.removal.cell or "none",
             "lnsdiag_removed_blocks": list(self.removal.blocks),
+            # the sub-layers of kept blocks, as a checkpoint pruned of them records them in its config
+            "lnsdiag_removed_units": [str(u) for u in self.removal.sublayers],
             "lnsdiag_num_layers": len(self._stack),
-            "lnsdiag_layers_kept": len(self._stack) - len(self.removal),
+            "lnsdiag_layers_kept": len(self._stack) - len(self.removal.blocks),
             "lnsdiag_num_parameters_kept": kept,
             "lnsdiag_norms_restored": self._norms_restored,
             "lnsdiag_version": __version__,
