@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import shapes  # noqa: E402
+import shapes
 
-from lnsdiag.engine.work import planned_work  # noqa: E402
-from lnsdiag.interventions.units import Removal  # noqa: E402
+from lnsdiag.engine.work import planned_work
+from lnsdiag.interventions.units import Removal
 
 #: The sweeps compared: the kinds each removes one at a time, beside the full model.
 SWEEPS = {"blocks (L + 1)": ("block",), "attention + MLP (2L + 1)": ("attn", "mlp"),
