@@ -244,7 +244,8 @@ def test_shrink_csv_removed_layers_is_as_before(tmp_path):
     assert list(frame["removed_layers"]) == ["", "4", "3,4", "2,3,4"]
     text = write_csv(tmp_path / "shrink.csv", frame).read_text().splitlines()
     assert [line.split(",", 3)[:3] for line in text[1:3]] == [["full", "0", ""], ["last", "1", "4"]]
-    assert text[3].startswith('last,2,"3,4",block,none,t,acc,') and text[4].startswith('last,3,"2,3,4",block,none,t,acc,')
+    assert text[3].startswith('last,2,"3,4",block,none,t,acc,')
+    assert text[4].startswith('last,3,"2,3,4",block,none,t,acc,')
     assert list(read_shrink(tmp_path / "shrink.csv")["removed_layers"]) == ["", "4", "3,4", "2,3,4"]
     # the verdicts are prune's over the distinct sets: each set's row is its own comparison
     alone = prune_frame({FULL: results[FULL], Removal((3, 4)): results[Removal((3, 4))]})
