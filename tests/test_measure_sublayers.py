@@ -128,7 +128,8 @@ def test_only_the_asked_kinds_have_rows_and_the_blocks_are_still_there():
     assert result.units_frame()["unit"].unique().tolist() == ["mlp"] and len(result.units_frame()) == 4
     assert len(result.layers) == 4 and "unit" not in result.layers.columns  # what prune and shrink read
     assert result.csv_frame()["unit"].unique().tolist() == ["mlp"]
-    assert "unit" not in angular_distances(model, [(ids, mask)]).csv_frame().columns  # a block-only CSV as ever
+    blocks = angular_distances(model, [(ids, mask)]).csv_frame()  # a block-only CSV: its unit column says block
+    assert set(blocks["unit"]) == {"block"} and list(blocks.columns[:2]) == ["layer", "unit"]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

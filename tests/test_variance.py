@@ -120,7 +120,8 @@ def test_cli_writes_everything(tiny_llama_dir, text_file, tmp_path):
     assert res.exit_code == 0, res.output
     assert "Variance grows" in res.output and "pre-LN" in res.output
     frame = pd.read_csv(out / "variance.csv")
-    assert list(frame.columns) == ["layer", "variance", "rms", "update_ratio"]
+    assert list(frame.columns) == ["layer", "unit", "variance", "rms", "update_ratio"]
+    assert set(frame["unit"]) == {"block"}
     assert list(frame["layer"]) == [0, 1, 2, 3, 4]
     assert (frame["variance"] > 0).all() and frame["update_ratio"].iloc[:4].notna().all()
     for name in ("variance.png", "variance.pdf"):
