@@ -74,6 +74,8 @@ def test_config_with_sublayers():
         shrink.ShrinkConfig(units="mlp", heal=HealConfig(methods=("linear",)))
     with pytest.raises(UserError, match="did you mean attn"):
         shrink.ShrinkConfig(units="attention")
+    with pytest.raises(UserError, match="removes sub-layers, which are not healable yet"):
+        shrink.ShrinkConfig(layers="2,3.attn", heal=HealConfig(methods=("lora",)))
     with pytest.raises(UserError, match="remove at most 10"):
         shrink.ShrinkConfig(units="attn,mlp", remove=11, scoring=PruneConfig(angular=False),
                             strategies="last").check_model(6)

@@ -16,7 +16,8 @@ from ..model.load import ModelOptions
 from ..model.structure import find_layers
 from ..runners.heal import CALIB_TOKENS, HEAL_STEPS, METHODS, HealConfig, calibration_beside, check_calibration
 from ..runners.scoring import ScoringConfig
-from ..runners.shrink import ShrinkConfig, check_reuse, check_save_target, run, save_pick
+from ..runners.shrink import ShrinkConfig, check_reuse, run
+from ..runners.shrink_save import check_save_target, save_pick
 from ..runners.strategies import STRATEGIES
 from ..runs import Timer, output_dir
 from . import scoring as opt

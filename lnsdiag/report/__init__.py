@@ -40,9 +40,9 @@ __all__ = [
 ]
 
 from .compare import compare_figure, compare_tables, latex_tables, plot_compare, write_compare
+from .heal import heal_summary
 from .reproduce import plot_reproduce, reproduce_figure, reproduce_layers_table, reproduce_table, write_reproduce
 from .shrink import (
-    heal_summary,
     healed_rows,
     plot_shrink,
     shrink_figure,

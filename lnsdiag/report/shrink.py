@@ -110,11 +110,11 @@ def _mark(strategy: str, strategies: list[str]) -> tuple[str, str, str]:
     return color, marker, strategy
 
 
-def _name(task: str, metric: str) -> str:
+def metric_name(task: str, metric: str) -> str:
     return task if task == metric else f"{task} ({metric})"
 
 
-def _finite(value: Any) -> bool:
+def finite(value: Any) -> bool:
     try:
         return value is not None and math.isfinite(float(value))
     except (TypeError, ValueError):
@@ -147,21 +147,21 @@ def _and(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def _delta_unit(metric: str, baseline: Any) -> tuple[str, float]:
+def delta_unit(metric: str, baseline: Any) -> tuple[str, float]:
     """Δ as the paper reads it: perplexity-like in % of the full model, accuracy-like in points."""
-    if not _finite(baseline) or float(baseline) == 0:
+    if not finite(baseline) or float(baseline) == 0:
         return "", 1.0
     kind, scale = _units(metric, float(baseline))
     return {"relative": "%", "points": "pt"}.get(kind, ""), scale
 
 
-def _delta_text(delta: Any, metric: str, baseline: Any) -> str:
+def delta_text(delta: Any, metric: str, baseline: Any) -> str:
     """Δ in :func:`_delta_unit`'s unit (the column's header names it)."""
-    if not _finite(delta):
+    if not finite(delta):
         return "–"
-    unit, scale = _delta_unit(metric, baseline)
+    unit, scale = delta_unit(metric, baseline)
     if not unit:
-        return _signed(float(delta), float(baseline) if _finite(baseline) else 1.0)
+        return _signed(float(delta), float(baseline) if finite(baseline) else 1.0)
     x = float(delta) * scale
     d = 0 if abs(x) >= 100 else 1 if abs(x) >= 10 else 2
     return f"{x:+,.{d}f}"
@@ -186,7 +186,7 @@ def shrink_table(frame: pd.DataFrame, tasks: list[str], title: str = "Removing n
     for task, metric in heads:
         best = _best(frame, task, metric)
         base = frame.loc[(frame["task"] == task) & (frame["metric"] == metric), "baseline"].dropna()
-        unit, _scale = _delta_unit(metric, base.iloc[0] if len(base) else math.nan)
+        unit, _scale = delta_unit(metric, base.iloc[0] if len(base) else math.nan)
         value, delta, verdict = [], [], []
         for name, n, _layers, part in rows:
             r = metric_row(part, task, metric)
@@ -195,11 +195,11 @@ def shrink_table(frame: pd.DataFrame, tasks: list[str], title: str = "Removing n
                 delta.append("")
                 verdict.append("")
                 continue
-            text = _fmt(r["value"], scale=r["baseline"] if _finite(r["baseline"]) else None)
+            text = _fmt(r["value"], scale=r["baseline"] if finite(r["baseline"]) else None)
             if name != FULL and n in best and name in best[n][1]:
                 text = f"[bold]{text}[/bold]"
             value.append(text)
-            delta.append("" if name == FULL else _delta_text(r["delta"], metric, r["baseline"]))
+            delta.append("" if name == FULL else delta_text(r["delta"], metric, r["baseline"]))
             verdict.append("" if name == FULL else _verdict(r["verdict"]))
         label = task if task == metric else f"{task} {metric}"
         if len(label) > HEADER_WIDTH:  # the metric goes to the caption: a column as wide as its header
@@ -228,7 +228,7 @@ def shrink_summary(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
         picks = "; ".join(f"n = {n}: {_and(who)} ({_fmt(value, scale=scale)})"
                           for n, (value, who) in best.items())
         full_value = "" if scale is None else f": full model {_fmt(scale, scale=scale)};"
-        line = f"{_name(task, metric)}{full_value} best kept at each n — {picks}."
+        line = f"{metric_name(task, metric)}{full_value} best kept at each n — {picks}."
         dead = sel[sel["verdict"] == "dead"]
         top = int(sel["n_removed"].max())
         n_dead = 0
@@ -251,39 +251,6 @@ def shrink_summary(frame: pd.DataFrame, tasks: list[str]) -> list[str]:
     return lines
 
 
-def heal_summary(frame: pd.DataFrame, healed: pd.DataFrame, tasks: list[str]) -> list[str]:
-    """Per headline metric and heal: each strategy's Δ at its largest n without and with the heal, and how
-    much of the loss the heal recovered ("+3.8% → +1.2%"); every n is in shrink.csv."""
-    if healed is None or healed.empty:
-        return []
-    lines = []
-    for method, rows in healed.groupby("heal", sort=False):
-        for task, metric in headline_metrics(frame, tasks):
-            parts = []
-            for strategy in strategies_in(rows):
-                mine = rows[(rows["strategy"] == strategy) & (rows["task"] == task) & (rows["metric"] == metric)]
-                if mine.empty:
-                    continue
-                n = int(mine["n_removed"].max())
-                after = mine[mine["n_removed"] == n].iloc[0]
-                plain = frame[(frame["strategy"] == strategy) & (frame["n_removed"] == n) & (frame["task"] == task)
-                              & (frame["metric"] == metric)]
-                if plain.empty:
-                    continue
-                before = plain.iloc[0]
-                unit, _ = _delta_unit(metric, before["baseline"])
-                kept = ""
-                if _finite(before["delta"]) and _finite(after["delta"]) and float(before["delta"]) != 0:
-                    kept = f", {100 * (1 - float(after['delta']) / float(before['delta'])):.0f}% of the loss recovered"
-                was = _delta_text(before["delta"], metric, before["baseline"])
-                now = _delta_text(after["delta"], metric, after["baseline"])
-                parts.append(f"{strategy} n = {n}: {was} → {now}{unit} ({after['verdict']}{kept})")
-            if parts:
-                lines.append(f"{_name(task, metric)} healed ({method}), Δ to the full model without → with the heal: "
-                             + "; ".join(parts) + ".")
-    return lines
-
-
 def healed_rows(frame: pd.DataFrame, healed: pd.DataFrame, method: str) -> pd.DataFrame:
     """The full model's rows and the picks healed by ``method``: what the healed table and curves show."""
     return pd.concat([frame[is_full(frame)], healed[healed["heal"] == method]], ignore_index=True)
@@ -303,12 +270,12 @@ def shrink_latex(frame: pd.DataFrame, tasks: list[str], caption: str = "") -> st
         for task, metric in heads:
             r = metric_row(part, task, metric)
             column = f"{task} {metric}" if task != metric else task
-            if r is None or not _finite(r["value"]):
+            if r is None or not finite(r["value"]):
                 record[column] = ""
                 continue
-            d = _digits(r["baseline"] if _finite(r["baseline"]) else r["value"])
+            d = _digits(r["baseline"] if finite(r["baseline"]) else r["value"])
             text = f"{r['value']:.{d}f}"
-            if _finite(r["stderr"]):
+            if finite(r["stderr"]):
                 text += rf" $\pm$ {r['stderr']:.{d}f}"
             if name != FULL and n in best[(task, metric)] and name in best[(task, metric)][n][1]:
                 text = rf"\textbf{{{text}}}"
@@ -419,7 +386,7 @@ def _curve_panel(ax: Any, frame: pd.DataFrame, task: str, metric: str, top: int,
     ax.set_xlim(-0.45, top + 0.45)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 4, 5, 10], nbins=min(top + 1, 12)))
     ax.margins(y=0.08)
-    ax.set_title(_name(task, metric))
+    ax.set_title(metric_name(task, metric))
     return drew_chance
 
 
@@ -479,7 +446,7 @@ def shrink_figure(frame: pd.DataFrame, tasks: list[str], title: str = "", healed
     for i, (ax, (task, metric)) in enumerate(zip(axes.flat, heads, strict=False)):
         chance |= _curve_panel(ax, frame, task, metric, top, strategies, healed)
         if i + ncols >= len(heads):  # the lowest panel of its column
-            ax.set_xlabel("layers removed n")
+            ax.set_xlabel(_removed_label(frame))
     for ax in list(axes.flat)[len(heads):]:
         fig.delaxes(ax)
     if chance:
@@ -499,3 +466,12 @@ def plot_shrink(frame: pd.DataFrame, tasks: list[str], stem: Path, title: str = 
     """:func:`shrink_figure` as ``stem``.png (a glance) and .pdf (vector, for a paper)."""
     return save_figure(shrink_figure(frame, tasks, title, healed), stem)
 
+
+def _removed_label(frame: pd.DataFrame) -> str:
+    """The x axis of the pruning curves: what n counts (layers, or the run's sub-layer kinds)."""
+    kinds = set(frame.loc[~is_full(frame), "unit"].dropna()) if "unit" in frame else set()
+    if not kinds or kinds == {"block"}:
+        return "layers removed n"
+    names = {"attn": "attention", "mlp": "MLP", "block": "block"}
+    shown = " / ".join(names[k] for k in ("block", "attn", "mlp") if k in kinds) or "mixed"
+    return f"units removed n ({shown})" if "mixed" not in kinds else "units removed n (attention and MLP mixed)"
