@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from lnsdiag.cli import app
 from lnsdiag.data.windows import TokenWindows
 from lnsdiag.engine.checkpoint import Checkpoint
-from lnsdiag.engine.fast import PASS_PHASE, SweepEngine, head_at
+from lnsdiag.engine.fast import PASS_PHASE, SweepEngine
+from lnsdiag.engine.inputs import head_at
 from lnsdiag.engine.naive import run_naive
 from lnsdiag.engine.plan import plan_rows
 from lnsdiag.engine.sweep import run_fast
@@ -275,14 +276,14 @@ def test_packed_contexts_reproduce_unpacked_rows(family):
 def test_packing_is_switched_off_when_it_would_not_be_exact(monkeypatch):
     import lnsdiag.engine.fast as engine_module
 
-    real = engine_module._shared_inputs
+    real = engine_module.shared_inputs
 
     def wrong_positions(rows, width, model, device):
         inputs = real(rows, width, model, device)
         inputs["position_ids"] = torch.arange(width, device=device).expand(len(rows), -1)  # no restart
         return inputs
 
-    monkeypatch.setattr(engine_module, "_shared_inputs", wrong_positions)
+    monkeypatch.setattr(engine_module, "shared_inputs", wrong_positions)
     model = tiny_model("llama")
     stack = find_layers(model)
     requests = _mc_requests()
@@ -378,13 +379,13 @@ def test_packing_falls_back_when_the_model_rejects_it(monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("too many values to unpack")
 
-    monkeypatch.setattr(engine_module, "_shared_inputs", broken)
+    monkeypatch.setattr(engine_module, "shared_inputs", broken)
     model = tiny_model("llama")
     engine = SweepEngine(model, find_layers(model), [FULL], batch_tokens=160)
     engine.run(_mc_requests(), 64)
     assert engine.stats["sharing"] == "off: shared rows failed (ValueError)"
     model.config.alibi = True
-    assert engine_module._cannot_pack(model) == "ALiBi positions ignore position ids"
+    assert engine_module.cannot_pack(model) == "ALiBi positions ignore position ids"
 
 
 def test_a_head_that_is_bypassed_is_caught(monkeypatch):

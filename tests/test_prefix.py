@@ -15,7 +15,8 @@ import transformers as tf
 from bench import shapes
 from lnsdiag.checkpoint.reference import build_without_layers
 from lnsdiag.engine.budget import attention_limit
-from lnsdiag.engine.fast import SweepEngine, _shared_inputs
+from lnsdiag.engine.fast import SweepEngine
+from lnsdiag.engine.inputs import shared_inputs
 from lnsdiag.engine.plan import plan_rows
 from lnsdiag.engine.work import count_work, naive_tokens, planned_work, probe_plan
 from lnsdiag.interventions.removal import removed_layers
@@ -101,7 +102,7 @@ def _assert_rows_replay(rows, requests, max_length):
     own input up to there, at positions 0, 1, 2, ..., and its targets are the next tokens."""
     model = tiny_model("llama")
     width = max(len(r.ids) for r in rows)
-    inputs = _shared_inputs(rows, width, model, torch.device("cpu"))
+    inputs = shared_inputs(rows, width, model, torch.device("cpu"))
     mask, positions = inputs["attention_mask"][:, 0], inputs["position_ids"]
     seen = set()
     for b, row in enumerate(rows):

@@ -188,9 +188,13 @@ class ShrinkConfig:
         """The removal must leave at least one layer and name real ones; sub-layers the model's blocks can
         give up (checked on ``stack``, when given: a family that cannot split is refused in one line)."""
         candidates = (num_layers - 1) * len(self.units)  # the final layer's units stay (the ``last`` baseline)
-        if self.remove > candidates:
+        if self.remove > candidates and self.units == ("block",):
             raise OptionError("{remove} {value} leaves no layer: the model has {count} (remove at most {most})",
                               value=self.remove, count=num_layers, most=candidates)
+        if self.remove > candidates:
+            raise OptionError("{remove} {value} is more than the {most} sub-layers ({kinds}) of the model's first "
+                              "{kept} layers that strategies choose among", value=self.remove, most=candidates,
+                              kinds=", ".join(self.units), kept=num_layers - 1)
         if self.layers is not None:
             bad = [u for u in self.layers if not 0 <= u.block < num_layers]
             if bad:

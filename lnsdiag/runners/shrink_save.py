@@ -55,6 +55,7 @@ def save_pick(run: ShrinkRun, loaded: LoadedModel, folder: str | Path, *, strate
               for t, m in heads for _, r in rows[(rows["task"] == t) & (rows["metric"] == m)].iterrows()]
     describe = loaded.describe()
     notes = f"Scores from `lnsdiag shrink` ({run.folder}); verdicts: {run.meta['dead_rule']}"
+    notes = f"{_savings_text(run, pick)}{notes}"
     if outcome is not None:
         notes = f"{heal_card_text(outcome)} The scores above are the healed model's. {notes}"
     card = model_card(source=describe.get("source"), revision=describe.get("revision"),
@@ -84,3 +85,16 @@ def _heal_to_save(run: ShrinkRun, pick: Pick, heal: str | None) -> HealOutcome |
         raise UserError(f"--save-heal {heal}: the run did not heal {pick.strategy}'s {pick.n}-layer pick"
                         + (f" ({why})" if why else " (give --heal " + heal + ")"))
     return outcome
+
+
+def _savings_text(run: ShrinkRun, pick: Pick) -> str:
+    """What the pick saves, as the run measured it (``lnsdiag.removal_savings``), for the card."""
+    record = next((p for p in run.meta.get("picks", []) if p["strategy"] == pick.strategy and p["n_removed"] == pick.n),
+                  None)
+    rows = run.frame[(run.frame["strategy"] == pick.strategy) & (run.frame["n_removed"] == pick.n)]
+    if record is None or "params_removed" not in record or rows.empty:
+        return ""
+    params, flops = rows["params_removed_pct"].iloc[0], rows["flops_saved_pct"].iloc[0]
+    return (f"The removal takes out {record['params_removed']:,} parameters ({params:.1f}%) and saves {flops:.1f}% of "
+            f"the FLOPs per token at {run.meta.get('savings_context')} tokens of context (matmuls and attention; "
+            "zeroed sub-layers are still computed by plain transformers). ")
