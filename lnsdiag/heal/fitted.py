@@ -16,6 +16,7 @@ import torch
 
 from ..errors import UserError
 from ..interventions.units import Removal
+from ..runs import atomic_write
 
 #: The safetensors metadata key that holds a saved patch's record.
 _META_KEY = "lnsdiag_heal"
@@ -71,26 +72,13 @@ class LinearPatch:
 
     def save(self, path: str | Path) -> Path:
         """Write the patch as one safetensors file (the transforms in float32, the record as metadata)."""
-        from safetensors.torch import save_file
-
-        path = Path(path).expanduser()
-        tensors = {f"span_{k}": s.transform.detach().to("cpu", torch.float32).contiguous()
-                   for k, s in enumerate(self.spans)}
-        save_file(tensors, str(path), metadata={_META_KEY: json.dumps(self.summary())})
-        return path
+        tensors = {f"span_{k}": s.transform for k, s in enumerate(self.spans)}
+        return write_patch_file(path, tensors, self.summary(), _META_KEY)
 
     @classmethod
     def load(cls, path: str | Path) -> LinearPatch:
         """Read a patch :meth:`save` wrote; refuses (one line) a file that is not one."""
-        from safetensors import SafetensorError, safe_open
-
-        path = Path(path).expanduser()
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                record = json.loads((f.metadata() or {})[_META_KEY])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iteration)
-        except (OSError, KeyError, ValueError, SafetensorError) as exc:
-            raise UserError(f"{path} is not a linear heal lnsdiag saved ({exc})") from None
+        record, tensors = read_patch_file(path, _META_KEY, "a linear heal")
         return cls._from_record(record, tensors)
 
     @classmethod
@@ -100,6 +88,31 @@ class LinearPatch:
                       for k, s in enumerate(record["spans"]))
         return cls(Removal.from_json(record["removed"]), int(record["num_layers"]), int(record["hidden_size"]),
                    spans, record.get("method", "lstsq"), dict(record.get("calibration") or {}))
+
+
+def write_patch_file(path: str | Path, tensors: dict[str, torch.Tensor], record: dict[str, Any], key: str) -> Path:
+    """A heal as one safetensors file: ``tensors`` in float32, ``record`` as JSON metadata under ``key``.
+    Written atomically (a temporary file renamed into place): a kill leaves the old file or none, never
+    a damaged one."""
+    from safetensors.torch import save
+
+    plain = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
+    return atomic_write(Path(path).expanduser(), save(plain, metadata={key: json.dumps(record)}))
+
+
+def read_patch_file(path: str | Path, key: str, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """What :func:`write_patch_file` wrote: the record and the tensors; a file that is not ``what``
+    lnsdiag saved is refused in one line."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path).expanduser()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            record = json.loads((f.metadata() or {})[key])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iteration)
+    except (OSError, KeyError, ValueError, SafetensorError) as exc:
+        raise UserError(f"{path} is not {what} lnsdiag saved ({exc})") from None
+    return record, tensors
 
 
 def contiguous_spans(blocks: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:

@@ -15,7 +15,6 @@ the last steps) and says so.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from ..interventions.units import Removal
 from ..model.load import LoadedModel
 from ..model.patch import patched
 from ..model.structure import LayerStack, find_layers, no_cache_kwargs
+from .fitted import read_patch_file, write_patch_file
 
 _META_KEY = "lnsdiag_lora"
 LOSSES = ("kd", "lm")
@@ -61,26 +61,17 @@ class LoraPatch:
                 "scale": self.scale, "layers": len(self.factors), **self.record}
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
+        """The factors as one safetensors file (float32, written atomically), the record as metadata."""
         tensors = {}
         for k, (_name, (a, b)) in enumerate(sorted(self.factors.items())):
-            tensors[f"{k}.A"] = a.detach().cpu().float().contiguous()
-            tensors[f"{k}.B"] = b.detach().cpu().float().contiguous()
+            tensors[f"{k}.A"], tensors[f"{k}.B"] = a, b
         names = [name for name, _ in sorted(self.factors.items())]
-        save_file(tensors, str(path), metadata={_META_KEY: json.dumps({**self.summary(), "names": names})})
-        return Path(path)
+        return write_patch_file(path, tensors, {**self.summary(), "names": names}, _META_KEY)
 
     @classmethod
     def load(cls, path: str | Path) -> LoraPatch:
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                record = json.loads((f.metadata() or {})[_META_KEY])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except (OSError, KeyError, ValueError, SafetensorError) as exc:
-            raise UserError(f"{path} is not a LoRA heal lnsdiag saved ({exc})") from None
+        """Read a patch :meth:`save` wrote; refuses (one line) a file that is not one."""
+        record, tensors = read_patch_file(path, _META_KEY, "a LoRA heal")
         names = record.pop("names")
         factors = {name: (tensors[f"{k}.A"], tensors[f"{k}.B"]) for k, name in enumerate(names)}
         extra = {k: v for k, v in record.items() if k not in ("method", "removed", "num_layers", "scale", "layers")}
