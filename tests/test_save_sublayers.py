@@ -5,7 +5,6 @@ says both, and :func:`removal_savings` counts what they cost."""
 from __future__ import annotations
 
 import json
-from functools import cache
 
 import pytest
 import torch
@@ -24,22 +23,12 @@ from lnsdiag.model.load import LoadedModel, load_model, restore_norms
 from lnsdiag.model.patch import patched, patched_forward
 from lnsdiag.model.structure import find_layers, sublayer_site
 from tests.families import padded_batch, tiny_model
+from tests.test_save import _logits, _model
 
 #: A sandwich (gemma2), a parallel block (gpt_neox), two mixtures (mixtral, qwen2_moe), GPT-2's Conv1D.
 FAMILIES = ["llama", "gemma2", "gpt_neox", "mixtral", "qwen2_moe", "gpt2"]
 #: One attention, one MLP (block 3: one of qwen2_moe's sparse blocks, 1 and 3), and a mixed removal.
 REMOVALS = {"attn": "1.attn", "mlp": "3.mlp", "mixed": "0,1.attn,3.mlp"}
-
-
-@cache
-def _model(family: str) -> torch.nn.Module:
-    """One tiny model per family for the whole file (the tests check it is never changed)."""
-    return tiny_model(family)
-
-
-def _logits(model, ids, mask=None):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
 
 def _expected(model, removal, ids, mask=None):

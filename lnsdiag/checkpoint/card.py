@@ -74,13 +74,14 @@ def norm_note(norm_scheme: str | None, path: str = "path/to/this/folder") -> str
         "original setting. Plain transformers ignores that record and runs the blocks without it, which gives "
         "wrong outputs. Load it with lnsdiag, which re-installs it:",
         "",
-        "```python",
-        "from lnsdiag import load_model",
-        "",
-        f'loaded = load_model("{path}")  # or lnsdiag.restore_norms(model) after from_pretrained',
-        "```",
-        "",
+        *_load_snippet(path),
     ])
+
+
+def _load_snippet(path: str) -> list[str]:
+    """How to load the checkpoint with lnsdiag (which re-installs what plain transformers ignores)."""
+    return ["```python", "from lnsdiag import load_model", "",
+            f'loaded = load_model("{path}")  # or lnsdiag.restore_norms(model) after from_pretrained', "```", ""]
 
 
 def sublayer_note(units: Sequence[str], path: str = "path/to/this/folder") -> str:
@@ -98,12 +99,7 @@ def sublayer_note(units: Sequence[str], path: str = "path/to/this/folder") -> st
         "them, so it does not spend that compute (with a KV cache, a skipped attention still runs to fill its "
         "cache slot):",
         "",
-        "```python",
-        "from lnsdiag import load_model",
-        "",
-        f'loaded = load_model("{path}")  # or lnsdiag.restore_norms(model) after from_pretrained',
-        "```",
-        "",
+        *_load_snippet(path),
     ])
 
 
