@@ -123,6 +123,14 @@ def prune_table(frame: pd.DataFrame, tasks: list[str], title: str = "Layer remov
 UNIT_NAMES = {"block": "block", "attn": "attention", "mlp": "MLP"}
 
 
+def _delta_shown(row: pd.Series, metric: str) -> str:
+    """Δ as the plots draw it: a perplexity as % of the baseline, accuracy in points, else in its units."""
+    kind, scale = _units(metric, float(row["baseline"]))
+    if kind == "units" or not math.isfinite(float(row["delta"])):
+        return _signed(row["delta"], row["baseline"])
+    return f"{float(row['delta']) * scale:+.2f}{'%' if kind == 'relative' else ' pt'}"
+
+
 def _removed_text(part: pd.DataFrame) -> str:
     """A variant's row key: ``baseline``, ``3`` (block 3), ``3.attn``, ``3.mlp``."""
     layer = part["removed_layer"].iloc[0]
@@ -149,7 +157,7 @@ def _units_side_by_side(frame: pd.DataFrame, task: str, metric: str, title: str)
                 delta.append("")
                 verdict.append("")
                 continue
-            shown = _kl_text(r["value"], r["delta_stderr"]) if metric == "kl" else _signed(r["delta"], r["baseline"])
+            shown = _kl_text(r["value"], r["delta_stderr"]) if metric == "kl" else _delta_shown(r, metric)
             delta.append(shown)
             verdict.append(_verdict(r["verdict"]))
         head = "KL" if metric == "kl" else "Δ"
