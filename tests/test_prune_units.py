@@ -99,3 +99,29 @@ def test_tables_and_summary_name_each_kind():
     assert any("side by side" in t for t in titles)
     first = tables.specs[0]
     assert first.key[0].cells == ["baseline", "0", "0.attn", "0.mlp", "1", "1.attn", "1.mlp"]
+
+
+def test_a_post_ln_model_sweeps_sublayers_without_their_angles(tokenizer, tmp_path):
+    """A Post-LN block's attention and MLP are removed exactly (their update zeroed, the norm after the add
+    kept), but their updates are no steps of a residual stream: prune leaves their angle empty, the
+    blocks' measured."""
+    from lnsdiag.interventions.postln import apply_post_ln
+    from lnsdiag.model.load import LoadedModel
+    from lnsdiag.runners.prune import PruneConfig, run
+    from tests.conftest import SAMPLE_TEXT
+    from tests.families import tiny_model
+
+    model = apply_post_ln(tiny_model("llama", vocab_size=len(tokenizer)))
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT * 4, encoding="utf-8")
+    config = PruneConfig(ppl_text=str(text), seq_len=48, ppl_max_tokens=400, layers="1-2", units="block,attn")
+    result = run(LoadedModel.wrap(model, tokenizer, name="post-ln"), config, tmp_path / "out")
+    ppl = result.frame[(result.frame["metric"] == "ppl") & result.frame["removed_layer"].notna()]
+    assert ppl.loc[ppl["unit"] == "block", "angular_distance"].notna().all()
+    assert ppl.loc[ppl["unit"] == "attn", "angular_distance"].isna().all()
+    from lnsdiag.scoring.perplexity import perplexity
+
+    windows = TokenWindows.of(tokenizer, [text.read_text()], seq_len=48, max_tokens=400)
+    want = perplexity(build_without_units(model, Removal.parse("2.attn")), windows)
+    got = ppl.loc[ppl["variant"] == "layer_002attn", "value"].iloc[0]
+    assert got == pytest.approx(math.exp(want.mean_nll), rel=1e-5)

@@ -127,11 +127,14 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Sc
     elif done and not todo:
         progress.note(f"all {len(selected) + 1} variants are already in {folder} (use --fresh to redo them)")
 
+    placement = norm_placement(model, stack)
     if config.angular and angular_frame is None:
+        # a Post-LN block's sub-layer updates are no steps of a residual stream: their angle is not measured
+        units = ("block",) if placement.startswith("post-LN") else config.units
+        cache = AngularCache(folder, "layers", settings, units=units)
         with timer("angular"):
-            angular_frame = cached_angular(loaded, stack, scoring,
-                                           AngularCache(folder, "layers", settings, units=config.units),
-                                           text=angular_text, batch_size=config.batch_size, progress=progress)
+            angular_frame = cached_angular(loaded, stack, scoring, cache, text=angular_text,
+                                           batch_size=config.batch_size, progress=progress)
     shown = scoring.tasks
     meta_fields = {"settings": settings, **inputs.describe(), "layer_stack": stack.path,
                    "num_layers": len(stack), "layers": sorted({s.first for s in selected}), "units": list(config.units),
@@ -139,7 +142,7 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Sc
                    "dead_rule": rule_text(config.margins), "multiplicity": MULTIPLICITY,
                    "bootstrap": {"resamples": min(max(config.bootstrap_iters, BOOTSTRAP_FLOOR), BOOTSTRAP_CAP),
                                  "python_aggregations_at_most": PYTHON_CAP, "seed": config.seed},
-                   "norm_placement": norm_placement(model, stack)}
+                   "norm_placement": placement}
     engine_info: dict[str, Any] = {"engine": config.engine}
 
     comparisons: dict[tuple, Any] = {}
