@@ -143,7 +143,7 @@ def shrink_cmd(
     if reuse is not None:
         check_reuse(reuse)
     timer = Timer()
-    calibration = None
+    calibration = checked = None
     if heals.methods:  # a missing calibration file or dataset fails before the model loads
         with ui.status("loading the calibration text"), timer("calibration"):
             calibration = heals.load_calibration(calibration_beside(scoring))
@@ -151,13 +151,14 @@ def shrink_cmd(
     stack = find_layers(loaded.model, model.layers_path)
     config.check_model(len(stack), stack)  # before any output exists
     if calibration is not None:  # calibration that overlaps the evaluation text: refused before any output
-        check_calibration(loaded, heals, calibration, inputs.ppl_text, scoring.seq_len, scoring.ppl_max_tokens)
+        checked = check_calibration(loaded, heals, calibration, inputs.ppl_text, scoring.seq_len,
+                                    scoring.ppl_max_tokens)
     if save is not None:
         quantize.refuse_save(loaded.quantize, "--save", SAVE_HINT)  # a checkpoint saved quantized, loaded as is
     folder = output_dir(out, model.slug, "shrink")
     with ui.progress_display() as progress:
         result = run(loaded, config, folder, inputs=inputs, layers_path=model.layers_path, progress=progress,
-                     timer=timer, reuse=reuse, calibration=calibration)
+                     timer=timer, reuse=reuse, calibration=calibration, calibration_windows=checked)
     saved = None
     if save is not None:
         with ui.status(f"saving the pruned model to {save}"), timer("save"):

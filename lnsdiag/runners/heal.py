@@ -172,14 +172,14 @@ def calibration_of(loaded: LoadedModel, config: HealConfig, source: TextSource, 
 
 
 def check_calibration(loaded: LoadedModel, config: HealConfig, source: TextSource, evaluation: TextSource | None,
-                      seq_len: int | None, max_tokens: int) -> None:
+                      seq_len: int | None, max_tokens: int) -> TokenWindows:
     """:func:`calibration_of` before a command creates its folder: the evaluation text's windows built as the
-    perplexity scorer builds them."""
+    perplexity scorer builds them. The checked calibration windows, for the run (tokenised once)."""
     windows = None
     if evaluation is not None:
         windows = TokenWindows.of(loaded.tokenizer, evaluation.texts, seq_len=default_seq_len(loaded.model, seq_len),
                                   max_tokens=max_tokens, name=evaluation.name)
-    calibration_of(loaded, config, source, evaluation, windows, seq_len)
+    return calibration_of(loaded, config, source, evaluation, windows, seq_len)
 
 
 def heal_store(folder: Path, scoring: Scoring, config: HealConfig, windows: TokenWindows, method: str, *,

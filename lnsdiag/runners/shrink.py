@@ -35,7 +35,7 @@ from typing import Any
 import pandas as pd
 
 from ..data.text import TextSource
-from ..data.windows import default_seq_len
+from ..data.windows import TokenWindows, default_seq_len
 from ..distributed import on_main
 from ..errors import Interrupted, OptionError, UserError
 from ..interventions.units import KIND_NAMES, Removal, parse_kinds
@@ -279,13 +279,16 @@ def _rank_metric(config: ShrinkConfig, baseline: VariantResult, tasks: list[str]
 def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: ScoringInputs | None = None,
         layers_path: str | None = None, progress: Progress = SILENT, timer: Timer | None = None,
         angular_text: TextSource | None = None, angular: AngularResult | None = None,
-        reuse: str | Path | None = None, calibration: TextSource | None = None) -> ShrinkRun:
+        reuse: str | Path | None = None, calibration: TextSource | None = None,
+        calibration_windows: TokenWindows | None = None) -> ShrinkRun:
     """Pick, score and compare the removal sets of every strategy into ``out`` (resuming what is there).
 
     ``angular``: block angular distances already measured (n up to at least N) instead of measuring
     them. ``reuse``: a ``prune`` (or ``shrink``) folder made with the same scoring settings whose
     stored results (the full model, single layers, sets) are copied in instead of scored again.
-    ``calibration``: the heal's calibration text, if already loaded (``config.heal`` says where from).
+    ``calibration``: the heal's calibration text, if already loaded (``config.heal`` says where from);
+    ``calibration_windows``: its windows, if already checked against the evaluation text
+    (:func:`~.heal.check_calibration`, which the command line calls before the folder exists).
     Ctrl-C raises :class:`~lnsdiag.errors.Interrupted` saying what is saved.
     """
     timer = timer or Timer()
@@ -304,7 +307,9 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
         raise OptionError("{rank_by} {value}: {task!r} is not scored in this run (scored: {scored})",
                           value=config.rank_by, task=config.rank_by.split("/", 1)[0], scored=", ".join(tasks))
     calib = None
-    if config.heal.methods:  # refused before the store writes anything, if it overlaps the evaluation text
+    if config.heal.methods and calibration_windows is not None:
+        calib = calibration_windows
+    elif config.heal.methods:  # refused before the store writes anything, if it overlaps the evaluation text
         calib = calibration_of(loaded, config.heal, calibration, inputs.ppl_text, scoring.windows,
                                scoring_config.seq_len)
     if reuse is not None:  # refused before the store writes anything into the folder
