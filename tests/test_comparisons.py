@@ -20,6 +20,7 @@ from lnsdiag.model.load import LoadedModel
 from lnsdiag.model.structure import find_layers
 from lnsdiag.results.margins import GENERATION_METRICS, comparison_of, scored_metrics
 from lnsdiag.results.verdict import prune_frame
+from lnsdiag.scoring import generation
 from lnsdiag.scoring.generation import GENERATION_TASK, Generation, first_miss, greedy_continuations
 from lnsdiag.scoring.lmeval.fidelity import new_positions
 from lnsdiag.scoring.lmeval.tasks import load_tasks
@@ -204,7 +205,7 @@ def test_the_comparison_tasks_report_what_the_margins_module_says(task_dir):
     assert comparison_of("tiny_mc") is None
 
 
-def test_cli_prune_with_task_fidelity_and_generation(tiny_llama_dir, task_dir, text_file, tmp_path):
+def test_cli_prune_with_task_fidelity_and_generation(tiny_llama_dir, task_dir, text_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
     common = ["prune", str(tiny_llama_dir), "--tasks", "tiny_mc", "--include-path", str(task_dir), "--ppl-text",
               str(text_file), "--seq-len", "32", "--fidelity-tasks", "--layers", "1,3", "--batch-tokens", "128",
@@ -218,7 +219,17 @@ def test_cli_prune_with_task_fidelity_and_generation(tiny_llama_dir, task_dir, t
     assert "tokens to 1st miss" in res.output and "KL(full" not in res.output
     settings = json.loads((out / "settings.json").read_text())
     assert settings["generate"] == 5 and "fidelity_tasks" in settings and len(settings["generated"]) == 16
-    again = CliRunner().invoke(app, args)  # resumes: the same continuations, nothing to redo
-    assert again.exit_code == 0 and "already in" in again.output, again.output
+    kept = json.loads((out / "continuations.json").read_text())
+    assert kept["tokens"] == 5 and all(len(c) == 5 for c in kept["continuations"])
+
+    def not_again(*_args, **_kwargs):
+        raise AssertionError("a resumed run generated the continuations again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(generation, "greedy_continuations", not_again)
+        again = CliRunner().invoke(app, args)  # resumes: the kept continuations, nothing to redo
+    assert again.exit_code == 0 and "already in" in again.output and "reusing the full model's continuations" in \
+        again.output, again.output
     other = CliRunner().invoke(app, [*common, "--generate", "4"])
     assert other.exit_code == 2 and "settings" in other.output, other.output  # never mixed with another length's
+    assert json.loads((out / "continuations.json").read_text())["tokens"] == 5  # the refused run wrote nothing

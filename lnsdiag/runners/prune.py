@@ -42,8 +42,8 @@ MULTIPLICITY = ("hurts/helps: Holm-adjusted p-values over the removed units (blo
                 "(task, metric); dead: two one-sided tests at alpha 0.05 per unit, not adjusted (each unit's "
                 "equivalence is its own claim)")
 #: Files a run writes into its folder (``fresh`` removes them with the stored variants).
-OUTPUTS = ("angular.csv", "angular_settings.json", "prune.csv", "prune_wide.csv", "prune.tex", "prune.png",
-           "prune.pdf", "meta.json")
+OUTPUTS = ("angular.csv", "angular_settings.json", "continuations.json", "prune.csv", "prune_wide.csv", "prune.tex",
+           "prune.png", "prune.pdf", "meta.json")
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,11 @@ def run(loaded: LoadedModel, config: PruneConfig, out: str | Path, *, inputs: Sc
     model = loaded.model
     stack = find_layers(model, layers_path)
     selected = config.removals(stack)
-    scoring = prepare_scoring(loaded, config, inputs, stack, progress)
+    scoring = prepare_scoring(loaded, config, inputs, stack, progress, folder)
     scorers, settings = scoring.scorers, scoring.settings
     store = ResultStore(folder, settings, fresh=config.fresh, outputs=OUTPUTS, samples=config.samples)
+    for scorer in scorers:  # the settings are accepted: what a resumed run reuses
+        scorer.keep(folder)
     done = store.done()
     todo = plan_variants(selected, done)
     if done and todo:

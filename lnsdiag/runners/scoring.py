@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..data.text import TextSource, from_dataset, from_file
@@ -173,13 +174,15 @@ class Scoring:
 
 
 def prepare_scoring(loaded: LoadedModel, config: ScoringConfig, inputs: ScoringInputs, stack: LayerStack,
-                    progress: Progress = SILENT) -> Scoring:
+                    progress: Progress = SILENT, folder: Path | None = None) -> Scoring:
     """The registered scorers this run asks for, and its fingerprint: the run's own settings
-    followed by each scorer's ``settings()``."""
+    followed by each scorer's ``settings()``. ``folder``: the run's, where scorers keep what a resumed
+    run reuses."""
     setup = ScoringSetup(loaded, inputs.tasks, inputs.ppl_text, limit=config.limit, seed=config.seed,
                          bootstrap_iters=config.bootstrap_iters, batch_size=config.batch_size, seq_len=config.seq_len,
                          max_tokens=config.ppl_max_tokens, kl=config.kl, fidelity_tasks=config.fidelity_tasks,
-                         generate=config.generate, note=progress.note)
+                         generate=config.generate, note=progress.note, folder=folder,
+                         fresh=config.fresh)
     scorers = build_scorers(setup)
     settings: dict[str, Any] = {
         "model": loaded.source, "revision": loaded.revision, "weights": loaded.weights_identity(),

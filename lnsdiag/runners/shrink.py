@@ -75,8 +75,8 @@ from .strategies import (
 )
 
 #: Files a run writes into its folder (``fresh`` removes them with the stored results).
-OUTPUTS = ("angular.csv", "angular_blocks.csv", "angular_settings.json", "shrink.csv", "shrink_wide.csv", "shrink.tex",
-           "shrink.png", "shrink.pdf", "meta.json")
+OUTPUTS = ("angular.csv", "angular_blocks.csv", "angular_settings.json", "continuations.json", "shrink.csv",
+           "shrink_wide.csv", "shrink.tex", "shrink.png", "shrink.pdf", "meta.json")
 
 
 #: Layers removed at once when neither ``remove`` nor ``layers`` is given.
@@ -301,7 +301,7 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
     stack = find_layers(loaded.model, layers_path)
     L = len(stack)
     config.check_model(L, stack)
-    scoring = prepare_scoring(loaded, scoring_config, inputs, stack, progress)
+    scoring = prepare_scoring(loaded, scoring_config, inputs, stack, progress, folder)
     tasks = scoring.tasks
     if config.rank_by is not None and config.rank_by.split("/", 1)[0] not in tasks:
         raise OptionError("{rank_by} {value}: {task!r} is not scored in this run (scored: {scored})",
@@ -316,6 +316,8 @@ def run(loaded: LoadedModel, config: ShrinkConfig, out: str | Path, *, inputs: S
         on_main(lambda: check_reuse(reuse, scoring.settings))
     store = ResultStore(folder, scoring.settings, fresh=scoring_config.fresh, outputs=OUTPUTS,
                         samples=scoring_config.samples)
+    for scorer in scoring.scorers:  # the settings are accepted: what a resumed run reuses
+        scorer.keep(folder)
     heal_stores = {method: heal_store(folder, scoring, config.heal, calib, method, fresh=scoring_config.fresh,
                                       samples=scoring_config.samples) for method in config.heal.methods}
     if reuse is not None:

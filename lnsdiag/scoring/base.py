@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
@@ -232,6 +233,12 @@ class Scorer(ABC):
     def run_stats(self) -> dict[str, Any]:
         """Facts about how the last fast pass was scored, for the run's record."""
         return {}
+
+    def keep(self, folder: Path) -> None:
+        """Write into the run's ``folder`` what a resumed run can reuse instead of computing it again (the
+        full model's continuations); called once the run's store has accepted the settings, so a refused
+        run writes nothing. Default: nothing to keep."""
+        return None
 
     @abstractmethod
     def settings(self) -> dict[str, Any]: ...

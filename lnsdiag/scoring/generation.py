@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,7 @@ import torch
 
 from ..distributed import on_main
 from ..errors import OptionError
+from ..runs import atomic_write
 from .base import MetricRow, PairedUnits, TokenRequest, paired_units
 from .fidelity import ComparedRequests, Fidelity, fold_units
 from .lmeval.fidelity import task_documents
@@ -139,6 +142,14 @@ class GenerationScorer(ComparedRequests):
             runs[t][u] = first_miss(token_agree[n])
         return [Generation(**result.as_json(), unit_run=runs[t]) for t, result in enumerate(plain)]
 
+    #: what :meth:`keep` writes (the continuations, keyed by what they were generated from)
+    kept: dict[str, Any] | None = None
+
+    def keep(self, folder: Path) -> None:
+        """The continuations into the run's folder (atomically; one rank writes), for a resumed run."""
+        if self.kept is not None and Path(folder).is_dir():
+            on_main(lambda: atomic_write(Path(folder) / KEPT, json.dumps(self.kept) + "\n"))
+
     def settings(self) -> dict[str, Any]:
         return {"generate": self.tokens, "generate_prompt_tokens": [self.prompt_tokens[0], self.prompt_tokens[-1]]
                 if self.prompt_tokens else None, "generated": self.digest}
@@ -183,6 +194,29 @@ def _sources(setup: ScoringSetup) -> tuple[list[str], list[list[tuple[int, ...]]
     return names, prompts, max(limits, default=0)  # every request fits the longest: nothing is cut
 
 
+#: Where a run keeps the full model's continuations, so a resumed run does not generate them again.
+KEPT = "continuations.json"
+
+
+def _kept_or_generated(setup: ScoringSetup, prompts: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], str]:
+    """The full model's continuations of ``prompts`` and their key: read back from the run's folder when
+    kept there for the same model, weights, dtype, prompts and length (unless ``--fresh``), else generated."""
+    loaded = setup.loaded
+    key = hashlib.sha256(json.dumps([loaded.source, loaded.revision, loaded.weights_identity(), str(loaded.dtype),
+                                     setup.generate, [list(p) for p in prompts]]).encode()).hexdigest()[:32]
+    path = setup.folder / KEPT if setup.folder is not None else None
+    if path is not None and path.is_file() and not setup.fresh:
+        try:
+            kept = json.loads(path.read_text(encoding="utf-8"))
+            if kept.get("key") == key and len(kept["continuations"]) == len(prompts):
+                setup.note(f"reusing the full model's continuations kept in {path}")
+                return [tuple(int(t) for t in c) for c in kept["continuations"]], key
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # damaged or foreign: generated again
+    generated = greedy_continuations(loaded.model, prompts, setup.generate, batch_size=setup.batch_size)
+    return [tuple(int(t) for t in c) for c in generated], key
+
+
 def build(setup: ScoringSetup) -> GenerationScorer | None:
     """The full model's continuations, generated once (on the first rank, shared with the others)."""
     if setup.generate <= 0:
@@ -194,9 +228,11 @@ def build(setup: ScoringSetup) -> GenerationScorer | None:
     count = sum(len(p) for p in prompts)
     setup.note(f"generating {setup.generate} tokens from {count} prompt(s) with the full model (once)")
     flat = [p for ps in prompts for p in ps]
-    generated = on_main(lambda: greedy_continuations(model, flat, setup.generate, batch_size=setup.batch_size))
+    generated, key = on_main(lambda: _kept_or_generated(setup, flat))
     continuations, at = [], 0
     for ps in prompts:
         continuations.append(generated[at:at + len(ps)])
         at += len(ps)
-    return GenerationScorer(model, names, prompts, continuations, max_length=max_length, batch_size=setup.batch_size)
+    scorer = GenerationScorer(model, names, prompts, continuations, max_length=max_length, batch_size=setup.batch_size)
+    scorer.kept = {"key": key, "tokens": setup.generate, "continuations": [list(c) for c in generated]}
+    return scorer

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..model.load import LoadedModel
@@ -46,6 +47,9 @@ class ScoringSetup:
     fidelity_tasks: bool = False  #: ... and on the lm-eval tasks' tokens
     generate: int = 0  #: tokens of the full model's greedy continuations to score every variant along (0: none)
     note: Callable[[str], None] = field(default=lambda _message: None)
+    #: the run's folder, where a builder keeps what a resumed run reuses (the full model's continuations)
+    folder: Path | None = None
+    fresh: bool = False  #: ``--fresh``: nothing kept in ``folder`` is reused
     #: what builders share (the perplexity text's token windows, the lm-eval scorer: built once)
     cache: dict[str, Any] = field(default_factory=dict)
 
