@@ -23,39 +23,14 @@ from torch import nn
 
 from ..errors import UserError
 from ..model.patch import Patches, release
-from ..model.structure import LayerStack, block_input, find_layers, sublayer_site
-from .removal import _SITE_FORM, _carries_cache
+from ..model.structure import LayerStack, find_layers, sublayer_site
+from .removal import SilencedSite
 from .units import Removal, Unit
 
 #: The config field a checkpoint records its removed sub-layers under (its own block numbering).
 RECORD = "lnsdiag_removed_units"
 #: The tag of the skipped sites' forwards, and the name their handle is kept under on the stack.
 KEPT_AS = "removed-in-checkpoint"
-
-
-class _Skipped:
-    """A removed sub-layer site's forward: zeros shaped as its update (a tuple's other entries None).
-    The real forward runs (output discarded) the first time a class is seen, to learn its output
-    form, and for an attention whenever a KV cache is carried, so its cache slot is filled.
-
-    A small class holding its module (not a closure), so a deep copy of the model skips its own."""
-
-    def __init__(self, module: nn.Module, runs_for_cache: bool) -> None:
-        self.module = module
-        self.real = module.__dict__.get("forward")  # an accelerate wrapper, say; None: the class's
-        self.runs_for_cache = runs_for_cache
-        self.width = getattr(module, "out_features", None) or getattr(module, "nf", None)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        hidden = block_input(args, kwargs)
-        cls = type(self.module)
-        if cls not in _SITE_FORM or (self.runs_for_cache and _carries_cache(args, kwargs)):
-            real = self.real if self.real is not None else type(self.module).forward.__get__(self.module)
-            out = real(*args, **kwargs)
-            _SITE_FORM[cls] = len(out) if isinstance(out, tuple) else None
-        zeros = hidden.new_zeros((*hidden.shape[:-1], self.width) if self.width else hidden.shape)
-        form = _SITE_FORM[cls]
-        return zeros if form is None else (zeros, *([None] * (form - 1)))
 
 
 def recorded_units(config: Any) -> Removal:
@@ -104,7 +79,7 @@ def restore_removed_units(model: nn.Module, stack: LayerStack | None = None) -> 
     patches = Patches().keep_on(stack.layers, KEPT_AS)
     for unit in removal:
         site = sublayer_site(stack.layers[unit.block], unit.kind)
-        patches.forward(site.module, _Skipped(site.module, runs_for_cache=unit.kind == "attn"), tag=KEPT_AS)
+        patches.forward(site.module, SilencedSite(site.module, "auto" if unit.kind == "attn" else "skip"), tag=KEPT_AS)
         if site.post_norm is not None:
             patches.forward(site.post_norm, torch.zeros_like, tag=KEPT_AS)
     return True

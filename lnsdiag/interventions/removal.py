@@ -90,25 +90,31 @@ def _removed_forward(module: nn.Module, mode: RemovalMode) -> Callable[..., Any]
 _SITE_FORM: dict[type, int | None] = {}
 
 
-def _silenced_forward(module: nn.Module, mode: RemovalMode) -> Callable[..., Any]:
-    """A sub-layer site's forward that returns zeros shaped as its update (a tuple's other entries
-    None: what a block discards, attention weights). Runs the real one (output discarded) when
-    ``mode`` asks to pass through or a KV cache is carried, so an attention still fills its cache."""
-    real = module.forward
-    cls = type(module)
-    width = getattr(module, "out_features", None) or getattr(module, "nf", None)  # Linear / GPT-2 Conv1D
+class SilencedSite:
+    """A removed sub-layer site's forward: zeros shaped as its update (a tuple's other entries None:
+    what a block discards, attention weights). The real one runs (output discarded) the first time
+    a class is seen, to learn its output form, and when ``mode`` passes through or (``auto``) a KV
+    cache is carried, so an attention still fills its cache slot.
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
+    A small class holding its module (not a closure), so a deep copy of the model silences its own;
+    also the skip a pruned checkpoint's recorded sub-layers get (:mod:`.pruned`)."""
+
+    def __init__(self, module: nn.Module, mode: RemovalMode) -> None:
+        self.module, self.mode = module, mode
+        self.real = module.__dict__.get("forward")  # an override or an accelerate wrapper; None: the class's
+        self.width = getattr(module, "out_features", None) or getattr(module, "nf", None)  # Linear / GPT-2 Conv1D
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         hidden = block_input(args, kwargs)
-        if mode == "passthrough" or (mode == "auto" and _carries_cache(args, kwargs)) or cls not in _SITE_FORM:
+        cls = type(self.module)
+        runs = self.mode == "passthrough" or (self.mode == "auto" and _carries_cache(args, kwargs))
+        if runs or cls not in _SITE_FORM:
+            real = self.real if self.real is not None else cls.forward.__get__(self.module)
             out = real(*args, **kwargs)
             _SITE_FORM[cls] = len(out) if isinstance(out, tuple) else None
-        shape = (*hidden.shape[:-1], width) if width else hidden.shape
-        zeros = hidden.new_zeros(shape)
+        zeros = hidden.new_zeros((*hidden.shape[:-1], self.width) if self.width else hidden.shape)
         form = _SITE_FORM[cls]
         return zeros if form is None else (zeros, *([None] * (form - 1)))
-
-    return forward
 
 
 @contextmanager
@@ -144,8 +150,8 @@ def removed_layers(
             site = sublayer_site(stack.layers[unit.block], unit.kind)
             if patched_forward(site.module) == REMOVED:
                 raise RuntimeError(f"{unit} is already removed (nested removal of the same sub-layer)")
-            patches.forward(site.module, _silenced_forward(site.module, mode if unit.kind == "attn" else "skip"),
-                            tag=REMOVED)
+            silenced = SilencedSite(site.module, mode if unit.kind == "attn" else "skip")
+            patches.forward(site.module, silenced, tag=REMOVED)
             if site.post_norm is not None:
                 patches.forward(site.post_norm, torch.zeros_like, tag=REMOVED)
         yield stack
