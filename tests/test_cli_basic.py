@@ -67,7 +67,7 @@ def test_default_output_folder(tiny_llama_dir, text_file, tmp_path, monkeypatch)
 def test_inspect_and_models(tiny_llama_dir):
     res = invoke("inspect", tiny_llama_dir)
     assert res.exit_code == 0, res.output
-    assert "model.layers" in res.output and "pre-LN" in res.output
+    assert "model.layers" in res.output and "pre-LN" in res.output and "attn: self_attn, mlp: mlp" in res.output
     res = invoke("models")
     assert "meta-llama/Llama-2-7b-hf" in res.output and "Qwen/Qwen3-8B" in res.output
 

@@ -116,6 +116,8 @@ def test_cli_saves_a_sublayer_pick_that_plain_transformers_computes(tiny_llama_d
     assert plain.config.lnsdiag_removed_units == ["0.mlp", "2.attn"] and plain.config.num_hidden_layers == 3
     card = (save / "README.md").read_text()
     assert "2.attn" in card and "zero" in card and "of the FLOPs per token at 64 tokens of context" in card
+    shown = invoke("inspect", save)
+    assert shown.exit_code == 0 and "0.mlp,2.attn (zeroed in the checkpoint" in shown.output, shown.output
     frame = pd.read_csv(tmp_path / "out" / "shrink.csv", dtype={"removed_layers": str})
     given = frame[frame["strategy"] == "given"]
     assert (given["params_removed_pct"] > 0).all() and (given["flops_saved_pct"] > 0).all()

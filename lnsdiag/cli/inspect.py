@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.table import Table
 
 from ..checkpoint.card import provenance_line, read_provenance
+from ..interventions.pruned import recorded_units
 from ..model.families import ALIASES
 from ..model.load import ModelOptions
 from ..model.placement import describe
@@ -43,9 +44,11 @@ def inspect_cmd(model: ModelOptions, debug: Debug = False) -> None:
         table.add_row("quantized", ", ".join(f"{k} {v}" for k, v in info["quantization"].items() if v is not None))
     table.add_row("parameters", f"{info['parameters'] / 1e6:,.1f}M")
     table.add_row("layer stack", f"{shape['layer_stack']} ({shape['num_layers']} × {shape['block']})")
-    if shape["sublayers"]:
-        table.add_row("sublayers", ", ".join(f"{role}: {name}" for role, name in shape["sublayers"].items()))
+    table.add_row("--unit attn / mlp", ", ".join(f"{kind}: {what}" for kind, what in shape["units"].items()))
     table.add_row("norm placement", shape["norm_placement"])
+    removed = recorded_units(loaded.model.config)
+    if removed:
+        table.add_row("sub-layers skipped", f"{removed.cell} (zeroed in the checkpoint; lnsdiag does not run them)")
     record = read_provenance(loaded.source) if Path(loaded.source).is_dir() else None
     if record is not None:
         table.add_row("checkpoint", provenance_line(record))

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .structure import LayerStack, block_norms, find_layers, sublayers
+from ..errors import UserError
+from .structure import LayerStack, block_norms, find_layers, sublayer_site, sublayers
 from .watch import watch_block
 
 
@@ -47,7 +48,23 @@ def norm_placement(model: nn.Module, stack: LayerStack | None = None) -> str:
 
 
 def describe(model: nn.Module, layers_path: str | None = None) -> dict[str, Any]:
-    """What ``lnsdiag inspect`` shows: the stack, its block class, a block's sub-layers, norm placement."""
+    """What ``lnsdiag inspect`` shows: the stack, its block class, a block's sub-layers, what ``--unit
+    attn`` / ``mlp`` removes of a block (its sites, or why the block cannot be split), norm placement."""
     stack = find_layers(model, layers_path)
     return {"layer_stack": stack.path, "num_layers": len(stack), "block": type(stack.layers[0]).__name__,
-            "sublayers": sublayers(stack.layers[0]), "norm_placement": norm_placement(model, stack)}
+            "sublayers": sublayers(stack.layers[0]), "units": _units(stack.layers[0]),
+            "norm_placement": norm_placement(model, stack)}
+
+
+def _units(block: nn.Module) -> dict[str, str]:
+    """Per sub-layer kind, the module whose output removing it zeroes (and its sandwich norm), or why not."""
+    out = {}
+    for kind in ("attn", "mlp"):
+        try:
+            site = sublayer_site(block, kind)
+        except UserError as exc:
+            out[kind] = f"cannot be removed ({exc})"
+            continue
+        norm = next((n for n, m in block.named_modules() if m is site.post_norm), None)
+        out[kind] = site.name + (f" + {norm}" if norm else "")
+    return out
