@@ -93,6 +93,8 @@ def test_cli_scores_a_given_sublayer_set(tiny_llama_dir, text_file, tmp_path):
     frame = pd.read_csv(out / "shrink.csv", dtype={"removed_layers": str})
     given = frame[frame["strategy"] == "given"]
     assert set(given["removed_layers"]) == {"1.attn,2.mlp"} and set(given["unit"]) == {"mixed"}
+    wide = pd.read_csv(out / "shrink_wide.csv", dtype={"removed_layers": str})
+    assert list(wide["unit"].fillna("")) == ["", "mixed"] and wide["flops_saved_pct"].iloc[1] > 0
 
 
 def test_cli_saves_a_sublayer_pick_that_plain_transformers_computes(tiny_llama_dir, text_file, tmp_path):

@@ -87,7 +87,7 @@ def wide_shrink_frame(frame: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     table = strategy_rows(frame)
     wide = pd.DataFrame({"strategy": [s for s, _, _, _ in table], "n_removed": [n for _, n, _, _ in table],
                          "removed_layers": pd.array([layers for _, _, layers, _ in table], dtype=object)})
-    for column in ("params_removed_pct", "flops_saved_pct"):  # what the pick saves, beside what it costs
+    for column in ("unit", "params_removed_pct", "flops_saved_pct"):  # its kind; what it saves, beside what it costs
         if column in frame:
             wide[column] = [part[column].iloc[0] for _, _, _, part in table]
     sel = frame[frame["task"].isin(tasks)]
