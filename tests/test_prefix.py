@@ -224,6 +224,19 @@ def uncount_blocks(stack) -> None:
         del block.forward
 
 
+def counted_sweep(model, stack, variants, requests) -> tuple[int, dict]:
+    """The block tokens that really compute in a fast pass over ``variants`` (one row a batch: no
+    padding; after a warm-up that learns the blocks' output forms), and the engine's own stats."""
+    SweepEngine(model, stack, variants, batch_tokens=1).run(requests[:4], MAX_LENGTH)
+    ran = count_block_tokens(stack)
+    try:
+        engine = SweepEngine(model, stack, variants, batch_tokens=1, share=False)
+        engine.run(requests, MAX_LENGTH)
+    finally:
+        uncount_blocks(stack)
+    return ran[0], engine.stats
+
+
 def test_reported_work_is_the_work_done(tokenizer):
     """Block-token passes counted by hooks on the blocks equal the engine's ``block_tokens``;
     HFLM's own forwards (batch size 1: no padding) equal the naive count's tokens."""

@@ -31,7 +31,7 @@ from lnsdiag.scoring.perplexity import PerplexityScorer
 from tests.conftest import SAMPLE_TEXT, ProgressLog
 from tests.families import tiny_model
 from tests.lmeval_tasks import write_tasks
-from tests.test_prefix import MAX_LENGTH, _workload, count_block_tokens, uncount_blocks
+from tests.test_prefix import MAX_LENGTH, _workload, counted_sweep
 
 SETS = [Removal(), *(Removal.of(s) for s in [(0, 1), (1, 3), (0, 2, 3), 2, (2, 3), (3,)])]
 
@@ -59,16 +59,10 @@ def test_counted_passes_of_sets_are_the_blocks_run(tokenizer):
     model = tiny_model("llama", vocab_size=len(tokenizer))
     stack = find_layers(model)
     requests, _ = _workload(len(tokenizer))
-    SweepEngine(model, stack, SETS, batch_tokens=1).run(requests[:4], MAX_LENGTH)  # warm-up: block output form
-    ran = count_block_tokens(stack)
-    try:
-        engine = SweepEngine(model, stack, SETS, batch_tokens=1, share=False)  # one row a batch: no padding
-        engine.run(requests, MAX_LENGTH)
-    finally:
-        uncount_blocks(stack)
+    ran, stats = counted_sweep(model, stack, SETS, requests)
     assert layer_passes(4, SETS) == 4 + (4 - 0 - 2) + (4 - 1 - 2) + (4 - 0 - 3) + 1 + 0 + 0
     assert naive_layer_passes(4, SETS) == 4 + 2 + 2 + 1 + 3 + 2 + 3
-    assert ran[0] == engine.stats["block_tokens"] == engine.stats["tokens"] * layer_passes(4, SETS)
+    assert ran == stats["block_tokens"] == stats["tokens"] * layer_passes(4, SETS)
 
 
 def _picks(strategy, picks):

@@ -199,23 +199,16 @@ def test_counted_work_of_a_sublayer_sweep_is_the_blocks_run(tokenizer):
     """The 2L + 1 variants of a sub-layer sweep: the full model once, then each variant from its block's
     kept input through the blocks from there (its own block without the removed sub-layer counted as
     one block pass, as the naive engine's is). Counted by hooks on the blocks: what really ran."""
-    from lnsdiag.engine.fast import SweepEngine
     from lnsdiag.engine.work import layer_passes, naive_layer_passes
-    from tests.test_prefix import MAX_LENGTH, _workload, count_block_tokens, uncount_blocks
+    from tests.test_prefix import _workload, counted_sweep
 
     model = tiny_model("llama", vocab_size=len(tokenizer))
     stack = find_layers(model)
     sweep = [Removal(), *Removal.each(range(4), ("attn", "mlp"))]
     requests, _ = _workload(len(tokenizer))
-    SweepEngine(model, stack, sweep, batch_tokens=1).run(requests[:4], MAX_LENGTH)  # warm-up: output forms
-    ran = count_block_tokens(stack)
-    try:
-        engine = SweepEngine(model, stack, sweep, batch_tokens=1, share=False)  # one row a batch: no padding
-        engine.run(requests, MAX_LENGTH)
-    finally:
-        uncount_blocks(stack)
+    ran, stats = counted_sweep(model, stack, sweep, requests)
     assert layer_passes(4, sweep) == 4 + 2 * (4 + 3 + 2 + 1) and naive_layer_passes(4, sweep) == 9 * 4
-    assert ran[0] == engine.stats["block_tokens"] == engine.stats["tokens"] * layer_passes(4, sweep)
+    assert ran == stats["block_tokens"] == stats["tokens"] * layer_passes(4, sweep)
     # a 32-layer model: 1,088 block passes per row token against the naive engine's 65 × 32 = 2,080
     deep = [Removal(), *Removal.each(range(32), ("attn", "mlp"))]
     assert (layer_passes(32, deep), naive_layer_passes(32, deep)) == (32 + 2 * 528, 2080)
