@@ -150,6 +150,8 @@ def test_long_removed_layer_lists_are_abbreviated_and_still_fit():
     assert rs.layer_runs("0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15") == "0–15"
     assert rs.layer_runs("3,4,7,12,13,14,15") == "3,4,7,12–15"
     assert rs.layer_runs("") == "" and rs.layer_runs("5") == "5"
+    assert rs.layer_runs("5.attn,6.attn,7.attn,8.attn,2.mlp,3") == "3,5–8.attn,2.mlp"  # sub-layers by kind
+    assert rs.layer_runs("1.attn,2.attn", "--") == "1.attn,2.attn"
     scattered = ",".join(map(str, range(1, 64, 4)))  # 16 layers, no runs
     cell = rs._removed_cell(scattered)
     assert len(cell) <= rs.REMOVED_WIDTH and cell.startswith("1,5,") and cell.endswith(",61") and "…" in cell

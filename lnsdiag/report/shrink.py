@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..interventions.units import Removal
 from ..results.margins import PERPLEXITY_LIKE, base_metric, margin_kind
 from ..results.verdict import headline_metrics
-from ..runners.shrink_table import FULL, is_full, layer_list, metric_row, strategies_in, strategy_rows
+from ..runners.shrink_table import FULL, is_full, metric_row, strategies_in, strategy_rows
 from ..runners.strategies import GIVEN, names, registered
 from ..runs import atomic_write
 from .common import (
@@ -54,8 +55,17 @@ HEADER_WIDTH = 14
 # --- removed layers ---------------------------------------------------------------------------------
 
 def layer_runs(text: Any, dash: str = "–") -> str:
-    """``"3,4,7,12,13,14,15"`` as ``"3,4,7,12–15"``: runs of three or more layers as first–last."""
-    layers = layer_list(text)
+    """``"3,4,7,12,13,14,15"`` as ``"3,4,7,12–15"``: runs of three or more layers as first–last; sub-layers
+    by kind after the blocks, runs the same way (``"5–10.attn,2.mlp"``)."""
+    removal = Removal.from_cell(text)
+    parts = _runs(list(removal.blocks), dash, "")
+    for kind in ("attn", "mlp"):
+        parts += _runs([u.block for u in removal.sublayers if u.kind == kind], dash, f".{kind}")
+    return ",".join(parts)
+
+
+def _runs(layers: list[int], dash: str, suffix: str) -> list[str]:
+    """Ascending ``layers`` as parts, runs of three or more as first–last, each with ``suffix``."""
     parts: list[str] = []
     i = 0
     while i < len(layers):
@@ -63,11 +73,11 @@ def layer_runs(text: Any, dash: str = "–") -> str:
         while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
             j += 1
         if j - i >= 2:
-            parts.append(f"{layers[i]}{dash}{layers[j]}")
+            parts.append(f"{layers[i]}{dash}{layers[j]}{suffix}")
         else:
-            parts += [str(x) for x in layers[i:j + 1]]
+            parts += [f"{x}{suffix}" for x in layers[i:j + 1]]
         i = j + 1
-    return ",".join(parts)
+    return parts
 
 
 def _removed_cell(text: Any, width: int = REMOVED_WIDTH) -> str:
