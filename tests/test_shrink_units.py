@@ -141,3 +141,24 @@ def test_bi_ranks_sublayers_by_their_own_block_influence(six_layers, ppl_file, t
     assert picks == {1: Removal(tuple(lowest[:1])), 2: Removal(tuple(lowest[:2]))}
     stored = pd.read_csv(tmp_path / "bi" / "angular.csv")
     assert set(stored["unit"]) >= {"attn"}
+
+
+@pytest.mark.parametrize("units", ["block", "attn,mlp"])
+def test_greedy_steps_compare_with_the_real_full_model(six_layers, ppl_file, tmp_path, units):  # noqa: F811
+    """A greedy step scores its candidates on the model with the units already chosen taken out; their KL
+    and top-1 agreement must still be against the full model (a direct float64 computation on the
+    reference model), not against the partly pruned one."""
+    from lnsdiag.data.windows import TokenWindows
+    from tests.test_shrink_heal import _direct_kl
+
+    model, tok = six_layers.model, six_layers.tokenizer
+    run = shrink.run(six_layers, _config(ppl_file, remove=3, strategies="greedy", units=units), tmp_path / "g")
+    windows = TokenWindows.of(tok, [ppl_file.read_text()], seq_len=48, max_tokens=600)
+    steps = [p for p in run.meta["passes"] if p["pass"].startswith("greedy step")]
+    assert steps and all(p.get("reference_block_tokens", 0) > 0 for p in steps)  # the extra forward, counted
+    for pick in run.picks:
+        rows = run.frame[(run.frame["n_removed"] == pick.n) & (run.frame["task"] == "fidelity")]
+        value = rows.set_index("metric")["value"]
+        kl, agree, tokens = _direct_kl(model, build_without_units(model, pick.removal), windows)
+        assert value["kl"] == pytest.approx(kl / tokens, rel=1e-5), pick.removal
+        assert value["top1"] == agree / tokens, pick.removal

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..distributed import all_gather, my_share, on_main, world
-from ..interventions.removal import removed_layers, resumed_at
+from ..interventions.removal import removals_suspended, removed_layers, resumed_at
 from ..interventions.units import Block, Removal
 from ..model.patch import patched
 from ..model.quantize import quantized_mode
@@ -101,8 +101,12 @@ class SweepEngine:
 
     def __init__(self, model: torch.nn.Module, stack: LayerStack, variants: Sequence[Removal], *,
                  batch_tokens: int | None = None, pad_id: int = 0, share: bool = True,
-                 row_tokens: int | None = None) -> None:
+                 row_tokens: int | None = None, full_model_blocks: int | None = None) -> None:
         self.model, self.stack = model, stack
+        #: set when the model holds removals of its own (a greedy step: ``stack`` is a view of its kept
+        #: blocks): compared requests are compared with the real full model of this many blocks, one more
+        #: forward per batch with those removals suspended (counted in the work)
+        self.full_model_blocks = full_model_blocks
         self.variants = _distinct_variants(variants, len(stack))
         #: the blocks whose inputs are kept, each with the variants that resume from it
         self.resumes = _resume_points(self.variants)
@@ -164,10 +168,14 @@ class SweepEngine:
     def _planned_stats(self, requests: Sequence[TokenRequest], rows: list[Row], max_length: int, budget: int,
                        sharing: str, checked: int, naive: Sequence[TokenRequest]) -> dict[str, Any]:
         """What the pass is about to do (for meta.json): rows, tokens, sharing, counted work."""
+        work = count_work(naive, rows, max_length, len(self.stack), self.variants, checked)
+        if self.full_model_blocks is not None and self.token_start is not None:  # the real full model's forward
+            extra = sum(len(r.ids) for r in rows) * self.full_model_blocks
+            work.update(block_tokens=work["block_tokens"] + extra, reference_block_tokens=extra,
+                        work_ratio=round(work["naive_block_tokens"] / (work["block_tokens"] + extra), 3))
         return {"requests": len(requests), "rows": len(rows), "shared_rows": sum(r.shared for r in rows),
                 "budget": budget, "row_tokens": self._row_tokens(max_length), "tokens": sum(len(r.ids) for r in rows),
-                "sharing": sharing, "unshared_tokens": naive_tokens(naive, max_length),
-                **count_work(naive, rows, max_length, len(self.stack), self.variants, checked)}
+                "sharing": sharing, "unshared_tokens": naive_tokens(naive, max_length), **work}
 
     def _run_share(self, rows: list[Row], share: _Share, state: PassState, progress: Progress,
                    checkpoint: Checkpoint | None) -> None:
@@ -364,17 +372,21 @@ class SweepEngine:
         are kept (the :class:`~lnsdiag.scoring.divergence.Reference` the variants are compared with)."""
         kept: dict[int, torch.Tensor] = {}
         compare = batch.index.compared.size > 0 and state.kl is not None
+        outside = compare and self.full_model_blocks is not None  # the model holds removals of its own
         scored = Removal() in variants
-        stop_after = None if scored or compare or not layers else layers[-1]
+        stop_after = None if scored or (compare and not outside) or not layers else layers[-1]
         reference = None
+        if outside:  # the real full model's distributions: its removals lifted for one forward
+            with torch.no_grad(), removals_suspended(self.model):
+                reference = reference_of(self._logits(batch))
         with torch.no_grad(), patched() as patches:
             for i in layers:
                 patches.pre_hook(self.stack.layers[i], _keeper(i, kept, stop_after), with_kwargs=True)
             if stop_after is None:
                 logits = self._logits(batch)
-                reference = reference_of(logits) if compare else None
+                reference = reference if outside else reference_of(logits) if compare else None
                 if scored:
-                    read_out(logits, batch.index, variants.index(Removal()), state, reference, is_full=True)
+                    read_out(logits, batch.index, variants.index(Removal()), state, reference, is_full=not outside)
                 del logits
             else:  # the baseline is already scored: run only as deep as the last kept input
                 with suppress(_Captured):

@@ -40,21 +40,25 @@ if TYPE_CHECKING:
 
 def run_fast(model: torch.nn.Module, scorers: Sequence[Scorer], todo: Sequence[Removal], *,
              stack: LayerStack, store: ResultStore | None = None, progress: Progress = SILENT,
-             on_saved: Callable[[VariantResult], None] | None = None, batch_tokens: int | None = None
-             ) -> SweepOutcome:
+             on_saved: Callable[[VariantResult], None] | None = None, batch_tokens: int | None = None,
+             full_model_blocks: int | None = None) -> SweepOutcome:
     """All variants from one engine pass, then each scorer's aggregation per variant.
 
     What log-likelihoods cannot serve (generation tasks) is scored the naive way inside the
     same loop. With a store, the pass is checkpointed there and resumes mid-pass. Under a
     launcher the pass's batches are shared (:meth:`SweepEngine.run`); every rank then
     aggregates every variant (cheap, and the same everywhere) and rank 0 alone writes them.
+    ``full_model_blocks``: the model holds removals of its own (a greedy step's current model, ``stack``
+    a view of its kept blocks); compared requests are then compared with the real full model of that
+    many blocks (:class:`~.fast.SweepEngine`).
     """
     progress.phase("building requests (once)")
     spans, requests = _requests(scorers)
     max_length = _max_length(scorers)
     todo = broadcast_from_main(list(todo))  # every rank runs the same pass
     checkpoint, variants = _resumable_pass(store, todo, requests, max_length)
-    engine = SweepEngine(model, stack, variants, batch_tokens=batch_tokens, pad_id=0)
+    engine = SweepEngine(model, stack, variants, batch_tokens=batch_tokens, pad_id=0,
+                         full_model_blocks=full_model_blocks)
     start = time.perf_counter()
     naive = [r for scorer in scorers for r in scorer.naive_requests()]
     compared = [scorer.compares_to_full for scorer, span in zip(scorers, spans, strict=True)
@@ -128,6 +132,8 @@ def _pass_stats(engine: SweepEngine, scorers: Sequence[Scorer], spans: list[slic
         # work in block-token passes (padding excluded): this pass, and the naive engine's for the same variants
         "block_tokens": stats.get("block_tokens"), "naive_block_tokens": stats.get("naive_block_tokens"),
         "work_ratio": stats.get("work_ratio"), "check_block_tokens": stats.get("check_block_tokens"),
+        # a greedy step's model holds removals: the real full model's forward for the comparisons, counted above
+        **({"reference_block_tokens": stats["reference_block_tokens"]} if "reference_block_tokens" in stats else {}),
         "fast_tasks": [t for s in scorers for t in s.lm_eval_tasks()[0]],
         "naive_tasks": [t for s in scorers for t in s.lm_eval_tasks()[1]],
         "layer_passes_per_row": engine.layer_passes(),

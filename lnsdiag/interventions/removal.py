@@ -192,16 +192,17 @@ def resumed_at(model: nn.Module, index: int, state: torch.Tensor, *, stack: Laye
 
 
 @contextmanager
-def removals_suspended(model: nn.Module, *, stack: LayerStack | None = None) -> Iterator[LayerStack]:
+def removals_suspended(model: nn.Module, *, stack: LayerStack | None = None) -> Iterator[None]:
     """The full model for the duration, inside a removal: every removed block's own forward is
     back until the ``with`` block ends, then removed again (exceptions included).
 
     The naive engine scores a variant with its blocks removed; a scorer that compares the
     variant with the full model (KL, top-1 agreement) runs the full model on the same batch here.
     Only the variant is suspended (its removals, and weights it holds: a heal's,
-    :data:`VARIANT_WEIGHTS`): what the model is (LayerNorm Scaling, Post-LN) stays.
+    :data:`VARIANT_WEIGHTS`): what the model is (LayerNorm Scaling, Post-LN, a pruned checkpoint's
+    skipped sub-layers) stays. Every module of the model is looked at, so removals made on another
+    view of the stack (a greedy step's) are lifted too; ``stack`` is not needed.
     """
-    stack = stack or find_layers(model)
-    modules = [m for layer in stack.layers for m in layer.modules()]
+    modules = list(model.modules())  # every block and sub-layer site, whatever view of the stack a caller holds
     with overrides_lifted(modules, (REMOVED, RESUMED)), tensors_lifted(model, (VARIANT_WEIGHTS,)):
-        yield stack
+        yield

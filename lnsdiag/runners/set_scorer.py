@@ -63,7 +63,8 @@ class SetScores:
             with removed_layers(self.model, removed, stack=self.stack):
                 outcome = run_fast(self.model, self.scorers,
                                    [Removal.of(_moved(wanted[s], position[wanted[s].block])) for s in missing],
-                                   stack=view, progress=self.progress, batch_tokens=self.batch_tokens)
+                                   stack=view, progress=self.progress, batch_tokens=self.batch_tokens,
+                                   full_model_blocks=len(self.stack))  # KL against the real full model
             for in_view, result in outcome.results.items():  # numbered in the view: back to the model's blocks
                 unit = in_view.units[0]
                 result.removal = removed | Removal.of(_moved(unit, rest[unit.block]))
