@@ -165,7 +165,9 @@ class Removal:
         whole = {u.block for u in units if isinstance(u, Block)}
         inside = sorted(u for u in units if u.part and u.block in whole)
         if inside:
-            raise ValueError(f"{inside[0]} is inside block {inside[0].block}, which the set removes whole")
+            unit = inside[0]
+            raise ValueError(f"{unit} is inside block {unit.block}, which it removes whole; name either "
+                             f"{unit.block} or {unit}")
         object.__setattr__(self, "units", tuple(sorted(units)))
 
     # --- building --------------------------------------------------------------------------------

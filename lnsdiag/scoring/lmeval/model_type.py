@@ -121,13 +121,11 @@ def _named(unit: Unit) -> str:
 
 
 def _removal(units: list[Unit], shown: str) -> Removal:
-    """The set, refused when it names a sub-layer of a block it removes whole."""
-    whole = {u.block for u in units if not u.part}
-    inside = sorted(u for u in units if u.part and u.block in whole)
-    if inside:
-        raise RemoveArgError(f"remove={shown}: {inside[0]} is inside block {inside[0].block}, which it removes "
-                             f"whole; name either {inside[0].block} or {inside[0]}")
-    return Removal(tuple(units))
+    """The set; one naming a sub-layer of a block it removes whole refused (:class:`Removal`'s own check)."""
+    try:
+        return Removal(tuple(units))
+    except ValueError as exc:
+        raise RemoveArgError(f"remove={shown}: {exc}") from None
 
 
 def _part_units(part: Any, kind: str, shown: str) -> list[Unit]:
